@@ -1,0 +1,1 @@
+"""CrystFEL stream source for streamvi."""

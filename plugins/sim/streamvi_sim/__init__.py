@@ -1,0 +1,1 @@
+"""Still-shot serial crystallography simulator for streamvi."""

@@ -1,0 +1,3 @@
+from streamvi.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""A minibatch of whole images, ragged: flat per-reflection arrays plus per-image offsets.
+
+The reflection store builds these; the model consumes them.  Nothing is padded: image ``i``
+owns reflections ``image_offsets[i]:image_offsets[i+1]`` and every reflection knows its image
+through ``image_index``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Reflections of ``n_images`` whole images.
+
+    Attributes
+    ----------
+    asu_id
+        ``(n_ops, n)`` int64: row of the posterior table for each reflection under each
+        twin-law reindexing operator (row 0 is the identity; ``n_ops == 1`` when the space
+        group has no indexing ambiguity).
+    iobs, sigiobs
+        ``(n,)`` float32 intensities and their uncertainties, as measured (not standardised).
+    metadata
+        ``(n, n_metadata)`` float32 raw per-reflection features (see
+        :data:`streamvi.features.METADATA_COLUMNS`), not standardised.
+    image_index
+        ``(n,)`` int64 position of each reflection's image within this batch, ``0..n_images-1``.
+    image_offsets
+        ``(n_images + 1,)`` int64 start of each image's reflections; last entry is ``n``.
+    half
+        ``(n_images,)`` int64 half-dataset of each image (0 or 1), from a stable hash.
+    image_id
+        ``(n_images,)`` int64 store-wide id of each image (for visit counters, twin choice).
+    """
+
+    asu_id: torch.Tensor
+    iobs: torch.Tensor
+    sigiobs: torch.Tensor
+    metadata: torch.Tensor
+    image_index: torch.Tensor
+    image_offsets: torch.Tensor
+    half: torch.Tensor
+    image_id: torch.Tensor
+
+    @property
+    def n_reflections(self) -> int:
+        return int(self.iobs.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image_offsets.shape[0] - 1)
+
+    @property
+    def n_ops(self) -> int:
+        return int(self.asu_id.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor on ``device``."""
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                        for f in fields(self)})

@@ -1,0 +1,437 @@
+"""Wire format v1: one msgpack map per indexed crystal (DESIGN.md section 3, docs/wire-format.md).
+
+This module imports neither torch nor zmq, so any producer can use it.  Arrays travel as
+``{"dtype": "<i4"|"<f4"|"<f8"|…, "shape": [n], "data": <bin>}`` and are decoded zero-copy with
+:func:`numpy.frombuffer` (the arrays of a decoded message are read-only views of the buffer).
+
+Validation is strict: a message that cannot be trusted as a whole raises a
+:class:`~streamvi.errors.WireError` subclass whose ``reason`` names the family; rows that are
+bad on their own (non-finite intensity, σ ≤ 0, hkl = 000) are dropped and counted in
+:attr:`CrystalMessage.rows_rejected`, so the sound rows of the crystal are still merged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import msgpack
+import numpy as np
+
+from streamvi.errors import (
+    FieldTypeError,
+    MalformedMessageError,
+    MissingKeyError,
+    SchemaError,
+    ShapeMismatchError,
+    ValueRangeError,
+)
+
+SCHEMA = "streamvi.crystal"
+VERSION = 1
+
+#: Default upper bound of one encoded message, bytes.  Large enough for any real crystal
+#: (100,000 reflections with every optional column is ~5 MB), small enough to bound memory.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+#: Largest |h|, |k|, |l| accepted: beyond this the indices are not physical for any cell.
+MAX_MILLER = 1024
+
+INT_DTYPES = ("<i2", "<i4", "<i8")
+FLOAT_DTYPES = ("<f4", "<f8")
+
+REQUIRED_KEYS = ("schema", "version", "run", "image", "crystal", "h", "k", "l", "I", "sigI",
+                 "photon_energy_eV", "cell")
+#: Optional per-reflection float arrays.
+OPTIONAL_ROW_FLOATS = ("fs", "ss", "peak", "background")
+#: Optional scalar floats.
+OPTIONAL_SCALARS = ("profile_radius", "resolution_limit", "timestamp", "detector_distance_m",
+                    "beam_bandwidth")
+OPTIONAL_VECTORS = ("astar", "bstar", "cstar")
+KNOWN_KEYS = frozenset(REQUIRED_KEYS + OPTIONAL_ROW_FLOATS + OPTIONAL_SCALARS + OPTIONAL_VECTORS
+                       + ("panel", "panel_names", "condition"))
+
+#: Row-level rejection reasons (labels of ``streamvi_reflections_rejected_total``).
+ROW_REASONS = ("nonfinite_intensity", "nonpositive_sigma", "zero_miller")
+
+
+@dataclass
+class CrystalMessage:
+    """The reflections of one indexed crystal, as carried by the wire format.
+
+    Attributes
+    ----------
+    run, image, crystal
+        Identity: ``image`` is unique within ``run``; ``crystal`` indexes crystals of an image.
+    h, k, l
+        Miller indices (int32, as indexed, not yet mapped to the ASU).
+    I, sigI
+        Integrated intensity and its standard uncertainty (float32, detector units).
+    photon_energy_eV
+        Photon energy, eV.
+    cell
+        Unit cell of this crystal ``(a, b, c, α, β, γ)`` in Å and degrees.
+    astar, bstar, cstar
+        Reciprocal basis vectors in the lab frame, Å⁻¹ (optional).
+    fs, ss
+        Detector position, pixels (optional, float32).
+    panel
+        Per-reflection index into ``panel_names`` (int16), optional.
+    profile_radius
+        Reflection profile radius, Å⁻¹ (optional).
+    metadata
+        Unknown keys, kept verbatim and ignored by the model.
+    rows_rejected
+        Rows dropped during decoding, by reason.
+    """
+
+    run: str
+    image: str
+    crystal: int
+    h: np.ndarray
+    k: np.ndarray
+    l: np.ndarray  # noqa: E741 - crystallographic name
+    I: np.ndarray  # noqa: E741
+    sigI: np.ndarray
+    photon_energy_eV: float
+    cell: tuple[float, float, float, float, float, float]
+    astar: tuple[float, float, float] | None = None
+    bstar: tuple[float, float, float] | None = None
+    cstar: tuple[float, float, float] | None = None
+    fs: np.ndarray | None = None
+    ss: np.ndarray | None = None
+    panel: np.ndarray | None = None
+    panel_names: list[str] | None = None
+    peak: np.ndarray | None = None
+    background: np.ndarray | None = None
+    profile_radius: float | None = None
+    resolution_limit: float | None = None
+    condition: str | None = None
+    timestamp: float | None = None
+    detector_distance_m: float | None = None
+    beam_bandwidth: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    rows_rejected: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.h.shape[0])
+
+    @property
+    def n_reflections(self) -> int:
+        """Number of reflections carried."""
+        return len(self)
+
+    @property
+    def wavelength_A(self) -> float:
+        """Wavelength, Å (12398.42 eV·Å / E)."""
+        return 12398.419843320026 / self.photon_energy_eV
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """Identity ``(run, image, crystal)``: unique within a beamtime."""
+        return (self.run, self.image, self.crystal)
+
+    def hkl(self) -> np.ndarray:
+        """Miller indices as an ``(n, 3)`` int32 array."""
+        return np.stack([self.h, self.k, self.l], axis=1).astype(np.int32, copy=False)
+
+    def has_orientation(self) -> bool:
+        """Whether the reciprocal basis (astar, bstar, cstar) is known."""
+        return self.astar is not None and self.bstar is not None and self.cstar is not None
+
+
+def _array_map(a: np.ndarray, dtype: str) -> dict[str, Any]:
+    arr = np.ascontiguousarray(a, dtype=np.dtype(dtype))
+    return {"dtype": dtype, "shape": [int(arr.shape[0])], "data": arr.tobytes()}
+
+
+def to_wire_dict(msg: CrystalMessage) -> dict[str, Any]:
+    """The msgpack-ready map of a message (arrays as binary array maps)."""
+    out: dict[str, Any] = dict(msg.metadata)
+    out.update({
+        "schema": SCHEMA,
+        "version": VERSION,
+        "run": str(msg.run),
+        "image": str(msg.image),
+        "crystal": int(msg.crystal),
+        "h": _array_map(msg.h, "<i4"),
+        "k": _array_map(msg.k, "<i4"),
+        "l": _array_map(msg.l, "<i4"),
+        "I": _array_map(msg.I, "<f4"),
+        "sigI": _array_map(msg.sigI, "<f4"),
+        "photon_energy_eV": float(msg.photon_energy_eV),
+        "cell": [float(x) for x in msg.cell],
+    })
+    for name in OPTIONAL_VECTORS:
+        v = getattr(msg, name)
+        if v is not None:
+            out[name] = [float(x) for x in v]
+    for name in OPTIONAL_ROW_FLOATS:
+        v = getattr(msg, name)
+        if v is not None:
+            out[name] = _array_map(v, "<f4")
+    if msg.panel is not None:
+        out["panel"] = _array_map(msg.panel, "<i2")
+        out["panel_names"] = list(msg.panel_names or [])
+    for name in OPTIONAL_SCALARS:
+        v = getattr(msg, name)
+        if v is not None:
+            out[name] = float(v)
+    if msg.condition is not None:
+        out["condition"] = str(msg.condition)
+    return out
+
+
+def encode_crystal(msg: CrystalMessage) -> bytes:
+    """Encode one crystal as a wire-format v1 msgpack message.
+
+    Parameters
+    ----------
+    msg
+        The crystal.
+
+    Returns
+    -------
+    bytes
+        The message, ready for a ZeroMQ frame.
+    """
+    return msgpack.packb(to_wire_dict(msg), use_bin_type=True)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _require(d: Mapping[str, Any], key: str) -> Any:
+    try:
+        return d[key]
+    except KeyError:
+        raise MissingKeyError(
+            f"required key '{key}' is missing; every message needs {', '.join(REQUIRED_KEYS)} "
+            "(see docs/wire-format.md)", key=key) from None
+
+
+def _decode_array(key: str, v: Any, allowed: tuple[str, ...]) -> np.ndarray:
+    if not isinstance(v, Mapping):
+        raise FieldTypeError(f"key '{key}': expected an array map "
+                             "{dtype, shape, data}, got " + type(v).__name__, key=key)
+    try:
+        dtype, shape, data = v["dtype"], v["shape"], v["data"]
+    except KeyError as exc:
+        raise FieldTypeError(f"key '{key}': array map lacks '{exc.args[0]}' "
+                             "(needs dtype, shape, data)", reason="bad_array", key=key) from None
+    if not isinstance(dtype, str) or dtype not in allowed:
+        raise FieldTypeError(f"key '{key}': dtype {dtype!r} not allowed here; use one of "
+                             f"{', '.join(allowed)}", reason="wrong_dtype", key=key)
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 1 or not isinstance(shape[0], int)
+            or isinstance(shape[0], bool) or shape[0] < 0):
+        raise FieldTypeError(f"key '{key}': shape must be [n] with n >= 0, got {shape!r}",
+                             reason="bad_array", key=key)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FieldTypeError(f"key '{key}': data must be msgpack bin, got "
+                             f"{type(data).__name__}", reason="bad_array", key=key)
+    dt = np.dtype(dtype)
+    if len(data) != shape[0] * dt.itemsize:
+        raise FieldTypeError(f"key '{key}': data holds {len(data)} bytes but shape {shape} of "
+                             f"{dtype} needs {shape[0] * dt.itemsize}",
+                             reason="bad_array", key=key)
+    return np.frombuffer(data, dtype=dt)
+
+
+def _decode_str(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise FieldTypeError(f"key '{key}': expected a string, got {type(v).__name__}", key=key)
+    return v
+
+
+def _decode_float(key: str, v: Any, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FieldTypeError(f"key '{key}': expected a number, got {type(v).__name__}", key=key)
+    x = float(v)
+    if not math.isfinite(x) or (positive and x <= 0):
+        raise ValueRangeError(f"key '{key}': {x!r} is not a {'positive ' if positive else ''}"
+                              "finite number", reason=f"bad_{key}" if key in (
+                                  "photon_energy_eV",) else "out_of_range", key=key)
+    return x
+
+
+def _decode_vector(key: str, v: Any, n: int) -> tuple[float, ...]:
+    if not isinstance(v, (list, tuple)) or len(v) != n:
+        raise FieldTypeError(f"key '{key}': expected a list of {n} numbers", key=key)
+    return tuple(_decode_float(key, x) for x in v)
+
+
+def validate_cell(cell: tuple[float, ...], *, key: str = "cell") -> None:
+    """Reject cells no crystal can have.
+
+    Lengths must lie in (1, 10,000) Å, angles in (10, 170)°, and the cell volume must be
+    real and positive.
+
+    Raises
+    ------
+    ValueRangeError
+        With reason ``absurd_cell``.
+    """
+    a, b, c, al, be, ga = cell
+    if not all(1.0 < x < 10000.0 for x in (a, b, c)):
+        raise ValueRangeError(f"key '{key}': cell lengths {a:g}, {b:g}, {c:g} Å outside "
+                              "(1, 10000) Å", reason="absurd_cell", key=key)
+    if not all(10.0 < x < 170.0 for x in (al, be, ga)):
+        raise ValueRangeError(f"key '{key}': cell angles {al:g}, {be:g}, {ga:g}° outside "
+                              "(10, 170)°", reason="absurd_cell", key=key)
+    ca, cb, cg = (math.cos(math.radians(x)) for x in (al, be, ga))
+    v2 = 1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg
+    if v2 <= 1e-6:
+        raise ValueRangeError(f"key '{key}': angles {al:g}, {be:g}, {ga:g}° give no real cell "
+                              "volume", reason="absurd_cell", key=key)
+
+
+def decode_crystal(buf: bytes | bytearray | memoryview, *,
+                   max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> CrystalMessage:
+    """Decode and validate one wire-format v1 message.
+
+    Parameters
+    ----------
+    buf
+        The raw message.
+    max_bytes
+        Messages larger than this are rejected before parsing (reason ``too_large``).
+
+    Returns
+    -------
+    CrystalMessage
+        With bad rows removed and counted in ``rows_rejected``.
+
+    Raises
+    ------
+    WireError
+        A subclass naming the reason; the message must then be dead-lettered.
+    """
+    if len(buf) > max_bytes:
+        raise MalformedMessageError(f"message of {len(buf)} bytes exceeds the limit of "
+                                    f"{max_bytes} bytes (raise max_message_bytes if real)",
+                                    reason="too_large")
+    try:
+        d = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_buffer_size=max_bytes)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+            UnicodeDecodeError, TypeError) as exc:
+        raise MalformedMessageError(f"not a msgpack message: {exc}") from exc
+    if not isinstance(d, dict):
+        raise MalformedMessageError(f"top level must be a map, got {type(d).__name__}")
+    return from_wire_dict(d)
+
+
+def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
+    """Validate an already-unpacked message map; see :func:`decode_crystal`."""
+    schema = _require(d, "schema")
+    if schema != SCHEMA:
+        raise SchemaError(f"key 'schema': {schema!r} is not {SCHEMA!r}; this endpoint takes "
+                          "streamvi crystal messages only", key="schema")
+    version = _require(d, "version")
+    if version != VERSION:
+        raise SchemaError(f"key 'version': {version!r} is not supported (this streamvi reads "
+                          f"version {VERSION}); upgrade streamvi or the producer",
+                          reason="unsupported_version", key="version")
+    for key in REQUIRED_KEYS:
+        _require(d, key)
+
+    run = _decode_str("run", d["run"])
+    image = _decode_str("image", d["image"])
+    crystal = d["crystal"]
+    if isinstance(crystal, bool) or not isinstance(crystal, int) or crystal < 0:
+        raise FieldTypeError(f"key 'crystal': expected an integer >= 0, got {crystal!r}",
+                             key="crystal")
+    h = _decode_array("h", d["h"], INT_DTYPES)
+    k = _decode_array("k", d["k"], INT_DTYPES)
+    l = _decode_array("l", d["l"], INT_DTYPES)  # noqa: E741
+    iobs = _decode_array("I", d["I"], FLOAT_DTYPES)
+    sigiobs = _decode_array("sigI", d["sigI"], FLOAT_DTYPES)
+    n = h.shape[0]
+    rows: dict[str, np.ndarray] = {"h": h, "k": k, "l": l, "I": iobs, "sigI": sigiobs}
+    for key in OPTIONAL_ROW_FLOATS:
+        if key in d and d[key] is not None:
+            rows[key] = _decode_array(key, d[key], FLOAT_DTYPES)
+    panel_names = None
+    if "panel" in d and d["panel"] is not None:
+        panel, panel_names = _decode_panel(d["panel"], d.get("panel_names"))
+        rows["panel"] = panel
+    lengths = {key: a.shape[0] for key, a in rows.items()}
+    if len(set(lengths.values())) != 1:
+        raise ShapeMismatchError("per-reflection arrays differ in length: " + ", ".join(
+            f"{key}={v}" for key, v in lengths.items()), key="h")
+    if n == 0:
+        raise ValueRangeError("crystal carries no reflections (arrays of length 0)",
+                              reason="no_reflections", key="h")
+
+    photon_energy = _decode_float("photon_energy_eV", d["photon_energy_eV"], positive=True)
+    if not 100.0 < photon_energy < 1.0e6:
+        raise ValueRangeError(f"key 'photon_energy_eV': {photon_energy:g} eV is outside "
+                              "(100, 1e6) eV", reason="bad_photon_energy", key="photon_energy_eV")
+    cell = _decode_vector("cell", d["cell"], 6)
+    validate_cell(cell)
+
+    hmax = max(int(np.abs(h).max()), int(np.abs(k).max()), int(np.abs(l).max()))
+    if hmax > MAX_MILLER:
+        raise ValueRangeError(f"keys 'h','k','l': |index| up to {hmax} exceeds {MAX_MILLER}",
+                              reason="miller_out_of_range", key="h")
+
+    # Row-level screening: drop the bad rows, keep the crystal.
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(iobs) & np.isfinite(sigiobs)
+        pos_sigma = sigiobs > 0
+    nonzero = (h != 0) | (k != 0) | (l != 0)
+    good = finite & pos_sigma & nonzero
+    rejected: dict[str, int] = {}
+    if not good.all():
+        for reason, mask in (("nonfinite_intensity", ~finite),
+                             ("nonpositive_sigma", finite & ~pos_sigma),
+                             ("zero_miller", finite & pos_sigma & ~nonzero)):
+            c = int(mask.sum())
+            if c:
+                rejected[reason] = c
+        if not good.any():
+            raise ValueRangeError(f"all {n} reflections are unusable ("
+                                  + ", ".join(f"{r}: {c}" for r, c in rejected.items()) + ")",
+                                  reason="no_valid_reflections", key="I")
+        rows = {key: a[good] for key, a in rows.items()}
+
+    def as_(a: np.ndarray, dt: str) -> np.ndarray:
+        return a if a.dtype == np.dtype(dt) else a.astype(dt)
+
+    msg = CrystalMessage(
+        run=run, image=image, crystal=int(crystal),
+        h=as_(rows["h"], "<i4"), k=as_(rows["k"], "<i4"), l=as_(rows["l"], "<i4"),
+        I=as_(rows["I"], "<f4"), sigI=as_(rows["sigI"], "<f4"),
+        photon_energy_eV=photon_energy, cell=cell,  # type: ignore[arg-type]
+        panel=rows.get("panel"), panel_names=panel_names,
+        rows_rejected=rejected,
+    )
+    for key in OPTIONAL_ROW_FLOATS:
+        if key in rows:
+            setattr(msg, key, as_(rows[key], "<f4"))
+    for key in OPTIONAL_VECTORS:
+        if d.get(key) is not None:
+            setattr(msg, key, _decode_vector(key, d[key], 3))
+    for key in OPTIONAL_SCALARS:
+        if d.get(key) is not None:
+            setattr(msg, key, _decode_float(key, d[key]))
+    if d.get("condition") is not None:
+        msg.condition = _decode_str("condition", d["condition"])
+    msg.metadata = {key: v for key, v in d.items() if key not in KNOWN_KEYS}
+    return msg
+
+
+def _decode_panel(v: Any, names: Any) -> tuple[np.ndarray, list[str]]:
+    """Panels as (int16 index, names); accepts an index array + names or a list of str."""
+    if isinstance(v, (list, tuple)):
+        if not all(isinstance(x, str) for x in v):
+            raise FieldTypeError("key 'panel': a list must hold strings only", key="panel")
+        uniq, inv = np.unique(np.asarray(v, dtype=object).astype(str), return_inverse=True)
+        return inv.astype(np.int16), [str(x) for x in uniq]
+    idx = _decode_array("panel", v, INT_DTYPES)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
+        raise FieldTypeError("key 'panel_names': an index array 'panel' needs a list of "
+                             "panel name strings in 'panel_names'", key="panel_names")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(names)):
+        raise ValueRangeError("key 'panel': index outside 'panel_names'",
+                              reason="out_of_range", key="panel")
+    return idx.astype(np.int16, copy=False), list(names)
