@@ -1,0 +1,175 @@
+"""The merging engine: store + scheduler + trainer, and posterior snapshots.
+
+``streamvi merge`` (offline, over files) and ``streamvi serve`` (online, over ZeroMQ) drive the
+same engine: crystals go in with :meth:`MergeEngine.add`, training happens one minibatch at a
+time with :meth:`MergeEngine.step`, and :meth:`MergeEngine.snapshot` freezes the current
+posterior into a :class:`MergeSnapshot` that the publishers (MTZ, ZeroMQ, metrics) read.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamvi.features import N_METADATA
+from streamvi.schedule import ImageScheduler
+from streamvi.stats import ShellTable, shell_statistics
+from streamvi.store import AddResult, ReflectionStore
+from streamvi.symmetry import ReciprocalSpace
+from streamvi.trainer import StepReport, Trainer, TrainerConfig
+from streamvi.wire import CrystalMessage
+
+TABLE_NAMES = ("all", "half1", "half2")
+
+
+@dataclass
+class EngineConfig:
+    """How the engine batches and reports.
+
+    Attributes
+    ----------
+    batch_images
+        Whole images per training step.
+    new_share
+        Share of each batch reserved for never-visited images.
+    n_shells
+        Resolution shells of the statistics table.
+    device_budget_bytes
+        Reflection bytes kept on the training device before the host tier is used.
+    """
+
+    batch_images: int = 8
+    new_share: float = 0.5
+    n_shells: int = 10
+    device_budget_bytes: int | None = None
+
+
+@dataclass
+class MergeSnapshot:
+    """A frozen copy of the merge: what every publisher reads.
+
+    ``tables[name]`` holds numpy arrays F, SIGF, I, SIGI per row of ``space`` for the tables
+    ``all``, ``half1`` and ``half2``; ``obs_count`` is ``(3, n_rows)``.
+    """
+
+    snapshot_id: int
+    time: float
+    space: ReciprocalSpace
+    tables: dict[str, dict[str, np.ndarray]]
+    obs_count: np.ndarray
+    n_images: int
+    n_reflections: int
+    step: int
+    stats: ShellTable
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def observed(self) -> np.ndarray:
+        """Rows with at least one observation."""
+        return self.obs_count[0] > 0
+
+
+class MergeEngine:
+    """Online variational merging of crystals into one unique-reflection table.
+
+    Parameters
+    ----------
+    space
+        Space group, cell, dmin and anomalous mode of the merge.
+    trainer_config
+        Model and optimiser settings.
+    config
+        Batching and statistics settings.
+    """
+
+    def __init__(self, space: ReciprocalSpace, trainer_config: TrainerConfig | None = None,
+                 config: EngineConfig | None = None):
+        self.space = space
+        self.config = config or EngineConfig()
+        self.trainer_config = trainer_config or TrainerConfig()
+        self.trainer = Trainer(self.trainer_config, centric=space.centric,
+                               epsilon=space.epsilon, n_metadata=N_METADATA)
+        self.device = self.trainer.device
+        self.store = ReflectionStore(space, device=self.device,
+                                     device_budget_bytes=self.config.device_budget_bytes)
+        self.scheduler = ImageScheduler(batch_images=self.config.batch_images,
+                                        new_share=self.config.new_share,
+                                        seed=self.trainer_config.seed)
+        self._snapshot_id = 0
+        self.last_report: StepReport | None = None
+        #: arrival→first-visit lags (s) not yet collected by a metrics reader
+        self.pending_lags: list[np.ndarray] = []
+
+    # ------------------------------------------------------------------ data in
+
+    def add(self, msg: CrystalMessage, *, arrival_time: float | None = None) -> AddResult:
+        """Store one crystal (see :meth:`ReflectionStore.add`)."""
+        return self.store.add(msg, arrival_time=arrival_time)
+
+    @property
+    def n_images(self) -> int:
+        return self.store.n_images
+
+    # ------------------------------------------------------------------ training
+
+    def step(self) -> StepReport | None:
+        """One optimiser step on the next minibatch; None when the store is empty."""
+        ids = self.scheduler.next_ids(self.store.n_images)
+        if ids.size == 0:
+            return None
+        batch = self.store.batch(ids)
+        report = self.trainer.learn_batch(batch)
+        lags = self.store.mark_visited(ids)
+        if lags.size:
+            self.pending_lags.append(lags)
+        self.last_report = report
+        return report
+
+    def steps_per_epoch(self) -> int:
+        """Steps that visit, on average, every stored image once."""
+        return max(1, int(np.ceil(self.store.n_images / self.config.batch_images)))
+
+    def train(self, n_steps: int, callback=None) -> StepReport | None:
+        """Run ``n_steps`` steps, calling ``callback(report)`` after each."""
+        report = None
+        for _ in range(n_steps):
+            report = self.step()
+            if report is None:
+                break
+            if callback is not None:
+                callback(report)
+        return report
+
+    # ------------------------------------------------------------------ output
+
+    def snapshot(self, history: list[str] | None = None) -> MergeSnapshot:
+        """Freeze the current posterior and compute the shell statistics."""
+        tables = {name: self.trainer.posterior_table(i) for i, name in enumerate(TABLE_NAMES)}
+        obs = self.store.obs_count.copy()
+        sp = self.space
+        stats = shell_statistics(
+            hkl=sp.hkl, d=sp.d, centric=sp.centric, friedel=sp.friedel, obs_count=obs,
+            i_full=tables["all"]["I"], sigi_full=tables["all"]["SIGI"],
+            i_half=(tables["half1"]["I"], tables["half2"]["I"]),
+            f_half=(tables["half1"]["F"], tables["half2"]["F"]),
+            anomalous=sp.anomalous, n_shells=self.config.n_shells)
+        self._snapshot_id += 1
+        return MergeSnapshot(
+            snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,
+            obs_count=obs, n_images=self.store.n_images,
+            n_reflections=self.store.n_reflections, step=self.trainer.step,
+            stats=stats, history=list(history or []))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Trainer, scheduler and snapshot counter (the store is rebuilt from the spool)."""
+        return {"trainer": self.trainer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "snapshot_id": self._snapshot_id, "space": self.space.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._snapshot_id = int(state["snapshot_id"])
+

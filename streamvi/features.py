@@ -1,0 +1,86 @@
+"""Per-reflection metadata features for the image-scale model.
+
+The scale model sees, for every reflection, what drives its measured intensity apart from
+|F|²: resolution (per-image B factor), detector position (absorption, polarisation, panel
+gain), photon energy, and -- when the crystal orientation is known -- the Ewald offset and the
+profile radius, which set the partiality of a still shot.  Missing quantities are 0 and the
+standardiser leaves a zero-variance column at 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from streamvi.wire import CrystalMessage
+
+#: Columns of the metadata matrix, in order.
+METADATA_COLUMNS: tuple[str, ...] = (
+    "inv_d2",           # 1/d², Å⁻², from the crystal's own reciprocal basis or cell
+    "fs",               # detector fast-scan position, pixels
+    "ss",               # detector slow-scan position, pixels
+    "photon_energy_keV",
+    "ewald_offset",     # |s1| − 1/λ, Å⁻¹ (0 when the orientation is unknown)
+    "profile_radius",   # Å⁻¹
+    "ewald_ratio",      # ewald_offset / profile_radius: what partiality is a function of
+    "s1_x",             # direction of the scattered beam, unit vector, lab frame
+    "s1_y",
+    "s1_z",
+)
+N_METADATA = len(METADATA_COLUMNS)
+
+
+def reciprocal_basis_from_cell(cell: tuple[float, ...]) -> np.ndarray:
+    """Reciprocal basis (rows a*, b*, c*) of a cell in a standard orientation, Å⁻¹.
+
+    Only the metric matters for |q|, so any orientation will do when none is given.
+    """
+    a, b, c = cell[:3]
+    al, be, ga = np.radians(cell[3:6])
+    ca, cb, cg, sg = np.cos(al), np.cos(be), np.cos(ga), np.sin(ga)
+    v = a * b * c * np.sqrt(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg)
+    # direct basis: a along x, b in xy plane (PDB convention)
+    avec = np.array([a, 0.0, 0.0])
+    bvec = np.array([b * cg, b * sg, 0.0])
+    cvec = np.array([c * cb, c * (ca - cb * cg) / sg, v / (a * b * sg)])
+    return np.stack([np.cross(bvec, cvec), np.cross(cvec, avec), np.cross(avec, bvec)]) / v
+
+
+def reflection_metadata(msg: CrystalMessage) -> np.ndarray:
+    """The ``(n, N_METADATA)`` float32 feature matrix of one crystal's reflections.
+
+    Parameters
+    ----------
+    msg
+        A validated crystal.
+
+    Returns
+    -------
+    numpy.ndarray
+        Columns as :data:`METADATA_COLUMNS`.
+    """
+    n = len(msg)
+    out = np.zeros((n, N_METADATA), dtype=np.float32)
+    hkl = msg.hkl().astype(np.float64)
+    wavelength = msg.wavelength_A
+    if msg.has_orientation():
+        basis = np.array([msg.astar, msg.bstar, msg.cstar], dtype=np.float64)
+    else:
+        basis = reciprocal_basis_from_cell(msg.cell)
+    q = hkl @ basis                           # (n, 3) Å⁻¹, lab frame when oriented
+    out[:, 0] = np.einsum("ij,ij->i", q, q)   # 1/d²
+    if msg.fs is not None:
+        out[:, 1] = msg.fs
+    if msg.ss is not None:
+        out[:, 2] = msg.ss
+    out[:, 3] = msg.photon_energy_eV / 1000.0
+    if msg.has_orientation():
+        s1 = q.copy()
+        s1[:, 2] += 1.0 / wavelength          # beam along +z (CrystFEL's lab frame)
+        s1_len = np.sqrt(np.einsum("ij,ij->i", s1, s1))
+        offset = s1_len - 1.0 / wavelength
+        out[:, 4] = offset
+        out[:, 7:10] = s1 / s1_len[:, None]
+        if msg.profile_radius:
+            out[:, 6] = offset / msg.profile_radius
+    if msg.profile_radius:
+        out[:, 5] = msg.profile_radius
+    return out

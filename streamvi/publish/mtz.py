@@ -1,0 +1,174 @@
+"""Merged structure factors as MTZ: snapshot → ``rs.DataSet`` → file, written atomically.
+
+Columns (only reflections with at least one observation are written):
+
+- ``H K L``; ``F SIGF`` (amplitudes, type F/Q); ``I SIGI`` (intensities, J/Q); ``N`` (number of
+  observations, I);
+- anomalous mode: ``F(+) SIGF(+) F(-) SIGF(-)`` (G/L) and ``I(+) SIGI(+) I(-) SIGI(-)`` (K/M),
+  ``N(+) N(-)``; ``F``/``I`` are then the Bijvoet means;
+- half datasets: ``F_half1 SIGF_half1 F_half2 SIGF_half2`` (and ``I_half…``), so CC½ can be
+  recomputed by any program.
+
+The file is written to a temporary name in the target directory and renamed over the target
+(``os.replace``), so a reader never sees a partial file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import reciprocalspaceship as rs
+
+from streamvi import __version__
+
+
+def snapshot_to_dataset(snapshot) -> rs.DataSet:
+    """The merge of a :class:`~streamvi.engine.MergeSnapshot` as an ``rs.DataSet``.
+
+    Indexed by ``H, K, L`` in the reciprocal ASU of the snapshot's space group.
+    """
+    sp = snapshot.space
+    obs = snapshot.obs_count
+    tables = snapshot.tables
+    if not sp.anomalous:
+        keep = obs[0] > 0
+        cols: dict[str, tuple[np.ndarray, object]] = {
+            "F": (tables["all"]["F"][keep], rs.SFAmplitudeDtype()),
+            "SIGF": (tables["all"]["SIGF"][keep], rs.StandardDeviationDtype()),
+            "I": (tables["all"]["I"][keep], rs.IntensityDtype()),
+            "SIGI": (tables["all"]["SIGI"][keep], rs.StandardDeviationDtype()),
+            "N": (obs[0][keep], rs.MTZIntDtype()),
+        }
+        hkl = sp.hkl[keep]
+        for t in ("half1", "half2"):
+            seen = obs[1 if t == "half1" else 2][keep] > 0
+            for c, dt in (("F", rs.SFAmplitudeDtype()), ("SIGF", rs.StandardDeviationDtype()),
+                          ("I", rs.IntensityDtype()), ("SIGI", rs.StandardDeviationDtype())):
+                cols[f"{c}_{t}"] = (np.where(seen, tables[t][c][keep], np.nan), dt)
+        return _dataset(hkl, cols, sp)
+    return _anomalous_dataset(snapshot)
+
+
+def _dataset(hkl: np.ndarray, cols: dict, sp) -> rs.DataSet:
+    data = {"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2]}
+    data.update({name: values for name, (values, _) in cols.items()})
+    ds = rs.DataSet(data, cell=sp.cell, spacegroup=sp.space_group, merged=True)
+    ds = ds.astype({"H": "HKL", "K": "HKL", "L": "HKL"})
+    ds = ds.astype({name: dt for name, (_, dt) in cols.items()})
+    return ds.set_index(["H", "K", "L"])
+
+
+def _anomalous_dataset(snapshot) -> rs.DataSet:
+    """Anomalous table: one MTZ row per hkl with the two Bijvoet mates side by side."""
+    sp = snapshot.space
+    obs = snapshot.obs_count
+    key = _key(sp.hkl)
+    uniq, inv = np.unique(key, return_inverse=True)
+    n = uniq.shape[0]
+    first_row = np.zeros(n, np.int64)
+    first_row[inv[::-1]] = np.arange(inv.shape[0])[::-1]
+    hkl = sp.hkl[first_row]
+    plus = sp.friedel > 0
+    rows_p = np.full(n, -1)
+    rows_m = np.full(n, -1)
+    rows_p[inv[plus]] = np.nonzero(plus)[0]
+    rows_m[inv[~plus]] = np.nonzero(~plus)[0]
+    centric = sp.centric[first_row]
+    # centric reflections have one row: it serves as both mates
+    rows_m = np.where(centric & (rows_m < 0), rows_p, rows_m)
+
+    def take(table: str, col: str, rows: np.ndarray, t: int) -> np.ndarray:
+        v = snapshot.tables[table][col][np.maximum(rows, 0)].astype(np.float64)
+        seen = (rows >= 0) & (obs[t][np.maximum(rows, 0)] > 0)
+        return np.where(seen, v, np.nan)
+
+    n_p = np.where(rows_p >= 0, obs[0][np.maximum(rows_p, 0)], 0)
+    n_m = np.where((rows_m >= 0) & ~centric, obs[0][np.maximum(rows_m, 0)], 0)
+    keep = (n_p + n_m) > 0
+    cols: dict[str, tuple[np.ndarray, object]] = {}
+    for t_name, t, suffix in (("all", 0, ""), ("half1", 1, "_half1"), ("half2", 2, "_half2")):
+        fp, fm = take(t_name, "F", rows_p, t), take(t_name, "F", rows_m, t)
+        sfp, sfm = take(t_name, "SIGF", rows_p, t), take(t_name, "SIGF", rows_m, t)
+        ip, im = take(t_name, "I", rows_p, t), take(t_name, "I", rows_m, t)
+        sip, sim = take(t_name, "SIGI", rows_p, t), take(t_name, "SIGI", rows_m, t)
+        f, sf = _bijvoet_mean(fp, sfp, fm, sfm)
+        i, si = _bijvoet_mean(ip, sip, im, sim)
+        cols[f"F{suffix}"] = (f[keep], rs.SFAmplitudeDtype())
+        cols[f"SIGF{suffix}"] = (sf[keep], rs.StandardDeviationDtype())
+        cols[f"I{suffix}"] = (i[keep], rs.IntensityDtype())
+        cols[f"SIGI{suffix}"] = (si[keep], rs.StandardDeviationDtype())
+        if t == 0:
+            cols["N"] = ((n_p + n_m)[keep], rs.MTZIntDtype())
+            cols["F(+)"] = (fp[keep], rs.FriedelSFAmplitudeDtype())
+            cols["SIGF(+)"] = (sfp[keep], rs.StandardDeviationFriedelSFDtype())
+            cols["F(-)"] = (fm[keep], rs.FriedelSFAmplitudeDtype())
+            cols["SIGF(-)"] = (sfm[keep], rs.StandardDeviationFriedelSFDtype())
+            cols["I(+)"] = (ip[keep], rs.FriedelIntensityDtype())
+            cols["SIGI(+)"] = (sip[keep], rs.StandardDeviationFriedelIDtype())
+            cols["I(-)"] = (im[keep], rs.FriedelIntensityDtype())
+            cols["SIGI(-)"] = (sim[keep], rs.StandardDeviationFriedelIDtype())
+            cols["N(+)"] = (n_p[keep], rs.MTZIntDtype())
+            cols["N(-)"] = (n_m[keep], rs.MTZIntDtype())
+    return _dataset(hkl[keep], cols, sp)
+
+
+def _bijvoet_mean(a: np.ndarray, sa: np.ndarray, b: np.ndarray, sb: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of two mates (either may be missing) and its σ."""
+    both = np.isfinite(a) & np.isfinite(b)
+    mean = np.where(both, 0.5 * (a + b), np.where(np.isfinite(a), a, b))
+    sig = np.where(both, 0.5 * np.sqrt(sa * sa + sb * sb), np.where(np.isfinite(a), sa, sb))
+    return mean, sig
+
+
+def _key(hkl: np.ndarray) -> np.ndarray:
+    h = hkl.astype(np.int64) + 2048
+    return (h[:, 0] << 24) | (h[:, 1] << 12) | h[:, 2]
+
+
+def write_mtz(ds: rs.DataSet, path: str | os.PathLike, *, history: list[str] | None = None
+              ) -> Path:
+    """Write ``ds`` to ``path`` atomically (temporary file in the same directory + rename).
+
+    Parameters
+    ----------
+    ds
+        The merged table.
+    path
+        Target file; its directory must exist and be writable.
+    history
+        Lines for the MTZ history (at most 30 are kept by the format).
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+    """
+    path = Path(path)
+    mtz = ds.to_gemmi()
+    lines = [f"streamvi {__version__}"] + list(history or [])
+    mtz.history = [line[:80] for line in lines][:30]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        mtz.write_to_file(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_snapshot_mtz(snapshot, path: str | os.PathLike) -> Path:
+    """Convenience: :func:`snapshot_to_dataset` + :func:`write_mtz` with a history line."""
+    sp = snapshot.space
+    hist = [f"snapshot {snapshot.snapshot_id} step {snapshot.step} images {snapshot.n_images}",
+            f"{sp.space_group.hm} dmin {sp.dmin:.2f} A anomalous {sp.anomalous}"]
+    return write_mtz(snapshot_to_dataset(snapshot), path, history=hist + snapshot.history)

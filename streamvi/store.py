@@ -1,0 +1,271 @@
+"""The reflection store: every accepted reflection, columnar, ready to be batched by image.
+
+Reflections are appended image by image (one image = one crystal = one wire message) into
+growable columns on the training device; once ``device_budget_bytes`` is used, later images
+go to a host-memory tier (pinned when the device is CUDA) and are copied over per batch.
+Per-image bookkeeping (arrival time, visits, half-dataset) lives in numpy on the host.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streamvi.features import N_METADATA, reflection_metadata
+from streamvi.model.batch import Batch
+from streamvi.symmetry import ReciprocalSpace
+from streamvi.wire import CrystalMessage
+
+
+def image_half(run: str, image: str) -> int:
+    """Half-dataset (0 or 1) of an image: a stable hash of (run, image).
+
+    Every crystal of one image lands in the same half, and the split does not depend on
+    arrival order, process or Python's hash seed.
+    """
+    digest = hashlib.blake2b(f"{run}\x00{image}".encode(), digest_size=8).digest()
+    return digest[0] & 1
+
+
+@dataclass
+class AddResult:
+    """What :meth:`ReflectionStore.add` did with one crystal."""
+
+    image_id: int | None
+    n_kept: int
+    n_outside: int
+    duplicate: bool = False
+
+
+class _Columns:
+    """Growable columnar reflection arrays on one device."""
+
+    def __init__(self, device: torch.device, n_ops: int, n_metadata: int, capacity: int,
+                 pin: bool = False):
+        self.device = device
+        self.n = 0
+        self._pin = pin
+        self.asu_id = self._empty((n_ops, capacity), torch.int64)
+        self.iobs = self._empty((capacity,), torch.float32)
+        self.sigiobs = self._empty((capacity,), torch.float32)
+        self.metadata = self._empty((capacity, n_metadata), torch.float32)
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        return t.pin_memory() if self._pin else t
+
+    @property
+    def capacity(self) -> int:
+        return int(self.iobs.shape[0])
+
+    def nbytes_per_row(self) -> int:
+        return 8 * self.asu_id.shape[0] + 4 + 4 + 4 * self.metadata.shape[1]
+
+    def _grow(self, need: int) -> None:
+        cap = max(self.capacity * 2, need)
+
+        def grown(old: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(old.shape)
+            shape[dim] = cap
+            new = self._empty(tuple(shape), old.dtype)
+            new.narrow(dim, 0, self.n).copy_(old.narrow(dim, 0, self.n))
+            return new
+
+        self.asu_id = grown(self.asu_id, 1)
+        self.iobs = grown(self.iobs, 0)
+        self.sigiobs = grown(self.sigiobs, 0)
+        self.metadata = grown(self.metadata, 0)
+
+    def append(self, asu_id: np.ndarray, iobs: np.ndarray, sigiobs: np.ndarray,
+               metadata: np.ndarray) -> int:
+        m = iobs.shape[0]
+        if self.n + m > self.capacity:
+            self._grow(self.n + m)
+        start = self.n
+        sl = slice(start, start + m)
+        nb = self.device.type == "cuda"
+        self.asu_id[:, sl].copy_(torch.from_numpy(asu_id), non_blocking=nb)
+        self.iobs[sl].copy_(torch.from_numpy(iobs), non_blocking=nb)
+        self.sigiobs[sl].copy_(torch.from_numpy(sigiobs), non_blocking=nb)
+        self.metadata[sl].copy_(torch.from_numpy(metadata), non_blocking=nb)
+        self.n += m
+        return start
+
+
+class ReflectionStore:
+    """All accepted reflections, mapped to rows of a :class:`ReciprocalSpace`.
+
+    Parameters
+    ----------
+    space
+        The unique-reflection table (space group, cell, dmin, anomalous mode).
+    device
+        Training device; the first tier of the store lives there.
+    device_budget_bytes
+        Bytes of reflection data kept on ``device`` before further images go to host
+        memory.  ``None``: no limit.
+    """
+
+    def __init__(self, space: ReciprocalSpace, *, device: torch.device | str = "cpu",
+                 device_budget_bytes: int | None = None, initial_capacity: int = 1 << 16):
+        self.space = space
+        self.device = torch.device(device)
+        self.n_ops = int(space.n_ops)
+        self.device_budget_bytes = device_budget_bytes
+        self._tiers = [_Columns(self.device, self.n_ops, N_METADATA, initial_capacity)]
+        self._host_tier: _Columns | None = None
+        n0 = 1024
+        self.image_tier = np.zeros(n0, np.int8)
+        self.image_start = np.zeros(n0, np.int64)
+        self.image_length = np.zeros(n0, np.int64)
+        self.image_half = np.zeros(n0, np.int8)
+        self.arrival_time = np.zeros(n0, np.float64)
+        self.first_visit_time = np.full(n0, np.nan)
+        self.visits = np.zeros(n0, np.int64)
+        self.n_images = 0
+        self.n_reflections = 0
+        self.keys: dict[tuple[str, str, int], int] = {}
+        #: observations per posterior row (identity operator), all and per half
+        self.obs_count = np.zeros((3, space.n_unique), np.int64)
+
+    # ------------------------------------------------------------------ adding
+
+    def _grow_images(self) -> None:
+        for name in ("image_tier", "image_start", "image_length", "image_half",
+                     "arrival_time", "first_visit_time", "visits"):
+            old = getattr(self, name)
+            new = np.full(old.shape[0] * 2, np.nan) if name == "first_visit_time" else \
+                np.zeros(old.shape[0] * 2, old.dtype)
+            new[: old.shape[0]] = old
+            setattr(self, name, new)
+
+    def _tier_for(self, m: int) -> tuple[int, _Columns]:
+        dev = self._tiers[0]
+        if self.device_budget_bytes is None or self.device.type == "cpu":
+            return 0, dev
+        if (dev.n + m) * dev.nbytes_per_row() <= self.device_budget_bytes and self._host_tier is None:
+            return 0, dev
+        if self._host_tier is None:
+            self._host_tier = _Columns(torch.device("cpu"), self.n_ops, N_METADATA,
+                                       1 << 16, pin=torch.cuda.is_available())
+            self._tiers.append(self._host_tier)
+        return 1, self._host_tier
+
+    def add(self, msg: CrystalMessage, *, arrival_time: float | None = None) -> AddResult:
+        """Append one crystal's reflections.
+
+        Reflections outside the table (beyond dmin, or systematic absences) are counted in
+        ``n_outside`` and not stored.  A crystal whose (run, image, crystal) is already
+        stored is not stored again (``duplicate=True``).
+        """
+        key = msg.key
+        if key in self.keys:
+            return AddResult(self.keys[key], 0, 0, duplicate=True)
+        ids = self.space.lookup_ops(msg.hkl())          # (n_ops, n)
+        keep = ids[0] >= 0
+        n_outside = int((~keep).sum())
+        if not keep.any():
+            return AddResult(None, 0, n_outside)
+        ids = ids[:, keep]
+        # a reindexed index can fall outside the table where the identity is inside;
+        # point it at the identity row so it is merely an unlikely choice, never an error
+        bad = ids < 0
+        if bad.any():
+            ids = np.where(bad, ids[0][None, :], ids)
+        meta = reflection_metadata(msg)[keep]
+        iobs = np.ascontiguousarray(msg.I[keep], dtype=np.float32)
+        sigiobs = np.ascontiguousarray(msg.sigI[keep], dtype=np.float32)
+        m = iobs.shape[0]
+        tier_index, tier = self._tier_for(m)
+        start = tier.append(np.ascontiguousarray(ids, dtype=np.int64), iobs, sigiobs, meta)
+        i = self.n_images
+        if i >= self.image_start.shape[0]:
+            self._grow_images()
+        half = image_half(msg.run, msg.image)
+        self.image_tier[i] = tier_index
+        self.image_start[i] = start
+        self.image_length[i] = m
+        self.image_half[i] = half
+        self.arrival_time[i] = time.time() if arrival_time is None else arrival_time
+        self.n_images += 1
+        self.n_reflections += m
+        self.keys[key] = i
+        np.add.at(self.obs_count[0], ids[0], 1)
+        np.add.at(self.obs_count[1 + half], ids[0], 1)
+        return AddResult(i, m, n_outside)
+
+    # ------------------------------------------------------------------ batching
+
+    def batch(self, image_ids: np.ndarray, device: torch.device | str | None = None) -> Batch:
+        """The reflections of ``image_ids`` (in that order) as a ragged :class:`Batch`."""
+        device = self.device if device is None else torch.device(device)
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        lengths = self.image_length[image_ids]
+        parts: list[tuple[np.ndarray, dict[str, torch.Tensor]]] = []
+        order = []
+        for t, tier in enumerate(self._tiers):
+            sel = np.nonzero(self.image_tier[image_ids] == t)[0]
+            if sel.size == 0:
+                continue
+            order.append(sel)
+            idx = _ranges(self.image_start[image_ids[sel]], lengths[sel])
+            idx_t = torch.from_numpy(idx).to(tier.device, non_blocking=True)
+            cols = {
+                "asu_id": tier.asu_id.index_select(1, idx_t),
+                "iobs": tier.iobs.index_select(0, idx_t),
+                "sigiobs": tier.sigiobs.index_select(0, idx_t),
+                "metadata": tier.metadata.index_select(0, idx_t),
+            }
+            parts.append((sel, {k: v.to(device, non_blocking=True) for k, v in cols.items()}))
+        if len(parts) == 1:
+            sel, cols = parts[0]
+            perm_ids = image_ids[sel]
+        else:
+            sel = np.concatenate(order)
+            perm_ids = image_ids[sel]
+            cols = {k: torch.cat([p[1][k] for p in parts], dim=1 if k == "asu_id" else 0)
+                    for k in parts[0][1]}
+        lengths = self.image_length[perm_ids]
+        offsets = np.zeros(len(perm_ids) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        image_index = np.repeat(np.arange(len(perm_ids), dtype=np.int64), lengths)
+        return Batch(
+            asu_id=cols["asu_id"], iobs=cols["iobs"], sigiobs=cols["sigiobs"],
+            metadata=cols["metadata"],
+            image_index=torch.from_numpy(image_index).to(device),
+            image_offsets=torch.from_numpy(offsets).to(device),
+            half=torch.from_numpy(self.image_half[perm_ids].astype(np.int64)).to(device),
+            image_id=torch.from_numpy(perm_ids).to(device),
+        )
+
+    def mark_visited(self, image_ids: np.ndarray, now: float | None = None) -> np.ndarray:
+        """Count a visit of each image; returns the arrival→first-visit lags (s) of images
+        visited for the first time."""
+        now = time.time() if now is None else now
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        np.add.at(self.visits, image_ids, 1)
+        fv = self.first_visit_time[image_ids]
+        first = np.isnan(fv)
+        new_ids = np.unique(image_ids[first])
+        self.first_visit_time[new_ids] = now
+        return now - self.arrival_time[new_ids]
+
+    def bytes_used(self) -> dict[str, int]:
+        """Bytes of reflection data per tier (``device`` and ``host``)."""
+        out = {"device": 0, "host": 0}
+        for t, tier in enumerate(self._tiers):
+            out["device" if t == 0 else "host"] += tier.capacity * tier.nbytes_per_row()
+        return out
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for each (s, n), vectorised."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offsets = np.zeros(lengths.shape[0], np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return np.repeat(starts - offsets, lengths) + np.arange(total, dtype=np.int64)
