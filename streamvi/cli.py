@@ -1,14 +1,324 @@
-"""Command-line entry point (the only module that reads argv)."""
+"""Command-line entry point ``streamvi`` (the only module that reads argv).
+
+Each subcommand declares its options in a ``_add_<name>`` function and runs in ``_run_<name>``;
+``main(argv)`` can be called in-process by tests.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+import time
+from pathlib import Path
+
+from streamvi import __version__
+from streamvi.errors import StreamviError
+
+log = logging.getLogger("streamvi")
+
+
+# ---------------------------------------------------------------------------- simulate
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a still-shot beamtime (stream file and truth)")
+    p.add_argument("--images", type=int, default=2000, help="images (crystals) to simulate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path, help="CrystFEL stream to write")
+    p.add_argument("--truth", type=Path, help="MTZ of the true structure factors to write")
+    p.add_argument("--dmin", type=float, default=1.8, help="resolution limit, Å")
+    p.add_argument("--to", metavar="URL", help="stream the images live to a service (tcp://…)")
+    p.add_argument("--rate", type=float, default=None, help="images/s when streaming (--to)")
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+
+    if args.output is None and args.to is None:
+        raise StreamviError("simulate: give -o OUT.stream and/or --to tcp://HOST:PORT")
+    cfg = SimulationConfig(n_images=args.images, seed=args.seed, dmin=args.dmin)
+    t0 = time.perf_counter()
+    truth = simulate_structure(cfg)
+    if args.truth:
+        truth.to_mtz(args.truth)
+    n = 0
+    if args.output:
+        from streamvi_crystfel.writer import write_stream
+
+        n = write_stream(args.output, simulate_images(cfg, truth), config=cfg)
+    if args.to:
+        from streamvi.send import send_messages
+
+        send_messages(simulate_images(cfg, truth), args.to, rate=args.rate)
+    print(json.dumps({"images": cfg.n_images, "written": n,
+                      "stream": str(args.output) if args.output else None,
+                      "truth": str(args.truth) if args.truth else None,
+                      "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
+# ---------------------------------------------------------------------------- inspect
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="summarise a CrystFEL stream (or DIALS files) as JSON")
+    p.add_argument("path", type=Path)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    if not args.path.exists():
+        raise StreamviError(f"inspect: {args.path}: no such file")
+    if args.path.suffix in (".refl", ".expt"):
+        from streamvi_dials import inspect_dials  # type: ignore[import-not-found]
+
+        summary = inspect_dials(args.path)
+    else:
+        from streamvi_crystfel import inspect_stream
+
+        summary = inspect_stream(args.path)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------- merge
+
+def _add_trainer_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--d-model", type=int, default=None, help="width of the scale network")
+    g.add_argument("--layers", type=int, default=None, help="residual blocks of the scale network")
+    g.add_argument("--mc-samples", type=int, default=None)
+    g.add_argument("--batch-images", type=int, default=None, help="images per training step")
+    g.add_argument("--likelihood", choices=("student_t", "normal"), default=None)
+
+
+def _trainer_config(args: argparse.Namespace):
+    from streamvi.trainer import TrainerConfig
+
+    cfg = TrainerConfig(device=args.device, seed=args.seed)
+    for flag, attr in (("d_model", "d_model"), ("layers", "n_layers"),
+                       ("mc_samples", "mc_samples"), ("likelihood", "likelihood")):
+        v = getattr(args, flag)
+        if v is not None:
+            setattr(cfg, attr, v)
+    return cfg
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge CrystFEL streams offline with the streamvi model")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="MTZ to write")
+    p.add_argument("--space-group", help="e.g. 'P 43 21 2' (default: lowest symmetry of the "
+                   "stream's lattice)")
+    p.add_argument("--cell", help="'a b c alpha beta gamma', Å and degrees (default: target cell)")
+    p.add_argument("--dmin", type=float, help="resolution limit, Å (default: highest observed)")
+    p.add_argument("--anomalous", action="store_true", help="keep F(+) and F(−) apart")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 10)")
+    g.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    p.add_argument("--shells", type=int, default=10, help="resolution shells in the table")
+    p.add_argument("--json", action="store_true", help="print the shell table as JSON too")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_trainer_options(p)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamvi.engine import EngineConfig
+    from streamvi.merge import Progress, load_files, merge_crystals, resolve_space
+    from streamvi.publish.mtz import write_snapshot_mtz
+
+    data = load_files(args.files)
+    for r in data.rejected[:20]:
+        log.warning("skipped: %s", r)
+    if len(data.rejected) > 20:
+        log.warning("… and %d more skipped pieces", len(data.rejected) - 20)
+    space = resolve_space(data, space_group=args.space_group, cell=args.cell, dmin=args.dmin,
+                          anomalous=args.anomalous)
+    ecfg = EngineConfig(n_shells=args.shells)
+    if args.batch_images:
+        ecfg.batch_images = args.batch_images
+    tcfg = _trainer_config(args)
+    print(f"streamvi merge: {len(data.crystals)} crystals, {len(data.rejected)} skipped; "
+          f"{space.space_group.hm}, cell {tuple(round(x, 2) for x in space.cell.parameters)}, "
+          f"dmin {space.dmin:.2f} Å, {space.n_unique} unique rows, anomalous={space.anomalous}, "
+          f"torch threads {torch.get_num_threads()}", file=sys.stderr)
+    t0 = time.perf_counter()
+    snapshot, engine = merge_crystals(
+        data.crystals, space, trainer_config=tcfg, engine_config=ecfg, epochs=args.epochs,
+        steps=args.steps, progress=None if args.quiet else Progress,
+        history=[f"merge of {', '.join(p.name for p in args.files)}"[:80]])
+    seconds = time.perf_counter() - t0
+    write_snapshot_mtz(snapshot, args.output)
+    print(snapshot.stats.format())
+    print(f"wrote {args.output} ({int(snapshot.observed.sum())} reflections) in {seconds:.1f} s "
+          f"on {engine.device}")
+    if args.json:
+        print(json.dumps({"stats": snapshot.stats.to_dict(), "seconds": seconds,
+                          "mtz": str(args.output)}))
+    return 0
+
+
+# ---------------------------------------------------------------------------- serve
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from streamvi.config import OPTIONS
+
+    p = sub.add_parser("serve", help="run the online merging service",
+                       description="Every option may also come from the TOML file (--config) "
+                       "or an environment variable STREAMVI_<NAME>; flags win.")
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for o in OPTIONS:
+        g = groups.setdefault(o.section, p.add_argument_group(o.section))
+        flag = "--" + o.name.replace("_", "-")
+        if o.type is bool:
+            g.add_argument(flag, dest=o.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=o.help)
+        elif o.multiple:
+            g.add_argument(flag, dest=o.name, action="append", default=None, help=o.help)
+        else:
+            g.add_argument(flag, dest=o.name, type=str, default=None, help=o.help)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from streamvi.config import OPTIONS, load_config
+    from streamvi.service import Service
+
+    overrides = {o.name: getattr(args, o.name) for o in OPTIONS}
+    cfg = load_config(args.config, overrides=overrides)
+    service = Service(cfg).start()
+    done = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: checkpointing and stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda *_: service.request_publish())
+    print(json.dumps({"listening": service.ingestor.bound_endpoints,
+                      "publish": service.publisher.endpoint if service.publisher else None,
+                      "http": getattr(service.metrics_server, "url", None),
+                      "out_dir": str(service.out_dir)}), flush=True)
+    while not done.wait(0.5):
+        pass
+    service.stop()
+    return 0
+
+
+# ---------------------------------------------------------------------------- send
+
+def _add_send(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("send", help="stream a CrystFEL stream file into a running service")
+    p.add_argument("files", nargs="+", help="stream file(s); '-' reads standard input")
+    p.add_argument("--to", required=True, metavar="URL", help="the service's endpoint, tcp://…")
+    p.add_argument("--rate", type=float, default=None, help="images per second (default: as fast "
+                   "as the service takes them)")
+    p.add_argument("--follow", action="store_true", help="keep reading files that grow")
+    p.add_argument("--position-file", type=Path, help="remember what was sent; resume there")
+
+
+def _run_send(args: argparse.Namespace) -> int:
+    from streamvi.send import send_file
+
+    total = 0
+    for f in args.files:
+        rep = send_file(f, args.to, rate=args.rate, follow=args.follow,
+                        position_file=args.position_file)
+        print(json.dumps({"file": f, "sent": rep.sent, "rejected": rep.rejected,
+                          "seconds": round(rep.seconds, 3)}))
+        total += rep.sent
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="simulated beamtime → ZeroMQ → service → MTZ, in one go")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--rate", type=float, default=200.0, help="images per second")
+    p.add_argument("--out-dir", type=Path, default=Path("streamvi-demo"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-anomalous", action="store_true")
+    p.add_argument("--metrics-port", type=int, default=0, help="status page port (0: any free)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from streamvi.demo import run_demo
+
+    run_demo(images=args.images, rate=args.rate, out_dir=args.out_dir, seed=args.seed,
+             device=args.device, anomalous=not args.no_anomalous, metrics_port=args.metrics_port)
+    return 0
+
+
+# ---------------------------------------------------------------------------- config
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print an example configuration, or check one")
+    p.add_argument("--example", action="store_true", help="print a commented example TOML")
+    p.add_argument("--check", type=Path, help="load this file and print the resolved values")
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from streamvi.config import example_toml, load_config
+
+    if args.check:
+        cfg = load_config(args.check)
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v
+                          for k, v in cfg.values.items()}, indent=2))
+        return 0
+    print(example_toml())
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+COMMANDS = {
+    "simulate": (_add_simulate, _run_simulate),
+    "inspect": (_add_inspect, _run_inspect),
+    "merge": (_add_merge, _run_merge),
+    "serve": (_add_serve, _run_serve),
+    "send": (_add_send, _run_send),
+    "demo": (_add_demo, _run_demo),
+    "config": (_add_config, _run_config),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamvi",
+        description="Online variational merging of serial-crystallography data.")
+    parser.add_argument("--version", action="version", version=f"streamvi {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamvi")
-    parser.parse_args(argv)
-    return 0
+    """Run the ``streamvi`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][1](args)
+    except StreamviError as exc:
+        print(f"streamvi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

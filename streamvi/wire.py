@@ -140,7 +140,8 @@ class CrystalMessage:
         return self.astar is not None and self.bstar is not None and self.cstar is not None
 
 
-def _array_map(a: np.ndarray, dtype: str) -> dict[str, Any]:
+def array_map(a: np.ndarray, dtype: str) -> dict[str, Any]:
+    """A 1-D array as a wire array map ``{dtype, shape, data}``."""
     arr = np.ascontiguousarray(a, dtype=np.dtype(dtype))
     return {"dtype": dtype, "shape": [int(arr.shape[0])], "data": arr.tobytes()}
 
@@ -154,11 +155,11 @@ def to_wire_dict(msg: CrystalMessage) -> dict[str, Any]:
         "run": str(msg.run),
         "image": str(msg.image),
         "crystal": int(msg.crystal),
-        "h": _array_map(msg.h, "<i4"),
-        "k": _array_map(msg.k, "<i4"),
-        "l": _array_map(msg.l, "<i4"),
-        "I": _array_map(msg.I, "<f4"),
-        "sigI": _array_map(msg.sigI, "<f4"),
+        "h": array_map(msg.h, "<i4"),
+        "k": array_map(msg.k, "<i4"),
+        "l": array_map(msg.l, "<i4"),
+        "I": array_map(msg.I, "<f4"),
+        "sigI": array_map(msg.sigI, "<f4"),
         "photon_energy_eV": float(msg.photon_energy_eV),
         "cell": [float(x) for x in msg.cell],
     })
@@ -169,9 +170,9 @@ def to_wire_dict(msg: CrystalMessage) -> dict[str, Any]:
     for name in OPTIONAL_ROW_FLOATS:
         v = getattr(msg, name)
         if v is not None:
-            out[name] = _array_map(v, "<f4")
+            out[name] = array_map(v, "<f4")
     if msg.panel is not None:
-        out["panel"] = _array_map(msg.panel, "<i2")
+        out["panel"] = array_map(msg.panel, "<i2")
         out["panel_names"] = list(msg.panel_names or [])
     for name in OPTIONAL_SCALARS:
         v = getattr(msg, name)
@@ -311,7 +312,7 @@ def decode_crystal(buf: bytes | bytearray | memoryview, *,
                                     f"{max_bytes} bytes (raise max_message_bytes if real)",
                                     reason="too_large")
     try:
-        d = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_buffer_size=max_bytes)
+        d = msgpack.unpackb(buf, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             UnicodeDecodeError, TypeError) as exc:
         raise MalformedMessageError(f"not a msgpack message: {exc}") from exc

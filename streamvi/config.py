@@ -1,0 +1,211 @@
+"""Service configuration: one declaration per option, read from TOML, environment and flags.
+
+Every option of ``streamvi serve`` is declared once in :data:`OPTIONS` and can be set, in
+increasing precedence, by its default, the TOML file (``--config``), an environment variable
+``STREAMVI_<NAME>`` and a command-line flag ``--<name-with-dashes>``.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamvi.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration option."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    section: str
+    multiple: bool = False
+
+
+OPTIONS: tuple[Option, ...] = (
+    # --- input
+    Option("listen", str, ["tcp://127.0.0.1:5555"], "ZeroMQ endpoint(s) to receive crystals on "
+           "(repeatable). PULL binds; loopback unless you say otherwise", "input", multiple=True),
+    Option("listen_mode", str, "pull", "pull (bind, producers PUSH to us) or sub (connect to "
+           "producers' PUB)", "input"),
+    Option("sub_topic", str, "", "topic prefix for listen_mode = sub", "input"),
+    Option("max_message_bytes", int, 64 * 1024 * 1024, "larger messages are rejected", "input"),
+    Option("queue_max_messages", int, 2000, "decoded crystals waiting for the trainer; when "
+           "full, ingest stops reading and producers are slowed (never dropped)", "input"),
+    Option("rcvhwm", int, 1000, "ZeroMQ receive high-water mark, messages", "input"),
+    Option("curve_secret_key", str, "", "server secret key file (streamvi keys) to require "
+           "CURVE encryption and authentication of producers", "input"),
+    Option("curve_allowed_clients", str, "", "directory of allowed producer public key files",
+           "input"),
+    # --- merge
+    Option("space_group", str, "", "space group of the merge, e.g. 'P 43 21 2' (required)",
+           "merge"),
+    Option("cell", str, "", "'a b c alpha beta gamma' in Å and degrees (default: the first "
+           "crystal's cell)", "merge"),
+    Option("dmin", float, 2.0, "resolution limit, Å", "merge"),
+    Option("anomalous", bool, False, "keep F(+) and F(-) separate", "merge"),
+    # --- model
+    Option("device", str, "auto", "auto (CUDA when available), cpu or cuda", "model"),
+    Option("seed", int, 0, "random seed", "model"),
+    Option("d_model", int, 32, "width of the image-scale network", "model"),
+    Option("n_layers", int, 4, "residual blocks of the image-scale network", "model"),
+    Option("mc_samples", int, 8, "Monte Carlo samples per step", "model"),
+    Option("batch_images", int, 8, "images per training step", "model"),
+    Option("new_share", float, 0.5, "share of each batch reserved for never-visited images",
+           "model"),
+    # --- output
+    Option("out_dir", Path, Path("streamvi-out"), "directory for MTZ files, spool, checkpoints "
+           "and the dead-letter file", "output"),
+    Option("publish_interval", float, 10.0, "seconds between MTZ snapshots", "output"),
+    Option("keep_snapshots", int, 5, "numbered MTZ snapshots kept beside latest.mtz", "output"),
+    Option("publish_endpoint", str, "tcp://127.0.0.1:5556", "ZeroMQ PUB endpoint for topics "
+           "'merged' and 'stats' (empty: off)", "output"),
+    Option("n_shells", int, 10, "resolution shells of the statistics", "output"),
+    Option("metrics_host", str, "127.0.0.1", "address of the HTTP status page and /metrics",
+           "output"),
+    Option("metrics_port", int, 9108, "port of the HTTP status page and /metrics (0: any free "
+           "port, -1: off)", "output"),
+    # --- reliability
+    Option("checkpoint_interval", float, 60.0, "seconds between checkpoints (also on SIGTERM)",
+           "reliability"),
+    Option("spool_fsync", str, "batch", "always, batch or never: when accepted messages are "
+           "forced to disk", "reliability"),
+    Option("device_budget_mb", float, 0.0, "reflection memory on the device before the host "
+           "tier is used (0: unlimited)", "reliability"),
+)
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass
+class ServiceConfig:
+    """Resolved configuration of one service instance (attribute per option)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **kw: Any) -> "ServiceConfig":
+        v = dict(self.values)
+        for k, x in kw.items():
+            if k not in OPTION_BY_NAME:
+                raise ConfigError(f"unknown option {k!r}")
+            v[k] = _coerce(OPTION_BY_NAME[k], x, "override")
+        return ServiceConfig(v, dict(self.sources))
+
+
+def _coerce(opt: Option, value: Any, where: str) -> Any:
+    """Convert ``value`` to the option's type, with a message naming where it came from."""
+    if opt.multiple:
+        if isinstance(value, str):
+            items = [x.strip() for x in value.split(",") if x.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"{where}: '{opt.name}' must be a list of strings, got {value!r}")
+        return [_coerce(Option(opt.name, opt.type, None, "", opt.section), x, where) for x in items]
+    try:
+        if opt.type is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if opt.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return opt.type(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: '{opt.name}' = {value!r} is not a valid "
+                          f"{opt.type.__name__} ({opt.help})") from None
+
+
+def load_config(path: str | Path | None = None, *, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> ServiceConfig:
+    """Resolve the configuration: defaults < TOML file < environment < overrides (flags).
+
+    Raises
+    ------
+    ConfigError
+        Unknown keys (with the list of known ones), bad values, unreadable file.
+    """
+    values = {o.name: o.default for o in OPTIONS}
+    sources = {o.name: "default" for o in OPTIONS}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: configuration file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        flat: dict[str, Any] = {}
+        for k, v in data.items():
+            if isinstance(v, dict):     # [section] tables are allowed, names stay flat
+                flat.update(v)
+            else:
+                flat[k] = v
+        for k, v in flat.items():
+            if k not in OPTION_BY_NAME:
+                raise ConfigError(f"{p}: unknown key {k!r}; known keys: "
+                                  + ", ".join(sorted(OPTION_BY_NAME)))
+            values[k] = _coerce(OPTION_BY_NAME[k], v, f"{p}")
+            sources[k] = str(p)
+    env = os.environ if env is None else env
+    for o in OPTIONS:
+        var = "STREAMVI_" + o.name.upper()
+        if var in env:
+            values[o.name] = _coerce(o, env[var], f"environment variable {var}")
+            sources[o.name] = var
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k not in OPTION_BY_NAME:
+            raise ConfigError(f"unknown option {k!r}")
+        values[k] = _coerce(OPTION_BY_NAME[k], v, "--" + k.replace("_", "-"))
+        sources[k] = "flag"
+    return ServiceConfig(values, sources)
+
+
+def example_toml() -> str:
+    """A commented example configuration with every option at its default."""
+    out = ["# streamvi serve configuration. Every key can also be given as an environment",
+           "# variable STREAMVI_<KEY> or a flag --<key-with-dashes>; flags win.", ""]
+    section = None
+    for o in OPTIONS:
+        if o.section != section:
+            section = o.section
+            out.append(f"[{section}]")
+        out.append(f"# {o.help}")
+        out.append(f"{o.name} = {_toml_value(o.default)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def option_fields() -> list[str]:
+    """Names of all options (for docs and the CLI)."""
+    return [o.name for o in OPTIONS]
+
+
+__all__ = ["OPTIONS", "Option", "ServiceConfig", "load_config", "example_toml"]

@@ -1,0 +1,175 @@
+"""Offline merging of files (``streamvi merge``) on the same engine the service drives."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import gemmi
+import numpy as np
+
+from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
+from streamvi.errors import ConfigError
+from streamvi.sources import Rejected
+from streamvi.symmetry import ReciprocalSpace, parse_cell, parse_space_group
+from streamvi.trainer import StepReport, TrainerConfig
+from streamvi.wire import CrystalMessage
+
+log = logging.getLogger(__name__)
+
+#: Lowest-symmetry space group of each (lattice type, centering): a safe default when a
+#: stream states the lattice but no space group (merging in a subgroup is never wrong).
+LATTICE_DEFAULT_GROUP = {
+    ("triclinic", "P"): "P 1", ("monoclinic", "P"): "P 1 2 1", ("monoclinic", "C"): "C 1 2 1",
+    ("monoclinic", "I"): "I 1 2 1", ("orthorhombic", "P"): "P 2 2 2",
+    ("orthorhombic", "C"): "C 2 2 2", ("orthorhombic", "I"): "I 2 2 2",
+    ("orthorhombic", "F"): "F 2 2 2", ("tetragonal", "P"): "P 4", ("tetragonal", "I"): "I 4",
+    ("rhombohedral", "R"): "R 3", ("hexagonal", "P"): "P 3", ("hexagonal", "H"): "H 3",
+    ("cubic", "P"): "P 2 3", ("cubic", "I"): "I 2 3", ("cubic", "F"): "F 2 3",
+}
+
+
+@dataclass
+class LoadedData:
+    """Crystals read from files, what was rejected, and what the files say of the target."""
+
+    crystals: list[CrystalMessage] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    target_cell: tuple[float, ...] | None = None
+    lattice: tuple[str, str] | None = None
+
+
+def open_source(path: str | Path, run: str | None = None) -> Iterable:
+    """The source that reads ``path`` (chosen by its suffix)."""
+    p = Path(path)
+    if p.suffix in (".refl", ".expt"):
+        try:
+            from streamvi_dials import DialsSource  # type: ignore[import-not-found]
+        except ImportError as exc:  # pragma: no cover - plugin shipped with streamvi
+            raise ConfigError(f"{p}: reading DIALS files needs the streamvi_dials plugin") from exc
+        return DialsSource(p)
+    from streamvi_crystfel import CrystfelSource
+
+    return CrystfelSource(p, run=run)
+
+
+def load_files(paths: Sequence[str | Path]) -> LoadedData:
+    """Read every crystal of ``paths``; malformed pieces are collected, not raised."""
+    out = LoadedData()
+    for path in paths:
+        if not Path(path).exists():
+            raise ConfigError(f"{path}: no such file")
+        src = open_source(path)
+        for item in src:
+            if isinstance(item, Rejected):
+                out.rejected.append(item)
+            else:
+                out.crystals.append(item)
+        header = getattr(src, "header", None)
+        if out.target_cell is None and header is not None:
+            cell = getattr(header, "target_cell", None)
+            if cell is not None:
+                out.target_cell = tuple(cell)
+                lt, cen = getattr(header, "lattice_type", None), getattr(header, "centering", None)
+                if lt and cen:
+                    out.lattice = (str(lt), str(cen))
+    return out
+
+
+def resolve_space(data: LoadedData, *, space_group: str | None, cell: str | Sequence[float] | None,
+                  dmin: float | None, anomalous: bool) -> ReciprocalSpace:
+    """The merge's unique-reflection table, filling gaps from the data.
+
+    The cell defaults to the stream's target cell (else the mean crystal cell), the space
+    group to the lowest-symmetry group of the stated lattice, dmin to the highest resolution
+    observed.
+    """
+    if cell is None:
+        if data.target_cell is not None:
+            cell = data.target_cell
+        elif data.crystals:
+            cell = tuple(np.mean([c.cell for c in data.crystals], axis=0))
+        else:
+            raise ConfigError("no cell: pass --cell 'a b c alpha beta gamma' (Å, degrees)")
+    ucell = parse_cell(cell)
+    if space_group is None:
+        if data.lattice is None or data.lattice not in LATTICE_DEFAULT_GROUP:
+            raise ConfigError("no space group: the input does not state one; pass "
+                              "--space-group, e.g. --space-group 'P 43 21 2'")
+        space_group = LATTICE_DEFAULT_GROUP[data.lattice]
+        log.warning("no --space-group given: merging in %s, the lowest symmetry of the "
+                    "stream's %s %s lattice", space_group, *data.lattice)
+    sg = parse_space_group(space_group)
+    if dmin is None:
+        if not data.crystals:
+            raise ConfigError("no data and no --dmin")
+        dmin = min(_min_d(c, ucell) for c in data.crystals)
+        dmin = math.floor(dmin * 100) / 100
+    return ReciprocalSpace(sg, ucell, dmin, anomalous=anomalous)
+
+
+def _min_d(msg: CrystalMessage, cell: gemmi.UnitCell) -> float:
+    return float(cell.calculate_d_array(msg.hkl()).min())
+
+
+class Progress:
+    """A one-line progress report on stderr (images/s, loss) for long runs."""
+
+    def __init__(self, total_steps: int, n_images_per_step: int, stream=sys.stderr,
+                 every_s: float = 0.5):
+        self.total = total_steps
+        self.per_step = n_images_per_step
+        self.stream = stream
+        self.every = every_s
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.done = 0
+
+    def __call__(self, report: StepReport) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        self.last = now
+        el = now - self.t0
+        rate = self.done * self.per_step / el if el > 0 else 0.0
+        frac = self.done / self.total
+        bar = "#" * int(30 * frac)
+        self.stream.write(f"\r[{bar:<30}] step {self.done}/{self.total}  "
+                          f"{rate:7.0f} images/s  loss {report.loss:9.4f}  {el:6.1f} s")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *,
+                   trainer_config: TrainerConfig | None = None,
+                   engine_config: EngineConfig | None = None, epochs: float | None = None,
+                   steps: int | None = None,
+                   progress: Callable[[int, int], Callable[[StepReport], None]] | None = None,
+                   history: list[str] | None = None) -> tuple[MergeSnapshot, MergeEngine]:
+    """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
+
+    Returns
+    -------
+    (MergeSnapshot, MergeEngine)
+    """
+    engine = MergeEngine(space, trainer_config, engine_config)
+    n_outside = 0
+    for msg in crystals:
+        n_outside += engine.add(msg).n_outside
+    if engine.n_images == 0:
+        raise ConfigError("no crystal had reflections inside the table (check --dmin, "
+                          "--space-group and --cell)")
+    if steps is None:
+        steps = int(math.ceil((epochs if epochs is not None else 10.0) * engine.steps_per_epoch()))
+    cb = progress(steps, engine.config.batch_images) if progress else None
+    engine.train(steps, cb)
+    hist = list(history or [])
+    if n_outside:
+        hist.append(f"{n_outside} reflections outside the table (beyond dmin) not merged")
+    return engine.snapshot(history=hist), engine
