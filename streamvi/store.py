@@ -144,7 +144,7 @@ class ReflectionStore:
 
     def _tier_for(self, m: int) -> tuple[int, _Columns]:
         dev = self._tiers[0]
-        if self.device_budget_bytes is None or self.device.type == "cpu":
+        if self.device_budget_bytes is None:
             return 0, dev
         if (dev.n + m) * dev.nbytes_per_row() <= self.device_budget_bytes and self._host_tier is None:
             return 0, dev

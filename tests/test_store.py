@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+from conftest import make_crystal
+from streamvi.features import N_METADATA
+from streamvi.store import ReflectionStore, _ranges, image_half
+from streamvi.symmetry import ReciprocalSpace
+
+
+@pytest.fixture()
+def space():
+    return ReciprocalSpace("P 43 21 2", (79.1, 79.1, 37.9, 90, 90, 90), 3.0)
+
+
+def test_ranges_matches_python():
+    starts = np.array([5, 0, 100], np.int64)
+    lengths = np.array([3, 2, 4], np.int64)
+    want = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
+    np.testing.assert_array_equal(_ranges(starts, lengths), want)
+
+
+def test_image_half_is_stable_and_balanced():
+    halves = [image_half("run7", f"file.h5//{i}") for i in range(2000)]
+    assert halves == [image_half("run7", f"file.h5//{i}") for i in range(2000)]
+    assert 900 < sum(halves) < 1100
+
+
+def test_add_and_batch_round_trip(space):
+    rng = np.random.default_rng(0)
+    store = ReflectionStore(space, initial_capacity=16)   # forces several doublings
+    msgs = [make_crystal(rng, n=40, image=f"i{j}") for j in range(6)]
+    results = [store.add(m) for m in msgs]
+    assert [r.image_id for r in results] == list(range(6))
+    for m, r in zip(msgs, results):
+        rows = space.lookup(m.hkl())
+        assert r.n_kept == int((rows >= 0).sum())
+        assert r.n_outside == int((rows < 0).sum())
+    assert store.n_reflections == sum(r.n_kept for r in results)
+
+    batch = store.batch(np.array([4, 1]))
+    assert batch.n_images == 2
+    for pos, img in enumerate([4, 1]):
+        m = msgs[img]
+        keep = space.lookup(m.hkl()) >= 0
+        sl = slice(int(batch.image_offsets[pos]), int(batch.image_offsets[pos + 1]))
+        np.testing.assert_array_equal(batch.iobs[sl].numpy(), m.I[keep])
+        np.testing.assert_array_equal(batch.sigiobs[sl].numpy(), m.sigI[keep])
+        np.testing.assert_array_equal(batch.asu_id[0, sl].numpy(), space.lookup(m.hkl())[keep])
+        assert (batch.image_index[sl].numpy() == pos).all()
+        assert int(batch.image_id[pos]) == img
+    assert batch.metadata.shape == (batch.n_reflections, N_METADATA)
+
+
+def test_duplicates_are_not_stored_twice(space):
+    rng = np.random.default_rng(1)
+    store = ReflectionStore(space)
+    m = make_crystal(rng)
+    first = store.add(m)
+    again = store.add(m)
+    assert again.duplicate and again.image_id == first.image_id
+    assert store.n_images == 1 and store.n_reflections == first.n_kept
+    assert store.obs_count[0].sum() == first.n_kept
+
+
+def test_obs_count_per_half(space):
+    rng = np.random.default_rng(2)
+    store = ReflectionStore(space)
+    for j in range(20):
+        store.add(make_crystal(rng, image=f"x{j}"))
+    np.testing.assert_array_equal(store.obs_count[0], store.obs_count[1] + store.obs_count[2])
+    assert store.obs_count[0].sum() == store.n_reflections
+
+
+def test_host_tier_beyond_budget_keeps_batches_identical(space):
+    rng = np.random.default_rng(3)
+    msgs = [make_crystal(rng, n=60, image=f"i{j}") for j in range(10)]
+    plain = ReflectionStore(space)
+    tiered = ReflectionStore(space, device_budget_bytes=3 * 60 * 64)
+    for m in msgs:
+        plain.add(m)
+        tiered.add(m)
+    assert tiered.image_tier[:10].max() == 1 and tiered.image_tier[0] == 0
+    ids = np.array([9, 0, 5, 2])
+    a, b = plain.batch(ids), tiered.batch(ids)
+    # the tiered store may order images by tier; compare per image id
+    for img in ids:
+        pa = int(np.nonzero(a.image_id.numpy() == img)[0][0])
+        pb = int(np.nonzero(b.image_id.numpy() == img)[0][0])
+        sa = slice(int(a.image_offsets[pa]), int(a.image_offsets[pa + 1]))
+        sb = slice(int(b.image_offsets[pb]), int(b.image_offsets[pb + 1]))
+        np.testing.assert_array_equal(a.iobs[sa].numpy(), b.iobs[sb].numpy())
+        np.testing.assert_array_equal(a.metadata[sa].numpy(), b.metadata[sb].numpy())
+    assert tiered.bytes_used()["host"] > 0
+
+
+def test_visits_and_first_visit_lag(space):
+    rng = np.random.default_rng(4)
+    store = ReflectionStore(space)
+    for j in range(3):
+        store.add(make_crystal(rng, image=f"i{j}"), arrival_time=100.0 + j)
+    lags = store.mark_visited(np.array([0, 2]), now=110.0)
+    np.testing.assert_allclose(sorted(lags), [8.0, 10.0])
+    lags = store.mark_visited(np.array([0, 1]), now=111.0)
+    np.testing.assert_allclose(lags, [10.0])
+    np.testing.assert_array_equal(store.visits[:3], [2, 1, 1])
