@@ -35,17 +35,17 @@ def snapshot_to_dataset(snapshot) -> rs.DataSet:
     if not sp.anomalous:
         keep = obs[0] > 0
         cols: dict[str, tuple[np.ndarray, object]] = {
-            "F": (tables["all"]["F"][keep], rs.SFAmplitudeDtype()),
-            "SIGF": (tables["all"]["SIGF"][keep], rs.StandardDeviationDtype()),
-            "I": (tables["all"]["I"][keep], rs.IntensityDtype()),
-            "SIGI": (tables["all"]["SIGI"][keep], rs.StandardDeviationDtype()),
-            "N": (obs[0][keep], rs.MTZIntDtype()),
+            "F": (tables["all"]["F"][keep], "SFAmplitude"),
+            "SIGF": (tables["all"]["SIGF"][keep], "Stddev"),
+            "I": (tables["all"]["I"][keep], "Intensity"),
+            "SIGI": (tables["all"]["SIGI"][keep], "Stddev"),
+            "N": (obs[0][keep], "MTZInt"),
         }
         hkl = sp.hkl[keep]
         for t in ("half1", "half2"):
             seen = obs[1 if t == "half1" else 2][keep] > 0
-            for c, dt in (("F", rs.SFAmplitudeDtype()), ("SIGF", rs.StandardDeviationDtype()),
-                          ("I", rs.IntensityDtype()), ("SIGI", rs.StandardDeviationDtype())):
+            for c, dt in (("F", "SFAmplitude"), ("SIGF", "Stddev"),
+                          ("I", "Intensity"), ("SIGI", "Stddev")):
                 cols[f"{c}_{t}"] = (np.where(seen, tables[t][c][keep], np.nan), dt)
         return _dataset(hkl, cols, sp)
     return _anomalous_dataset(snapshot)
@@ -95,22 +95,22 @@ def _anomalous_dataset(snapshot) -> rs.DataSet:
         sip, sim = take(t_name, "SIGI", rows_p, t), take(t_name, "SIGI", rows_m, t)
         f, sf = _bijvoet_mean(fp, sfp, fm, sfm)
         i, si = _bijvoet_mean(ip, sip, im, sim)
-        cols[f"F{suffix}"] = (f[keep], rs.SFAmplitudeDtype())
-        cols[f"SIGF{suffix}"] = (sf[keep], rs.StandardDeviationDtype())
-        cols[f"I{suffix}"] = (i[keep], rs.IntensityDtype())
-        cols[f"SIGI{suffix}"] = (si[keep], rs.StandardDeviationDtype())
+        cols[f"F{suffix}"] = (f[keep], "SFAmplitude")
+        cols[f"SIGF{suffix}"] = (sf[keep], "Stddev")
+        cols[f"I{suffix}"] = (i[keep], "Intensity")
+        cols[f"SIGI{suffix}"] = (si[keep], "Stddev")
         if t == 0:
-            cols["N"] = ((n_p + n_m)[keep], rs.MTZIntDtype())
-            cols["F(+)"] = (fp[keep], rs.FriedelSFAmplitudeDtype())
-            cols["SIGF(+)"] = (sfp[keep], rs.StandardDeviationFriedelSFDtype())
-            cols["F(-)"] = (fm[keep], rs.FriedelSFAmplitudeDtype())
-            cols["SIGF(-)"] = (sfm[keep], rs.StandardDeviationFriedelSFDtype())
-            cols["I(+)"] = (ip[keep], rs.FriedelIntensityDtype())
-            cols["SIGI(+)"] = (sip[keep], rs.StandardDeviationFriedelIDtype())
-            cols["I(-)"] = (im[keep], rs.FriedelIntensityDtype())
-            cols["SIGI(-)"] = (sim[keep], rs.StandardDeviationFriedelIDtype())
-            cols["N(+)"] = (n_p[keep], rs.MTZIntDtype())
-            cols["N(-)"] = (n_m[keep], rs.MTZIntDtype())
+            cols["N"] = ((n_p + n_m)[keep], "MTZInt")
+            cols["F(+)"] = (fp[keep], "FriedelSFAmplitude")
+            cols["SIGF(+)"] = (sfp[keep], "StddevFriedelSF")
+            cols["F(-)"] = (fm[keep], "FriedelSFAmplitude")
+            cols["SIGF(-)"] = (sfm[keep], "StddevFriedelSF")
+            cols["I(+)"] = (ip[keep], "FriedelIntensity")
+            cols["SIGI(+)"] = (sip[keep], "StddevFriedelI")
+            cols["I(-)"] = (im[keep], "FriedelIntensity")
+            cols["SIGI(-)"] = (sim[keep], "StddevFriedelI")
+            cols["N(+)"] = (n_p[keep], "MTZInt")
+            cols["N(-)"] = (n_m[keep], "MTZInt")
     return _dataset(hkl[keep], cols, sp)
 
 
