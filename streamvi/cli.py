@@ -278,6 +278,24 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- keys
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="generate ZeroMQ CURVE key pairs (service and producers)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the key files")
+    p.add_argument("--name", action="append", required=True,
+                   help="key pair name (repeatable), e.g. server, producer1")
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    from streamvi.keys import generate_keypair
+
+    for name in args.name:
+        public, secret = generate_keypair(args.out, name)
+        print(json.dumps({"name": name, "public": str(public), "secret": str(secret)}))
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 COMMANDS = {
@@ -288,6 +306,7 @@ COMMANDS = {
     "send": (_add_send, _run_send),
     "demo": (_add_demo, _run_demo),
     "config": (_add_config, _run_config),
+    "keys": (_add_keys, _run_keys),
 }
 
 
