@@ -250,8 +250,8 @@ def _decode_float(key: str, v: Any, *, positive: bool = False) -> float:
     x = float(v)
     if not math.isfinite(x) or (positive and x <= 0):
         raise ValueRangeError(f"key '{key}': {x!r} is not a {'positive ' if positive else ''}"
-                              "finite number", reason=f"bad_{key}" if key in (
-                                  "photon_energy_eV",) else "out_of_range", key=key)
+                              "finite number", reason="bad_photon_energy" if key == (
+                                  "photon_energy_eV") else "out_of_range", key=key)
     return x
 
 
@@ -346,6 +346,10 @@ def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
     l = _decode_array("l", d["l"], INT_DTYPES)  # noqa: E741
     iobs = _decode_array("I", d["I"], FLOAT_DTYPES)
     sigiobs = _decode_array("sigI", d["sigI"], FLOAT_DTYPES)
+    # Narrow before screening, so <f8 values beyond float32 (inf) or below it (σ = 0) are caught.
+    with np.errstate(over="ignore"):
+        iobs = iobs.astype(np.float32, copy=False)
+        sigiobs = sigiobs.astype(np.float32, copy=False)
     n = h.shape[0]
     rows: dict[str, np.ndarray] = {"h": h, "k": k, "l": l, "I": iobs, "sigI": sigiobs}
     for key in OPTIONAL_ROW_FLOATS:
@@ -370,7 +374,8 @@ def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
     cell = _decode_vector("cell", d["cell"], 6)
     validate_cell(cell)
 
-    hmax = max(int(np.abs(h).max()), int(np.abs(k).max()), int(np.abs(l).max()))
+    # max(-min, max) rather than abs(): abs() of the most negative integer overflows.
+    hmax = max(max(-int(a.min()), int(a.max())) for a in (h, k, l))
     if hmax > MAX_MILLER:
         raise ValueRangeError(f"keys 'h','k','l': |index| up to {hmax} exceeds {MAX_MILLER}",
                               reason="miller_out_of_range", key="h")
