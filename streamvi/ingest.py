@@ -1,0 +1,524 @@
+"""Ingest: ZeroMQ sockets → decode and validate → spool → counters → a bounded queue.
+
+One background thread owns every socket (ZeroMQ sockets are not thread-safe) and polls them
+together.  For each frame:
+
+1. :func:`streamvi.wire.decode_crystal`; a refused message is counted by ``reason`` and
+   written to the dead-letter file -- never an exception.
+2. An accepted message is appended to the :class:`~streamvi.spool.Spool` *first*, byte for
+   byte, then counted, then queued as ``(seq, msg, arrival_time)``.
+3. When the queue is full the thread waits instead of reading: the socket's receive
+   high-water mark fills, then the producer's send high-water mark, and a PUSH producer
+   blocks.  Backpressure, never a silent drop (DESIGN.md section 5).  PUB/SUB cannot push
+   back: a publisher drops what a slow subscriber cannot take, so use PUSH/PULL wherever
+   data must not be lost.
+
+The training thread takes work with :meth:`Ingestor.get_batch`.  After a restart,
+:func:`replay_spool` yields what the spool holds beyond the checkpoint.
+"""
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import threading
+import time
+from typing import Callable, Iterable, Iterator
+from urllib.parse import urlsplit
+
+import zmq
+
+from streamvi.counters import IngestCounters
+from streamvi.deadletter import DeadLetter
+from streamvi.errors import ConfigError, StreamviError, WireError
+from streamvi.spool import Spool
+from streamvi.wire import DEFAULT_MAX_MESSAGE_BYTES, CrystalMessage, decode_crystal
+
+log = logging.getLogger(__name__)
+
+#: One unit of work: (spool sequence number, crystal, arrival time in Unix s).
+QueueItem = tuple[int, CrystalMessage, float]
+
+DEFAULT_QUEUE_MAX_MESSAGES = 10_000
+_POLL_MS = 100
+_BURST = 256          # frames taken from one socket before the others get a turn
+_START_TIMEOUT_S = 10.0
+
+
+class _BoundedQueue:
+    """FIFO bounded by item count and/or bytes; always admits one item when empty."""
+
+    def __init__(self, max_items: int | None, max_bytes: int | None):
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._items: collections.deque[tuple[QueueItem, int]] = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self.closed = False
+
+    def _full(self, nbytes: int) -> bool:
+        if not self._items:
+            return False
+        if self.max_items is not None and len(self._items) >= self.max_items:
+            return True
+        return self.max_bytes is not None and self._bytes + nbytes > self.max_bytes
+
+    def put(self, item: QueueItem, nbytes: int, stop: threading.Event,
+            idle: Callable[[], None] | None = None) -> bool:
+        """Wait for room (calling ``idle`` now and then), then enqueue; False if ``stop``
+        was set first."""
+        while True:
+            with self._cond:
+                if not self._full(nbytes):
+                    self._items.append((item, nbytes))
+                    self._bytes += nbytes
+                    self._cond.notify_all()
+                    return True
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+                still_full = self._full(nbytes)
+            if idle is not None and still_full:
+                idle()      # outside the lock: the consumer must not wait on an fsync
+
+    def get_batch(self, max_items: int, timeout: float | None) -> list[QueueItem]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._items:
+                if self.closed:
+                    return []
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+            out = []
+            while self._items and len(out) < max_items:
+                item, nbytes = self._items.popleft()
+                self._bytes -= nbytes
+                out.append(item)
+            self._cond.notify_all()
+        return out
+
+    def wake(self, *, close: bool = False) -> None:
+        with self._cond:
+            self.closed = self.closed or close
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+def _exposure(endpoint: str) -> str | None:
+    """'all' for a wildcard TCP bind, 'network' for a non-loopback one, else None."""
+    parts = urlsplit(endpoint)
+    if parts.scheme != "tcp":
+        return None
+    host = parts.netloc.rsplit(":", 1)[0].strip("[]")
+    if host in ("*", "0.0.0.0", "::", ""):
+        return "all"
+    if host == "localhost":
+        return None
+    try:
+        return None if ipaddress.ip_address(host).is_loopback else "network"
+    except ValueError:
+        return "network"    # an interface or host name
+
+
+class _AllowedKeys:
+    """ZAP credentials provider: a fixed set of z85 client public keys."""
+
+    def __init__(self, keys: Iterable[bytes | str]):
+        self.keys = {k.encode("ascii") if isinstance(k, str) else bytes(k) for k in keys}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys:
+            return True
+        log.warning("ingest: refused a CURVE client with unknown public key %s; add it to "
+                    "curve_allowed_clients if it is a trusted producer", key.decode("ascii"))
+        return False
+
+
+class Ingestor:
+    """Receive wire messages on ZeroMQ sockets and queue them for training.
+
+    Parameters
+    ----------
+    endpoints
+        ZeroMQ addresses, e.g. ``["tcp://127.0.0.1:5555"]``; ``tcp://127.0.0.1:*`` binds a
+        free port (see :attr:`bound_endpoints`).
+    mode
+        ``"pull"`` (producers PUSH; lossless, with backpressure) or ``"sub"``.
+    topic
+        SUB subscription prefix.
+    bind
+        Bind (True) or connect (False); default: PULL binds, SUB connects.
+    queue_max_messages, queue_max_bytes
+        Bounds of the queue to the consumer (messages; raw bytes).  Default 10,000
+        messages when neither is given.
+    rcvhwm
+        ZeroMQ receive high-water mark, messages per socket.
+    spool
+        Where accepted raw messages go before being counted; None keeps no spool
+        (sequence numbers then count from 0 in this process).
+    dead_letter
+        Where refused messages go.
+    counters
+        Shared counters (a fresh set by default).
+    max_message_bytes
+        Larger messages are refused (reason ``too_large``).
+    context
+        ZeroMQ context; by default the ingestor makes (and terminates) its own.
+    curve_server_secret
+        z85 CURVE secret key of this server: producers must then use CURVE with its public
+        key (:func:`zmq.curve_public`).
+    curve_allowed_clients
+        z85 public keys of producers allowed in; None with CURVE lets any client in
+        (encrypted, not authenticated).
+    """
+
+    def __init__(self, endpoints: list[str], *, mode: str = "pull", topic: bytes = b"",
+                 bind: bool | None = None, queue_max_messages: int | None = None,
+                 queue_max_bytes: int | None = None, rcvhwm: int = 1000,
+                 spool: Spool | None = None, dead_letter: DeadLetter | None = None,
+                 counters: IngestCounters | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 context: zmq.Context | None = None,
+                 curve_server_secret: bytes | str | None = None,
+                 curve_allowed_clients: Iterable[bytes | str] | None = None):
+        if mode not in ("pull", "sub"):
+            raise ConfigError(f"ingest: mode={mode!r}; use 'pull' (lossless, with "
+                              "backpressure) or 'sub'")
+        if not endpoints:
+            raise ConfigError("ingest: no endpoints; give at least one, e.g. "
+                              "tcp://127.0.0.1:5555")
+        if queue_max_messages is None and queue_max_bytes is None:
+            queue_max_messages = DEFAULT_QUEUE_MAX_MESSAGES
+        for name, v in (("queue_max_messages", queue_max_messages),
+                        ("queue_max_bytes", queue_max_bytes), ("rcvhwm", rcvhwm)):
+            if v is not None and v < 1:
+                raise ConfigError(f"ingest: {name}={v} must be >= 1")
+        self.endpoints = list(endpoints)
+        self.mode = mode
+        self.topic = topic.encode() if isinstance(topic, str) else bytes(topic)
+        self.bind = (mode == "pull") if bind is None else bool(bind)
+        self.rcvhwm = int(rcvhwm)
+        self.spool = spool
+        self.dead_letter = dead_letter
+        self.counters = counters if counters is not None else IngestCounters()
+        self.max_message_bytes = int(max_message_bytes)
+        if isinstance(curve_server_secret, str):
+            curve_server_secret = curve_server_secret.encode("ascii")
+        self.curve_server_secret = curve_server_secret
+        self.curve_allowed_clients = (None if curve_allowed_clients is None
+                                      else list(curve_allowed_clients))
+        self._queue = _BoundedQueue(queue_max_messages, queue_max_bytes)
+        self._own_context = context is None
+        self._context = context
+        self._auth = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._bound: list[str] = []
+        self._next_seq = 0
+        self._reject_logged: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Open the sockets and start the receiving thread.
+
+        Raises
+        ------
+        ConfigError
+            An endpoint could not be bound or connected (the thread is not left running).
+        """
+        if self._thread is not None:
+            raise StreamviError("ingest: start() called twice; make a new Ingestor")
+        if self._context is None:
+            self._context = zmq.Context()
+        self._thread = threading.Thread(target=self._run, name="streamvi-ingest", daemon=True)
+        try:
+            if self.curve_server_secret is not None:
+                self._start_auth()
+        except BaseException:
+            self.stop()
+            raise
+        self._thread.start()
+        if not self._ready.wait(_START_TIMEOUT_S):
+            self.stop()
+            raise StreamviError("ingest: sockets not open after "
+                                f"{_START_TIMEOUT_S:g} s; this is a bug, please report it")
+        if self._start_error is not None:
+            err = self._start_error
+            self.stop()
+            raise err
+
+    def _start_auth(self) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if not zmq.has("curve"):
+            raise ConfigError("ingest: CURVE requested but this libzmq has no CURVE support; "
+                              "install a pyzmq wheel (bundles libsodium) or drop the CURVE keys")
+        self._auth = ThreadAuthenticator(self._context, log=log.getChild("auth"))
+        self._auth.start()
+        if self.curve_allowed_clients is None:
+            log.warning("ingest: CURVE without curve_allowed_clients: traffic is encrypted "
+                        "but any client with the server key gets in; list the producers' "
+                        "public keys to authenticate them")
+            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        else:
+            self._auth.configure_curve_callback(
+                domain="*", credentials_provider=_AllowedKeys(self.curve_allowed_clients))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop receiving, close the sockets (linger 0), flush the spool.
+
+        Items already queued stay available to :meth:`get_batch`; what was spooled but not
+        yet absorbed is found again by :func:`replay_spool` after a restart.  Idempotent.
+        The spool and dead-letter file are left open (they belong to the caller).
+        """
+        self._stop.set()
+        self._queue.wake()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("ingest: receiving thread did not stop within %g s; its sockets "
+                          "stay open until the process exits", timeout)
+                return
+        self._queue.wake(close=True)
+        if self.spool is not None and not self.spool.closed:
+            self.spool.flush()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_context and self._context is not None:
+            self._context.term()
+            self._context = None
+
+    def __enter__(self) -> "Ingestor":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def bound_endpoints(self) -> list[str]:
+        """Actual addresses (bound ports resolved), or the connect targets."""
+        return list(self._bound)
+
+    @property
+    def queue_depth(self) -> int:
+        """Messages waiting for the consumer."""
+        return len(self._queue)
+
+    @property
+    def queue_bytes(self) -> int:
+        """Raw bytes of the messages waiting for the consumer."""
+        return self._queue.nbytes
+
+    def get_batch(self, max_items: int, timeout: float | None = 0.0) -> list[QueueItem]:
+        """Up to ``max_items`` queued ``(seq, msg, arrival_time)``, oldest first.
+
+        Waits up to ``timeout`` s (None: until something arrives or the ingestor stops)
+        for the first item; returns ``[]`` if none came.
+        """
+        return self._queue.get_batch(max_items, timeout)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _open_sockets(self) -> list[tuple[zmq.Socket, str]]:
+        assert self._context is not None
+        sockets: list[tuple[zmq.Socket, str]] = []
+        try:
+            for endpoint in self.endpoints:
+                sock = self._context.socket(zmq.PULL if self.mode == "pull" else zmq.SUB)
+                sockets.append((sock, endpoint))
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+                if self.mode == "sub":
+                    sock.setsockopt(zmq.SUBSCRIBE, self.topic)
+                if self.curve_server_secret is not None:
+                    sock.curve_secretkey = self.curve_server_secret
+                    sock.curve_publickey = zmq.curve_public(self.curve_server_secret)
+                    sock.curve_server = True
+                try:
+                    if self.bind:
+                        sock.bind(endpoint)
+                        actual = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                    else:
+                        sock.connect(endpoint)
+                        actual = endpoint
+                except zmq.ZMQError as exc:
+                    verb = "bind" if self.bind else "connect to"
+                    raise ConfigError(f"ingest: cannot {verb} {endpoint}: {exc}; check the "
+                                      "address, or choose a free port (tcp://127.0.0.1:* "
+                                      "picks one)") from exc
+                sockets[-1] = (sock, actual)
+                self._bound.append(actual)
+                if self.bind:
+                    self._warn_exposure(endpoint, actual)
+                log.info("ingest: %s %s (%s)", "bound" if self.bind else "connected",
+                         actual, self.mode.upper())
+        except BaseException:
+            for sock, _ in sockets:
+                sock.close(linger=0)
+            raise
+        return sockets
+
+    def _warn_exposure(self, endpoint: str, actual: str) -> None:
+        exposure = _exposure(endpoint)
+        if exposure is None:
+            return
+        if self.curve_server_secret is not None:
+            log.info("ingest: %s is reachable from the network, protected by CURVE", actual)
+            return
+        where = "every network interface" if exposure == "all" else "the network"
+        log.warning("ingest: !!! %s is bound on %s WITHOUT authentication: anyone who can "
+                    "reach it can inject data into the merge. Bind tcp://127.0.0.1:PORT, or "
+                    "enable CURVE (curve_server_secret and curve_allowed_clients) !!!",
+                    actual, where)
+
+    def _run(self) -> None:
+        try:
+            sockets = self._open_sockets()
+        except BaseException as exc:    # handed to start(), which raises it
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        for sock, _ in sockets:
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(_POLL_MS))
+                for sock, endpoint in sockets:
+                    if sock in events and not self._drain(sock, endpoint):
+                        return
+                if self.spool is not None:
+                    self.spool.maybe_sync()
+        except Exception:
+            log.exception("ingest: receiving thread failed; no more messages are read. "
+                          "This is a bug, please report it with this traceback")
+        finally:
+            for sock, _ in sockets:
+                sock.close(linger=0)
+            self._queue.wake(close=True)
+
+    def _drain(self, sock: zmq.Socket, endpoint: str) -> bool:
+        """Handle up to a burst of frames; False when stopping."""
+        for _ in range(_BURST):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            if not self._handle(frames, endpoint):
+                return False
+            if self._stop.is_set():
+                return False
+        return True
+
+    def _handle(self, frames: list[bytes], endpoint: str) -> bool:
+        raw = frames[-1]
+        nbytes = sum(len(f) for f in frames)
+        allowed = 1 if self.mode == "pull" else 2
+        if len(frames) > allowed:
+            self._reject(endpoint, "unexpected_multipart",
+                         f"message of {len(frames)} frames; send each crystal as "
+                         + ("one frame" if self.mode == "pull" else "[topic,] payload"),
+                         raw, nbytes)
+            return True
+        try:
+            msg = decode_crystal(raw, max_bytes=self.max_message_bytes)
+        except WireError as exc:
+            self._reject(endpoint, exc.reason, str(exc), raw, nbytes)
+            return True
+        except Exception as exc:    # a decoder bug must not end ingest
+            self._reject(endpoint, "decode_error", f"unexpected {type(exc).__name__}: {exc}",
+                         raw, nbytes)
+            return True
+        seq = self._spool_append(raw)
+        if seq is None:
+            return False
+        self.counters.record_accepted(msg, nbytes=nbytes,
+                                      seq=seq if self.spool is not None else None)
+        return self._queue.put((seq, msg, time.time()), len(raw), self._stop,
+                               self.spool.maybe_sync if self.spool is not None else None)
+
+    def _spool_append(self, raw: bytes) -> int | None:
+        if self.spool is None:
+            self._next_seq += 1
+            return self._next_seq - 1
+        delay = 0.1
+        while True:
+            try:
+                return self.spool.append(raw)
+            except OSError as exc:
+                self.counters.record_spool_error()
+                log.error("ingest: cannot write to spool %s (%s); not reading more messages "
+                          "until it works again (producers are held back), free disk space "
+                          "or fix the spool directory", self.spool.directory, exc)
+            except StreamviError as exc:
+                log.error("ingest: %s; stop the Ingestor before closing its spool", exc)
+                return None
+            if self._stop.wait(delay):
+                return None
+            delay = min(delay * 2, 5.0)
+
+    def _reject(self, endpoint: str, reason: str, detail: str, raw: bytes, nbytes: int) -> None:
+        self.counters.record_rejected(reason, nbytes=nbytes)
+        if self.dead_letter is not None:
+            self.dead_letter.write(source=endpoint, reason=reason, detail=detail, payload=raw,
+                                   size=len(raw))
+        n = self._reject_logged[reason] = self._reject_logged.get(reason, 0) + 1
+        if n <= 10 or n % 1000 == 0:
+            log.warning("ingest: %s: rejected a %d-byte message (%s, #%d of this kind): %s",
+                        endpoint, len(raw), reason, n, detail)
+
+
+def replay_spool(spool: Spool, *, start: int = 0, stop: int | None = None,
+                 counters: IngestCounters | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Iterator[QueueItem]:
+    """Decode spooled messages for a restart, counting only those not yet counted.
+
+    Parameters
+    ----------
+    spool
+        The spool of the previous run, opened again.
+    start
+        First sequence number to yield: one past the last one the checkpointed store held.
+    stop
+        One past the last; default what the spool held when replay began.
+    counters
+        Counters restored from the checkpoint: messages with ``seq > counters.last_seq``
+        were received after it and are counted now, the others were counted already.
+
+    Yields
+    ------
+    (seq, msg, arrival_time)
+        As :meth:`Ingestor.get_batch` does (``arrival_time`` is the replay time).
+    """
+    for seq, raw in spool.iter_records(start, stop):
+        uncounted = counters is not None and seq > counters.last_seq
+        try:
+            msg = decode_crystal(raw, max_bytes=max_message_bytes)
+        except WireError as exc:
+            log.error("ingest: spool %s record %d no longer decodes (%s: %s); skipped",
+                      spool.directory, seq, exc.reason, exc)
+            if uncounted:
+                counters.record_rejected(exc.reason, nbytes=len(raw))  # type: ignore[union-attr]
+            continue
+        if uncounted:
+            counters.record_accepted(msg, nbytes=len(raw), seq=seq)  # type: ignore[union-attr]
+        yield seq, msg, time.time()
