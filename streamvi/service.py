@@ -31,13 +31,13 @@ from streamvi.config import ServiceConfig
 from streamvi.counters import IngestCounters
 from streamvi.deadletter import DeadLetter
 from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
-from streamvi.errors import ConfigError, StreamviError
-from streamvi.ingest import Ingestor
+from streamvi.errors import ConfigError
+from streamvi.ingest import Ingestor, replay_spool
 from streamvi.publish.snapshots import MtzSnapshots
 from streamvi.spool import Spool
 from streamvi.symmetry import ReciprocalSpace, parse_cell, parse_space_group
 from streamvi.trainer import TrainerConfig
-from streamvi.wire import CrystalMessage, decode_crystal
+from streamvi.wire import CrystalMessage
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Service:
             return {}
         from streamvi.keys import load_allowed_clients, load_secret_key
 
-        return {"curve_server_secret": load_secret_key(self.config.curve_secret_key),
+        return {"curve_server_secret": load_secret_key(self.config.curve_secret_key)[1],
                 "curve_allowed_clients": load_allowed_clients(self.config.curve_allowed_clients)}
 
     def _make_engine(self, cell) -> MergeEngine:
@@ -179,13 +179,15 @@ class Service:
 
     # ------------------------------------------------------------------ training thread
 
-    def _add(self, msg: CrystalMessage, arrival: float) -> None:
+    def _add(self, msg: CrystalMessage, arrival: float, *, replay: bool = False) -> None:
         if self.engine is None:
             self.engine = self._make_engine(self.cell if self.cell is not None
                                             else parse_cell(msg.cell))
         res = self.engine.add(msg, arrival_time=arrival)
         if res.duplicate:
             self.duplicates += 1
+            if not replay:       # duplicates in the spool were counted when they arrived
+                self.counters.add_duplicates()
         elif res.image_id is not None:
             self.crystals_merged += 1
         self.reflections_outside += res.n_outside
@@ -336,17 +338,15 @@ class Service:
                 os.replace(self.checkpoint_path, bad)
                 log.error("checkpoint %s unreadable (%s): moved to %s; training restarts from "
                           "the spooled data", self.checkpoint_path, exc, bad)
-        n = n_refl = 0
+        if state is not None:
+            # counters first: replay then counts only what arrived after the checkpoint
+            self.counters.load_state_dict(state["counters"])
+        n = 0
         t0 = time.perf_counter()
-        for _seq, payload in self.spool.iter_records():
-            try:
-                msg = decode_crystal(payload, max_bytes=self.config.max_message_bytes)
-            except StreamviError as exc:   # cannot happen for spooled data unless edited
-                log.error("spool record %d no longer decodes (%s): skipped", _seq, exc)
-                continue
-            self._add(msg, time.time())
+        for _seq, msg, _arrival in replay_spool(self.spool, counters=self.counters,
+                                                max_message_bytes=self.config.max_message_bytes):
+            self._add(msg, time.time(), replay=True)
             n += 1
-            n_refl += len(msg)
         if n:
             log.info("replayed %d spooled crystals in %.1f s", n, time.perf_counter() - t0)
         if state is not None and self.engine is not None:
@@ -355,12 +355,9 @@ class Service:
                                   f"but the configuration says {self.engine.space.to_dict()}; "
                                   "use the same space group/cell/dmin or another out_dir")
             self.engine.load_state_dict(state["engine"])
-            self.counters.load_state_dict(state["counters"])
             self.recovered_from_checkpoint = True
             log.info("resumed from checkpoint of %s (step %d)",
                      time.ctime(state["time"]), self.engine.trainer.step)
-        # counters of accepted data come from the spool: the truth after any crash
-        self.counters.set_accepted(crystals=n, reflections=n_refl)
 
     # ------------------------------------------------------------------ helpers for callers
 
