@@ -345,8 +345,7 @@ def test_lookup_finds_every_row_from_any_symmetry_mate(name, anomalous, dense_li
 
 
 @pytest.mark.parametrize("dense_limit", [1 << 24, 0])
-def test_anomalous_lookup_separates_friedel_mates_but_not_centrics(lysozyme_anomalous,
-                                                                   dense_limit):
+def test_anomalous_lookup_separates_friedel_mates_but_not_centrics(dense_limit):
     sp = ReciprocalSpace("P 43 21 2", GROUPS["P 43 21 2"], 2.5, True, dense_limit=dense_limit)
     plus = sp.hkl[sp.friedel == 1]
     up, down = sp.lookup(plus), sp.lookup(-plus)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -398,3 +400,21 @@ def test_values_that_overflow_float32_are_screened_as_nonfinite():
     assert got.rows_rejected == {"nonfinite_intensity": 1, "nonpositive_sigma": 1}
     assert np.isfinite(got.I).all() and (got.sigI > 0).all()
     np.testing.assert_array_equal(got.I, [2, 3, 4, 5])
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+def test_worked_example_in_docs_decodes():
+    """docs/wire-format.md's example, run as written, gives a valid message and the hex shown."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "wire-format.md").read_text()
+    namespace: dict = {}
+    exec(re.findall(r"```python\n(.*?)```", text, re.S)[0], namespace)
+    got = decode_crystal(namespace["payload"])
+    assert got.hkl().tolist() == [[1, 0, 3], [-2, 5, 1], [0, 0, 4]]
+    assert [got.panel_names[i] for i in got.panel] == ["p0a0", "p1a1", "p0a1"]
+    assert got.metadata == {"my_facility_train_id": 123456789}
+    assert got.rows_rejected == {}
+    shown = re.search(r"`((?:[0-9a-f]{2} )+)…`", text)[1].strip()
+    assert pack(namespace["message"]["l"]).hex(" ").startswith(shown)
+    assert len(shown) > 80
