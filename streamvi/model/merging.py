@@ -1,0 +1,193 @@
+"""The variational merging model: assembles prior, posterior, scale model and likelihood.
+
+Objective per minibatch (as abismal): ``−mean over observations of the Monte Carlo mean
+log-likelihood + KL per observation`` — the KL of the amplitudes by Monte Carlo over the
+unique rows the batch touches (``Σ_rows E_q[log q − log p] / n_obs``) and the analytic KL
+of each reflection's scale, averaged.  It is evaluated for table 0 (all images) and for
+each image's half-dataset table, and the two are summed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamvi.model.batch import Batch
+from streamvi.model.posterior import FoldedNormalPosterior
+from streamvi.model.prior import WilsonPrior
+from streamvi.model.scale import ImageScaleModel
+from streamvi.model.standardize import Standardizer
+
+ScaleForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LossTerms:
+    """Terms of one minibatch objective (0-d tensors; ``loss`` carries the graph).
+
+    ``nll`` and ``kl_F`` are those of table 0; ``nll_half`` and ``kl_F_half`` those of the
+    half-dataset tables; ``loss`` is their weighted sum plus ``kl_scale``.  ``chosen_ops``
+    is the twin-law operator picked per image (``(n_images,)``) or None with one operator.
+    """
+
+    nll: torch.Tensor
+    kl_F: torch.Tensor
+    kl_scale: torch.Tensor
+    loss: torch.Tensor
+    n_obs: int
+    nll_half: torch.Tensor
+    kl_F_half: torch.Tensor
+    chosen_ops: torch.Tensor | None = None
+
+
+class MergedTable(NamedTuple):
+    """Posterior summary per unique reflection, in the original intensity units (float64)."""
+
+    F: np.ndarray
+    SIGF: np.ndarray
+    I: np.ndarray
+    SIGI: np.ndarray
+
+
+class VariationalMergingModel(nn.Module):
+    """Stochastic variational merging of ragged minibatches of images.
+
+    Parameters
+    ----------
+    prior
+        Wilson prior over the rows of the posterior tables.
+    posterior
+        Folded-normal surrogate posterior (table 0 = all images, 1 and 2 = halves).
+    scale_model
+        Amortised per-reflection scale model.
+    likelihood
+        Object with ``log_prob(ipred, iobs, sigiobs)``.
+    mc_samples
+        Monte Carlo samples per step.
+    kl_weight
+        Weight of both KL terms.
+    standardizer
+        Running standardisation; a fresh one (identity until updated) when None.
+
+    Notes
+    -----
+    The half-dataset terms use a *detached* scale sample: the scale network is trained by
+    the full-table objective alone.  Otherwise each observation would pull on the scales
+    twice (once through its half table, fitted to half the data and so noisier), doubling
+    the data weight against the scale prior and letting half-table noise leak into the
+    shared scales that the full-table merge depends on.
+    """
+
+    def __init__(self, prior: WilsonPrior, posterior: FoldedNormalPosterior,
+                 scale_model: ImageScaleModel, likelihood: nn.Module, *, mc_samples: int = 32,
+                 kl_weight: float = 1.0, standardizer: Standardizer | None = None) -> None:
+        super().__init__()
+        if posterior.n_rows != prior.n_rows:
+            raise ValueError(f"posterior has {posterior.n_rows} rows, prior {prior.n_rows}")
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+        self.prior = prior
+        self.posterior = posterior
+        self.scale_model = scale_model
+        self.likelihood = likelihood
+        self.standardizer = (standardizer if standardizer is not None
+                             else Standardizer(scale_model.n_metadata))
+        self.mc_samples = int(mc_samples)
+        self.kl_weight = float(kl_weight)
+        self._scale_forward: ScaleForward | None = None
+
+    def set_scale_forward(self, fn: ScaleForward | None) -> None:
+        """Run the scale network through ``fn`` (e.g. compiled or autocast); None resets.
+
+        Stored outside the module registry so the ``state_dict`` keys never change.
+        """
+        object.__setattr__(self, "_scale_forward", fn)
+
+    def scale_distribution(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor]:
+        """Standardised ``(iobs, sigiobs)`` and the log-normal ``(loc, scale)`` per reflection."""
+        std = self.standardizer
+        iobs = std.standardize_intensity(batch.iobs)
+        sigiobs = std.standardize_intensity(batch.sigiobs)
+        metadata = std.standardize_metadata(batch.metadata)
+        fn = self._scale_forward if self._scale_forward is not None else self.scale_model
+        loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images)
+        return iobs, sigiobs, loc, scale
+
+    @torch.no_grad()
+    def choose_ops(self, batch: Batch, iobs: torch.Tensor, sigiobs: torch.Tensor,
+                   scale_loc: torch.Tensor, scale_scale: torch.Tensor) -> torch.Tensor:
+        """Per image, the twin-law operator whose rows best explain its intensities.
+
+        Scores each operator by the image's summed log-likelihood with ``Ipred = E[scale] ·
+        E[F²]`` under the current table-0 posterior; ties go to the lowest operator.
+        """
+        loc, scale = self.posterior.loc_scale(self.posterior.flat_index(0, batch.asu_id))
+        ipred = torch.exp(scale_loc + 0.5 * scale_scale ** 2) * (loc * loc + scale * scale)
+        ll = self.likelihood.log_prob(ipred, iobs, sigiobs)  # (n_ops, n)
+        per_image = torch.zeros((batch.n_ops, batch.n_images), device=ll.device, dtype=ll.dtype)
+        per_image.index_add_(1, batch.image_index, ll)
+        return torch.argmax(per_image, dim=0)
+
+    def _table_terms(self, table: int | torch.Tensor, row_ids: torch.Tensor,
+                     scale_sample: torch.Tensor, iobs: torch.Tensor, sigiobs: torch.Tensor,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        post = self.posterior
+        flat = post.flat_index(table, row_ids)
+        # One draw per unique row, shared by all of its observations in the batch, and
+        # reused for the Monte Carlo KL of exactly those rows.
+        unique_flat, inverse = torch.unique(flat, return_inverse=True)
+        loc, scale = post.loc_scale(unique_flat)
+        F = post.sample_with(loc, scale, self.mc_samples, generator)  # (mc, u)
+        F_obs = torch.index_select(F, 1, inverse)  # backward is index_add_, cheaper than index_put_
+        ipred = scale_sample * F_obs * F_obs
+        nll = -self.likelihood.log_prob(ipred, iobs, sigiobs).mean()
+        rows = torch.remainder(unique_flat, post.n_rows)
+        log_q = post.log_prob_with(F, loc, scale)
+        log_p = self.prior.log_prob(F, rows)
+        kl = (log_q - log_p).mean(dim=0).sum() / row_ids.shape[0]
+        return nll, kl
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> LossTerms:
+        """Objective terms for one minibatch (see the module docstring)."""
+        if batch.n_reflections == 0:
+            raise ValueError("cannot take a step on an empty batch")
+        iobs, sigiobs, s_loc, s_scale = self.scale_distribution(batch)
+
+        chosen = None
+        if batch.n_ops > 1:
+            chosen = self.choose_ops(batch, iobs, sigiobs, s_loc.detach(), s_scale.detach())
+            row_ids = batch.asu_id.gather(0, chosen[batch.image_index].unsqueeze(0)).squeeze(0)
+        else:
+            row_ids = batch.asu_id[0]
+
+        z = torch.randn((self.mc_samples, batch.n_reflections), generator=generator,
+                        device=s_loc.device, dtype=s_loc.dtype)
+        scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
+
+        nll, kl_F = self._table_terms(0, row_ids, scale_sample, iobs, sigiobs, generator)
+        half_table = 1 + batch.half[batch.image_index]
+        nll_half, kl_F_half = self._table_terms(half_table, row_ids, scale_sample.detach(),
+                                                iobs, sigiobs, generator)
+        kl_scale = self.scale_model.kl(s_loc, s_scale).mean()
+        loss = nll + nll_half + self.kl_weight * (kl_F + kl_F_half + kl_scale)
+        return LossTerms(nll=nll, kl_F=kl_F, kl_scale=kl_scale, loss=loss,
+                         n_obs=batch.n_reflections, nll_half=nll_half, kl_F_half=kl_F_half,
+                         chosen_ops=chosen)
+
+    @torch.no_grad()
+    def merged(self, table: int = 0) -> MergedTable:
+        """F, SIGF, I, SIGI of every row of ``table`` in the original intensity units.
+
+        Standardised intensities are the originals divided by the standardiser's intensity
+        scale ``c``, so intensities are multiplied by ``c`` and amplitudes by ``√c``.
+        """
+        c = self.standardizer.intensity_scale()
+        mean_F, std_F = self.posterior.moments(table)
+        mean_I, std_I = self.posterior.intensity_moments(table)
+        root_c = float(np.sqrt(c))
+        return MergedTable(F=(mean_F * root_c).cpu().numpy(), SIGF=(std_F * root_c).cpu().numpy(),
+                           I=(mean_I * c).cpu().numpy(), SIGI=(std_I * c).cpu().numpy())

@@ -1,0 +1,358 @@
+"""Tests of the merging model, one factor at a time, then assembled."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+from streamvi.model import (
+    Batch,
+    FoldedNormalPosterior,
+    ImageScaleModel,
+    NormalLikelihood,
+    Standardizer,
+    StudentTLikelihood,
+    VariationalMergingModel,
+    WilsonPrior,
+    lognormal_exponential_kl,
+    segment_mean,
+)
+
+N_META = 3
+
+
+def make_batch(counts: list[int], n_rows: int, *, seed: int = 0, n_ops: int = 1) -> Batch:
+    """A ragged batch with ``counts[i]`` reflections in image ``i``."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(counts)
+    image_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.tensor(counts), 0)])
+    iobs = 100.0 * torch.rand(n, generator=g) + 1.0
+    return Batch(
+        asu_id=torch.randint(0, n_rows, (n_ops, n), generator=g),
+        iobs=iobs,
+        sigiobs=0.1 * iobs + 1.0,
+        metadata=torch.randn(n, N_META, generator=g),
+        image_index=image_index,
+        image_offsets=offsets,
+        half=torch.arange(len(counts)) % 2,
+        image_id=torch.arange(len(counts)),
+    )
+
+
+def make_model(n_rows: int = 50, *, mc: int = 4, seed: int = 0) -> VariationalMergingModel:
+    torch.manual_seed(seed)
+    centric = torch.arange(n_rows) % 5 == 0
+    prior = WilsonPrior(centric, torch.ones(n_rows))
+    posterior = FoldedNormalPosterior(n_rows, 3, init_loc=prior.mean())
+    return VariationalMergingModel(prior, posterior, ImageScaleModel(N_META, 16, 2),
+                                   StudentTLikelihood(32.0), mc_samples=mc)
+
+
+# --- prior -----------------------------------------------------------------------------------
+
+def test_prior_matches_scipy_with_epsilon_scaling():
+    eps, sigma = 2.0, 1.5
+    F = torch.linspace(0.01, 8.0, 200, dtype=torch.float32)
+    prior = WilsonPrior(torch.tensor([False, True]), torch.tensor([eps, eps]), sigma)
+    acentric = prior.log_prob(F, torch.zeros(200, dtype=torch.int64)).numpy()
+    centric = prior.log_prob(F, torch.ones(200, dtype=torch.int64)).numpy()
+    np.testing.assert_allclose(
+        acentric, stats.rayleigh(scale=math.sqrt(eps * sigma / 2)).logpdf(F.numpy()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        centric, stats.halfnorm(scale=math.sqrt(eps * sigma)).logpdf(F.numpy()), rtol=1e-5, atol=1e-5)
+    mean = prior.mean().numpy()
+    np.testing.assert_allclose(mean, [stats.rayleigh(scale=math.sqrt(eps * sigma / 2)).mean(),
+                                      stats.halfnorm(scale=math.sqrt(eps * sigma)).mean()], rtol=1e-6)
+
+
+@pytest.mark.parametrize("is_centric", [False, True])
+@pytest.mark.parametrize("eps", [1.0, 4.0])
+def test_prior_density_integrates_to_one(is_centric, eps):
+    prior = WilsonPrior(torch.tensor([is_centric]), torch.tensor([eps]))
+    density = lambda f: float(torch.exp(prior.log_prob(torch.tensor([f]), torch.tensor([0]))))
+    total, _ = integrate.quad(density, 0.0, 60.0, limit=200)
+    assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_prior_gradients_finite_at_tiny_amplitudes():
+    prior = WilsonPrior(torch.tensor([False, True]), torch.tensor([1.0, 1.0]))
+    F = torch.tensor([[0.0, 0.0], [1e-20, 1e-20], [2.0, 2.0]], requires_grad=True)
+    lp = prior.log_prob(F, torch.tensor([0, 1]))
+    lp.sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(F.grad).all()
+
+
+def test_prior_rejects_bad_epsilon():
+    with pytest.raises(ValueError):
+        WilsonPrior(torch.tensor([False]), torch.tensor([0.0]))
+
+
+# --- posterior -------------------------------------------------------------------------------
+
+def test_posterior_initialises_at_given_loc_with_one_percent_scale():
+    loc = torch.tensor([0.5, 1.0, 3.0])
+    post = FoldedNormalPosterior(3, 3, init_loc=loc)
+    for table in range(3):
+        l, s = post.loc_scale(post.flat_index(table, torch.arange(3)))
+        torch.testing.assert_close(l, loc)
+        torch.testing.assert_close(s, 0.01 * loc)
+
+
+def test_posterior_log_prob_matches_scipy_foldnorm():
+    torch.manual_seed(0)
+    loc = torch.tensor([0.05, 0.5, 2.0, 4.0])
+    scale = torch.tensor([1.0, 0.7, 0.3, 0.05])
+    post = FoldedNormalPosterior(4, 1, init_loc=loc, init_scale=scale)
+    F = torch.tensor([[0.01, 0.4, 2.1, 3.98], [1.5, 0.0, 1.7, 4.1]])
+    lp = post.log_prob(F, 0, torch.arange(4)).detach().numpy()
+    ref = stats.foldnorm(c=(loc / scale).numpy(), scale=scale.numpy()).logpdf(F.numpy())
+    np.testing.assert_allclose(lp, ref, rtol=2e-4, atol=2e-4)
+
+
+def test_posterior_moments_match_monte_carlo():
+    torch.manual_seed(1)
+    loc = torch.tensor([0.0 + 1e-3, 0.3, 1.0, 5.0])
+    scale = torch.tensor([1.0, 0.8, 0.2, 0.05])
+    post = FoldedNormalPosterior(4, 2, init_loc=loc, init_scale=scale)
+    with torch.no_grad():
+        F = post.rsample(1, torch.arange(4), 400_000).double()
+    mean, std = post.moments(1)
+    i_mean, i_std = post.intensity_moments(1)
+    np.testing.assert_allclose(mean.numpy(), F.mean(0).numpy(), rtol=5e-3, atol=2e-3)
+    np.testing.assert_allclose(std.numpy(), F.std(0).numpy(), rtol=1e-2)
+    np.testing.assert_allclose(i_mean.numpy(), (F ** 2).mean(0).numpy(), rtol=1e-2)
+    np.testing.assert_allclose(i_std.numpy(), (F ** 2).std(0).numpy(), rtol=2e-2)
+
+
+def test_posterior_gradients_are_sparse_and_finite():
+    post = FoldedNormalPosterior(10, 3, init_loc=torch.ones(10))
+    F = post.rsample(torch.tensor([0, 2, 1]), torch.tensor([3, 3, 7]), 5)
+    (F.sum() + post.log_prob(F.detach(), 0, torch.tensor([1, 1, 1])).sum()).backward()
+    grad = post.weight.grad
+    assert grad.is_sparse
+    dense = grad.to_dense()
+    assert torch.isfinite(dense).all()
+    touched = {int(i) for i in torch.nonzero(dense.abs().sum(1)).flatten()}
+    assert touched == {3, 23, 17, 1}
+
+
+# --- scale model -----------------------------------------------------------------------------
+
+def test_lognormal_exponential_kl_matches_monte_carlo():
+    torch.manual_seed(2)
+    loc = torch.tensor([-1.0, 0.0, 0.5, 0.2])
+    scale = torch.tensor([0.1, 0.5, 1.0, 0.3])
+    rate = torch.tensor([1.0, 1.0, 2.0, 0.5])
+    q = torch.distributions.LogNormal(loc, scale)
+    s = q.sample((400_000,))
+    mc = (q.log_prob(s) - torch.distributions.Exponential(rate).log_prob(s)).double()
+    for i in range(4):
+        analytic = float(lognormal_exponential_kl(loc[i], scale[i], float(rate[i])))
+        se = float(mc[:, i].std()) / math.sqrt(mc.shape[0])
+        assert abs(analytic - float(mc[:, i].mean())) < 5 * se + 1e-4
+
+
+def test_segment_mean_matches_numpy():
+    torch.manual_seed(3)
+    x = torch.randn(10, 4)
+    index = torch.tensor([0, 0, 2, 2, 2, 0, 3, 3, 3, 3])
+    out = segment_mean(x, index, 5).numpy()
+    for seg in range(5):
+        rows = x[index == seg].numpy()
+        expected = rows.mean(0) if len(rows) else np.zeros(4)
+        np.testing.assert_allclose(out[seg], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_scale_pooling_is_ragged_and_image_independent():
+    torch.manual_seed(4)
+    model = ImageScaleModel(N_META, d_model=16, n_layers=2)
+    torch.nn.init.normal_(model.out.weight, std=0.3)  # so outputs depend on the inputs
+    counts = [7, 1, 12, 4]
+    batch = make_batch(counts, 20, seed=5)
+    args = (batch.metadata, batch.iobs / 50, batch.sigiobs / 50)
+    loc, scale = model(*args, batch.image_index, batch.n_images)
+    # the same images in reverse order, and image 2 alone, give the same outputs
+    order = [3, 2, 1, 0]
+    pieces = [torch.arange(batch.image_offsets[i], batch.image_offsets[i + 1]) for i in order]
+    perm = torch.cat(pieces)
+    new_index = torch.repeat_interleave(torch.arange(4), torch.tensor([counts[i] for i in order]))
+    loc_p, scale_p = model(*(a[perm] for a in args), new_index, 4)
+    torch.testing.assert_close(loc_p, loc[perm], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scale_p, scale[perm], rtol=1e-5, atol=1e-6)
+    alone = pieces[1]  # image 2
+    loc_a, _ = model(*(a[alone] for a in args), torch.zeros(len(alone), dtype=torch.int64), 1)
+    torch.testing.assert_close(loc_a, loc[alone], rtol=1e-5, atol=1e-6)
+    assert loc.std() > 0.01
+
+
+def test_scale_model_outputs_positive_with_finite_gradients():
+    torch.manual_seed(6)
+    model = ImageScaleModel(N_META, d_model=8, n_layers=3)
+    batch = make_batch([5, 9], 10, seed=7)
+    loc, scale = model(batch.metadata, batch.iobs / 50, batch.sigiobs / 50, batch.image_index, 2)
+    assert loc.shape == scale.shape == (14,)
+    assert (scale > 0).all()
+    (model.kl(loc, scale).mean() + loc.sum()).backward()
+    for p in model.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    # start: log-normal(0, 0.1), i.e. scales near 1
+    torch.testing.assert_close(float(model.kl(loc, scale).mean().detach()),
+                               float(lognormal_exponential_kl(torch.tensor(0.0), torch.tensor(0.1))),
+                               rtol=1e-4, atol=1e-4)
+
+
+# --- likelihoods -----------------------------------------------------------------------------
+
+def test_student_t_and_normal_match_scipy_and_broadcast():
+    torch.manual_seed(8)
+    ipred = torch.rand(3, 6) * 10
+    iobs = torch.rand(6) * 10
+    sig = torch.rand(6) + 0.2
+    t = StudentTLikelihood(dof=4.0).log_prob(ipred, iobs, sig)
+    n = NormalLikelihood().log_prob(ipred, iobs, sig)
+    assert t.shape == n.shape == (3, 6)
+    np.testing.assert_allclose(t.numpy(), stats.t(df=4.0, loc=ipred.numpy(), scale=sig.numpy()).logpdf(iobs.numpy()),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(n.numpy(), stats.norm(loc=ipred.numpy(), scale=sig.numpy()).logpdf(iobs.numpy()),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_likelihood_gradients_finite():
+    ipred = torch.tensor([0.0, 1.0, 1e4], requires_grad=True)
+    lp = StudentTLikelihood(32.0).log_prob(ipred, torch.tensor([-5.0, 1.0, 0.0]), torch.tensor([0.1, 1.0, 2.0]))
+    lp.sum().backward()
+    assert torch.isfinite(ipred.grad).all()
+
+
+# --- standardiser ----------------------------------------------------------------------------
+
+def test_standardizer_matches_numpy_on_every_prefix_and_merges():
+    rng = np.random.default_rng(9)
+    chunks = [rng.normal(3.0, 2.0, size=(n, 2)) for n in (1, 5, 40, 3)]
+    ichunks = [rng.exponential(50.0, size=len(c)) for c in chunks]
+    std = Standardizer(2)
+    for k, (c, i) in enumerate(zip(chunks, ichunks)):
+        std.update(torch.tensor(c, dtype=torch.float32), torch.tensor(i, dtype=torch.float32))
+        seen = np.concatenate(chunks[:k + 1])
+        seen_i = np.concatenate(ichunks[:k + 1])
+        if len(seen) > 1:
+            np.testing.assert_allclose(std.metadata_std().numpy(), seen.std(0), rtol=1e-5)
+        np.testing.assert_allclose(std.meta_mean.numpy(), seen.mean(0), rtol=1e-5)
+        assert std.intensity_scale() == pytest.approx(seen_i.mean(), rel=1e-5)
+    a, b = Standardizer(2), Standardizer(2)
+    for c, i in zip(chunks[:2], ichunks[:2]):
+        a.update(torch.tensor(c, dtype=torch.float32), torch.tensor(i, dtype=torch.float32))
+    for c, i in zip(chunks[2:], ichunks[2:]):
+        b.update(torch.tensor(c, dtype=torch.float32), torch.tensor(i, dtype=torch.float32))
+    a.merge(b)
+    torch.testing.assert_close(a.meta_m2, std.meta_m2)
+    torch.testing.assert_close(a.meta_mean, std.meta_mean)
+
+
+def test_standardizer_zero_variance_columns_and_freezing():
+    std = Standardizer(3)
+    assert std.intensity_scale() == 1.0
+    meta = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 3.0]])
+    std.update(meta, torch.tensor([10.0, 30.0]))
+    out = std.standardize_metadata(meta)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :2], torch.zeros(2, 2))
+    torch.testing.assert_close(out[:, 2], torch.tensor([-1.0, 1.0]))
+    std.freeze()
+    std.update(torch.ones(4, 3) * 100, torch.ones(4) * 1e6)
+    assert std.intensity_scale() == 20.0 and std.n_seen == 2
+    restored = Standardizer(3)
+    restored.load_state_dict(std.state_dict())
+    assert restored.is_frozen and restored.intensity_scale() == 20.0
+
+
+# --- assembled model -------------------------------------------------------------------------
+
+def test_forward_terms_finite_with_gradients():
+    model = make_model()
+    batch = make_batch([30, 12, 25], 50, seed=10)
+    model.standardizer.update(batch.metadata, batch.iobs)
+    terms = model(batch, generator=torch.Generator().manual_seed(0))
+    for value in (terms.nll, terms.kl_F, terms.kl_scale, terms.loss, terms.nll_half, terms.kl_F_half):
+        assert value.dim() == 0 and torch.isfinite(value)
+    assert terms.n_obs == 67 and terms.chosen_ops is None
+    assert terms.kl_F.item() > 0
+    terms.loss.backward()
+    assert model.posterior.weight.grad.is_sparse
+    for p in model.scale_model.parameters():
+        assert torch.isfinite(p.grad).all()
+
+
+def test_half_tables_do_not_train_the_scale_model():
+    batch = make_batch([30, 12, 25], 50, seed=11)
+    grads = []
+    for use_total in (True, False):
+        model = make_model(seed=0)
+        model.standardizer.update(batch.metadata, batch.iobs)
+        terms = model(batch, generator=torch.Generator().manual_seed(0))
+        objective = terms.loss if use_total else terms.nll + terms.kl_F + terms.kl_scale
+        objective.backward()
+        grads.append([p.grad.clone() for p in model.scale_model.parameters()])
+    for full, without_halves in zip(*grads):
+        torch.testing.assert_close(full, without_halves)
+
+
+def test_sparse_update_leaves_untouched_rows_bit_identical():
+    n_rows = 200
+    model = make_model(n_rows)
+    opt = torch.optim.SparseAdam(list(model.posterior.parameters()), lr=0.05)
+    scale_opt = torch.optim.Adam(model.scale_model.parameters(), lr=1e-3)
+    before = model.posterior.weight.detach().clone()
+    touched = set()
+    g = torch.Generator().manual_seed(0)
+    for step in range(5):
+        batch = make_batch([20, 15], 60, seed=100 + step)  # rows 0..59 only
+        model.standardizer.update(batch.metadata, batch.iobs)
+        terms = model(batch, generator=g)
+        opt.zero_grad()
+        scale_opt.zero_grad()
+        terms.loss.backward()
+        opt.step()
+        scale_opt.step()
+        for table, half in ((0, None), (1, 0), (2, 1)):
+            rows = batch.asu_id[0] if half is None else batch.asu_id[0][batch.half[batch.image_index] == half]
+            touched.update((table * n_rows + rows).tolist())
+    after = model.posterior.weight.detach()
+    untouched = torch.tensor(sorted(set(range(3 * n_rows)) - touched))
+    assert torch.equal(after[untouched], before[untouched])
+    moved = torch.tensor(sorted(touched))
+    assert (after[moved] != before[moved]).any(dim=1).all()
+
+
+def test_choose_ops_prefers_the_operator_that_explains_the_image():
+    n_rows = 40
+    model = make_model(n_rows)
+    # give rows 0..19 large amplitudes and rows 20..39 small ones
+    loc = torch.cat([torch.full((20,), 3.0), torch.full((20,), 0.3)])
+    with torch.no_grad():
+        model.posterior.weight[:n_rows, 0] = loc + torch.log(-torch.expm1(-loc))
+    batch = make_batch([10, 10], n_rows, n_ops=2)
+    strong, weak = torch.arange(10), torch.arange(20, 30)
+    # image 0 is strong under op 0; image 1 is strong under op 1
+    batch.asu_id = torch.stack([torch.cat([strong, weak]), torch.cat([weak, strong])])
+    batch.iobs = torch.full((20,), 9.0)
+    batch.sigiobs = torch.full((20,), 0.5)
+    terms = model(batch, generator=torch.Generator().manual_seed(0))
+    assert terms.chosen_ops.tolist() == [0, 1]
+
+
+def test_merged_table_is_in_original_units():
+    model = make_model(10)
+    model.standardizer.update(torch.zeros(4, N_META), torch.full((4,), 400.0))
+    merged = model.merged(0)
+    mean_F, std_F = model.posterior.moments(0)
+    mean_I, std_I = model.posterior.intensity_moments(0)
+    np.testing.assert_allclose(merged.F, mean_F.numpy() * 20.0)
+    np.testing.assert_allclose(merged.SIGF, std_F.numpy() * 20.0)
+    np.testing.assert_allclose(merged.I, mean_I.numpy() * 400.0)
+    np.testing.assert_allclose(merged.SIGI, std_I.numpy() * 400.0)
+    assert merged.F.shape == (10,) and (merged.SIGF > 0).all()
