@@ -172,8 +172,10 @@ def to_wire_dict(msg: CrystalMessage) -> dict[str, Any]:
         if v is not None:
             out[name] = array_map(v, "<f4")
     if msg.panel is not None:
+        if not msg.panel_names:
+            raise ValueError("CrystalMessage.panel needs panel_names (the name of each index)")
         out["panel"] = array_map(msg.panel, "<i2")
-        out["panel_names"] = list(msg.panel_names or [])
+        out["panel_names"] = list(msg.panel_names)
     for name in OPTIONAL_SCALARS:
         v = getattr(msg, name)
         if v is not None:
@@ -212,7 +214,7 @@ def _require(d: Mapping[str, Any], key: str) -> Any:
 
 
 def _decode_array(key: str, v: Any, allowed: tuple[str, ...]) -> np.ndarray:
-    if not isinstance(v, Mapping):
+    if not isinstance(v, dict):
         raise FieldTypeError(f"key '{key}': expected an array map "
                              "{dtype, shape, data}, got " + type(v).__name__, key=key)
     try:
@@ -307,8 +309,9 @@ def decode_crystal(buf: bytes | bytearray | memoryview, *,
     WireError
         A subclass naming the reason; the message must then be dead-lettered.
     """
-    if len(buf) > max_bytes:
-        raise MalformedMessageError(f"message of {len(buf)} bytes exceeds the limit of "
+    nbytes = memoryview(buf).nbytes
+    if nbytes > max_bytes:
+        raise MalformedMessageError(f"message of {nbytes} bytes exceeds the limit of "
                                     f"{max_bytes} bytes (raise max_message_bytes if real)",
                                     reason="too_large")
     try:
@@ -328,7 +331,7 @@ def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
         raise SchemaError(f"key 'schema': {schema!r} is not {SCHEMA!r}; this endpoint takes "
                           "streamvi crystal messages only", key="schema")
     version = _require(d, "version")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise SchemaError(f"key 'version': {version!r} is not supported (this streamvi reads "
                           f"version {VERSION}); upgrade streamvi or the producer",
                           reason="unsupported_version", key="version")
