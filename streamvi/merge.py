@@ -41,6 +41,8 @@ class LoadedData:
     rejected: list[Rejected] = field(default_factory=list)
     target_cell: tuple[float, ...] | None = None
     lattice: tuple[str, str] | None = None
+    #: a space group the input states (DIALS experiments carry one; CrystFEL streams do not)
+    space_group: str | None = None
 
 
 def open_source(path: str | Path, run: str | None = None) -> Iterable:
@@ -69,6 +71,10 @@ def load_files(paths: Sequence[str | Path]) -> LoadedData:
                 out.rejected.append(item)
             else:
                 out.crystals.append(item)
+        for expt in getattr(src, "experiments", None) or []:
+            sg = getattr(expt, "space_group", None)
+            if sg is not None and out.space_group is None:
+                out.space_group = sg.hm
         header = getattr(src, "header", None)
         if out.target_cell is None and header is not None:
             cell = getattr(header, "target_cell", None)
@@ -96,6 +102,9 @@ def resolve_space(data: LoadedData, *, space_group: str | None, cell: str | Sequ
         else:
             raise ConfigError("no cell: pass --cell 'a b c alpha beta gamma' (Å, degrees)")
     ucell = parse_cell(cell)
+    if space_group is None and data.space_group is not None:
+        space_group = data.space_group
+        log.info("space group %s taken from the input files", space_group)
     if space_group is None:
         if data.lattice is None or data.lattice not in LATTICE_DEFAULT_GROUP:
             raise ConfigError("no space group: the input does not state one; pass "

@@ -128,7 +128,8 @@ def shell_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
                      sigi_full: np.ndarray, i_half: tuple[np.ndarray, np.ndarray],
                      f_half: tuple[np.ndarray, np.ndarray] | None = None,
                      anomalous: bool = False, n_shells: int = 10,
-                     cc_cut: float = CC_HALF_CUT) -> ShellTable:
+                     cc_cut: float = CC_HALF_CUT,
+                     i_over_sigma: np.ndarray | None = None) -> ShellTable:
     """Per-shell statistics over the rows of a unique-reflection table.
 
     Parameters
@@ -139,6 +140,10 @@ def shell_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
         ``(3, n_rows)`` observations per row: all images, half A, half B.
     i_full, sigi_full
         Merged intensity and σ per row (full table).
+    i_over_sigma
+        I/σ(I) per row to average for ⟨I/σ(I)⟩; default ``i_full / sigi_full``.  The engine
+        passes the inverse-variance average of the observations, which describes the data
+        rather than the posterior's current width.
     i_half
         Merged intensities of the two half-dataset tables.
     f_half
@@ -162,7 +167,7 @@ def shell_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
     with np.errstate(invalid="ignore", divide="ignore"):
         completeness = n_unique / n_possible
         multiplicity = n_obs / n_unique
-        ios = np.where(seen, i_full / sigi_full, 0.0)
+        ios = np.where(seen, i_full / sigi_full if i_over_sigma is None else i_over_sigma, 0.0)
         n_seen_rows = np.bincount(shell, seen.astype(np.float64), n_shells)
         i_over_sigma = np.bincount(shell, ios, n_shells) / n_seen_rows
 

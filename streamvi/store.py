@@ -130,6 +130,10 @@ class ReflectionStore:
         self.keys: dict[tuple[str, str, int], int] = {}
         #: observations per posterior row (identity operator), all and per half
         self.obs_count = np.zeros((3, space.n_unique), np.int64)
+        #: Σ 1/σ² and Σ I/σ² per row: the inverse-variance merge behind ⟨I/σ(I)⟩, which
+        #: describes the data themselves, whatever the model has learnt so far
+        self.sum_w = np.zeros(space.n_unique, np.float64)
+        self.sum_wi = np.zeros(space.n_unique, np.float64)
 
     # ------------------------------------------------------------------ adding
 
@@ -195,6 +199,9 @@ class ReflectionStore:
         self.keys[key] = i
         np.add.at(self.obs_count[0], ids[0], 1)
         np.add.at(self.obs_count[1 + half], ids[0], 1)
+        w = 1.0 / np.square(sigiobs, dtype=np.float64)
+        np.add.at(self.sum_w, ids[0], w)
+        np.add.at(self.sum_wi, ids[0], w * iobs)
         return AddResult(i, m, n_outside)
 
     # ------------------------------------------------------------------ batching
@@ -240,6 +247,12 @@ class ReflectionStore:
             half=torch.from_numpy(self.image_half[perm_ids].astype(np.int64)).to(device),
             image_id=torch.from_numpy(perm_ids).to(device),
         )
+
+    def merged_i_over_sigma(self) -> np.ndarray:
+        """Per row I/σ(I) of the inverse-variance average of the observations (0 if unseen)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = self.sum_wi / np.sqrt(self.sum_w)
+        return np.where(self.sum_w > 0, out, 0.0)
 
     def mark_visited(self, image_ids: np.ndarray, now: float | None = None) -> np.ndarray:
         """Count a visit of each image; returns the arrival→first-visit lags (s) of images

@@ -103,3 +103,22 @@ def test_visits_and_first_visit_lag(space):
     lags = store.mark_visited(np.array([0, 1]), now=111.0)
     np.testing.assert_allclose(lags, [10.0])
     np.testing.assert_array_equal(store.visits[:3], [2, 1, 1])
+
+
+def test_merged_i_over_sigma_is_the_inverse_variance_average(space):
+    rng = np.random.default_rng(5)
+    store = ReflectionStore(space)
+    msgs = [make_crystal(rng, n=80, image=f"i{j}") for j in range(8)]
+    for m in msgs:
+        store.add(m)
+    rows = np.concatenate([space.lookup(m.hkl()) for m in msgs])
+    i = np.concatenate([m.I for m in msgs]).astype(np.float64)
+    s = np.concatenate([m.sigI for m in msgs]).astype(np.float64)
+    ok = rows >= 0
+    r = np.unique(rows[ok])[3]
+    sel = ok & (rows == r)
+    w = 1 / s[sel] ** 2
+    want = (w * i[sel]).sum() / w.sum() * np.sqrt(w.sum())
+    np.testing.assert_allclose(store.merged_i_over_sigma()[r], want, rtol=1e-5)
+    unseen = store.obs_count[0] == 0
+    assert (store.merged_i_over_sigma()[unseen] == 0).all()
