@@ -1,0 +1,376 @@
+"""The still-shot simulator (plugins/sim) and the CrystFEL stream writer."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+
+import gemmi
+import numpy as np
+import pytest
+import reciprocalspaceship as rs
+
+from streamvi.sources import load_source
+from streamvi.wire import decode_crystal, encode_crystal
+from streamvi_crystfel.writer import (StreamWriter, _ROW_FORMAT, format_reflections,
+                                      lattice_of, write_stream)
+from streamvi_sim import (SimulatedSource, SimulationConfig, Simulator, Truth, detector_of,
+                          simulate_images, simulate_structure)
+from streamvi_sim.geometry import (excitation_error, profile_width, random_rotation,
+                                   reciprocal_basis)
+from streamvi_sim.model import structure_factors, to_gemmi_structure
+from streamvi_sim.truth import read_atoms
+
+SMALL = SimulationConfig(n_images=12, seed=7, n_atoms=120, n_sulfur=4, n_iodide=2, dmin=2.5)
+
+
+@pytest.fixture(scope="module")
+def truth() -> Truth:
+    return simulate_structure(SMALL)
+
+
+@pytest.fixture(scope="module")
+def simulator(truth: Truth) -> Simulator:
+    return Simulator(SMALL, truth)
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_structure_factors_match_gemmi(truth: Truth) -> None:
+    cell, sg = truth.gemmi_cell, truth.gemmi_space_group
+    hkl = truth.hkl[::97]
+    f_plus, f_minus = structure_factors(truth.atoms, cell=cell, space_group=sg, hkl=hkl,
+                                        photon_energy_eV=None)
+    st = to_gemmi_structure(truth.atoms, cell=cell, space_group=sg)
+    st.setup_cell_images()
+    calc = gemmi.StructureFactorCalculatorX(st.cell)
+    ref = np.array([calc.calculate_sf_from_model(st[0], [int(x) for x in h]) for h in hkl])
+    np.testing.assert_allclose(f_plus, ref, atol=1e-3 * np.abs(ref).mean())
+    np.testing.assert_allclose(f_minus, np.conj(f_plus), atol=1e-9)
+
+
+def test_friedel_pairs_differ_only_through_fpp(truth: Truth) -> None:
+    flat = simulate_structure(dataclasses.replace(SMALL, anomalous=False))
+    np.testing.assert_allclose(flat.F_plus, flat.F_minus, rtol=1e-10)
+    np.testing.assert_allclose(flat.phi_plus, -flat.phi_minus, atol=1e-6)
+    acentric = ~truth.centric
+    rel = np.abs(truth.F_plus - truth.F_minus)[acentric] / truth.F_model[acentric]
+    assert np.median(rel) > 0.005
+    # f' alone keeps Friedel's law, and (F(+) + F(−)*)/2 is exactly F without f''.
+    f_plus, f_minus = structure_factors(truth.atoms, cell=truth.gemmi_cell,
+                                        space_group=truth.gemmi_space_group, hkl=truth.hkl,
+                                        photon_energy_eV=SMALL.photon_energy_eV,
+                                        include_fpp=False)
+    np.testing.assert_allclose(np.abs(f_plus), np.abs(f_minus), rtol=1e-10)
+    np.testing.assert_allclose(truth.F_model, np.abs(f_plus), rtol=1e-9)
+
+
+def test_centric_reflections_have_equal_friedel_amplitudes(truth: Truth) -> None:
+    centric = truth.centric
+    assert centric.sum() > 50
+    np.testing.assert_allclose(truth.F_plus[centric], truth.F_minus[centric], rtol=1e-9)
+
+
+def test_truth_table_is_the_asu_without_absences(truth: Truth) -> None:
+    asu = gemmi.ReciprocalAsu(truth.gemmi_space_group)
+    ops = truth.gemmi_space_group.operations()
+    assert all(asu.is_in([int(x) for x in h]) for h in truth.hkl[::50])
+    assert not ops.systematic_absences(truth.hkl).any()
+    assert truth.d.min() >= SMALL.dmin
+    assert len(truth.sites()) == SMALL.n_sulfur + SMALL.n_iodide
+
+
+def test_atoms_keep_their_distance(truth: Truth) -> None:
+    st = to_gemmi_structure(truth.atoms, cell=truth.gemmi_cell,
+                            space_group=truth.gemmi_space_group)
+    st.setup_entities()
+    ns = gemmi.NeighborSearch(st[0], st.cell, 5).populate()
+    contacts = gemmi.ContactSearch(SMALL.min_atom_distance - 0.01)
+    contacts.ignore = gemmi.ContactSearch.Ignore.Nothing
+    assert len(contacts.find_contacts(ns)) == 0
+
+
+def test_truth_mtz_round_trip(truth: Truth, tmp_path) -> None:
+    path = tmp_path / "truth.mtz"
+    truth.to_mtz(path)
+    back = Truth.from_mtz(path)
+    order = np.lexsort(truth.hkl.T)
+    border = np.lexsort(back.hkl.T)
+    np.testing.assert_array_equal(back.hkl[border], truth.hkl[order])
+    for name in ("F_plus", "F_minus", "phi_plus", "phi_minus"):
+        np.testing.assert_allclose(getattr(back, name)[border], getattr(truth, name)[order],
+                                   rtol=1e-6, atol=1e-3)
+    assert back.space_group == "P 43 21 2"
+    np.testing.assert_allclose(back.cell, truth.cell, rtol=1e-6)
+
+    mtz = gemmi.read_mtz_file(str(path))
+    assert mtz.spacegroup.hm == "P 43 21 2"
+    assert mtz.cell.approx(truth.gemmi_cell, 1e-4)
+    types = {c.label: c.type for c in mtz.columns}
+    assert types["FMODEL"] == "F" and types["PHIFMODEL"] == "P"
+    assert types["F(+)"] == types["F(-)"] == "G"
+    assert types["I(+)"] == types["I(-)"] == "K"
+    ds = rs.read_mtz(str(path))
+    assert ds.merged and len(ds) == len(truth)
+
+
+def test_sites_pdb(truth: Truth, tmp_path) -> None:
+    path = tmp_path / "sites.pdb"
+    truth.write_sites(path)
+    st = gemmi.read_structure(str(path))
+    assert st.find_spacegroup().hm == "P 43 21 2"
+    assert st.cell.approx(truth.gemmi_cell, 1e-3)
+    sites = read_atoms(path)
+    assert sorted(sites.elements.tolist()) == ["I"] * 2 + ["S"] * 4
+    want = truth.sites()
+    order_w, order_s = np.argsort(want.frac[:, 0]), np.argsort(sites.frac[:, 0])
+    np.testing.assert_allclose(sites.frac[order_s] * SMALL.cell[:3],
+                               want.frac[order_w] * SMALL.cell[:3], atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_p1_lattice_maps_like_gemmi(simulator: Simulator, truth: Truth) -> None:
+    sg = truth.gemmi_space_group
+    asu, ops = gemmi.ReciprocalAsu(sg), sg.operations()
+    rows = np.random.default_rng(0).choice(len(simulator.hkl), 300, replace=False)
+    lookup = {tuple(h): i for i, h in enumerate(truth.hkl.tolist())}
+    for r in rows:
+        h_asu, isym = asu.to_asu([int(x) for x in simulator.hkl[r]], ops)
+        assert lookup[tuple(h_asu)] == simulator.asu_index[r]
+        # A centric reflection is both its own F(+) and F(−) (equal amplitudes).
+        if not ops.is_reflection_centric(h_asu):
+            assert (isym % 2 == 1) == (simulator.friedel[r] > 0)
+
+
+def test_images_are_deterministic_and_independent(truth: Truth) -> None:
+    first = list(simulate_images(SMALL, truth, start=0, stop=5))
+    again = list(simulate_images(SMALL, truth, start=3, stop=5))
+    for a, b in zip(first[3:], again):
+        assert a.image == b.image
+        for name in ("h", "k", "l", "I", "sigI", "fs", "ss"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        assert a.astar == b.astar and a.photon_energy_eV == b.photon_energy_eV
+    other = next(iter(simulate_images(dataclasses.replace(SMALL, seed=8), truth, stop=1)))
+    assert len(other) != len(first[0]) or not np.array_equal(other.I, first[0].I)
+
+
+def test_structure_is_deterministic() -> None:
+    cfg = dataclasses.replace(SMALL, n_atoms=30, dmin=4.0)
+    a, b = simulate_structure(cfg), simulate_structure(cfg)
+    np.testing.assert_array_equal(a.F_plus, b.F_plus)
+    np.testing.assert_array_equal(a.atoms.frac, b.atoms.frac)
+
+
+def test_reflections_per_image_at_the_benchmark_setting() -> None:
+    cfg = SimulationConfig(n_atoms=40, n_sulfur=2, n_iodide=1)
+    counts = [len(m) for m in simulate_images(cfg, stop=30)]
+    assert 650 < np.mean(counts) < 950
+
+
+def test_kept_reflections_lie_near_the_ewald_sphere(simulator: Simulator) -> None:
+    cfg = simulator.config
+    reach = math.sqrt(2 * math.log(1 / cfg.partiality_min))
+    for i in range(6):
+        msg, truth = simulator.image(i)
+        lam = 12398.419843320026 / truth.photon_energy_eV
+        widest = profile_width(np.array([1 / cfg.dmin * 1.01]),
+                               profile_radius=truth.profile_radius, wavelength=lam,
+                               bandwidth=cfg.bandwidth,
+                               mosaicity_rad=math.radians(cfg.mosaicity_deg))[0]
+        assert np.all(np.abs(truth.excitation) <= reach * widest)
+        assert np.all(truth.partiality >= cfg.partiality_min)
+        assert np.abs(truth.excitation).max() < 3 * truth.profile_radius
+        # The true excitation errors follow from the true orientation and indices.
+        q = truth.hkl @ (truth.U @ reciprocal_basis(truth.cell)).T
+        np.testing.assert_allclose(excitation_error(q, lam), truth.excitation, atol=1e-12)
+        if not truth.misindexed:
+            # The reported orientation is off by little: offsets stay within a few radii.
+            astar = np.array([msg.astar, msg.bstar, msg.cstar]).T
+            e_rep = excitation_error(msg.hkl() @ astar.T, msg.wavelength_A)
+            assert np.abs(e_rep).max() < 4 * truth.profile_radius
+
+
+def test_intensities_follow_the_model(simulator: Simulator) -> None:
+    msg, truth = simulator.image(1)
+    assert not truth.misindexed
+    assert 0 < truth.partiality.min() and truth.partiality.max() <= 1
+    strong = truth.expected_photons > 10 * np.median(truth.expected_photons)
+    ratio = msg.I[strong] / truth.expected_photons[strong]
+    assert 0.5 < np.median(ratio) < 1.5
+    corr = np.corrcoef(msg.I[~truth.outlier], truth.expected_photons[~truth.outlier])[0, 1]
+    assert corr > 0.5
+    assert np.all(msg.sigI > 0)
+    on = (msg.fs >= 0) & (msg.fs < SMALL.detector_shape[0]) & (msg.ss >= 0) \
+        & (msg.ss < SMALL.detector_shape[1])
+    assert on.all()
+
+
+def test_misindexed_images_are_shifted_by_one(truth: Truth) -> None:
+    sim = Simulator(dataclasses.replace(SMALL, misindexed_fraction=0.5), truth)
+    flags = []
+    for i in range(20):
+        msg, t = sim.image(i)
+        flags.append(t.misindexed)
+        assert np.abs(t.index_shift).sum() == (1 if t.misindexed else 0)
+        np.testing.assert_array_equal(msg.hkl(), t.hkl + t.index_shift)
+    assert 4 <= sum(flags) <= 16
+
+
+def test_outliers_are_large(truth: Truth) -> None:
+    sim = Simulator(dataclasses.replace(SMALL, outlier_fraction=0.05), truth)
+    msg, t = sim.image(2)
+    assert t.outlier.sum() > 3
+    z = (msg.I - t.expected_photons) / msg.sigI
+    assert np.median(z[t.outlier]) > 5 > np.median(np.abs(z[~t.outlier]))
+
+
+def test_messages_pass_wire_validation(simulator: Simulator) -> None:
+    msg, _ = simulator.image(0)
+    back = decode_crystal(encode_crystal(msg))
+    assert back.rows_rejected == {}
+    assert len(back) == len(msg) and back.profile_radius == msg.profile_radius
+
+
+def test_truth_metadata_only_on_request(truth: Truth) -> None:
+    msg, t = Simulator(dataclasses.replace(SMALL, emit_truth_metadata=True), truth).image(0)
+    assert msg.metadata["sim_scale"] == t.scale
+    assert Simulator(SMALL, truth).image(0)[0].metadata == {}
+
+
+def test_random_rotation_is_proper() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        u = random_rotation(rng)
+        np.testing.assert_allclose(u @ u.T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(u) == pytest.approx(1.0)
+
+
+def test_simulated_source(truth: Truth) -> None:
+    assert load_source("sim") is SimulatedSource
+    src = SimulatedSource(SMALL, truth=truth, n_images=3)
+    msgs = list(src)
+    assert len(src) == 3 and [m.image for m in msgs] == ["sim_000000.h5", "sim_000001.h5",
+                                                         "sim_000002.h5"]
+    t0 = time.monotonic()
+    list(SimulatedSource(SMALL, rate=100.0, truth=truth, n_images=4))
+    assert time.monotonic() - t0 >= 0.03
+    with pytest.raises(ValueError):
+        SimulatedSource(SMALL, rate=0.0)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def _parse_tables(text: str) -> list[np.ndarray]:
+    tables, rows, inside = [], [], False
+    for line in text.splitlines():
+        if line.startswith("   h    k    l"):
+            inside, rows = True, []
+        elif line == "End of reflections":
+            inside = False
+            tables.append(np.array(rows, dtype=np.float64).reshape(-1, 9))
+        elif inside:
+            rows.append(line.split()[:9])
+    return tables
+
+
+def test_stream_structure_and_values(simulator: Simulator, tmp_path) -> None:
+    msgs = [simulator.image(i)[0] for i in range(4)]
+    path = tmp_path / "sim.stream"
+    geom = detector_of(SMALL).geometry_text(photon_energy_eV=SMALL.photon_energy_eV)
+    n = write_stream(path, msgs, target_cell=SMALL.cell, space_group=SMALL.space_group,
+                     geometry=geom)
+    text = path.read_text()
+    lines = text.splitlines()
+    assert n == 4 and lines[0] == "CrystFEL stream format 2.3"
+    assert lines[1].startswith("Generated by streamvi")
+    assert text.count("----- Begin chunk -----") == text.count("----- End chunk -----") == 4
+    assert text.count("--- Begin crystal") == text.count("--- End crystal") == 4
+    assert "lattice_type = tetragonal\nunique_axis = c\ncenter" in text
+    assert "----- Begin geometry file -----\n; Simulated" in text
+    counts = [int(x.split("=")[1]) for x in lines if x.startswith("num_reflections")]
+    assert counts == [len(m) for m in msgs]
+    for table, msg in zip(_parse_tables(text), msgs):
+        np.testing.assert_array_equal(table[:, :3], msg.hkl())
+        np.testing.assert_allclose(table[:, 3], msg.I, atol=0.0051)
+        np.testing.assert_allclose(table[:, 4], msg.sigI, atol=0.0051)
+        np.testing.assert_allclose(table[:, 7], msg.fs, atol=0.051)
+        np.testing.assert_allclose(table[:, 8], msg.ss, atol=0.051)
+    m = msgs[0]
+    want = "".join(_ROW_FORMAT % (m.h[i], m.k[i], m.l[i], m.I[i], m.sigI[i], m.peak[i],
+                                  m.background[i], m.fs[i], m.ss[i], "p0")
+                   for i in range(len(m)))
+    assert want in text
+    astar = [x for x in lines if x.startswith("astar = ")][0].split()[2:5]
+    np.testing.assert_allclose([float(x) for x in astar], np.array(m.astar) * 10, atol=1e-7)
+
+
+def test_stream_is_read_back_by_the_crystfel_reader(simulator: Simulator, tmp_path) -> None:
+    from streamvi_crystfel import read_stream
+
+    msgs = [simulator.image(i)[0] for i in range(3)]
+    path = tmp_path / "back.stream"
+    write_stream(path, msgs, target_cell=SMALL.cell, space_group=SMALL.space_group)
+    back = [m for m in read_stream(path)]
+    assert [m.image for m in back] == [m.image for m in msgs]
+    for a, b in zip(back, msgs):
+        np.testing.assert_array_equal(a.hkl(), b.hkl())
+        np.testing.assert_allclose(a.I, b.I, atol=0.0051)
+        np.testing.assert_allclose(a.astar, b.astar, atol=1e-8)
+        assert a.photon_energy_eV == pytest.approx(b.photon_energy_eV, abs=1e-6)
+
+
+def test_writer_appends_and_groups_crystals(simulator: Simulator, tmp_path) -> None:
+    a, b, c = (simulator.image(i)[0] for i in range(3))
+    second = dataclasses.replace(a, crystal=1)
+    path = tmp_path / "live.stream"
+    with StreamWriter(path, target_cell=SMALL.cell, space_group=SMALL.space_group) as w:
+        assert w.write([a, second]) == 1
+        w.flush()
+    with StreamWriter(path, append=True) as w:
+        w.write_chunk([b])
+        w.write(c)
+    text = path.read_text()
+    assert text.count("CrystFEL stream format") == 1
+    assert text.count("----- Begin chunk -----") == 3
+    assert text.count("--- Begin crystal") == 4
+    serials = [int(x.split(":")[1]) for x in text.splitlines()
+               if x.startswith("Image serial number")]
+    assert serials == [1, 2, 3]
+
+
+def test_writer_to_text_file_object(simulator: Simulator) -> None:
+    buf = io.StringIO()
+    write_stream(buf, [simulator.image(0)[0]])
+    assert buf.getvalue().startswith("CrystFEL stream format 2.3\n")
+    assert "lattice_type = triclinic" in buf.getvalue()
+
+
+def test_row_formatting_matches_printf() -> None:
+    rng = np.random.default_rng(5)
+    n = 2000
+    h, k, l = (rng.integers(-60, 60, n) for _ in range(3))  # noqa: E741
+    cols = [rng.normal(0, 500, n) for _ in range(4)] + [rng.uniform(0, 3000, n)
+                                                       for _ in range(2)]
+    cols[0][:6] = [1e9, -0.004, 0.005, 0.015, -0.0, 12.125]  # overflow, -0.00, ties
+    cols[4][0] = 12345.6  # wider than %6.1f
+    panels = np.where(rng.random(n) < 0.5, "q0a1", "q10a12")
+    got = format_reflections(h, k, l, *cols, panels).decode()
+    want = "".join(_ROW_FORMAT % (h[i], k[i], l[i], cols[0][i], cols[1][i], cols[2][i],
+                                  cols[3][i], cols[4][i], cols[5][i], panels[i])
+                   for i in range(n))
+    assert got == want
+
+
+@pytest.mark.parametrize("symbol, expected", [
+    ("P 43 21 2", ("tetragonal", "P", "c")), ("C 1 2 1", ("monoclinic", "C", "b")),
+    ("P 21 21 21", ("orthorhombic", "P", "*")), ("R 3 :H", ("hexagonal", "R", "c")),
+    ("P 61 2 2", ("hexagonal", "P", "c")), ("I 2 3", ("cubic", "I", "*")),
+    ("P 1", ("triclinic", "P", "*")),
+])
+def test_lattice_of(symbol: str, expected: tuple[str, str, str]) -> None:
+    assert lattice_of(symbol) == expected
