@@ -1,0 +1,320 @@
+// streamvi status page: polls /api/status every 2 s, fills the shell table and draws the
+// plots on <canvas> by hand (no libraries: the page must work on air-gapped networks).
+"use strict";
+
+const REFRESH_MS = 2000;
+const STALE_S = 10;
+
+// A perceptually ordered palette (plasma, cut before its pale yellow end) so that the shell
+// order reads from dark (low resolution) to bright (high resolution) and survives greyscale.
+const PALETTE = ["#0d0887", "#4c02a1", "#7e03a8", "#a92395", "#cc4778", "#e56b5d",
+                 "#f89441", "#e8a214"];
+
+let lastOk = 0;
+
+function $(id) { return document.getElementById(id); }
+
+function isNum(x) { return typeof x === "number" && Number.isFinite(x); }
+
+function fmt(x, digits) { return isNum(x) ? x.toFixed(digits) : "–"; }
+
+function fmtInt(x) { return isNum(x) ? Math.round(x).toLocaleString("en-US") : "–"; }
+
+function fmtPct(x) { return isNum(x) ? (100 * x).toFixed(1) + " %" : "–"; }
+
+function fmtDuration(s) {
+  if (!isNum(s)) return "–";
+  if (s < 120) return s.toFixed(0) + " s";
+  if (s < 7200) return (s / 60).toFixed(0) + " min";
+  return (s / 3600).toFixed(1) + " h";
+}
+
+function shellColour(i, n) {
+  if (n <= 1) return PALETTE[0];
+  const t = i / (n - 1) * (PALETTE.length - 1);
+  const a = Math.floor(t), b = Math.min(a + 1, PALETTE.length - 1), f = t - a;
+  const ca = hexRgb(PALETTE[a]), cb = hexRgb(PALETTE[b]);
+  const c = ca.map((v, k) => Math.round(v + f * (cb[k] - v)));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+function hexRgb(h) {
+  return [1, 3, 5].map(i => parseInt(h.slice(i, i + 2), 16));
+}
+
+function setText(id, text) { $(id).textContent = text; }
+
+// ------------------------------------------------------------------ tiles and table
+
+function renderTiles(d) {
+  const s = d.status || {};
+  const c = s.counters || {};
+  const shells = d.shells;
+  const o = shells ? shells.overall : {};
+  setText("t-crystals", fmtInt(s.crystals_merged));
+  setText("t-crystals-note", `${fmtInt(c.crystals_received)} received · ` +
+          `${fmtInt(s.duplicates)} duplicates`);
+  setText("t-rate", fmt(s.images_per_s, 1));
+  setText("t-rate-note", `step ${fmtInt(s.steps)} · ${fmtInt(s.reflections_stored)} reflections`);
+  setText("t-cut", fmt(d.merge.cc_half_cut, 1));
+  setText("t-res", shells && isNum(shells.resolution_cc_half) ? fmt(shells.resolution_cc_half, 2) : "–");
+  setText("t-cchalf", fmt(o.cc_half, 3));
+  setText("t-ccstar", isNum(o.cc_star) ? `CC* ${fmt(o.cc_star, 3)}` +
+          (isNum(o.cc_anom) ? ` · CCanom ${fmt(o.cc_anom, 3)}` : "") : "");
+  setText("t-compl", fmtPct(o.completeness));
+  setText("t-mult", isNum(o.multiplicity) ? `multiplicity ${fmt(o.multiplicity, 1)}` : "");
+  setText("t-queue", fmtInt(s.queue_depth));
+  setText("t-lag", isNum(s.lag_p50_s) ? `lag p50 ${fmt(s.lag_p50_s, 1)} s · p95 ` +
+          `${fmt(s.lag_p95_s, 1)} s` : "no lag yet");
+  const rejected = Object.entries(c.messages_rejected || {});
+  const rowsRejected = Object.values(c.reflections_rejected || {}).reduce((a, b) => a + b, 0);
+  setText("t-rejected", fmtInt(rejected.reduce((a, [, n]) => a + n, 0)));
+  const reasons = rejected.sort((a, b) => b[1] - a[1]).map(([r, n]) => `${r} ${n}`);
+  $("t-reasons").title = reasons.join("\n");
+  setText("t-reasons", (reasons.length ? reasons.join(", ") : "no messages") +
+          ` · ${fmtInt(rowsRejected)} rows`);
+  const m = d.merge;
+  setText("merge", `${m.space_group}` + (m.cell ? ` · cell ${m.cell}` : "") +
+          ` · dmin ${fmt(m.dmin, 2)} Å` + (m.anomalous ? " · anomalous" : ""));
+  setText("foot-status", `streamvi ${d.version} · up ${fmtDuration(s.uptime_s)} · device ` +
+          `${s.device || "–"} · ${fmtInt(s.mtz_written)} MTZ written` +
+          (s.mtz_errors ? ` (${s.mtz_errors} failed)` : ""));
+}
+
+function ccClass(x, cut) {
+  if (!isNum(x)) return "";
+  if (x < cut) return "low";
+  if (x < 0.5) return "mid";
+  return "";
+}
+
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+function renderTable(d) {
+  const t = d.shells;
+  const body = $("shell-rows");
+  const foot = $("shell-overall");
+  if (!t) return;
+  const cut = d.merge.cc_half_cut;
+  const n = t.d_min.length;
+  const rows = [];
+  for (let i = 0; i < n; i++) {
+    const tr = document.createElement("tr");
+    const first = cell(String(i + 1));
+    const sw = document.createElement("span");
+    sw.className = "swatch";
+    sw.style.background = shellColour(i, n);
+    first.prepend(sw);
+    tr.append(first,
+      cell(`${fmt(t.d_max[i], 2)} – ${fmt(t.d_min[i], 2)}`),
+      cell(fmtPct(t.completeness[i])), cell(fmt(t.multiplicity[i], 1)),
+      cell(fmt(t.i_over_sigma[i], 1)), cell(fmt(t.cc_half[i], 3), ccClass(t.cc_half[i], cut)),
+      cell(fmt(t.cc_star[i], 3)), cell(fmt(t.cc_anom[i], 3)), cell(fmtInt(t.n_unique[i])));
+    if (isNum(t.resolution_cc_half) && t.d_max[i] < t.resolution_cc_half) tr.className = "beyond";
+    rows.push(tr);
+  }
+  body.replaceChildren(...rows);
+  const o = t.overall;
+  const tr = document.createElement("tr");
+  tr.append(cell("Overall"), cell(`${fmt(o.d_max, 2)} – ${fmt(o.d_min, 2)}`),
+    cell(fmtPct(o.completeness)), cell(fmt(o.multiplicity, 1)), cell(fmt(o.i_over_sigma, 1)),
+    cell(fmt(o.cc_half, 3), ccClass(o.cc_half, cut)), cell(fmt(o.cc_star, 3)),
+    cell(fmt(o.cc_anom, 3)), cell(fmtInt(o.n_unique)));
+  foot.replaceChildren(tr);
+  const s = d.snapshot;
+  setText("snap-info", s ? `snapshot ${s.id} · ${fmtInt(s.n_images)} images · ` +
+          `step ${fmtInt(s.step)} · ${new Date(s.time * 1000).toLocaleTimeString("en-GB")}` : "");
+}
+
+// ------------------------------------------------------------------ plots
+
+function niceStep(span, target) {
+  const raw = span / Math.max(target, 1);
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const f = raw / mag;
+  return (f < 1.5 ? 1 : f < 3 ? 2 : f < 7 ? 5 : 10) * mag;
+}
+
+// Tick spacing on a clock: whole seconds, minutes and hours only.
+const TIME_STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800,
+                    21600, 43200, 86400];
+
+function timeStep(span, target) {
+  return TIME_STEPS.find(s => span / s <= target) || niceStep(span, target);
+}
+
+function timeLabel(t, span) {
+  const opts = span < 600 ? { hour: "2-digit", minute: "2-digit", second: "2-digit" }
+                          : { hour: "2-digit", minute: "2-digit" };
+  return new Date(t * 1000).toLocaleTimeString("en-GB", opts);
+}
+
+// series: [{colour, width, points: [[t, y], ...]}]; y may be null (gap).
+function drawPlot(canvas, series, opts) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || canvas.width, h = Math.round(w * opts.aspect);
+  canvas.width = Math.round(w * dpr);
+  canvas.height = Math.round(h * dpr);
+  canvas.style.height = h + "px";
+  const g = canvas.getContext("2d");
+  g.setTransform(dpr, 0, 0, dpr, 0, 0);
+  g.clearRect(0, 0, w, h);
+  const m = { l: 54, r: 12, t: 10, b: 28 };
+  const pw = w - m.l - m.r, ph = h - m.t - m.b;
+  const pts = series.flatMap(s => s.points.filter(p => isNum(p[0]) && isNum(p[1])));
+  // where and how much was drawn, for tests and for anyone inspecting the page
+  const r = canvas.getBoundingClientRect();
+  canvas.dataset.points = String(pts.length);
+  canvas.dataset.rect = [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height]
+    .map(Math.round).join(",");
+  g.font = "12px system-ui, sans-serif";
+  g.strokeStyle = "#c3cad2";
+  g.lineWidth = 1;
+  g.strokeRect(m.l + 0.5, m.t + 0.5, pw, ph);
+  if (pts.length === 0) {
+    g.fillStyle = "#5f6b78";
+    g.textAlign = "center";
+    g.fillText("waiting for data…", m.l + pw / 2, m.t + ph / 2);
+    return;
+  }
+  let x0 = Math.min(...pts.map(p => p[0])), x1 = Math.max(...pts.map(p => p[0]));
+  if (x1 - x0 < 1) { x0 -= 0.5; x1 += 0.5; }
+  let y0 = isNum(opts.yMin) ? opts.yMin : Math.min(...pts.map(p => p[1]));
+  let y1 = isNum(opts.yMax) ? opts.yMax : Math.max(...pts.map(p => p[1]));
+  if (!isNum(opts.yMin) && !isNum(opts.yMax)) {
+    const pad = (y1 - y0) * 0.08 || Math.abs(y1) * 0.1 || 1;
+    y0 -= pad; y1 += pad;
+  } else if (y1 - y0 <= 0) { y1 = y0 + 1; }
+  const X = t => m.l + (t - x0) / (x1 - x0) * pw;
+  const Y = v => m.t + (1 - (v - y0) / (y1 - y0)) * ph;
+
+  // grid and labels
+  g.fillStyle = "#5f6b78";
+  g.strokeStyle = "#e6eaee";
+  const ys = niceStep(y1 - y0, 5);
+  g.textAlign = "right";
+  g.textBaseline = "middle";
+  for (let v = Math.ceil(y0 / ys) * ys; v <= y1 + 1e-9; v += ys) {
+    const y = Math.round(Y(v)) + 0.5;
+    g.beginPath(); g.moveTo(m.l, y); g.lineTo(m.l + pw, y); g.stroke();
+    g.fillText(opts.yFormat ? opts.yFormat(v, ys) : String(+v.toPrecision(3)), m.l - 6, y);
+  }
+  const span = x1 - x0;
+  const xs = timeStep(span, 5);
+  g.textAlign = "center";
+  g.textBaseline = "top";
+  for (let t = Math.ceil(x0 / xs) * xs; t <= x1 + 1e-9; t += xs) {
+    const x = Math.round(X(t)) + 0.5;
+    g.beginPath(); g.moveTo(x, m.t); g.lineTo(x, m.t + ph); g.stroke();
+    g.fillText(timeLabel(t, span), x, m.t + ph + 6);
+  }
+  if (isNum(opts.hline) && opts.hline > y0 && opts.hline < y1) {
+    g.save();
+    g.setLineDash([5, 4]);
+    g.strokeStyle = "#b3261e";
+    g.beginPath(); g.moveTo(m.l, Y(opts.hline)); g.lineTo(m.l + pw, Y(opts.hline)); g.stroke();
+    g.restore();
+  }
+
+  // data
+  g.save();
+  g.beginPath(); g.rect(m.l, m.t, pw, ph); g.clip();
+  g.lineJoin = "round";
+  for (const s of series) {
+    g.strokeStyle = s.colour;
+    g.lineWidth = s.width || 1.5;
+    g.beginPath();
+    let pen = false;
+    for (const [t, v] of s.points) {
+      if (!isNum(t) || !isNum(v)) { pen = false; continue; }
+      if (pen) g.lineTo(X(t), Y(v)); else g.moveTo(X(t), Y(v));
+      pen = true;
+    }
+    g.stroke();
+    const last = s.points.filter(p => isNum(p[1])).pop();
+    if (last && s.dot) {
+      g.fillStyle = s.colour;
+      g.beginPath(); g.arc(X(last[0]), Y(last[1]), 3, 0, 2 * Math.PI); g.fill();
+    }
+  }
+  g.restore();
+}
+
+function legend(id, items) {
+  const el = $(id);
+  el.replaceChildren(...items.map(([text, colour]) => {
+    const s = document.createElement("span");
+    s.style.setProperty("--c", colour);
+    s.textContent = text;
+    return s;
+  }));
+}
+
+function perShell(history, key) {
+  const n = Math.max(0, ...history.map(h => (h[key] || []).length));
+  return Array.from({ length: n }, (_, i) => history.map(h => [h.time, (h[key] || [])[i]]));
+}
+
+function renderPlots(d) {
+  const hist = d.history || [];
+  const shells = d.shells;
+  const ccShells = perShell(hist, "cc_half_shells");
+  const n = ccShells.length;
+  const pct = v => (100 * v).toFixed(0) + " %";
+  drawPlot($("plot-cchalf"), ccShells.map((points, i) => ({
+    points, colour: shellColour(i, n), width: 1.6, dot: true })),
+    { aspect: 0.46, yMin: Math.min(0, ...ccShells.flat().map(p => p[1]).filter(isNum)),
+      yMax: 1, hline: d.merge.cc_half_cut });
+  if (shells) {
+    legend("legend-cchalf", shells.d_min.map((dm, i) =>
+      [`${i + 1}: ${fmt(shells.d_max[i], 2)}–${fmt(dm, 2)} Å`, shellColour(i, n)]));
+  }
+  const complShells = perShell(hist, "completeness_shells");
+  const complSeries = complShells.map((points, i) => ({
+    points, colour: shellColour(i, complShells.length), width: 1 }));
+  complSeries.push({ points: hist.map(h => [h.time, h.completeness]), colour: "#1d2733",
+                     width: 2.5, dot: true });
+  drawPlot($("plot-compl"), complSeries, { aspect: 0.46, yMin: 0, yMax: 1, yFormat: pct });
+  legend("legend-compl", [["overall", "#1d2733"], ["shells: colours as in CC½", "#a92395"]]);
+  drawPlot($("plot-rate"), [{ points: hist.map(h => [h.time, h.images_per_s]),
+                              colour: "#1f6fb2", width: 2, dot: true }],
+           { aspect: 0.39, yMin: 0 });
+  drawPlot($("plot-loss"), [{ points: hist.map(h => [h.time, h.loss]), colour: "#2e8540",
+                              width: 2, dot: true }], { aspect: 0.39 });
+}
+
+// ------------------------------------------------------------------ polling
+
+function markLive() {
+  const el = $("live");
+  const age = (Date.now() - lastOk) / 1000;
+  if (!lastOk) return;
+  el.textContent = age < 3 ? "live" : `updated ${age.toFixed(0)} s ago`;
+  el.classList.toggle("stale", age > STALE_S);
+}
+
+async function tick() {
+  try {
+    const r = await fetch("/api/status", { cache: "no-store" });
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    const d = await r.json();
+    renderTiles(d);
+    renderTable(d);
+    renderPlots(d);
+    lastOk = Date.now();
+    document.body.dataset.updated = String(lastOk);
+  } catch (err) {
+    $("live").textContent = `no answer (${err.message})`;
+    $("live").classList.add("stale");
+  }
+  markLive();
+  setTimeout(tick, REFRESH_MS);
+}
+
+window.addEventListener("load", tick);
+setInterval(markLive, 1000);
