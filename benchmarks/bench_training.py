@@ -46,6 +46,16 @@ CASES = [
     Case(256, 5, 32, 8),
     Case(32, 20, 32, 8, amp_bf16=True, compile=True),
 ]
+# a GPU wants more reflections per step than a CPU to amortise kernel launches
+GPU_CASES = [
+    Case(32, 4, 32, 128),
+    Case(32, 4, 32, 512),
+    Case(256, 5, 32, 64),
+    Case(256, 5, 32, 64, amp_bf16=True, compile=True),
+    Case(32, 20, 32, 8),
+    Case(32, 20, 32, 128),
+    Case(32, 20, 32, 128, amp_bf16=True, compile=True),
+]
 QUICK_CASES = [Case(32, 4, 32, 8), Case(32, 4, 8, 32)]
 
 
@@ -134,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 6.0)
-    for case in QUICK_CASES if args.quick else CASES:
+    cases = QUICK_CASES if args.quick else CASES + (GPU_CASES if device.type == "cuda" else [])
+    for case in cases:
         try:
             figure = measure(case, device, reflections_per_image=args.reflections_per_image,
                              n_rows=args.rows, warmup_steps=2 if args.quick else 5,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -76,11 +76,36 @@ class StepReport:
 def resolve_device(name: str = "auto") -> torch.device:
     """``'auto'`` → CUDA when available, else CPU; ``'cpu'``/``'cuda[:i]'`` as given."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is None:  # so it compares equal to the device of a tensor on it
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _compiled_or_eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn)``, falling back to ``fn`` for good if compiling fails.
+
+    Compilation happens at the first call (a missing C++ toolchain or an unsupported
+    backend shows up only then); merging must go on without it.
+    """
+    current = [torch.compile(fn, dynamic=True)]
+
+    def call(*args: Any) -> Any:
+        if current[0] is fn:
+            return fn(*args)
+        try:
+            return current[0](*args)
+        except Exception as exc:
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running the "
+                          "scale network eagerly", RuntimeWarning, stacklevel=2)
+            current[0] = fn
+            return fn(*args)
+
+    return call
 
 
 class Trainer:
@@ -132,11 +157,7 @@ class Trainer:
     def _configure_scale_forward(self) -> None:
         fn = self.model.scale_model.forward
         if self.config.compile:
-            try:
-                fn = torch.compile(fn, dynamic=True)
-            except Exception as exc:  # a missing compiler toolchain must not stop merging
-                warnings.warn(f"torch.compile unavailable ({exc}); running eagerly",
-                              RuntimeWarning, stacklevel=2)
+            fn = _compiled_or_eager(fn)
         if self.config.amp_bf16 and self.device.type == "cuda":
             inner = fn
 
@@ -178,7 +199,13 @@ class Trainer:
         return {"F": merged.F, "SIGF": merged.SIGF, "I": merged.I, "SIGI": merged.SIGI}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically (tensors may live on the device)."""
+        """Everything needed to resume (tensors may live on the device).
+
+        On the CPU the steps after a round trip are bit-identical to those without one.  On
+        CUDA they are only when the caller sets ``torch.use_deterministic_algorithms(True)``
+        (and ``CUBLAS_WORKSPACE_CONFIG``): otherwise atomic adds in the sparse-gradient and
+        pooling kernels differ in the last bits from run to run, checkpoint or not.
+        """
         return {
             "config": asdict(self.config),
             "model": self.model.state_dict(),
@@ -199,7 +226,14 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.scale_optimizer.load_state_dict(state["scale_optimizer"])
         self.posterior_optimizer.load_state_dict(state["posterior_optimizer"])
-        self.generator.set_state(state["generator"].cpu())
+        try:
+            self.generator.set_state(state["generator"].cpu())
+        except RuntimeError:
+            # CPU and CUDA generators keep different states: a checkpoint moved between
+            # device types resumes with a fresh stream, still a function of (seed, step)
+            warnings.warn("random state saved on another device type; reseeding",
+                          RuntimeWarning, stacklevel=2)
+            self.generator.manual_seed(int(saved["seed"]) + int(state["step"]))
         self.step = int(state["step"])
         self.reflections_trained = int(state["reflections_trained"])
 

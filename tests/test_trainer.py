@@ -169,7 +169,8 @@ def test_state_dict_round_trip_is_bit_identical(data):
     second = train(restored, data, 3, seed=5)
     assert [r.loss for r in first] == [r.loss for r in second]
     assert torch.equal(trainer.model.posterior.weight, restored.model.posterior.weight)
-    for a, b in zip(trainer.model.scale_model.parameters(), restored.model.scale_model.parameters()):
+    for a, b in zip(trainer.model.scale_model.parameters(),
+                    restored.model.scale_model.parameters()):
         assert torch.equal(a, b)
     np.testing.assert_array_equal(trainer.posterior_table(1)["F"], restored.posterior_table(1)["F"])
 
@@ -179,6 +180,20 @@ def test_load_state_dict_rejects_other_architecture(data):
     other = make_trainer(data, d_model=16)
     with pytest.raises(ValueError, match="d_model"):
         other.load_state_dict(state)
+
+
+def test_compile_failure_falls_back_to_eager(data, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no toolchain")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    trainer = make_trainer(data, compile=True)
+    with pytest.warns(RuntimeWarning, match="eagerly"):
+        report = trainer.learn_batch(data.batch(np.arange(4)))
+    assert np.isfinite(report.loss)
+    assert np.isfinite(trainer.learn_batch(data.batch(np.arange(4, 8))).loss)
 
 
 def test_twin_operator_choice():

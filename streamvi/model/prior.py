@@ -64,4 +64,5 @@ class WilsonPrior(nn.Module):
             row_ids = torch.arange(self.n_rows, device=self.centric.device)
         var = self.variance[row_ids]
         centric = self.centric[row_ids]
-        return torch.where(centric, torch.sqrt(2.0 * var / math.pi), 0.5 * torch.sqrt(math.pi * var))
+        return torch.where(centric, torch.sqrt(2.0 * var / math.pi),
+                           0.5 * torch.sqrt(math.pi * var))

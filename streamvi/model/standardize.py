@@ -51,7 +51,7 @@ class Standardizer(nn.Module):
 
     @torch.no_grad()
     def update(self, metadata: torch.Tensor, iobs: torch.Tensor) -> None:
-        """Add reflections ``metadata`` ``(n, n_metadata)`` and ``iobs`` ``(n,)`` (no-op once frozen)."""
+        """Add reflections (``metadata`` ``(n, n_metadata)``, ``iobs`` ``(n,)``); frozen: no-op."""
         if self.is_frozen or iobs.numel() == 0:
             return
         x = metadata.to(self.meta_mean.device, torch.float64).reshape(-1, self.n_metadata)
@@ -91,16 +91,21 @@ class Standardizer(nn.Module):
         tiny = 1e-12 * torch.clamp(self.meta_mean.abs(), min=1.0)
         return torch.where(std > tiny, std, torch.ones_like(std))
 
+    def intensity_scale_tensor(self) -> torch.Tensor:
+        """:meth:`intensity_scale` as a 0-d float64 tensor (no device synchronisation)."""
+        n = self.count.clamp_min(1.0)
+        mean = self.i_sum / n
+        rms = torch.sqrt(self.i_sumsq / n)
+        one = torch.ones_like(mean)
+        return torch.where(mean > 0, mean, torch.where(rms > 0, rms, one))
+
     def intensity_scale(self) -> float:
-        """Divisor that brings intensities to standardised units (1.0 before any data)."""
-        n = float(self.count)
-        if n == 0.0:
-            return 1.0
-        mean = float(self.i_sum) / n
-        if mean > 0.0:
-            return mean
-        rms = (float(self.i_sumsq) / n) ** 0.5
-        return rms if rms > 0.0 else 1.0
+        """Divisor that brings intensities to standardised units.
+
+        The running mean intensity; the root mean square if that is not positive; 1.0
+        before any data.
+        """
+        return float(self.intensity_scale_tensor())
 
     def standardize_metadata(self, metadata: torch.Tensor) -> torch.Tensor:
         """``(metadata - mean) / std`` in the dtype of ``metadata``."""
@@ -110,4 +115,4 @@ class Standardizer(nn.Module):
 
     def standardize_intensity(self, x: torch.Tensor) -> torch.Tensor:
         """Intensity (or its uncertainty) divided by :meth:`intensity_scale`."""
-        return x / self.intensity_scale()
+        return x / self.intensity_scale_tensor().to(x.device, x.dtype)
