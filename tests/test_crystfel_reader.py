@@ -485,6 +485,14 @@ def test_table_errors_name_the_row(row, row_index, message):
     assert (info.value.row, info.value.offset) == (row_index, len(good))
 
 
+def test_format_2_2_tables_without_panel_column():
+    text = PAL.read_bytes().replace(b"  ss/px panel\n", b"  ss/px\n").replace(b" p0\n", b"\n")
+    items, parser = _parse_all(text)
+    assert [len(m) for m in items] == [263, 102, 253]
+    assert items[0].panel is None and items[0].h[0] == -37 and items[0].ss[0] == \
+        np.float32(1025.9)
+
+
 def test_nan_rows_are_dropped_by_wire_validation():
     text = PAL.read_bytes()
     row = b" -37   11   -7     -15.11      20.15      14.00       7.51   17.5 1025.9 p0\n"
