@@ -127,8 +127,9 @@ class Trainer:
                  n_metadata: int) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        centric_t = torch.as_tensor(np.asarray(centric, dtype=bool))
-        epsilon_t = torch.as_tensor(np.asarray(epsilon, dtype=np.float32))
+        # copies: the caller's arrays may be read-only views
+        centric_t = torch.from_numpy(np.array(centric, dtype=bool))
+        epsilon_t = torch.from_numpy(np.array(epsilon, dtype=np.float32))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             prior = WilsonPrior(centric_t, epsilon_t)
