@@ -43,6 +43,8 @@ class EngineConfig:
     new_share: float = 0.5
     n_shells: int = 10
     device_budget_bytes: int | None = None
+    wilson_from_data: bool = True
+    kl_per_pass: bool = True
 
 
 @dataclass
@@ -92,11 +94,14 @@ class MergeEngine:
                                epsilon=space.epsilon, n_metadata=N_METADATA)
         self.device = self.trainer.device
         self.store = ReflectionStore(space, device=self.device,
-                                     device_budget_bytes=self.config.device_budget_bytes)
+                                     device_budget_bytes=self.config.device_budget_bytes,
+                                     kl_per_pass=self.config.kl_per_pass)
         self.scheduler = ImageScheduler(batch_images=self.config.batch_images,
                                         new_share=self.config.new_share,
                                         seed=self.trainer_config.seed)
         self._snapshot_id = 0
+        #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
+        self.sigma_stage = 0
         self.last_report: StepReport | None = None
         #: arrival→first-visit lags (s) not yet collected by a metrics reader
         self.pending_lags: list[np.ndarray] = []
@@ -120,11 +125,31 @@ class MergeEngine:
             return None
         batch = self.store.batch(ids)
         report = self.trainer.learn_batch(batch)
+        frozen = self.trainer.standardizer.is_frozen
+        if self.config.wilson_from_data and (self.sigma_stage == 0
+                                             or (self.sigma_stage == 1 and frozen)):
+            self._update_wilson_sigma(final=frozen)
         lags = self.store.mark_visited(ids)
         if lags.size:
             self.pending_lags.append(lags)
         self.last_report = report
         return report
+
+    def _update_wilson_sigma(self, *, final: bool) -> None:
+        """Give the prior the data's resolution fall-off (Σ per row, standardised).
+
+        With a flat Σ the scale network would have to absorb the whole fall-off and the
+        likelihood cannot tell the two apart: amplitudes come out flattened.  Rows never
+        observed restart at the new Wilson mean.  Final once the standardiser freezes, so
+        the parameters keep one meaning from then on.
+        """
+        sigma = self.store.wilson_sigma()
+        if sigma is None:
+            return
+        scale = self.trainer.standardizer.intensity_scale()
+        reset = self.store.obs_count[0] == 0 if self.sigma_stage else np.ones(sigma.shape, bool)
+        self.trainer.set_wilson_sigma(sigma / scale, reset=reset)
+        self.sigma_stage = 2 if final else 1
 
     def steps_per_epoch(self) -> int:
         """Steps that visit, on average, every stored image once."""
@@ -167,10 +192,12 @@ class MergeEngine:
     def state_dict(self) -> dict:
         """Trainer, scheduler and snapshot counter (the store is rebuilt from the spool)."""
         return {"trainer": self.trainer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "snapshot_id": self._snapshot_id, "space": self.space.to_dict()}
+                "snapshot_id": self._snapshot_id, "space": self.space.to_dict(),
+                "sigma_stage": self.sigma_stage}
 
     def load_state_dict(self, state: dict) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._snapshot_id = int(state["snapshot_id"])
+        self.sigma_stage = int(state.get("sigma_stage", 0))
 

@@ -110,8 +110,10 @@ class ReflectionStore:
     """
 
     def __init__(self, space: ReciprocalSpace, *, device: torch.device | str = "cpu",
-                 device_budget_bytes: int | None = None, initial_capacity: int = 1 << 16):
+                 device_budget_bytes: int | None = None, initial_capacity: int = 1 << 16,
+                 kl_per_pass: bool = True):
         self.space = space
+        self.kl_per_pass = kl_per_pass
         self.device = torch.device(device)
         self.n_ops = int(space.n_ops)
         self.device_budget_bytes = device_budget_bytes
@@ -134,6 +136,8 @@ class ReflectionStore:
         #: describes the data themselves, whatever the model has learnt so far
         self.sum_w = np.zeros(space.n_unique, np.float64)
         self.sum_wi = np.zeros(space.n_unique, np.float64)
+        #: Σ I per row (unweighted): the Wilson plot of the data
+        self.sum_i = np.zeros(space.n_unique, np.float64)
 
     # ------------------------------------------------------------------ adding
 
@@ -202,6 +206,7 @@ class ReflectionStore:
         w = 1.0 / np.square(sigiobs, dtype=np.float64)
         np.add.at(self.sum_w, ids[0], w)
         np.add.at(self.sum_wi, ids[0], w * iobs)
+        np.add.at(self.sum_i, ids[0], iobs)
         return AddResult(i, m, n_outside)
 
     # ------------------------------------------------------------------ batching
@@ -239,6 +244,12 @@ class ReflectionStore:
         offsets = np.zeros(len(perm_ids) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         image_index = np.repeat(np.arange(len(perm_ids), dtype=np.int64), lengths)
+        obs_weight = None
+        if self.kl_per_pass:
+            rows = cols["asu_id"][0].cpu().numpy()
+            half = np.repeat(self.image_half[perm_ids].astype(np.int64), lengths)
+            m = np.stack([self.obs_count[0][rows], self.obs_count[1 + half, rows]])
+            obs_weight = torch.from_numpy((1.0 / np.maximum(m, 1)).astype(np.float32)).to(device)
         return Batch(
             asu_id=cols["asu_id"], iobs=cols["iobs"], sigiobs=cols["sigiobs"],
             metadata=cols["metadata"],
@@ -246,7 +257,43 @@ class ReflectionStore:
             image_offsets=torch.from_numpy(offsets).to(device),
             half=torch.from_numpy(self.image_half[perm_ids].astype(np.int64)).to(device),
             image_id=torch.from_numpy(perm_ids).to(device),
+            obs_weight=obs_weight,
         )
+
+    def wilson_sigma(self, *, n_bins: int = 20, floor: float = 1e-3) -> np.ndarray | None:
+        """Mean observed intensity per unit ε as a smooth function of resolution, per row.
+
+        Binned in 1/d² with equal numbers of observations per bin and interpolated linearly;
+        bins whose mean is not positive (weak high-resolution data) are clamped to
+        ``floor`` × the largest bin mean.  None when nothing is stored yet.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_rows,)`` Σ in the units of the stored intensities.
+        """
+        cnt = self.obs_count[0].astype(np.float64)
+        if cnt.sum() == 0:
+            return None
+        sp = self.space
+        x = 1.0 / np.square(sp.d.astype(np.float64))
+        seen = cnt > 0
+        order = np.argsort(x[seen])
+        xs = x[seen][order]
+        cs = cnt[seen][order]
+        ys = (self.sum_i[seen] / sp.epsilon[seen])[order]
+        edges = np.searchsorted(np.cumsum(cs), np.linspace(0, cs.sum(), n_bins + 1)[1:-1])
+        groups = np.split(np.arange(xs.shape[0]), edges)
+        centres, means = [], []
+        for g in groups:
+            if g.size == 0 or cs[g].sum() == 0:
+                continue
+            centres.append(float(np.average(xs[g], weights=cs[g])))
+            means.append(float(ys[g].sum() / cs[g].sum()))
+        means_a = np.asarray(means)
+        top = means_a.max() if means_a.size and means_a.max() > 0 else 1.0
+        means_a = np.maximum(means_a, floor * top)
+        return np.interp(x, np.asarray(centres), means_a)
 
     def merged_i_over_sigma(self) -> np.ndarray:
         """Per row I/σ(I) of the inverse-variance average of the observations (0 if unseen)."""

@@ -194,6 +194,23 @@ class Trainer:
                           n_images=batch.n_images, n_reflections=batch.n_reflections,
                           seconds=time.perf_counter() - start, chosen_ops=chosen)
 
+    def set_wilson_sigma(self, sigma: np.ndarray, *, reset: np.ndarray | None = None) -> None:
+        """Set the Wilson prior's Σ per row (standardised units) from a Wilson plot.
+
+        Parameters
+        ----------
+        sigma
+            ``(n_rows,)`` positive mean intensity per unit ε at each row's resolution.
+        reset
+            ``(n_rows,)`` bool: rows put back to the new Wilson mean (those not yet
+            learnt from, so they start where the prior now says they should).
+        """
+        prior = self.model.prior
+        prior.set_sigma(torch.from_numpy(np.asarray(sigma, dtype=np.float32)).to(self.device))
+        if reset is not None and bool(np.any(reset)):
+            rows = torch.from_numpy(np.nonzero(reset)[0]).to(self.device)
+            self.model.posterior.reset_rows(rows, prior.mean(rows))
+
     def posterior_table(self, table: int = 0) -> dict[str, np.ndarray]:
         """``F``, ``SIGF``, ``I``, ``SIGI`` of every row of ``table`` (original units)."""
         merged = self.model.merged(table)

@@ -357,3 +357,21 @@ def test_merged_table_is_in_original_units():
     np.testing.assert_allclose(merged.I, mean_I.numpy() * 400.0)
     np.testing.assert_allclose(merged.SIGI, std_I.numpy() * 400.0)
     assert merged.F.shape == (10,) and (merged.SIGF > 0).all()
+
+
+def test_prior_set_sigma_and_posterior_reset_rows():
+    import torch as _t
+
+    from streamvi.model import FoldedNormalPosterior, WilsonPrior
+    centric = _t.tensor([False, True, False])
+    eps = _t.tensor([1.0, 2.0, 1.0])
+    prior = WilsonPrior(centric, eps)
+    prior.set_sigma(_t.tensor([1.0, 2.0, 0.5]))
+    _t.testing.assert_close(prior.variance, eps * _t.tensor([1.0, 2.0, 0.5]))
+    post = FoldedNormalPosterior(3, 3, init_loc=_t.ones(3))
+    before = post.weight.detach().clone()
+    post.reset_rows(_t.tensor([2]), _t.tensor([0.25]))
+    loc, scale = post.loc_scale(_t.tensor([2, 5, 8]))
+    _t.testing.assert_close(loc, _t.full((3,), 0.25))
+    _t.testing.assert_close(scale, _t.full((3,), 0.0025), rtol=1e-3, atol=1e-6)
+    assert _t.equal(post.weight.detach()[[0, 1, 3, 4, 6, 7]], before[[0, 1, 3, 4, 6, 7]])

@@ -122,3 +122,36 @@ def test_merged_i_over_sigma_is_the_inverse_variance_average(space):
     np.testing.assert_allclose(store.merged_i_over_sigma()[r], want, rtol=1e-5)
     unseen = store.obs_count[0] == 0
     assert (store.merged_i_over_sigma()[unseen] == 0).all()
+
+
+def test_batch_obs_weight_is_one_over_row_multiplicity(space):
+    rng = np.random.default_rng(6)
+    store = ReflectionStore(space)
+    for j in range(10):
+        store.add(make_crystal(rng, n=60, image=f"i{j}"))
+    b = store.batch(np.array([3, 7]))
+    rows = b.asu_id[0].numpy()
+    half = np.repeat(store.image_half[[3, 7]], np.diff(b.image_offsets.numpy()))
+    np.testing.assert_allclose(b.obs_weight[0].numpy(), 1 / store.obs_count[0][rows])
+    np.testing.assert_allclose(b.obs_weight[1].numpy(), 1 / store.obs_count[1 + half, rows])
+    assert ReflectionStore(space, kl_per_pass=False).kl_per_pass is False
+
+
+def test_wilson_sigma_follows_the_binned_mean_intensity(space):
+    rng = np.random.default_rng(7)
+    store = ReflectionStore(space)
+    for j in range(40):
+        m = make_crystal(rng, n=200, image=f"i{j}")
+        # a Wilson-like fall-off: mean I = 1000 exp(-B s²/2) with s² = 1/d²
+        rows = space.lookup(m.hkl())
+        d = np.where(rows >= 0, space.d[np.maximum(rows, 0)], 10.0)
+        m.I = (1000 * np.exp(-10.0 / d ** 2) * rng.exponential(1.0, len(m))).astype(np.float32)
+        store.add(m)
+    sig = store.wilson_sigma(n_bins=8)
+    assert sig.shape == (space.n_unique,) and (sig > 0).all()
+    x = 1 / space.d.astype(np.float64) ** 2
+    lo, hi = x < np.quantile(x, 0.2), x > np.quantile(x, 0.8)
+    want_ratio = np.exp(-10.0 * x[hi].mean()) / np.exp(-10.0 * x[lo].mean())
+    got_ratio = sig[hi].mean() / sig[lo].mean()
+    assert 0.6 * want_ratio < got_ratio < 1.6 * want_ratio
+    assert ReflectionStore(space).wilson_sigma() is None

@@ -34,6 +34,12 @@ class Batch:
         ``(n_images,)`` int64 half-dataset of each image (0 or 1), from a stable hash.
     image_id
         ``(n_images,)`` int64 store-wide id of each image (for visit counters, twin choice).
+    obs_weight
+        Optional ``(2, n)`` float32: 1 / (observations of the reflection's row) in the whole
+        store, for the full table (row 0) and for the image's half table (row 1).  With it the
+        KL of each row counts once per pass over the data, as in the true ELBO; without it,
+        once per minibatch the row appears in (abismal's choice, which weights the prior by
+        the multiplicity).
     """
 
     asu_id: torch.Tensor
@@ -44,6 +50,7 @@ class Batch:
     image_offsets: torch.Tensor
     half: torch.Tensor
     image_id: torch.Tensor
+    obs_weight: torch.Tensor | None = None
 
     @property
     def n_reflections(self) -> int:
@@ -59,5 +66,6 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """A copy with every tensor on ``device``."""
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+        return Batch(**{f.name: None if getattr(self, f.name) is None
+                        else getattr(self, f.name).to(device, non_blocking=non_blocking)
                         for f in fields(self)})

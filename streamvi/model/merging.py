@@ -134,7 +134,8 @@ class VariationalMergingModel(nn.Module):
 
     def _table_terms(self, table: int | torch.Tensor, row_ids: torch.Tensor,
                      scale_sample: torch.Tensor, iobs: torch.Tensor, sigiobs: torch.Tensor,
-                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None,
+                     obs_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         post = self.posterior
         flat = post.flat_index(table, row_ids)
         # One draw per unique row, shared by all of its observations in the batch, and
@@ -148,7 +149,13 @@ class VariationalMergingModel(nn.Module):
         rows = torch.remainder(unique_flat, post.n_rows)
         log_q = post.log_prob_with(F, loc, scale)
         log_p = self.prior.log_prob(F, rows)
-        kl = (log_q - log_p).mean(dim=0).sum() / row_ids.shape[0]
+        kl_rows = (log_q - log_p).mean(dim=0)
+        if obs_weight is not None:
+            # each observation carries 1/multiplicity of its row's KL: summed over a pass
+            # through the data every row's KL counts once
+            w = torch.zeros_like(kl_rows).index_add_(0, inverse, obs_weight.to(kl_rows.dtype))
+            kl_rows = kl_rows * w
+        kl = kl_rows.sum() / row_ids.shape[0]
         return nll, kl
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> LossTerms:
@@ -168,10 +175,13 @@ class VariationalMergingModel(nn.Module):
                         device=s_loc.device, dtype=s_loc.dtype)
         scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
 
-        nll, kl_F = self._table_terms(0, row_ids, scale_sample, iobs, sigiobs, generator)
+        w = batch.obs_weight
+        nll, kl_F = self._table_terms(0, row_ids, scale_sample, iobs, sigiobs, generator,
+                                      None if w is None else w[0])
         half_table = 1 + batch.half[batch.image_index]
         nll_half, kl_F_half = self._table_terms(half_table, row_ids, scale_sample.detach(),
-                                                iobs, sigiobs, generator)
+                                                iobs, sigiobs, generator,
+                                                None if w is None else w[1])
         kl_scale = self.scale_model.kl(s_loc, s_scale).mean()
         loss = nll + nll_half + self.kl_weight * (kl_F + kl_F_half + kl_scale)
         return LossTerms(nll=nll, kl_F=kl_F, kl_scale=kl_scale, loss=loss,

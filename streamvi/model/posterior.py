@@ -59,6 +59,17 @@ class FoldedNormalPosterior(nn.Module):
                            _inverse_softplus(init_scale - _SCALE_FLOOR)], dim=1)
         self.weight = nn.Parameter(raw.repeat(self.n_tables, 1))
 
+    @torch.no_grad()
+    def reset_rows(self, row_ids: torch.Tensor, loc: torch.Tensor,
+                   scale: torch.Tensor | None = None) -> None:
+        """Put rows ``row_ids`` of every table back to ``(loc, scale)`` (default 0.01·loc)."""
+        if scale is None:
+            scale = 0.01 * loc
+        raw = torch.stack([_inverse_softplus(loc.float()),
+                           _inverse_softplus(scale.float() - _SCALE_FLOOR)], dim=1)
+        for t in range(self.n_tables):
+            self.weight[t * self.n_rows + row_ids] = raw.to(self.weight.dtype)
+
     def flat_index(self, table: int | torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         """Row of :attr:`weight` for ``row_ids`` in ``table`` (an int or a tensor like row_ids)."""
         return table * self.n_rows + row_ids

@@ -42,6 +42,7 @@ class WilsonPrior(nn.Module):
         if not (bool(torch.all(epsilon > 0)) and bool(torch.all(sigma > 0))):
             raise ValueError("epsilon and sigma must be positive for every reflection")
         self.register_buffer("centric", centric)
+        self.register_buffer("epsilon", epsilon.contiguous())
         # εΣ = E[F²] is all the densities need
         self.register_buffer("variance", (epsilon * sigma).contiguous())
 
@@ -57,6 +58,16 @@ class WilsonPrior(nn.Module):
         acentric_lp = math.log(2.0) + torch.log(F.clamp_min(_F_FLOOR)) - torch.log(var) - F2 / var
         centric_lp = 0.5 * (math.log(2.0 / math.pi) - torch.log(var)) - F2 / (2.0 * var)
         return torch.where(centric, centric_lp, acentric_lp)
+
+    @torch.no_grad()
+    def set_sigma(self, sigma: torch.Tensor) -> None:
+        """Replace Σ (per row, or one value) keeping ε: the variance becomes ε·Σ."""
+        eps = self.epsilon
+        sigma = torch.broadcast_to(torch.as_tensor(sigma, dtype=torch.float32,
+                                                   device=self.variance.device), eps.shape)
+        if not bool(torch.all(sigma > 0)):
+            raise ValueError("sigma must be positive for every reflection")
+        self.variance.copy_(eps * sigma)
 
     def mean(self, row_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Expected amplitude under the prior (all rows when ``row_ids`` is None)."""
