@@ -85,13 +85,16 @@ class MergeEngine:
         Batching and statistics settings.
     """
 
+    #: Trainer class the engine builds (data-parallel engines substitute their own).
+    trainer_class: type[Trainer] = Trainer
+
     def __init__(self, space: ReciprocalSpace, trainer_config: TrainerConfig | None = None,
                  config: EngineConfig | None = None):
         self.space = space
         self.config = config or EngineConfig()
         self.trainer_config = trainer_config or TrainerConfig()
-        self.trainer = Trainer(self.trainer_config, centric=space.centric,
-                               epsilon=space.epsilon, n_metadata=N_METADATA)
+        self.trainer = self.trainer_class(self.trainer_config, centric=space.centric,
+                                          epsilon=space.epsilon, n_metadata=N_METADATA)
         self.device = self.trainer.device
         self.store = ReflectionStore(space, device=self.device,
                                      device_budget_bytes=self.config.device_budget_bytes,

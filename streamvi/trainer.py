@@ -183,6 +183,7 @@ class Trainer:
         self.scale_optimizer.zero_grad(set_to_none=True)
         self.posterior_optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
+        self._reduce_gradients()
         self.scale_optimizer.step()
         self.posterior_optimizer.step()
         self.step += 1
@@ -193,6 +194,13 @@ class Trainer:
         return StepReport(step=self.step, loss=loss, nll=nll, kl_F=kl_F, kl_scale=kl_scale,
                           n_images=batch.n_images, n_reflections=batch.n_reflections,
                           seconds=time.perf_counter() - start, chosen_ops=chosen)
+
+    def _reduce_gradients(self) -> None:
+        """Hook between ``backward`` and the optimiser steps; a no-op for one process.
+
+        Data-parallel ranks override it to combine their gradients so that every rank takes
+        the same step (:class:`streamvi.distributed.DistributedTrainer`).
+        """
 
     def set_wilson_sigma(self, sigma: np.ndarray, *, reset: np.ndarray | None = None) -> None:
         """Set the Wilson prior's Σ per row (standardised units) from a Wilson plot.
