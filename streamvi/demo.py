@@ -58,9 +58,15 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sim = SimulationConfig(n_images=images, seed=seed)
+    t_sim = time.perf_counter()
     truth = simulate_structure(sim)
     truth_path = out / "truth.mtz"
     truth.to_mtz(truth_path)
+    # simulated up front, so the sender keeps the beamline's pace whatever the CPU load
+    crystals = list(simulate_images(sim, truth))
+    print(f"streamvi demo: simulated {images} still shots "
+          f"({sum(len(c) for c in crystals) / max(images, 1):.0f} reflections each) in "
+          f"{time.perf_counter() - t_sim:.1f} s", file=stream)
     cell = " ".join(str(x) for x in sim.cell)
     cfg = load_config(env={}, overrides={
         "listen": ["tcp://127.0.0.1:*"], "publish_endpoint": "tcp://127.0.0.1:*",
@@ -83,7 +89,7 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     report: dict = {}
 
     def produce() -> None:
-        report["send"] = send_messages(simulate_images(sim, truth), endpoint, rate=rate)
+        report["send"] = send_messages(crystals, endpoint, rate=rate)
 
     sender = threading.Thread(target=produce, name="demo-sender", daemon=True)
     sender.start()
@@ -93,8 +99,11 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
             _live_line(service, stream, t0)
         service.wait_until(lambda s: s.counters.snapshot()["crystals_received"] >= images
                            and s.ingestor.queue_depth == 0, timeout=30)
-        service.wait_until(lambda s: s.all_visited(catch_up_visits), timeout=max_catch_up_s,
-                           poll=0.5)
+        # the beam is off: keep training until every image has had its share of visits
+        deadline = time.monotonic() + max_catch_up_s
+        while not service.all_visited(catch_up_visits) and time.monotonic() < deadline:
+            time.sleep(live_every_s)
+            _live_line(service, stream, t0)
         _live_line(service, stream, t0)
         print(file=stream)
     finally:
@@ -120,10 +129,11 @@ def _live_line(service, stream: TextIO, t0: float) -> None:
     cc = snap.stats.overall.get("cc_half") if snap is not None else None
     comp = snap.stats.overall.get("completeness") if snap is not None else None
     uniq = int(snap.stats.overall.get("n_unique", 0)) if snap is not None else 0
-    stream.write(f"\r{time.perf_counter() - t0:6.1f} s  images {st['crystals_merged']:6d}  "
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    stream.write(("\r" if tty else "") + f"{time.perf_counter() - t0:6.1f} s  images {st['crystals_merged']:6d}  "
                  f"{st['images_per_s']:6.1f} images/s  unique {uniq:6d}  "
                  f"CC1/2 {_f(cc)}  completeness {_f(comp, pct=True)}  "
-                 f"steps {st['steps']:6d}  unvisited {st['unvisited_images']:5d}")
+                 f"steps {st['steps']:6d}  unvisited {st['unvisited_images']:5d}" + ("" if tty else "\n"))
     stream.flush()
 
 

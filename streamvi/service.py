@@ -133,10 +133,11 @@ class Service:
     def _make_engine(self, cell) -> MergeEngine:
         space = ReciprocalSpace(self.space_group, cell, self.config.dmin,
                                 anomalous=self.config.anomalous)
+        engine = MergeEngine(space, self.trainer_config, self.engine_config)
         log.info("merging in %s, cell %s, dmin %.2f Å: %d unique rows on %s",
                  self.space_group.hm, tuple(round(x, 3) for x in space.cell.parameters),
-                 space.dmin, space.n_unique, self.trainer_config.device)
-        return MergeEngine(space, self.trainer_config, self.engine_config)
+                 space.dmin, space.n_unique, engine.device)
+        return engine
 
     # ------------------------------------------------------------------ life cycle
 
