@@ -44,8 +44,13 @@ def _run_simulate(args: argparse.Namespace) -> int:
     n = 0
     if args.output:
         from streamvi_crystfel.writer import write_stream
+        from streamvi_sim import detector_of
 
-        n = write_stream(args.output, simulate_images(cfg, truth), config=cfg)
+        geometry = detector_of(cfg).geometry_text(photon_energy_eV=cfg.photon_energy_eV)
+        n = write_stream(args.output, simulate_images(cfg, truth), target_cell=cfg.cell,
+                         space_group=cfg.space_group, geometry=geometry,
+                         command_line=f"streamvi simulate --images {cfg.n_images} "
+                                      f"--seed {cfg.seed} --dmin {cfg.dmin}")
     if args.to:
         from streamvi.send import send_messages
 
@@ -61,14 +66,15 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="summarise a CrystFEL stream (or DIALS files) as JSON")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="a .stream file, or a DIALS .refl or .expt (the pair "
+                   "is read together)")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
     if not args.path.exists():
         raise StreamviError(f"inspect: {args.path}: no such file")
     if args.path.suffix in (".refl", ".expt"):
-        from streamvi_dials import inspect_dials  # type: ignore[import-not-found]
+        from streamvi_dials import inspect_dials
 
         summary = inspect_dials(args.path)
     else:
@@ -215,26 +221,57 @@ def _run_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- send
 
 def _add_send(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("send", help="stream a CrystFEL stream file into a running service")
-    p.add_argument("files", nargs="+", help="stream file(s); '-' reads standard input")
+    p = sub.add_parser(
+        "send", help="stream CrystFEL streams (or DIALS .refl files) into a running service",
+        description="Send every crystal of the inputs to a service's PULL endpoint; several "
+        "inputs are read at once. With --follow, streams are tailed as indexamajig writes "
+        "them (a file cut short or replaced is read again from its start) until Ctrl-C or "
+        "SIGTERM; named pipes and '-' are read until their writer closes them.")
+    p.add_argument("files", nargs="+", help="CrystFEL streams (.stream, named pipes, '-' for "
+                   "standard input) and DIALS files (.refl or .expt, the pair read together)")
     p.add_argument("--to", required=True, metavar="URL", help="the service's endpoint, tcp://…")
     p.add_argument("--rate", type=float, default=None, help="images per second (default: as fast "
                    "as the service takes them)")
-    p.add_argument("--follow", action="store_true", help="keep reading files that grow")
-    p.add_argument("--position-file", type=Path, help="remember what was sent; resume there")
+    p.add_argument("--follow", action="store_true", help="keep reading streams that grow")
+    p.add_argument("--position-file", type=Path, help="JSON file of what was sent; a restart "
+                   "resumes after the last crystal sent (pipes are not recorded)")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="with --follow: stop following a stream after S seconds without new "
+                   "data (default: follow until stopped)")
+    p.add_argument("--poll", type=float, default=0.1, metavar="S",
+                   help="with --follow: seconds between looks at the end of a file")
+    p.add_argument("--run", default=None, help="run name of every crystal (default: each "
+                   "file's name without its suffix; 'stdin' for '-')")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="give up when the service takes nothing for S seconds (default: wait)")
 
 
 def _run_send(args: argparse.Namespace) -> int:
-    from streamvi.send import send_file
+    import signal
+    import threading
 
-    total = 0
-    for f in args.files:
-        rep = send_file(f, args.to, rate=args.rate, follow=args.follow,
-                        position_file=args.position_file)
-        print(json.dumps({"file": f, "sent": rep.sent, "rejected": rep.rejected,
-                          "seconds": round(rep.seconds, 3)}))
-        total += rep.sent
-    return 0
+    from streamvi.send import send_files
+
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        # A signal ends the run cleanly: what was sent is flushed and the position file saved.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    try:
+        report = send_files(args.files, args.to, follow=args.follow,
+                            position_file=args.position_file, rate=args.rate, run=args.run,
+                            poll_s=args.poll, idle_timeout_s=args.idle_timeout,
+                            stop_event=stop, timeout_s=args.timeout)
+    except TimeoutError as exc:
+        raise StreamviError(str(exc)) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for name, counts in report.by_file.items():
+        print(json.dumps({"file": name, "sent": counts["sent"], "rejected": counts["rejected"],
+                          "seconds": round(report.seconds, 3)}), flush=True)
+    return 130 if stop.is_set() and not args.follow else 0
 
 
 # ---------------------------------------------------------------------------- demo

@@ -1,0 +1,52 @@
+"""The command line in-process: simulate → inspect → merge, and demo, as a user runs them."""
+import json
+
+import reciprocalspaceship as rs
+
+from streamvi.cli import main
+from streamvi.evaluate import compare_to_truth
+
+
+def test_simulate_inspect_merge(tmp_path, capsys):
+    stream = tmp_path / "sim.stream"
+    truth = tmp_path / "truth.mtz"
+    assert main(["simulate", "--images", "60", "--seed", "1", "--dmin", "3.0", "-o", str(stream),
+                 "--truth", str(truth)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(stream)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["crystals"] == 60
+    out = tmp_path / "merged.mtz"
+    assert main(["merge", str(stream), "-o", str(out), "--space-group", "P 43 21 2",
+                 "--dmin", "3.0", "--anomalous", "--steps", "150", "--device", "cpu",
+                 "--mc-samples", "4", "--quiet", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report["stats"]["overall"]["completeness"] > 0.9
+    ds = rs.read_mtz(str(out))
+    assert {"F", "SIGF", "F(+)", "F(-)", "N", "F_half1"} <= set(ds.columns)
+    assert ds.spacegroup.hm == "P 43 21 2"
+    assert compare_to_truth(ds, rs.read_mtz(str(truth)))["cc_F"] > 0.3
+
+
+def test_inspect_real_streams(capsys, shared_data):
+    assert main(["inspect", str(shared_data / "crystfel" / "5ht2b_lcls_32crystals.stream")]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["images"], s["crystals"], s["reflections"]) == (70, 32, 7966)
+    assert main(["inspect", str(shared_data / "crystfel" / "hewl_palxfel_3crystals.stream")]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["crystals"], s["reflections"]) == (3, 618)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--images", "80", "--rate", "400", "--out-dir", str(tmp_path),
+                 "--device", "cpu", "--metrics-port", "-1"]) == 0
+    out = capsys.readouterr().out
+    assert "merged MTZ:" in out and "CC(F, F_true)" in out
+    assert len(rs.read_mtz(str(tmp_path / "latest.mtz"))) > 1000
+
+
+def test_missing_file_and_no_command(capsys):
+    assert main(["inspect", "/nonexistent.stream"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main([]) == 2
