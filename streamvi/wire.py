@@ -141,8 +141,18 @@ class CrystalMessage:
 
 
 def array_map(a: np.ndarray, dtype: str) -> dict[str, Any]:
-    """A 1-D array as a wire array map ``{dtype, shape, data}``."""
-    arr = np.ascontiguousarray(a, dtype=np.dtype(dtype))
+    """A 1-D array as a wire array map ``{dtype, shape, data}``.
+
+    Floats beyond the range of a narrower float dtype become ±inf, as decoding expects (it
+    drops those rows, ``nonfinite_intensity``).  Values that an integer dtype cannot hold
+    exactly raise ``ValueError`` instead of wrapping around into other valid numbers.
+    """
+    dt = np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = np.ascontiguousarray(a, dtype=dt)
+    if dt.kind in "iu" and not np.array_equal(arr, a):
+        raise ValueError(f"values do not fit the wire dtype {dtype} exactly (out of its range, "
+                         "or not integers)")
     return {"dtype": dtype, "shape": [int(arr.shape[0])], "data": arr.tobytes()}
 
 
