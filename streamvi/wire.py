@@ -426,7 +426,15 @@ def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
     )
     for key in OPTIONAL_ROW_FLOATS:
         if key in rows:
-            setattr(msg, key, as_(rows[key], "<f4"))
+            with np.errstate(over="ignore"):    # <f8 beyond float32 becomes inf: refused below
+                values = as_(rows[key], "<f4")
+            if not np.isfinite(values).all():
+                # these columns feed the scale model: one NaN would poison the whole merge
+                raise ValueRangeError(f"key '{key}': {int((~np.isfinite(values)).sum())} of "
+                                      f"{values.size} kept rows are not finite float32 numbers; "
+                                      "send finite values or leave the key out",
+                                      reason="out_of_range", key=key)
+            setattr(msg, key, values)
     for key in OPTIONAL_VECTORS:
         if d.get(key) is not None:
             setattr(msg, key, _decode_vector(key, d[key], 3))
