@@ -447,18 +447,27 @@ def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
     return msg
 
 
+#: Panel indices are int16: at most this many distinct panels per message.
+_PANELS_MAX = 32768
+
+
 def _decode_panel(v: Any, names: Any) -> tuple[np.ndarray, list[str]]:
     """Panels as (int16 index, names); accepts an index array + names or a list of str."""
     if isinstance(v, (list, tuple)):
         if not all(isinstance(x, str) for x in v):
             raise FieldTypeError("key 'panel': a list must hold strings only", key="panel")
         uniq, inv = np.unique(np.asarray(v, dtype=object).astype(str), return_inverse=True)
+        if len(uniq) > _PANELS_MAX:
+            raise ValueRangeError(f"key 'panel': {len(uniq)} distinct panel names; at most "
+                                  f"{_PANELS_MAX} are supported", reason="out_of_range",
+                                  key="panel")
         return inv.astype(np.int16), [str(x) for x in uniq]
     idx = _decode_array("panel", v, INT_DTYPES)
     if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
         raise FieldTypeError("key 'panel_names': an index array 'panel' needs a list of "
                              "panel name strings in 'panel_names'", key="panel_names")
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(names)):
-        raise ValueRangeError("key 'panel': index outside 'panel_names'",
-                              reason="out_of_range", key="panel")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= min(len(names), _PANELS_MAX)):
+        # indices are kept as int16: a larger one would wrap into a negative index
+        raise ValueRangeError("key 'panel': index outside 'panel_names' (or beyond "
+                              f"{_PANELS_MAX - 1})", reason="out_of_range", key="panel")
     return idx.astype(np.int16, copy=False), list(names)
