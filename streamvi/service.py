@@ -314,17 +314,19 @@ class Service:
                      "crystals_merged": self.crystals_merged,
                      "spool_records": self.spool.n_records, "time": time.time(),
                      "space": self.engine.space.to_dict()}
-        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".checkpoint.", suffix=".tmp")
-        os.close(fd)
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".checkpoint.", suffix=".tmp")
+            os.close(fd)
             torch.save(state, tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.checkpoint_path)
-        except OSError as exc:
-            log.error("checkpoint %s failed: %s (will retry at the next interval)",
+        except (OSError, RuntimeError) as exc:   # torch.save reports a full disk as RuntimeError
+            log.error("checkpoint %s failed: %s (disk full? will retry at the next interval)",
                       self.checkpoint_path, exc)
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             return None
         return self.checkpoint_path
 
@@ -350,6 +352,12 @@ class Service:
             n += 1
         if n:
             log.info("replayed %d spooled crystals in %.1f s", n, time.perf_counter() - t0)
+        # Every spooled record was just replayed, so the duplicates among them are all those
+        # ever received; the checkpoint's count lacks the ones counted after it was written
+        # (or all of them, without a checkpoint).  Counters only grow.
+        missing = self.duplicates - self.counters.duplicates
+        if missing > 0:
+            self.counters.add_duplicates(missing)
         if state is not None and self.engine is not None:
             if state.get("space") != self.engine.space.to_dict():
                 raise ConfigError(f"{self.checkpoint_path} was made for {state.get('space')} "
