@@ -42,6 +42,10 @@ OPTIONS: tuple[Option, ...] = (
            "CURVE encryption and authentication of producers", "input"),
     Option("curve_allowed_clients", str, "", "directory of allowed producer public key files",
            "input"),
+    Option("om_url", str, "", "OM data-broadcast URL (tcp://om-host:12321) for hit rate and beam "
+           "figures on the status page; empty: off", "input"),
+    Option("om_allow_pickle", bool, False, "accept OM's pickled broadcasts (only for an OM you "
+           "run, on a network only it can publish on)", "input"),
     # --- merge
     Option("space_group", str, "", "space group of the merge, e.g. 'P 43 21 2' (required)",
            "merge"),

@@ -109,6 +109,7 @@ class Service:
         self.last_step_report = None
         self.recovered_from_checkpoint = False
         self.metrics_server = None
+        self.om_bridge = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -143,6 +144,10 @@ class Service:
 
     def start(self) -> "Service":
         """Recover (checkpoint + spool), then start ingest and training threads."""
+        if self.config.om_url:
+            from streamvi_om import attach_om
+
+            attach_om(self)       # refuses pickle unless om_allow_pickle: before anything runs
         self._recover()
         self.ingestor.start()
         self._thread = threading.Thread(target=self._train_loop, name="streamvi-train",
@@ -159,6 +164,10 @@ class Service:
 
     def stop(self, *, checkpoint: bool = True, publish: bool = True) -> None:
         """Stop ingest, finish the current step, publish and checkpoint."""
+        if self.om_bridge is not None:
+            from streamvi_om import detach_om
+
+            detach_om(self)
         self.ingestor.stop()
         self._drain_queue()
         self._stop.set()
@@ -296,7 +305,15 @@ class Service:
             "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,
             "mtz_written": self.mtz.n_written, "mtz_errors": self.mtz.n_errors,
             "device": str(self.engine.device) if self.engine is not None else None,
+            "om": self._om_status(),
         }
+
+    def _om_status(self) -> dict[str, Any] | None:
+        if self.om_bridge is None:
+            return None
+        from streamvi_om import om_status
+
+        return om_status(self)
 
     # ------------------------------------------------------------------ checkpoints
 

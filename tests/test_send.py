@@ -123,8 +123,8 @@ def test_bad_arguments(tmp_path: Path) -> None:
         send_messages([], "bogus://nowhere")
     f = tmp_path / "x.stream"
     f.write_text("")
-    with pytest.raises(NotImplementedError, match="follow"):
-        send_file(f, "tcp://127.0.0.1:1", follow=True)
+    with pytest.raises(ConfigError, match="idle_timeout_s"):
+        send_file(f, "tcp://127.0.0.1:1", follow=True, idle_timeout_s=-1)
     with pytest.raises(ConfigError, match="no such file"):
         send_file(tmp_path / "missing.stream", "tcp://127.0.0.1:1")
     other = tmp_path / "x.h5"

@@ -190,7 +190,14 @@ class ServiceCollector(Collector):
     def collect(self) -> list[Metric]:
         with self._lock:
             return [*self._ingest(), *self._training(), *self._store(), *self._quality(),
-                    *self._process()]
+                    *self._process(), *self._om()]
+
+    def _om(self) -> list[Metric]:
+        if getattr(self.service, "om_bridge", None) is None:
+            return []
+        from streamvi_om import om_metric_families
+
+        return om_metric_families(self.service)
 
     # ------------------------------------------------------------------ ingest
 
