@@ -1,0 +1,694 @@
+"""Data-parallel merging over ``torch.distributed`` (DESIGN.md section 8).
+
+N ranks (one device each: NCCL between GPUs, gloo between CPU processes) train one model.
+Each rank owns an :class:`~streamvi.ingest.Ingestor` whose PULL socket takes its share of a
+producer's PUSH fan-out (ZeroMQ hands each message to one peer, round robin), a store of the
+crystals it received and its own scheduler.  Every step the ranks move in lock-step:
+
+1. :meth:`DistributedEngine.sync`: one small all-reduce of per-rank counters and flags; when
+   any rank stored new crystals, an all-reduce of the per-row statistics added since the last
+   sync (observation counts per table, Σ1/σ², ΣI/σ², ΣI).  Every store then holds the global
+   statistics, so the KL weights (``obs_weight`` = 1 / global multiplicity), the Wilson Σ and
+   ⟨I/σ(I)⟩ are those of all the data, identical on every rank.
+2. each rank draws ``batch_images`` whole images from its own store (global batch:
+   ``world_size × batch_images``);
+3. while the standardiser warms up, each rank's batch moments are all-gathered and merged in
+   rank order (Chan's pairwise update), so every rank freezes at the same step with the same
+   statistics (:class:`RankStandardizer`);
+4. after ``backward`` (:meth:`DistributedTrainer._reduce_gradients`) the scale network's dense
+   gradients go through one all-reduce and the posterior's sparse gradient through one
+   all-gather of (row, value) pairs; both are weighted by each rank's reflections, which makes
+   the combined gradient that of the mean over the global batch — the objective of one
+   process with the whole batch.  The sparse result touches only the union of the ranks'
+   rows, so rows outside every rank's minibatch stay bit-identical (lazy updates);
+5. every rank takes the same optimiser step on the same gradient: parameters stay identical.
+
+Rank 0 writes the MTZ snapshots and checkpoints (:func:`run_rank`).
+
+Each rank draws its own Monte Carlo noise (generator seeded ``seed + rank × 1000003``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from streamvi.counters import IngestCounters
+from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
+from streamvi.errors import ConfigError
+from streamvi.model.standardize import Standardizer
+from streamvi.symmetry import ReciprocalSpace
+from streamvi.trainer import StepReport, Trainer, TrainerConfig
+from streamvi.wire import CrystalMessage, encode_crystal
+
+log = logging.getLogger(__name__)
+
+#: Store arrays that are summed over ranks (per posterior row).
+STORE_STATISTICS = ("obs_count", "sum_w", "sum_wi", "sum_i")
+_RANK_SEED_STRIDE = 1_000_003
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------------- process group
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for ``tcp://host:port`` rendezvous in tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def default_backend(device: str | torch.device = "auto") -> str:
+    """``nccl`` when training on CUDA, else ``gloo``."""
+    name = str(device)
+    on_cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+    return "nccl" if on_cuda else "gloo"
+
+
+def init_process_group(rank: int, world_size: int, *, init_method: str | None = None,
+                       backend: str = "auto", device: str = "auto",
+                       timeout_s: float = 300.0) -> None:
+    """Join the default process group (no-op when already joined).
+
+    ``init_method`` defaults to ``env://`` (``MASTER_ADDR``, ``MASTER_PORT``, as ``torchrun``
+    sets them).  With NCCL each rank selects ``cuda:<LOCAL_RANK>`` (or ``rank`` modulo the
+    number of visible GPUs).
+    """
+    if dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = default_backend(device)
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local % max(torch.cuda.device_count(), 1))
+    from datetime import timedelta
+
+    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def _require_group() -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ConfigError("data-parallel training needs torch.distributed initialised first: "
+                          "call streamvi.distributed.init_process_group(rank, world_size, ...) "
+                          "or start the ranks with torchrun")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _comm_device(fallback: torch.device) -> torch.device:
+    """Where collective buffers live: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if fallback.type != "cpu" else fallback
+
+
+# ---------------------------------------------------------------------- trainer
+
+
+class RankStandardizer(Standardizer):
+    """A :class:`Standardizer` whose warm-up sees every rank's batch.
+
+    :meth:`update` is a collective: each rank's batch moments are all-gathered and merged in
+    rank order, so all ranks hold the same statistics (those of the union of the batches,
+    exact up to rounding) and reach the freezing threshold at the same step.
+    """
+
+    @torch.no_grad()
+    def update(self, metadata: torch.Tensor, iobs: torch.Tensor) -> None:
+        if self.is_frozen:
+            return
+        dev = _comm_device(self.count.device)
+        x = metadata.to(dev, torch.float64).reshape(-1, self.n_metadata)
+        i = iobs.to(dev, torch.float64).reshape(-1)
+        n = x.shape[0]
+        local = torch.zeros(3 + 2 * self.n_metadata, dtype=torch.float64, device=dev)
+        if n:
+            mean = x.mean(dim=0)
+            local[0] = n
+            local[1:1 + self.n_metadata] = mean
+            local[1 + self.n_metadata:1 + 2 * self.n_metadata] = ((x - mean) ** 2).sum(dim=0)
+            local[-2] = i.sum()
+            local[-1] = (i * i).sum()
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        part = Standardizer(self.n_metadata).to(self.count.device)
+        m = self.n_metadata
+        for v in gathered:
+            v = v.to(self.count.device)
+            if float(v[0]) == 0.0:
+                continue
+            part.count.copy_(v[0])
+            part.meta_mean.copy_(v[1:1 + m])
+            part.meta_m2.copy_(v[1 + m:1 + 2 * m])
+            part.i_sum.copy_(v[-2])
+            part.i_sumsq.copy_(v[-1])
+            self.merge(part)
+
+
+class DistributedTrainer(Trainer):
+    """A :class:`~streamvi.trainer.Trainer` for one rank of a data-parallel job.
+
+    Same constructor as :class:`Trainer`; the default process group must be initialised
+    (:func:`init_process_group`).  Parameters and buffers start from rank 0's, the
+    standardiser is a :class:`RankStandardizer`, and :meth:`learn_batch` becomes a
+    collective that every rank must call once per step with a non-empty batch.
+
+    Attributes
+    ----------
+    comm_seconds
+        Wall time spent combining gradients, s (summed over steps).
+    """
+
+    def __init__(self, config: TrainerConfig, *, centric: np.ndarray, epsilon: np.ndarray,
+                 n_metadata: int) -> None:
+        self.rank, self.world_size = _require_group()
+        super().__init__(config, centric=centric, epsilon=epsilon, n_metadata=n_metadata)
+        std = RankStandardizer(n_metadata).to(self.device)
+        std.load_state_dict(self.model.standardizer.state_dict())
+        self.model.standardizer = std
+        self.generator.manual_seed(config.seed + _RANK_SEED_STRIDE * self.rank)
+        self._local_reflections = 0
+        self.comm_seconds = 0.0
+        self.broadcast_state()
+
+    @torch.no_grad()
+    def broadcast_state(self, src: int = 0) -> None:
+        """Overwrite this rank's parameters and buffers with rank ``src``'s."""
+        dev = _comm_device(self.device)
+        for tensor in self.model.state_dict().values():
+            buf = tensor if tensor.device == dev else tensor.to(dev)
+            dist.broadcast(buf, src)
+            if buf is not tensor:
+                tensor.copy_(buf)
+
+    def learn_batch(self, batch) -> StepReport:
+        """One collective optimiser step (every rank, each on its own batch)."""
+        self._local_reflections = batch.n_reflections
+        return super().learn_batch(batch)
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for opt in (self.scale_optimizer, self.posterior_optimizer)
+                for group in opt.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def _reduce_gradients(self) -> None:
+        """Reflection-weighted mean of every rank's gradients, identical on every rank.
+
+        Dense gradients and the counters travel in one all-reduce (``Σ n_r g_r``, ``Σ n_r``
+        and each rank's number of sparse rows); the sparse rows in one all-gather of
+        ``(row, n_r · value)`` padded to the longest, summed per row by ``coalesce``.
+        """
+        start = time.perf_counter()
+        dev = _comm_device(self.device)
+        world, rank = self.world_size, self.rank
+        n_local = float(self._local_reflections)
+        dense, sparse = [], []
+        for p in self._params():
+            (sparse if p.grad is not None and p.grad.is_sparse else dense).append(p)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          .to(dev, torch.float32) for p in dense]
+                         + [torch.zeros(1 + world * len(sparse), device=dev)])
+        n_dense = flat.shape[0] - 1 - world * len(sparse)
+        flat[:n_dense] *= n_local
+        flat[n_dense] = n_local
+        coalesced = []
+        for j, p in enumerate(sparse):
+            g = p.grad.coalesce()
+            coalesced.append(g)
+            flat[n_dense + 1 + j * world + rank] = g.indices().shape[1]
+        dist.all_reduce(flat)
+        total = float(flat[n_dense])
+        if total <= 0:
+            raise RuntimeError("no rank had reflections in this step")
+        offset = 0
+        for p in dense:
+            n = p.numel()
+            g = (flat[offset:offset + n] / total).view_as(p).to(p.device, p.dtype)
+            offset += n
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+        for j, (p, g) in enumerate(zip(sparse, coalesced)):
+            sizes = flat[n_dense + 1 + j * world:n_dense + 1 + (j + 1) * world].long().tolist()
+            p.grad = self._gather_sparse(g, sizes, n_local, total, dev)
+        self.comm_seconds += time.perf_counter() - start
+
+    def _gather_sparse(self, g: torch.Tensor, sizes: list[int], n_local: float, total: float,
+                       dev: torch.device) -> torch.Tensor:
+        """All ranks' ``(row, value)`` pairs → one sparse gradient on the union of rows."""
+        width = int(np.prod(g.shape[1:])) if g.dim() > 1 else 1
+        longest = max(sizes)
+        rows = g.indices()[0]
+        payload = torch.zeros((longest, 1 + width), dtype=torch.float64, device=dev)
+        payload[:rows.shape[0], 0] = rows.to(dev, torch.float64)
+        payload[:rows.shape[0], 1:] = g.values().reshape(rows.shape[0], width).to(
+            dev, torch.float64) * n_local
+        gathered = [torch.empty_like(payload) for _ in range(self.world_size)]
+        dist.all_gather(gathered, payload)
+        both = torch.cat([t[:n] for t, n in zip(gathered, sizes)]).to(g.device)
+        values = both[:, 1:].reshape((-1,) + tuple(g.shape[1:]))
+        out = torch.sparse_coo_tensor(both[:, 0].long().unsqueeze(0), values, g.shape,
+                                      check_invariants=False).coalesce()
+        return torch.sparse_coo_tensor(out.indices(), (out.values() / total).to(g.dtype),
+                                       g.shape, is_coalesced=True, check_invariants=False)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint (every rank loads the same one); each rank's generator is
+        reseeded from ``(seed, rank, step)`` except rank 0's, which is restored."""
+        super().load_state_dict(state)
+        if self.rank:
+            self.generator.manual_seed(int(self.config.seed) + _RANK_SEED_STRIDE * self.rank
+                                       + self.step)
+
+
+# ---------------------------------------------------------------------- engine
+
+
+@dataclass
+class SyncState:
+    """What :meth:`DistributedEngine.sync` learnt from every rank.
+
+    ``images`` and ``reflections`` are per rank (stored crystals and reflections);
+    ``flags`` are the callers' flags summed over ranks.
+    """
+
+    images: np.ndarray
+    reflections: np.ndarray
+    flags: np.ndarray
+
+    @property
+    def total_images(self) -> int:
+        return int(self.images.sum())
+
+    @property
+    def min_images(self) -> int:
+        return int(self.images.min())
+
+
+class DistributedEngine(MergeEngine):
+    """A :class:`~streamvi.engine.MergeEngine` for one rank of a data-parallel job.
+
+    Crystals are added locally (:meth:`add`); :meth:`step` is a collective: it synchronises
+    the store statistics, then trains on this rank's minibatch.  No rank trains before every
+    rank holds at least one image (:meth:`step` returns None on all of them until then).
+    Snapshots report global image and reflection counts (those of the last sync).
+    """
+
+    trainer_class = DistributedTrainer
+
+    def __init__(self, space: ReciprocalSpace, trainer_config: TrainerConfig | None = None,
+                 config: EngineConfig | None = None):
+        self.rank, self.world_size = _require_group()
+        super().__init__(space, trainer_config, config)
+        self._synced = {name: np.zeros(getattr(self.store, name).shape, np.float64)
+                        for name in STORE_STATISTICS}
+        self._synced_images = np.zeros(self.world_size, np.int64)
+        self.global_images = 0
+        self.global_reflections = 0
+        self.sync_seconds = 0.0
+
+    def sync(self, flags: Sequence[float] = ()) -> SyncState:
+        """Exchange counters and flags; merge new per-row statistics into every store.
+
+        A collective: every rank calls it with the same number of flags.
+        """
+        start = time.perf_counter()
+        dev = _comm_device(self.device)
+        w, r = self.world_size, self.rank
+        ctrl = torch.zeros(2 * w + len(flags), dtype=torch.float64, device=dev)
+        ctrl[r] = self.store.n_images
+        ctrl[w + r] = self.store.n_reflections
+        if len(flags):
+            ctrl[2 * w:] = torch.as_tensor(list(flags), dtype=torch.float64)
+        dist.all_reduce(ctrl)
+        c = ctrl.cpu().numpy()
+        state = SyncState(images=c[:w].astype(np.int64), reflections=c[w:2 * w].astype(np.int64),
+                          flags=c[2 * w:])
+        if not np.array_equal(state.images, self._synced_images):
+            self._merge_statistics(dev)
+            self._synced_images = state.images.copy()
+        self.global_images = state.total_images
+        self.global_reflections = int(state.reflections.sum())
+        self.sync_seconds += time.perf_counter() - start
+        return state
+
+    def _merge_statistics(self, dev: torch.device) -> None:
+        """Global totals = totals at the last sync + Σ over ranks of what each added since."""
+        st = self.store
+        deltas = [(getattr(st, name) - self._synced[name]).ravel() for name in STORE_STATISTICS]
+        buf = torch.from_numpy(np.concatenate(deltas)).to(dev)
+        dist.all_reduce(buf)
+        summed = buf.cpu().numpy()
+        offset = 0
+        for name in STORE_STATISTICS:
+            arr = getattr(st, name)
+            n = arr.size
+            total = self._synced[name] + summed[offset:offset + n].reshape(arr.shape)
+            offset += n
+            arr[...] = np.rint(total) if arr.dtype.kind == "i" else total
+            self._synced[name] = arr.astype(np.float64)
+
+    def step(self) -> StepReport | None:
+        """Sync, then one collective optimiser step; None on every rank while any is empty."""
+        state = self.sync()
+        return self.step_after_sync(state)
+
+    def step_after_sync(self, state: SyncState) -> StepReport | None:
+        """The training half of :meth:`step`, for callers that just called :meth:`sync`."""
+        if state.min_images == 0:
+            return None
+        return super().step()
+
+    def steps_per_epoch(self) -> int:
+        per_step = self.config.batch_images * self.world_size
+        return max(1, int(np.ceil(self.global_images / per_step)))
+
+    def snapshot(self, history: list[str] | None = None) -> MergeSnapshot:
+        snap = super().snapshot(history)
+        snap.n_images = self.global_images
+        snap.n_reflections = self.global_reflections
+        return snap
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["world_size"] = self.world_size
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Model, optimisers and Wilson stage from a checkpoint; this rank's scheduler starts
+        afresh (its store is its own: images replayed from its spool count as new)."""
+        self.trainer.load_state_dict(state["trainer"])
+        self._snapshot_id = int(state["snapshot_id"])
+        self.sigma_stage = int(state.get("sigma_stage", 0))
+
+
+# ---------------------------------------------------------------------- producer side
+
+
+class FanOut:
+    """A producer's PUSH socket that deals messages round robin to the ranks' PULL sockets.
+
+    Binds ``url`` (``tcp://127.0.0.1:*`` picks a port: see :attr:`endpoint`); the ranks
+    connect to it.  ZeroMQ gives each message to exactly one connected peer, in turn, and
+    blocks (backpressure) when every peer's high-water mark is reached.  Call
+    :meth:`wait_for_peers` before sending so that early messages are not all dealt to the
+    first rank to connect.
+    """
+
+    def __init__(self, url: str = "tcp://127.0.0.1:*", *, sndhwm: int = 1000,
+                 context: zmq.Context | None = None):
+        self._own = context is None
+        self.context = context or zmq.Context()
+        self.socket = self.context.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, int(sndhwm))
+        self._monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.socket.bind(url)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.peers = 0
+        self.sent = 0
+
+    def wait_for_peers(self, n_peers: int, timeout_s: float = 60.0) -> None:
+        """Block until ``n_peers`` PULL sockets have completed their handshake."""
+        deadline = time.monotonic() + timeout_s
+        while self.peers < n_peers:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._monitor.poll(int(left * 1000)):
+                raise TimeoutError(f"fan-out {self.endpoint}: {self.peers} of {n_peers} "
+                                   f"ranks connected after {timeout_s:g} s")
+            event = recv_monitor_message(self._monitor)["event"]
+            self.peers += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
+
+    def send(self, message: bytes | CrystalMessage) -> None:
+        payload = encode_crystal(message) if isinstance(message, CrystalMessage) else message
+        self.socket.send(payload)
+        self.sent += 1
+
+    def send_all(self, messages: Iterable[bytes | CrystalMessage], *,
+                 rate: float | None = None) -> int:
+        """Send every message, ``rate`` per second if given (fixed schedule); returns count."""
+        t0 = time.monotonic()
+        n = 0
+        for n, message in enumerate(messages, 1):
+            if rate is not None:
+                delay = t0 + (n - 1) / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            self.send(message)
+        return n
+
+    def close(self, linger_s: float = 30.0) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
+        self.socket.close(linger=int(linger_s * 1000))
+        if self._own:
+            self.context.term()
+
+    def __enter__(self) -> "FanOut":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- one rank
+
+
+@dataclass
+class RankResult:
+    """What :func:`run_rank` did on one rank (JSON-able with :meth:`to_dict`)."""
+
+    rank: int
+    world_size: int
+    crystals_received: int
+    images_stored: int
+    reflections_stored: int
+    global_images: int
+    steps: int
+    seconds: float
+    train_seconds: float
+    comm_seconds: float
+    sync_seconds: float
+    visits_min: int
+    visits_median: float
+    snapshots: int
+    keys: list[str] = field(default_factory=list)
+    mtz: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
+             space: ReciprocalSpace | dict, out_dir: str | os.PathLike,
+             init_method: str | None = None, backend: str = "auto",
+             trainer_config: TrainerConfig | None = None,
+             engine_config: EngineConfig | None = None, bind: bool = False,
+             expected_crystals: int | None = None, min_visits: int = 1,
+             idle_timeout_s: float | None = None, max_seconds: float | None = None,
+             publish_interval: float = 10.0, checkpoint_interval: float = 60.0,
+             threads: int | None = None, spool: bool = True, resume: bool = True,
+             queue_max_messages: int = 2000, rcvhwm: int = 1000,
+             keep_keys: bool = False) -> RankResult:
+    """Run one rank of a data-parallel merge until the ranks agree to stop.
+
+    Parameters
+    ----------
+    rank, world_size
+        This process's place in the job.
+    endpoints
+        ZeroMQ addresses to PULL from: by default each rank *connects* to a producer's bound
+        PUSH socket (:class:`FanOut`), which deals messages round robin; with ``bind=True``
+        each rank binds its own address and the producer connects to all of them.
+    space
+        The unique-reflection table (or its :meth:`~ReciprocalSpace.to_dict`).
+    out_dir
+        Rank 0 writes ``latest.mtz``, numbered snapshots and ``checkpoint.pt`` there; each
+        rank keeps its spool and dead-letter file in ``out_dir/rank<N>/``.
+    init_method
+        torch.distributed rendezvous (default ``env://``: ``MASTER_ADDR``/``MASTER_PORT``).
+    backend
+        ``auto`` (NCCL on CUDA, else gloo), ``nccl`` or ``gloo``.
+    expected_crystals
+        Stop once this many crystals were received over all ranks and every stored image
+        has had ``min_visits`` visits.
+    idle_timeout_s
+        Stop when no rank received anything for this long and every image has had
+        ``min_visits`` visits.
+    max_seconds
+        Stop after this long whatever else (measured on each rank; the first decides).
+    threads
+        torch CPU threads per rank (default: CPU cores / world size, at least 1).
+    spool, resume
+        Spool accepted messages per rank; on start, replay the spool and load rank 0's
+        checkpoint (model, optimisers) when they exist.
+    keep_keys
+        Return the ``run/image/crystal`` keys this rank stored (tests).
+
+    A SIGTERM to any rank stops all of them at the next step, with a final snapshot and
+    checkpoint.
+    """
+    from streamvi.deadletter import DeadLetter
+    from streamvi.ingest import Ingestor, replay_spool
+    from streamvi.publish.snapshots import MtzSnapshots
+    from streamvi.spool import Spool
+
+    t_start = time.monotonic()
+    tcfg = trainer_config or TrainerConfig()
+    if threads is None and default_backend(tcfg.device) == "gloo":
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    init_process_group(rank, world_size, init_method=init_method, backend=backend,
+                       device=tcfg.device)
+    if not isinstance(space, ReciprocalSpace):
+        space = ReciprocalSpace.from_dict(space)
+    out = Path(out_dir)
+    rank_dir = out / f"rank{rank}"
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    engine = DistributedEngine(space, tcfg, engine_config)
+    the_spool = Spool(rank_dir / "spool") if spool else None
+    counters = IngestCounters()
+    if the_spool is not None and resume:
+        for _seq, msg, arrival in replay_spool(the_spool, counters=counters):
+            engine.add(msg, arrival_time=arrival)
+    checkpoint = out / CHECKPOINT_NAME
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state.get("space") != space.to_dict():
+            raise ConfigError(f"{checkpoint} was made for {state.get('space')}, not "
+                              f"{space.to_dict()}; use another out_dir")
+        engine.load_state_dict(state["engine"])
+    ingestor = Ingestor(list(endpoints), bind=bind, spool=the_spool,
+                        dead_letter=DeadLetter(rank_dir / "dead-letter.jsonl"),
+                        counters=counters, queue_max_messages=queue_max_messages,
+                        rcvhwm=rcvhwm)
+    ingestor.start()
+    stop_requested = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    mtz = MtzSnapshots(out) if rank == 0 else None
+    received = 0
+    last_arrival = time.monotonic()
+    next_publish = time.monotonic() + publish_interval
+    next_checkpoint = time.monotonic() + checkpoint_interval
+    train_seconds = 0.0
+    snapshots = 0
+    try:
+        while True:
+            have_data = engine.store.n_images > 0
+            items = ingestor.get_batch(512, timeout=0 if have_data else 0.02)
+            for _seq, msg, arrival in items:
+                engine.add(msg, arrival_time=arrival)
+            received += len(items)
+            now = time.monotonic()
+            if items:
+                last_arrival = now
+            st = engine.store
+            visited = bool((st.visits[:st.n_images] >= min_visits).all()) \
+                and ingestor.queue_depth == 0
+            idle = idle_timeout_s is not None and now - last_arrival >= idle_timeout_s
+            timed_out = max_seconds is not None and now - t_start >= max_seconds
+            state = engine.sync([received, visited, idle, timed_out, stop_requested.is_set()])
+            g_received, n_visited, n_idle, n_timed_out, n_stop = state.flags
+            all_visited = n_visited == world_size and state.min_images > 0
+            if (n_timed_out or n_stop
+                    or (expected_crystals is not None and g_received >= expected_crystals
+                        and all_visited)
+                    or (n_idle == world_size and all_visited)):
+                break
+            t0 = time.perf_counter()
+            report = engine.step_after_sync(state)
+            if report is not None:
+                train_seconds += time.perf_counter() - t0
+            if rank == 0 and engine.store.n_images and now >= next_publish:
+                mtz.write(engine.snapshot(history=[f"streamvi data-parallel, {world_size} "
+                                                   "ranks"]))
+                snapshots += 1
+                next_publish = now + publish_interval
+            if rank == 0 and now >= next_checkpoint:
+                _save_checkpoint(engine, checkpoint)
+                next_checkpoint = now + checkpoint_interval
+        if rank == 0 and engine.global_images:
+            mtz.write(engine.snapshot(history=[f"streamvi data-parallel, {world_size} ranks"]))
+            snapshots += 1
+            _save_checkpoint(engine, checkpoint)
+        dist.barrier()
+    finally:
+        ingestor.stop()
+        if the_spool is not None:
+            the_spool.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    st = engine.store
+    visits = st.visits[:st.n_images]
+    result = RankResult(
+        rank=rank, world_size=world_size, crystals_received=received,
+        images_stored=st.n_images, reflections_stored=st.n_reflections,
+        global_images=engine.global_images, steps=engine.trainer.step,
+        seconds=time.monotonic() - t_start, train_seconds=train_seconds,
+        comm_seconds=engine.trainer.comm_seconds, sync_seconds=engine.sync_seconds,
+        visits_min=int(visits.min()) if visits.size else 0,
+        visits_median=float(np.median(visits)) if visits.size else 0.0,
+        snapshots=snapshots,
+        keys=[f"{k[0]}/{k[1]}/{k[2]}" for k in st.keys] if keep_keys else [],
+        mtz=str(mtz.latest) if mtz is not None and snapshots else None)
+    return result
+
+
+def _save_checkpoint(engine: DistributedEngine, path: Path) -> None:
+    state = {"engine": engine.state_dict(), "space": engine.space.to_dict(), "time": time.time()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.error("checkpoint %s failed: %s", path, exc)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def main_from_env(argv: Sequence[str] | None = None) -> None:
+    """``python -m streamvi.distributed CONFIG.json``: one rank started by ``torchrun``.
+
+    Reads ``RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``) from the environment
+    and the job from a JSON file: ``endpoints``, ``space`` (``space_group``, ``cell``,
+    ``dmin``, ``anomalous``), ``out_dir`` and optionally ``trainer`` and ``engine`` (fields of
+    :class:`TrainerConfig`/:class:`EngineConfig`) and any keyword of :func:`run_rank`.
+    Prints the rank's :class:`RankResult` as one JSON line.
+    """
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        raise SystemExit("usage: torchrun --nproc-per-node N -m streamvi.distributed JOB.json")
+    job = json.loads(Path(args[0]).read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    tcfg = TrainerConfig(**job.pop("trainer", {}))
+    if tcfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        tcfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    ecfg = EngineConfig(**job.pop("engine", {}))
+    result = run_rank(rank, world, trainer_config=tcfg, engine_config=ecfg, **job)
+    print(json.dumps(result.to_dict()), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main_from_env()
