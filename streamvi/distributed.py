@@ -526,8 +526,8 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     backend
         ``auto`` (NCCL on CUDA, else gloo), ``nccl`` or ``gloo``.
     expected_crystals
-        Stop once this many crystals were received over all ranks and every stored image
-        has had ``min_visits`` visits.
+        Stop once this many crystals were received over all ranks (those replayed from the
+        spools included) and every stored image has had ``min_visits`` visits.
     idle_timeout_s
         Stop when no rank received anything for this long and every image has had
         ``min_visits`` visits.
@@ -565,9 +565,11 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     engine = DistributedEngine(space, tcfg, engine_config)
     the_spool = Spool(rank_dir / "spool") if spool else None
     counters = IngestCounters()
+    received = 0                  # crystals this rank took in, replayed ones included
     if the_spool is not None and resume:
         for _seq, msg, arrival in replay_spool(the_spool, counters=counters):
             engine.add(msg, arrival_time=arrival)
+            received += 1
     checkpoint = out / CHECKPOINT_NAME
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -585,7 +587,6 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     mtz = MtzSnapshots(out) if rank == 0 else None
-    received = 0
     last_arrival = time.monotonic()
     next_publish = time.monotonic() + publish_interval
     next_checkpoint = time.monotonic() + checkpoint_interval

@@ -5,8 +5,8 @@
   equal to the reflection-weighted mean of the ranks' own, global store statistics equal to
   the single process's, and merged amplitudes that agree with the single process's;
 - a producer's PUSH fan-out into 2 ranks (:func:`streamvi.distributed.run_rank`): every
-  crystal lands on exactly one rank, the ranks train together and rank 0 publishes an MTZ
-  holding everybody's observations.
+  crystal lands on exactly one rank, the ranks train together, rank 0 publishes an MTZ
+  holding everybody's observations and a checkpoint that a restart resumes from.
 """
 from __future__ import annotations
 
@@ -223,3 +223,13 @@ def test_fan_out_to_two_ranks(simulated, tmp_path):
     assert int(mtz["N"].sum()) == sum(r["reflections_stored"] for r in res)
     assert (tmp_path / "checkpoint.pt").exists()
     assert not (tmp_path / "rank1" / "latest.mtz").exists()
+
+    # a restart resumes: each rank replays its own spool, all load rank 0's checkpoint
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["engine"]["trainer"]["step"] == res[0]["steps"]
+    _spawn(_serve_rank, (free_port(), fan.endpoint, space, str(tmp_path), len(payloads)),
+           timeout_s=120)
+    again = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
+    assert [set(r["keys"]) for r in again] == keys
+    assert again[0]["steps"] == again[1]["steps"] > res[0]["steps"]
+    assert all(r["global_images"] == len(payloads) for r in again)
