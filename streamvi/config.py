@@ -59,6 +59,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("d_model", int, 32, "width of the image-scale network", "model"),
     Option("n_layers", int, 4, "residual blocks of the image-scale network", "model"),
     Option("mc_samples", int, 8, "Monte Carlo samples per step", "model"),
+    Option("cpu_threads", int, 1, "torch threads for training on the CPU (1 avoids thread "
+           "contention with ingest and publishing on small machines)", "model"),
     Option("batch_images", int, 8, "images per training step", "model"),
     Option("new_share", float, 0.5, "share of each batch reserved for never-visited images",
            "model"),
