@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -332,14 +333,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-max-messages", type=int, default=16)
     p.add_argument("--hwm", type=int, default=16, help="send and receive high-water marks")
     p.add_argument("--rss-budget-mb", type=float, default=1500.0)
-    p.add_argument("--work", type=Path, help="directory for the output (default: temporary)")
+    p.add_argument("--work", type=Path, help="keep the output (spool, log) in this directory "
+                   "(default: a temporary one, removed at the end: the spool takes GBs)")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="overload-"))
-    reports = run_overload(work, seconds=args.seconds, calibrate_seconds=args.calibrate_seconds,
-                           ratio=args.ratio, rows=args.rows,
-                           queue_max_messages=args.queue_max_messages, hwm=args.hwm,
-                           rss_budget_mb=args.rss_budget_mb,
-                           echo=lambda d: print(json.dumps(d), flush=True))
+    try:
+        reports = run_overload(work, seconds=args.seconds,
+                               calibrate_seconds=args.calibrate_seconds, ratio=args.ratio,
+                               rows=args.rows, queue_max_messages=args.queue_max_messages,
+                               hwm=args.hwm, rss_budget_mb=args.rss_budget_mb,
+                               echo=lambda d: print(json.dumps(d), flush=True))
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
     return 1 if reports["final"]["problems"] else 0
 
 

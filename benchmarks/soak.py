@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dmin", type=float, default=3.0, help="Å, of the simulation and merge")
     p.add_argument("--rss-budget-mb", type=float, default=4096.0)
-    p.add_argument("--work", type=Path, help="directory for the output (default: temporary)")
+    p.add_argument("--work", type=Path, help="keep the output (spool, MTZ, log) in this "
+                   "directory (default: a temporary one, removed at the end)")
     args = p.parse_args(argv)
 
     from streamvi.send import send_messages
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         serve.kill9()
     final = k9.read_checkpoint(work / "out")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
     c = final["counters"] if final else {}
     if not final or not (c["crystals_received"] == sent == final["crystals_merged"]):
         problems.append("counts differ from what was sent")
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_slope_mb_per_min_second_half": None if slope is None else round(slope, 2),
         "lag_p95_s_worst": max(lag95) if lag95 else None,
         "lag_p95_s_last": lag95[-1] if lag95 else None,
-        "exit_status": status, "out_dir": str(work / "out"), "problems": problems}),
+        "exit_status": status, "out_dir": str(work / "out") if args.work else None,
+        "problems": problems}),
         flush=True)
     return 1 if problems else 0
 
