@@ -2,7 +2,8 @@
 
 Simulates ``--images`` still shots (DESIGN.md section 9 defaults, ~800 reflections each),
 splits them image by image between the ranks, and times ``--steps`` optimiser steps of the
-default CPU model after a short warm-up.  The ranks run in fresh processes:
+CPU model of ``streamvi merge``/``serve`` (d 32, L 4, 8 Monte Carlo samples) after a short
+warm-up.  The ranks run in fresh processes:
 
 - ``1 rank``: a plain :class:`~streamvi.engine.MergeEngine` in this process,
   ``--batch-images`` per step, with every core, and again with one thread (the baselines:
@@ -46,10 +47,10 @@ def _worker(rank: int, world: int, port: int, payloads: list[bytes], space: dict
     from streamvi.trainer import TrainerConfig
     from streamvi.wire import decode_crystal
 
-    torch.set_num_threads(threads)
     if device == "cuda":
         device = f"cuda:{rank}"
-    tcfg = TrainerConfig(device=device)
+    # the CPU settings of `streamvi merge` and `serve` (8 Monte Carlo samples)
+    tcfg = TrainerConfig(device=device, mc_samples=8, cpu_threads=threads)
     ecfg = EngineConfig(batch_images=batch_images)
     sp = ReciprocalSpace.from_dict(space)
     distributed = world > 1

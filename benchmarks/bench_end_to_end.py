@@ -90,7 +90,7 @@ def publication_lags(arrival: np.ndarray, published: list[tuple[float, int]]) ->
 
 
 def run(*, images: int, rate: float, device: str, publish_interval: float, catch_up_s: float,
-        dmin: float, seed: int = 0) -> dict:
+        dmin: float, seed: int = 0, threads: int | None = None) -> dict:
     from streamvi.config import load_config
     from streamvi.service import Service
     from streamvi_sim import SimulationConfig
@@ -103,7 +103,8 @@ def run(*, images: int, rate: float, device: str, publish_interval: float, catch
             "out_dir": tmp, "space_group": sim.space_group,
             "cell": " ".join(str(x) for x in sim.cell), "dmin": sim.dmin, "anomalous": True,
             "publish_interval": publish_interval, "checkpoint_interval": 3600.0,
-            "device": device, "seed": seed})
+            "device": device, "seed": seed,
+            **({} if threads is None else {"cpu_threads": threads})})
         service = Service(cfg).start()
         published: list[tuple[float, int]] = []
         write = service.mtz.write
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--catch-up-s", type=float, default=120.0,
                     help="longest training after the stream until every image is visited")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads of the service (default: its cpu_threads)")
     ap.add_argument("--quick", action="store_true", help="100 images, 10 s catch-up at most")
     ap.add_argument("--produce", metavar="ENDPOINT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     r = run(images=args.images, rate=args.rate, device=args.device,
             publish_interval=args.publish_interval, catch_up_s=args.catch_up_s,
-            dmin=args.dmin, seed=args.seed)
+            dmin=args.dmin, seed=args.seed, threads=args.threads)
     import torch
 
     dev = r["device"]

@@ -4,9 +4,10 @@ Simulates ``--images`` still shots (default 2,000: P 4₃2₁2 lysozyme-like, 1.
 reflections per image, S and I anomalous scatterers, 2 % misindexed, outliers), then merges
 them three ways in anomalous mode:
 
-- ``streamvi``: :func:`streamvi.merge.merge_crystals` with the CPU defaults
-  (:class:`~streamvi.trainer.TrainerConfig`, :class:`~streamvi.engine.EngineConfig`,
-  ``--epochs`` passes, 10 by default) — the wall time of the merge is reported;
+- ``streamvi``: :func:`streamvi.merge.merge_crystals` with the CPU defaults of
+  ``streamvi merge`` (:class:`~streamvi.trainer.TrainerConfig` with 8 Monte Carlo samples and
+  one torch thread, :class:`~streamvi.engine.EngineConfig`, ``--epochs`` passes, 10 by
+  default) — the wall time of the merge is reported;
 - ``inverse_variance`` and ``mean``: the plain averages of
   :func:`streamvi.evaluate.average_merge`.
 
@@ -51,7 +52,8 @@ def judge(merged, truth_ds, sites: np.ndarray) -> dict:
             "max_away_from_sites": peaks["max_away_from_sites_sigma"]}
 
 
-def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8) -> dict:
+def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8,
+        threads: int | None = None) -> dict:
     """Simulate, merge three ways, judge; figures per method."""
     import torch
 
@@ -74,7 +76,9 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
     out: dict = {"simulate_seconds": simulate_s, "images": len(crystals),
                  "reflections": int(sum(len(c) for c in crystals)), "n_iodide": len(sites),
                  "methods": {}}
-    tcfg = TrainerConfig(device=device)
+    # what `streamvi merge` uses on a CPU: 8 Monte Carlo samples, one torch thread
+    tcfg = TrainerConfig(device=device, mc_samples=8,
+                         **({} if threads is None else {"cpu_threads": threads}))
     ecfg = EngineConfig()
     t0 = time.perf_counter()
     snap, engine = merge_crystals(crystals, space, trainer_config=tcfg, engine_config=ecfg,
@@ -115,13 +119,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dmin", type=float, default=1.8, help="resolution of the simulation, Å")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu (the section 9 setting), cuda or auto")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: TrainerConfig.cpu_threads)")
     ap.add_argument("--quick", action="store_true", help="100 images, 2 epochs")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.epochs = min(args.images, 100), min(args.epochs, 2.0)
     load = os.getloadavg()[0]
     r = run(images=args.images, epochs=args.epochs, seed=args.seed, device=args.device,
-            dmin=args.dmin)
+            dmin=args.dmin, threads=args.threads)
     import torch
 
     common = {"machine": machine_name(), "images": r["images"],

@@ -26,7 +26,8 @@ the exit status is 1.  Benchmarks (``--only`` takes any of these names):
 ``--quick`` shrinks every benchmark to finish within a minute on 2 CPU cores; ``--smoke`` to
 a few seconds each (a check that they run, not a measurement).
 
-    python benchmarks/run.py [--quick | --smoke] [--device auto|cpu|cuda] [--only NAME ...]
+    python benchmarks/run.py [--quick | --smoke] [--device auto|cpu|cuda] [--threads N]
+                             [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class Bench:
     quick: list[str] = field(default_factory=list)
     smoke: list[str] = field(default_factory=list)
     takes_device: bool = False
+    takes_threads: bool = False
 
 
 BENCHMARKS: dict[str, Bench] = {
@@ -63,21 +65,22 @@ BENCHMARKS: dict[str, Bench] = {
     "ingest": Bench("bench_ingest.py", quick=["--messages", "1000"], smoke=["--messages", "100"]),
     "store": Bench("run.py", full=["--store-bench", "5000"], quick=["--store-bench", "500"],
                    smoke=["--store-bench", "50"], takes_device=True),
-    "training": Bench("bench_training.py", quick=["--quick", "--seconds", "1"],
+    "training": Bench("bench_training.py", quick=["--quick", "--seconds", "0.5"],
                       smoke=["--quick", "--seconds", "0.1", "--reflections-per-image", "100",
-                             "--rows", "2000"], takes_device=True),
+                             "--rows", "2000"], takes_device=True, takes_threads=True),
     "end_to_end": Bench("bench_end_to_end.py", quick=["--quick", "--catch-up-s", "5"],
                         smoke=["--images", "20", "--dmin", "3.5", "--catch-up-s", "3",
-                               "--publish-interval", "0.5"], takes_device=True),
+                               "--publish-interval", "0.5"], takes_device=True,
+                        takes_threads=True),
     "distributed": Bench("bench_distributed.py",
-                         quick=["--images", "40", "--dmin", "2.5", "--steps", "5",
-                                "--warmup", "1"],
+                         quick=["--images", "40", "--dmin", "2.5", "--steps", "6",
+                                "--warmup", "2", "--cases", "one_thread,strong"],
                          smoke=["--images", "12", "--dmin", "3.5", "--steps", "2",
                                 "--warmup", "1", "--cases", "strong"], takes_device=True),
     "merge_quality": Bench("bench_merge_quality.py",
-                           quick=["--images", "100", "--epochs", "1", "--dmin", "2.5"],
+                           quick=["--images", "60", "--epochs", "1", "--dmin", "3.0"],
                            smoke=["--images", "20", "--epochs", "1", "--dmin", "3.5"],
-                           takes_device=True),
+                           takes_device=True, takes_threads=True),
 }
 
 
@@ -115,14 +118,18 @@ def resolve_device(name: str) -> str:
 
 
 def run_bench(name: str, bench: Bench, mode: str, device: str, machine: dict,
-              timeout_s: float) -> bool:
+              timeout_s: float, threads: int | None = None) -> bool:
     """Run one benchmark; print its figures with the common keys; False if it failed."""
     args = list(getattr(bench, mode))
     if bench.takes_device:
         args += ["--device", device]
+    if bench.takes_threads and threads is not None:
+        args += ["--threads", str(threads)]
     cmd = [sys.executable, str(HERE / bench.script), *args]
     load = round(os.getloadavg()[0], 2)
     common = {"bench": name, "mode": mode, "load_avg_1m": load}
+    if bench.takes_threads and threads is not None:
+        common["threads_requested"] = threads
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(HERE.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -213,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), metavar="NAME",
                     help=f"run only these ({', '.join(BENCHMARKS)})")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for training, end_to_end and merge_quality "
+                         "(default: torch's choice, every core)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per benchmark (default: 3 h, 10 min quick, 2 min smoke)")
     ap.add_argument("--store-bench", type=int, metavar="N", help=argparse.SUPPRESS)
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     t0 = time.perf_counter()
     for name in args.only or list(BENCHMARKS):
-        ok &= run_bench(name, BENCHMARKS[name], mode, device, machine, timeout)
+        ok &= run_bench(name, BENCHMARKS[name], mode, device, machine, timeout, args.threads)
     print(f"run.py: {mode} run finished in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0 if ok else 1
 

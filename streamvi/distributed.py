@@ -37,7 +37,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -534,7 +534,8 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     max_seconds
         Stop after this long whatever else (measured on each rank; the first decides).
     threads
-        torch CPU threads per rank (default: CPU cores / world size, at least 1).
+        torch CPU threads per rank on the CPU (default: CPU cores / world size, at least 1;
+        it replaces ``trainer_config.cpu_threads``).
     spool, resume
         Spool accepted messages per rank; on start, replay the spool and load rank 0's
         checkpoint (model, optimisers) when they exist.
@@ -554,7 +555,7 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     if threads is None and default_backend(tcfg.device) == "gloo":
         threads = max(1, (os.cpu_count() or 1) // world_size)
     if threads is not None:
-        torch.set_num_threads(threads)
+        tcfg = replace(tcfg, cpu_threads=threads)      # the trainer sets it on the CPU
     init_process_group(rank, world_size, init_method=init_method, backend=backend,
                        device=tcfg.device)
     if not isinstance(space, ReciprocalSpace):
