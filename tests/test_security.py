@@ -263,8 +263,7 @@ def test_output_paths_are_confined_to_out_dir(tmp_path):
         msgs.append(make_crystal(rng, n=40, run="r", image=f"{name}/{i}", hmax=9))
     out.parent.mkdir(parents=True)
     outside_before = {p for p in tmp_path.rglob("*") if out not in p.parents and p != out}
-    tmp_before = set(os.listdir("/tmp"))
-    cwd_before = set(os.listdir(Path.cwd()))
+    passwd_mtime = os.stat("/etc/passwd").st_mtime_ns
     with running(out, metrics_port=0) as svc:
         paths = [svc.mtz.latest, svc.spool.directory, svc.checkpoint_path,
                  svc.dead_letter.path, *svc.spool.segments]
@@ -283,10 +282,14 @@ def test_output_paths_are_confined_to_out_dir(tmp_path):
         assert svc.checkpoint() is not None
     outside_after = {p for p in tmp_path.rglob("*") if out not in p.parents and p != out}
     assert outside_after == outside_before
-    assert set(os.listdir("/tmp")) - tmp_before <= {n for n in os.listdir("/tmp")
-                                                    if n.startswith(("pytest", "tmp"))}
-    assert not Path("/tmp/streamvi-escaped").exists()
-    assert set(os.listdir(Path.cwd())) == cwd_before
+    # where a path built from the names would have landed (other processes share /tmp and
+    # the working directory, so only these names are checked there)
+    for where in (Path("/tmp"), Path.cwd(), tmp_path.parent):
+        for name in ("escaped", "streamvi-escaped", "$(touch x)"):
+            assert not (where / name).exists(), where / name
+    for where in (out.parent, tmp_path):          # ours alone: generic names checked too
+        assert {p.name for p in where.iterdir()} <= {"out", "deep"}, list(where.iterdir())
+    assert os.stat("/etc/passwd").st_mtime_ns == passwd_mtime
     # every file written is one of the service's own names, under out_dir
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     pattern = re.compile(r"(latest\.mtz|snapshot-\d{6}\.mtz|checkpoint\.pt|dead-letter\.jsonl"
