@@ -75,7 +75,8 @@ def reflection_metadata(msg: CrystalMessage) -> np.ndarray:
     if msg.has_orientation():
         s1 = q.copy()
         s1[:, 2] += 1.0 / wavelength          # beam along +z (CrystFEL's lab frame)
-        s1_len = np.sqrt(np.einsum("ij,ij->i", s1, s1))
+        # |s1| = 0 only for a nonsensical orientation; keep the features finite regardless
+        s1_len = np.maximum(np.sqrt(np.einsum("ij,ij->i", s1, s1)), 1e-12)
         offset = s1_len - 1.0 / wavelength
         out[:, 4] = offset
         out[:, 7:10] = s1 / s1_len[:, None]

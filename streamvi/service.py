@@ -352,7 +352,7 @@ class Service:
         state = None
         if self.checkpoint_path.exists():
             try:
-                state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+                state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
             except Exception as exc:
                 bad = self.checkpoint_path.with_suffix(".corrupt")
                 os.replace(self.checkpoint_path, bad)

@@ -156,6 +156,7 @@ class Trainer:
         self.generator.manual_seed(config.seed)
         self.step = 0
         self.reflections_trained = 0
+        self.skipped_steps = 0
 
     @property
     def standardizer(self) -> Standardizer:
@@ -190,6 +191,16 @@ class Trainer:
         self.posterior_optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         self._reduce_gradients()
+        if not self._gradients_finite():
+            # one bad batch must not poison every parameter (and, through checkpoints, the
+            # rest of the beamtime): skip its update, count it, go on.  Checked after the
+            # reduction, so data-parallel ranks all skip the same step.
+            self.skipped_steps += 1
+            warnings.warn(f"step {self.step + 1}: non-finite gradients; update skipped "
+                          f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
+            return StepReport(step=self.step, loss=float("nan"), nll=float("nan"),
+                              kl_F=float("nan"), kl_scale=float("nan"), n_images=batch.n_images,
+                              n_reflections=0, seconds=time.perf_counter() - start)
         self.scale_optimizer.step()
         self.posterior_optimizer.step()
         self.step += 1
@@ -200,6 +211,16 @@ class Trainer:
         return StepReport(step=self.step, loss=loss, nll=nll, kl_F=kl_F, kl_scale=kl_scale,
                           n_images=batch.n_images, n_reflections=batch.n_reflections,
                           seconds=time.perf_counter() - start, chosen_ops=chosen)
+
+    def _gradients_finite(self) -> bool:
+        for p in self.model.parameters():
+            g = p.grad
+            if g is None:
+                continue
+            values = g.coalesce().values() if g.is_sparse else g
+            if not bool(torch.isfinite(values).all()):
+                return False
+        return True
 
     def _reduce_gradients(self) -> None:
         """Hook between ``backward`` and the optimiser steps; a no-op for one process.

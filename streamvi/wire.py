@@ -34,6 +34,9 @@ VERSION = 1
 #: (100,000 reflections with every optional column is ~5 MB), small enough to bound memory.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+#: Longest reciprocal basis vector accepted, Å⁻¹ (a cell edge of 0.1 Å).
+MAX_RECIPROCAL_LENGTH = 10.0
+
 #: Largest |h|, |k|, |l| accepted: beyond this the indices are not physical for any cell.
 MAX_MILLER = 1024
 
@@ -437,10 +440,20 @@ def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
             setattr(msg, key, values)
     for key in OPTIONAL_VECTORS:
         if d.get(key) is not None:
-            setattr(msg, key, _decode_vector(key, d[key], 3))
+            vec = _decode_vector(key, d[key], 3)
+            if math.sqrt(sum(x * x for x in vec)) > MAX_RECIPROCAL_LENGTH:
+                raise ValueRangeError(f"key '{key}': |{key}| = {math.hypot(*vec):g} Å⁻¹ is "
+                                      f"beyond {MAX_RECIPROCAL_LENGTH} Å⁻¹ (a cell under 0.1 Å): "
+                                      "send reciprocal vectors in Å⁻¹", reason="out_of_range",
+                                      key=key)
+            setattr(msg, key, vec)
     for key in OPTIONAL_SCALARS:
         if d.get(key) is not None:
             setattr(msg, key, _decode_float(key, d[key]))
+    if msg.profile_radius is not None and not 1e-7 < msg.profile_radius < 1.0:
+        raise ValueRangeError(f"key 'profile_radius': {msg.profile_radius:g} Å⁻¹ is outside "
+                              "(1e-7, 1) Å⁻¹; send it in Å⁻¹ (CrystFEL prints nm⁻¹: divide "
+                              "by 10)", reason="out_of_range", key="profile_radius")
     if d.get("condition") is not None:
         msg.condition = _decode_str("condition", d["condition"])
     msg.metadata = {key: v for key, v in d.items() if key not in KNOWN_KEYS}

@@ -457,11 +457,6 @@ def test_encoder_refuses_integers_that_do_not_fit_and_narrows_floats_quietly():
     assert len(got) == 3 and got.rows_rejected == {"nonfinite_intensity": 1}
 
 
-FEATURE_BUG = ("accepted, yet gives non-finite scale-model features that turn the whole merge "
-               "into NaN: bound astar/bstar/cstar and profile_radius in streamvi/wire.py and "
-               "guard |s1| = 0 and the Ewald ratio in streamvi/features.py (reported)")
-
-
 def _oriented(**changes: Any) -> bytes:
     k0 = 9500.0 / 12398.419843320026      # 1/λ, Å⁻¹, of the base message
     d = dict(BASE)
@@ -473,9 +468,8 @@ def _oriented(**changes: Any) -> bytes:
     return packed(d)
 
 
-def _feature_case(name: str, buf: bytes, *, known_bug: bool = False):
-    marks = [pytest.mark.xfail(reason=FEATURE_BUG, strict=False)] if known_bug else []
-    return pytest.param(name, buf, id=name, marks=marks)
+def _feature_case(name: str, buf: bytes):
+    return pytest.param(name, buf, id=name)
 
 
 @pytest.mark.parametrize("name, buf", [
@@ -484,10 +478,9 @@ def _feature_case(name: str, buf: bytes, *, known_bug: bool = False):
     _feature_case("negative profile radius", edited(profile_radius=-1.0)),
     _feature_case("zero reciprocal basis",
                   edited(astar=[0.0] * 3, bstar=[0.0] * 3, cstar=[0.0] * 3)),
-    _feature_case("astar of 1e300 per A", edited(astar=[1e300, 0.0, 0.0]), known_bug=True),
-    _feature_case("profile radius 1e-320 per A", edited(profile_radius=1e-320),
-                  known_bug=True),
-    _feature_case("scattered beam of zero length", _oriented(), known_bug=True),
+    _feature_case("astar of 1e300 per A", edited(astar=[1e300, 0.0, 0.0])),
+    _feature_case("profile radius 1e-320 per A", edited(profile_radius=1e-320)),
+    _feature_case("scattered beam of zero length", _oriented()),
 ])
 def test_accepted_messages_give_finite_model_features(name, buf):
     """What the decoder accepts must not poison the scale model (one NaN feature makes the

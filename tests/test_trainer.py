@@ -217,3 +217,32 @@ def test_twin_operator_choice():
         truth, F = 1 - truth, F[data.twin]
     assert np.mean(chosen == truth) > 0.98
     assert np.corrcoef(F, data.F)[0, 1] > 0.99
+
+
+def test_non_finite_batch_is_skipped_and_parameters_stay_finite():
+    import warnings as _w
+
+    import numpy as _np
+    import torch as _t
+
+    from streamvi.model.batch import Batch
+    from streamvi.trainer import Trainer, TrainerConfig
+
+    tr = Trainer(TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
+                 centric=_np.zeros(10, bool), epsilon=_np.ones(10, _np.float32), n_metadata=3)
+    n = 20
+    good = Batch(asu_id=_t.randint(0, 10, (1, n)), iobs=_t.rand(n) + 1, sigiobs=_t.ones(n),
+                 metadata=_t.randn(n, 3), image_index=_t.zeros(n, dtype=_t.long),
+                 image_offsets=_t.tensor([0, n]), half=_t.zeros(1, dtype=_t.long),
+                 image_id=_t.zeros(1, dtype=_t.long))
+    tr.learn_batch(good)
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    bad = Batch(**{**good.__dict__, "metadata": _t.full((n, 3), float("nan"))})
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        rep = tr.learn_batch(bad)
+    assert tr.skipped_steps == 1 and rep.n_reflections == 0 and rep.step == 1
+    assert any("non-finite" in str(w.message) for w in caught)
+    for a, b in zip(before, tr.model.parameters()):
+        assert _t.equal(a, b.detach())
+    assert tr.learn_batch(good).step == 2

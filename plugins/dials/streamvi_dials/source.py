@@ -348,6 +348,12 @@ class DialsSource:
         assert exp.wavelength_A is not None and exp.cell is not None
         rot = beam_frame_rotation(exp.s0)
         astar, bstar, cstar = (tuple(float(x) for x in rot @ v) for v in exp.reciprocal)
+        # float64 beyond float32 becomes ±inf here; the wire rules then drop or refuse it
+        with np.errstate(over="ignore"):
+            return self._narrowed(table, exp, rows, sigma, value, hkl, astar, bstar, cstar)
+
+    def _narrowed(self, table, exp, rows, sigma, value, hkl, astar, bstar, cstar
+                  ) -> CrystalMessage:
         msg = CrystalMessage(
             run=self.run, image=f"{self.refl_path.name}#{exp.identifier or exp.index}",
             crystal=0, h=hkl[:, 0], k=hkl[:, 1], l=hkl[:, 2],
