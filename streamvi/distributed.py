@@ -573,7 +573,7 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
             received += 1
     checkpoint = out / CHECKPOINT_NAME
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if state.get("space") != space.to_dict():
             raise ConfigError(f"{checkpoint} was made for {state.get('space')}, not "
                               f"{space.to_dict()}; use another out_dir")
