@@ -620,6 +620,8 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
             report = engine.step_after_sync(state)
             if report is not None:
                 train_seconds += time.perf_counter() - t0
+            else:
+                time.sleep(0.005)     # some rank holds no crystal yet: do not spin
             if rank == 0 and engine.store.n_images and now >= next_publish:
                 mtz.write(engine.snapshot(history=[f"streamvi data-parallel, {world_size} "
                                                    "ranks"]))
