@@ -174,6 +174,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     if engine.n_images == 0:
         raise ConfigError("no crystal had reflections inside the table (check --dmin, "
                           "--space-group and --cell)")
+    # offline there is no arrival order to favour: every step draws uniformly (epochs)
+    engine.scheduler.cursor = engine.n_images
     if steps is None:
         steps = int(math.ceil((epochs if epochs is not None else 10.0) * engine.steps_per_epoch()))
     cb = progress(steps, engine.config.batch_images) if progress else None

@@ -21,9 +21,15 @@ class ImageScheduler:
         of new images is larger, the whole batch may go to new images if ``fill_new`` is set.
     seed
         Seed of the uniform draws.
+    max_new
+        Most never-visited images one step may take when a backlog has built up (the beam
+        outruns the trainer): the batch then grows to take them, so every image still gets
+        its first visit within seconds, at the price of longer steps.  Default
+        ``4 * batch_images``.
     """
 
-    def __init__(self, *, batch_images: int = 8, new_share: float = 0.5, seed: int = 0):
+    def __init__(self, *, batch_images: int = 8, new_share: float = 0.5, seed: int = 0,
+                 max_new: int | None = None):
         if batch_images < 1:
             raise ValueError(f"batch_images must be >= 1, got {batch_images}")
         if not 0.0 <= new_share <= 1.0:
@@ -31,6 +37,7 @@ class ImageScheduler:
         self.batch_images = batch_images
         self.new_share = new_share
         self.seed = seed
+        self.max_new = 4 * batch_images if max_new is None else max(1, int(max_new))
         self.rng = np.random.default_rng(seed)
         #: images with id < cursor have been handed out at least once as "new"
         self.cursor = 0
@@ -44,12 +51,18 @@ class ImageScheduler:
         if n_images <= 0:
             return np.zeros(0, np.int64)
         size = min(self.batch_images, n_images)
-        n_new = min(self.backlog(n_images), int(round(self.new_share * size)))
-        if n_new == 0 and self.backlog(n_images) > 0:
+        backlog = self.backlog(n_images)
+        n_new = min(backlog, int(round(self.new_share * size)))
+        if n_new == 0 and backlog > 0:
             n_new = 1
+        if backlog > size:
+            # catching up: the new images fill a larger batch beside the usual old share
+            n_old_usual = size - n_new
+            n_new = min(backlog, self.max_new)
+            size = n_new + n_old_usual
         new = np.arange(self.cursor, self.cursor + n_new, dtype=np.int64)
         self.cursor += n_new
-        n_old = size - n_new
+        n_old = min(size - n_new, n_images - n_new)
         if n_old > 0:
             # uniform over everything stored; exclude the new ones to keep images distinct
             pool = n_images - n_new

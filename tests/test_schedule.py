@@ -44,3 +44,16 @@ def test_bad_arguments():
         ImageScheduler(batch_images=0)
     with pytest.raises(ValueError, match="new_share"):
         ImageScheduler(new_share=1.5)
+
+
+def test_backlog_grows_the_batch_up_to_max_new():
+    s = ImageScheduler(batch_images=8, new_share=0.5, seed=3, max_new=20)
+    s.cursor = 100
+    ids = s.next_ids(200)            # 100 images arrived faster than the trainer
+    assert len(ids) == 24 and len(set(ids.tolist())) == 24
+    np.testing.assert_array_equal(ids[:20], np.arange(100, 120))
+    assert (ids[20:] < 100).sum() + (ids[20:] >= 120).sum() == 4
+    assert s.cursor == 120
+    t = ImageScheduler(batch_images=8, new_share=0.5, seed=3)
+    t.cursor = 196
+    assert len(t.next_ids(200)) == 8     # a small backlog: the usual batch
