@@ -26,10 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
+
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _machine import machine_name  # noqa: E402 - shared with the other benchmarks
 
 import torch
 import torch.multiprocessing as mp
@@ -122,18 +127,6 @@ def _summary(ranks: list[dict], steps: int) -> dict:
     comm = max(r["comm_seconds"] + r["sync_seconds"] for r in ranks)
     return {"reflections_per_s": reflections / seconds, "seconds_per_step": seconds / steps,
             "comm_share": comm / seconds, "reflections_per_step": reflections / steps}
-
-
-def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> None:

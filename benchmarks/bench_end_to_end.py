@@ -29,14 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
+
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _machine import machine_name  # noqa: E402 - shared with the other benchmarks
 
 import numpy as np
 
@@ -194,18 +198,6 @@ def run(*, images: int, rate: float, device: str, publish_interval: float, catch
                                              else device_peak / max(n_reflections, 1)),
         "device": dev_name,
     }
-
-
-def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,9 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
-from pathlib import Path
+
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _machine import machine_name  # noqa: E402 - shared with the other benchmarks
 
 import numpy as np
 
@@ -98,18 +102,6 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
         fig.update(seconds=seconds, device="cpu")
         out["methods"][weighting] = fig
     return out
-
-
-def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,6 +42,12 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _machine import cpu_model  # noqa: E402 - shared with the other benchmarks
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -86,14 +92,7 @@ BENCHMARKS: dict[str, Bench] = {
 
 def machine_info(device: str) -> dict:
     """Where the figures were measured: OS, CPU model, cores, torch, GPU (on CUDA)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
