@@ -10,7 +10,6 @@ import json
 import platform
 import time
 
-import numpy as np
 import torch
 
 
@@ -49,7 +48,6 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--epochs", type=float, default=20)
     args = ap.parse_args()
-    import reciprocalspaceship as rs
 
     from streamvi.engine import EngineConfig
     from streamvi.evaluate import average_merge, compare_to_truth
