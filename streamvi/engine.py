@@ -106,8 +106,6 @@ class MergeEngine:
         #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
         self.sigma_stage = 0
         self.last_report: StepReport | None = None
-        #: arrival→first-visit lags (s) not yet collected by a metrics reader
-        self.pending_lags: list[np.ndarray] = []
 
     # ------------------------------------------------------------------ data in
 
@@ -132,9 +130,7 @@ class MergeEngine:
         if self.config.wilson_from_data and (self.sigma_stage == 0
                                              or (self.sigma_stage == 1 and frozen)):
             self._update_wilson_sigma(final=frozen)
-        lags = self.store.mark_visited(ids)
-        if lags.size:
-            self.pending_lags.append(lags)
+        self.store.mark_visited(ids)
         self.last_report = report
         return report
 

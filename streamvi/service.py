@@ -104,7 +104,6 @@ class Service:
         self.duplicates = 0
         self.reflections_outside = 0
         self.step_seconds: deque[float] = deque(maxlen=1000)
-        self.lags: deque[float] = deque(maxlen=100_000)
         self.trained_reflections = 0
         self.last_step_report = None
         self.recovered_from_checkpoint = False
@@ -232,9 +231,6 @@ class Service:
                         self.step_seconds.append(report.seconds)
                         self.trained_reflections += report.n_reflections
                         self.last_step_report = report
-                        for lags in self.engine.pending_lags:
-                            self.lags.extend(lags.tolist())
-                        self.engine.pending_lags.clear()
                 now = time.monotonic()
                 if now >= next_publish or self._publish_request.is_set():
                     self._publish_request.clear()
@@ -288,7 +284,7 @@ class Service:
         c = self.counters.snapshot()
         st = self.engine.store if self.engine is not None else None
         visits = st.visits[: st.n_images] if st is not None else np.zeros(0)
-        lags = np.asarray(self.lags) if self.lags else np.zeros(0)
+        lags = st.first_visit_lags() if st is not None else np.zeros(0)
         return {
             "uptime_s": time.time() - self.started_at,
             "counters": c,

@@ -313,6 +313,12 @@ class ReflectionStore:
         self.first_visit_time[new_ids] = now
         return now - self.arrival_time[new_ids]
 
+    def first_visit_lags(self) -> np.ndarray:
+        """Arrival → first training visit (s) of every image visited so far."""
+        fv = self.first_visit_time[: self.n_images]
+        seen = ~np.isnan(fv)
+        return fv[seen] - self.arrival_time[: self.n_images][seen]
+
     def bytes_used(self) -> dict[str, int]:
         """Bytes of reflection data per tier (``device`` and ``host``)."""
         out = {"device": 0, "host": 0}

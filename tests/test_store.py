@@ -155,3 +155,12 @@ def test_wilson_sigma_follows_the_binned_mean_intensity(space):
     got_ratio = sig[hi].mean() / sig[lo].mean()
     assert 0.6 * want_ratio < got_ratio < 1.6 * want_ratio
     assert ReflectionStore(space).wilson_sigma() is None
+
+
+def test_first_visit_lags_cover_visited_images_only(space):
+    rng = np.random.default_rng(8)
+    store = ReflectionStore(space)
+    for j in range(3):
+        store.add(make_crystal(rng, image=f"i{j}"), arrival_time=10.0 * j)
+    store.mark_visited(np.array([2, 0]), now=25.0)
+    np.testing.assert_allclose(sorted(store.first_visit_lags()), [5.0, 25.0])
