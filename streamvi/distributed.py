@@ -363,6 +363,7 @@ class DistributedEngine(MergeEngine):
             offset += n
             arr[...] = np.rint(total) if arr.dtype.kind == "i" else total
             self._synced[name] = arr.astype(np.float64)
+        st.statistics_changed()
 
     def step(self) -> StepReport | None:
         """Sync, then one collective optimiser step; None on every rank while any is empty."""

@@ -132,6 +132,10 @@ class ReflectionStore:
         self.keys: dict[tuple[str, str, int], int] = {}
         #: observations per posterior row (identity operator), all and per half
         self.obs_count = np.zeros((3, space.n_unique), np.int64)
+        #: obs_count mirrored on the training device, so a batch's KL weights are gathered
+        #: there (no device→host copy of the batch's rows inside the training step)
+        self._obs_count_t = torch.zeros((3, space.n_unique), dtype=torch.float32,
+                                        device=self.device)
         #: Σ 1/σ² and Σ I/σ² per row: the inverse-variance merge behind ⟨I/σ(I)⟩, which
         #: describes the data themselves, whatever the model has learnt so far
         self.sum_w = np.zeros(space.n_unique, np.float64)
@@ -203,6 +207,10 @@ class ReflectionStore:
         self.keys[key] = i
         np.add.at(self.obs_count[0], ids[0], 1)
         np.add.at(self.obs_count[1 + half], ids[0], 1)
+        rows_t = tier.asu_id[0, start:start + m].to(self.device)
+        ones = torch.ones(m, dtype=torch.float32, device=self.device)
+        self._obs_count_t[0].index_add_(0, rows_t, ones)
+        self._obs_count_t[1 + half].index_add_(0, rows_t, ones)
         w = 1.0 / np.square(sigiobs, dtype=np.float64)
         np.add.at(self.sum_w, ids[0], w)
         np.add.at(self.sum_wi, ids[0], w * iobs)
@@ -244,21 +252,28 @@ class ReflectionStore:
         offsets = np.zeros(len(perm_ids) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         image_index = np.repeat(np.arange(len(perm_ids), dtype=np.int64), lengths)
+        image_index_t = torch.from_numpy(image_index).to(device)
+        half_t = torch.from_numpy(self.image_half[perm_ids].astype(np.int64)).to(device)
         obs_weight = None
         if self.kl_per_pass:
-            rows = cols["asu_id"][0].cpu().numpy()
-            half = np.repeat(self.image_half[perm_ids].astype(np.int64), lengths)
-            m = np.stack([self.obs_count[0][rows], self.obs_count[1 + half, rows]])
-            obs_weight = torch.from_numpy((1.0 / np.maximum(m, 1)).astype(np.float32)).to(device)
+            counts = self._obs_count_t.to(device)
+            rows = cols["asu_id"][0]
+            m = torch.stack([counts[0, rows], counts[1 + half_t[image_index_t], rows]])
+            obs_weight = 1.0 / m.clamp_min(1.0)
         return Batch(
             asu_id=cols["asu_id"], iobs=cols["iobs"], sigiobs=cols["sigiobs"],
             metadata=cols["metadata"],
-            image_index=torch.from_numpy(image_index).to(device),
+            image_index=image_index_t,
             image_offsets=torch.from_numpy(offsets).to(device),
-            half=torch.from_numpy(self.image_half[perm_ids].astype(np.int64)).to(device),
+            half=half_t,
             image_id=torch.from_numpy(perm_ids).to(device),
             obs_weight=obs_weight,
         )
+
+    def statistics_changed(self) -> None:
+        """Re-mirror ``obs_count`` on the device after it was changed from outside
+        (data-parallel ranks merge their counts into it)."""
+        self._obs_count_t.copy_(torch.from_numpy(self.obs_count.astype(np.float32)))
 
     def wilson_sigma(self, *, n_bins: int = 20, floor: float = 1e-3) -> np.ndarray | None:
         """Mean observed intensity per unit ε as a smooth function of resolution, per row.
