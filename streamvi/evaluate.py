@@ -99,7 +99,6 @@ def average_merge(crystals, space, *, weighting: str = "inverse_variance") -> rs
         np.add.at(swi, rows, w * i)
         np.add.at(swi2, rows, w * i * i)
         np.add.at(cnt, rows, 1)
-    seen = cnt > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         imean = swi / sw
         if weighting == "inverse_variance":
@@ -109,17 +108,16 @@ def average_merge(crystals, space, *, weighting: str = "inverse_variance") -> rs
             sig = np.sqrt(np.maximum(var, 0) / np.maximum(cnt - 1, 1))
     f = np.sqrt(np.maximum(imean, 0))
     sigf = sig / (2 * np.maximum(f, 1e-3))
+    from types import SimpleNamespace
+
     from streamvi.publish.mtz import snapshot_to_dataset
 
-    class _Snap:  # a minimal snapshot: the publisher builds the same columns as for the model
-        pass
-
-    snap = _Snap()
-    snap.space = space
+    # the publisher reads only space, tables and obs_count: the same columns as for the model
     table = {"F": f, "SIGF": sigf, "I": imean, "SIGI": sig}
-    snap.tables = {"all": table, "half1": table, "half2": table}
-    snap.obs_count = np.stack([cnt, np.where(seen, 0, 0), np.where(seen, 0, 0)])
-    ds = snapshot_to_dataset(snap)
+    zeros = np.zeros_like(cnt)
+    ds = snapshot_to_dataset(SimpleNamespace(
+        space=space, tables={"all": table, "half1": table, "half2": table},
+        obs_count=np.stack([cnt, zeros, zeros])))
     return ds[[c for c in ds.columns if "half" not in c]]
 
 
