@@ -37,3 +37,20 @@ def make_crystal(rng: np.random.Generator, *, n: int = 50, run: str = "r1", imag
         msg.astar, msg.bstar, msg.cstar = (1 / cell[0], 0.0, 0.0), (0.0, 1 / cell[1], 0.0), \
             (0.0, 0.0, 1 / cell[2])
     return msg
+
+
+class PullSocket:
+    """A ZeroMQ PULL socket bound to a free loopback port (``url``); subclasses read it."""
+
+    def __init__(self) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import pytest
-import zmq
 
 from streamvi.cli import main
+from conftest import PullSocket
 from streamvi.errors import ConfigError
 from streamvi.follow import PositionFile, StreamFollower, StreamPosition, follow_stream
 from streamvi.send import send_files
@@ -114,15 +114,11 @@ def append(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-class Receiver:
+class Receiver(PullSocket):
     """A PULL socket on a free loopback port."""
 
     def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        super().__init__()
         self.keys: list[tuple[str, str, int]] = []
 
     def receive(self, *, until: int | None = None, quiet_ms: int = 300) -> list:
@@ -134,10 +130,6 @@ class Receiver:
         while self.sock.poll(quiet_ms):
             self.keys.append(decode_crystal(self.sock.recv()).key)
         return self.keys
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
 
 
 @pytest.fixture

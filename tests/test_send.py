@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import PullSocket
 from streamvi.errors import ConfigError
 from streamvi.send import send_file, send_messages
 from streamvi.sources import Rejected
@@ -28,15 +29,11 @@ def crystal(i: int, *, crystal_index: int = 0, n: int = 30) -> CrystalMessage:
         astar=(0.01, 0.0, 0.0), timestamp=1.7e9 + i, condition="dark")
 
 
-class Receiver:
-    """A PULL socket on a free loopback port, read in a thread until told to stop."""
+class Receiver(PullSocket):
+    """A PULL socket on a free loopback port, read until n frames have come."""
 
     def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        super().__init__()
         self.frames: list[list[bytes]] = []
 
     def receive(self, n: int) -> list[list[bytes]]:
@@ -47,10 +44,6 @@ class Receiver:
         if poller.poll(100):          # nothing beyond n may arrive
             self.frames.append(self.sock.recv_multipart())
         return self.frames
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
 
 
 @pytest.fixture
