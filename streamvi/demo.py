@@ -7,7 +7,6 @@ merged amplitudes with the true ones are printed.
 """
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -86,12 +85,8 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     print(f"streamvi demo: {images} simulated images at {rate:g}/s → {endpoint}; "
           f"output in {out}" + (f"; status page {http}" if http else ""), file=stream)
     t0 = time.perf_counter()
-    report: dict = {}
-
-    def produce() -> None:
-        report["send"] = send_messages(crystals, endpoint, rate=rate)
-
-    sender = threading.Thread(target=produce, name="demo-sender", daemon=True)
+    sender = threading.Thread(target=send_messages, args=(crystals, endpoint),
+                              kwargs={"rate": rate}, name="demo-sender", daemon=True)
     sender.start()
     try:
         while sender.is_alive():
@@ -142,8 +137,3 @@ def _f(x, pct: bool = False) -> str:
         return "   -  "
     return f"{100 * x:5.1f}%" if pct else f"{x:6.3f}"
 
-
-def main_json(result: DemoResult) -> str:
-    return json.dumps({"mtz": str(result.mtz), "seconds": result.seconds,
-                       "crystals_merged": result.crystals_merged,
-                       "cc_F": result.comparison["cc_F"], "cc_anom": result.comparison["cc_anom"]})
