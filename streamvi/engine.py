@@ -45,6 +45,7 @@ class EngineConfig:
     device_budget_bytes: int | None = None
     wilson_from_data: bool = True
     kl_per_pass: bool = True
+    reject_misfit_images: bool = True
 
 
 @dataclass
@@ -126,6 +127,8 @@ class MergeEngine:
             return None
         batch = self.store.batch(ids)
         report = self.trainer.learn_batch(batch)
+        if report.rejected is not None:
+            self.store.set_rejected(batch.image_id.cpu().numpy(), report.rejected)
         frozen = self.trainer.standardizer.is_frozen
         if self.config.wilson_from_data and (self.sigma_stage == 0
                                              or (self.sigma_stage == 1 and frozen)):
@@ -149,6 +152,8 @@ class MergeEngine:
         reset = self.store.obs_count[0] == 0 if self.sigma_stage else np.ones(sigma.shape, bool)
         self.trainer.set_wilson_sigma(sigma / scale, reset=reset)
         self.sigma_stage = 2 if final else 1
+        # the misfit test compares with the Wilson prior: meaningful once Σ is final
+        self.trainer.model.reject_images = self.config.reject_misfit_images and final
 
     def steps_per_epoch(self) -> int:
         """Steps that visit, on average, every stored image once."""
@@ -199,4 +204,6 @@ class MergeEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         self._snapshot_id = int(state["snapshot_id"])
         self.sigma_stage = int(state.get("sigma_stage", 0))
+        self.trainer.model.reject_images = (self.config.reject_misfit_images
+                                            and self.sigma_stage == 2)
 

@@ -155,13 +155,23 @@ class Progress:
         self.stream.flush()
 
 
+#: share of an offline merge's steps over which the learning rates are annealed
+ANNEAL_FRACTION = 0.5
+#: learning-rate factor reached at the last step
+FINAL_LR_FACTOR = 0.02
+
+
 def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *,
                    trainer_config: TrainerConfig | None = None,
                    engine_config: EngineConfig | None = None, epochs: float | None = None,
                    steps: int | None = None,
                    progress: Callable[[int, int], Callable[[StepReport], None]] | None = None,
-                   history: list[str] | None = None) -> tuple[MergeSnapshot, MergeEngine]:
+                   history: list[str] | None = None,
+                   anneal: float = ANNEAL_FRACTION) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
+
+    The learning rates decay linearly to :data:`FINAL_LR_FACTOR` of their values over the
+    last ``anneal`` of the steps (0: constant rates, as the online service trains).
 
     Returns
     -------
@@ -179,7 +189,13 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     if steps is None:
         steps = int(math.ceil((epochs if epochs is not None else 10.0) * engine.steps_per_epoch()))
     cb = progress(steps, engine.config.batch_images) if progress else None
-    engine.train(steps, cb)
+    start_decay = int(round(steps * (1.0 - anneal)))
+    engine.train(start_decay, cb)
+    n_decay = steps - start_decay
+    for i in range(n_decay):
+        engine.trainer.set_lr_factor(1.0 - (1.0 - FINAL_LR_FACTOR) * (i + 1) / n_decay)
+        if engine.train(1, cb) is None:
+            break
     hist = list(history or [])
     if n_outside:
         hist.append(f"{n_outside} reflections outside the table (beyond dmin) not merged")

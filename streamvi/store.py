@@ -127,6 +127,8 @@ class ReflectionStore:
         self.arrival_time = np.zeros(n0, np.float64)
         self.first_visit_time = np.full(n0, np.nan)
         self.visits = np.zeros(n0, np.int64)
+        #: the latest verdict of the trainer's misfit test (True: left out of the merge)
+        self.image_rejected = np.zeros(n0, bool)
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
@@ -147,7 +149,7 @@ class ReflectionStore:
 
     def _grow_images(self) -> None:
         for name in ("image_tier", "image_start", "image_length", "image_half",
-                     "arrival_time", "first_visit_time", "visits"):
+                     "arrival_time", "first_visit_time", "visits", "image_rejected"):
             old = getattr(self, name)
             new = np.full(old.shape[0] * 2, np.nan) if name == "first_visit_time" else \
                 np.zeros(old.shape[0] * 2, old.dtype)
@@ -327,6 +329,15 @@ class ReflectionStore:
         new_ids = np.unique(image_ids[first])
         self.first_visit_time[new_ids] = now
         return now - self.arrival_time[new_ids]
+
+    def set_rejected(self, image_ids: np.ndarray, rejected: np.ndarray) -> None:
+        """Record the trainer's latest verdict on whether each image fits the merge."""
+        self.image_rejected[np.asarray(image_ids, dtype=np.int64)] = np.asarray(rejected, bool)
+
+    @property
+    def n_rejected(self) -> int:
+        """Images whose latest visit found them not to fit the merge."""
+        return int(self.image_rejected[: self.n_images].sum())
 
     def first_visit_lags(self) -> np.ndarray:
         """Arrival → first training visit (s) of every image visited so far."""

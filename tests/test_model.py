@@ -346,6 +346,39 @@ def test_choose_ops_prefers_the_operator_that_explains_the_image():
     assert terms.chosen_ops.tolist() == [0, 1]
 
 
+def test_misfit_images_flags_the_image_the_merge_does_not_explain():
+    n_rows = 60
+    model = make_model(n_rows)
+    g = torch.Generator().manual_seed(3)
+    # amplitudes drawn from the Wilson prior (Σ = 1, acentric: E[F²] = 1)
+    F = torch.sqrt(torch.distributions.Exponential(1.0).sample((n_rows,)))
+    with torch.no_grad():
+        model.posterior.weight[:n_rows, 0] = F + torch.log(-torch.expm1(-F))
+        model.posterior.weight[:n_rows, 1] = -8.0  # tight posterior
+    batch = make_batch([40, 40, 40], n_rows, seed=4)
+    rows = torch.randint(0, n_rows, (120,), generator=g)
+    batch.asu_id = rows.unsqueeze(0)
+    true_i = F[rows] ** 2
+    # image 1 was indexed on the wrong lattice: its intensities belong to other rows
+    wrong = F[torch.randint(0, n_rows, (40,), generator=g)] ** 2
+    batch.iobs = torch.cat([true_i[:40], wrong, true_i[80:]])
+    batch.sigiobs = 0.05 * batch.iobs + 0.02
+    model.standardizer.update(batch.metadata[:10], torch.ones(10))  # intensity scale 1
+    iobs, sigiobs, loc, scale = model.scale_distribution(batch)
+    # a scale network at its initial output (≈ 1) is what a good image needs here
+    rejected = model.misfit_images(batch, rows, iobs, sigiobs, torch.zeros_like(loc),
+                                   torch.full_like(scale, 1e-3))
+    assert rejected.tolist() == [False, True, False]
+    model.reject_images = True
+    terms = model(batch, generator=torch.Generator().manual_seed(0))
+    assert terms.rejected.tolist() == [False, True, False]
+    # the rejected image adds nothing to the likelihood: its intensities do not matter
+    batch.iobs = torch.cat([true_i[:40], wrong.flip(0), true_i[80:]])
+    again = model(batch, generator=torch.Generator().manual_seed(0))
+    assert again.rejected.tolist() == [False, True, False]
+    torch.testing.assert_close(again.nll, terms.nll)
+
+
 def test_merged_table_is_in_original_units():
     model = make_model(10)
     model.standardizer.update(torch.zeros(4, N_META), torch.full((4,), 400.0))

@@ -30,7 +30,9 @@ class LossTerms:
 
     ``nll`` and ``kl_F`` are those of table 0; ``nll_half`` and ``kl_F_half`` those of the
     half-dataset tables; ``loss`` is their weighted sum plus ``kl_scale``.  ``chosen_ops``
-    is the twin-law operator picked per image (``(n_images,)``) or None with one operator.
+    is the twin-law operator picked per image (``(n_images,)``) or None with one operator;
+    ``rejected`` flags the images left out of the likelihood (``(n_images,)`` bool) or is
+    None when image rejection is off.
     """
 
     nll: torch.Tensor
@@ -41,6 +43,7 @@ class LossTerms:
     nll_half: torch.Tensor
     kl_F_half: torch.Tensor
     chosen_ops: torch.Tensor | None = None
+    rejected: torch.Tensor | None = None
 
 
 class MergedTable(NamedTuple):
@@ -83,7 +86,8 @@ class VariationalMergingModel(nn.Module):
 
     def __init__(self, prior: WilsonPrior, posterior: FoldedNormalPosterior,
                  scale_model: ImageScaleModel, likelihood: nn.Module, *, mc_samples: int = 32,
-                 kl_weight: float = 1.0, standardizer: Standardizer | None = None) -> None:
+                 kl_weight: float = 1.0, standardizer: Standardizer | None = None,
+                 scale_kl_weight: float = 1.0) -> None:
         super().__init__()
         if posterior.n_rows != prior.n_rows:
             raise ValueError(f"posterior has {posterior.n_rows} rows, prior {prior.n_rows}")
@@ -97,6 +101,11 @@ class VariationalMergingModel(nn.Module):
                              else Standardizer(scale_model.n_metadata))
         self.mc_samples = int(mc_samples)
         self.kl_weight = float(kl_weight)
+        self.scale_kl_weight = float(scale_kl_weight)
+        #: leave out of the likelihood images that the merge explains no better than the
+        #: Wilson prior (:meth:`misfit_images`); the engine turns it on once the merge has
+        #: learnt enough for the test to mean something
+        self.reject_images = False
         self._scale_forward: ScaleForward | None = None
 
     def set_scale_forward(self, fn: ScaleForward | None) -> None:
@@ -118,6 +127,26 @@ class VariationalMergingModel(nn.Module):
         return iobs, sigiobs, loc, scale
 
     @torch.no_grad()
+    def misfit_images(self, batch: Batch, row_ids: torch.Tensor, iobs: torch.Tensor,
+                      sigiobs: torch.Tensor, scale_loc: torch.Tensor,
+                      scale_scale: torch.Tensor) -> torch.Tensor:
+        """Images the current merge explains worse than the Wilson prior does (``(n_images,)``).
+
+        An image's summed log-likelihood with ``Ipred = E[scale] · E_q[F²]`` is compared with
+        the same sum when every reflection is predicted at its Wilson mean ``E[scale] · εΣ``
+        (amplitudes unrelated to the merge).  A crystal indexed on the wrong lattice, or a
+        hit that is not a crystal of this form, fits no better than that; a good image fits
+        by hundreds of nats.
+        """
+        loc, scale = self.posterior.loc_scale(self.posterior.flat_index(0, row_ids))
+        e_scale = torch.exp(scale_loc + 0.5 * scale_scale ** 2)
+        ll_merge = self.likelihood.log_prob(e_scale * (loc * loc + scale * scale), iobs, sigiobs)
+        ll_null = self.likelihood.log_prob(e_scale * self.prior.variance[row_ids], iobs, sigiobs)
+        delta = torch.zeros(batch.n_images, device=iobs.device, dtype=ll_merge.dtype)
+        delta.index_add_(0, batch.image_index, ll_merge - ll_null)
+        return delta < 0
+
+    @torch.no_grad()
     def choose_ops(self, batch: Batch, iobs: torch.Tensor, sigiobs: torch.Tensor,
                    scale_loc: torch.Tensor, scale_scale: torch.Tensor) -> torch.Tensor:
         """Per image, the twin-law operator whose rows best explain its intensities.
@@ -135,7 +164,8 @@ class VariationalMergingModel(nn.Module):
     def _table_terms(self, table: int | torch.Tensor, row_ids: torch.Tensor,
                      scale_sample: torch.Tensor, iobs: torch.Tensor, sigiobs: torch.Tensor,
                      generator: torch.Generator | None,
-                     obs_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     obs_weight: torch.Tensor | None = None,
+                     obs_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         post = self.posterior
         flat = post.flat_index(table, row_ids)
         # One draw per unique row, shared by all of its observations in the batch, and
@@ -145,7 +175,12 @@ class VariationalMergingModel(nn.Module):
         F = post.sample_with(loc, scale, self.mc_samples, generator)  # (mc, u)
         F_obs = torch.index_select(F, 1, inverse)  # backward is index_add_, cheaper than index_put_
         ipred = scale_sample * F_obs * F_obs
-        nll = -self.likelihood.log_prob(ipred, iobs, sigiobs).mean()
+        ll = self.likelihood.log_prob(ipred, iobs, sigiobs)
+        if obs_keep is None:
+            nll = -ll.mean()
+        else:
+            # rejected images add nothing; the mean stays per observation of the batch
+            nll = -(ll * obs_keep).sum() / (ll.shape[0] * ll.shape[1])
         rows = torch.remainder(unique_flat, post.n_rows)
         log_q = post.log_prob_with(F, loc, scale)
         log_p = self.prior.log_prob(F, rows)
@@ -171,22 +206,29 @@ class VariationalMergingModel(nn.Module):
         else:
             row_ids = batch.asu_id[0]
 
+        rejected = obs_keep = None
+        if self.reject_images:
+            rejected = self.misfit_images(batch, row_ids, iobs, sigiobs, s_loc.detach(),
+                                          s_scale.detach())
+            obs_keep = (~rejected)[batch.image_index].to(iobs.dtype)
+
         z = torch.randn((self.mc_samples, batch.n_reflections), generator=generator,
                         device=s_loc.device, dtype=s_loc.dtype)
         scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
 
         w = batch.obs_weight
         nll, kl_F = self._table_terms(0, row_ids, scale_sample, iobs, sigiobs, generator,
-                                      None if w is None else w[0])
+                                      None if w is None else w[0], obs_keep)
         half_table = 1 + batch.half[batch.image_index]
         nll_half, kl_F_half = self._table_terms(half_table, row_ids, scale_sample.detach(),
                                                 iobs, sigiobs, generator,
-                                                None if w is None else w[1])
+                                                None if w is None else w[1], obs_keep)
         kl_scale = self.scale_model.kl(s_loc, s_scale).mean()
-        loss = nll + nll_half + self.kl_weight * (kl_F + kl_F_half + kl_scale)
+        loss = nll + nll_half + self.kl_weight * (kl_F + kl_F_half
+                                                  + self.scale_kl_weight * kl_scale)
         return LossTerms(nll=nll, kl_F=kl_F, kl_scale=kl_scale, loss=loss,
                          n_obs=batch.n_reflections, nll_half=nll_half, kl_F_half=kl_F_half,
-                         chosen_ops=chosen)
+                         chosen_ops=chosen, rejected=rejected)
 
     @torch.no_grad()
     def merged(self, table: int = 0) -> MergedTable:
