@@ -17,7 +17,7 @@ resolution shell (``merge_cc_F_top_shell``), CCanom against the true Bijvoet dif
 (``merge_iodide_peak_sigma``: mean over sites; min, max and whether the sites are the top
 peaks as extra fields) and the wall time (``merge_seconds``).
 
-    python benchmarks/bench_merge_quality.py [--images N] [--epochs E] [--quick]
+    python benchmarks/bench_merge_quality.py [--images N] [--epochs E] [--layers L] [--quick]
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def judge(merged, truth_ds, sites: np.ndarray) -> dict:
 
 
 def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, d_model: int | None = None,
+        n_layers: int | None = None) -> dict:
     """Simulate, merge three ways, judge; figures per method."""
     import torch
 
@@ -83,6 +84,10 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
     # what `streamvi merge` uses on a CPU: 8 Monte Carlo samples, one torch thread
     tcfg = TrainerConfig(device=device, mc_samples=8,
                          **({} if threads is None else {"cpu_threads": threads}))
+    if d_model is not None:
+        tcfg.d_model = d_model
+    if n_layers is not None:
+        tcfg.n_layers = n_layers
     ecfg = EngineConfig()
     t0 = time.perf_counter()
     snap, engine = merge_crystals(crystals, space, trainer_config=tcfg, engine_config=ecfg,
@@ -113,13 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu (the section 9 setting), cuda or auto")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: TrainerConfig.cpu_threads)")
+    ap.add_argument("--d-model", type=int, default=None, help="scale network width")
+    ap.add_argument("--layers", type=int, default=None, help="scale network residual blocks")
     ap.add_argument("--quick", action="store_true", help="100 images, 2 epochs")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.epochs = min(args.images, 100), min(args.epochs, 2.0)
     load = os.getloadavg()[0]
     r = run(images=args.images, epochs=args.epochs, seed=args.seed, device=args.device,
-            dmin=args.dmin, threads=args.threads)
+            dmin=args.dmin, threads=args.threads, d_model=args.d_model, n_layers=args.layers)
     import torch
 
     common = {"machine": machine_name(), "images": r["images"],

@@ -94,6 +94,8 @@ def _add_trainer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d-model", type=int, default=None, help="width of the scale network")
     g.add_argument("--layers", type=int, default=None, help="residual blocks of the scale network")
     g.add_argument("--mc-samples", type=int, default=None)
+    g.add_argument("--scale-kl-weight", type=float, default=None,
+                   help="weight of the image-scale prior against the data (default 0.03)")
     g.add_argument("--batch-images", type=int, default=None, help="images per training step")
     g.add_argument("--likelihood", choices=("student_t", "normal"), default=None)
 
@@ -105,7 +107,8 @@ def _trainer_config(args: argparse.Namespace):
     # for no measurable gain in CC at 2,000 images); raise it on a GPU
     cfg = TrainerConfig(device=args.device, seed=args.seed, mc_samples=8)
     for flag, attr in (("d_model", "d_model"), ("layers", "n_layers"),
-                       ("mc_samples", "mc_samples"), ("likelihood", "likelihood")):
+                       ("mc_samples", "mc_samples"), ("likelihood", "likelihood"),
+                       ("scale_kl_weight", "scale_kl_weight")):
         v = getattr(args, flag)
         if v is not None:
             setattr(cfg, attr, v)

@@ -57,8 +57,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", str, "auto", "auto (CUDA when available), cpu or cuda", "model"),
     Option("seed", int, 0, "random seed", "model"),
     Option("d_model", int, 32, "width of the image-scale network", "model"),
-    Option("n_layers", int, 4, "residual blocks of the image-scale network", "model"),
+    Option("n_layers", int, 2, "residual blocks in each stack of the image-scale network",
+           "model"),
     Option("mc_samples", int, 8, "Monte Carlo samples per step", "model"),
+    Option("scale_kl_weight", float, 0.03, "weight of the image-scale prior against the data "
+           "(see docs/model.md)", "model"),
     Option("cpu_threads", int, 1, "torch threads for training on the CPU (1 avoids thread "
            "contention with ingest and publishing on small machines)", "model"),
     Option("batch_images", int, 8, "images per training step", "model"),

@@ -37,6 +37,13 @@ class EngineConfig:
         Resolution shells of the statistics table.
     device_budget_bytes
         Reflection bytes kept on the training device before the host tier is used.
+    wilson_from_data
+        Set the Wilson prior's Σ from the data's resolution fall-off (docs/model.md).
+    kl_per_pass
+        Weight each row's KL by 1/multiplicity, so it counts once per pass over the data.
+    reject_misfit_images
+        Leave out of the likelihood, visit by visit, images the merge explains no better than
+        the Wilson prior does (misindexed or foreign lattices; docs/model.md).
     """
 
     batch_images: int = 8

@@ -37,7 +37,7 @@ class TrainerConfig:
     """
 
     d_model: int = 32
-    n_layers: int = 4
+    n_layers: int = 2
     mc_samples: int = 32
     likelihood: str = "student_t"
     dof: float = 32.0

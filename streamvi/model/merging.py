@@ -134,9 +134,10 @@ class VariationalMergingModel(nn.Module):
 
         An image's summed log-likelihood with ``Ipred = E[scale] · E_q[F²]`` is compared with
         the same sum when every reflection is predicted at its Wilson mean ``E[scale] · εΣ``
-        (amplitudes unrelated to the merge).  A crystal indexed on the wrong lattice, or a
-        hit that is not a crystal of this form, fits no better than that; a good image fits
-        by hundreds of nats.
+        (amplitudes unrelated to the merge; resolution fall-off and partiality kept).  A
+        crystal indexed on a shifted or wrong lattice, or a hit that is not this crystal
+        form, fits no better than that; a good image fits by hundreds of nats.  The test is
+        conservative: a weak image that neither explains is kept.
         """
         loc, scale = self.posterior.loc_scale(self.posterior.flat_index(0, row_ids))
         e_scale = torch.exp(scale_loc + 0.5 * scale_scale ** 2)

@@ -307,7 +307,7 @@ class ServiceCollector(Collector):
 
     def _store(self) -> Iterator[Metric]:
         engine = self.service.engine
-        n, n_refl, visits, lag = 0, 0, np.zeros(0, np.int64), np.zeros(0)
+        n, n_refl, visits, lag, n_rejected = 0, 0, np.zeros(0, np.int64), np.zeros(0), 0
         if engine is not None:
             st = engine.store
             with _holding(self.service.lock, LOCK_TIMEOUT_S) as got:
@@ -319,6 +319,7 @@ class ServiceCollector(Collector):
                 visits = st.visits[:n].copy()
                 lag = st.first_visit_time[:n] - st.arrival_time[:n]
                 n_refl = int(st.n_reflections)
+                n_rejected = st.n_rejected
         yield GaugeMetricFamily("streamvi_images_stored", "Images in the reflection store",
                                 value=n)
         yield GaugeMetricFamily("streamvi_reflections_stored",
@@ -326,6 +327,10 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily("streamvi_images_unvisited",
                                 "Stored images not yet in any training step",
                                 value=int((visits == 0).sum()))
+        yield GaugeMetricFamily("streamvi_images_rejected",
+                                "Stored images whose latest visit found them not to fit the "
+                                "merge (misindexed or another lattice); left out of it",
+                                value=n_rejected)
         # a summary over images: each image is one observation of its visit count
         fam = Metric("streamvi_image_visits",
                      "Training visits per stored image: quantiles over images, count = images, "

@@ -1,0 +1,54 @@
+"""Offline merging of simulated stills against the simulator's truth."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamvi.engine import EngineConfig
+from streamvi.merge import merge_crystals
+from streamvi.symmetry import ReciprocalSpace
+from streamvi.trainer import TrainerConfig
+
+
+@pytest.fixture(scope="module")
+def beamtime():
+    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+
+    sim = SimulationConfig(n_images=600, seed=5, dmin=2.5, misindexed_fraction=0.05,
+                           emit_truth_metadata=True)
+    truth = simulate_structure(sim)
+    crystals = list(simulate_images(sim, truth))
+    space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=False)
+    return crystals, space
+
+
+def test_misindexed_images_are_left_out_and_good_ones_kept(beamtime):
+    crystals, space = beamtime
+    misindexed = np.array([c.metadata["sim_misindexed"] for c in crystals])
+    assert 15 <= misindexed.sum() <= 50
+    snap, engine = merge_crystals(crystals, space, epochs=6,
+                                  trainer_config=TrainerConfig(device="cpu", mc_samples=4))
+    rejected = engine.store.image_rejected[: engine.n_images]
+    # the test is conservative on a merge of this size (2,000 images at 1.8 Å: 32 of 32
+    # misindexed flagged, 0 of 1,968 good ones); it must never cost many good images
+    assert rejected[misindexed].mean() >= 0.5
+    assert rejected[~misindexed].mean() <= 0.01
+    # with the test off nothing is flagged
+    _, plain = merge_crystals(crystals, space, steps=60,
+                              trainer_config=TrainerConfig(device="cpu", mc_samples=4),
+                              engine_config=EngineConfig(reject_misfit_images=False))
+    assert plain.store.n_rejected == 0
+
+
+def test_annealing_ends_at_the_final_learning_rate(beamtime):
+    from streamvi.merge import FINAL_LR_FACTOR
+
+    crystals, space = beamtime
+    tcfg = TrainerConfig(device="cpu", mc_samples=2, lr=2e-3, posterior_lr=1e-2)
+    _, engine = merge_crystals(crystals[:40], space, steps=20, trainer_config=tcfg)
+    assert engine.trainer.step == 20
+    for opt, base in ((engine.trainer.scale_optimizer, 2e-3),
+                      (engine.trainer.posterior_optimizer, 1e-2)):
+        assert opt.param_groups[0]["lr"] == pytest.approx(base * FINAL_LR_FACTOR)
+    _, constant = merge_crystals(crystals[:40], space, steps=20, trainer_config=tcfg, anneal=0.0)
+    assert constant.trainer.posterior_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
