@@ -94,7 +94,8 @@ def publication_lags(arrival: np.ndarray, published: list[tuple[float, int]]) ->
 
 
 def run(*, images: int, rate: float, device: str, publish_interval: float, catch_up_s: float,
-        dmin: float, seed: int = 0, threads: int | None = None) -> dict:
+        dmin: float, seed: int = 0, threads: int | None = None,
+        model: dict | None = None) -> dict:
     from streamvi.config import load_config
     from streamvi.service import Service
     from streamvi_sim import SimulationConfig
@@ -108,7 +109,7 @@ def run(*, images: int, rate: float, device: str, publish_interval: float, catch
             "cell": " ".join(str(x) for x in sim.cell), "dmin": sim.dmin, "anomalous": True,
             "publish_interval": publish_interval, "checkpoint_interval": 3600.0,
             "device": device, "seed": seed,
-            **({} if threads is None else {"cpu_threads": threads})})
+            **({} if threads is None else {"cpu_threads": threads}), **(model or {})})
         service = Service(cfg).start()
         published: list[tuple[float, int]] = []
         write = service.mtz.write
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--catch-up-s", type=float, default=120.0,
                     help="longest training after the stream until every image is visited")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--d-model", type=int, default=None, help="scale network width")
+    ap.add_argument("--layers", type=int, default=None, help="scale network blocks per stack")
+    ap.add_argument("--mc-samples", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads of the service (default: its cpu_threads)")
     ap.add_argument("--quick", action="store_true", help="100 images, 10 s catch-up at most")
@@ -226,14 +230,20 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     r = run(images=args.images, rate=args.rate, device=args.device,
             publish_interval=args.publish_interval, catch_up_s=args.catch_up_s,
-            dmin=args.dmin, seed=args.seed, threads=args.threads)
+            dmin=args.dmin, seed=args.seed, threads=args.threads,
+            model={k: v for k, v in (("d_model", args.d_model), ("n_layers", args.layers),
+                                     ("mc_samples", args.mc_samples)) if v is not None})
     import torch
 
     dev = r["device"]
     common = {"device": dev.split(":")[0], "machine": machine_name(), "images": r["images"],
               "rate_sent": args.rate, "reflections": r["reflections"],
               "publish_interval_s": args.publish_interval, "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads(), "load_avg_1m_before": round(load, 2)}
+              "torch_threads": torch.get_num_threads(), "load_avg_1m_before": round(load, 2),
+              "model_overrides": {k: v for k, v in (("d_model", args.d_model),
+                                                    ("n_layers", args.layers),
+                                                    ("mc_samples", args.mc_samples))
+                                  if v is not None}}
 
     def emit(name: str, value, unit: str, **extra) -> None:
         if isinstance(value, float):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -38,6 +39,18 @@ from streamvi.spool import Spool
 from streamvi.symmetry import ReciprocalSpace, parse_cell, parse_space_group
 from streamvi.trainer import TrainerConfig
 from streamvi.wire import CrystalMessage
+
+#: GIL switch interval (s) while a service runs.  A training step is hundreds of short
+#: torch calls, each releasing and retaking the GIL; with Python's default 5 ms interval the
+#: ingest thread, busy decoding, holds the GIL for up to 5 ms every time the trainer lets go.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def shorten_switch_interval(interval_s: float = SWITCH_INTERVAL_S) -> None:
+    """Lower ``sys.setswitchinterval`` to ``interval_s`` (never raise it)."""
+    if sys.getswitchinterval() > interval_s:
+        sys.setswitchinterval(interval_s)
+
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +162,7 @@ class Service:
 
             attach_om(self)       # refuses pickle unless om_allow_pickle: before anything runs
         self._recover()
+        shorten_switch_interval()
         self.ingestor.start()
         self._thread = threading.Thread(target=self._train_loop, name="streamvi-train",
                                         daemon=True)

@@ -98,7 +98,14 @@ class ShellTable:
             f" {fmt(o['cc_half'], 6, 3)} {fmt(o['cc_star'], 6, 3)} {fmt(o['cc_anom'], 7, 3)}"
             f" {int(o['n_unique']):>7d}  overall")
         if self.resolution_cc_half is not None:
-            lines.append(f"CC1/2 falls to {CC_HALF_CUT} at d = {self.resolution_cc_half:.2f} Å")
+            finite = [c for c in self.cc_half if c is not None and np.isfinite(c)]
+            if finite and finite[-1] >= CC_HALF_CUT:
+                lines.append(f"CC1/2 stays above {CC_HALF_CUT} to the edge of the merge "
+                             f"(d = {self.resolution_cc_half:.2f} Å): the crystals may "
+                             "diffract further; a lower dmin may pay")
+            else:
+                lines.append(f"CC1/2 falls to {CC_HALF_CUT} at d = "
+                             f"{self.resolution_cc_half:.2f} Å")
         return "\n".join(lines)
 
 

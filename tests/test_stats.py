@@ -73,3 +73,25 @@ def test_shell_statistics_counts_against_numpy():
     np.testing.assert_allclose(st.overall["i_over_sigma"], (i_full / 5.0)[obs[0] > 0].mean())
     assert st.overall["cc_half"] > 0.9
     assert "overall" in st.format()
+
+
+def test_format_says_whether_cc_half_reached_the_cut():
+    from streamvi.stats import ShellTable
+
+    def table(cc):
+        n = len(cc)
+        d_min = [4.0, 3.0, 2.5, 2.0][:n]
+        return ShellTable(d_max=[9.0] + d_min[:-1], d_min=d_min, n_unique=[10] * n,
+                          n_possible=[10] * n, completeness=[1.0] * n, multiplicity=[2.0] * n,
+                          i_over_sigma=[5.0] * n, cc_half=cc, cc_star=list(cc_star(np.array(cc))),
+                          cc_anom=[0.0] * n, overall=dict(
+                              d_max=9.0, d_min=2.0, completeness=1.0, multiplicity=2.0,
+                              i_over_sigma=5.0, cc_half=0.9, cc_star=0.97, cc_anom=0.0,
+                              n_unique=40), resolution_cc_half=resolution_at_cc(
+                              np.array(d_min), np.array(cc)))
+
+    # 1/d² halfway between the 3.0 and 2.5 Å edges
+    assert "CC1/2 falls to 0.3 at d = 2.72 Å" in table([0.9, 0.5, 0.1, 0.0]).format()
+    text = table([0.9, 0.8, 0.7, 0.6]).format()
+    assert "stays above 0.3 to the edge of the merge (d = 2.00 Å)" in text
+    assert "falls to" not in text
