@@ -298,8 +298,13 @@ class Service:
         """Current figures for the stats topic, status page and terminal (JSON-able)."""
         c = self.counters.snapshot()
         st = self.engine.store if self.engine is not None else None
-        visits = st.visits[: st.n_images] if st is not None else np.zeros(0)
-        lags = st.first_visit_lags() if st is not None else np.zeros(0)
+        # read without the lock (the status page must answer while a step runs): the
+        # ingest side may add images meanwhile, so every per-image array is cut at one n
+        visits, lags = np.zeros(0), np.zeros(0)
+        if st is not None:
+            n = st.n_images
+            visits = st.visits[:n].copy()
+            lags = st.first_visit_lags(n)
         return {
             "uptime_s": time.time() - self.started_at,
             "counters": c,

@@ -339,11 +339,14 @@ class ReflectionStore:
         """Images whose latest visit found them not to fit the merge."""
         return int(self.image_rejected[: self.n_images].sum())
 
-    def first_visit_lags(self) -> np.ndarray:
-        """Arrival → first training visit (s) of every image visited so far."""
-        fv = self.first_visit_time[: self.n_images]
+    def first_visit_lags(self, n: int | None = None) -> np.ndarray:
+        """Arrival → first training visit (s) of every image visited so far (of the first
+        ``n`` images: readers outside the service lock pass the ``n_images`` they read)."""
+        n = self.n_images if n is None else int(n)
+        fv = self.first_visit_time[:n]
+        at = self.arrival_time[:n]
         seen = ~np.isnan(fv)
-        return fv[seen] - self.arrival_time[: self.n_images][seen]
+        return fv[seen] - at[seen]
 
     def bytes_used(self) -> dict[str, int]:
         """Bytes of reflection data per tier (``device`` and ``host``)."""

@@ -164,3 +164,10 @@ def test_first_visit_lags_cover_visited_images_only(space):
         store.add(make_crystal(rng, image=f"i{j}"), arrival_time=10.0 * j)
     store.mark_visited(np.array([2, 0]), now=25.0)
     np.testing.assert_allclose(sorted(store.first_visit_lags()), [5.0, 25.0])
+    # a reader outside the service lock passes the n_images it read: images added after
+    # that (here image 3, visited at once) are not looked at, and the arrays stay aligned
+    n_read = store.n_images
+    store.add(make_crystal(rng, image="i3"), arrival_time=30.0)
+    store.mark_visited(np.array([3]), now=31.0)
+    np.testing.assert_allclose(sorted(store.first_visit_lags(n_read)), [5.0, 25.0])
+    np.testing.assert_allclose(sorted(store.first_visit_lags()), [1.0, 5.0, 25.0])
