@@ -90,7 +90,9 @@ class Service:
         budget = int(config.device_budget_mb * 2**20) if config.device_budget_mb > 0 else None
         self.engine_config = EngineConfig(batch_images=config.batch_images,
                                           new_share=config.new_share, n_shells=config.n_shells,
-                                          device_budget_bytes=budget)
+                                          device_budget_bytes=budget,
+                                          idle_anneal_epochs=config.idle_anneal_epochs,
+                                          idle_after_s=config.idle_after_s)
         self.engine: MergeEngine | None = None
         self.counters = IngestCounters()
         self.spool = Spool(self.out_dir / "spool", fsync=config.spool_fsync)
@@ -294,6 +296,14 @@ class Service:
         span = min(window_s, max(now - float(t.min()), 1e-3))
         return recent / span
 
+    def annealing(self) -> bool:
+        """True while an idle service is still lowering its learning rates."""
+        from streamvi.engine import IDLE_FINAL_LR_FACTOR
+
+        e = self.engine
+        return (e is not None and e.config.idle_anneal_epochs > 0
+                and e.lr_factor > IDLE_FINAL_LR_FACTOR)
+
     def status(self) -> dict[str, Any]:
         """Current figures for the stats topic, status page and terminal (JSON-able)."""
         c = self.counters.snapshot()
@@ -314,6 +324,7 @@ class Service:
             "queue_depth": self.ingestor.queue_depth,
             "images_per_s": self.images_per_second(),
             "steps": 0 if self.engine is None else self.engine.trainer.step,
+            "lr_factor": 1.0 if self.engine is None else self.engine.lr_factor,
             "reflections_trained": self.trained_reflections,
             "unvisited_images": int((visits == 0).sum()),
             "visits_median": float(np.median(visits)) if visits.size else 0.0,

@@ -129,6 +129,8 @@ class ReflectionStore:
         self.visits = np.zeros(n0, np.int64)
         #: the latest verdict of the trainer's misfit test (True: left out of the merge)
         self.image_rejected = np.zeros(n0, bool)
+        #: image visits summed over images (so the mean is O(1) to read)
+        self.total_visits = 0
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
@@ -324,6 +326,7 @@ class ReflectionStore:
         now = time.time() if now is None else now
         image_ids = np.asarray(image_ids, dtype=np.int64)
         np.add.at(self.visits, image_ids, 1)
+        self.total_visits += int(image_ids.size)
         fv = self.first_visit_time[image_ids]
         first = np.isnan(fv)
         new_ids = np.unique(image_ids[first])

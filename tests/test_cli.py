@@ -50,3 +50,13 @@ def test_missing_file_and_no_command(capsys):
     assert main(["inspect", "/nonexistent.stream"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_every_subcommand_prints_its_help(capsys):
+    import pytest
+
+    for command in ("simulate", "inspect", "merge", "serve", "send", "demo", "config", "keys"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0, command
+        assert "usage:" in capsys.readouterr().out, command
