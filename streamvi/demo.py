@@ -112,6 +112,10 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     print(f"CC(F, F_true) = {comparison['cc_F']:.4f} overall, "
           f"{comparison['cc_F_shells'][-1]:.4f} in the top shell; "
           f"CCanom(true) = {comparison['cc_anom']:.3f}", file=stream)
+    rejected = service.engine.store.n_rejected if service.engine is not None else 0
+    if rejected:
+        print(f"{rejected} images left out: the merge explains them no better than the Wilson "
+              "prior (misindexed, or another lattice)", file=stream)
     print(f"merged MTZ: {mtz}   ({service.crystals_merged} crystals in {seconds:.1f} s)",
           file=stream)
     return DemoResult(mtz=mtz, truth_mtz=truth_path, images_sent=images,

@@ -327,6 +327,7 @@ class Service:
             "lr_factor": 1.0 if self.engine is None else self.engine.lr_factor,
             "reflections_trained": self.trained_reflections,
             "unvisited_images": int((visits == 0).sum()),
+            "images_rejected": 0 if st is None else st.n_rejected,
             "visits_median": float(np.median(visits)) if visits.size else 0.0,
             "lag_p50_s": float(np.percentile(lags, 50)) if lags.size else None,
             "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,

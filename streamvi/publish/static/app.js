@@ -53,7 +53,7 @@ function renderTiles(d) {
   const o = shells ? shells.overall : {};
   setText("t-crystals", fmtInt(s.crystals_merged));
   setText("t-crystals-note", `${fmtInt(c.crystals_received)} received · ` +
-          `${fmtInt(s.duplicates)} duplicates`);
+          `${fmtInt(s.duplicates)} duplicates · ${fmtInt(s.images_rejected)} left out as misfits`);
   setText("t-rate", fmt(s.images_per_s, 1));
   setText("t-rate-note", `step ${fmtInt(s.steps)} · ${fmtInt(s.reflections_stored)} reflections`);
   setText("t-cut", fmt(d.merge.cc_half_cut, 1));
