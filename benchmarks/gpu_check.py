@@ -78,7 +78,10 @@ def main() -> None:
         emit("merge_quality_streamvi", c["cc_F"], "cc", top=c["cc_F_shells"][-1],
              cc_anom=c["cc_anom"], seconds=el, steps=eng.trainer.step, epochs=args.epochs,
              batch_images=batch_images, bf16=amp, shells=[round(x, 4) for x in c["cc_F_shells"]])
-    for d, L, mc, b, amp, comp in ((32, 4, 8, 64, False, False), (32, 4, 8, 256, False, False),
+    # the defaults first (merge: d 32, L 2; service: d 16, L 2), then the earlier cases
+    for d, L, mc, b, amp, comp in ((32, 2, 8, 256, False, False), (16, 2, 8, 256, False, False),
+                                   (32, 2, 8, 1024, True, True),
+                                   (32, 4, 8, 64, False, False), (32, 4, 8, 256, False, False),
                                    (32, 20, 32, 256, True, False), (32, 20, 32, 256, True, True),
                                    (256, 5, 32, 128, True, False)):
         try:
