@@ -169,7 +169,7 @@ class MergeEngine:
         # at full rates, so the merge has converged before the steps shrink
         idle = (self.scheduler.backlog(n) == 0
                 and self.store.total_visits >= IDLE_MIN_MEAN_VISITS * n
-                and now - float(self.store.arrival_time[:n].max()) > self.config.idle_after_s)
+                and now - self.store.last_arrival > self.config.idle_after_s)
         self.idle_steps = self.idle_steps + 1 if idle else 0
         total = self.config.idle_anneal_epochs * self.steps_per_epoch()
         factor = max(IDLE_FINAL_LR_FACTOR, 1.0 - self.idle_steps / total)

@@ -131,6 +131,8 @@ class ReflectionStore:
         self.image_rejected = np.zeros(n0, bool)
         #: image visits summed over images (so the mean is O(1) to read)
         self.total_visits = 0
+        #: latest arrival time of any stored image (s since the epoch; -inf when empty)
+        self.last_arrival = float("-inf")
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
@@ -206,6 +208,7 @@ class ReflectionStore:
         self.image_length[i] = m
         self.image_half[i] = half
         self.arrival_time[i] = time.time() if arrival_time is None else arrival_time
+        self.last_arrival = max(self.last_arrival, float(self.arrival_time[i]))
         self.n_images += 1
         self.n_reflections += m
         self.keys[key] = i

@@ -4,7 +4,9 @@ Objective per minibatch (as abismal): ``−mean over observations of the Monte C
 log-likelihood + KL per observation`` — the KL of the amplitudes by Monte Carlo over the
 unique rows the batch touches (``Σ_rows E_q[log q − log p] / n_obs``) and the analytic KL
 of each reflection's scale, averaged.  It is evaluated for table 0 (all images) and for
-each image's half-dataset table, and the two are summed.
+each image's half-dataset table, and the two are summed.  The scale KL is weighted by
+``scale_kl_weight`` (docs/model.md), and images that fail :meth:`misfit_images` (when the
+engine has switched the test on) add nothing to the likelihood.
 """
 from __future__ import annotations
 
@@ -136,8 +138,9 @@ class VariationalMergingModel(nn.Module):
         the same sum when every reflection is predicted at its Wilson mean ``E[scale] · εΣ``
         (amplitudes unrelated to the merge; resolution fall-off and partiality kept).  A
         crystal indexed on a shifted or wrong lattice, or a hit that is not this crystal
-        form, fits no better than that; a good image fits by hundreds of nats.  The test is
-        conservative: a weak image that neither explains is kept.
+        form, fits no better than that; a good image fits by hundreds of nats.  A very weak
+        image, which neither prediction explains, sits near zero and can go either way: on
+        the 2,000-image benchmark no good image was flagged, on 600 images at 2.5 Å 0.2 %.
         """
         loc, scale = self.posterior.loc_scale(self.posterior.flat_index(0, row_ids))
         e_scale = torch.exp(scale_loc + 0.5 * scale_scale ** 2)
