@@ -228,7 +228,8 @@ class MergeEngine:
             i_half=(tables["half1"]["I"], tables["half2"]["I"]),
             f_half=(tables["half1"]["F"], tables["half2"]["F"]),
             anomalous=sp.anomalous, n_shells=self.config.n_shells,
-            i_over_sigma=self.store.merged_i_over_sigma())
+            i_over_sigma=self.store.merged_i_over_sigma(),
+            expected_i=self.trainer.model.prior.variance.double().cpu().numpy())
         self._snapshot_id += 1
         return MergeSnapshot(
             snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,

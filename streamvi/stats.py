@@ -136,7 +136,8 @@ def shell_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
                      f_half: tuple[np.ndarray, np.ndarray] | None = None,
                      anomalous: bool = False, n_shells: int = 10,
                      cc_cut: float = CC_HALF_CUT,
-                     i_over_sigma: np.ndarray | None = None) -> ShellTable:
+                     i_over_sigma: np.ndarray | None = None,
+                     expected_i: np.ndarray | None = None) -> ShellTable:
     """Per-shell statistics over the rows of a unique-reflection table.
 
     Parameters
@@ -155,6 +156,11 @@ def shell_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
         Merged intensities of the two half-dataset tables.
     f_half
         Merged amplitudes of the two halves (for CCanom; anomalous mode only).
+    expected_i
+        Expected intensity per row under the prior (εΣ(d), any units).  When given, CC½ is
+        computed on ``I / expected_i``: weak reflections sit near their prior mean in both
+        halves, and that mean's trend with resolution *within* a shell would otherwise
+        correlate the halves without any signal (CC½ read 0.97 in a shell with ⟨I/σ⟩ 0.2).
     """
     edges = shell_edges(d, n_shells)
     shell = shell_index(d, edges)
@@ -179,6 +185,8 @@ def shell_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
         i_over_sigma = np.bincount(shell, ios, n_shells) / n_seen_rows
 
     both = (obs_count[1] > 0) & (obs_count[2] > 0)
+    if expected_i is not None:
+        i_half = (i_half[0] / expected_i, i_half[1] / expected_i)
     cc_half, _ = pearson_by_group(i_half[0][both], i_half[1][both], shell[both], n_shells)
     cc_anom = np.full(n_shells, np.nan)
     overall_anom = np.nan

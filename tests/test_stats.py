@@ -95,3 +95,21 @@ def test_format_says_whether_cc_half_reached_the_cut():
     text = table([0.9, 0.8, 0.7, 0.6]).format()
     assert "stays above 0.3 to the edge of the merge (d = 2.00 Å)" in text
     assert "falls to" not in text
+
+
+def test_cc_half_ignores_a_shared_prior_trend_when_normalised():
+    # two halves that know nothing but the prior mean, which falls with resolution: raw
+    # intensities correlate through that trend alone, normalised ones do not
+    sp = ReciprocalSpace("P 21 21 21", (40, 50, 60, 90, 90, 90), 3.0)
+    rng = np.random.default_rng(2)
+    n = sp.n_unique
+    obs = np.ones((3, n), np.int64)
+    expected = 1000.0 * np.exp(-10.0 / sp.d ** 2)
+    halves = tuple(expected * (1.0 + 0.05 * rng.normal(size=n)) for _ in range(2))
+    common = dict(hkl=sp.hkl, d=sp.d, centric=sp.centric, friedel=sp.friedel, obs_count=obs,
+                  i_full=expected, sigi_full=np.ones(n), i_half=halves, n_shells=3)
+    raw = shell_statistics(**common)
+    normalised = shell_statistics(**common, expected_i=expected)
+    assert raw.overall["cc_half"] > 0.9
+    assert abs(normalised.overall["cc_half"]) < 0.1
+    assert max(abs(c) for c in normalised.cc_half) < 0.15
