@@ -67,13 +67,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpu_threads", int, 1, "torch threads for training on the CPU (1 avoids thread "
            "contention with ingest and publishing on small machines)", "model"),
     Option("batch_images", int, 8, "images per training step", "model"),
-    Option("idle_anneal_epochs", float, 0.0, "once no image has arrived for idle_after_s "
-           "seconds, decay the learning rates to 0.02 of their values over this many passes "
-           "over the data "
-           "(experimental, see docs/model.md); full rates again at the next arrival; 0: off",
-           "model"),
-    Option("idle_after_s", float, 5.0, "seconds without arrivals before the service counts "
-           "as idle", "model"),
     Option("new_share", float, 0.5, "share of each batch reserved for never-visited images",
            "model"),
     # --- output

@@ -44,8 +44,8 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     rate
         Images per second sent (XFEL-like pacing).
     catch_up_visits
-        After the stream ends, train until every image has been visited this many times and
-        the idle service has finished annealing (or ``max_catch_up_s`` passes).
+        After the stream ends, train until every image has been visited this many times
+        (or ``max_catch_up_s`` passes).
     """
     import reciprocalspaceship as rs
 
@@ -96,8 +96,7 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
                            and s.ingestor.queue_depth == 0, timeout=30)
         # the beam is off: keep training until every image has had its share of visits
         deadline = time.monotonic() + max_catch_up_s
-        while (not service.all_visited(catch_up_visits) or service.annealing()) \
-                and time.monotonic() < deadline:
+        while not service.all_visited(catch_up_visits) and time.monotonic() < deadline:
             time.sleep(live_every_s)
             _live_line(service, stream, t0)
         _live_line(service, stream, t0)

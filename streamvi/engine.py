@@ -21,10 +21,6 @@ from streamvi.trainer import StepReport, Trainer, TrainerConfig
 from streamvi.wire import CrystalMessage
 
 TABLE_NAMES = ("all", "half1", "half2")
-#: learning-rate factor an idle service anneals to (as an offline merge's last step)
-IDLE_FINAL_LR_FACTOR = 0.02
-#: mean visits per image before an idle service starts annealing
-IDLE_MIN_MEAN_VISITS = 5
 
 
 @dataclass
@@ -48,13 +44,6 @@ class EngineConfig:
     reject_misfit_images
         Leave out of the likelihood, visit by visit, images the merge explains no better than
         the Wilson prior does (misindexed or foreign lattices; docs/model.md).
-    idle_anneal_epochs
-        Online: once no image has arrived for ``idle_after_s`` seconds, every image has had
-        its first visit and the mean visits per image reach :data:`IDLE_MIN_MEAN_VISITS`, decay the learning rates linearly to
-        :data:`IDLE_FINAL_LR_FACTOR` over this many passes over the data; they return to
-        their full values as soon as an image arrives.  0 (offline default): constant rates.
-    idle_after_s
-        Seconds without arrivals before the service counts as idle.
     """
 
     batch_images: int = 8
@@ -64,8 +53,6 @@ class EngineConfig:
     wilson_from_data: bool = True
     kl_per_pass: bool = True
     reject_misfit_images: bool = True
-    idle_anneal_epochs: float = 0.0
-    idle_after_s: float = 5.0
 
 
 @dataclass
@@ -127,9 +114,6 @@ class MergeEngine:
         #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
         self.sigma_stage = 0
         self.last_report: StepReport | None = None
-        #: consecutive steps taken while idle (see ``EngineConfig.idle_anneal_epochs``)
-        self.idle_steps = 0
-        self._lr_factor: float | None = None
 
     # ------------------------------------------------------------------ data in
 
@@ -148,8 +132,6 @@ class MergeEngine:
         ids = self.scheduler.next_ids(self.store.n_images)
         if ids.size == 0:
             return None
-        if self.config.idle_anneal_epochs > 0:
-            self._anneal_when_idle()
         batch = self.store.batch(ids)
         report = self.trainer.learn_batch(batch)
         if report.rejected is not None:
@@ -161,26 +143,6 @@ class MergeEngine:
         self.store.mark_visited(ids)
         self.last_report = report
         return report
-
-    def _anneal_when_idle(self, now: float | None = None) -> None:
-        n = self.store.n_images
-        now = time.time() if now is None else now
-        # as an offline merge, which anneals only after its first half: first enough passes
-        # at full rates, so the merge has converged before the steps shrink
-        idle = (self.scheduler.backlog(n) == 0
-                and self.store.total_visits >= IDLE_MIN_MEAN_VISITS * n
-                and now - self.store.last_arrival > self.config.idle_after_s)
-        self.idle_steps = self.idle_steps + 1 if idle else 0
-        total = self.config.idle_anneal_epochs * self.steps_per_epoch()
-        factor = max(IDLE_FINAL_LR_FACTOR, 1.0 - self.idle_steps / total)
-        if factor != self._lr_factor:
-            self.trainer.set_lr_factor(factor)
-            self._lr_factor = factor
-
-    @property
-    def lr_factor(self) -> float:
-        """The learning-rate factor in force (1 unless an idle service is annealing)."""
-        return 1.0 if self._lr_factor is None else self._lr_factor
 
     def _update_wilson_sigma(self, *, final: bool) -> None:
         """Give the prior the data's resolution fall-off (Σ per row, standardised).

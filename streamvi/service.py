@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -39,18 +38,6 @@ from streamvi.spool import Spool
 from streamvi.symmetry import ReciprocalSpace, parse_cell, parse_space_group
 from streamvi.trainer import TrainerConfig
 from streamvi.wire import CrystalMessage
-
-#: GIL switch interval (s) while a service runs.  A training step is hundreds of short
-#: torch calls, each releasing and retaking the GIL; with Python's default 5 ms interval the
-#: ingest thread, busy decoding, holds the GIL for up to 5 ms every time the trainer lets go.
-SWITCH_INTERVAL_S = 0.0005
-
-
-def shorten_switch_interval(interval_s: float = SWITCH_INTERVAL_S) -> None:
-    """Lower ``sys.setswitchinterval`` to ``interval_s`` (never raise it)."""
-    if sys.getswitchinterval() > interval_s:
-        sys.setswitchinterval(interval_s)
-
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +77,7 @@ class Service:
         budget = int(config.device_budget_mb * 2**20) if config.device_budget_mb > 0 else None
         self.engine_config = EngineConfig(batch_images=config.batch_images,
                                           new_share=config.new_share, n_shells=config.n_shells,
-                                          device_budget_bytes=budget,
-                                          idle_anneal_epochs=config.idle_anneal_epochs,
-                                          idle_after_s=config.idle_after_s)
+                                          device_budget_bytes=budget)
         self.engine: MergeEngine | None = None
         self.counters = IngestCounters()
         self.spool = Spool(self.out_dir / "spool", fsync=config.spool_fsync)
@@ -164,7 +149,6 @@ class Service:
 
             attach_om(self)       # refuses pickle unless om_allow_pickle: before anything runs
         self._recover()
-        shorten_switch_interval()
         self.ingestor.start()
         self._thread = threading.Thread(target=self._train_loop, name="streamvi-train",
                                         daemon=True)
@@ -296,14 +280,6 @@ class Service:
         span = min(window_s, max(now - float(t.min()), 1e-3))
         return recent / span
 
-    def annealing(self) -> bool:
-        """True while an idle service is still lowering its learning rates."""
-        from streamvi.engine import IDLE_FINAL_LR_FACTOR
-
-        e = self.engine
-        return (e is not None and e.config.idle_anneal_epochs > 0
-                and e.lr_factor > IDLE_FINAL_LR_FACTOR)
-
     def status(self) -> dict[str, Any]:
         """Current figures for the stats topic, status page and terminal (JSON-able)."""
         c = self.counters.snapshot()
@@ -324,7 +300,6 @@ class Service:
             "queue_depth": self.ingestor.queue_depth,
             "images_per_s": self.images_per_second(),
             "steps": 0 if self.engine is None else self.engine.trainer.step,
-            "lr_factor": 1.0 if self.engine is None else self.engine.lr_factor,
             "reflections_trained": self.trained_reflections,
             "unvisited_images": int((visits == 0).sum()),
             "images_rejected": 0 if st is None else st.n_rejected,

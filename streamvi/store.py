@@ -129,10 +129,6 @@ class ReflectionStore:
         self.visits = np.zeros(n0, np.int64)
         #: the latest verdict of the trainer's misfit test (True: left out of the merge)
         self.image_rejected = np.zeros(n0, bool)
-        #: image visits summed over images (so the mean is O(1) to read)
-        self.total_visits = 0
-        #: latest arrival time of any stored image (s since the epoch; -inf when empty)
-        self.last_arrival = float("-inf")
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
@@ -208,7 +204,6 @@ class ReflectionStore:
         self.image_length[i] = m
         self.image_half[i] = half
         self.arrival_time[i] = time.time() if arrival_time is None else arrival_time
-        self.last_arrival = max(self.last_arrival, float(self.arrival_time[i]))
         self.n_images += 1
         self.n_reflections += m
         self.keys[key] = i
@@ -329,7 +324,6 @@ class ReflectionStore:
         now = time.time() if now is None else now
         image_ids = np.asarray(image_ids, dtype=np.int64)
         np.add.at(self.visits, image_ids, 1)
-        self.total_visits += int(image_ids.size)
         fv = self.first_visit_time[image_ids]
         first = np.isnan(fv)
         new_ids = np.unique(image_ids[first])

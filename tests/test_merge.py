@@ -53,34 +53,3 @@ def test_annealing_ends_at_the_final_learning_rate(beamtime):
     _, constant = merge_crystals(crystals[:40], space, steps=20, trainer_config=tcfg, anneal=0.0)
     assert constant.trainer.posterior_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
 
-
-def test_idle_engine_anneals_and_recovers_at_the_next_arrival(beamtime):
-    import time
-
-    from streamvi.engine import IDLE_FINAL_LR_FACTOR, IDLE_MIN_MEAN_VISITS, MergeEngine
-
-    crystals, space = beamtime
-    tcfg = TrainerConfig(device="cpu", mc_samples=2, posterior_lr=1e-2)
-    engine = MergeEngine(space, tcfg, EngineConfig(batch_images=8, idle_anneal_epochs=1.0,
-                                                   idle_after_s=5.0))
-    for c in crystals[:40]:
-        engine.add(c, arrival_time=time.time() - 60.0)   # the beam stopped a minute ago
-    lr = lambda: engine.trainer.posterior_optimizer.param_groups[0]["lr"]  # noqa: E731
-    engine.train(1)                       # 40 new images: the first step takes 32, not idle
-    assert engine.lr_factor == 1.0 and lr() == pytest.approx(1e-2)
-    # full rates until the images have had IDLE_MIN_MEAN_VISITS visits on average
-    while engine.store.total_visits < IDLE_MIN_MEAN_VISITS * 40:
-        engine.step()
-        assert engine.lr_factor == 1.0
-    engine.train(5)                       # then idle: 1 epoch = 5 steps of 8
-    assert engine.lr_factor == pytest.approx(IDLE_FINAL_LR_FACTOR)
-    assert lr() == pytest.approx(1e-2 * IDLE_FINAL_LR_FACTOR)
-    engine.add(crystals[40])              # a new image arrives now
-    engine.step()
-    assert engine.lr_factor == 1.0 and lr() == pytest.approx(1e-2)
-    # off by default (offline merges anneal on their own schedule)
-    plain = MergeEngine(space, tcfg, EngineConfig(batch_images=8))
-    for c in crystals[:40]:
-        plain.add(c, arrival_time=0.0)
-    plain.train(20)
-    assert plain.lr_factor == 1.0

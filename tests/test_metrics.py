@@ -176,7 +176,6 @@ def test_counters_equal_what_was_sent(fed_service):
     assert sample(s, "streamvi_images_stored") == feed.n_images
     assert sample(s, "streamvi_images_unvisited") == 0
     assert sample(s, "streamvi_images_rejected") == svc.engine.store.n_rejected
-    assert sample(s, "streamvi_learning_rate_factor") == svc.engine.lr_factor
     assert sample(s, "streamvi_queue_depth") == 0
     accepted_bytes = sum(len(f) for f in feed.frames[: feed.n_images + 1])
     assert sample(s, "streamvi_spool_bytes") == svc.spool.bytes_total >= accepted_bytes

@@ -308,7 +308,6 @@ class ServiceCollector(Collector):
     def _store(self) -> Iterator[Metric]:
         engine = self.service.engine
         n, n_refl, visits, lag, n_rejected = 0, 0, np.zeros(0, np.int64), np.zeros(0), 0
-        lr_factor = 1.0
         if engine is not None:
             st = engine.store
             with _holding(self.service.lock, LOCK_TIMEOUT_S) as got:
@@ -321,7 +320,6 @@ class ServiceCollector(Collector):
                 lag = st.first_visit_time[:n] - st.arrival_time[:n]
                 n_refl = int(st.n_reflections)
                 n_rejected = st.n_rejected
-                lr_factor = engine.lr_factor
         yield GaugeMetricFamily("streamvi_images_stored", "Images in the reflection store",
                                 value=n)
         yield GaugeMetricFamily("streamvi_reflections_stored",
@@ -329,10 +327,6 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily("streamvi_images_unvisited",
                                 "Stored images not yet in any training step",
                                 value=int((visits == 0).sum()))
-        yield GaugeMetricFamily("streamvi_learning_rate_factor",
-                                "Learning rates relative to their configured values (below 1 "
-                                "while an idle service anneals; see idle_anneal_epochs)",
-                                value=lr_factor)
         yield GaugeMetricFamily("streamvi_images_rejected",
                                 "Stored images whose latest visit found them not to fit the "
                                 "merge (misindexed or another lattice); left out of it",
