@@ -135,7 +135,7 @@ class MergeEngine:
         batch = self.store.batch(ids)
         report = self.trainer.learn_batch(batch)
         if report.rejected is not None:
-            self.store.set_rejected(batch.image_id.cpu().numpy(), report.rejected)
+            self.store.set_rejected(batch.image_id, report.rejected)
         frozen = self.trainer.standardizer.is_frozen
         if self.config.wilson_from_data and (self.sigma_stage == 0
                                              or (self.sigma_stage == 1 and frozen)):

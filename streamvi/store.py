@@ -127,8 +127,9 @@ class ReflectionStore:
         self.arrival_time = np.zeros(n0, np.float64)
         self.first_visit_time = np.full(n0, np.nan)
         self.visits = np.zeros(n0, np.int64)
-        #: the latest verdict of the trainer's misfit test (True: left out of the merge)
-        self.image_rejected = np.zeros(n0, bool)
+        #: the latest verdict of the trainer's misfit test (True: left out of the merge),
+        #: kept on the training device so recording it costs the step no device→host copy
+        self._rejected_t = torch.zeros(n0, dtype=torch.bool, device=self.device)
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
@@ -149,12 +150,15 @@ class ReflectionStore:
 
     def _grow_images(self) -> None:
         for name in ("image_tier", "image_start", "image_length", "image_half",
-                     "arrival_time", "first_visit_time", "visits", "image_rejected"):
+                     "arrival_time", "first_visit_time", "visits"):
             old = getattr(self, name)
             new = np.full(old.shape[0] * 2, np.nan) if name == "first_visit_time" else \
                 np.zeros(old.shape[0] * 2, old.dtype)
             new[: old.shape[0]] = old
             setattr(self, name, new)
+        grown = torch.zeros(2 * self._rejected_t.shape[0], dtype=torch.bool, device=self.device)
+        grown[: self._rejected_t.shape[0]] = self._rejected_t
+        self._rejected_t = grown
 
     def _tier_for(self, m: int) -> tuple[int, _Columns]:
         dev = self._tiers[0]
@@ -330,14 +334,20 @@ class ReflectionStore:
         self.first_visit_time[new_ids] = now
         return now - self.arrival_time[new_ids]
 
-    def set_rejected(self, image_ids: np.ndarray, rejected: np.ndarray) -> None:
-        """Record the trainer's latest verdict on whether each image fits the merge."""
-        self.image_rejected[np.asarray(image_ids, dtype=np.int64)] = np.asarray(rejected, bool)
+    def set_rejected(self, image_ids: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Record the trainer's latest verdict on whether each image fits the merge
+        (``image_ids`` and ``rejected`` as in a :class:`Batch`, on any device)."""
+        self._rejected_t[image_ids.to(self.device)] = rejected.to(self.device)
+
+    @property
+    def image_rejected(self) -> np.ndarray:
+        """``(n_images,)`` bool: the latest verdict per image (True: left out)."""
+        return self._rejected_t[: self.n_images].cpu().numpy()
 
     @property
     def n_rejected(self) -> int:
         """Images whose latest visit found them not to fit the merge."""
-        return int(self.image_rejected[: self.n_images].sum())
+        return int(self._rejected_t[: self.n_images].sum())
 
     def first_visit_lags(self, n: int | None = None) -> np.ndarray:
         """Arrival → first training visit (s) of every image visited so far (of the first

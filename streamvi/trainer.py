@@ -80,8 +80,9 @@ class StepReport:
     n_reflections: int
     seconds: float
     chosen_ops: np.ndarray | None = None
-    #: per image of the batch (batch order): left out as not fitting the merge (or None)
-    rejected: np.ndarray | None = None
+    #: per image of the batch (batch order), on the training device: left out as not
+    #: fitting the merge (None while the test is off)
+    rejected: torch.Tensor | None = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -216,11 +217,10 @@ class Trainer:
         values = torch.stack([terms.loss, terms.nll, terms.kl_F, terms.kl_scale]).detach()
         loss, nll, kl_F, kl_scale = values.cpu().tolist()
         chosen = None if terms.chosen_ops is None else terms.chosen_ops.cpu().numpy()
-        rejected = None if terms.rejected is None else terms.rejected.cpu().numpy()
         return StepReport(step=self.step, loss=loss, nll=nll, kl_F=kl_F, kl_scale=kl_scale,
                           n_images=batch.n_images, n_reflections=batch.n_reflections,
                           seconds=time.perf_counter() - start, chosen_ops=chosen,
-                          rejected=rejected)
+                          rejected=terms.rejected)
 
     def set_lr_factor(self, factor: float) -> None:
         """Scale both learning rates to ``factor`` × their configured values.

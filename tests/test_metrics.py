@@ -20,6 +20,7 @@ from typing import Iterator
 import msgpack
 import numpy as np
 import pytest
+import torch
 import yaml
 import zmq
 from conftest import REPO, make_crystal
@@ -175,7 +176,6 @@ def test_counters_equal_what_was_sent(fed_service):
     assert sample(s, "streamvi_crystals_merged_total") == feed.n_images
     assert sample(s, "streamvi_images_stored") == feed.n_images
     assert sample(s, "streamvi_images_unvisited") == 0
-    assert sample(s, "streamvi_images_rejected") == svc.engine.store.n_rejected
     assert sample(s, "streamvi_queue_depth") == 0
     accepted_bytes = sum(len(f) for f in feed.frames[: feed.n_images + 1])
     assert sample(s, "streamvi_spool_bytes") == svc.spool.bytes_total >= accepted_bytes
@@ -422,3 +422,16 @@ def test_prometheus_server_scrapes_the_service(fed_service, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_images_rejected_counts_the_stores_latest_verdicts(tmp_path):
+    # a service of its own: the verdicts set here must not leak into the shared one
+    feed = Feed()
+    with running_service(tmp_path) as svc:
+        feed.send_and_settle(svc)
+        assert sample(scrape(svc), "streamvi_images_rejected") == 0
+        with svc.lock:   # the test is off on so few reflections: nothing overwrites these
+            assert not svc.engine.trainer.model.reject_images
+            svc.engine.store.set_rejected(torch.tensor([0, 2]), torch.tensor([True, True]))
+        assert sample(scrape(svc), "streamvi_images_rejected") == 2
+        assert svc.status()["images_rejected"] == 2
