@@ -1,12 +1,16 @@
 """Which images the next training step visits (DESIGN.md section 5).
 
 A minibatch is a set of whole images: up to ``new_share`` of it from images never visited yet
-(oldest arrival first, so every new image is reached within a bounded time), the rest drawn
-uniformly from every stored image so old data keep voting, as in epochs.
+(oldest arrival first, so every new image is reached within a bounded time), the rest from
+every image already visited, in passes: each pass is a fresh random permutation of the images
+stored when it began, so within a pass every old image is visited exactly once (random
+reshuffling, as epochs are, rather than draws with replacement, which after k epochs leave
+e^-k of the images unvisited and others visited twice as often as the mean).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class ImageScheduler:
@@ -41,6 +45,11 @@ class ImageScheduler:
         self.rng = np.random.default_rng(seed)
         #: images with id < cursor have been handed out at least once as "new"
         self.cursor = 0
+        #: the current pass over old images: ``_pass[_pos:]`` are still to come
+        self._pass = np.zeros(0, np.int64)
+        self._pos = 0
+        #: passes over the old images begun so far
+        self.passes = 0
 
     def backlog(self, n_images: int) -> int:
         """Images stored but never handed out as new."""
@@ -61,21 +70,44 @@ class ImageScheduler:
             n_new = min(backlog, self.max_new)
             size = n_new + n_old_usual
         new = np.arange(self.cursor, self.cursor + n_new, dtype=np.int64)
+        pool = self.cursor          # old images: those already handed out as new
         self.cursor += n_new
-        n_old = min(size - n_new, n_images - n_new)
+        n_old = min(size - n_new, pool)
         if n_old > 0:
-            # uniform over everything stored; exclude the new ones to keep images distinct
-            pool = n_images - n_new
-            old = self.rng.choice(pool, size=min(n_old, pool), replace=False) if pool else \
-                np.zeros(0, np.int64)
-            old = np.where(old >= new[0], old + n_new, old) if n_new else old
-            return np.concatenate([new, old.astype(np.int64)])
+            return np.concatenate([new, self._draw_old(n_old, pool)])
         return new
+
+    def _draw_old(self, k: int, pool: int) -> np.ndarray:
+        """``k`` distinct ids below ``pool`` from the current pass, starting a new one as needed."""
+        out = self._pass[self._pos:self._pos + k]
+        self._pos += out.shape[0]
+        out = out[out < pool]       # a pass restored from a checkpoint of a larger store
+        if out.shape[0] < k:
+            # a new pass over everything visited so far; the ids just taken from the end of
+            # the old pass go to the end of the new one, so the batch holds distinct images
+            perm = self.rng.permutation(pool).astype(np.int64)
+            if out.shape[0]:
+                taken = np.isin(perm, out)
+                perm = np.concatenate([perm[~taken], perm[taken]])
+            self._pass, self._pos = perm, 0
+            self.passes += 1
+            more = self._pass[:k - out.shape[0]]
+            self._pos = more.shape[0]
+            out = np.concatenate([out, more])
+        return out.astype(np.int64, copy=False)
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "rng": self.rng.bit_generator.state,
-                "batch_images": self.batch_images, "new_share": self.new_share}
+                "batch_images": self.batch_images, "new_share": self.new_share,
+                # a tensor, so checkpoints load with torch.load(weights_only=True)
+                "pass": torch.from_numpy(self._pass[self._pos:].copy()), "passes": self.passes}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
         self.rng.bit_generator.state = state["rng"]
+        # checkpoints from before passes existed start a fresh pass
+        remaining = state.get("pass")
+        self._pass = (np.zeros(0, np.int64) if remaining is None
+                      else np.asarray(remaining, dtype=np.int64).reshape(-1))
+        self._pos = 0
+        self.passes = int(state.get("passes", 0))
