@@ -16,6 +16,9 @@ from torch.nn import functional as F_nn
 # Keeps the scale strictly positive so log-densities stay finite however far the optimiser
 # pushes the unconstrained parameter.
 _SCALE_FLOOR = 1e-6
+#: largest |a - b| the folded-normal log-density evaluates: log1p(e^-20) ≈ 2e-9, below
+#: float32 resolution; a larger cap sends ``log1p`` down its slow path for tiny arguments
+_LOGADDEXP_CAP = 20.0
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -89,10 +92,19 @@ class FoldedNormalPosterior(nn.Module):
 
     @staticmethod
     def log_prob_with(F: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Folded-normal log-density of ``F`` (``(..., n)``) given ``loc``, ``scale`` ``(n,)``."""
+        """Folded-normal log-density of ``F`` (``(..., n)``) given ``loc``, ``scale`` ``(n,)``.
+
+        ``log(e^a + e^b) = max(a, b) + log1p(e^-|a-b|)`` with ``|a-b| = 2|F·loc|/scale²``
+        capped at :data:`_LOGADDEXP_CAP`: beyond it the second term is below float32
+        resolution.  A sharp posterior makes ``|a-b|`` thousands, and ``torch.logaddexp``'s
+        backward then takes ``exp`` of arguments that over- or underflow, which runs ~50×
+        slower on the CPU (a fifth of a training step).
+        """
         a = -0.5 * ((F - loc) / scale) ** 2
         b = -0.5 * ((F + loc) / scale) ** 2
-        return torch.logaddexp(a, b) - torch.log(scale) - 0.5 * math.log(2.0 * math.pi)
+        gap = (a - b).abs().clamp_max(_LOGADDEXP_CAP)
+        return (torch.maximum(a, b) + torch.log1p(torch.exp(-gap)) - torch.log(scale)
+                - 0.5 * math.log(2.0 * math.pi))
 
     def rsample(self, table: int | torch.Tensor, row_ids: torch.Tensor, mc: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
