@@ -1,6 +1,8 @@
 """The command line in-process: simulate → inspect → merge, and demo, as a user runs them."""
 import json
+import re
 
+import numpy as np
 import reciprocalspaceship as rs
 
 from streamvi.cli import main
@@ -44,6 +46,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "merged MTZ:" in out and "CC(F, F_true)" in out
     assert len(rs.read_mtz(str(tmp_path / "latest.mtz"))) > 1000
+    # the anomalous map at the simulation's iodide sites, in σ
+    m = re.search(r"the (\d+) iodide sites at (-?[\d.]+) σ on average", out)
+    assert m and int(m.group(1)) > 0 and np.isfinite(float(m.group(2)))
 
 
 def test_missing_file_and_no_command(capsys):
