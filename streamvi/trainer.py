@@ -20,6 +20,7 @@ from streamvi.model.posterior import FoldedNormalPosterior
 from streamvi.model.prior import WilsonPrior
 from streamvi.model.scale import ImageScaleModel
 from streamvi.model.standardize import Standardizer
+from streamvi.optim import RowSparseAdam
 
 LIKELIHOODS = ("student_t", "normal")
 
@@ -182,7 +183,7 @@ class Trainer:
         self._configure_scale_forward()
         self.scale_optimizer = _adam(list(self.model.scale_model.parameters()), lr=config.lr,
                                      betas=config.betas, eps=config.eps)
-        self.posterior_optimizer = torch.optim.SparseAdam(
+        self.posterior_optimizer = RowSparseAdam(
             list(self.model.posterior.parameters()), lr=config.posterior_lr, betas=config.betas,
             eps=config.eps)
         self.generator = torch.Generator(device=self.device)
@@ -261,7 +262,7 @@ class Trainer:
 
     def _coalesce_sparse_gradients(self) -> None:
         """Coalesce the posterior's sparse gradient once (its two lookups leave duplicates);
-        the finiteness check and SparseAdam would each coalesce it again otherwise."""
+        the finiteness check and the sparse Adam would each coalesce it again otherwise."""
         for p in self.model.posterior.parameters():
             if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
                 p.grad = p.grad.coalesce()

@@ -2,8 +2,8 @@
 
 Table 0 merges all images; tables 1 and 2 merge the two half datasets (for CC1/2 and CCanom
 while streaming).  The parameters live in one ``(n_tables * n_rows, 2)`` matrix looked up
-with a sparse embedding, so a :class:`torch.optim.SparseAdam` step touches only the rows of
-the current minibatch and every other row stays bit-identical.
+with a sparse embedding, so a sparse Adam step (:class:`streamvi.optim.RowSparseAdam`)
+touches only the rows of the current minibatch and every other row stays bit-identical.
 """
 from __future__ import annotations
 

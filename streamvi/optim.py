@@ -1,0 +1,90 @@
+"""Row-sparse Adam for the posterior table: SparseAdam's update, done with row gathers.
+
+:class:`torch.optim.SparseAdam` adds each update to the dense moment and parameter tensors as
+a sparse tensor.  On the CPU those sparse-into-dense additions and ``sparse_mask`` took about
+2.4 ms of a 22 ms training step for ~10,000 touched rows.  Gathering the touched rows,
+updating them and adding the difference back with ``index_add_`` does the same arithmetic
+in the same order, in a tenth of the time.  The state (``step``, ``exp_avg``,
+``exp_avg_sq``) is SparseAdam's, so checkpoints of either load into the other.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+
+class RowSparseAdam(torch.optim.SparseAdam):
+    """:class:`torch.optim.SparseAdam` for gradients sparse along the first dimension only
+    (those of ``embedding(..., sparse=True)``); other layouts go to SparseAdam's own step.
+
+    Rows absent from a gradient keep their parameters and moments bit for bit.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        fallback = False
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps, lr = group["eps"], float(group["lr"])
+            maximize = group.get("maximize", False)
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if not grad.is_sparse:
+                    raise RuntimeError("RowSparseAdam needs sparse gradients; use Adam for "
+                                       "dense ones")
+                if grad.sparse_dim() != 1:
+                    fallback = True
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p,
+                                                           memory_format=torch.preserve_format)
+                state["step"] += 1
+                grad = grad.coalesce()
+                values = grad._values()
+                if values.numel() == 0:
+                    continue
+                if maximize:
+                    values = -values
+                rows = grad._indices()[0]
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                # SparseAdam's arithmetic, in its order: old + (g − old)(1 − β)
+                old_m = exp_avg.index_select(0, rows)
+                update_m = values.sub(old_m).mul_(1.0 - beta1)
+                exp_avg.index_add_(0, rows, update_m)
+                old_v = exp_avg_sq.index_select(0, rows)
+                update_v = values.pow(2).sub_(old_v).mul_(1.0 - beta2)
+                exp_avg_sq.index_add_(0, rows, update_v)
+                numer = update_m.add_(old_m)
+                denom = update_v.add_(old_v).sqrt_().add_(eps)
+                step = int(state["step"])
+                step_size = lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+                p.index_add_(0, rows, -step_size * numer.div_(denom))
+        if fallback:
+            self._fallback_step()
+        return loss
+
+    def _fallback_step(self) -> None:
+        """SparseAdam's own step for the parameters whose gradient is sparse in more than one
+        dimension; the others' gradients are hidden meanwhile so they are not stepped twice."""
+        hidden = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.sparse_dim() == 1:
+                    hidden.append((p, p.grad))
+                    p.grad = None
+        try:
+            super().step()
+        finally:
+            for p, g in hidden:
+                p.grad = g
