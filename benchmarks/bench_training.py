@@ -38,16 +38,18 @@ class Case:
 
 
 CASES = [
-    Case(32, 4, 32, 8),
-    Case(32, 4, 32, 32),
+    Case(32, 2, 8, 8),      # `streamvi merge` default on the CPU
+    Case(16, 2, 8, 8),      # `streamvi serve` default
+    Case(32, 2, 8, 32),
+    Case(32, 4, 32, 8),     # issue #3's reference size
     Case(32, 4, 8, 8),
-    Case(32, 4, 8, 32),
-    Case(32, 4, 8, 64),
-    Case(256, 5, 32, 8),
+    Case(256, 5, 32, 8),    # abismal's benchmark size
     Case(32, 20, 32, 8, amp_bf16=True, compile=True),
 ]
 # a GPU wants more reflections per step than a CPU to amortise kernel launches
 GPU_CASES = [
+    Case(32, 2, 8, 256),
+    Case(16, 2, 8, 256),
     Case(32, 4, 32, 128),
     Case(32, 4, 32, 512),
     Case(256, 5, 32, 64),
@@ -56,7 +58,7 @@ GPU_CASES = [
     Case(32, 20, 32, 128),
     Case(32, 20, 32, 128, amp_bf16=True, compile=True),
 ]
-QUICK_CASES = [Case(32, 4, 32, 8), Case(32, 4, 8, 32)]
+QUICK_CASES = [Case(32, 2, 8, 8), Case(32, 4, 32, 8)]
 
 
 def synthetic_batches(n_batches: int, images_per_batch: int, reflections_per_image: int,

@@ -184,7 +184,7 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     if engine.n_images == 0:
         raise ConfigError("no crystal had reflections inside the table (check --dmin, "
                           "--space-group and --cell)")
-    # offline there is no arrival order to favour: every step draws uniformly (epochs)
+    # offline there is no arrival order to favour: every step draws from the passes (epochs)
     engine.scheduler.cursor = engine.n_images
     if steps is None:
         steps = int(math.ceil((epochs if epochs is not None else 10.0) * engine.steps_per_epoch()))

@@ -24,7 +24,7 @@ class ImageScheduler:
         Fraction of a minibatch reserved for never-visited images (0–1).  When the backlog
         of new images is larger, the whole batch may go to new images if ``fill_new`` is set.
     seed
-        Seed of the uniform draws.
+        Seed of the passes' permutations.
     max_new
         Most never-visited images one step may take when a backlog has built up (the beam
         outruns the trainer): the batch then grows to take them, so every image still gets
