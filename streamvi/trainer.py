@@ -80,7 +80,9 @@ class StepReport:
     n_images: int
     n_reflections: int
     seconds: float
-    chosen_ops: np.ndarray | None = None
+    #: per image of the batch (batch order), on the training device: the twin-law operator
+    #: chosen (None with one operator)
+    chosen_ops: torch.Tensor | None = None
     #: per image of the batch (batch order), on the training device: left out as not
     #: fitting the merge (None while the test is off)
     rejected: torch.Tensor | None = None
@@ -242,7 +244,7 @@ class Trainer:
         self.reflections_trained += batch.n_reflections
         values = torch.stack([terms.loss, terms.nll, terms.kl_F, terms.kl_scale]).detach()
         loss, nll, kl_F, kl_scale = values.cpu().tolist()
-        chosen = None if terms.chosen_ops is None else terms.chosen_ops.cpu().numpy()
+        chosen = None if terms.chosen_ops is None else terms.chosen_ops.detach()
         return StepReport(step=self.step, loss=loss, nll=nll, kl_F=kl_F, kl_scale=kl_scale,
                           n_images=batch.n_images, n_reflections=batch.n_reflections,
                           seconds=time.perf_counter() - start, chosen_ops=chosen,

@@ -268,6 +268,11 @@ def test_standardizer_zero_variance_columns_and_freezing():
     restored = Standardizer(3)
     restored.load_state_dict(std.state_dict())
     assert restored.is_frozen and restored.intensity_scale() == 20.0
+    # a frozen standardiser that loads an unfrozen state is unfrozen again and learns
+    restored.load_state_dict(Standardizer(3).state_dict())
+    assert not restored.is_frozen
+    restored.update(meta, torch.tensor([1.0, 3.0]))
+    assert restored.n_seen == 2 and restored.intensity_scale() == 2.0
 
 
 # --- assembled model -------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_twin_operator_choice():
     chosen, truth = [], []
     for report in reports:
         images = rng.choice(len(data.counts), 8, replace=False)
-        chosen.append(report.chosen_ops)
+        chosen.append(report.chosen_ops.cpu().numpy())
         truth.append(data.twinned[images].astype(np.int64))
     chosen, truth = np.concatenate(chosen), np.concatenate(truth)
     assert chosen.shape == (160,) and truth.sum() > 20

@@ -35,10 +35,19 @@ class Standardizer(nn.Module):
         self.register_buffer("i_sum", torch.zeros((), dtype=f64))
         self.register_buffer("i_sumsq", torch.zeros((), dtype=f64))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        # host copy of ``frozen`` once it is True, so the per-step checks of the trainer and
+        # engine do not each wait for the GPU; only a state_dict load can unfreeze
+        self._frozen_host = False
 
     @property
     def is_frozen(self) -> bool:
-        return bool(self.frozen)
+        if not self._frozen_host:
+            self._frozen_host = bool(self.frozen)
+        return self._frozen_host
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._frozen_host = False
 
     @property
     def n_seen(self) -> int:
@@ -48,6 +57,7 @@ class Standardizer(nn.Module):
     def freeze(self) -> None:
         """Stop updating; the statistics are fixed from now on."""
         self.frozen.fill_(True)
+        self._frozen_host = True
 
     @torch.no_grad()
     def update(self, metadata: torch.Tensor, iobs: torch.Tensor) -> None:
