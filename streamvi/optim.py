@@ -17,7 +17,7 @@ import torch
 
 class RowSparseAdam(torch.optim.SparseAdam):
     """:class:`torch.optim.SparseAdam` for gradients sparse along the first dimension only
-    (those of ``embedding(..., sparse=True)``); other layouts go to SparseAdam's own step.
+    (those of ``embedding(..., sparse=True)``).
 
     Rows absent from a gradient keep their parameters and moments bit for bit.
     """
@@ -28,7 +28,6 @@ class RowSparseAdam(torch.optim.SparseAdam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fallback = False
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             eps, lr = group["eps"], float(group["lr"])
@@ -37,12 +36,10 @@ class RowSparseAdam(torch.optim.SparseAdam):
                 grad = p.grad
                 if grad is None:
                     continue
-                if not grad.is_sparse:
-                    raise RuntimeError("RowSparseAdam needs sparse gradients; use Adam for "
-                                       "dense ones")
-                if grad.sparse_dim() != 1:
-                    fallback = True
-                    continue
+                if not grad.is_sparse or grad.sparse_dim() != 1:
+                    raise RuntimeError("RowSparseAdam needs gradients sparse along the first "
+                                       "dimension only (embedding(..., sparse=True)); use "
+                                       "Adam or SparseAdam for others")
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
@@ -70,21 +67,4 @@ class RowSparseAdam(torch.optim.SparseAdam):
                 step = int(state["step"])
                 step_size = lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
                 p.index_add_(0, rows, -step_size * numer.div_(denom))
-        if fallback:
-            self._fallback_step()
         return loss
-
-    def _fallback_step(self) -> None:
-        """SparseAdam's own step for the parameters whose gradient is sparse in more than one
-        dimension; the others' gradients are hidden meanwhile so they are not stepped twice."""
-        hidden = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.sparse_dim() == 1:
-                    hidden.append((p, p.grad))
-                    p.grad = None
-        try:
-            super().step()
-        finally:
-            for p, g in hidden:
-                p.grad = g

@@ -127,7 +127,7 @@ def _adam(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Adam:
     """Adam with the fused kernel where this torch and device have one (CPU from torch 2.4).
 
     The scale network has a few dozen small tensors: the per-tensor loop of the default
-    implementation cost about a quarter of a d 16 step on the CPU.
+    implementation took ~1.5 ms of a d 16 step on the CPU, the fused kernel ~0.6 ms.
     """
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
@@ -138,13 +138,15 @@ def _adam(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Adam:
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every element of ``tensors`` is finite, with one host synchronisation.
 
-    The sum of the per-tensor norms is NaN or inf when any element is.
+    The largest of the per-tensor max-norms is NaN or inf exactly when some element is (a
+    2-norm could overflow on large finite values).
     """
     if not tensors:
         return True
-    norms = torch._foreach_norm(tensors) if hasattr(torch, "_foreach_norm") else \
-        [torch.linalg.vector_norm(t) for t in tensors]
-    return bool(torch.isfinite(torch.stack(list(norms)).sum()))
+    inf = float("inf")
+    norms = (torch._foreach_norm(tensors, ord=inf) if hasattr(torch, "_foreach_norm") else
+             [torch.linalg.vector_norm(t, ord=inf) for t in tensors])
+    return bool(torch.isfinite(torch.stack(list(norms)).max()))
 
 
 class Trainer:

@@ -52,5 +52,5 @@ def test_dense_gradient_is_refused():
     w = torch.nn.Parameter(torch.zeros(3, 2))
     opt = RowSparseAdam([w])
     w.grad = torch.ones(3, 2)
-    with pytest.raises(RuntimeError, match="sparse gradients"):
+    with pytest.raises(RuntimeError, match="gradients sparse along the first"):
         opt.step()

@@ -246,3 +246,13 @@ def test_non_finite_batch_is_skipped_and_parameters_stay_finite():
     for a, b in zip(before, tr.model.parameters()):
         assert _t.equal(a, b.detach())
     assert tr.learn_batch(good).step == 2
+
+
+def test_finiteness_check_flags_nan_and_inf_but_not_large_values():
+    from streamvi.trainer import _all_finite
+
+    big = torch.full((1000,), 1e30)       # its 2-norm would overflow float32
+    assert _all_finite([big, torch.zeros(3, 2)])
+    assert not _all_finite([big, torch.tensor([1.0, float("nan")])])
+    assert not _all_finite([torch.tensor([float("-inf")]), big])
+    assert _all_finite([])
