@@ -5,7 +5,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -177,7 +177,9 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     -------
     (MergeSnapshot, MergeEngine)
     """
-    engine = MergeEngine(space, trainer_config, engine_config)
+    # every crystal is stored before the first step: the Wilson plot may use them all at once
+    engine = MergeEngine(space, trainer_config,
+                         replace(engine_config or EngineConfig(), wilson_min_observations=0))
     n_outside = 0
     for msg in crystals:
         n_outside += engine.add(msg).n_outside
