@@ -64,6 +64,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("mc_samples", int, 8, "Monte Carlo samples per step", "model"),
     Option("scale_kl_weight", float, 0.03, "weight of the image-scale prior against the data "
            "(see docs/model.md)", "model"),
+    Option("posterior_average", float, 0.99, "publish each merged reflection's exponential "
+           "average over its last ~100 updates instead of its current value (0: off; removes "
+           "the jitter of a constant learning rate, docs/model.md)", "model"),
     Option("cpu_threads", int, 1, "torch threads for training on the CPU (1 avoids thread "
            "contention with ingest and publishing on small machines)", "model"),
     Option("batch_images", int, 8, "images per training step", "model"),

@@ -73,7 +73,8 @@ class Service:
         self.trainer_config = TrainerConfig(
             d_model=config.d_model, n_layers=config.n_layers, mc_samples=config.mc_samples,
             device=config.device, seed=config.seed, cpu_threads=config.cpu_threads,
-            scale_kl_weight=config.scale_kl_weight)
+            scale_kl_weight=config.scale_kl_weight,
+            posterior_average_decay=config.posterior_average)
         budget = int(config.device_budget_mb * 2**20) if config.device_budget_mb > 0 else None
         self.engine_config = EngineConfig(batch_images=config.batch_images,
                                           new_share=config.new_share, n_shells=config.n_shells,

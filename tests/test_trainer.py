@@ -256,3 +256,54 @@ def test_finiteness_check_flags_nan_and_inf_but_not_large_values():
     assert not _all_finite([big, torch.tensor([1.0, float("nan")])])
     assert not _all_finite([torch.tensor([float("-inf")]), big])
     assert _all_finite([])
+
+
+def test_posterior_average_follows_each_rows_updates(data):
+    with pytest.raises(ValueError, match="posterior_average_decay"):
+        TrainerConfig(posterior_average_decay=1.0)
+    assert make_trainer(data).posterior_average is None          # off by default
+    trainer = make_trainer(data, posterior_average_decay=0.9)
+    weight = trainer.model.posterior.weight
+    train(trainer, data, 50)
+    # one step by hand: the rows in the batch move by the warm-up-limited decay, others not
+    avg = trainer.posterior_average.clone()
+    n = trainer.posterior_updates.clone()
+    trainer.learn_batch(data.batch(np.arange(8)))
+    rows = weight.grad.coalesce()._indices()[0]
+    decay = torch.clamp((1 + n[rows]) / (10 + n[rows]), max=0.9)
+    expected = avg.clone()
+    expected[rows] = torch.lerp(avg[rows], weight.detach()[rows], (1 - decay).unsqueeze(1))
+    assert torch.equal(trainer.posterior_average, expected)
+    assert torch.equal(trainer.posterior_updates[rows], n[rows] + 1)
+    untouched = torch.ones(weight.shape[0], dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(trainer.posterior_updates[untouched], n[untouched])
+    # the published table is the average's, and still a good merge
+    train(trainer, data, 250, seed=4)
+    table = trainer.posterior_table(0)["F"]
+    raw = trainer.model.merged(0).F
+    assert not np.array_equal(table, raw)
+    assert np.corrcoef(table, data.F)[0, 1] > 0.995
+    # checkpoints carry it; one without restarts it at the loaded parameters
+    buffer = io.BytesIO()
+    torch.save(trainer.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    restored = make_trainer(data, posterior_average_decay=0.9)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.posterior_average, trainer.posterior_average)
+    batch = data.batch(np.arange(8, 16))
+    trainer.learn_batch(batch)
+    restored.learn_batch(batch)
+    assert torch.equal(restored.posterior_average, trainer.posterior_average)
+    state.pop("posterior_average")
+    fresh = make_trainer(data, posterior_average_decay=0.9)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.posterior_average, fresh.model.posterior.weight.detach())
+    # rows put back to the Wilson mean restart their average there
+    reset = np.zeros(300, bool)
+    reset[:10] = True
+    trainer.set_wilson_sigma(np.full(300, 2.0), reset=reset)
+    flat = torch.cat([torch.arange(10) + t * 300 for t in range(3)])
+    assert torch.equal(trainer.posterior_average[flat], weight.detach()[flat])
+    assert (trainer.posterior_updates[flat] == 0).all()

@@ -247,15 +247,17 @@ class VariationalMergingModel(nn.Module):
                          chosen_ops=chosen, rejected=rejected)
 
     @torch.no_grad()
-    def merged(self, table: int = 0) -> MergedTable:
+    def merged(self, table: int = 0, weight: torch.Tensor | None = None) -> MergedTable:
         """F, SIGF, I, SIGI of every row of ``table`` in the original intensity units.
+
+        ``weight`` replaces the posterior's parameters (e.g. their average over steps).
 
         Standardised intensities are the originals divided by the standardiser's intensity
         scale ``c``, so intensities are multiplied by ``c`` and amplitudes by ``√c``.
         """
         c = self.standardizer.intensity_scale()
-        mean_F, std_F = self.posterior.moments(table)
-        mean_I, std_I = self.posterior.intensity_moments(table)
+        mean_F, std_F = self.posterior.moments(table, weight)
+        mean_I, std_I = self.posterior.intensity_moments(table, weight)
         root_c = float(np.sqrt(c))
         return MergedTable(F=(mean_F * root_c).cpu().numpy(), SIGF=(std_F * root_c).cpu().numpy(),
                            I=(mean_I * c).cpu().numpy(), SIGI=(std_I * c).cpu().numpy())

@@ -119,28 +119,34 @@ class FoldedNormalPosterior(nn.Module):
         return self.log_prob_with(F, loc, scale)
 
     @torch.no_grad()
-    def _table_params(self, table: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table_params(self, table: int, weight: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= table < self.n_tables:
             raise ValueError(f"table {table} out of range 0..{self.n_tables - 1}")
-        raw = self.weight[table * self.n_rows:(table + 1) * self.n_rows].double()
+        w = self.weight if weight is None else weight
+        raw = w[table * self.n_rows:(table + 1) * self.n_rows].double()
         return F_nn.softplus(raw[:, 0]), F_nn.softplus(raw[:, 1]) + _SCALE_FLOOR
 
     @torch.no_grad()
-    def moments(self, table: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of the amplitude of every row (float64, closed form)."""
-        mu, sigma = self._table_params(table)
+    def moments(self, table: int = 0, weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the amplitude of every row (float64, closed form).
+
+        ``weight`` replaces :attr:`weight` (e.g. an average of it over steps)."""
+        mu, sigma = self._table_params(table, weight)
         mean = (sigma * math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * (mu / sigma) ** 2)
                 + mu * torch.erf(mu / (sigma * math.sqrt(2.0))))
         var = (mu * mu + sigma * sigma - mean * mean).clamp_min(0.0)
         return mean, torch.sqrt(var)
 
     @torch.no_grad()
-    def intensity_moments(self, table: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def intensity_moments(self, table: int = 0, weight: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of ``F²`` of every row (float64, closed form).
 
         ``F² = X²`` with ``X ~ N(mu, sigma²)``: ``E = mu² + sigma²``,
         ``Var = 4 mu² sigma² + 2 sigma⁴``.
         """
-        mu, sigma = self._table_params(table)
+        mu, sigma = self._table_params(table, weight)
         s2 = sigma * sigma
         return mu * mu + s2, torch.sqrt(4.0 * mu * mu * s2 + 2.0 * s2 * s2)
