@@ -48,7 +48,7 @@ class EngineConfig:
         Observations stored before the first, provisional Σ is taken from the data (the final
         one follows when the standardiser freezes).  A service's first step may see a single
         still, whose own partialities and B shape its Wilson plot; rows started there kept
-        the mark to the end (demo: CC top shell 0.921 against 0.945).
+        the mark to the end (the demo's stream emulated: CC top shell 0.921 against 0.944).
     """
 
     batch_images: int = 8
