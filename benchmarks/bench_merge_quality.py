@@ -35,12 +35,6 @@ from _machine import machine_name  # noqa: E402 - shared with the other benchmar
 import numpy as np
 
 
-def iodide_sites(truth) -> np.ndarray:
-    """Fractional coordinates of the truth's iodide atoms, ``(n, 3)``."""
-    sites = truth.sites()
-    return np.asarray(sites.frac)[np.asarray(sites.elements) == "I"]
-
-
 def judge(merged, truth_ds, sites: np.ndarray) -> dict:
     """CC figures and iodide peak heights of one merged ``rs.DataSet``."""
     from streamvi.evaluate import anomalous_peak_heights, compare_to_truth
@@ -76,7 +70,7 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
     crystals = list(simulate_images(sim, truth))
     simulate_s = time.perf_counter() - t0
     truth_ds = truth.to_dataset()
-    sites = iodide_sites(truth)
+    sites = truth.site_frac("I")
     space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=True)
     out: dict = {"simulate_seconds": simulate_s, "images": len(crystals),
                  "reflections": int(sum(len(c) for c in crystals)), "n_iodide": len(sites),

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     import reciprocalspaceship as rs
 
-    from bench_merge_quality import iodide_sites, judge
+    from bench_merge_quality import judge
     from streamvi_sim import SimulationConfig, simulate_structure
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                       0.5 * (fp + fm))),
                                     index=merged.index, dtype="SFAmplitude")
     truth = simulate_structure(SimulationConfig(n_images=args.images, seed=args.seed))
-    fig = judge(merged, truth.to_dataset(), iodide_sites(truth))
+    fig = judge(merged, truth.to_dataset(), truth.site_frac("I"))
     base = {"method": args.method, "machine": machine_name(), "device": "cpu",
             "mtz": _os.path.basename(args.mtz), "note": args.note}
     for name, key, unit in (("merge_cc_F", "cc_F", "CC"),

@@ -45,7 +45,7 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
         Images per second sent (XFEL-like pacing).
     catch_up_visits
         After the stream ends, train until every image has been visited this many times
-        (or ``max_catch_up_s`` passes).  With 8, the default 2,000 images end about 50 s
+        (or ``max_catch_up_s`` passes).  With 8, the default 2,000 images end 50–60 s
         after the last one arrived on 2 CPU cores, past CrystFEL partialator's figures of
         DESIGN.md section 9 in every column (docs/model.md).
     """
@@ -139,8 +139,7 @@ def _iodide_peaks(mtz: Path, truth) -> dict | None:
 
     from streamvi.evaluate import anomalous_peak_heights
 
-    sites = truth.sites()
-    frac = np.asarray(sites.frac)[np.asarray(sites.elements) == "I"]
+    frac = truth.site_frac("I")
     if frac.shape[0] == 0:
         return None
     peaks = anomalous_peak_heights(rs.read_mtz(str(mtz)), truth.to_dataset(), frac)

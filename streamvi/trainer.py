@@ -61,8 +61,8 @@ class TrainerConfig:
     #: instead of the current ones (0: off).  The decay per update of a row is
     #: ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so young rows follow the
     #: iterate.  At a constant learning rate (the service) the iterate keeps a step-sized
-    #: jitter as large as weak Bijvoet differences; the average removes most of it.  Offline
-    #: merges anneal instead.
+    #: jitter as large as weak Bijvoet differences; the average reduces it (demo stream:
+    #: CCanom 0.616 → 0.623).  Offline merges anneal instead.
     posterior_average_decay: float = 0.0
     #: torch intra-op threads on the CPU (None: leave torch's setting).  One is the default:
     #: with minibatches of a few thousand reflections and ingest/publishing threads beside
@@ -273,7 +273,7 @@ class Trainer:
     def _reset_average(self, rows: torch.Tensor | None = None) -> None:
         """Restart the average at the current parameters (all rows, or flat ``rows``)."""
         weight = self.model.posterior.weight
-        if rows is None or self.posterior_average is None:
+        if rows is None:
             self.posterior_average = weight.detach().clone()
             self.posterior_updates = torch.zeros(weight.shape[0], dtype=torch.float32,
                                                  device=weight.device)

@@ -80,6 +80,10 @@ def test_truth_table_is_the_asu_without_absences(truth: Truth) -> None:
     assert not ops.systematic_absences(truth.hkl).any()
     assert truth.d.min() >= SMALL.dmin
     assert len(truth.sites()) == SMALL.n_sulfur + SMALL.n_iodide
+    iodide = truth.site_frac("I")
+    assert iodide.shape == (SMALL.n_iodide, 3) and truth.site_frac("S").shape[0] == SMALL.n_sulfur
+    sites = truth.sites()
+    np.testing.assert_array_equal(iodide, sites.frac[sites.elements == "I"])
 
 
 def test_atoms_keep_their_distance(truth: Truth) -> None:

@@ -98,7 +98,7 @@ class FoldedNormalPosterior(nn.Module):
         capped at :data:`_LOGADDEXP_CAP`: beyond it the second term is below float32
         resolution.  A sharp posterior makes ``|a-b|`` thousands, and ``torch.logaddexp``'s
         backward then takes ``exp`` of arguments that over- or underflow, which runs ~50×
-        slower on the CPU (a fifth of a training step).
+        slower on the CPU (~2.5 ms of a 30 ms d 16 training step).
         """
         a = -0.5 * ((F - loc) / scale) ** 2
         b = -0.5 * ((F + loc) / scale) ** 2

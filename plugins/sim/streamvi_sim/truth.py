@@ -117,6 +117,11 @@ class Truth:
             raise ValueError("this Truth carries no atoms (read it with sites_path=...)")
         return self.atoms.anomalous_sites()
 
+    def site_frac(self, element: str) -> np.ndarray:
+        """Fractional coordinates ``(n, 3)`` of the model's ``element`` atoms (e.g. "I")."""
+        sites = self.sites()
+        return np.asarray(sites.frac)[np.asarray(sites.elements) == element]
+
     def _f_mean(self) -> np.ndarray:
         fp = self.F_plus * np.exp(1j * np.radians(self.phi_plus))
         fm = self.F_minus * np.exp(1j * np.radians(self.phi_minus))
