@@ -365,6 +365,10 @@ class DistributedEngine(MergeEngine):
             self._synced[name] = arr.astype(np.float64)
         st.statistics_changed()
 
+    def _images_everywhere(self) -> int:
+        # the count of the last sync: the same on every rank, so all decide alike
+        return self.global_images
+
     def step(self) -> StepReport | None:
         """Sync, then one collective optimiser step; None on every rank while any is empty."""
         state = self.sync()

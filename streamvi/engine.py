@@ -44,11 +44,13 @@ class EngineConfig:
     reject_misfit_images
         Leave out of the likelihood, visit by visit, images the merge explains no better than
         the Wilson prior does (misindexed or foreign lattices; docs/model.md).
-    wilson_min_observations
-        Observations stored before the first, provisional Σ is taken from the data (the final
-        one follows when the standardiser freezes).  A service's first step may see a single
+    wilson_min_images
+        Images stored before the first, provisional Σ is taken from the data (the final one
+        follows when the standardiser freezes).  A service's first step may see a single
         still, whose own partialities and B shape its Wilson plot; rows started there kept
         the mark to the end (the demo's stream emulated: CC top shell 0.921 against 0.944).
+        Counted in images, not observations, so a small stream of small images still gets
+        its Σ early rather than at the freeze, a moment that varies with timing.
     """
 
     batch_images: int = 8
@@ -58,7 +60,7 @@ class EngineConfig:
     wilson_from_data: bool = True
     kl_per_pass: bool = True
     reject_misfit_images: bool = True
-    wilson_min_observations: int = 20_000
+    wilson_min_images: int = 32
 
 
 @dataclass
@@ -150,15 +152,14 @@ class MergeEngine:
         return report
 
     def _wilson_due(self, frozen: bool) -> bool:
-        """Whether Σ is to be (re)set now: provisional once enough is stored, final at freeze.
-
-        Counted on the per-row statistics, which data-parallel ranks share, so every rank
-        decides alike.
-        """
+        """Whether Σ is to be (re)set now: provisional once enough is stored, final at freeze."""
         if self.sigma_stage == 0:
-            return frozen or int(self.store.obs_count[0].sum()) >= \
-                self.config.wilson_min_observations
+            return frozen or self._images_everywhere() >= self.config.wilson_min_images
         return self.sigma_stage == 1 and frozen
+
+    def _images_everywhere(self) -> int:
+        """Images stored for this merge (all ranks' for a data-parallel one)."""
+        return self.store.n_images
 
     def _update_wilson_sigma(self, *, final: bool) -> None:
         """Give the prior the data's resolution fall-off (Σ per row, standardised).

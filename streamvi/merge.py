@@ -179,7 +179,7 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     """
     # every crystal is stored before the first step: the Wilson plot may use them all at once
     engine = MergeEngine(space, trainer_config,
-                         replace(engine_config or EngineConfig(), wilson_min_observations=0))
+                         replace(engine_config or EngineConfig(), wilson_min_images=0))
     n_outside = 0
     for msg in crystals:
         n_outside += engine.add(msg).n_outside
