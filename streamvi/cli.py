@@ -27,8 +27,23 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="CrystFEL stream to write")
     p.add_argument("--truth", type=Path, help="MTZ of the true structure factors to write")
     p.add_argument("--dmin", type=float, default=1.8, help="resolution limit, Å")
+    p.add_argument("--space-group", default=None,
+                   help="space group of the crystal (default 'P 43 21 2', lysozyme-like)")
+    p.add_argument("--cell", default=None, help="'a b c alpha beta gamma', Å and degrees "
+                   "(default 79.1 79.1 37.9 90 90 90)")
+    p.add_argument("--indexing-ambiguity", action="store_true",
+                   help="report each image in a random one of the space group's merohedral "
+                        "settings, as an indexer does in P 4, P 3, P 63, …")
     p.add_argument("--to", metavar="URL", help="stream the images live to a service (tcp://…)")
     p.add_argument("--rate", type=float, default=None, help="images/s when streaming (--to)")
+
+
+def _simulate_command(cfg) -> str:
+    """The ``streamvi simulate`` command that makes the same images (for the stream header)."""
+    cell = " ".join(f"{x:g}" for x in cfg.cell)
+    return (f"streamvi simulate --images {cfg.n_images} --seed {cfg.seed} --dmin {cfg.dmin} "
+            f"--space-group '{cfg.space_group}' --cell '{cell}'"
+            + (" --indexing-ambiguity" if cfg.indexing_ambiguity else ""))
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -36,7 +51,16 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
     if args.output is None and args.to is None:
         raise StreamviError("simulate: give -o OUT.stream and/or --to tcp://HOST:PORT")
-    cfg = SimulationConfig(n_images=args.images, seed=args.seed, dmin=args.dmin)
+    from streamvi.symmetry import parse_cell, parse_space_group, twin_operators
+
+    extra: dict = {}
+    if args.space_group:
+        extra["space_group"] = parse_space_group(args.space_group).hm
+    if args.cell:
+        extra["cell"] = tuple(parse_cell(args.cell).parameters)
+    cfg = SimulationConfig(n_images=args.images, seed=args.seed, dmin=args.dmin,
+                           indexing_ambiguity=args.indexing_ambiguity, **extra)
+    twin_operators(cfg.space_group, cfg.cell)       # refuses a cell the group cannot have
     t0 = time.perf_counter()
     truth = simulate_structure(cfg)
     if args.truth:
@@ -49,8 +73,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         geometry = detector_of(cfg).geometry_text(photon_energy_eV=cfg.photon_energy_eV)
         n = write_stream(args.output, simulate_images(cfg, truth), target_cell=cfg.cell,
                          space_group=cfg.space_group, geometry=geometry,
-                         command_line=f"streamvi simulate --images {cfg.n_images} "
-                                      f"--seed {cfg.seed} --dmin {cfg.dmin}")
+                         command_line=_simulate_command(cfg))
     if args.to:
         from streamvi.send import send_messages
 
@@ -124,6 +147,11 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cell", help="'a b c alpha beta gamma', Å and degrees (default: target cell)")
     p.add_argument("--dmin", type=float, help="resolution limit, Å (default: highest observed)")
     p.add_argument("--anomalous", action="store_true", help="keep F(+) and F(−) apart")
+    p.add_argument("--reference", type=Path, metavar="MTZ",
+                   help="write the merge in this data set's indexing setting (space groups "
+                        "with an indexing ambiguity, e.g. P 4, P 3, P 63)")
+    p.add_argument("--reference-column", metavar="COL",
+                   help="amplitude or intensity column of --reference (default: F, FP, …, I)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 10)")
     g.add_argument("--steps", type=int, default=None, help="optimiser steps")
@@ -140,6 +168,10 @@ def _run_merge(args: argparse.Namespace) -> int:
     from streamvi.merge import Progress, load_files, merge_crystals, resolve_space
     from streamvi.publish.mtz import write_snapshot_mtz
 
+    from streamvi.reference import read_reference
+
+    reference = (read_reference(args.reference, args.reference_column)
+                 if args.reference else None)
     data = load_files(args.files)
     for r in data.rejected[:20]:
         log.warning("skipped: %s", r)
@@ -159,16 +191,36 @@ def _run_merge(args: argparse.Namespace) -> int:
     snapshot, engine = merge_crystals(
         data.crystals, space, trainer_config=tcfg, engine_config=ecfg, epochs=args.epochs,
         steps=args.steps, progress=None if args.quiet else Progress,
-        history=[f"merge of {', '.join(p.name for p in args.files)}"[:80]])
+        history=[f"merge of {', '.join(p.name for p in args.files)}"[:80]],
+        reference=reference)
     seconds = time.perf_counter() - t0
     write_snapshot_mtz(snapshot, args.output)
     print(snapshot.stats.format())
+    if reference is not None:
+        print(_setting_line(engine, reference.name))
     print(f"wrote {args.output} ({int(snapshot.observed.sum())} reflections) in {seconds:.1f} s "
           f"on {engine.device}")
     if args.json:
         print(json.dumps({"stats": snapshot.stats.to_dict(), "seconds": seconds,
                           "mtz": str(args.output)}))
     return 0
+
+
+def _setting_line(engine, name: str) -> str:
+    """What the --reference did, for the end of a merge."""
+    choice = engine.setting_choice
+    import numpy as np
+
+    if engine.space.n_ops == 1:
+        return f"{engine.space.space_group.hm} has no indexing ambiguity: {name} was not needed"
+    if choice is None or not np.isfinite(choice.cc[choice.op_index]):
+        return f"too few reflections in common with {name} to choose a setting"
+    from streamvi.symmetry import op_triplet
+
+    ccs = ", ".join(f"{op_triplet(op)} {cc:.3f}" for op, cc in zip(engine.space.twin_ops,
+                                                                    choice.cc))
+    return (f"setting of {name}: reindexed by {choice.op} (CC(F) per operator: {ccs}; "
+            f"{choice.n_common} reflections in common)")
 
 
 # ---------------------------------------------------------------------------- serve

@@ -53,6 +53,11 @@ OPTIONS: tuple[Option, ...] = (
            "crystal's cell)", "merge"),
     Option("dmin", float, 2.0, "resolution limit, Å", "merge"),
     Option("anomalous", bool, False, "keep F(+) and F(-) separate", "merge"),
+    Option("reference", str, "", "MTZ whose indexing setting the published merge takes (space "
+           "groups with an indexing ambiguity: P 4, P 3, P 63, ...); empty: the merge's own",
+           "merge"),
+    Option("reference_column", str, "", "amplitude or intensity column of the reference "
+           "(default: F, FP, ..., then I)", "merge"),
     # --- model
     Option("device", str, "auto", "auto (CUDA when available), cpu or cuda", "model"),
     Option("seed", int, 0, "random seed", "model"),

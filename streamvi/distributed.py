@@ -351,6 +351,7 @@ class DistributedEngine(MergeEngine):
     def _merge_statistics(self, dev: torch.device) -> None:
         """Global totals = totals at the last sync + Σ over ranks of what each added since."""
         st = self.store
+        st.apply_settings()     # each rank recounts its own images, the deltas carry it
         deltas = [(getattr(st, name) - self._synced[name]).ravel() for name in STORE_STATISTICS]
         buf = torch.from_numpy(np.concatenate(deltas)).to(dev)
         dist.all_reduce(buf)

@@ -7,18 +7,22 @@ posterior into a :class:`MergeSnapshot` that the publishers (MTZ, ZeroMQ, metric
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from streamvi.features import N_METADATA
+from streamvi.reference import ReferenceSetting, SettingChoice, align_snapshot
 from streamvi.schedule import ImageScheduler
 from streamvi.stats import ShellTable, shell_statistics
 from streamvi.store import AddResult, ReflectionStore
 from streamvi.symmetry import ReciprocalSpace
 from streamvi.trainer import StepReport, Trainer, TrainerConfig
 from streamvi.wire import CrystalMessage
+
+log = logging.getLogger(__name__)
 
 TABLE_NAMES = ("all", "half1", "half2")
 
@@ -112,6 +116,10 @@ class MergeEngine:
         self.trainer = self.trainer_class(self.trainer_config, centric=space.centric,
                                           epsilon=space.epsilon, n_metadata=N_METADATA)
         self.device = self.trainer.device
+        #: put snapshots in the indexing setting of this reference (merohedral groups only)
+        self.reference: ReferenceSetting | None = None
+        #: the reindexing the last snapshot got from :attr:`reference` (None: not chosen yet)
+        self.setting_choice: SettingChoice | None = None
         self.store = ReflectionStore(space, device=self.device,
                                      device_budget_bytes=self.config.device_budget_bytes,
                                      kl_per_pass=self.config.kl_per_pass)
@@ -144,6 +152,8 @@ class MergeEngine:
         report = self.trainer.learn_batch(batch)
         if report.rejected is not None:
             self.store.set_rejected(batch.image_id, report.rejected)
+        if report.chosen_ops is not None:
+            self.store.set_ops(batch.image_id, report.chosen_ops)
         frozen = self.trainer.standardizer.is_frozen
         if self.config.wilson_from_data and self._wilson_due(frozen):
             self._update_wilson_sigma(final=frozen)
@@ -198,6 +208,7 @@ class MergeEngine:
 
     def snapshot(self, history: list[str] | None = None) -> MergeSnapshot:
         """Freeze the current posterior and compute the shell statistics."""
+        self.store.apply_settings()
         tables = {name: self.trainer.posterior_table(i) for i, name in enumerate(TABLE_NAMES)}
         obs = self.store.obs_count.copy()
         sp = self.space
@@ -210,11 +221,20 @@ class MergeEngine:
             i_over_sigma=self.store.merged_i_over_sigma(),
             expected_i=self.trainer.model.prior.variance.double().cpu().numpy())
         self._snapshot_id += 1
-        return MergeSnapshot(
+        snap = MergeSnapshot(
             snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,
             obs_count=obs, n_images=self.store.n_images,
             n_reflections=self.store.n_reflections, step=self.trainer.step,
             stats=stats, history=list(history or []))
+        if self.reference is not None:
+            snap, choice = align_snapshot(snap, self.reference)
+            if choice is not None and (self.setting_choice is None
+                                       or choice.op_index != self.setting_choice.op_index):
+                log.info("setting of %s: %s (CC(F) per operator %s, %d reflections in common)",
+                         self.reference.name, choice.op,
+                         ", ".join(f"{c:.3f}" for c in choice.cc), choice.n_common)
+            self.setting_choice = choice
+        return snap
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
+from streamvi.reference import ReferenceData, ReferenceSetting
 from streamvi.sources import Rejected
 from streamvi.symmetry import ReciprocalSpace, parse_cell, parse_space_group
 from streamvi.trainer import StepReport, TrainerConfig
@@ -167,11 +168,14 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                    steps: int | None = None,
                    progress: Callable[[int, int], Callable[[StepReport], None]] | None = None,
                    history: list[str] | None = None,
-                   anneal: float = ANNEAL_FRACTION) -> tuple[MergeSnapshot, MergeEngine]:
+                   anneal: float = ANNEAL_FRACTION,
+                   reference: ReferenceData | None = None) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
 
     The learning rates decay linearly to :data:`FINAL_LR_FACTOR` of their values over the
-    last ``anneal`` of the steps (0: constant rates, as the online service trains).
+    last ``anneal`` of the steps (0: constant rates, as the online service trains).  With a
+    ``reference`` (:func:`streamvi.reference.read_reference`), the snapshot is put in its
+    indexing setting (merohedral space groups; see :mod:`streamvi.reference`).
 
     Returns
     -------
@@ -180,6 +184,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     # every crystal is stored before the first step: the Wilson plot may use them all at once
     engine = MergeEngine(space, trainer_config,
                          replace(engine_config or EngineConfig(), wilson_min_images=0))
+    if reference is not None:
+        engine.reference = ReferenceSetting(space, reference)
     n_outside = 0
     for msg in crystals:
         n_outside += engine.add(msg).n_outside

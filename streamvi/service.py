@@ -34,6 +34,7 @@ from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
 from streamvi.ingest import Ingestor, replay_spool
 from streamvi.publish.snapshots import MtzSnapshots
+from streamvi.reference import ReferenceSetting, check_same_lattice, read_reference
 from streamvi.spool import Spool
 from streamvi.symmetry import ReciprocalSpace, parse_cell, parse_space_group
 from streamvi.trainer import TrainerConfig
@@ -70,6 +71,11 @@ class Service:
         self.cell = parse_cell(config.cell) if config.cell else None
         if not config.dmin > 0:
             raise ConfigError(f"dmin = {config.dmin}: must be a positive resolution in Å")
+        self.reference = None
+        if config.reference:
+            self.reference = read_reference(config.reference, config.reference_column or None)
+            if self.cell is not None:
+                check_same_lattice(self.reference, self.space_group, self.cell)
         self.trainer_config = TrainerConfig(
             d_model=config.d_model, n_layers=config.n_layers, mc_samples=config.mc_samples,
             device=config.device, seed=config.seed, cpu_threads=config.cpu_threads,
@@ -136,6 +142,12 @@ class Service:
         space = ReciprocalSpace(self.space_group, cell, self.config.dmin,
                                 anomalous=self.config.anomalous)
         engine = MergeEngine(space, self.trainer_config, self.engine_config)
+        if self.reference is not None:
+            try:
+                engine.reference = ReferenceSetting(space, self.reference)
+            except ConfigError as exc:
+                # the cell came from the first crystal: too late to refuse to start
+                log.error("%s; publishing in the merge's own indexing setting", exc)
         log.info("merging in %s, cell %s, dmin %.2f Å: %d unique rows on %s",
                  self.space_group.hm, tuple(round(x, 3) for x in space.cell.parameters),
                  space.dmin, space.n_unique, engine.device)

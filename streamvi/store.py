@@ -130,10 +130,17 @@ class ReflectionStore:
         #: the latest verdict of the trainer's misfit test (True: left out of the merge),
         #: kept on the training device so recording it costs the step no device→host copy
         self._rejected_t = torch.zeros(n0, dtype=torch.bool, device=self.device)
+        #: the reindexing operator the trainer last chose per image (merohedral groups),
+        #: on the training device like the verdicts; ``image_op`` is what the row statistics
+        #: below were last counted under (:meth:`apply_settings`)
+        self._image_op_t = torch.zeros(n0 if self.n_ops > 1 else 0, dtype=torch.int64,
+                                       device=self.device)
+        self.image_op = np.zeros(n0 if self.n_ops > 1 else 0, np.int64)
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
-        #: observations per posterior row (identity operator), all and per half
+        #: observations per posterior row, all and per half: under the identity operator
+        #: when an image arrives, then under the operator last chosen for it
         self.obs_count = np.zeros((3, space.n_unique), np.int64)
         #: obs_count mirrored on the training device, so a batch's KL weights are gathered
         #: there (no device→host copy of the batch's rows inside the training step)
@@ -159,6 +166,12 @@ class ReflectionStore:
         grown = torch.zeros(2 * self._rejected_t.shape[0], dtype=torch.bool, device=self.device)
         grown[: self._rejected_t.shape[0]] = self._rejected_t
         self._rejected_t = grown
+        if self.n_ops > 1:
+            ops = torch.zeros(2 * self._image_op_t.shape[0], dtype=torch.int64,
+                              device=self.device)
+            ops[: self._image_op_t.shape[0]] = self._image_op_t
+            self._image_op_t = ops
+            self.image_op = np.concatenate([self.image_op, np.zeros_like(self.image_op)])
 
     def _tier_for(self, m: int) -> tuple[int, _Columns]:
         dev = self._tiers[0]
@@ -333,6 +346,75 @@ class ReflectionStore:
         new_ids = np.unique(image_ids[first])
         self.first_visit_time[new_ids] = now
         return now - self.arrival_time[new_ids]
+
+    def set_ops(self, image_ids: torch.Tensor, ops: torch.Tensor) -> None:
+        """Record the reindexing operator the trainer chose for each image (``image_ids``
+        and ``ops`` as in a :class:`Batch` and its :class:`StepReport`, on any device).
+
+        The row statistics follow at the next :meth:`apply_settings`.
+        """
+        if self.n_ops > 1:
+            self._image_op_t[image_ids.to(self.device)] = ops.to(self.device)
+
+    def apply_settings(self) -> int:
+        """Recount the row statistics of images whose chosen operator changed.
+
+        ``obs_count`` (host and device), ``sum_w``, ``sum_wi`` and ``sum_i`` move from the
+        rows of the operator an image was counted under to those of the one last chosen for
+        it, so N, completeness and ⟨I/σ⟩ describe the merge's own setting.  One copy of the
+        per-image operators from the device; called before statistics are read.
+
+        Returns
+        -------
+        int
+            Images recounted.
+        """
+        n = self.n_images
+        if self.n_ops == 1 or n == 0:
+            return 0
+        ops = self._image_op_t[:n].cpu().numpy()
+        changed = np.nonzero(ops != self.image_op[:n])[0]
+        if changed.size == 0:
+            return 0
+        for t, tier in enumerate(self._tiers):
+            ids = changed[self.image_tier[changed] == t]
+            if ids.size == 0:
+                continue
+            lengths = self.image_length[ids]
+            idx = _ranges(self.image_start[ids], lengths)
+            idx_t = torch.from_numpy(idx).to(tier.device)
+            asu = tier.asu_id.index_select(1, idx_t).cpu().numpy()
+            iobs = tier.iobs.index_select(0, idx_t).cpu().numpy().astype(np.float64)
+            sig = tier.sigiobs.index_select(0, idx_t).cpu().numpy().astype(np.float64)
+            cols = np.arange(idx.shape[0])
+            old = asu[np.repeat(self.image_op[ids], lengths), cols]
+            new = asu[np.repeat(ops[ids], lengths), cols]
+            half = np.repeat(self.image_half[ids].astype(np.int64), lengths)
+            w = 1.0 / np.square(sig)
+            for rows, sign in ((old, -1), (new, 1)):
+                np.add.at(self.obs_count[0], rows, sign)
+                np.add.at(self.obs_count, (1 + half, rows), sign)
+                np.add.at(self.sum_w, rows, sign * w)
+                np.add.at(self.sum_wi, rows, sign * w * iobs)
+                np.add.at(self.sum_i, rows, sign * iobs)
+                rows_t = torch.from_numpy(rows).to(self.device)
+                half_t = torch.from_numpy(1 + half).to(self.device)
+                val = torch.full((rows.shape[0],), float(sign), device=self.device)
+                self._obs_count_t[0].index_add_(0, rows_t, val)
+                self._obs_count_t.index_put_((half_t, rows_t), val, accumulate=True)
+        self.image_op[:n] = ops
+        return int(changed.size)
+
+    def setting_counts(self) -> dict[str, int]:
+        """Images per reindexing operator (as triplets) they were last counted under; empty
+        when the space group has no indexing ambiguity.  As of the last
+        :meth:`apply_settings` (each snapshot), so reading it costs no device copy."""
+        if self.n_ops == 1:
+            return {}
+        from streamvi.symmetry import op_triplet
+
+        counts = np.bincount(self.image_op[: self.n_images], minlength=self.n_ops)
+        return {op_triplet(op): int(c) for op, c in zip(self.space.twin_ops, counts)}
 
     def set_rejected(self, image_ids: torch.Tensor, rejected: torch.Tensor) -> None:
         """Record the trainer's latest verdict on whether each image fits the merge

@@ -476,6 +476,21 @@ def reindex(hkl: np.ndarray, op: np.ndarray) -> np.ndarray:
     return (a.astype(np.int32, copy=False) @ m.T.astype(np.int32)).astype(np.int32, copy=False)
 
 
+def op_triplet(op: np.ndarray) -> str:
+    """A reindexing matrix as the usual ``h,k,l`` triplet, e.g. ``k,h,-l``."""
+    m = np.asarray(op, dtype=np.int64)
+    terms = []
+    for row in m:
+        t = ""
+        for coef, name in zip(row, "hkl"):
+            if coef == 0:
+                continue
+            sign = "-" if coef < 0 else ("+" if t else "")
+            t += sign + ("" if abs(coef) == 1 else str(abs(coef))) + name
+        terms.append(t or "0")
+    return ",".join(terms)
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -673,6 +688,35 @@ class ReciprocalSpace:
         a = _as_hkl(hkl)
         return np.stack([self.lookup(a if i == 0 else reindex(a, op))
                          for i, op in enumerate(self.twin_ops)])
+
+    def reindex_rows(self, op: np.ndarray) -> np.ndarray:
+        """Where every row of the table goes when the merge is reindexed by ``op``.
+
+        Parameters
+        ----------
+        op
+            A 3x3 reindexing matrix (``hkl' = op @ hkl``), normally one of ``twin_ops``.
+
+        Returns
+        -------
+        np.ndarray
+            ``(n_unique,)`` int64 permutation: row ``r`` becomes row ``perm[r]``.  F(+) and
+            F(−) rows follow their own indices, so Bijvoet mates swap where ``op`` takes an
+            index to the other hemisphere.
+
+        Raises
+        ------
+        ConfigError
+            When ``op`` does not map the table onto itself (not a merohedral operator of
+            this space group and cell).
+        """
+        signed = self.hkl.astype(np.int32) * self.friedel[:, None].astype(np.int32)
+        perm = self.lookup(reindex(signed, op))
+        if (perm < 0).any() or np.unique(perm).shape[0] != perm.shape[0]:
+            raise ConfigError(f"reindexing operator {op_triplet(op)} does not map the "
+                              f"{self.space_group.hm} table onto itself; use one of "
+                              f"{[op_triplet(m) for m in self.twin_ops]}")
+        return perm
 
     # -- resolution shells
 

@@ -65,3 +65,27 @@ def test_every_subcommand_prints_its_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0, command
         assert "usage:" in capsys.readouterr().out, command
+
+
+def test_simulate_an_ambiguous_group_and_merge_into_the_references_setting(tmp_path, capsys):
+    stream, truth = tmp_path / "p43.stream", tmp_path / "truth.mtz"
+    assert main(["simulate", "--images", "40", "--seed", "2", "--dmin", "3.5", "-o", str(stream),
+                 "--truth", str(truth), "--space-group", "P 43", "--indexing-ambiguity"]) == 0
+    capsys.readouterr()
+    assert "--space-group 'P 43'" in stream.read_text()[:4000]   # the header says how
+    out = tmp_path / "merged.mtz"
+    assert main(["merge", str(stream), "-o", str(out), "--space-group", "P 43", "--dmin", "3.5",
+                 "--steps", "40",
+                 "--device", "cpu", "--mc-samples", "2", "--quiet",
+                 "--reference", str(truth)]) == 0
+    text = capsys.readouterr().out
+    m = re.search(r"setting of truth\.mtz:(\S+): reindexed by (\S+) \(CC\(F\) per operator: "
+                  r"h,k,l (-?[\d.]+), -h,k,-l (-?[\d.]+);", text)
+    assert m, text[-600:]
+    ccs = [float(m.group(3)), float(m.group(4))]
+    assert m.group(2) == ("h,k,l" if ccs[0] >= ccs[1] else "-h,k,-l")
+    assert rs.read_mtz(str(out)).spacegroup.hm == "P 43"
+    # a hexagonal cell for a tetragonal group is refused before anything is simulated
+    assert main(["simulate", "--images", "2", "-o", str(tmp_path / "x.stream"),
+                 "--space-group", "P 43", "--cell", "60 60 45 90 90 120"]) == 2
+    assert "P 43" in capsys.readouterr().err

@@ -435,3 +435,27 @@ def test_images_rejected_counts_the_stores_latest_verdicts(tmp_path):
             svc.engine.store.set_rejected(torch.tensor([0, 2]), torch.tensor([True, True]))
         assert sample(scrape(svc), "streamvi_images_rejected") == 2
         assert svc.status()["images_rejected"] == 2
+
+
+def test_images_by_setting_follows_the_trainers_choices_at_each_snapshot(tmp_path):
+    feed = Feed()
+    with running_service(tmp_path, space_group="P 43") as svc:
+        feed.send_and_settle(svc)
+        with svc.lock:
+            n = svc.engine.store.n_images
+            svc.engine.snapshot()
+        s = scrape(svc)
+        total = sum(sample(s, "streamvi_images_by_setting", operator=op)
+                    for op in ("h,k,l", "-h,k,-l"))
+        assert total == n
+        with svc.lock:
+            # the next visits may choose again; pin three images in the other setting
+            store = svc.engine.store
+            store.set_ops(torch.tensor([0, 1, 2]), torch.tensor([1, 1, 1]))
+            store.set_ops(torch.tensor([3, 4]), torch.tensor([0, 0]))
+            expected = int((store._image_op_t[:n] == 1).sum())
+            store.apply_settings()
+        assert sample(scrape(svc), "streamvi_images_by_setting", operator="-h,k,-l") == expected
+    with running_service(tmp_path / "plain") as svc:
+        feed.send_and_settle(svc)
+        assert not any(name == "streamvi_images_by_setting" for name, _ in scrape(svc))

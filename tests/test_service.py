@@ -109,3 +109,21 @@ def test_bad_configuration_is_refused_with_the_key_named(tmp_path):
             Service(config(tmp_path / "b", listen=[port])).start()
     finally:
         first.stop()
+
+
+def test_reference_is_read_at_start_and_given_to_the_engine(tmp_path, beamtime):
+    truth, crystals = beamtime
+    with pytest.raises(ConfigError, match="reference .*missing.mtz: cannot read it as MTZ"):
+        Service(config(tmp_path, reference=str(tmp_path / "missing.mtz")))
+    ref = tmp_path / "truth.mtz"
+    truth.to_mtz(ref)
+    with pytest.raises(ConfigError, match="no column NOPE"):
+        Service(config(tmp_path, reference=str(ref), reference_column="NOPE"))
+    with pytest.raises(ConfigError, match="truth.mtz.*not the merge's"):
+        Service(config(tmp_path, reference=str(ref), space_group="P 3",
+                       cell="60 60 45 90 90 120"))
+    # P 4₃ has the ambiguity k,h,-l that P 4₃2₁2 has not: there the reference is used
+    service = Service(config(tmp_path / "p43", reference=str(ref), space_group="P 43"))
+    engine = service._make_engine(service.cell)
+    assert engine.reference is not None and engine.space.n_ops == 2
+    assert engine.reference.n_rows > 1000

@@ -308,6 +308,7 @@ class ServiceCollector(Collector):
     def _store(self) -> Iterator[Metric]:
         engine = self.service.engine
         n, n_refl, visits, lag, n_rejected = 0, 0, np.zeros(0, np.int64), np.zeros(0), 0
+        settings: dict[str, int] = {}
         if engine is not None:
             st = engine.store
             with _holding(self.service.lock, LOCK_TIMEOUT_S) as got:
@@ -320,6 +321,7 @@ class ServiceCollector(Collector):
                 lag = st.first_visit_time[:n] - st.arrival_time[:n]
                 n_refl = int(st.n_reflections)
                 n_rejected = st.n_rejected
+                settings = st.setting_counts()
         yield GaugeMetricFamily("streamvi_images_stored", "Images in the reflection store",
                                 value=n)
         yield GaugeMetricFamily("streamvi_reflections_stored",
@@ -331,6 +333,15 @@ class ServiceCollector(Collector):
                                 "Stored images whose latest visit found them not to fit the "
                                 "merge (misindexed or another lattice); left out of it",
                                 value=n_rejected)
+        if settings:
+            fam_s = GaugeMetricFamily("streamvi_images_by_setting",
+                                      "Stored images per indexing setting: the twin law that "
+                                      "puts each in the merge's setting (as of the last "
+                                      "snapshot; space groups with an indexing ambiguity only)",
+                                      labels=["operator"])
+            for op, count in settings.items():
+                fam_s.add_metric([op], count)
+            yield fam_s
         # a summary over images: each image is one observation of its visit count
         fam = Metric("streamvi_image_visits",
                      "Training visits per stored image: quantiles over images, count = images, "

@@ -19,11 +19,12 @@ from typing import Any, Iterator, Mapping
 import gemmi
 import numpy as np
 
+from streamvi.symmetry import twin_operators
 from streamvi.wire import CrystalMessage
 from streamvi_sim.config import SimulationConfig
-from streamvi_sim.geometry import (Detector, HC_EV_A, excitation_error, partiality,
-                                   profile_width, random_rotation, reciprocal_basis,
-                                   small_rotation)
+from streamvi_sim.geometry import (Detector, HC_EV_A, cell_of_reciprocal_basis,
+                                   excitation_error, partiality, profile_width,
+                                   random_rotation, reciprocal_basis, small_rotation)
 from streamvi_sim.truth import Truth, simulate_structure
 
 #: Share of the ASU (highest resolution first) whose mean |F|² sets the flux.
@@ -59,6 +60,9 @@ class ImageTruth:
         Expected signal photons (before noise and outliers).
     outlier
         Rows given a spurious extra intensity.
+    setting
+        Index into :func:`streamvi.symmetry.twin_operators` of the setting the indices are
+        reported in (0: the true one; only with ``indexing_ambiguity``).
     """
 
     index: int
@@ -78,6 +82,7 @@ class ImageTruth:
     partiality: np.ndarray
     expected_photons: np.ndarray
     outlier: np.ndarray
+    setting: int = 0
 
 
 @dataclass
@@ -95,6 +100,7 @@ class _Shot:
     shift: np.ndarray
     rot_err: np.ndarray
     cell_rep: tuple[float, ...]
+    setting: int = 0
 
 
 def detector_of(config: SimulationConfig) -> Detector:
@@ -126,6 +132,9 @@ class Simulator:
         self.truth = truth if truth is not None else simulate_structure(config)
         self.detector = detector_of(config)
         self._p1_lattice()
+        #: Reindexing operators an indexer may report an image in (identity first).
+        self.settings = (twin_operators(config.space_group, config.cell)
+                         if config.indexing_ambiguity else [np.eye(3, dtype=np.int32)])
         top = np.argsort(self.truth.d)[: max(1, int(TOP_SHELL_FRACTION * len(self.truth)))]
         #: Photons per electron² of |F|²: the top shell's mean gives ``top_shell_photons``.
         falloff = np.exp(-0.5 * config.b_overall / self.truth.d[top] ** 2)
@@ -175,6 +184,11 @@ class Simulator:
         c = self.config
         rng = np.random.default_rng(np.random.SeedSequence(c.seed, spawn_key=(1, index)))
         shot = self._draw_shot(rng)
+        if len(self.settings) > 1:
+            # from a stream of its own: with and without the ambiguity the images are the
+            # same shots, photons and all, only their indices differ
+            own = np.random.default_rng(np.random.SeedSequence(c.seed, spawn_key=(2, index)))
+            shot.setting = int(own.integers(len(self.settings)))
         U, cell, energy, radius = shot.U, shot.cell, shot.energy, shot.radius
         scale, b_image, shift = shot.scale, shot.b_image, shot.shift
         lam = HC_EV_A / energy
@@ -208,16 +222,23 @@ class Simulator:
                                                                bg_px * shot.bg_scale)
 
         hkl_true = self.hkl[rows]
-        hkl_rep = hkl_true + shift
+        # The indexer's setting M maps true indices to reported ones (hkl' = M hkl); the
+        # reported basis is A M⁻¹ so that every spot keeps its scattering vector.
+        op = self.settings[shot.setting]
+        hkl_rep = hkl_true @ op.T + shift
         ok = np.any(hkl_rep != 0, axis=1)
         a_rep = shot.rot_err @ U @ reciprocal_basis(shot.cell_rep)
+        cell_rep = shot.cell_rep
+        if shot.setting:
+            a_rep = a_rep @ np.linalg.inv(op)
+            cell_rep = cell_of_reciprocal_basis(a_rep)
         gain = c.adu_per_photon
         msg = CrystalMessage(
             run=c.run, image=image_name(c, index), crystal=0,
             h=hkl_rep[ok, 0].copy(), k=hkl_rep[ok, 1].copy(), l=hkl_rep[ok, 2].copy(),
             I=(gain * iobs[ok]).astype(np.float32), sigI=(gain * sigiobs[ok]).astype(np.float32),
             photon_energy_eV=float(energy),
-            cell=tuple(float(x) for x in shot.cell_rep),  # type: ignore[arg-type]
+            cell=tuple(float(x) for x in cell_rep),  # type: ignore[arg-type]
             astar=tuple(float(x) for x in a_rep[:, 0]),  # type: ignore[arg-type]
             bstar=tuple(float(x) for x in a_rep[:, 1]),  # type: ignore[arg-type]
             cstar=tuple(float(x) for x in a_rep[:, 2]),  # type: ignore[arg-type]
@@ -240,7 +261,7 @@ class Simulator:
             hkl=hkl_true[ok],
             asu_index=self.asu_index[rows][ok], friedel=self.friedel[rows][ok],
             excitation=e[ok], partiality=p[ok], expected_photons=signal[ok],
-            outlier=outlier[ok])
+            outlier=outlier[ok], setting=shot.setting)
         return msg, truth
 
     def _draw_shot(self, rng: np.random.Generator) -> _Shot:

@@ -84,6 +84,12 @@ class SimulationConfig:
         Fraction of reflections hit by zingers/ice (large spurious intensity).
     misindexed_fraction
         Fraction of images whose indices are off by one along a random axis.
+    indexing_ambiguity
+        Report each image in one of the space group's merohedral settings (the twin laws of
+        :func:`streamvi.symmetry.twin_operators`), drawn uniformly, as an indexer does when
+        the lattice has more symmetry than the point group (P 4, P 3, P 6₃, …): Miller
+        indices and reciprocal basis are both reindexed, so the geometry stays consistent.
+        Off by default, and without effect in groups that have no such ambiguity.
     detector_distance_m, pixel_size_m, detector_shape, beam_center_px
         Flat detector normal to the beam: distance, pixel pitch, (n_fs, n_ss) pixels and
         where the direct beam hits it (fs, ss) in pixels.
@@ -132,6 +138,7 @@ class SimulationConfig:
     adu_per_photon: float = 1.0
     outlier_fraction: float = 0.002
     misindexed_fraction: float = 0.02
+    indexing_ambiguity: bool = False
     detector_distance_m: float = 0.1
     pixel_size_m: float = 100e-6
     detector_shape: tuple[int, int] = (2000, 2000)

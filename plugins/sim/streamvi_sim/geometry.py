@@ -58,6 +58,21 @@ def reciprocal_basis(cell: tuple[float, ...]) -> np.ndarray:
     return np.linalg.inv(orth).T
 
 
+def cell_of_reciprocal_basis(basis: np.ndarray) -> tuple[float, ...]:
+    """The cell ``(a, b, c, α, β, γ)`` (Å, degrees) of a basis whose columns are a*, b*, c*.
+
+    The inverse of :func:`reciprocal_basis` up to orientation.
+    """
+    direct = np.linalg.inv(np.asarray(basis, dtype=np.float64)).T   # columns a, b, c
+    lengths = np.linalg.norm(direct, axis=0)
+
+    def angle(i: int, j: int) -> float:
+        cos = float(direct[:, i] @ direct[:, j]) / float(lengths[i] * lengths[j])
+        return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+
+    return (*(float(x) for x in lengths), angle(1, 2), angle(0, 2), angle(0, 1))
+
+
 def excitation_error(q: np.ndarray, wavelength: float) -> np.ndarray:
     """Ewald offset ``|k0 + q| − 1/λ`` (Å⁻¹) of scattering vectors ``q`` (``(n, 3)``, Å⁻¹).
 
