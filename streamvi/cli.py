@@ -153,7 +153,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-column", metavar="COL",
                    help="amplitude or intensity column of --reference (default: F, FP, …, I)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 10)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 10, and at least 1,500 steps: small "
+                        "data sets need more passes)")
     g.add_argument("--steps", type=int, default=None, help="optimiser steps")
     p.add_argument("--shells", type=int, default=10, help="resolution shells in the table")
     p.add_argument("--json", action="store_true", help="print the shell table as JSON too")

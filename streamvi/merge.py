@@ -160,6 +160,13 @@ class Progress:
 ANNEAL_FRACTION = 0.5
 #: learning-rate factor reached at the last step
 FINAL_LR_FACTOR = 0.02
+#: passes over the data when neither epochs nor steps are given
+DEFAULT_EPOCHS = 10.0
+#: fewest steps when neither is given: small data sets need more passes.  Simulated P 4₃ at
+#: 3 Å, 240 images: CC(F, truth) 0.739 after 10 epochs (300 steps), 0.826 after 1,500 steps,
+#: 0.825 after 3,000; with the indexing ambiguity 0.641 (78 % of images in one setting)
+#: after 10 epochs, 0.824 (99 %) after 1,500 steps.  600 images: 0.896 → 0.906.
+DEFAULT_MIN_STEPS = 1500
 
 
 def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *,
@@ -171,6 +178,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                    anneal: float = ANNEAL_FRACTION,
                    reference: ReferenceData | None = None) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
+
+    With neither, :data:`DEFAULT_EPOCHS` passes and at least :data:`DEFAULT_MIN_STEPS` steps.
 
     The learning rates decay linearly to :data:`FINAL_LR_FACTOR` of their values over the
     last ``anneal`` of the steps (0: constant rates, as the online service trains).  With a
@@ -194,8 +203,11 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                           "--space-group and --cell)")
     # offline there is no arrival order to favour: every step draws from the passes (epochs)
     engine.scheduler.cursor = engine.n_images
-    if steps is None:
-        steps = int(math.ceil((epochs if epochs is not None else 10.0) * engine.steps_per_epoch()))
+    if steps is None and epochs is None:
+        steps = max(DEFAULT_MIN_STEPS,
+                    int(math.ceil(DEFAULT_EPOCHS * engine.steps_per_epoch())))
+    elif steps is None:
+        steps = int(math.ceil(epochs * engine.steps_per_epoch()))
     cb = progress(steps, engine.config.batch_images) if progress else None
     start_decay = int(round(steps * (1.0 - anneal)))
     engine.train(start_decay, cb)

@@ -7,8 +7,8 @@ image (each image is reindexed into the merge's own setting, by likelihood), but
 the merge itself settles in is decided by its first images: any one of the laws.  To compare
 with earlier data, a model or another run, the published merge is reindexed into the setting
 of a reference MTZ: the twin law whose reindexed amplitudes correlate best with the
-reference's.  The operators of the space group's own symmetry are left out of the choice, so
-reindexing never changes the merge itself, only the names of its reflections.
+reference's.  Only twin laws are tried (an operator of the space group itself would change
+nothing), and reindexing renames reflections: it never changes what was merged.
 """
 from __future__ import annotations
 
@@ -214,11 +214,12 @@ def check_same_lattice(reference: ReferenceData, space_group, cell) -> None:
             "give a reference of the same crystal form")
 
 
-def reindex_snapshot(snapshot, perm: np.ndarray, note: str):
+def reindex_snapshot(snapshot, perm: np.ndarray, notes: list[str]):
     """A copy of a :class:`~streamvi.engine.MergeSnapshot` with its rows moved by ``perm``.
 
     Row ``r`` of every table and of ``obs_count`` becomes row ``perm[r]``; the shell
     statistics do not change (twin laws keep resolution, centricity and Bijvoet pairs).
+    ``notes`` are appended to the history (MTZ history lines hold 80 characters).
     """
     tables = {}
     for name, table in snapshot.tables.items():
@@ -231,7 +232,7 @@ def reindex_snapshot(snapshot, perm: np.ndarray, note: str):
     obs = np.empty_like(snapshot.obs_count)
     obs[:, perm] = snapshot.obs_count
     return replace(snapshot, tables=tables, obs_count=obs,
-                   history=list(snapshot.history) + [note])
+                   history=list(snapshot.history) + list(notes))
 
 
 def align_snapshot(snapshot, reference: ReferenceSetting):
@@ -249,6 +250,6 @@ def align_snapshot(snapshot, reference: ReferenceSetting):
         return snapshot, choice
     ccs = ", ".join(f"{op_triplet(op)} {cc:.3f}"
                     for op, cc in zip(snapshot.space.twin_ops, choice.cc))
-    note = (f"reindexed by {choice.op} into the setting of {reference.name} "
-            f"(CC(F) per operator: {ccs})")
-    return reindex_snapshot(snapshot, reference.permutation(choice.op_index), note), choice
+    notes = [f"reindexed by {choice.op} into the setting of {reference.name}",
+             f"CC(F) with it per operator: {ccs}"]
+    return reindex_snapshot(snapshot, reference.permutation(choice.op_index), notes), choice

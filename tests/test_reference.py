@@ -85,7 +85,9 @@ def test_reference_picks_the_twin_law_that_undoes_the_merges_setting(group, cell
         assert choice.cc[k] > 0.99 and max(np.delete(choice.cc, k)) < 0.8
         np.testing.assert_allclose(aligned.tables["all"]["F"], truth, atol=0.3)
         assert np.array_equal(aligned.obs_count[:, perm], snap.obs_count)
-        assert "reindexed by" in aligned.history[-1]
+        assert aligned.history[-2].startswith(f"reindexed by {choice.op} into the setting of "
+                                              "truth")
+        assert aligned.history[-1].startswith("CC(F) with it per operator: h,k,l ")
     # in its own setting nothing moves
     same, choice = align_snapshot(_snapshot_like(space, truth), reference)
     assert choice.op_index == 0 and same.tables["all"]["F"] is not None
@@ -96,7 +98,7 @@ def test_reindex_snapshot_moves_every_table_and_the_counts():
     space = ReciprocalSpace("P 43", P43_CELL, 3.0)
     snap = _snapshot_like(space, np.arange(space.n_unique, dtype=np.float64))
     perm = space.reindex_rows(space.twin_ops[1])
-    moved = reindex_snapshot(snap, perm, "note")
+    moved = reindex_snapshot(snap, perm, ["note"])
     for name in ("all", "half1", "half2"):
         for col in ("F", "SIGF", "I", "SIGI"):
             assert np.array_equal(moved.tables[name][col][perm], snap.tables[name][col])
