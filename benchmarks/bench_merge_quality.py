@@ -18,6 +18,11 @@ resolution shell (``merge_cc_F_top_shell``), CCanom against the true Bijvoet dif
 peaks as extra fields) and the wall time (``merge_seconds``).
 
     python benchmarks/bench_merge_quality.py [--images N] [--epochs E] [--layers L] [--quick]
+        [--space-group 'P 43' --indexing-ambiguity]
+
+With ``--indexing-ambiguity`` each image is reported in a random merohedral setting; the
+streamvi merge is put in the truth's setting (the truth as ``reference``) and
+``merge_setting_consistency`` gives the share of images it put in one setting.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ def judge(merged, truth_ds, sites: np.ndarray) -> dict:
 
 def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8,
         threads: int | None = None, d_model: int | None = None,
-        n_layers: int | None = None) -> dict:
+        n_layers: int | None = None, space_group: str | None = None,
+        cell: tuple[float, ...] | None = None, indexing_ambiguity: bool = False) -> dict:
     """Simulate, merge three ways, judge; figures per method."""
     import torch
 
@@ -62,17 +68,28 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
     from streamvi.publish.mtz import snapshot_to_dataset
     from streamvi.symmetry import ReciprocalSpace
     from streamvi.trainer import TrainerConfig
-    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+    from streamvi.reference import ReferenceData
+    from streamvi_sim import SimulationConfig, Simulator, simulate_structure
 
-    sim = SimulationConfig(n_images=images, seed=seed, dmin=dmin)
+    extra: dict = {}
+    if space_group:
+        extra["space_group"] = space_group
+    if cell:
+        extra["cell"] = tuple(cell)
+    sim = SimulationConfig(n_images=images, seed=seed, dmin=dmin,
+                           indexing_ambiguity=indexing_ambiguity, **extra)
     t0 = time.perf_counter()
     truth = simulate_structure(sim)
-    crystals = list(simulate_images(sim, truth))
+    simulator = Simulator(sim, truth)
+    pairs = [simulator.image(i) for i in range(images)]
+    crystals = [msg for msg, _ in pairs]
+    settings = np.array([t.setting for _, t in pairs])
     simulate_s = time.perf_counter() - t0
     truth_ds = truth.to_dataset()
     sites = truth.site_frac("I")
     space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=True)
     out: dict = {"simulate_seconds": simulate_s, "images": len(crystals),
+                 "space_group": sim.space_group,
                  "reflections": int(sum(len(c) for c in crystals)), "n_iodide": len(sites),
                  "methods": {}}
     # what `streamvi merge` uses on a CPU: 8 Monte Carlo samples, one torch thread
@@ -84,10 +101,19 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
         tcfg.n_layers = n_layers
     ecfg = EngineConfig()
     t0 = time.perf_counter()
+    # the truth as reference: with an indexing ambiguity the merge is judged in its setting
+    reference = ReferenceData("truth", truth_ds.get_hkls(), truth_ds["FMODEL"].to_numpy(),
+                              truth_ds.spacegroup, truth_ds.cell)
     snap, engine = merge_crystals(crystals, space, trainer_config=tcfg, engine_config=ecfg,
-                                  epochs=epochs)
+                                  epochs=epochs, reference=reference)
     seconds = time.perf_counter() - t0
     fig = judge(snapshot_to_dataset(snap), truth_ds, sites)
+    if space.n_ops > 1:
+        # images put in one setting: the chosen operator as a function of the true one
+        chosen = engine.store.image_op[: engine.n_images]
+        fig["setting_consistency"] = float(sum(
+            np.bincount(chosen[settings == k], minlength=space.n_ops).max()
+            for k in range(space.n_ops) if (settings == k).any()) / len(settings))
     fig.update(seconds=seconds, steps=engine.trainer.step, epochs=epochs,
                device=str(engine.device).split(":")[0], threads=torch.get_num_threads(),
                d_model=tcfg.d_model, n_layers=tcfg.n_layers, mc_samples=tcfg.mc_samples,
@@ -114,22 +140,32 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch CPU threads (default: TrainerConfig.cpu_threads)")
     ap.add_argument("--d-model", type=int, default=None, help="scale network width")
     ap.add_argument("--layers", type=int, default=None, help="scale network residual blocks")
+    ap.add_argument("--space-group", default=None, help="of the simulation (default P 43 21 2)")
+    ap.add_argument("--cell", type=float, nargs=6, default=None,
+                    help="a b c alpha beta gamma of the simulation, Å and degrees")
+    ap.add_argument("--indexing-ambiguity", action="store_true",
+                    help="images in random merohedral settings (P 4, P 3, …); the merge is "
+                         "judged after reindexing into the truth's setting")
     ap.add_argument("--quick", action="store_true", help="100 images, 2 epochs")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.epochs = min(args.images, 100), min(args.epochs, 2.0)
     load = os.getloadavg()[0]
     r = run(images=args.images, epochs=args.epochs, seed=args.seed, device=args.device,
-            dmin=args.dmin, threads=args.threads, d_model=args.d_model, n_layers=args.layers)
+            dmin=args.dmin, threads=args.threads, d_model=args.d_model, n_layers=args.layers,
+            space_group=args.space_group, cell=args.cell,
+            indexing_ambiguity=args.indexing_ambiguity)
     import torch
 
     common = {"machine": machine_name(), "images": r["images"],
+              "space_group": r["space_group"], "indexing_ambiguity": args.indexing_ambiguity,
               "reflections": r["reflections"], "dmin": args.dmin, "seed": args.seed,
               "torch": torch.__version__, "load_avg_1m_before": round(load, 2)}
     for method, f in r["methods"].items():
         base = {"method": method, "device": f.pop("device"), **common}
         extra = {k: v for k, v in f.items() if k not in ("cc_F", "cc_F_top_shell", "cc_anom",
-                                                          "iodide_mean", "seconds")}
+                                                          "iodide_mean", "seconds",
+                                                          "setting_consistency")}
         lines = [("merge_cc_F", f["cc_F"], "CC", {}),
                  ("merge_cc_F_top_shell", f["cc_F_top_shell"], "CC",
                   {"d_min_top_shell": round(f["d_min_top_shell"], 3)}),
@@ -138,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                   {"min": round(f["iodide_min"], 2), "max": round(f["iodide_max"], 2),
                    "sites": r["n_iodide"], "sites_are_top": f["sites_are_top"],
                    "max_away_from_sites_sigma": round(f["max_away_from_sites"], 2)}),
+                 *([("merge_setting_consistency", f["setting_consistency"], "fraction", {})]
+                   if "setting_consistency" in f else []),
                  ("merge_seconds", f["seconds"], "s",
                   {k: v for k, v in extra.items() if k in ("steps", "epochs", "threads",
                                                            "d_model", "n_layers",
