@@ -153,7 +153,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-column", metavar="COL",
                    help="amplitude or intensity column of --reference (default: F, FP, …, I)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 10, and at least 1,500 steps: small "
+    g.add_argument("--epochs", type=float, default=None,
+                   help="passes over the data (default 10, and at least 1,500 steps: small "
                         "data sets need more passes)")
     g.add_argument("--steps", type=int, default=None, help="optimiser steps")
     p.add_argument("--shells", type=int, default=10, help="resolution shells in the table")
@@ -168,7 +169,6 @@ def _run_merge(args: argparse.Namespace) -> int:
     from streamvi.engine import EngineConfig
     from streamvi.merge import Progress, load_files, merge_crystals, resolve_space
     from streamvi.publish.mtz import write_snapshot_mtz
-
     from streamvi.reference import read_reference
 
     reference = (read_reference(args.reference, args.reference_column)
@@ -209,15 +209,15 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 def _setting_line(engine, name: str) -> str:
     """What the --reference did, for the end of a merge."""
-    choice = engine.setting_choice
     import numpy as np
 
+    from streamvi.symmetry import op_triplet
+
+    choice = engine.setting_choice
     if engine.space.n_ops == 1:
         return f"{engine.space.space_group.hm} has no indexing ambiguity: {name} was not needed"
     if choice is None or not np.isfinite(choice.cc[choice.op_index]):
         return f"too few reflections in common with {name} to choose a setting"
-    from streamvi.symmetry import op_triplet
-
     ccs = ", ".join(f"{op_triplet(op)} {cc:.3f}" for op, cc in zip(engine.space.twin_ops,
                                                                     choice.cc))
     return (f"setting of {name}: reindexed by {choice.op} (CC(F) per operator: {ccs}; "
