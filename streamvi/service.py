@@ -316,6 +316,8 @@ class Service:
             "reflections_trained": self.trained_reflections,
             "unvisited_images": int((visits == 0).sum()),
             "images_rejected": 0 if st is None else st.n_rejected,
+            # per twin law, in space groups with an indexing ambiguity (as of the last snapshot)
+            "images_by_setting": {} if st is None else st.setting_counts(),
             "visits_median": float(np.median(visits)) if visits.size else 0.0,
             "lag_p50_s": float(np.percentile(lags, 50)) if lags.size else None,
             "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,

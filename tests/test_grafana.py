@@ -56,7 +56,9 @@ def to_promql(expr: str) -> str:
 def exported(tmp_path_factory) -> dict[str, set[str] | None]:
     """Series names a live anomalous-mode service exports → the label names of their samples
     (None: the family is announced but has no sample in this scrape)."""
-    with running_service(tmp_path_factory.mktemp("svc"), anomalous=True) as svc:
+    # P 4₃: its indexing ambiguity gives the settings panel data
+    with running_service(tmp_path_factory.mktemp("svc"), anomalous=True,
+                         space_group="P 43") as svc:
         Feed().send_and_settle(svc)
         url = svc.metrics_server.url + "metrics"
         get(url)        # the change of F needs two snapshots seen by the exporter

@@ -456,6 +456,8 @@ def test_images_by_setting_follows_the_trainers_choices_at_each_snapshot(tmp_pat
             expected = int((store._image_op_t[:n] == 1).sum())
             store.apply_settings()
         assert sample(scrape(svc), "streamvi_images_by_setting", operator="-h,k,-l") == expected
+        assert svc.status()["images_by_setting"]["-h,k,-l"] == expected
     with running_service(tmp_path / "plain") as svc:
         feed.send_and_settle(svc)
         assert not any(name == "streamvi_images_by_setting" for name, _ in scrape(svc))
+        assert svc.status()["images_by_setting"] == {}

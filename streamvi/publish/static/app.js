@@ -52,8 +52,11 @@ function renderTiles(d) {
   const shells = d.shells;
   const o = shells ? shells.overall : {};
   setText("t-crystals", fmtInt(s.crystals_merged));
+  const settings = Object.entries(s.images_by_setting || {})
+    .map(([op, n]) => `${fmtInt(n)} as ${op}`).join(", ");
   setText("t-crystals-note", `${fmtInt(c.crystals_received)} received · ` +
-          `${fmtInt(s.duplicates)} duplicates · ${fmtInt(s.images_rejected)} left out as misfits`);
+          `${fmtInt(s.duplicates)} duplicates · ${fmtInt(s.images_rejected)} left out as misfits` +
+          (settings ? ` · settings: ${settings}` : ""));
   setText("t-rate", fmt(s.images_per_s, 1));
   setText("t-rate-note", `step ${fmtInt(s.steps)} · ${fmtInt(s.reflections_stored)} reflections`);
   setText("t-cut", fmt(d.merge.cc_half_cut, 1));
