@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from streamvi.features import N_METADATA
 from streamvi.reference import ReferenceSetting, SettingChoice, align_snapshot
@@ -239,10 +240,16 @@ class MergeEngine:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """Trainer, scheduler and snapshot counter (the store is rebuilt from the spool)."""
-        return {"trainer": self.trainer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "snapshot_id": self._snapshot_id, "space": self.space.to_dict(),
-                "sigma_stage": self.sigma_stage}
+        """Trainer, scheduler, snapshot counter and each image's indexing setting (the store
+        itself is rebuilt from the spool, in the same order)."""
+        state = {"trainer": self.trainer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "snapshot_id": self._snapshot_id, "space": self.space.to_dict(),
+                 "sigma_stage": self.sigma_stage}
+        if self.space.n_ops > 1:
+            self.store.apply_settings()
+            state["image_ops"] = torch.from_numpy(
+                self.store.image_op[: self.store.n_images].copy())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.trainer.load_state_dict(state["trainer"])
@@ -251,4 +258,10 @@ class MergeEngine:
         self.sigma_stage = int(state.get("sigma_stage", 0))
         self.trainer.model.reject_images = (self.config.reject_misfit_images
                                             and self.sigma_stage == 2)
+        ops = state.get("image_ops")
+        if ops is not None and self.space.n_ops > 1:
+            # images spooled after the checkpoint keep the identity until their first visit
+            n = min(int(ops.shape[0]), self.store.n_images)
+            self.store.set_ops(torch.arange(n), ops[:n].to(torch.int64))
+            self.store.apply_settings()
 

@@ -217,3 +217,32 @@ def test_merge_resolves_the_ambiguity_and_the_reference_fixes_the_setting(ambigu
         np.add.at(recount, rows[chosen[i]], 1)
     assert np.array_equal(store.obs_count[0], recount)
     assert np.array_equal(store.obs_count[1] + store.obs_count[2], recount)
+
+
+def test_checkpoint_keeps_each_images_setting(ambiguous_beamtime):
+    import io
+
+    import torch
+
+    from streamvi.engine import MergeEngine
+
+    sim, truth, pairs = ambiguous_beamtime
+    space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin)
+    tcfg = TrainerConfig(device="cpu", mc_samples=2)
+    engine = MergeEngine(space, tcfg)
+    crystals = [m for m, _ in pairs[:60]]
+    for msg in crystals:
+        engine.add(msg)
+    engine.store.set_ops(torch.arange(60), torch.from_numpy(np.arange(60) % 2))
+    buf = io.BytesIO()
+    torch.save(engine.state_dict(), buf)
+    counts = engine.store.obs_count.copy()
+    # a restart: the store rebuilt from the spool (same order), then the checkpoint
+    again = MergeEngine(space, tcfg)
+    for msg in crystals:
+        again.add(msg)
+    assert not np.array_equal(again.store.obs_count, counts)
+    buf.seek(0)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert np.array_equal(again.store.image_op[:60], np.arange(60) % 2)
+    assert np.array_equal(again.store.obs_count, counts)
