@@ -87,7 +87,8 @@ def read_reference(path: str | Path, column: str | None = None) -> ReferenceData
         The MTZ file.
     column
         Amplitude or intensity column; by default the first of :data:`AMPLITUDE_COLUMNS`,
-        then :data:`INTENSITY_COLUMNS`, then any column of MTZ type F or J.
+        then :data:`INTENSITY_COLUMNS`, then any column of MTZ type F or J, then of type G
+        or K (one Bijvoet mate, e.g. ``F(+)``: a twin law's choice does not need both).
 
     Raises
     ------
@@ -107,15 +108,17 @@ def read_reference(path: str | Path, column: str | None = None) -> ReferenceData
         name = next((c for c in AMPLITUDE_COLUMNS + INTENSITY_COLUMNS if c in dtypes), None)
     if name is None:
         name = next((c for c, t in dtypes.items() if t in ("F", "J")), None)
+    if name is None:
+        name = next((c for c, t in dtypes.items() if t in ("G", "K")), None)
     if name is None or name not in dtypes:
         wanted = column or "of amplitudes (F) or intensities (J)"
         raise ConfigError(f"reference {path}: no column {wanted}; it has {sorted(dtypes)}; "
                           "name one with --reference-column")
-    if dtypes[name] not in ("F", "J"):
+    if dtypes[name] not in ("F", "J", "G", "K"):
         raise ConfigError(f"reference {path}: column {name} has MTZ type {dtypes[name]}, "
-                          "not an amplitude (F) or an intensity (J)")
+                          "not an amplitude (F, G) or an intensity (J, K)")
     values = ds[name].to_numpy(np.float64)
-    if dtypes[name] == "J":
+    if dtypes[name] in ("J", "K"):
         values = np.sqrt(np.maximum(values, 0.0))
     log.info("reference %s: column %s, %d reflections", path, name, len(values))
     return ReferenceData(name=f"{path.name}:{name}", hkl=ds.get_hkls().astype(np.int32),

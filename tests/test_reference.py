@@ -129,6 +129,10 @@ def test_read_reference_finds_the_column_or_says_which_exist(tmp_path):
     assert f.name == "f.mtz:FP" and f.amplitudes.shape == (space.n_unique,)
     i = read_reference(_write_reference(tmp_path / "i.mtz", space, "IMEAN", "J"))
     assert i.name == "i.mtz:IMEAN" and (i.amplitudes >= 0).all()
+    g = read_reference(_write_reference(tmp_path / "g.mtz", space, "F(+)", "G"))
+    assert g.name == "g.mtz:F(+)"
+    with pytest.raises(ConfigError, match="column N has MTZ type I, not an amplitude"):
+        read_reference(_write_reference(tmp_path / "n.mtz", space, "N", "I"), "N")
     with pytest.raises(ConfigError, match=r"no column FOO; it has \['FP'\]"):
         read_reference(tmp_path / "f.mtz", "FOO")
     with pytest.raises(ConfigError, match="cannot read it as MTZ"):
