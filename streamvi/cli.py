@@ -197,6 +197,10 @@ def _run_merge(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     write_snapshot_mtz(snapshot, args.output)
     print(snapshot.stats.format())
+    settings = engine.store.setting_counts()
+    if settings:
+        print("images per indexing setting (the twin law that puts each in the merge's): "
+              + ", ".join(f"{op} {n}" for op, n in settings.items()))
     if reference is not None:
         print(_setting_line(engine, reference.name))
     print(f"wrote {args.output} ({int(snapshot.observed.sum())} reflections) in {seconds:.1f} s "

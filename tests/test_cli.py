@@ -82,6 +82,8 @@ def test_simulate_an_ambiguous_group_and_merge_into_the_references_setting(tmp_p
     m = re.search(r"setting of truth\.mtz:(\S+): reindexed by (\S+) \(CC\(F\) per operator: "
                   r"h,k,l (-?[\d.]+), -h,k,-l (-?[\d.]+);", text)
     assert m, text[-600:]
+    per_setting = re.search(r"images per indexing setting .*: h,k,l (\d+), -h,k,-l (\d+)", text)
+    assert per_setting and sum(map(int, per_setting.groups())) == 40
     ccs = [float(m.group(3)), float(m.group(4))]
     assert m.group(2) == ("h,k,l" if ccs[0] >= ccs[1] else "-h,k,-l")
     assert rs.read_mtz(str(out)).spacegroup.hm == "P 43"
