@@ -43,6 +43,40 @@ def throughput(space, crystals, *, d_model, n_layers, mc, batch_images, amp, com
          peak_device_bytes=torch.cuda.max_memory_allocated())
 
 
+def sync_points(space, crystals, *, steps: int = 3) -> None:
+    """Host-device synchronisations of a training step, by torch's own count.
+
+    ``torch.cuda.set_sync_debug_mode("warn")`` warns at every synchronising call; the lines
+    name the call sites, which docs/performance.md lists from reading the code.
+    """
+    import warnings
+
+    from streamvi.engine import EngineConfig, MergeEngine
+    from streamvi.trainer import TrainerConfig
+
+    eng = MergeEngine(space, TrainerConfig(device="cuda", mc_samples=8),
+                      EngineConfig(batch_images=64))
+    for c in crystals[:512]:
+        eng.add(c)
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                eng.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            key = f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+    emit("step_sync_points", sum(sites.values()) / steps, "per step", sites=sites)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=2000)
@@ -78,6 +112,10 @@ def main() -> None:
         emit("merge_quality_streamvi", c["cc_F"], "cc", top=c["cc_F_shells"][-1],
              cc_anom=c["cc_anom"], seconds=el, steps=eng.trainer.step, epochs=args.epochs,
              batch_images=batch_images, bf16=amp, shells=[round(x, 4) for x in c["cc_F_shells"]])
+    try:
+        sync_points(space, crystals)
+    except Exception as exc:  # an older torch without the debug mode must not stop the rest
+        emit("step_sync_points_error", float("nan"), "", error=f"{type(exc).__name__}: {exc}")
     # the defaults first (merge: d 32, L 2; service: d 16, L 2), then the earlier cases
     for d, L, mc, b, amp, comp in ((32, 2, 8, 256, False, False), (16, 2, 8, 256, False, False),
                                    (32, 2, 8, 1024, True, True),
