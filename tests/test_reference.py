@@ -90,8 +90,9 @@ def test_reference_picks_the_twin_law_that_undoes_the_merges_setting(group, cell
         assert aligned.history[-1].startswith("CC(F) with it per operator: h,k,l ")
     # in its own setting nothing moves
     same, choice = align_snapshot(_snapshot_like(space, truth), reference)
-    assert choice.op_index == 0 and same.tables["all"]["F"] is not None
+    assert choice.op_index == 0 and choice.cc[0] > 0.99
     assert np.array_equal(same.tables["all"]["F"], truth.astype(np.float32))
+    assert same.history == []
 
 
 def test_reindex_snapshot_moves_every_table_and_the_counts():

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping
 import gemmi
 import numpy as np
 
-from streamvi.symmetry import twin_operators
+from streamvi.symmetry import reindex, twin_operators
 from streamvi.wire import CrystalMessage
 from streamvi_sim.config import SimulationConfig
 from streamvi_sim.geometry import (Detector, HC_EV_A, cell_of_reciprocal_basis,
@@ -225,7 +225,7 @@ class Simulator:
         # The indexer's setting M maps true indices to reported ones (hkl' = M hkl); the
         # reported basis is A M⁻¹ so that every spot keeps its scattering vector.
         op = self.settings[shot.setting]
-        hkl_rep = hkl_true @ op.T + shift
+        hkl_rep = reindex(hkl_true, op) + shift
         ok = np.any(hkl_rep != 0, axis=1)
         a_rep = shot.rot_err @ U @ reciprocal_basis(shot.cell_rep)
         cell_rep = shot.cell_rep
