@@ -54,3 +54,39 @@ def test_dense_gradient_is_refused():
     w.grad = torch.ones(3, 2)
     with pytest.raises(RuntimeError, match="gradients sparse along the first"):
         opt.step()
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_masked_step_on_dense_gradients_matches_row_step(maximize):
+    torch.manual_seed(0)
+    init = torch.randn(50, 2)
+    rows_w = torch.nn.Parameter(init.clone())
+    dense_w = torch.nn.Parameter(init.clone())
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-7, maximize=maximize)
+    rows_opt, dense_opt = RowSparseAdam([rows_w], **kw), RowSparseAdam([dense_w], **kw)
+    for s in range(25):
+        g = torch.Generator().manual_seed(100 + s)
+        ids = torch.randint(0, 40, (30,), generator=g)
+        target = torch.randn(30, 2, generator=g)
+        rows_opt.zero_grad(set_to_none=True)
+        ((F.embedding(ids, rows_w, sparse=True) - target) ** 2).sum().backward()
+        rows_w.grad = rows_w.grad.coalesce()
+        # the same gradient, dense, with the mask of the rows looked up
+        dense_w.grad = rows_w.grad.to_dense()
+        touched = torch.zeros(50, dtype=torch.bool)
+        touched[ids] = True
+        rows_opt.step()
+        dense_opt.masked_step(touched)
+    assert torch.equal(dense_w.detach(), rows_w.detach())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(dense_opt.state[dense_w][key], rows_opt.state[rows_w][key])
+    assert dense_opt.state[dense_w]["step"] == 25
+    assert torch.equal(dense_w.detach()[40:], init[40:])
+    assert not torch.equal(dense_w.detach()[:40], init[:40])
+
+
+def test_masked_step_refuses_sparse_gradients():
+    w = torch.nn.Parameter(torch.randn(5, 2))
+    F.embedding(torch.tensor([1, 2]), w, sparse=True).sum().backward()
+    with pytest.raises(RuntimeError, match="dense gradient"):
+        RowSparseAdam([w]).masked_step(torch.ones(5, dtype=torch.bool))
