@@ -413,3 +413,50 @@ def test_prior_set_sigma_and_posterior_reset_rows():
     _t.testing.assert_close(loc, _t.full((3,), 0.25))
     _t.testing.assert_close(scale, _t.full((3,), 0.0025), rtol=1e-3, atol=1e-6)
     assert _t.equal(post.weight.detach()[[0, 1, 3, 4, 6, 7]], before[[0, 1, 3, 4, 6, 7]])
+
+
+def test_first_occurrence_is_unique_with_fixed_shapes():
+    from streamvi.model.merging import _first_occurrence
+
+    flat = torch.randint(0, 40, (300,), generator=torch.Generator().manual_seed(3))
+    _, inverse, first = _first_occurrence(flat, 120)
+    assert inverse.shape == flat.shape and first.shape == flat.shape
+    assert torch.equal(flat[inverse], flat)                  # each maps to its own row
+    positions = torch.arange(300)
+    for j in range(300):                                     # ... at that row's first observation
+        assert inverse[j] == positions[flat == flat[j]].min()
+    assert int(first.sum()) == torch.unique(flat).numel()
+
+
+@pytest.mark.parametrize("n_ops, weighted", [(1, False), (2, True)])
+def test_sync_free_objective_equals_the_unique_one(n_ops, weighted):
+    """With the same amplitude draw per row the two evaluations are the same function: equal
+    terms, and the dense gradient equals the sparse one summed per row."""
+    batch = make_batch([30, 12, 25, 40], 50, seed=12, n_ops=n_ops)
+    if weighted:
+        batch.obs_weight = torch.rand(2, batch.n_reflections,
+                                      generator=torch.Generator().manual_seed(1)) + 0.1
+    results = []
+    for sync_free in (False, True):
+        model = make_model(mc=3)
+        model.sync_free = sync_free
+        model.standardizer.update(batch.metadata, batch.iobs)
+        # a draw per row that does not depend on how the rows were gathered
+        model.posterior.sample_with = lambda loc, scale, mc, generator: torch.stack(
+            [torch.abs(loc + scale * z) for z in (-1.0, 0.3, 1.2)][:mc])
+        terms = model(batch, generator=torch.Generator().manual_seed(0))
+        terms.loss.backward()
+        grad = model.posterior.weight.grad
+        assert grad.is_sparse is not sync_free
+        results.append((terms, grad.to_dense() if grad.is_sparse else grad,
+                        [p.grad for p in model.scale_model.parameters()]))
+    (a, ga, sa), (b, gb, sb) = results
+    for name in ("nll", "kl_F", "kl_scale", "nll_half", "kl_F_half", "loss"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
+    if n_ops > 1:
+        assert torch.equal(a.chosen_ops, b.chosen_ops)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    for x, y in zip(sa, sb):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    assert [t.shape for t in a.flat_rows] == [t.shape for t in b.flat_rows] == [
+        (batch.n_reflections,)] * 2

@@ -46,6 +46,28 @@ class LossTerms:
     kl_F_half: torch.Tensor
     chosen_ops: torch.Tensor | None = None
     rejected: torch.Tensor | None = None
+    #: rows of the posterior's ``weight`` this objective looked up, one tensor per table
+    #: term (with repeats): the rows a lazy optimiser step may move
+    flat_rows: tuple[torch.Tensor, ...] = ()
+
+
+def _first_occurrence(flat: torch.Tensor, n_flat: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.unique(flat, return_inverse=True)`` with shapes that do not depend on the data.
+
+    Every observation stands in for a row, and the first observation of each row is its
+    representative: ``inverse[j]`` is the position of the first ``j'`` with
+    ``flat[j'] == flat[j]``.  Returns ``(flat, inverse, first)`` with ``first`` 1.0 at the
+    representatives and 0.0 elsewhere, so that terms per row are counted once.  The scratch
+    table is ``n_flat`` long, cheap on a GPU (a few MB at 10⁶ rows) but not free on a CPU,
+    where ``torch.unique`` is the better choice.
+    """
+    n = flat.shape[0]
+    pos = torch.arange(n, device=flat.device)
+    scratch = torch.full((n_flat,), n, dtype=torch.long, device=flat.device)
+    scratch.scatter_reduce_(0, flat, pos, reduce="amin")
+    inverse = scratch.index_select(0, flat)
+    return flat, inverse, (inverse == pos).to(torch.float32)
 
 
 class MergedTable(NamedTuple):
@@ -108,6 +130,10 @@ class VariationalMergingModel(nn.Module):
         #: Wilson prior (:meth:`misfit_images`); the engine turns it on once the merge has
         #: learnt enough for the test to mean something
         self.reject_images = False
+        #: evaluate the objective with shapes that do not depend on the data (no
+        #: ``torch.unique``) and a dense gradient for the posterior: nothing in the step
+        #: waits on the device (:class:`~streamvi.trainer.Trainer`, ``sync_free``)
+        self.sync_free = False
         self._scale_forward: ScaleForward | None = None
 
     def set_scale_forward(self, fn: ScaleForward | None) -> None:
@@ -181,13 +207,19 @@ class VariationalMergingModel(nn.Module):
                      scale_sample: torch.Tensor, iobs: torch.Tensor, sigiobs: torch.Tensor,
                      generator: torch.Generator | None,
                      obs_weight: torch.Tensor | None = None,
-                     obs_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     obs_keep: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         post = self.posterior
         flat = post.flat_index(table, row_ids)
         # One draw per unique row, shared by all of its observations in the batch, and
         # reused for the Monte Carlo KL of exactly those rows.
-        unique_flat, inverse = torch.unique(flat, return_inverse=True)
-        loc, scale = post.loc_scale(unique_flat)
+        if self.sync_free:
+            unique_flat, inverse, first = _first_occurrence(flat, post.n_tables * post.n_rows)
+            loc, scale = post.loc_scale(unique_flat, dense_grad=True)
+        else:
+            unique_flat, inverse = torch.unique(flat, return_inverse=True)
+            first = None
+            loc, scale = post.loc_scale(unique_flat)
         F = post.sample_with(loc, scale, self.mc_samples, generator)  # (mc, u)
         F_obs = torch.index_select(F, 1, inverse)  # backward is index_add_, cheaper than index_put_
         ipred = scale_sample * F_obs * F_obs
@@ -206,8 +238,10 @@ class VariationalMergingModel(nn.Module):
             # through the data every row's KL counts once
             w = torch.zeros_like(kl_rows).index_add_(0, inverse, obs_weight.to(kl_rows.dtype))
             kl_rows = kl_rows * w
+        if first is not None:
+            kl_rows = kl_rows * first        # each row's KL once, at its first observation
         kl = kl_rows.sum() / row_ids.shape[0]
-        return nll, kl
+        return nll, kl, flat
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> LossTerms:
         """Objective terms for one minibatch (see the module docstring)."""
@@ -233,10 +267,10 @@ class VariationalMergingModel(nn.Module):
         scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
 
         w = batch.obs_weight
-        nll, kl_F = self._table_terms(0, row_ids, scale_sample, iobs, sigiobs, generator,
+        nll, kl_F, flat0 = self._table_terms(0, row_ids, scale_sample, iobs, sigiobs, generator,
                                       None if w is None else w[0], obs_keep)
         half_table = 1 + batch.half[batch.image_index]
-        nll_half, kl_F_half = self._table_terms(half_table, row_ids, scale_sample.detach(),
+        nll_half, kl_F_half, flat_half = self._table_terms(half_table, row_ids, scale_sample.detach(),
                                                 iobs, sigiobs, generator,
                                                 None if w is None else w[1], obs_keep)
         kl_scale = self.scale_model.kl(s_loc, s_scale).mean()
@@ -244,7 +278,7 @@ class VariationalMergingModel(nn.Module):
                                                   + self.scale_kl_weight * kl_scale)
         return LossTerms(nll=nll, kl_F=kl_F, kl_scale=kl_scale, loss=loss,
                          n_obs=batch.n_reflections, nll_half=nll_half, kl_F_half=kl_F_half,
-                         chosen_ops=chosen, rejected=rejected)
+                         chosen_ops=chosen, rejected=rejected, flat_rows=(flat0, flat_half))
 
     @torch.no_grad()
     def merged(self, table: int = 0, weight: torch.Tensor | None = None) -> MergedTable:

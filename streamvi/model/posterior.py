@@ -77,9 +77,20 @@ class FoldedNormalPosterior(nn.Module):
         """Row of :attr:`weight` for ``row_ids`` in ``table`` (an int or a tensor like row_ids)."""
         return table * self.n_rows + row_ids
 
-    def loc_scale(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Constrained ``(loc, scale)`` of rows ``flat_ids`` of :attr:`weight` (sparse grads)."""
-        raw = F_nn.embedding(flat_ids, self.weight, sparse=True)
+    def loc_scale(self, flat_ids: torch.Tensor, *, dense_grad: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained ``(loc, scale)`` of rows ``flat_ids`` of :attr:`weight`.
+
+        The gradient of :attr:`weight` is sparse (one entry per lookup, for
+        :class:`~streamvi.optim.RowSparseAdam`) unless ``dense_grad``: then it is a dense
+        ``index_add_`` of the lookups, whose shape does not depend on the data (the
+        synchronisation-free step of :class:`~streamvi.trainer.Trainer`).
+        """
+        if dense_grad:
+            raw = self.weight.index_select(0, flat_ids.reshape(-1)).reshape(
+                flat_ids.shape + (2,))
+        else:
+            raw = F_nn.embedding(flat_ids, self.weight, sparse=True)
         return F_nn.softplus(raw[..., 0]), F_nn.softplus(raw[..., 1]) + _SCALE_FLOOR
 
     @staticmethod
