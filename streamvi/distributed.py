@@ -177,6 +177,9 @@ class DistributedTrainer(Trainer):
     def __init__(self, config: TrainerConfig, *, centric: np.ndarray, epsilon: np.ndarray,
                  n_metadata: int) -> None:
         self.rank, self.world_size = _require_group()
+        # the gradient exchange sends the posterior's sparse rows (sized by the data), so a
+        # rank's step waits for its device anyway: keep the sparse, sorted step
+        config = replace(config, sync_free=False)
         super().__init__(config, centric=centric, epsilon=epsilon, n_metadata=n_metadata)
         std = RankStandardizer(n_metadata).to(self.device)
         std.load_state_dict(self.model.standardizer.state_dict())

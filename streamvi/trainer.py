@@ -34,7 +34,8 @@ class TrainerConfig:
     a few epochs the table needs a larger rate — with 1e-3 a synthetic set of 300 rows
     reaches CC 0.82 after 300 steps, with 1e-2 CC 0.999.
     ``amp_bf16`` runs the scale network under bfloat16 autocast (CUDA only); ``compile``
-    wraps it in ``torch.compile``.
+    wraps it in ``torch.compile``.  ``sync_free`` takes steps in which the host never waits
+    for the device (None: on CUDA only; see :meth:`Trainer.learn_batch`).
     """
 
     d_model: int = 32
@@ -68,6 +69,7 @@ class TrainerConfig:
     #: with minibatches of a few thousand reflections and ingest/publishing threads beside
     #: it, two threads on two shared cores made a step 15× slower (791 ms against 51 ms).
     cpu_threads: int | None = 1
+    sync_free: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.posterior_average_decay < 1.0:
@@ -78,15 +80,20 @@ class TrainerConfig:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 
 
+_NAN4 = (float("nan"),) * 4
+
+
 @dataclass
 class StepReport:
-    """What one :meth:`Trainer.learn_batch` did (losses per observation, time in s)."""
+    """What one :meth:`Trainer.learn_batch` did (losses per observation, time in s).
+
+    The losses (``loss``, ``nll``, ``kl_F``, ``kl_scale``) may still be on the device: they
+    are copied to the host when first read, so a caller that does not read them does not
+    make the step wait for the device.  ``seconds`` is the host's time in the step, which
+    for a step that did not wait is the time to queue its work.
+    """
 
     step: int
-    loss: float
-    nll: float
-    kl_F: float
-    kl_scale: float
     n_images: int
     n_reflections: int
     seconds: float
@@ -96,6 +103,42 @@ class StepReport:
     #: per image of the batch (batch order), on the training device: left out as not
     #: fitting the merge (None while the test is off)
     rejected: torch.Tensor | None = None
+    #: ``(loss, nll, kl_F, kl_scale)``: a ``(4,)`` tensor until first read, then floats
+    terms: torch.Tensor | tuple[float, float, float, float] = _NAN4
+    #: whether the update was taken (a 0-d bool tensor until first read, then a bool);
+    #: a skipped step reports NaN losses
+    taken: torch.Tensor | bool = True
+
+    def _resolve(self) -> tuple[float, float, float, float]:
+        if isinstance(self.terms, torch.Tensor):
+            values = torch.cat([self.terms.detach().float().reshape(-1),
+                                torch.as_tensor(self.taken, device=self.terms.device)
+                                .float().reshape(1)]).cpu().tolist()
+            self.taken = bool(values[4])
+            self.terms = tuple(values[:4]) if self.taken else _NAN4
+        return self.terms
+
+    @property
+    def loss(self) -> float:
+        return self._resolve()[0]
+
+    @property
+    def nll(self) -> float:
+        return self._resolve()[1]
+
+    @property
+    def kl_F(self) -> float:
+        return self._resolve()[2]
+
+    @property
+    def kl_scale(self) -> float:
+        return self._resolve()[3]
+
+    @property
+    def update_taken(self) -> bool:
+        """Whether the step updated the parameters (False: non-finite gradients)."""
+        self._resolve()
+        return bool(self.taken)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -145,18 +188,26 @@ def _adam(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Adam:
         return torch.optim.Adam(params, **kwargs)
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of ``tensors`` is finite, with one host synchronisation.
+def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor on the tensors' device: whether every element of ``tensors`` is finite.
 
     The largest of the per-tensor max-norms is NaN or inf exactly when some element is (a
     2-norm could overflow on large finite values).
     """
-    if not tensors:
-        return True
     inf = float("inf")
     norms = (torch._foreach_norm(tensors, ord=inf) if hasattr(torch, "_foreach_norm") else
              [torch.linalg.vector_norm(t, ord=inf) for t in tensors])
-    return bool(torch.isfinite(torch.stack(list(norms)).max()))
+    return torch.isfinite(torch.stack(list(norms)).max())
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, with one host synchronisation."""
+    return True if not tensors else bool(_finite(tensors))
+
+
+#: a synchronisation-free trainer reads its device count of skipped steps (and warns of new
+#: ones) once per this many steps
+SKIP_CHECK_STEPS = 256
 
 
 class Trainer:
@@ -208,13 +259,25 @@ class Trainer:
         self.posterior_updates: torch.Tensor | None = None
         if config.posterior_average_decay > 0:
             self._reset_average()
+        #: steps in which the host never waits for the device (see :meth:`learn_batch`)
+        self.sync_free = (self.device.type == "cuda" if config.sync_free is None
+                          else bool(config.sync_free))
+        self.model.sync_free = self.sync_free
         self.step = 0
         self.reflections_trained = 0
-        self.skipped_steps = 0
+        self._skipped_host = 0
+        self._skipped_t = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._skips_warned = 0
 
     @property
     def standardizer(self) -> Standardizer:
         return self.model.standardizer
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was skipped for non-finite gradients (reading it may wait for
+        the device)."""
+        return self._skipped_host + int(self._skipped_t)
 
     def _configure_scale_forward(self) -> None:
         fn = self.model.scale_model.forward
@@ -230,7 +293,17 @@ class Trainer:
         self.model.set_scale_forward(fn)
 
     def learn_batch(self, batch: Batch) -> StepReport:
-        """One optimiser step on ``batch`` (moved to the trainer's device if needed)."""
+        """One optimiser step on ``batch`` (moved to the trainer's device if needed).
+
+        With :attr:`sync_free` (the default on CUDA) the host queues the whole step without
+        waiting for the device: the objective has shapes that do not depend on the data, the
+        posterior gets a dense gradient and a masked update (:meth:`RowSparseAdam.masked_step`),
+        a step with non-finite gradients is skipped on the device (fused Adam's ``found_inf``
+        and the mask), and the losses stay on the device until read.  The standardiser's
+        warm-up still reads its count each step until it freezes.  Such a step counts its
+        reflections in :attr:`reflections_trained` even when it is skipped; skips show in
+        :attr:`skipped_steps` and are warned of every :data:`SKIP_CHECK_STEPS` steps.
+        """
         start = time.perf_counter()
         if batch.iobs.device != self.device:
             batch = batch.to(self.device, non_blocking=True)
@@ -244,30 +317,68 @@ class Trainer:
         self.scale_optimizer.zero_grad(set_to_none=True)
         self.posterior_optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
+        if self.sync_free:
+            return self._finish_sync_free(batch, terms, start)
         self._coalesce_sparse_gradients()
         self._reduce_gradients()
         if not self._gradients_finite():
             # one bad batch must not poison every parameter (and, through checkpoints, the
             # rest of the beamtime): skip its update, count it, go on.  Checked after the
             # reduction, so data-parallel ranks all skip the same step.
-            self.skipped_steps += 1
+            self._skipped_host += 1
             warnings.warn(f"step {self.step + 1}: non-finite gradients; update skipped "
                           f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
-            return StepReport(step=self.step, loss=float("nan"), nll=float("nan"),
-                              kl_F=float("nan"), kl_scale=float("nan"), n_images=batch.n_images,
-                              n_reflections=0, seconds=time.perf_counter() - start)
+            return StepReport(step=self.step, n_images=batch.n_images, n_reflections=0,
+                              seconds=time.perf_counter() - start, taken=False)
         self.scale_optimizer.step()
         self.posterior_optimizer.step()
         self._update_average()
         self.step += 1
         self.reflections_trained += batch.n_reflections
         values = torch.stack([terms.loss, terms.nll, terms.kl_F, terms.kl_scale]).detach()
-        loss, nll, kl_F, kl_scale = values.cpu().tolist()
         chosen = None if terms.chosen_ops is None else terms.chosen_ops.detach()
-        return StepReport(step=self.step, loss=loss, nll=nll, kl_F=kl_F, kl_scale=kl_scale,
-                          n_images=batch.n_images, n_reflections=batch.n_reflections,
+        return StepReport(step=self.step, n_images=batch.n_images,
+                          n_reflections=batch.n_reflections,
                           seconds=time.perf_counter() - start, chosen_ops=chosen,
-                          rejected=terms.rejected)
+                          rejected=terms.rejected, terms=tuple(values.cpu().tolist()))
+
+    def _finish_sync_free(self, batch: Batch, terms: Any, start: float) -> StepReport:
+        """The rest of a :attr:`sync_free` step, after ``backward`` (see :meth:`learn_batch`)."""
+        self._reduce_gradients()
+        weight = self.model.posterior.weight
+        touched = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        for rows in terms.flat_rows:
+            touched.index_fill_(0, rows, True)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        taken = _finite(grads)
+        if self.scale_optimizer.defaults.get("fused"):
+            # fused Adam skips the update (and its step count) where found_inf is nonzero
+            self.scale_optimizer.found_inf = (~taken).to(torch.float32)
+            self.scale_optimizer.step()
+        elif bool(taken):      # an Adam without the fused kernel: one wait for the device
+            self.scale_optimizer.step()
+        touched &= taken
+        self.posterior_optimizer.masked_step(touched)
+        self._update_average(touched)
+        self._skipped_t += (~taken).to(torch.int64)
+        self.step += 1
+        self.reflections_trained += batch.n_reflections
+        if self.step % SKIP_CHECK_STEPS == 0:
+            self._warn_new_skips()
+        values = torch.stack([terms.loss, terms.nll, terms.kl_F, terms.kl_scale]).detach()
+        chosen = None if terms.chosen_ops is None else terms.chosen_ops.detach()
+        return StepReport(step=self.step, n_images=batch.n_images,
+                          n_reflections=batch.n_reflections,
+                          seconds=time.perf_counter() - start, chosen_ops=chosen,
+                          rejected=terms.rejected, terms=values, taken=taken)
+
+    def _warn_new_skips(self) -> None:
+        skipped = self.skipped_steps
+        if skipped > self._skips_warned:
+            warnings.warn(f"{skipped - self._skips_warned} of the steps up to step {self.step} "
+                          f"had non-finite gradients; their updates were skipped ({skipped} so "
+                          "far)", RuntimeWarning, stacklevel=3)
+            self._skips_warned = skipped
 
     @torch.no_grad()
     def _reset_average(self, rows: torch.Tensor | None = None) -> None:
@@ -282,11 +393,20 @@ class Trainer:
             self.posterior_updates.index_fill_(0, rows, 0.0)
 
     @torch.no_grad()
-    def _update_average(self) -> None:
-        """Move the average of the rows this step updated towards their new values."""
+    def _update_average(self, touched: torch.Tensor | None = None) -> None:
+        """Move the average of the rows this step updated towards their new values
+        (``touched``: a mask of those rows, for a dense gradient)."""
         if self.posterior_average is None:
             return
         weight = self.model.posterior.weight
+        if touched is not None:
+            n = self.posterior_updates
+            decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.config.posterior_average_decay)
+            new = torch.lerp(self.posterior_average, weight, (1.0 - decay).unsqueeze(1))
+            self.posterior_average.copy_(torch.where(touched.unsqueeze(1), new,
+                                                     self.posterior_average))
+            self.posterior_updates.add_(touched.to(n.dtype))
+            return
         grad = weight.grad
         if grad is None:
             return

@@ -53,3 +53,36 @@ def test_offline_merge_takes_sigma_from_all_data_at_once(stills):
     _, engine = merge_crystals(crystals[:2], space, steps=1,
                                trainer_config=TrainerConfig(device="cpu", mc_samples=2))
     assert engine.sigma_stage >= 1 and not _flat(engine)
+
+
+def test_sync_free_engine_step_never_waits_for_the_device():
+    """Scheduler, store gather, twin-law and misfit bookkeeping and the step itself queue
+    their work without a host read (the CUDA default, run here on the CPU)."""
+    from streamvi.syncprobe import HostReadProbe
+    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+
+    sim = SimulationConfig(n_images=24, seed=5, dmin=3.0, space_group="P 43",
+                           cell=(79.1, 79.1, 37.9, 90.0, 90.0, 90.0), indexing_ambiguity=True)
+    space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=True)
+    assert space.n_ops == 2
+    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, sync_free=True,
+                                              warmup_reflections=1, posterior_average_decay=0.9),
+                         EngineConfig(batch_images=4, wilson_min_images=1))
+    assert engine.store.kl_per_pass
+    for c in simulate_images(sim, simulate_structure(sim)):
+        engine.add(c)
+    for _ in range(3):
+        engine.step()
+    engine.trainer.model.reject_images = True
+    with HostReadProbe() as probe:
+        for _ in range(4):
+            report = engine.step()
+    assert probe.total == 0, probe.counts
+    assert report.chosen_ops is not None and report.rejected is not None
+    assert np.isfinite(report.loss)
+    # what the step recorded on the device reaches the host at the snapshot
+    snap = engine.snapshot()
+    assert np.array_equal(engine.store.image_op[:24], engine.store._image_op_t[:24].numpy())
+    assert sum(engine.store.setting_counts().values()) == 24
+    assert int(snap.obs_count[0].sum()) == engine.store.n_reflections
+    assert np.isfinite(snap.tables["all"]["F"][snap.observed]).all()

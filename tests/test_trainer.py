@@ -307,3 +307,64 @@ def test_posterior_average_follows_each_rows_updates(data):
     flat = torch.cat([torch.arange(10) + t * 300 for t in range(3)])
     assert torch.equal(trainer.posterior_average[flat], weight.detach()[flat])
     assert (trainer.posterior_updates[flat] == 0).all()
+
+
+def test_sync_free_steps_merge_as_well_and_never_read_the_device(data, monkeypatch):
+    """The CUDA step, run on the CPU: same merge, and nothing in a step (after the
+    standardiser's warm-up) that makes the host wait for the device."""
+    from streamvi.syncprobe import HostReadProbe
+
+    assert make_trainer(data).sync_free is False          # CPU default: sparse rows
+    trainer = make_trainer(data, sync_free=True, posterior_average_decay=0.9)
+    assert trainer.sync_free and trainer.model.sync_free
+    reports = train(trainer, data, 300, n_ops=2)
+    assert trainer.standardizer.is_frozen
+    with HostReadProbe() as probe:
+        report = trainer.learn_batch(data.batch(np.arange(8), n_ops=2))
+    assert probe.total == 0, probe.counts
+    assert isinstance(report.terms, torch.Tensor)            # losses still on the device
+    assert np.isfinite(report.loss) and report.update_taken and trainer.skipped_steps == 0
+    # the probe sees the default step's waits: two unique, one coalesce, one bool
+    sparse = make_trainer(data)
+    train(sparse, data, 60)
+    with HostReadProbe() as probe:
+        sparse.learn_batch(data.batch(np.arange(8), n_ops=2))
+    assert probe.counts["aten._unique2"] == 2 and probe.counts["aten._coalesce"] >= 1
+    assert probe.counts["aten._local_scalar_dense"] >= 1
+    # measured: CC 0.9989 for both paths after 300 steps (seed 0)
+    F = trainer.posterior_table(0)["F"]
+    assert np.corrcoef(F, data.F)[0, 1] > 0.995
+    assert np.corrcoef(trainer.posterior_table(1)["F"], data.F)[0, 1] > 0.99
+    assert reports[-1].loss < reports[0].loss
+    assert trainer.reflections_trained == sum(r.n_reflections for r in reports + [report])
+
+
+def test_sync_free_step_skips_non_finite_gradients_on_the_device(data, monkeypatch):
+    import warnings
+
+    import streamvi.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "SKIP_CHECK_STEPS", 2)
+    trainer = make_trainer(data, sync_free=True, posterior_average_decay=0.9,
+                           warmup_reflections=1)
+    good = data.batch(np.arange(8))
+    trainer.learn_batch(good)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    average = trainer.posterior_average.clone()
+    scale_steps = [s["step"].clone() for s in trainer.scale_optimizer.state.values()]
+    bad = Batch(**{**good.__dict__, "metadata": torch.full_like(good.metadata, float("nan"))})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = trainer.learn_batch(bad)                   # step 2: the periodic check
+    assert not report.update_taken and np.isnan(report.loss)
+    assert trainer.skipped_steps == 1
+    assert any("non-finite" in str(w.message) for w in caught)
+    for a, b in zip(before, trainer.model.parameters()):
+        assert torch.equal(a, b.detach())
+    assert torch.equal(trainer.posterior_average, average)
+    # fused Adam took back its step count too
+    assert all(torch.equal(a, s["step"]) for a, s in
+               zip(scale_steps, trainer.scale_optimizer.state.values()))
+    after = trainer.learn_batch(good)
+    assert after.update_taken and np.isfinite(after.loss)
+    assert not torch.equal(before[0], trainer.model.posterior.weight.detach())
