@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from conftest import make_crystal
 from streamvi.features import N_METADATA
@@ -171,3 +172,20 @@ def test_first_visit_lags_cover_visited_images_only(space):
     store.mark_visited(np.array([3]), now=31.0)
     np.testing.assert_allclose(sorted(store.first_visit_lags(n_read)), [5.0, 25.0])
     np.testing.assert_allclose(sorted(store.first_visit_lags()), [1.0, 5.0, 25.0])
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_arrays_reach_the_device_in_their_shapes_packed_or_not(pack):
+    from streamvi.store import _to_device
+
+    arrays = [np.arange(6).reshape(2, 3), np.array([7, 8]), np.zeros(0, np.int32),
+              np.array([[1.5], [2.5]])]
+    out = _to_device(arrays, torch.int64, torch.device("cpu"), pack=pack)
+    assert [t.shape for t in out] == [(2, 3), (2,), (0,), (2, 1)]
+    assert all(t.dtype == torch.int64 for t in out)
+    for t, a in zip(out, arrays):
+        assert np.array_equal(t.numpy(), a.astype(np.int64))
+    floats = _to_device([np.float64([0.1, 0.2]), np.ones((2, 2))], torch.float32,
+                        torch.device("cpu"), pack=pack)
+    assert floats[0].dtype == torch.float32 and floats[1].shape == (2, 2)
+    assert np.array_equal(floats[0].numpy(), np.float32([0.1, 0.2]))
