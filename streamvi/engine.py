@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,6 +138,11 @@ class MergeEngine:
     def add(self, msg: CrystalMessage, *, arrival_time: float | None = None) -> AddResult:
         """Store one crystal (see :meth:`ReflectionStore.add`)."""
         return self.store.add(msg, arrival_time=arrival_time)
+
+    def add_many(self, msgs: Sequence[CrystalMessage],
+                 arrival_times: Sequence[float] | None = None) -> list[AddResult]:
+        """Store several crystals at once (see :meth:`ReflectionStore.add_many`)."""
+        return self.store.add_many(msgs, arrival_times)
 
     @property
     def n_images(self) -> int:

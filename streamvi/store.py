@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -180,68 +181,134 @@ class ReflectionStore:
             self._image_op_t = ops
             self.image_op = np.concatenate([self.image_op, np.zeros_like(self.image_op)])
 
-    def _tier_for(self, m: int) -> tuple[int, _Columns]:
-        dev = self._tiers[0]
-        if self.device_budget_bytes is None:
-            return 0, dev
-        if (dev.n + m) * dev.nbytes_per_row() <= self.device_budget_bytes and self._host_tier is None:
-            return 0, dev
-        if self._host_tier is None:
-            self._host_tier = _Columns(torch.device("cpu"), self.n_ops, N_METADATA,
-                                       1 << 16, pin=torch.cuda.is_available())
-            self._tiers.append(self._host_tier)
-        return 1, self._host_tier
-
     def add(self, msg: CrystalMessage, *, arrival_time: float | None = None) -> AddResult:
-        """Append one crystal's reflections.
+        """Append one crystal's reflections (:meth:`add_many` of one)."""
+        return self.add_many([msg], None if arrival_time is None else [arrival_time])[0]
+
+    def add_many(self, msgs: Sequence[CrystalMessage],
+                 arrival_times: Sequence[float] | None = None) -> list[AddResult]:
+        """Append crystals' reflections, in order; one :class:`AddResult` per crystal.
 
         Reflections outside the table (beyond dmin, or systematic absences) are counted in
         ``n_outside`` and not stored.  A crystal whose (run, image, crystal) is already
-        stored is not stored again (``duplicate=True``).
+        stored, or earlier in ``msgs``, is not stored again (``duplicate=True``).  The
+        symmetry lookup, the row statistics and the copies to the device are done once for
+        all of ``msgs``: adding a few hundred at a time costs about half as much per crystal
+        as adding them one by one (docs/performance.md).
         """
-        key = msg.key
-        if key in self.keys:
-            return AddResult(self.keys[key], 0, 0, duplicate=True)
-        ids = self.space.lookup_ops(msg.hkl())          # (n_ops, n)
-        keep = ids[0] >= 0
-        n_outside = int((~keep).sum())
-        if not keep.any():
-            return AddResult(None, 0, n_outside)
-        ids = ids[:, keep]
-        # a reindexed index can fall outside the table where the identity is inside;
-        # point it at the identity row so it is merely an unlikely choice, never an error
-        bad = ids < 0
-        if bad.any():
-            ids = np.where(bad, ids[0][None, :], ids)
-        meta = reflection_metadata(msg)[keep]
-        iobs = np.ascontiguousarray(msg.I[keep], dtype=np.float32)
-        sigiobs = np.ascontiguousarray(msg.sigI[keep], dtype=np.float32)
-        m = iobs.shape[0]
-        tier_index, tier = self._tier_for(m)
-        start = tier.append(np.ascontiguousarray(ids, dtype=np.int64), iobs, sigiobs, meta)
-        i = self.n_images
-        if i >= self.image_start.shape[0]:
+        now = time.time()
+        results: list[AddResult | None] = [None] * len(msgs)
+        fresh: list[int] = []
+        first_of: dict[tuple[str, str, int], int] = {}
+        repeats: list[tuple[int, int]] = []
+        for k, msg in enumerate(msgs):
+            key = msg.key
+            if key in self.keys:
+                results[k] = AddResult(self.keys[key], 0, 0, duplicate=True)
+            elif key in first_of:
+                repeats.append((k, first_of[key]))
+            else:
+                first_of[key] = k
+                fresh.append(k)
+        if fresh:
+            hkl = [msgs[k].hkl() for k in fresh]
+            bounds = np.cumsum([0] + [h.shape[0] for h in hkl])
+            all_ids = self.space.lookup_ops(np.concatenate(hkl))        # (n_ops, n)
+            self._append_crystals(msgs, arrival_times, now, fresh, all_ids, bounds, results)
+        for k, first in repeats:
+            results[k] = AddResult(results[first].image_id, 0, 0, duplicate=True)
+        return results
+
+    def _append_crystals(self, msgs: Sequence[CrystalMessage],
+                         arrival_times: Sequence[float] | None, now: float, fresh: list[int],
+                         all_ids: np.ndarray, bounds: np.ndarray,
+                         results: list[AddResult | None]) -> None:
+        """The work of :meth:`add_many` for crystals not stored yet (``fresh``)."""
+        accepted = []           # (k, ids, iobs, sigiobs, metadata, tier index)
+        for j, k in enumerate(fresh):
+            msg = msgs[k]
+            ids = all_ids[:, bounds[j]:bounds[j + 1]]
+            keep = ids[0] >= 0
+            n_outside = int((~keep).sum())
+            if not keep.any():
+                results[k] = AddResult(None, 0, n_outside)
+                continue
+            ids = ids[:, keep]
+            # a reindexed index can fall outside the table where the identity is inside;
+            # point it at the identity row so it is merely an unlikely choice, never an error
+            bad = ids < 0
+            if bad.any():
+                ids = np.where(bad, ids[0][None, :], ids)
+            iobs = np.ascontiguousarray(msg.I[keep], dtype=np.float32)
+            accepted.append((k, ids, iobs, np.ascontiguousarray(msg.sigI[keep], np.float32),
+                             reflection_metadata(msg)[keep], n_outside))
+        if not accepted:
+            return
+        # the tier of each crystal, as if they came one at a time
+        tiers = self._plan_tiers([a[2].shape[0] for a in accepted])
+        starts = np.zeros(len(accepted), np.int64)
+        for t in sorted(set(tiers)):
+            mine = [i for i, ti in enumerate(tiers) if ti == t]
+            cols = [np.concatenate([accepted[i][c] for i in mine], axis=1 if c == 1 else 0)
+                    for c in (1, 2, 3, 4)]
+            first = self._tiers[t].append(np.ascontiguousarray(cols[0], dtype=np.int64),
+                                          *cols[1:])
+            lengths = np.array([accepted[i][2].shape[0] for i in mine], np.int64)
+            starts[mine] = first + np.concatenate([[0], np.cumsum(lengths[:-1])])
+        n_new = len(accepted)
+        while self.n_images + n_new > self.image_start.shape[0]:
             self._grow_images()
-        half = image_half(msg.run, msg.image)
-        self.image_tier[i] = tier_index
-        self.image_start[i] = start
-        self.image_length[i] = m
-        self.image_half[i] = half
-        self.arrival_time[i] = time.time() if arrival_time is None else arrival_time
-        self.n_images += 1
-        self.n_reflections += m
-        self.keys[key] = i
-        np.add.at(self.obs_count[0], ids[0], 1)
-        np.add.at(self.obs_count[1 + half], ids[0], 1)
-        rows_t = tier.asu_id[0, start:start + m].to(self.device, non_blocking=True)
-        ones = torch.ones(m, dtype=torch.float32, device=self.device)
-        self._obs_count_t[0].index_add_(0, rows_t, ones)
-        self._obs_count_t[1 + half].index_add_(0, rows_t, ones)
+        image_ids = np.arange(self.n_images, self.n_images + n_new)
+        lengths = np.array([a[2].shape[0] for a in accepted], np.int64)
+        halves = np.array([image_half(msgs[a[0]].run, msgs[a[0]].image) for a in accepted],
+                          np.int8)
+        self.image_tier[image_ids] = tiers
+        self.image_start[image_ids] = starts
+        self.image_length[image_ids] = lengths
+        self.image_half[image_ids] = halves
+        self.arrival_time[image_ids] = (
+            now if arrival_times is None else [arrival_times[a[0]] for a in accepted])
+        self.n_images += n_new
+        self.n_reflections += int(lengths.sum())
+        for i, a in zip(image_ids, accepted):
+            k = a[0]
+            self.keys[msgs[k].key] = int(i)
+            results[k] = AddResult(int(i), a[2].shape[0], a[5])
+        rows = np.concatenate([a[1][0] for a in accepted])
+        half_of = np.repeat(halves.astype(np.int64), lengths)
+        iobs = np.concatenate([a[2] for a in accepted])
+        sigiobs = np.concatenate([a[3] for a in accepted])
+        # rows of table 0 and of each crystal's half, as flat indices into obs_count
+        flat = np.concatenate([rows, (1 + half_of) * self.space.n_unique + rows])
+        np.add.at(self.obs_count.reshape(-1), flat, 1)
+        (flat_t,) = _to_device([flat], torch.int64, self.device)
+        self._obs_count_t.view(-1).index_add_(
+            0, flat_t, torch.ones(flat.shape[0], dtype=torch.float32, device=self.device))
         w = 1.0 / np.square(sigiobs, dtype=np.float64)
-        np.add.at(self.sum_w, ids[0], w)
-        np.add.at(self.sum_wi, ids[0], w * iobs)
-        np.add.at(self.sum_i, ids[0], iobs)
-        return AddResult(i, m, n_outside)
+        np.add.at(self.sum_w, rows, w)
+        np.add.at(self.sum_wi, rows, w * iobs)
+        np.add.at(self.sum_i, rows, iobs)
+
+    def _plan_tiers(self, lengths: list[int]) -> list[int]:
+        """Tier of each of several crystals of ``lengths`` reflections, in arrival order:
+        the device until ``device_budget_bytes`` is reached, then host memory for good."""
+        if self.device_budget_bytes is None:
+            return [0] * len(lengths)
+        dev = self._tiers[0]
+        n_dev = dev.n
+        out = []
+        for m in lengths:
+            if self._host_tier is None and (n_dev + m) * dev.nbytes_per_row() \
+                    <= self.device_budget_bytes:
+                out.append(0)
+                n_dev += m
+            else:
+                if self._host_tier is None:
+                    self._host_tier = _Columns(torch.device("cpu"), self.n_ops, N_METADATA,
+                                               1 << 16, pin=torch.cuda.is_available())
+                    self._tiers.append(self._host_tier)
+                out.append(1)
+        return out
 
     # ------------------------------------------------------------------ batching
 

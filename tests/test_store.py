@@ -189,3 +189,40 @@ def test_arrays_reach_the_device_in_their_shapes_packed_or_not(pack):
                         torch.device("cpu"), pack=pack)
     assert floats[0].dtype == torch.float32 and floats[1].shape == (2, 2)
     assert np.array_equal(floats[0].numpy(), np.float32([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("budget", [None, 3 * 60 * 64])
+def test_add_many_stores_exactly_what_adding_one_by_one_does(space, budget):
+    rng = np.random.default_rng(8)
+    msgs = [make_crystal(rng, n=60, image=f"i{j}") for j in range(10)]
+    msgs.insert(4, msgs[1])                        # a repeat inside the batch
+    msgs.insert(7, make_crystal(rng, n=5, image="far", hmax=60))    # maybe all outside
+    far = make_crystal(rng, n=3, image="out")
+    far.h[:], far.k[:], far.l[:] = 90, 90, 90      # beyond dmin: nothing kept
+    msgs.insert(2, far)
+    times = [100.0 + j for j in range(len(msgs))]
+    one = ReflectionStore(space, device_budget_bytes=budget)
+    one.add(msgs[0], arrival_time=99.0)            # stored before: a duplicate below
+    many = ReflectionStore(space, device_budget_bytes=budget)
+    many.add(msgs[0], arrival_time=99.0)
+    expected = [one.add(m, arrival_time=t) for m, t in zip(msgs, times)]
+    got = many.add_many(msgs[:6], times[:6]) + many.add_many(msgs[6:], times[6:])
+    assert got == expected
+    # m0 was stored before; m1 comes twice in the first batch
+    assert got[0].duplicate and got[5].duplicate and got[5].image_id == got[1].image_id
+    assert got[2].image_id is None and got[2].n_outside == 3
+    assert one.n_images == many.n_images and one.n_reflections == many.n_reflections
+    n = one.n_images
+    for name in ("image_tier", "image_start", "image_length", "image_half", "arrival_time"):
+        np.testing.assert_array_equal(getattr(many, name)[:n], getattr(one, name)[:n], name)
+    for name in ("obs_count", "sum_w", "sum_wi", "sum_i"):
+        np.testing.assert_array_equal(getattr(many, name), getattr(one, name), name)
+    assert torch.equal(many._obs_count_t, one._obs_count_t)
+    assert many.keys == one.keys
+    ids = np.arange(n)[::-1]
+    a, b = one.batch(ids), many.batch(ids)
+    for field in ("asu_id", "iobs", "sigiobs", "metadata", "image_index", "image_offsets",
+                  "half", "image_id", "obs_weight"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    if budget is not None:
+        assert many.image_tier[:n].max() == 1
