@@ -606,8 +606,7 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
         while True:
             have_data = engine.store.n_images > 0
             items = ingestor.get_batch(512, timeout=0 if have_data else 0.02)
-            for _seq, msg, arrival in items:
-                engine.add(msg, arrival_time=arrival)
+            engine.add_many([it[1] for it in items], [it[2] for it in items])
             received += len(items)
             now = time.monotonic()
             if items:

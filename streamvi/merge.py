@@ -1,6 +1,7 @@
 """Offline merging of files (``streamvi merge``) on the same engine the service drives."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -196,8 +197,13 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     if reference is not None:
         engine.reference = ReferenceSetting(space, reference)
     n_outside = 0
-    for msg in crystals:
-        n_outside += engine.add(msg).n_outside
+    chunk: list = []
+    for msg in itertools.chain(crystals, [None]):
+        if msg is not None:
+            chunk.append(msg)
+        if len(chunk) == 256 or (msg is None and chunk):
+            n_outside += sum(r.n_outside for r in engine.add_many(chunk))
+            chunk = []
     if engine.n_images == 0:
         raise ConfigError("no crystal had reflections inside the table (check --dmin, "
                           "--space-group and --cell)")

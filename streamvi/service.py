@@ -202,18 +202,23 @@ class Service:
 
     # ------------------------------------------------------------------ training thread
 
-    def _add(self, msg: CrystalMessage, arrival: float, *, replay: bool = False) -> None:
+    def _add_many(self, items: list[tuple[Any, CrystalMessage, float]], *,
+                  replay: bool = False) -> None:
+        """Store ``(seq, crystal, arrival time)`` items from the ingest queue, all at once."""
+        if not items:
+            return
         if self.engine is None:
             self.engine = self._make_engine(self.cell if self.cell is not None
-                                            else parse_cell(msg.cell))
-        res = self.engine.add(msg, arrival_time=arrival)
-        if res.duplicate:
-            self.duplicates += 1
-            if not replay:       # duplicates in the spool were counted when they arrived
-                self.counters.add_duplicates()
-        elif res.image_id is not None:
-            self.crystals_merged += 1
-        self.reflections_outside += res.n_outside
+                                            else parse_cell(items[0][1].cell))
+        results = self.engine.add_many([it[1] for it in items], [it[2] for it in items])
+        for res in results:
+            if res.duplicate:
+                self.duplicates += 1
+                if not replay:       # duplicates in the spool were counted when they arrived
+                    self.counters.add_duplicates()
+            elif res.image_id is not None:
+                self.crystals_merged += 1
+            self.reflections_outside += res.n_outside
 
     def _drain_queue(self, max_items: int = 1 << 30) -> int:
         n = 0
@@ -222,8 +227,7 @@ class Service:
             if not items:
                 break
             with self.lock:
-                for _seq, msg, arrival in items:
-                    self._add(msg, arrival)
+                self._add_many(items)
             n += len(items)
         return n
 
@@ -236,8 +240,7 @@ class Service:
                 items = self.ingestor.get_batch(max_items=256, timeout=0 if have_data else 0.1)
                 if items:
                     with self.lock:
-                        for _seq, msg, arrival in items:
-                            self._add(msg, arrival)
+                        self._add_many(items)
                 if self.engine is not None and self.engine.n_images > 0:
                     with self.lock:
                         report = self.engine.step()
@@ -381,10 +384,16 @@ class Service:
             self.counters.load_state_dict(state["counters"])
         n = 0
         t0 = time.perf_counter()
+        chunk: list[tuple[Any, CrystalMessage, float]] = []
         for _seq, msg, _arrival in replay_spool(self.spool, counters=self.counters,
                                                 max_message_bytes=self.config.max_message_bytes):
-            self._add(msg, time.time(), replay=True)
-            n += 1
+            chunk.append((None, msg, time.time()))
+            if len(chunk) == 256:
+                self._add_many(chunk, replay=True)
+                n += len(chunk)
+                chunk = []
+        self._add_many(chunk, replay=True)
+        n += len(chunk)
         if n:
             log.info("replayed %d spooled crystals in %.1f s", n, time.perf_counter() - t0)
         # Every spooled record was just replayed, so the duplicates among them are all those
