@@ -30,6 +30,7 @@ bench_run = _load("run")
 EXPECTED = {
     "wire_decode": "wire", "hkl_lookup": "wire", "stream_parse": "stream_parse",
     "ingest_throughput": "ingest", "store_add": "store", "ingest_decode_store": "store",
+    "store_add_many": "store", "ingest_decode_store_many": "store",
     "train_throughput": "training", "e2e_images_per_s": "end_to_end",
     "e2e_train_reflections_per_s": "end_to_end", "e2e_lag_first_visit_p99": "end_to_end",
     "e2e_lag_published_p50": "end_to_end", "e2e_visits_median": "end_to_end",
@@ -59,7 +60,7 @@ def test_run_smoke_prints_every_figure():
         assert name in by_name, f"{name} missing"
         assert all(f["bench"] == bench for f in by_name[name])
     assert {f["bench"] for f in figures} == set(bench_run.BENCHMARKS)
-    for name in ("wire_decode", "stream_parse", "ingest_throughput", "store_add",
+    for name in ("wire_decode", "stream_parse", "ingest_throughput", "store_add", "store_add_many",
                  "train_throughput", "e2e_images_per_s", "distributed_train_throughput"):
         assert all(isinstance(f["value"], (int, float)) and f["value"] > 0
                    for f in by_name[name]), name
