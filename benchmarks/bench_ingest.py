@@ -7,7 +7,11 @@ Prints one JSON line per figure::
 
 The producer sends pre-encoded messages (encoding is not timed) over loopback TCP; the clock
 runs from the first send to the last message taken off the queue, with the spool in a
-temporary directory (``--fsync`` policy, default ``batch``).
+temporary directory (``--fsync`` policy, default ``batch``).  A second run
+(``ingest_store_throughput``, ``ingest_store_messages``) also adds what the consumer takes to
+a ``ReflectionStore`` with ``add_many``, as the service's training thread does: the most one
+service process can take in before it trains at all, since the ingest and training threads
+share the interpreter.
 """
 from __future__ import annotations
 
@@ -53,9 +57,16 @@ def make_payloads(n_messages: int, n_reflections: int, *, seed: int = 0) -> list
     return out
 
 
-def run(n_messages: int, n_reflections: int, fsync: str) -> dict:
+def run(n_messages: int, n_reflections: int, fsync: str, store: bool = False) -> dict:
     payloads = make_payloads(n_messages, n_reflections)
     counters = IngestCounters()
+    the_store = None
+    if store:
+        from streamvi.store import ReflectionStore
+        from streamvi.symmetry import ReciprocalSpace
+
+        the_store = ReflectionStore(ReciprocalSpace("P 43 21 2", (79.1, 79.1, 38.0, 90, 90, 90),
+                                                    1.8, anomalous=True))
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
         spool = Spool(tmp, fsync=fsync)
         ing = Ingestor(["tcp://127.0.0.1:*"], spool=spool, counters=counters)
@@ -80,9 +91,13 @@ def run(n_messages: int, n_reflections: int, fsync: str) -> dict:
         n_refl = 0
         deadline = time.monotonic() + 600
         while got < n_messages and time.monotonic() < deadline:
-            for _, msg, _ in ing.get_batch(256, timeout=0.5):
+            items = ing.get_batch(256, timeout=0.5)
+            for _, msg, _ in items:
                 got += 1
                 n_refl += len(msg)
+            if the_store is not None and items:
+                # what the service's training thread does with them, less the training
+                the_store.add_many([it[1] for it in items], [it[2] for it in items])
         seconds = time.perf_counter() - t0
         producer.join()
         ing.stop()
@@ -100,17 +115,26 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--reflections", type=int, default=800, help="per message")
     ap.add_argument("--fsync", default="batch", choices=("batch", "always", "never"))
+    ap.add_argument("--no-store", action="store_true",
+                    help="skip the second run, in which the consuming thread also adds every "
+                         "crystal to a ReflectionStore (add_many of each batch taken off the "
+                         "queue), as the service's training thread does")
     args = ap.parse_args()
-    r = run(args.messages, args.reflections, args.fsync)
+    for store in (False,) if args.no_store else (False, True):
+        report(run(args.messages, args.reflections, args.fsync, store), args, store)
+
+
+def report(r: dict, args: argparse.Namespace, store: bool) -> None:
     machine = f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()}"
     common = {"device": "cpu", "machine": machine, "messages": r["messages"],
               "reflections_per_message": args.reflections, "fsync": args.fsync,
               "seconds": round(r["seconds"], 3),
               "mb_per_s": round(r["bytes"] / r["seconds"] / 1e6, 1)}
-    print(json.dumps({"name": "ingest_throughput",
+    name = "ingest_store_throughput" if store else "ingest_throughput"
+    print(json.dumps({"name": name,
                       "value": round(r["reflections"] / r["seconds"]),
                       "unit": "reflections/s", **common}))
-    print(json.dumps({"name": "ingest_messages", "value": round(r["messages"] / r["seconds"], 1),
+    print(json.dumps({"name": name.replace("throughput", "messages"), "value": round(r["messages"] / r["seconds"], 1),
                       "unit": "messages/s", **common}))
 
 

@@ -29,7 +29,7 @@ bench_run = _load("run")
 # figures each benchmark must print (name → benchmark)
 EXPECTED = {
     "wire_decode": "wire", "hkl_lookup": "wire", "stream_parse": "stream_parse",
-    "ingest_throughput": "ingest", "store_add": "store", "ingest_decode_store": "store",
+    "ingest_throughput": "ingest", "ingest_store_throughput": "ingest", "store_add": "store", "ingest_decode_store": "store",
     "store_add_many": "store", "ingest_decode_store_many": "store",
     "train_throughput": "training", "e2e_images_per_s": "end_to_end",
     "e2e_train_reflections_per_s": "end_to_end", "e2e_lag_first_visit_p99": "end_to_end",
