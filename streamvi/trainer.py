@@ -70,6 +70,13 @@ class TrainerConfig:
     #: it, two threads on two shared cores made a step 15× slower (791 ms against 51 ms).
     cpu_threads: int | None = 1
     sync_free: bool | None = None
+    #: the scale network's encoder (pooled per image, not seen by the per-reflection head)
+    #: also takes each observation against the current merge, ``asinh(I / E_q[F²])``: an
+    #: image's pattern of too-strong and too-weak reflections tells where its reported
+    #: orientation misplaces the Ewald sphere, which partiality depends on (amortised
+    #: post-refinement; docs/model.md change 8).  DESIGN.md §9 set, 10 epochs, two seeds:
+    #: top shell +0.003 and +0.005, CCanom +0.005 and +0.013, overall CC ±0.0002.
+    pooled_merge_ratio: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.posterior_average_decay < 1.0:
@@ -238,7 +245,8 @@ class Trainer:
             torch.manual_seed(config.seed)
             prior = WilsonPrior(centric_t, epsilon_t)
             posterior = FoldedNormalPosterior(prior.n_rows, 3, init_loc=prior.mean())
-            scale_model = ImageScaleModel(n_metadata, config.d_model, config.n_layers)
+            scale_model = ImageScaleModel(n_metadata, config.d_model, config.n_layers,
+                                          n_pooled_extra=int(config.pooled_merge_ratio))
         likelihood = (StudentTLikelihood(config.dof) if config.likelihood == "student_t"
                       else NormalLikelihood())
         self.model = VariationalMergingModel(
@@ -502,10 +510,13 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the model's shape settings must match this trainer's."""
         saved = state["config"]
-        for name in ("d_model", "n_layers", "likelihood"):
-            if saved[name] != getattr(self.config, name):
-                raise ValueError(f"checkpoint has {name}={saved[name]!r}, trainer has "
-                                 f"{getattr(self.config, name)!r}")
+        # checkpoints from before pooled_merge_ratio existed were written without it
+        for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio"):
+            value = saved.get(name, False) if name == "pooled_merge_ratio" else saved[name]
+            if value != getattr(self.config, name):
+                raise ValueError(f"checkpoint has {name}={value!r}, trainer has "
+                                 f"{getattr(self.config, name)!r}: set {name} to {value!r} to "
+                                 "resume it, or start in another output directory")
         self.model.load_state_dict(state["model"])
         self.scale_optimizer.load_state_dict(state["scale_optimizer"])
         self.posterior_optimizer.load_state_dict(state["posterior_optimizer"])

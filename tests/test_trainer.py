@@ -368,3 +368,16 @@ def test_sync_free_step_skips_non_finite_gradients_on_the_device(data, monkeypat
     after = trainer.learn_batch(good)
     assert after.update_taken and np.isfinite(after.loss)
     assert not torch.equal(before[0], trainer.model.posterior.weight.detach())
+
+
+def test_checkpoint_without_merge_ratio_loads_only_where_it_is_off(data):
+    old = make_trainer(data, pooled_merge_ratio=False)
+    train(old, data, 3)
+    state = old.state_dict()
+    del state["config"]["pooled_merge_ratio"]           # as written before the option
+    with pytest.raises(ValueError, match="pooled_merge_ratio=False.*set pooled_merge_ratio"):
+        make_trainer(data).load_state_dict(state)
+    resumed = make_trainer(data, pooled_merge_ratio=False)
+    resumed.load_state_dict(state)
+    assert resumed.step == 3
+    assert make_trainer(data).model.scale_model.n_pooled_extra == 1      # the default

@@ -151,8 +151,19 @@ class VariationalMergingModel(nn.Module):
         sigiobs = std.standardize_intensity(batch.sigiobs)
         metadata = std.standardize_metadata(batch.metadata)
         fn = self._scale_forward if self._scale_forward is not None else self.scale_model
-        loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images)
+        if self.scale_model.n_pooled_extra:
+            loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images,
+                            self._merge_ratio(batch, iobs))
+        else:
+            loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images)
         return iobs, sigiobs, loc, scale
+
+    @torch.no_grad()
+    def _merge_ratio(self, batch: Batch, iobs: torch.Tensor) -> torch.Tensor:
+        """Each observation against the current merge: ``asinh(I / E_q[F²])`` of its row
+        (identity setting), pooled per image by the scale encoder."""
+        loc, scale = self.posterior.loc_scale(batch.asu_id[0])
+        return torch.asinh(iobs / (loc * loc + scale * scale).clamp_min(1e-6))
 
     def _expected_scale_and_intensity(self, row_ids: torch.Tensor, scale_loc: torch.Tensor,
                                       scale_scale: torch.Tensor

@@ -74,14 +74,17 @@ class ImageScaleModel(nn.Module):
     """
 
     def __init__(self, n_metadata: int, d_model: int = 32, n_layers: int = 4, *,
-                 prior_rate: float = 1.0, min_scale: float = 1e-3) -> None:
+                 prior_rate: float = 1.0, min_scale: float = 1e-3, n_pooled_extra: int = 0
+                 ) -> None:
         super().__init__()
         self.n_metadata = int(n_metadata)
         self.d_model = int(d_model)
         self.n_layers = int(n_layers)
         self.prior_rate = float(prior_rate)
         self.min_scale = float(min_scale)
-        self.embed = nn.Linear(self.n_metadata + 2, self.d_model)
+        #: extra per-reflection inputs seen by the pooled encoder only (not by the head)
+        self.n_pooled_extra = int(n_pooled_extra)
+        self.embed = nn.Linear(self.n_metadata + 2 + self.n_pooled_extra, self.d_model)
         self.encoder = _stack(self.d_model, self.n_layers)
         # a Linear on zero metadata columns would be empty; it still adds its bias
         self.metadata_embed = nn.Linear(self.n_metadata, self.d_model)
@@ -96,7 +99,8 @@ class ImageScaleModel(nn.Module):
             self.out.bias[1] = math.log(math.expm1(0.1 - self.min_scale))
 
     def forward(self, metadata: torch.Tensor, iobs: torch.Tensor, sigiobs: torch.Tensor,
-                image_index: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+                image_index: torch.Tensor, n_images: int,
+                extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-normal ``(loc, scale)``, each ``(n,)``, for every reflection.
 
         Parameters
@@ -110,7 +114,10 @@ class ImageScaleModel(nn.Module):
         n_images
             Number of images in the batch.
         """
-        features = torch.cat([metadata, iobs.unsqueeze(1), sigiobs.unsqueeze(1)], dim=1)
+        parts = [metadata, iobs.unsqueeze(1), sigiobs.unsqueeze(1)]
+        if self.n_pooled_extra:
+            parts.append(extra.reshape(iobs.shape[0], self.n_pooled_extra))
+        features = torch.cat(parts, dim=1)
         h = self.encoder(self.embed(features))
         image_vector = segment_mean(h, image_index, n_images).to(h.dtype)
         x = self.metadata_embed(metadata) + image_vector[image_index]
