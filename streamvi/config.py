@@ -72,6 +72,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("posterior_average", float, 0.99, "publish each merged reflection's exponential "
            "average over its last ~100 updates instead of its current value (0: off; removes "
            "the jitter of a constant learning rate, docs/model.md)", "model"),
+    Option("pooled_merge_ratio", bool, True, "the image-scale network also pools each "
+           "observation against the current merge (amortised post-refinement of partiality; "
+           "false to resume a checkpoint written before this option existed)", "model"),
     Option("cpu_threads", int, 1, "torch threads for training on the CPU (1 avoids thread "
            "contention with ingest and publishing on small machines)", "model"),
     Option("batch_images", int, 8, "images per training step", "model"),

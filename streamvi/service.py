@@ -80,7 +80,8 @@ class Service:
             d_model=config.d_model, n_layers=config.n_layers, mc_samples=config.mc_samples,
             device=config.device, seed=config.seed, cpu_threads=config.cpu_threads,
             scale_kl_weight=config.scale_kl_weight,
-            posterior_average_decay=config.posterior_average)
+            posterior_average_decay=config.posterior_average,
+            pooled_merge_ratio=config.pooled_merge_ratio)
         budget = int(config.device_budget_mb * 2**20) if config.device_budget_mb > 0 else None
         self.engine_config = EngineConfig(batch_images=config.batch_images,
                                           new_share=config.new_share, n_shells=config.n_shells,
