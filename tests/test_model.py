@@ -460,3 +460,61 @@ def test_sync_free_objective_equals_the_unique_one(n_ops, weighted):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
     assert [t.shape for t in a.flat_rows] == [t.shape for t in b.flat_rows] == [
         (batch.n_reflections,)] * 2
+
+
+def test_merge_ratio_is_pooled_per_image_and_never_seen_per_reflection():
+    torch.manual_seed(0)
+    scale_model = ImageScaleModel(N_META, 16, 2, n_pooled_extra=1)
+    with torch.no_grad():                        # non-zero output weights: outputs move
+        scale_model.out.weight.normal_(0.0, 0.5)
+    batch = make_batch([30, 12, 25], 50, seed=13)
+    meta, iobs, sig = batch.metadata, batch.iobs / 50.0, batch.sigiobs / 50.0
+    ratio = torch.randn(batch.n_reflections, generator=torch.Generator().manual_seed(2))
+
+    def run(extra):
+        return scale_model(meta, iobs, sig, batch.image_index, batch.n_images, extra)[0]
+
+    # reflection 1 gets reflection 0's metadata but keeps its own I, σ and ratio: the head
+    # sees metadata and the image's pooled vector only, so their scales are the same
+    meta = meta.clone()
+    meta[1] = meta[0]
+    assert iobs[0] != iobs[1] and ratio[0] != ratio[1]
+    base = run(ratio)
+    torch.testing.assert_close(base[1], base[0])
+    # changing one ratio of image 1 moves all of image 1's scales and nothing else
+    poked = ratio.clone()
+    poked[35] += 3.0
+    moved = run(poked) != base
+    assert moved[30:42].all() and not moved[:30].any() and not moved[42:].any()
+
+
+def test_model_feeds_the_scale_encoder_each_observation_against_the_merge():
+    torch.manual_seed(0)
+    n_rows = 50
+    centric = torch.arange(n_rows) % 5 == 0
+    prior = WilsonPrior(centric, torch.ones(n_rows))
+    posterior = FoldedNormalPosterior(n_rows, 3, init_loc=prior.mean() * torch.linspace(
+        0.5, 2.0, n_rows))
+    model = VariationalMergingModel(prior, posterior,
+                                    ImageScaleModel(N_META, 16, 2, n_pooled_extra=1),
+                                    StudentTLikelihood(32.0), mc_samples=2)
+    batch = make_batch([30, 12, 25], n_rows, seed=14, n_ops=2)
+    model.standardizer.update(batch.metadata, batch.iobs)
+    iobs = model.standardizer.standardize_intensity(batch.iobs)
+    seen = {}
+    original = model.scale_model.forward
+
+    def spy(*args):
+        seen["extra"] = args[5]
+        return original(*args)
+
+    model.set_scale_forward(spy)
+    with torch.no_grad():         # the zero-initialised output layer would stop the gradient
+        model.scale_model.out.weight.normal_(0.0, 0.5)
+    terms = model(batch, generator=torch.Generator().manual_seed(0))
+    loc, scale = posterior.loc_scale(batch.asu_id[0])
+    torch.testing.assert_close(seen["extra"], torch.asinh(iobs / (loc ** 2 + scale ** 2)))
+    assert not seen["extra"].requires_grad
+    terms.loss.backward()
+    assert torch.isfinite(model.scale_model.embed.weight.grad).all()
+    assert model.scale_model.embed.weight.grad[:, -1].abs().sum() > 0   # the ratio's column
