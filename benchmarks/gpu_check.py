@@ -29,8 +29,7 @@ def throughput(space, crystals, *, d_model, n_layers, mc, batch_images, amp, com
                                            mc_samples=mc, amp_bf16=amp, compile=compile_,
                                            sync_free=sync_free),
                       EngineConfig(batch_images=batch_images))
-    for c in crystals:
-        eng.add(c)
+    eng.add_many(crystals)
     for _ in range(5):                       # warm-up (and compilation)
         eng.step()
     torch.cuda.synchronize()
@@ -53,8 +52,7 @@ def _engine(space, crystals, *, sync_free, batch_images=64, n=512):
     eng = MergeEngine(space, TrainerConfig(device="cuda", mc_samples=8, sync_free=sync_free,
                                            warmup_reflections=1),
                       EngineConfig(batch_images=batch_images))
-    for c in crystals[:n]:
-        eng.add(c)
+    eng.add_many(crystals[:n])
     for _ in range(3):
         eng.step()
     torch.cuda.synchronize()

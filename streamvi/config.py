@@ -75,6 +75,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("pooled_merge_ratio", bool, True, "the image-scale network also pools each "
            "observation against the current merge (amortised post-refinement of partiality; "
            "false to resume a checkpoint written before this option existed)", "model"),
+    Option("sync_free_steps", str, "auto", "auto (on with CUDA), on or off: training steps in "
+           "which the host never waits for the GPU (docs/performance.md); off goes back to the "
+           "sparse step of the CPU", "model"),
     Option("cpu_threads", int, 1, "torch threads for training on the CPU (1 avoids thread "
            "contention with ingest and publishing on small machines)", "model"),
     Option("batch_images", int, 8, "images per training step", "model"),

@@ -71,6 +71,10 @@ class Service:
         self.cell = parse_cell(config.cell) if config.cell else None
         if not config.dmin > 0:
             raise ConfigError(f"dmin = {config.dmin}: must be a positive resolution in Å")
+        sync_free = {"auto": None, "on": True, "off": False}.get(config.sync_free_steps.lower())
+        if config.sync_free_steps.lower() not in ("auto", "on", "off"):
+            raise ConfigError(f"sync_free_steps = {config.sync_free_steps!r}: must be auto, on "
+                              "or off")
         self.reference = None
         if config.reference:
             self.reference = read_reference(config.reference, config.reference_column or None)
@@ -81,7 +85,7 @@ class Service:
             device=config.device, seed=config.seed, cpu_threads=config.cpu_threads,
             scale_kl_weight=config.scale_kl_weight,
             posterior_average_decay=config.posterior_average,
-            pooled_merge_ratio=config.pooled_merge_ratio)
+            pooled_merge_ratio=config.pooled_merge_ratio, sync_free=sync_free)
         budget = int(config.device_budget_mb * 2**20) if config.device_budget_mb > 0 else None
         self.engine_config = EngineConfig(batch_images=config.batch_images,
                                           new_share=config.new_share, n_shells=config.n_shells,

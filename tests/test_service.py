@@ -98,6 +98,10 @@ def test_bad_configuration_is_refused_with_the_key_named(tmp_path):
         Service(config(tmp_path, space_group="P 43 21 3"))
     with pytest.raises(ConfigError, match="space_group is required"):
         Service(config(tmp_path, space_group=""))
+    with pytest.raises(ConfigError, match="sync_free_steps = 'sometimes'"):
+        Service(config(tmp_path, sync_free_steps="sometimes"))
+    assert Service(config(tmp_path / "on", sync_free_steps="on")).trainer_config.sync_free
+    assert Service(config(tmp_path / "auto")).trainer_config.sync_free is None
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="out_dir .*not writable"):
