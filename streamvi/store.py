@@ -371,6 +371,8 @@ class ReflectionStore:
             half=half_t,
             image_id=perm_ids_t,
             obs_weight=obs_weight,
+            image_op=(self._image_op_t.index_select(0, perm_ids_t.to(self.device)).to(device)
+                      if self.n_ops > 1 else None),
         )
 
     def statistics_changed(self) -> None:

@@ -515,6 +515,14 @@ def test_model_feeds_the_scale_encoder_each_observation_against_the_merge():
     loc, scale = posterior.loc_scale(batch.asu_id[0])
     torch.testing.assert_close(seen["extra"], torch.asinh(iobs / (loc ** 2 + scale ** 2)))
     assert not seen["extra"].requires_grad
+    # with the settings chosen at the images' last visits, each in its own setting
+    batch.image_op = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        model(batch, generator=torch.Generator().manual_seed(0))
+    rows = torch.where(batch.image_op[batch.image_index] == 1, batch.asu_id[1], batch.asu_id[0])
+    loc, scale = posterior.loc_scale(rows)
+    torch.testing.assert_close(seen["extra"], torch.asinh(iobs / (loc ** 2 + scale ** 2)))
+    batch.image_op = None
     terms.loss.backward()
     assert torch.isfinite(model.scale_model.embed.weight.grad).all()
     assert model.scale_model.embed.weight.grad[:, -1].abs().sum() > 0   # the ratio's column

@@ -40,6 +40,9 @@ class Batch:
         KL of each row counts once per pass over the data, as in the true ELBO; without it,
         once per minibatch the row appears in (abismal's choice, which weights the prior by
         the multiplicity).
+    image_op
+        Optional ``(n_images,)`` int64: the twin-law operator chosen for each image at its
+        last visit (0 before the first), with several operators.
     """
 
     asu_id: torch.Tensor
@@ -51,6 +54,7 @@ class Batch:
     half: torch.Tensor
     image_id: torch.Tensor
     obs_weight: torch.Tensor | None = None
+    image_op: torch.Tensor | None = None
 
     @property
     def n_reflections(self) -> int:

@@ -160,9 +160,13 @@ class VariationalMergingModel(nn.Module):
 
     @torch.no_grad()
     def _merge_ratio(self, batch: Batch, iobs: torch.Tensor) -> torch.Tensor:
-        """Each observation against the current merge: ``asinh(I / E_q[F²])`` of its row
-        (identity setting), pooled per image by the scale encoder."""
-        loc, scale = self.posterior.loc_scale(batch.asu_id[0])
+        """Each observation against the current merge: ``asinh(I / E_q[F²])`` of its row,
+        pooled per image by the scale encoder.  The row is the one in the setting chosen for
+        the image at its last visit (``batch.image_op``; the identity without one)."""
+        rows = batch.asu_id[0]
+        if batch.image_op is not None and batch.n_ops > 1:
+            rows = batch.asu_id.gather(0, batch.image_op[batch.image_index].unsqueeze(0))[0]
+        loc, scale = self.posterior.loc_scale(rows)
         return torch.asinh(iobs / (loc * loc + scale * scale).clamp_min(1e-6))
 
     def _expected_scale_and_intensity(self, row_ids: torch.Tensor, scale_loc: torch.Tensor,
