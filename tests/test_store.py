@@ -226,21 +226,3 @@ def test_add_many_stores_exactly_what_adding_one_by_one_does(space, budget):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     if budget is not None:
         assert many.image_tier[:n].max() == 1
-
-
-@pytest.mark.parametrize("n_index", [3, 400])           # np.add.at, then np.bincount
-def test_scatter_add_sums_repeated_indices(n_index):
-    from streamvi.store import _scatter_add
-
-    rng = np.random.default_rng(2)
-    index = rng.integers(0, 50, n_index)
-    values = rng.normal(size=n_index)
-    counts, sums = np.arange(50, dtype=np.int64), np.ones(50)
-    _scatter_add(counts, index)
-    _scatter_add(sums, index, values)
-    expected_counts, expected_sums = np.arange(50, dtype=np.int64), np.ones(50)
-    for i, v in zip(index, values):
-        expected_counts[i] += 1
-        expected_sums[i] += v
-    assert counts.dtype == np.int64 and np.array_equal(counts, expected_counts)
-    np.testing.assert_allclose(sums, expected_sums, rtol=1e-12)
