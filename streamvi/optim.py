@@ -13,7 +13,7 @@ rows instead and does the same arithmetic on every row, keeping the untouched on
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,24 +25,17 @@ class RowSparseAdam(torch.optim.SparseAdam):
     Rows absent from a gradient keep their parameters and moments bit for bit.
     """
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _updates(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict, float, float, float,
+                                         float]]:
+        """Each parameter with a gradient, after its step count went up: ``(p, grad (negated
+        when maximizing), state, β1, β2, eps, bias-corrected step size)``."""
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             eps, lr = group["eps"], float(group["lr"])
-            maximize = group.get("maximize", False)
+            sign = -1.0 if group.get("maximize", False) else 1.0
             for p in group["params"]:
-                grad = p.grad
-                if grad is None:
+                if p.grad is None:
                     continue
-                if not grad.is_sparse or grad.sparse_dim() != 1:
-                    raise RuntimeError("RowSparseAdam needs gradients sparse along the first "
-                                       "dimension only (embedding(..., sparse=True)); use "
-                                       "Adam or SparseAdam for others")
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
@@ -50,26 +43,38 @@ class RowSparseAdam(torch.optim.SparseAdam):
                     state["exp_avg_sq"] = torch.zeros_like(p,
                                                            memory_format=torch.preserve_format)
                 state["step"] += 1
-                grad = grad.coalesce()
-                values = grad._values()
-                if values.numel() == 0:
-                    continue
-                if maximize:
-                    values = -values
-                rows = grad._indices()[0]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                # SparseAdam's arithmetic, in its order: old + (g − old)(1 − β)
-                old_m = exp_avg.index_select(0, rows)
-                update_m = values.sub(old_m).mul_(1.0 - beta1)
-                exp_avg.index_add_(0, rows, update_m)
-                old_v = exp_avg_sq.index_select(0, rows)
-                update_v = values.pow(2).sub_(old_v).mul_(1.0 - beta2)
-                exp_avg_sq.index_add_(0, rows, update_v)
-                numer = update_m.add_(old_m)
-                denom = update_v.add_(old_v).sqrt_().add_(eps)
                 step = int(state["step"])
                 step_size = lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
-                p.index_add_(0, rows, -step_size * numer.div_(denom))
+                grad = p.grad if sign > 0 else -p.grad
+                yield p, grad, state, beta1, beta2, eps, step_size
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p, grad, state, beta1, beta2, eps, step_size in self._updates():
+            if not grad.is_sparse or grad.sparse_dim() != 1:
+                raise RuntimeError("RowSparseAdam needs gradients sparse along the first "
+                                   "dimension only (embedding(..., sparse=True)); use "
+                                   "Adam or SparseAdam for others")
+            grad = grad.coalesce()
+            values = grad._values()
+            if values.numel() == 0:
+                continue
+            rows = grad._indices()[0]
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            # SparseAdam's arithmetic, in its order: old + (g − old)(1 − β)
+            old_m = exp_avg.index_select(0, rows)
+            update_m = values.sub(old_m).mul_(1.0 - beta1)
+            exp_avg.index_add_(0, rows, update_m)
+            old_v = exp_avg_sq.index_select(0, rows)
+            update_v = values.pow(2).sub_(old_v).mul_(1.0 - beta2)
+            exp_avg_sq.index_add_(0, rows, update_v)
+            numer = update_m.add_(old_m)
+            denom = update_v.add_(old_v).sqrt_().add_(eps)
+            p.index_add_(0, rows, -step_size * numer.div_(denom))
         return loss
 
     @torch.no_grad()
@@ -91,36 +96,18 @@ class RowSparseAdam(torch.optim.SparseAdam):
         The step count used for the bias correction is the host's, so it also counts steps
         whose rows were all masked out.
         """
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            eps, lr = group["eps"], float(group["lr"])
-            maximize = group.get("maximize", False)
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("masked_step needs a dense gradient; use step() for "
-                                       "sparse ones")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p,
-                                                           memory_format=torch.preserve_format)
-                state["step"] += 1
-                if maximize:
-                    grad = -grad
-                mask = touched.reshape((-1,) + (1,) * (p.dim() - 1))
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                update_m = grad.sub(exp_avg).mul_(1.0 - beta1)
-                numer = exp_avg.add(update_m)
-                update_v = grad.pow(2).sub_(exp_avg_sq).mul_(1.0 - beta2)
-                second = exp_avg_sq.add(update_v)
-                denom = second.sqrt().add_(eps)
-                step = int(state["step"])
-                step_size = lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
-                moved = p.add(-step_size * numer.div(denom))
-                exp_avg.copy_(torch.where(mask, numer, exp_avg))
-                exp_avg_sq.copy_(torch.where(mask, second, exp_avg_sq))
-                p.copy_(torch.where(mask, moved, p))
+        for p, grad, state, beta1, beta2, eps, step_size in self._updates():
+            if grad.is_sparse:
+                raise RuntimeError("masked_step needs a dense gradient; use step() for "
+                                   "sparse ones")
+            mask = touched.reshape((-1,) + (1,) * (p.dim() - 1))
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            update_m = grad.sub(exp_avg).mul_(1.0 - beta1)
+            numer = exp_avg.add(update_m)
+            update_v = grad.pow(2).sub_(exp_avg_sq).mul_(1.0 - beta2)
+            second = exp_avg_sq.add(update_v)
+            denom = second.sqrt().add_(eps)
+            moved = p.add(-step_size * numer.div(denom))
+            exp_avg.copy_(torch.where(mask, numer, exp_avg))
+            exp_avg_sq.copy_(torch.where(mask, second, exp_avg_sq))
+            p.copy_(torch.where(mask, moved, p))
