@@ -125,21 +125,10 @@ class StepReport:
             self.terms = tuple(values[:4]) if self.taken else _NAN4
         return self.terms
 
-    @property
-    def loss(self) -> float:
-        return self._resolve()[0]
-
-    @property
-    def nll(self) -> float:
-        return self._resolve()[1]
-
-    @property
-    def kl_F(self) -> float:
-        return self._resolve()[2]
-
-    @property
-    def kl_scale(self) -> float:
-        return self._resolve()[3]
+    loss = property(lambda self: self._resolve()[0], doc="Loss per observation.")
+    nll = property(lambda self: self._resolve()[1], doc="Negative log-likelihood, table 0.")
+    kl_F = property(lambda self: self._resolve()[2], doc="KL of the amplitudes, table 0.")
+    kl_scale = property(lambda self: self._resolve()[3], doc="KL of the image scales.")
 
     @property
     def update_taken(self) -> bool:
@@ -267,10 +256,8 @@ class Trainer:
         self.posterior_updates: torch.Tensor | None = None
         if config.posterior_average_decay > 0:
             self._reset_average()
-        #: steps in which the host never waits for the device (see :meth:`learn_batch`)
-        self.sync_free = (self.device.type == "cuda" if config.sync_free is None
-                          else bool(config.sync_free))
-        self.model.sync_free = self.sync_free
+        self.model.sync_free = (self.device.type == "cuda" if config.sync_free is None
+                                else bool(config.sync_free))
         self.step = 0
         self.reflections_trained = 0
         self._skipped_host = 0
@@ -280,6 +267,11 @@ class Trainer:
     @property
     def standardizer(self) -> Standardizer:
         return self.model.standardizer
+
+    @property
+    def sync_free(self) -> bool:
+        """Whether steps never make the host wait for the device (see :meth:`learn_batch`)."""
+        return self.model.sync_free
 
     @property
     def skipped_steps(self) -> int:
@@ -341,6 +333,12 @@ class Trainer:
         self.scale_optimizer.step()
         self.posterior_optimizer.step()
         self._update_average()
+        return self._stepped(batch, terms, start, taken=True)
+
+    def _stepped(self, batch: Batch, terms: Any, start: float,
+                 taken: torch.Tensor | bool) -> StepReport:
+        """Count a step taken (or, with ``taken`` a device flag, maybe skipped) and report it;
+        the losses stay on the device where the step did not wait for it anyway."""
         self.step += 1
         self.reflections_trained += batch.n_reflections
         values = torch.stack([terms.loss, terms.nll, terms.kl_F, terms.kl_scale]).detach()
@@ -348,11 +346,14 @@ class Trainer:
         return StepReport(step=self.step, n_images=batch.n_images,
                           n_reflections=batch.n_reflections,
                           seconds=time.perf_counter() - start, chosen_ops=chosen,
-                          rejected=terms.rejected, terms=tuple(values.cpu().tolist()))
+                          rejected=terms.rejected, taken=taken,
+                          terms=values if self.sync_free else tuple(values.cpu().tolist()))
 
     def _finish_sync_free(self, batch: Batch, terms: Any, start: float) -> StepReport:
-        """The rest of a :attr:`sync_free` step, after ``backward`` (see :meth:`learn_batch`)."""
-        self._reduce_gradients()
+        """The rest of a :attr:`sync_free` step, after ``backward`` (see :meth:`learn_batch`).
+
+        There is no :meth:`_reduce_gradients` here: data-parallel ranks, which override it,
+        always take the sparse step."""
         weight = self.model.posterior.weight
         touched = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
         for rows in terms.flat_rows:
@@ -369,16 +370,10 @@ class Trainer:
         self.posterior_optimizer.masked_step(touched)
         self._update_average(touched)
         self._skipped_t += (~taken).to(torch.int64)
-        self.step += 1
-        self.reflections_trained += batch.n_reflections
+        report = self._stepped(batch, terms, start, taken)
         if self.step % SKIP_CHECK_STEPS == 0:
             self._warn_new_skips()
-        values = torch.stack([terms.loss, terms.nll, terms.kl_F, terms.kl_scale]).detach()
-        chosen = None if terms.chosen_ops is None else terms.chosen_ops.detach()
-        return StepReport(step=self.step, n_images=batch.n_images,
-                          n_reflections=batch.n_reflections,
-                          seconds=time.perf_counter() - start, chosen_ops=chosen,
-                          rejected=terms.rejected, terms=values, taken=taken)
+        return report
 
     def _warn_new_skips(self) -> None:
         skipped = self.skipped_steps
@@ -409,8 +404,7 @@ class Trainer:
         weight = self.model.posterior.weight
         if touched is not None:
             n = self.posterior_updates
-            decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.config.posterior_average_decay)
-            new = torch.lerp(self.posterior_average, weight, (1.0 - decay).unsqueeze(1))
+            new = torch.lerp(self.posterior_average, weight, self._average_rate(n))
             self.posterior_average.copy_(torch.where(touched.unsqueeze(1), new,
                                                      self.posterior_average))
             self.posterior_updates.add_(touched.to(n.dtype))
@@ -420,11 +414,16 @@ class Trainer:
             return
         rows = grad.coalesce()._indices()[0]
         n = self.posterior_updates.index_select(0, rows)
-        decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.config.posterior_average_decay)
         old = self.posterior_average.index_select(0, rows)
-        new = torch.lerp(old, weight.index_select(0, rows), (1.0 - decay).unsqueeze(1))
+        new = torch.lerp(old, weight.index_select(0, rows), self._average_rate(n))
         self.posterior_average.index_copy_(0, rows, new)
         self.posterior_updates.index_add_(0, rows, torch.ones_like(n))
+
+    def _average_rate(self, n: torch.Tensor) -> torch.Tensor:
+        """``(rows, 1)`` weight of the new value for rows updated ``n`` times before:
+        ``1 − min(decay, (1 + n)/(10 + n))``."""
+        decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.config.posterior_average_decay)
+        return (1.0 - decay).unsqueeze(1)
 
     def set_lr_factor(self, factor: float) -> None:
         """Scale both learning rates to ``factor`` × their configured values.
