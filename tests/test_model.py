@@ -419,7 +419,7 @@ def test_first_occurrence_is_unique_with_fixed_shapes():
     from streamvi.model.merging import _first_occurrence
 
     flat = torch.randint(0, 40, (300,), generator=torch.Generator().manual_seed(3))
-    _, inverse, first = _first_occurrence(flat, 120)
+    inverse, first = _first_occurrence(flat, 120)
     assert inverse.shape == flat.shape and first.shape == flat.shape
     assert torch.equal(flat[inverse], flat)                  # each maps to its own row
     positions = torch.arange(300)
