@@ -197,13 +197,9 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     if reference is not None:
         engine.reference = ReferenceSetting(space, reference)
     n_outside = 0
-    chunk: list = []
-    for msg in itertools.chain(crystals, [None]):
-        if msg is not None:
-            chunk.append(msg)
-        if len(chunk) == 256 or (msg is None and chunk):
-            n_outside += sum(r.n_outside for r in engine.add_many(chunk))
-            chunk = []
+    remaining = iter(crystals)
+    while chunk := list(itertools.islice(remaining, 256)):
+        n_outside += sum(r.n_outside for r in engine.add_many(chunk))
     if engine.n_images == 0:
         raise ConfigError("no crystal had reflections inside the table (check --dmin, "
                           "--space-group and --cell)")

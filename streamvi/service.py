@@ -15,6 +15,7 @@ crystals are deduplicated by ``(run, image, crystal)`` so nothing is counted twi
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -71,10 +72,11 @@ class Service:
         self.cell = parse_cell(config.cell) if config.cell else None
         if not config.dmin > 0:
             raise ConfigError(f"dmin = {config.dmin}: must be a positive resolution in Å")
-        sync_free = {"auto": None, "on": True, "off": False}.get(config.sync_free_steps.lower())
-        if config.sync_free_steps.lower() not in ("auto", "on", "off"):
+        sync_free_modes = {"auto": None, "on": True, "off": False}
+        if config.sync_free_steps.lower() not in sync_free_modes:
             raise ConfigError(f"sync_free_steps = {config.sync_free_steps!r}: must be auto, on "
                               "or off")
+        sync_free = sync_free_modes[config.sync_free_steps.lower()]
         self.reference = None
         if config.reference:
             self.reference = read_reference(config.reference, config.reference_column or None)
@@ -389,16 +391,12 @@ class Service:
             self.counters.load_state_dict(state["counters"])
         n = 0
         t0 = time.perf_counter()
-        chunk: list[tuple[Any, CrystalMessage, float]] = []
-        for _seq, msg, _arrival in replay_spool(self.spool, counters=self.counters,
-                                                max_message_bytes=self.config.max_message_bytes):
-            chunk.append((None, msg, time.time()))
-            if len(chunk) == 256:
-                self._add_many(chunk, replay=True)
-                n += len(chunk)
-                chunk = []
-        self._add_many(chunk, replay=True)
-        n += len(chunk)
+        records = replay_spool(self.spool, counters=self.counters,
+                               max_message_bytes=self.config.max_message_bytes)
+        while chunk := [(None, msg, time.time())
+                        for _seq, msg, _arrival in itertools.islice(records, 256)]:
+            self._add_many(chunk, replay=True)
+            n += len(chunk)
         if n:
             log.info("replayed %d spooled crystals in %.1f s", n, time.perf_counter() - t0)
         # Every spooled record was just replayed, so the duplicates among them are all those
