@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,17 @@ def image_half(run: str, image: str) -> int:
     """
     digest = hashlib.blake2b(f"{run}\x00{image}".encode(), digest_size=8).digest()
     return digest[0] & 1
+
+
+class _Kept(NamedTuple):
+    """One arriving crystal's reflections inside the table (``k``: its place in the call)."""
+
+    k: int
+    ids: np.ndarray
+    iobs: np.ndarray
+    sigiobs: np.ndarray
+    metadata: np.ndarray
+    n_outside: int
 
 
 @dataclass
@@ -224,7 +235,7 @@ class ReflectionStore:
                          all_ids: np.ndarray, bounds: np.ndarray,
                          results: list[AddResult | None]) -> None:
         """The work of :meth:`add_many` for crystals not stored yet (``fresh``)."""
-        accepted = []           # (k, ids, iobs, sigiobs, metadata, tier index)
+        kept: list[_Kept] = []
         for j, k in enumerate(fresh):
             msg = msgs[k]
             ids = all_ids[:, bounds[j]:bounds[j + 1]]
@@ -239,45 +250,45 @@ class ReflectionStore:
             bad = ids < 0
             if bad.any():
                 ids = np.where(bad, ids[0][None, :], ids)
-            iobs = np.ascontiguousarray(msg.I[keep], dtype=np.float32)
-            accepted.append((k, ids, iobs, np.ascontiguousarray(msg.sigI[keep], np.float32),
-                             reflection_metadata(msg)[keep], n_outside))
-        if not accepted:
+            kept.append(_Kept(k, ids, np.asarray(msg.I[keep], np.float32),
+                              np.asarray(msg.sigI[keep], np.float32),
+                              reflection_metadata(msg)[keep], n_outside))
+        if not kept:
             return
-        # the tier of each crystal, as if they came one at a time
-        tiers = self._plan_tiers([a[2].shape[0] for a in accepted])
-        starts = np.zeros(len(accepted), np.int64)
-        for t in sorted(set(tiers)):
-            mine = [i for i, ti in enumerate(tiers) if ti == t]
-            cols = [np.concatenate([accepted[i][c] for i in mine], axis=1 if c == 1 else 0)
-                    for c in (1, 2, 3, 4)]
-            first = self._tiers[t].append(np.ascontiguousarray(cols[0], dtype=np.int64),
-                                          *cols[1:])
-            lengths = np.array([accepted[i][2].shape[0] for i in mine], np.int64)
-            starts[mine] = first + np.concatenate([[0], np.cumsum(lengths[:-1])])
-        n_new = len(accepted)
+        lengths = np.array([c.iobs.shape[0] for c in kept], np.int64)
+        ends = np.cumsum(lengths)
+        ids = np.ascontiguousarray(np.concatenate([c.ids for c in kept], axis=1), np.int64)
+        iobs = np.concatenate([c.iobs for c in kept])
+        sigiobs = np.concatenate([c.sigiobs for c in kept])
+        metadata = np.concatenate([c.metadata for c in kept])
+        # the tier of each crystal, as if they came one at a time: the device's first, then
+        # the host's, so each tier takes one contiguous run of the crystals
+        tiers = np.array(self._plan_tiers(lengths.tolist()), np.int8)
+        starts = np.zeros(len(kept), np.int64)
+        for t in np.unique(tiers):
+            mine = np.nonzero(tiers == t)[0]
+            lo, hi = ends[mine[0]] - lengths[mine[0]], ends[mine[-1]]
+            first = self._tiers[t].append(ids[:, lo:hi], iobs[lo:hi], sigiobs[lo:hi],
+                                          metadata[lo:hi])
+            starts[mine] = first + (ends[mine] - lengths[mine] - lo)
+        n_new = len(kept)
         while self.n_images + n_new > self.image_start.shape[0]:
             self._grow_images()
         image_ids = np.arange(self.n_images, self.n_images + n_new)
-        lengths = np.array([a[2].shape[0] for a in accepted], np.int64)
-        halves = np.array([image_half(msgs[a[0]].run, msgs[a[0]].image) for a in accepted],
-                          np.int8)
+        halves = np.array([image_half(msgs[c.k].run, msgs[c.k].image) for c in kept], np.int8)
         self.image_tier[image_ids] = tiers
         self.image_start[image_ids] = starts
         self.image_length[image_ids] = lengths
         self.image_half[image_ids] = halves
         self.arrival_time[image_ids] = (
-            now if arrival_times is None else [arrival_times[a[0]] for a in accepted])
+            now if arrival_times is None else [arrival_times[c.k] for c in kept])
         self.n_images += n_new
-        self.n_reflections += int(lengths.sum())
-        for i, a in zip(image_ids, accepted):
-            k = a[0]
-            self.keys[msgs[k].key] = int(i)
-            results[k] = AddResult(int(i), a[2].shape[0], a[5])
-        rows = np.concatenate([a[1][0] for a in accepted])
+        self.n_reflections += int(ends[-1])
+        for i, c in zip(image_ids, kept):
+            self.keys[msgs[c.k].key] = int(i)
+            results[c.k] = AddResult(int(i), c.iobs.shape[0], c.n_outside)
+        rows = ids[0]
         half_of = np.repeat(halves.astype(np.int64), lengths)
-        iobs = np.concatenate([a[2] for a in accepted])
-        sigiobs = np.concatenate([a[3] for a in accepted])
         # rows of table 0 and of each crystal's half, as flat indices into obs_count
         flat = np.concatenate([rows, (1 + half_of) * self.space.n_unique + rows])
         np.add.at(self.obs_count.reshape(-1), flat, 1)
