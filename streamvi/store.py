@@ -295,8 +295,8 @@ class ReflectionStore:
         (flat_t,) = _to_device([flat], torch.int64, self.device)
         self._obs_count_t.view(-1).index_add_(
             0, flat_t, torch.ones(flat.shape[0], dtype=torch.float32, device=self.device))
-        # values in the tables' float64: np.add.at takes 2-5 ns per index then, and 47-95 ns
-        # when it has to convert float32 values (numpy 2.4)
+        # values in the tables' float64: np.add.at takes under 5 ns per index then, and
+        # 47-95 ns when it has to convert float32 values (numpy 2.4, measured here)
         w = 1.0 / np.square(sigiobs, dtype=np.float64)
         np.add.at(self.sum_w, rows, w)
         np.add.at(self.sum_wi, rows, w * iobs)

@@ -82,9 +82,9 @@ def test_sync_free_engine_step_never_waits_for_the_device():
     assert np.isfinite(report.loss)
     # what the step recorded on the device reaches the host at the snapshot
     # a batch carries each image's last chosen setting (the scale encoder's merge ratio)
-    ids = np.array([5, 0, 17, 3])
-    batch = engine.store.batch(ids)
-    assert torch.equal(batch.image_op, engine.store._image_op_t[torch.from_numpy(ids)])
+    engine.store.set_ops(torch.tensor([5, 0, 17, 3]), torch.tensor([1, 0, 1, 0]))
+    assert engine.store.batch(np.array([5, 0, 17, 3])).image_op.tolist() == [1, 0, 1, 0]
+    assert engine.store.batch(np.array([3, 17])).image_op.tolist() == [0, 1]
     snap = engine.snapshot()
     assert np.array_equal(engine.store.image_op[:24], engine.store._image_op_t[:24].numpy())
     assert sum(engine.store.setting_counts().values()) == 24
