@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from streamvi.features import N_METADATA
 from streamvi.model.batch import Batch
+from streamvi.model.geometry import STATE_WIDTH, lattice_axes
 from streamvi.trainer import Trainer, TrainerConfig, resolve_device
 
-N_METADATA = 8
 
 
 @dataclass
@@ -78,13 +79,29 @@ def synthetic_batches(n_batches: int, images_per_batch: int, reflections_per_ima
             asu_id=torch.as_tensor(rng.integers(0, n_rows, size=(1, n))),
             iobs=torch.as_tensor(itrue + rng.normal(0.0, sigiobs), dtype=torch.float32),
             sigiobs=torch.as_tensor(sigiobs, dtype=torch.float32),
-            metadata=torch.as_tensor(rng.normal(size=(n, N_METADATA)), dtype=torch.float32),
+            metadata=torch.as_tensor(_metadata(rng, n), dtype=torch.float32),
             image_index=torch.as_tensor(np.repeat(np.arange(images_per_batch), counts)),
             image_offsets=torch.as_tensor(offsets),
             half=torch.as_tensor(rng.integers(0, 2, size=images_per_batch)),
             image_id=torch.arange(images_per_batch),
+            # per-image geometry refinement (on by default) costs its share of the step too
+            geometry=torch.zeros((images_per_batch, STATE_WIDTH)),
+            axes=torch.as_tensor(lattice_axes(
+                rng.normal(size=(images_per_batch, 3, 3)) * 0.02 + np.eye(3) * 0.03)),
         ))
     return batches
+
+
+def _metadata(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random features in :data:`streamvi.features.METADATA_COLUMNS`' layout, with a unit
+    scattered-beam direction so the geometry corrections have Ewald offsets to move."""
+    meta = rng.normal(size=(n, N_METADATA))
+    meta[:, 3] = 9.5                                      # photon energy, keV
+    meta[:, 4] *= 1e-3                                    # Ewald offset, Å⁻¹
+    meta[:, 5] = 1e-3                                     # profile radius, Å⁻¹
+    meta[:, 6] = meta[:, 4] / meta[:, 5]
+    meta[:, 7:10] /= np.linalg.norm(meta[:, 7:10], axis=1, keepdims=True)
+    return meta
 
 
 def machine_name(device: torch.device) -> str:

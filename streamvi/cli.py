@@ -120,6 +120,9 @@ def _add_trainer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-kl-weight", type=float, default=None,
                    help="weight of the image-scale prior against the data (default 0.03)")
     g.add_argument("--batch-images", type=int, default=None, help="images per training step")
+    g.add_argument("--no-refine-geometry", dest="refine_geometry", action="store_false",
+                   help="keep each image's reported orientation and cell as they are (default: "
+                        "refine them through the learnt partiality, docs/model.md)")
     g.add_argument("--likelihood", choices=("student_t", "normal"), default=None)
 
 
@@ -135,6 +138,7 @@ def _trainer_config(args: argparse.Namespace):
         v = getattr(args, flag)
         if v is not None:
             setattr(cfg, attr, v)
+    cfg.refine_geometry = args.refine_geometry
     return cfg
 
 

@@ -75,6 +75,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("pooled_merge_ratio", bool, True, "the image-scale network also pools each "
            "observation against the current merge (amortised post-refinement of partiality; "
            "false to resume a checkpoint written before this option existed)", "model"),
+    Option("refine_geometry", bool, True, "refine each image's reported orientation and "
+           "reciprocal-axis lengths at every visit, through the learnt partiality (per-image "
+           "post-refinement, docs/model.md change 9)", "model"),
     Option("sync_free_steps", str, "auto", "auto (on with CUDA), on or off: training steps in "
            "which the host never waits for the GPU (docs/performance.md); off goes back to the "
            "sparse step of the CPU", "model"),

@@ -161,6 +161,8 @@ class MergeEngine:
             self.store.set_rejected(batch.image_id, report.rejected)
         if report.chosen_ops is not None:
             self.store.set_ops(batch.image_id, report.chosen_ops)
+        if report.geometry is not None:
+            self.store.set_geometry(batch.image_id, report.geometry)
         frozen = self.trainer.standardizer.is_frozen
         if self.config.wilson_from_data and self._wilson_due(frozen):
             self._update_wilson_sigma(final=frozen)
@@ -246,11 +248,12 @@ class MergeEngine:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """Trainer, scheduler, snapshot counter and each image's indexing setting (the store
-        itself is rebuilt from the spool, in the same order)."""
+        """Trainer, scheduler, snapshot counter and each image's indexing setting and
+        geometry refinement (the store itself is rebuilt from the spool, in the same order)."""
         state = {"trainer": self.trainer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "snapshot_id": self._snapshot_id, "space": self.space.to_dict(),
-                 "sigma_stage": self.sigma_stage}
+                 "sigma_stage": self.sigma_stage,
+                 "image_geometry": self.store.geometry_state()}
         if self.space.n_ops > 1:
             self.store.apply_settings()
             state["image_ops"] = torch.from_numpy(
@@ -264,6 +267,11 @@ class MergeEngine:
         self.sigma_stage = int(state.get("sigma_stage", 0))
         self.trainer.model.reject_images = (self.config.reject_misfit_images
                                             and self.sigma_stage == 2)
+        geometry = state.get("image_geometry")
+        if geometry is not None:
+            # images spooled after the checkpoint start unrefined
+            n = min(int(geometry.shape[0]), self.store.n_images)
+            self.store.set_geometry(torch.arange(n), geometry[:n])
         ops = state.get("image_ops")
         if ops is not None and self.space.n_ops > 1:
             # images spooled after the checkpoint keep the identity until their first visit

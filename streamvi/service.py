@@ -87,7 +87,8 @@ class Service:
             device=config.device, seed=config.seed, cpu_threads=config.cpu_threads,
             scale_kl_weight=config.scale_kl_weight,
             posterior_average_decay=config.posterior_average,
-            pooled_merge_ratio=config.pooled_merge_ratio, sync_free=sync_free)
+            pooled_merge_ratio=config.pooled_merge_ratio, sync_free=sync_free,
+            refine_geometry=config.refine_geometry)
         budget = int(config.device_budget_mb * 2**20) if config.device_budget_mb > 0 else None
         self.engine_config = EngineConfig(batch_images=config.batch_images,
                                           new_share=config.new_share, n_shells=config.n_shells,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from streamvi.features import N_METADATA, reflection_metadata
+from streamvi.model.geometry import N_GEOMETRY, STATE_WIDTH, lattice_axes
 from streamvi.model.batch import Batch
 from streamvi.symmetry import ReciprocalSpace
 from streamvi.wire import CrystalMessage
@@ -155,6 +156,14 @@ class ReflectionStore:
         self._image_op_t = torch.zeros(n0 if self.n_ops > 1 else 0, dtype=torch.int64,
                                        device=self.device)
         self.image_op = np.zeros(n0 if self.n_ops > 1 else 0, np.int64)
+        #: each image's geometry refinement state (parameters, Adam moments, update count;
+        #: :mod:`streamvi.model.geometry`), on the training device
+        self._geometry_t = torch.zeros((n0, STATE_WIDTH), dtype=torch.float32,
+                                       device=self.device)
+        #: each image's reciprocal basis and its inverse
+        #: (:func:`~streamvi.model.geometry.lattice_axes`; zeros when the message has no
+        #: orientation), which the axial dilations act through
+        self._axes_t = torch.zeros((n0, 2, 3, 3), dtype=torch.float32, device=self.device)
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
@@ -185,6 +194,14 @@ class ReflectionStore:
         grown = torch.zeros(2 * self._rejected_t.shape[0], dtype=torch.bool, device=self.device)
         grown[: self._rejected_t.shape[0]] = self._rejected_t
         self._rejected_t = grown
+        geometry = torch.zeros((2 * self._geometry_t.shape[0], STATE_WIDTH),
+                               dtype=torch.float32, device=self.device)
+        geometry[: self._geometry_t.shape[0]] = self._geometry_t
+        self._geometry_t = geometry
+        axes = torch.zeros((2 * self._axes_t.shape[0], 2, 3, 3), dtype=torch.float32,
+                           device=self.device)
+        axes[: self._axes_t.shape[0]] = self._axes_t
+        self._axes_t = axes
         if self.n_ops > 1:
             ops = torch.zeros(2 * self._image_op_t.shape[0], dtype=torch.int64,
                               device=self.device)
@@ -282,6 +299,13 @@ class ReflectionStore:
         self.image_half[image_ids] = halves
         self.arrival_time[image_ids] = (
             now if arrival_times is None else [arrival_times[c.k] for c in kept])
+        bases = np.full((n_new, 3, 3), np.nan)
+        for j, c in enumerate(kept):
+            msg = msgs[c.k]
+            if msg.has_orientation():
+                bases[j] = (msg.astar, msg.bstar, msg.cstar)
+        (axes,) = _to_device([lattice_axes(bases)], torch.float32, self.device)
+        self._axes_t[self.n_images:self.n_images + n_new] = axes
         self.n_images += n_new
         self.n_reflections += int(ends[-1])
         for i, c in zip(image_ids, kept):
@@ -386,6 +410,8 @@ class ReflectionStore:
             obs_weight=obs_weight,
             image_op=(self._image_op_t.index_select(0, perm_ids_t.to(self.device)).to(device)
                       if self.n_ops > 1 else None),
+            geometry=self._geometry_t.index_select(0, perm_ids_t.to(self.device)).to(device),
+            axes=self._axes_t.index_select(0, perm_ids_t.to(self.device)).to(device),
         )
 
     def statistics_changed(self) -> None:
@@ -514,6 +540,21 @@ class ReflectionStore:
 
         counts = np.bincount(self.image_op[: self.n_images], minlength=self.n_ops)
         return {op_triplet(op): int(c) for op, c in zip(self.space.twin_ops, counts)}
+
+    def set_geometry(self, image_ids: torch.Tensor, state: torch.Tensor) -> None:
+        """Record each image's geometry refinement state after a step (``image_ids`` and
+        ``state`` as in a :class:`Batch` and its :class:`~streamvi.trainer.StepReport`)."""
+        self._geometry_t[image_ids.to(self.device)] = state.to(self.device, torch.float32)
+
+    @property
+    def geometry(self) -> np.ndarray:
+        """``(n_images, N_GEOMETRY)`` refined geometry parameters per image, in prior-σ units
+        (rotation about x, y, z; dilation); zeros for images not yet refined."""
+        return self._geometry_t[: self.n_images, :N_GEOMETRY].cpu().numpy()
+
+    def geometry_state(self) -> torch.Tensor:
+        """``(n_images, STATE_WIDTH)`` copy of the refinement state (checkpoints)."""
+        return self._geometry_t[: self.n_images].cpu().clone()
 
     def set_rejected(self, image_ids: torch.Tensor, rejected: torch.Tensor) -> None:
         """Record the trainer's latest verdict on whether each image fits the merge

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from streamvi.features import N_METADATA
 from streamvi.model.batch import Batch
+from streamvi.model.geometry import N_GEOMETRY, adam_update, rotation_sigma_rad
 from streamvi.model.likelihood import NormalLikelihood, StudentTLikelihood
 from streamvi.model.merging import VariationalMergingModel
 from streamvi.model.posterior import FoldedNormalPosterior
@@ -77,6 +79,15 @@ class TrainerConfig:
     #: post-refinement; docs/model.md change 8).  DESIGN.md §9 set, 10 epochs, two seeds:
     #: top shell +0.003 and +0.005, CCanom +0.005 and +0.013, overall CC ±0.0002.
     pooled_merge_ratio: bool = True
+    #: refine each image's orientation (a small rotation) and reciprocal-lattice scale at
+    #: every visit, through the scale network's learnt partiality (docs/model.md change 9;
+    #: :mod:`streamvi.model.geometry`).  Priors: σ ``geometry_rotation_deg`` per rotation
+    #: component and ``geometry_dilation`` (relative); ``geometry_lr`` is the per-image Adam
+    #: step in units of those σ.
+    refine_geometry: bool = True
+    geometry_rotation_deg: float = 0.05
+    geometry_dilation: float = 0.002
+    geometry_lr: float = 0.15
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.posterior_average_decay < 1.0:
@@ -85,6 +96,11 @@ class TrainerConfig:
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.refine_geometry and not (self.geometry_rotation_deg > 0
+                                         and self.geometry_dilation > 0
+                                         and self.geometry_lr > 0):
+            raise ValueError("geometry_rotation_deg, geometry_dilation and geometry_lr must be "
+                             "positive with refine_geometry (or set refine_geometry to False)")
 
 
 _NAN4 = (float("nan"),) * 4
@@ -115,6 +131,9 @@ class StepReport:
     #: whether the update was taken (a 0-d bool tensor until first read, then a bool);
     #: a skipped step reports NaN losses
     taken: torch.Tensor | bool = True
+    #: per image of the batch (batch order), on the training device: the refined geometry
+    #: state after this step (:mod:`streamvi.model.geometry`; None when not refined)
+    geometry: torch.Tensor | None = None
 
     def _resolve(self) -> tuple[float, float, float, float]:
         if isinstance(self.terms, torch.Tensor):
@@ -258,6 +277,12 @@ class Trainer:
             self._reset_average()
         self.model.sync_free = (self.device.type == "cuda" if config.sync_free is None
                                 else bool(config.sync_free))
+        # the corrections rewrite the Ewald columns of streamvi.features' layout: a model
+        # fed other metadata (tests, synthetic benchmarks of other widths) has none to refine
+        if config.refine_geometry and n_metadata == N_METADATA:
+            self.model.geometry_sigma = (rotation_sigma_rad(config.geometry_rotation_deg),
+                                         float(config.geometry_dilation))
+        self._lr_factor = 1.0
         self.step = 0
         self.reflections_trained = 0
         self._skipped_host = 0
@@ -313,12 +338,24 @@ class Trainer:
             if std.n_seen >= self.config.warmup_reflections:
                 std.freeze()
         self.model.train()
+        geometry_state = geometry = None
+        if (self.model.geometry_sigma is not None and batch.geometry is not None
+                and batch.axes is not None and std.is_frozen):
+            # refined once the standardiser is frozen: the corrections then keep one
+            # meaning for the network, and the merge has something to fit them against
+            geometry_state = batch.geometry
+            geometry = geometry_state[:, :N_GEOMETRY].detach().clone().requires_grad_(True)
+            batch = replace(batch, geometry=geometry)
         terms = self.model(batch, generator=self.generator)
         self.scale_optimizer.zero_grad(set_to_none=True)
         self.posterior_optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         if self.sync_free:
-            return self._finish_sync_free(batch, terms, start)
+            report = self._finish_sync_free(batch, terms, start)
+            if geometry is not None:
+                report.geometry = self._geometry_step(geometry_state, geometry.grad,
+                                                      report.taken)
+            return report
         self._coalesce_sparse_gradients()
         self._reduce_gradients()
         if not self._gradients_finite():
@@ -333,7 +370,20 @@ class Trainer:
         self.scale_optimizer.step()
         self.posterior_optimizer.step()
         self._update_average()
-        return self._stepped(batch, terms, start, taken=True)
+        report = self._stepped(batch, terms, start, taken=True)
+        if geometry is not None:
+            report.geometry = self._geometry_step(geometry_state, geometry.grad, None)
+        return report
+
+    def _geometry_step(self, state: torch.Tensor, grad: torch.Tensor | None,
+                       taken: torch.Tensor | bool | None) -> torch.Tensor:
+        """The batch's per-image geometry state after one Adam step (``taken`` False, or
+        a device flag that is False: unchanged)."""
+        if grad is None:                # nothing in the objective depended on it
+            grad = torch.zeros_like(state[:, :N_GEOMETRY])
+        keep = taken if isinstance(taken, torch.Tensor) else None
+        return adam_update(state, grad, lr=self.config.geometry_lr * self._lr_factor,
+                           betas=self.config.betas, eps=self.config.eps, keep=keep)
 
     def _stepped(self, batch: Batch, terms: Any, start: float,
                  taken: torch.Tensor | bool) -> StepReport:
@@ -426,7 +476,8 @@ class Trainer:
         return (1.0 - decay).unsqueeze(1)
 
     def set_lr_factor(self, factor: float) -> None:
-        """Scale both learning rates to ``factor`` × their configured values.
+        """Scale the learning rates (network, posterior, per-image geometry) to ``factor`` ×
+        their configured values.
 
         An offline merge anneals them over its last steps: with a constant rate the
         posterior means keep jittering by about one step, as large as weak anomalous
@@ -436,6 +487,7 @@ class Trainer:
                           (self.posterior_optimizer, self.config.posterior_lr)):
             for group in opt.param_groups:
                 group["lr"] = base * float(factor)
+        self._lr_factor = float(factor)
 
     def _coalesce_sparse_gradients(self) -> None:
         """Coalesce the posterior's sparse gradient once (its two lookups leave duplicates);

@@ -43,6 +43,15 @@ class Batch:
     image_op
         Optional ``(n_images,)`` int64: the twin-law operator chosen for each image at its
         last visit (0 before the first), with several operators.
+    geometry
+        Optional ``(n_images, k)`` float32 per-image geometry corrections: the first
+        :data:`~streamvi.model.geometry.N_GEOMETRY` columns are the parameters the scale
+        model applies to the metadata (the store hands the whole refinement state, ``k =
+        STATE_WIDTH``; the trainer passes the parameters alone while it refines them).
+    axes
+        Optional ``(n_images, 2, 3, 3)`` float32
+        :func:`~streamvi.model.geometry.lattice_axes` of each image: its reciprocal basis
+        and the inverse (zeros without an orientation); required with ``geometry``.
     """
 
     asu_id: torch.Tensor
@@ -55,6 +64,8 @@ class Batch:
     image_id: torch.Tensor
     obs_weight: torch.Tensor | None = None
     image_op: torch.Tensor | None = None
+    geometry: torch.Tensor | None = None
+    axes: torch.Tensor | None = None
 
     @property
     def n_reflections(self) -> int:

@@ -6,7 +6,9 @@ unique rows the batch touches (``Σ_rows E_q[log q − log p] / n_obs``) and the
 of each reflection's scale, averaged.  It is evaluated for table 0 (all images) and for
 each image's half-dataset table, and the two are summed.  The scale KL is weighted by
 ``scale_kl_weight`` (docs/model.md), and images that fail :meth:`misfit_images` (when the
-engine has switched the test on) add nothing to the likelihood.
+engine has switched the test on) add nothing to the likelihood.  While a batch's per-image
+geometry corrections are refined (they require grad), their standard-normal prior joins the
+objective once per image, per observation like the rest.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from streamvi.model.batch import Batch
+from streamvi.model.geometry import N_GEOMETRY, corrected_metadata, prior_nll
 from streamvi.model.posterior import FoldedNormalPosterior
 from streamvi.model.prior import WilsonPrior
 from streamvi.model.scale import ImageScaleModel
@@ -133,6 +136,9 @@ class VariationalMergingModel(nn.Module):
         #: ``torch.unique``) and a dense gradient for the posterior: nothing in the step
         #: waits on the device (:class:`~streamvi.trainer.Trainer`, ``sync_free``)
         self.sync_free = False
+        #: prior σ of the per-image geometry corrections, ``(rotation rad, dilation)``;
+        #: None: a batch's ``geometry`` is ignored (:mod:`streamvi.model.geometry`)
+        self.geometry_sigma: tuple[float, float] | None = None
         self._scale_forward: ScaleForward | None = None
 
     def set_scale_forward(self, fn: ScaleForward | None) -> None:
@@ -148,7 +154,7 @@ class VariationalMergingModel(nn.Module):
         std = self.standardizer
         iobs = std.standardize_intensity(batch.iobs)
         sigiobs = std.standardize_intensity(batch.sigiobs)
-        metadata = std.standardize_metadata(batch.metadata)
+        metadata = std.standardize_metadata(self.corrected_metadata(batch))
         fn = self._scale_forward if self._scale_forward is not None else self.scale_model
         if self.scale_model.n_pooled_extra:
             loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images,
@@ -156,6 +162,16 @@ class VariationalMergingModel(nn.Module):
         else:
             loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images)
         return iobs, sigiobs, loc, scale
+
+    def corrected_metadata(self, batch: Batch) -> torch.Tensor:
+        """The batch's raw metadata with each image's geometry corrections applied (as given
+        when there are none or refinement is off)."""
+        if batch.geometry is None or batch.axes is None or self.geometry_sigma is None:
+            return batch.metadata
+        rotation, dilation = self.geometry_sigma
+        return corrected_metadata(batch.metadata, batch.image_index,
+                                  batch.geometry[:, :N_GEOMETRY], batch.axes,
+                                  rotation_sigma=rotation, dilation_sigma=dilation)
 
     @torch.no_grad()
     def _merge_ratio(self, batch: Batch, iobs: torch.Tensor) -> torch.Tensor:
@@ -291,6 +307,10 @@ class VariationalMergingModel(nn.Module):
         kl_scale = self.scale_model.kl(s_loc, s_scale).mean()
         loss = nll + nll_half + self.kl_weight * (kl_F + kl_F_half
                                                   + self.scale_kl_weight * kl_scale)
+        if batch.geometry is not None and batch.geometry.requires_grad:
+            # the corrections' standard-normal prior, once per image visit, per observation
+            # like the rest of the objective
+            loss = loss + prior_nll(batch.geometry[:, :N_GEOMETRY]) / batch.n_reflections
         return LossTerms(nll=nll, kl_F=kl_F, kl_scale=kl_scale, loss=loss,
                          n_obs=batch.n_reflections, nll_half=nll_half, kl_F_half=kl_F_half,
                          chosen_ops=chosen, rejected=rejected, flat_rows=(flat0, flat_half))
