@@ -213,6 +213,34 @@ class MergeEngine:
                 callback(report)
         return report
 
+    def geometry_summary(self) -> dict | None:
+        """How far the refinement has moved the images' reported geometry (None while off).
+
+        Returns
+        -------
+        dict or None
+            ``refined``: images updated at least once; over all stored images (0 for those
+            not refined yet; NaN with none stored), ``rotation_rms_deg``: RMS rotation angle,
+            degrees, and ``axis_change_mean`` and ``axis_change_rms``: the relative change of
+            the lengths of a*, b*, c* (three values each).  A bias common to every image's
+            cell does not show in the mean: the network absorbs it with the rest of the
+            partiality's dependence on resolution (docs/model.md change 9).
+        """
+        sigma = self.trainer.model.geometry_sigma
+        if sigma is None:
+            return None
+        state = self.store.geometry_state().numpy().astype(np.float64)
+        out = {"refined": int((state[:, -1] > 0).sum()), "rotation_rms_deg": float("nan"),
+               "axis_change_mean": [float("nan")] * 3, "axis_change_rms": [float("nan")] * 3}
+        if state.shape[0]:
+            rotation = state[:, :3] * sigma[0]
+            axes = state[:, 3:6] * sigma[1]
+            out["rotation_rms_deg"] = float(np.degrees(np.sqrt(
+                np.mean(np.sum(rotation ** 2, axis=1)))))
+            out["axis_change_mean"] = [float(x) for x in axes.mean(axis=0)]
+            out["axis_change_rms"] = [float(x) for x in np.sqrt(np.mean(axes ** 2, axis=0))]
+        return out
+
     # ------------------------------------------------------------------ output
 
     def snapshot(self, history: list[str] | None = None) -> MergeSnapshot:

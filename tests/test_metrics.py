@@ -461,3 +461,34 @@ def test_images_by_setting_follows_the_trainers_choices_at_each_snapshot(tmp_pat
         feed.send_and_settle(svc)
         assert not any(name == "streamvi_images_by_setting" for name, _ in scrape(svc))
         assert svc.status()["images_by_setting"] == {}
+
+
+def test_geometry_refinement_summary(tmp_path):
+    """The geometry gauges summarise the store's per-image refinement state; images never
+    updated do not count."""
+    from streamvi.model.geometry import STATE_WIDTH
+
+    feed = Feed()
+    with running_service(tmp_path) as svc:
+        feed.send_and_settle(svc)
+        s = scrape(svc)
+        # so few reflections leave the standardiser warming up: nothing refined yet
+        assert sample(s, "streamvi_geometry_refined_images") == 0
+        assert sample(s, "streamvi_geometry_rotation_rms_degrees") == 0
+        state = torch.zeros((2, STATE_WIDTH))
+        state[0, :6] = torch.tensor([1.0, 0.0, 0.0, 1.0, -1.0, 0.5])
+        state[1, :6] = torch.tensor([0.0, 2.0, 0.0, 3.0, -1.0, 0.5])
+        state[:, -1] = 4.0
+        with svc.lock:
+            svc.engine.store.set_geometry(torch.tensor([3, 7]), state)
+        s = scrape(svc)
+    # over all 24 stored images, the 22 unrefined ones at 0
+    rotation = np.radians(svc.trainer_config.geometry_rotation_deg) * np.array([1.0, 2.0])
+    dilation = svc.trainer_config.geometry_dilation
+    assert sample(s, "streamvi_geometry_refined_images") == 2
+    assert sample(s, "streamvi_geometry_rotation_rms_degrees") == pytest.approx(
+        np.degrees(np.sqrt(np.sum(rotation ** 2) / 24)))
+    for axis, values in (("a*", [1.0, 3.0]), ("b*", [-1.0, -1.0]), ("c*", [0.5, 0.5])):
+        v = dilation * np.array(values + [0.0] * 22)
+        assert sample(s, "streamvi_geometry_axis_change_rms", axis=axis) == pytest.approx(
+            np.sqrt(np.mean(v ** 2)))

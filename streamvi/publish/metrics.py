@@ -309,6 +309,7 @@ class ServiceCollector(Collector):
         engine = self.service.engine
         n, n_refl, visits, lag, n_rejected = 0, 0, np.zeros(0, np.int64), np.zeros(0), 0
         settings: dict[str, int] = {}
+        geometry: dict | None = None
         if engine is not None:
             st = engine.store
             with _holding(self.service.lock, LOCK_TIMEOUT_S) as got:
@@ -322,6 +323,7 @@ class ServiceCollector(Collector):
                 n_refl = int(st.n_reflections)
                 n_rejected = st.n_rejected
                 settings = st.setting_counts()
+                geometry = engine.geometry_summary()
         yield GaugeMetricFamily("streamvi_images_stored", "Images in the reflection store",
                                 value=n)
         yield GaugeMetricFamily("streamvi_reflections_stored",
@@ -342,6 +344,7 @@ class ServiceCollector(Collector):
             for op, count in settings.items():
                 fam_s.add_metric([op], count)
             yield fam_s
+        yield from _geometry_families(geometry)
         # a summary over images: each image is one observation of its visit count
         fam = Metric("streamvi_image_visits",
                      "Training visits per stored image: quantiles over images, count = images, "
@@ -420,6 +423,28 @@ class ServiceCollector(Collector):
                                  labels=["version"])
         info.add_metric([streamvi.__version__], 1)
         yield info
+
+
+def _geometry_families(summary: dict | None) -> Iterator[Metric]:
+    """The per-image geometry refinement, summarised (:meth:`MergeEngine.geometry_summary`);
+    announced with no samples while refinement is off or before the first step."""
+    refined = GaugeMetricFamily("streamvi_geometry_refined_images",
+                                "Images whose reported orientation and cell have been refined "
+                                "at least once")
+    rotation = GaugeMetricFamily("streamvi_geometry_rotation_rms_degrees",
+                                 "RMS over stored images of the rotation the refinement "
+                                 "applied to the reported orientation (0 until refined), "
+                                 "degrees")
+    rms = GaugeMetricFamily("streamvi_geometry_axis_change_rms",
+                            "RMS over stored images of the relative change the refinement "
+                            "applied to the length of each reciprocal axis (0 until refined)",
+                            labels=["axis"])
+    if summary is not None:
+        refined.add_metric([], summary["refined"])
+        _add_finite(rotation, [], summary["rotation_rms_deg"])
+        for axis, r in zip(("a*", "b*", "c*"), summary["axis_change_rms"]):
+            _add_finite(rms, [axis], r)
+    yield from (refined, rotation, rms)
 
 
 def _add_finite(fam: GaugeMetricFamily, labels: list[str], value: float | None) -> None:
