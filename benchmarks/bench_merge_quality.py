@@ -18,7 +18,7 @@ resolution shell (``merge_cc_F_top_shell``), CCanom against the true Bijvoet dif
 peaks as extra fields) and the wall time (``merge_seconds``).
 
     python benchmarks/bench_merge_quality.py [--images N] [--epochs E] [--layers L] [--quick]
-        [--space-group 'P 43' --indexing-ambiguity]
+        [--space-group 'P 43' --indexing-ambiguity] [--no-refine-geometry]
 
 With ``--indexing-ambiguity`` each image is reported in a random merohedral setting; the
 streamvi merge is put in the truth's setting (the truth as ``reference``) and
@@ -58,7 +58,8 @@ def judge(merged, truth_ds, sites: np.ndarray) -> dict:
 def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8,
         threads: int | None = None, d_model: int | None = None,
         n_layers: int | None = None, space_group: str | None = None,
-        cell: tuple[float, ...] | None = None, indexing_ambiguity: bool = False) -> dict:
+        cell: tuple[float, ...] | None = None, indexing_ambiguity: bool = False,
+        refine_geometry: bool = True) -> dict:
     """Simulate, merge three ways, judge; figures per method."""
     import torch
 
@@ -93,7 +94,7 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
                  "reflections": int(sum(len(c) for c in crystals)), "n_iodide": len(sites),
                  "methods": {}}
     # what `streamvi merge` uses on a CPU: 8 Monte Carlo samples, one torch thread
-    tcfg = TrainerConfig(device=device, mc_samples=8,
+    tcfg = TrainerConfig(device=device, mc_samples=8, refine_geometry=refine_geometry,
                          **({} if threads is None else {"cpu_threads": threads}))
     if d_model is not None:
         tcfg.d_model = d_model
@@ -117,7 +118,7 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
     fig.update(seconds=seconds, steps=engine.trainer.step, epochs=epochs,
                device=str(engine.device).split(":")[0], threads=torch.get_num_threads(),
                d_model=tcfg.d_model, n_layers=tcfg.n_layers, mc_samples=tcfg.mc_samples,
-               batch_images=ecfg.batch_images)
+               batch_images=ecfg.batch_images, refine_geometry=refine_geometry)
     out["methods"]["streamvi"] = fig
     for weighting in ("inverse_variance", "mean"):
         t0 = time.perf_counter()
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--indexing-ambiguity", action="store_true",
                     help="images in random merohedral settings (P 4, P 3, …); the merge is "
                          "judged after reindexing into the truth's setting")
+    ap.add_argument("--no-refine-geometry", dest="refine_geometry", action="store_false",
+                    help="merge with each image's reported geometry as it is (docs/model.md "
+                         "change 9)")
     ap.add_argument("--quick", action="store_true", help="100 images, 2 epochs")
     args = ap.parse_args(argv)
     if args.quick:
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     r = run(images=args.images, epochs=args.epochs, seed=args.seed, device=args.device,
             dmin=args.dmin, threads=args.threads, d_model=args.d_model, n_layers=args.layers,
             space_group=args.space_group, cell=args.cell,
-            indexing_ambiguity=args.indexing_ambiguity)
+            indexing_ambiguity=args.indexing_ambiguity, refine_geometry=args.refine_geometry)
     import torch
 
     common = {"machine": machine_name(), "images": r["images"],

@@ -36,10 +36,13 @@ class Case:
     images_per_batch: int
     amp_bf16: bool = False
     compile: bool = False
+    #: per-image geometry refinement (docs/model.md change 9), on by default
+    refine_geometry: bool = True
 
 
 CASES = [
     Case(32, 2, 8, 8),      # `streamvi merge` default on the CPU
+    Case(32, 2, 8, 8, refine_geometry=False),   # what the refinement costs
     Case(16, 2, 8, 8),      # `streamvi serve` default
     Case(32, 2, 8, 32),
     Case(32, 4, 32, 8),     # issue #3's reference size
@@ -50,6 +53,7 @@ CASES = [
 # a GPU wants more reflections per step than a CPU to amortise kernel launches
 GPU_CASES = [
     Case(32, 2, 8, 256),
+    Case(32, 2, 8, 256, refine_geometry=False),
     Case(16, 2, 8, 256),
     Case(32, 4, 32, 128),
     Case(32, 4, 32, 512),
@@ -121,7 +125,8 @@ def measure(case: Case, device: torch.device, *, reflections_per_image: int, n_r
     amp, compiled = case.amp_bf16 and on_gpu, case.compile and on_gpu
     config = TrainerConfig(d_model=case.d_model, n_layers=case.n_layers,
                            mc_samples=case.mc_samples, device=str(device), amp_bf16=amp,
-                           compile=compiled, warmup_reflections=10_000)
+                           compile=compiled, warmup_reflections=10_000,
+                           refine_geometry=case.refine_geometry)
     rng = np.random.default_rng(1)
     trainer = Trainer(config, centric=rng.uniform(size=n_rows) < 0.1,
                       epsilon=np.ones(n_rows), n_metadata=N_METADATA)
@@ -144,7 +149,8 @@ def measure(case: Case, device: torch.device, *, reflections_per_image: int, n_r
         "unit": "reflections/s", "device": device.type, "machine": machine_name(device),
         "d_model": case.d_model, "n_layers": case.n_layers, "mc_samples": case.mc_samples,
         "batch_reflections": round(reflections / steps), "images_per_batch": case.images_per_batch,
-        "amp_bf16": amp, "compile": compiled, "steps": steps,
+        "amp_bf16": amp, "compile": compiled, "refine_geometry": case.refine_geometry,
+        "steps": steps,
         "seconds_per_step": round(elapsed / steps, 5), "torch": torch.__version__,
     }
 

@@ -21,13 +21,14 @@ def emit(name: str, value: float, unit: str, **extra) -> None:
 
 
 def throughput(space, crystals, *, d_model, n_layers, mc, batch_images, amp, compile_, seconds,
-               sync_free=None):
+               sync_free=None, refine_geometry=True):
     from streamvi.engine import EngineConfig, MergeEngine
     from streamvi.trainer import TrainerConfig
 
     eng = MergeEngine(space, TrainerConfig(device="cuda", d_model=d_model, n_layers=n_layers,
                                            mc_samples=mc, amp_bf16=amp, compile=compile_,
-                                           sync_free=sync_free),
+                                           sync_free=sync_free,
+                                           refine_geometry=refine_geometry),
                       EngineConfig(batch_images=batch_images))
     eng.add_many(crystals)
     for _ in range(5):                       # warm-up (and compilation)
@@ -41,7 +42,8 @@ def throughput(space, crystals, *, d_model, n_layers, mc, batch_images, amp, com
     el = time.perf_counter() - t0
     emit("train_throughput", n / el, "reflections/s", d_model=d_model, n_layers=n_layers,
          mc_samples=mc, batch_images=batch_images, bf16=amp, compile=compile_,
-         sync_free=eng.trainer.sync_free, peak_device_bytes=torch.cuda.max_memory_allocated())
+         sync_free=eng.trainer.sync_free, refine_geometry=refine_geometry,
+         peak_device_bytes=torch.cuda.max_memory_allocated())
 
 
 def _engine(space, crystals, *, sync_free, batch_images=64, n=512):
@@ -157,9 +159,10 @@ def main() -> None:
         except Exception as exc:  # an older torch without the debug mode must not stop the rest
             emit(name + "_error", float("nan"), "", error=f"{type(exc).__name__}: {exc}"[:300])
     # the defaults first (merge: d 32, L 2; service: d 16, L 2) with and without sync-free
-    # steps, then the earlier cases
+    # steps and geometry refinement, then the earlier cases
     for d, L, mc, b, amp, comp, sf in ((32, 2, 8, 256, False, False, None),
                                        (32, 2, 8, 256, False, False, False),
+                                       (32, 2, 8, 256, False, False, "no-geometry"),
                                        (16, 2, 8, 256, False, False, None),
                                        (32, 2, 8, 1024, True, True, None),
                                        (32, 2, 8, 1024, True, True, False),
@@ -170,7 +173,9 @@ def main() -> None:
                                        (256, 5, 32, 128, True, False, None)):
         try:
             throughput(space, crystals, d_model=d, n_layers=L, mc=mc, batch_images=b, amp=amp,
-                       compile_=comp, seconds=4.0, sync_free=sf)
+                       compile_=comp, seconds=4.0,
+                       sync_free=None if sf == "no-geometry" else sf,
+                       refine_geometry=sf != "no-geometry")
         except Exception as exc:  # report and go on: one case must not hide the others
             emit("train_throughput_error", float("nan"), "", case=[d, L, mc, b, amp, comp, sf],
                  error=f"{type(exc).__name__}: {exc}"[:300])

@@ -27,6 +27,13 @@ from streamvi.wire import CrystalMessage
 log = logging.getLogger(__name__)
 
 TABLE_NAMES = ("all", "half1", "half2")
+#: resolution bins (uniform in 1/d² up to 1/dmin²) of the image scales' running record
+FALLOFF_BINS = 20
+#: per-step decay of that record: it follows the scale network over its last ~500 steps
+FALLOFF_DECAY = 0.998
+#: fewest (decayed) observations in a bin for it to count, and bins for a fit
+FALLOFF_MIN_COUNT = 50.0
+FALLOFF_MIN_BINS = 5
 
 
 @dataclass
@@ -57,6 +64,10 @@ class EngineConfig:
         the mark to the end (the demo's stream emulated: CC top shell 0.921 against 0.944).
         Counted in images, not observations, so a small stream of small images still gets
         its Σ early rather than at the freeze, a moment that varies with timing.
+    recentre_falloff
+        Publish the amplitudes with the resolution dependence that the image scales' geometric
+        mean had moved onto them (the likelihood cannot tell the two apart): one relative B
+        per snapshot, :meth:`MergeEngine.falloff_correction` (docs/model.md change 10).
     """
 
     batch_images: int = 8
@@ -67,6 +78,7 @@ class EngineConfig:
     kl_per_pass: bool = True
     reject_misfit_images: bool = True
     wilson_min_images: int = 32
+    recentre_falloff: bool = True
 
 
 @dataclass
@@ -129,6 +141,12 @@ class MergeEngine:
                                         new_share=self.config.new_share,
                                         seed=self.trainer_config.seed)
         self._snapshot_id = 0
+        #: decayed sums over observations of the scale's log location and of their count, per
+        #: resolution bin (rejected images left out), on the training device
+        self._falloff = torch.zeros((2, FALLOFF_BINS), dtype=torch.float32, device=self.device)
+        self._inv_d2_max = float(1.0 / space.dmin ** 2)
+        #: the relative B (Å²) the last snapshot moved from the scales onto the amplitudes
+        self.falloff_b: float | None = None
         #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
         self.sigma_stage = 0
         self.last_report: StepReport | None = None
@@ -163,12 +181,52 @@ class MergeEngine:
             self.store.set_ops(batch.image_id, report.chosen_ops)
         if report.geometry is not None:
             self.store.set_geometry(batch.image_id, report.geometry)
+        if report.scale_loc is not None:
+            self._track_falloff(batch, report)
         frozen = self.trainer.standardizer.is_frozen
         if self.config.wilson_from_data and self._wilson_due(frozen):
             self._update_wilson_sigma(final=frozen)
         self.store.mark_visited(ids)
         self.last_report = report
         return report
+
+    def _track_falloff(self, batch, report: StepReport) -> None:
+        """Add the step's scale locations to the per-resolution record (no host wait)."""
+        loc = report.scale_loc
+        inv_d2 = batch.metadata[:, 0].to(loc.device)
+        bins = (inv_d2 * (FALLOFF_BINS / self._inv_d2_max)).long().clamp_(0, FALLOFF_BINS - 1)
+        weight = torch.isfinite(loc).to(loc.dtype)
+        if report.rejected is not None:
+            weight = weight * (~report.rejected).to(loc.dtype)[batch.image_index.to(loc.device)]
+        self._falloff.mul_(FALLOFF_DECAY)
+        self._falloff[0].index_add_(0, bins, torch.nan_to_num(loc) * weight)
+        self._falloff[1].index_add_(0, bins, weight)
+
+    def falloff_correction(self) -> tuple[float, float] | None:
+        """``(β, s²_ref)`` with which to move the scales' resolution trend onto the amplitudes.
+
+        The likelihood sees only ``scale × F²``: a factor ``g(1/d²)`` taken from every
+        image's scale and given to every amplitude changes nothing it can measure, and the
+        priors (the Wilson Σ from the observed intensities, the weak scale prior) settle the
+        split.  The convention used here, as in scaling programs that fix the mean relative B
+        at zero, is that the scales' geometric mean over observations does not depend on
+        resolution.  (In the simulator it is flat to ±0.007 in the log, partialities
+        included, while the merge's scales had moved ~0.2 across the resolution range.)
+        β is the slope in 1/d² of the mean log scale location, by weighted least squares over
+        the bins of the record; amplitudes are published with ``I × exp(β (1/d² − s²_ref))``,
+        ``s²_ref`` the observations' mean 1/d², so their overall level stays.  None while
+        fewer than :data:`FALLOFF_MIN_BINS` bins have :data:`FALLOFF_MIN_COUNT` observations.
+        """
+        sums, counts = self._falloff.double().cpu().numpy()
+        ok = counts >= FALLOFF_MIN_COUNT
+        if ok.sum() < FALLOFF_MIN_BINS:
+            return None
+        centres = (np.arange(FALLOFF_BINS) + 0.5) * (self._inv_d2_max / FALLOFF_BINS)
+        x, y, w = centres[ok], sums[ok] / counts[ok], counts[ok]
+        x_ref = float(np.average(x, weights=w))
+        beta = float(np.sum(w * (x - x_ref) * (y - np.average(y, weights=w)))
+                     / np.sum(w * (x - x_ref) ** 2))
+        return beta, x_ref
 
     def _wilson_due(self, frozen: bool) -> bool:
         """Whether Σ is to be (re)set now: provisional once enough is stored, final at freeze."""
@@ -249,6 +307,19 @@ class MergeEngine:
         tables = {name: self.trainer.posterior_table(i) for i, name in enumerate(TABLE_NAMES)}
         obs = self.store.obs_count.copy()
         sp = self.space
+        expected_i = self.trainer.model.prior.variance.double().cpu().numpy()
+        correction = self.falloff_correction() if self.config.recentre_falloff else None
+        self.falloff_b = None
+        if correction is not None:
+            beta, x_ref = correction
+            factor = np.exp(beta * (1.0 / np.square(sp.d.astype(np.float64)) - x_ref))
+            root = np.sqrt(factor)
+            for table in tables.values():
+                for col, f in (("F", root), ("SIGF", root), ("I", factor), ("SIGI", factor)):
+                    table[col] = (table[col] * f).astype(table[col].dtype, copy=False)
+            expected_i = expected_i * factor
+            # I ∝ exp(−B/2 · 1/d²): the B the amplitudes gained
+            self.falloff_b = -2.0 * beta
         stats = shell_statistics(
             hkl=sp.hkl, d=sp.d, centric=sp.centric, friedel=sp.friedel, obs_count=obs,
             i_full=tables["all"]["I"], sigi_full=tables["all"]["SIGI"],
@@ -256,13 +327,16 @@ class MergeEngine:
             f_half=(tables["half1"]["F"], tables["half2"]["F"]),
             anomalous=sp.anomalous, n_shells=self.config.n_shells,
             i_over_sigma=self.store.merged_i_over_sigma(),
-            expected_i=self.trainer.model.prior.variance.double().cpu().numpy())
+            expected_i=expected_i)
         self._snapshot_id += 1
         snap = MergeSnapshot(
             snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,
             obs_count=obs, n_images=self.store.n_images,
             n_reflections=self.store.n_reflections, step=self.trainer.step,
-            stats=stats, history=list(history or []))
+            stats=stats, history=list(history or []) + (
+                [] if self.falloff_b is None else
+                [f"amplitudes given the image scales' resolution trend: B {self.falloff_b:+.2f} "
+                 "A^2 (docs/model.md change 10)"]))
         if self.reference is not None:
             snap, choice = align_snapshot(snap, self.reference)
             if choice is not None and (self.setting_choice is None
@@ -281,7 +355,8 @@ class MergeEngine:
         state = {"trainer": self.trainer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "snapshot_id": self._snapshot_id, "space": self.space.to_dict(),
                  "sigma_stage": self.sigma_stage,
-                 "image_geometry": self.store.geometry_state()}
+                 "image_geometry": self.store.geometry_state(),
+                 "falloff": self._falloff.cpu().clone()}
         if self.space.n_ops > 1:
             self.store.apply_settings()
             state["image_ops"] = torch.from_numpy(
@@ -295,6 +370,8 @@ class MergeEngine:
         self.sigma_stage = int(state.get("sigma_stage", 0))
         self.trainer.model.reject_images = (self.config.reject_misfit_images
                                             and self.sigma_stage == 2)
+        if state.get("falloff") is not None:
+            self._falloff.copy_(state["falloff"].to(self._falloff.device))
         geometry = state.get("image_geometry")
         if geometry is not None:
             # images spooled after the checkpoint start unrefined

@@ -50,7 +50,8 @@ def pearson_by_group(x: np.ndarray, y: np.ndarray, group: np.ndarray, n_groups: 
 def cc_star(cc_half: np.ndarray) -> np.ndarray:
     """CC* = sqrt(2 CC½ / (1 + CC½)) (Karplus & Diederichs 2012); NaN where CC½ <= 0."""
     cc = np.asarray(cc_half, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
+    # CC½ = −1 (two observations of a shell, anticorrelated) would divide by zero
+    with np.errstate(invalid="ignore", divide="ignore"):
         out = np.sqrt(2 * cc / (1 + cc))
     out[~(cc > 0)] = np.nan
     return out

@@ -134,6 +134,9 @@ class StepReport:
     #: per image of the batch (batch order), on the training device: the refined geometry
     #: state after this step (:mod:`streamvi.model.geometry`; None when not refined)
     geometry: torch.Tensor | None = None
+    #: per reflection of the batch, on the training device: the location (log scale) of its
+    #: scale distribution in this step
+    scale_loc: torch.Tensor | None = None
 
     def _resolve(self) -> tuple[float, float, float, float]:
         if isinstance(self.terms, torch.Tensor):
@@ -396,7 +399,7 @@ class Trainer:
         return StepReport(step=self.step, n_images=batch.n_images,
                           n_reflections=batch.n_reflections,
                           seconds=time.perf_counter() - start, chosen_ops=chosen,
-                          rejected=terms.rejected, taken=taken,
+                          rejected=terms.rejected, taken=taken, scale_loc=terms.scale_loc,
                           terms=values if self.sync_free else tuple(values.cpu().tolist()))
 
     def _finish_sync_free(self, batch: Batch, terms: Any, start: float) -> StepReport:

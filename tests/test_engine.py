@@ -161,3 +161,44 @@ def test_geometry_state_survives_a_checkpoint(stills):
     a, b = engine.step(), again.step()
     assert a.loss == b.loss
     assert torch.equal(again.store.geometry_state(), engine.store.geometry_state())
+
+
+def test_falloff_correction_moves_the_scales_trend_onto_the_amplitudes(stills):
+    """With the record of the scales set by hand to a line in 1/d², the published table is
+    the uncorrected one times exp(β (1/d² − mean)); the record's fit returns that β."""
+    from streamvi.engine import FALLOFF_BINS
+
+    crystals, space = stills
+    engines = []
+    for recentre in (True, False):
+        engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
+                             EngineConfig(batch_images=4, recentre_falloff=recentre))
+        engine.add_many(crystals)
+        engine.train(3)
+        engines.append(engine)
+    on, off = engines
+    # before any step there is nothing to fit: the table is published as it is
+    fresh = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2))
+    fresh.add_many(crystals)
+    assert fresh.falloff_correction() is None
+    fresh.snapshot()
+    assert fresh.falloff_b is None
+
+    x = (np.arange(FALLOFF_BINS) + 0.5) / space.dmin ** 2 / FALLOFF_BINS
+    counts = np.where(np.arange(FALLOFF_BINS) % 3 == 0, 40.0, 100.0 + 10 * np.arange(20))
+    beta = -0.8
+    on._falloff[0] = torch.as_tensor(counts * (0.3 + beta * x), dtype=torch.float32)
+    on._falloff[1] = torch.as_tensor(counts, dtype=torch.float32)
+    fit, x_ref = on.falloff_correction()
+    used = counts >= 50                       # bins below the minimum count are ignored
+    assert fit == pytest.approx(beta, rel=1e-4)
+    assert x_ref == pytest.approx(np.average(x[used], weights=counts[used]), rel=1e-6)
+    a, b = on.snapshot(), off.snapshot()
+    factor = np.exp(beta * (1.0 / space.d.astype(np.float64) ** 2 - x_ref))
+    for name in ("all", "half1", "half2"):
+        np.testing.assert_allclose(a.tables[name]["I"], b.tables[name]["I"] * factor,
+                                   rtol=2e-4)
+        np.testing.assert_allclose(a.tables[name]["F"], b.tables[name]["F"] * np.sqrt(factor),
+                                   rtol=2e-4)
+    assert on.falloff_b == pytest.approx(-2 * beta, rel=1e-4) and off.falloff_b is None
+    assert any("B +1.60" in line for line in a.history)

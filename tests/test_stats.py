@@ -40,6 +40,8 @@ def test_resolution_at_cc_interpolates_in_one_over_d_squared():
 def test_cc_star_formula():
     np.testing.assert_allclose(cc_star(np.array([0.5])), np.sqrt(2 * 0.5 / 1.5))
     assert np.isnan(cc_star(np.array([-0.1]))[0])
+    # a shell of two anticorrelated pairs: NaN, not a divide-by-zero warning
+    assert np.isnan(cc_star(np.array([-1.0]))[0])
 
 
 def test_shell_statistics_counts_against_numpy():

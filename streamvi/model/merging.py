@@ -52,6 +52,9 @@ class LossTerms:
     #: rows of the posterior's ``weight`` this objective looked up, one tensor per table
     #: term (with repeats): the rows a lazy optimiser step may move
     flat_rows: tuple[torch.Tensor, ...] = ()
+    #: ``(n,)`` the log-normal scale's location per observation (detached): the engine's
+    #: record of the scales' resolution dependence (:meth:`MergeEngine.falloff_correction`)
+    scale_loc: torch.Tensor | None = None
 
 
 def _first_occurrence(flat: torch.Tensor, n_flat: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,7 +316,8 @@ class VariationalMergingModel(nn.Module):
             loss = loss + prior_nll(batch.geometry[:, :N_GEOMETRY]) / batch.n_reflections
         return LossTerms(nll=nll, kl_F=kl_F, kl_scale=kl_scale, loss=loss,
                          n_obs=batch.n_reflections, nll_half=nll_half, kl_F_half=kl_F_half,
-                         chosen_ops=chosen, rejected=rejected, flat_rows=(flat0, flat_half))
+                         chosen_ops=chosen, rejected=rejected, flat_rows=(flat0, flat_half),
+                         scale_loc=s_loc.detach())
 
     @torch.no_grad()
     def merged(self, table: int = 0, weight: torch.Tensor | None = None) -> MergedTable:
