@@ -335,8 +335,9 @@ class MergeEngine:
             n_reflections=self.store.n_reflections, step=self.trainer.step,
             stats=stats, history=list(history or []) + (
                 [] if self.falloff_b is None else
-                [f"amplitudes given the image scales' resolution trend: B {self.falloff_b:+.2f} "
-                 "A^2 (docs/model.md change 10)"]))
+                # MTZ history lines hold 80 characters
+                [f"scales' resolution trend moved to F: B {self.falloff_b:+.2f} A^2 "
+                 "(docs/model.md, change 10)"]))
         if self.reference is not None:
             snap, choice = align_snapshot(snap, self.reference)
             if choice is not None and (self.setting_choice is None
