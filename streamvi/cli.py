@@ -120,6 +120,9 @@ def _add_trainer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-kl-weight", type=float, default=None,
                    help="weight of the image-scale prior against the data (default 0.03)")
     g.add_argument("--batch-images", type=int, default=None, help="images per training step")
+    g.add_argument("--no-recentre-falloff", dest="recentre_falloff", action="store_false",
+                   help="publish the posterior as trained (default: give the amplitudes the "
+                        "resolution trend the image scales had taken, docs/model.md)")
     g.add_argument("--no-refine-geometry", dest="refine_geometry", action="store_false",
                    help="keep each image's reported orientation and cell as they are (default: "
                         "refine them through the learnt partiality, docs/model.md)")
@@ -184,7 +187,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         log.warning("… and %d more skipped pieces", len(data.rejected) - 20)
     space = resolve_space(data, space_group=args.space_group, cell=args.cell, dmin=args.dmin,
                           anomalous=args.anomalous)
-    ecfg = EngineConfig(n_shells=args.shells)
+    ecfg = EngineConfig(n_shells=args.shells, recentre_falloff=args.recentre_falloff)
     if args.batch_images:
         ecfg.batch_images = args.batch_images
     tcfg = _trainer_config(args)

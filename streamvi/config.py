@@ -78,6 +78,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("refine_geometry", bool, True, "refine each image's reported orientation and "
            "reciprocal-axis lengths at every visit, through the learnt partiality (per-image "
            "post-refinement, docs/model.md change 9)", "model"),
+    Option("recentre_falloff", bool, True, "publish the amplitudes with the resolution trend "
+           "that the image scales' geometric mean had taken (one relative B per snapshot, in "
+           "the MTZ history; docs/model.md change 10); false publishes the posterior as trained",
+           "model"),
     Option("sync_free_steps", str, "auto", "auto (on with CUDA), on or off: training steps in "
            "which the host never waits for the GPU (docs/performance.md); off goes back to the "
            "sparse step of the CPU", "model"),

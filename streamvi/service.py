@@ -92,7 +92,8 @@ class Service:
         budget = int(config.device_budget_mb * 2**20) if config.device_budget_mb > 0 else None
         self.engine_config = EngineConfig(batch_images=config.batch_images,
                                           new_share=config.new_share, n_shells=config.n_shells,
-                                          device_budget_bytes=budget)
+                                          device_budget_bytes=budget,
+                                          recentre_falloff=config.recentre_falloff)
         self.engine: MergeEngine | None = None
         self.counters = IngestCounters()
         self.spool = Spool(self.out_dir / "spool", fsync=config.spool_fsync)
