@@ -105,7 +105,6 @@ def stills_with_truth():
 
 def _offset_errors(engine: MergeEngine, truths) -> tuple[float, float]:
     """RMS of (reported, refined) Ewald offsets against the simulator's, Å⁻¹."""
-    reported, refined = [], []
     ids = np.arange(engine.n_images)
     batch = engine.store.batch(ids)
     with torch.no_grad():
