@@ -287,16 +287,18 @@ class MergeEngine:
         sigma = self.trainer.model.geometry_sigma
         if sigma is None:
             return None
-        state = self.store.geometry_state().numpy().astype(np.float64)
-        out = {"refined": int((state[:, -1] > 0).sum()), "rotation_rms_deg": float("nan"),
+        n = self.store.n_images
+        # reduced on the device: a scrape copies a dozen numbers, not the whole state
+        state = self.store._geometry_t[:n].double()
+        sums = torch.cat([(state[:, -1] > 0).sum().reshape(1).double(),
+                          state[:, :6].sum(0), (state[:, :6] ** 2).sum(0)]).cpu().numpy()
+        out = {"refined": int(sums[0]), "rotation_rms_deg": float("nan"),
                "axis_change_mean": [float("nan")] * 3, "axis_change_rms": [float("nan")] * 3}
-        if state.shape[0]:
-            rotation = state[:, :3] * sigma[0]
-            axes = state[:, 3:6] * sigma[1]
-            out["rotation_rms_deg"] = float(np.degrees(np.sqrt(
-                np.mean(np.sum(rotation ** 2, axis=1)))))
-            out["axis_change_mean"] = [float(x) for x in axes.mean(axis=0)]
-            out["axis_change_rms"] = [float(x) for x in np.sqrt(np.mean(axes ** 2, axis=0))]
+        if n:
+            mean, square = sums[1:7] / n, sums[7:13] / n
+            out["rotation_rms_deg"] = float(np.degrees(sigma[0] * np.sqrt(square[:3].sum())))
+            out["axis_change_mean"] = [float(x) for x in sigma[1] * mean[3:6]]
+            out["axis_change_rms"] = [float(x) for x in sigma[1] * np.sqrt(square[3:6])]
         return out
 
     # ------------------------------------------------------------------ output

@@ -78,7 +78,9 @@ function renderTiles(d) {
           ` · ${fmtInt(rowsRejected)} rows`);
   const m = d.merge;
   setText("merge", `${m.space_group}` + (m.cell ? ` · cell ${m.cell}` : "") +
-          ` · dmin ${fmt(m.dmin, 2)} Å` + (m.anomalous ? " · anomalous" : ""));
+          ` · dmin ${fmt(m.dmin, 2)} Å` + (m.anomalous ? " · anomalous" : "") +
+          (isNum(s.falloff_b) ? ` · fall-off given to F: B ${s.falloff_b >= 0 ? "+" : ""}` +
+           `${fmt(s.falloff_b, 2)} Å²` : ""));
   setText("foot-status", `streamvi ${d.version} · up ${fmtDuration(s.uptime_s)} · device ` +
           `${s.device || "–"} · ${fmtInt(s.mtz_written)} MTZ written` +
           (s.mtz_errors ? ` (${s.mtz_errors} failed)` : ""));
