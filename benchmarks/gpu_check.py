@@ -160,26 +160,25 @@ def main() -> None:
             emit(name + "_error", float("nan"), "", error=f"{type(exc).__name__}: {exc}"[:300])
     # the defaults first (merge: d 32, L 2; service: d 16, L 2) with and without sync-free
     # steps and geometry refinement, then the earlier cases
-    for d, L, mc, b, amp, comp, sf in ((32, 2, 8, 256, False, False, None),
-                                       (32, 2, 8, 256, False, False, False),
-                                       (32, 2, 8, 256, False, False, "no-geometry"),
-                                       (16, 2, 8, 256, False, False, None),
-                                       (32, 2, 8, 1024, True, True, None),
-                                       (32, 2, 8, 1024, True, True, False),
-                                       (32, 4, 8, 64, False, False, None),
-                                       (32, 4, 8, 256, False, False, None),
-                                       (32, 20, 32, 256, True, False, None),
-                                       (32, 20, 32, 256, True, True, None),
-                                       (256, 5, 32, 128, True, False, None)):
+    # (d_model, layers, MC samples, images/step, bf16, compile, sync_free, refine_geometry)
+    for d, L, mc, b, amp, comp, sf, geo in ((32, 2, 8, 256, False, False, None, True),
+                                            (32, 2, 8, 256, False, False, False, True),
+                                            (32, 2, 8, 256, False, False, None, False),
+                                            (16, 2, 8, 256, False, False, None, True),
+                                            (32, 2, 8, 1024, True, True, None, True),
+                                            (32, 2, 8, 1024, True, True, False, True),
+                                            (32, 4, 8, 64, False, False, None, True),
+                                            (32, 4, 8, 256, False, False, None, True),
+                                            (32, 20, 32, 256, True, False, None, True),
+                                            (32, 20, 32, 256, True, True, None, True),
+                                            (256, 5, 32, 128, True, False, None, True)):
         try:
             throughput(space, crystals, d_model=d, n_layers=L, mc=mc, batch_images=b, amp=amp,
-                       compile_=comp, seconds=4.0,
-                       sync_free=None if sf == "no-geometry" else sf,
-                       refine_geometry=sf != "no-geometry")
+                       compile_=comp, seconds=4.0, sync_free=sf, refine_geometry=geo)
         except Exception as exc:  # report and go on: one case must not hide the others
-            emit("train_throughput_error", float("nan"), "", case=[d, L, mc, b, amp, comp, sf],
+            emit("train_throughput_error", float("nan"), "",
+                 case=[d, L, mc, b, amp, comp, sf, geo],
                  error=f"{type(exc).__name__}: {exc}"[:300])
-
 
 if __name__ == "__main__":
     main()

@@ -99,6 +99,9 @@ class MergeSnapshot:
     step: int
     stats: ShellTable
     history: list[str] = field(default_factory=list)
+    #: the relative B (Å²) given to the amplitudes from the image scales' resolution trend
+    #: (None: not applied; :meth:`MergeEngine.falloff_correction`)
+    falloff_b: float | None = None
 
     @property
     def observed(self) -> np.ndarray:
@@ -145,8 +148,6 @@ class MergeEngine:
         #: resolution bin (rejected images left out), on the training device
         self._falloff = torch.zeros((2, FALLOFF_BINS), dtype=torch.float32, device=self.device)
         self._inv_d2_max = float(1.0 / space.dmin ** 2)
-        #: the relative B (Å²) the last snapshot moved from the scales onto the amplitudes
-        self.falloff_b: float | None = None
         #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
         self.sigma_stage = 0
         self.last_report: StepReport | None = None
@@ -279,26 +280,20 @@ class MergeEngine:
         dict or None
             ``refined``: images updated at least once; over all stored images (0 for those
             not refined yet; NaN with none stored), ``rotation_rms_deg``: RMS rotation angle,
-            degrees, and ``axis_change_mean`` and ``axis_change_rms``: the relative change of
-            the lengths of a*, b*, c* (three values each).  A bias common to every image's
-            cell does not show in the mean: the network absorbs it with the rest of the
-            partiality's dependence on resolution (docs/model.md change 9).
+            degrees, and ``axis_change_rms``: RMS relative change of the lengths of a*, b*,
+            c*.  (Their mean is not given: a bias common to every image's cell does not show
+            in it, the network absorbs it; docs/model.md change 9.)
         """
         sigma = self.trainer.model.geometry_sigma
         if sigma is None:
             return None
+        refined, squares = self.store.geometry_totals()
         n = self.store.n_images
-        # reduced on the device: a scrape copies a dozen numbers, not the whole state
-        state = self.store._geometry_t[:n].double()
-        sums = torch.cat([(state[:, -1] > 0).sum().reshape(1).double(),
-                          state[:, :6].sum(0), (state[:, :6] ** 2).sum(0)]).cpu().numpy()
-        out = {"refined": int(sums[0]), "rotation_rms_deg": float("nan"),
-               "axis_change_mean": [float("nan")] * 3, "axis_change_rms": [float("nan")] * 3}
+        out = {"refined": refined, "rotation_rms_deg": float("nan"),
+               "axis_change_rms": [float("nan")] * 3}
         if n:
-            mean, square = sums[1:7] / n, sums[7:13] / n
-            out["rotation_rms_deg"] = float(np.degrees(sigma[0] * np.sqrt(square[:3].sum())))
-            out["axis_change_mean"] = [float(x) for x in sigma[1] * mean[3:6]]
-            out["axis_change_rms"] = [float(x) for x in sigma[1] * np.sqrt(square[3:6])]
+            out["rotation_rms_deg"] = float(np.degrees(sigma[0] * np.sqrt(squares[:3].sum() / n)))
+            out["axis_change_rms"] = [float(x) for x in sigma[1] * np.sqrt(squares[3:6] / n)]
         return out
 
     # ------------------------------------------------------------------ output
@@ -311,7 +306,7 @@ class MergeEngine:
         sp = self.space
         expected_i = self.trainer.model.prior.variance.double().cpu().numpy()
         correction = self.falloff_correction() if self.config.recentre_falloff else None
-        self.falloff_b = None
+        falloff_b = None
         if correction is not None:
             beta, x_ref = correction
             factor = np.exp(beta * (1.0 / np.square(sp.d.astype(np.float64)) - x_ref))
@@ -321,7 +316,7 @@ class MergeEngine:
                     table[col] = (table[col] * f).astype(table[col].dtype, copy=False)
             expected_i = expected_i * factor
             # I ∝ exp(−B/2 · 1/d²): the B the amplitudes gained
-            self.falloff_b = -2.0 * beta
+            falloff_b = -2.0 * beta
         stats = shell_statistics(
             hkl=sp.hkl, d=sp.d, centric=sp.centric, friedel=sp.friedel, obs_count=obs,
             i_full=tables["all"]["I"], sigi_full=tables["all"]["SIGI"],
@@ -335,10 +330,10 @@ class MergeEngine:
             snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,
             obs_count=obs, n_images=self.store.n_images,
             n_reflections=self.store.n_reflections, step=self.trainer.step,
-            stats=stats, history=list(history or []) + (
-                [] if self.falloff_b is None else
+            stats=stats, falloff_b=falloff_b, history=list(history or []) + (
+                [] if falloff_b is None else
                 # MTZ history lines hold 80 characters
-                [f"scales' resolution trend moved to F: B {self.falloff_b:+.2f} A^2 "
+                [f"scales' resolution trend moved to F: B {falloff_b:+.2f} A^2 "
                  "(docs/model.md, change 10)"]))
         if self.reference is not None:
             snap, choice = align_snapshot(snap, self.reference)

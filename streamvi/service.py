@@ -331,7 +331,7 @@ class Service:
             # per twin law, in space groups with an indexing ambiguity (as of the last snapshot)
             "images_by_setting": {} if st is None else st.setting_counts(),
             # the relative B the last snapshot gave the amplitudes (docs/model.md change 10)
-            "falloff_b": None if self.engine is None else self.engine.falloff_b,
+            "falloff_b": None if self.latest is None else self.latest.falloff_b,
             "visits_median": float(np.median(visits)) if visits.size else 0.0,
             "lag_p50_s": float(np.percentile(lags, 50)) if lags.size else None,
             "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,

@@ -41,6 +41,8 @@ class _Kept(NamedTuple):
     sigiobs: np.ndarray
     metadata: np.ndarray
     n_outside: int
+    #: ``(3, 3)`` reciprocal basis (rows a*, b*, c*), NaN without an orientation
+    basis: np.ndarray
 
 
 @dataclass
@@ -191,22 +193,11 @@ class ReflectionStore:
                 np.zeros(old.shape[0] * 2, old.dtype)
             new[: old.shape[0]] = old
             setattr(self, name, new)
-        grown = torch.zeros(2 * self._rejected_t.shape[0], dtype=torch.bool, device=self.device)
-        grown[: self._rejected_t.shape[0]] = self._rejected_t
-        self._rejected_t = grown
-        geometry = torch.zeros((2 * self._geometry_t.shape[0], STATE_WIDTH),
-                               dtype=torch.float32, device=self.device)
-        geometry[: self._geometry_t.shape[0]] = self._geometry_t
-        self._geometry_t = geometry
-        axes = torch.zeros((2 * self._axes_t.shape[0], 2, 3, 3), dtype=torch.float32,
-                           device=self.device)
-        axes[: self._axes_t.shape[0]] = self._axes_t
-        self._axes_t = axes
+        self._rejected_t = _doubled(self._rejected_t)
+        self._geometry_t = _doubled(self._geometry_t)
+        self._axes_t = _doubled(self._axes_t)
         if self.n_ops > 1:
-            ops = torch.zeros(2 * self._image_op_t.shape[0], dtype=torch.int64,
-                              device=self.device)
-            ops[: self._image_op_t.shape[0]] = self._image_op_t
-            self._image_op_t = ops
+            self._image_op_t = _doubled(self._image_op_t)
             self.image_op = np.concatenate([self.image_op, np.zeros_like(self.image_op)])
 
     def add(self, msg: CrystalMessage, *, arrival_time: float | None = None) -> AddResult:
@@ -267,9 +258,11 @@ class ReflectionStore:
             bad = ids < 0
             if bad.any():
                 ids = np.where(bad, ids[0][None, :], ids)
+            basis = (np.array([msg.astar, msg.bstar, msg.cstar], np.float64)
+                     if msg.has_orientation() else np.full((3, 3), np.nan))
             kept.append(_Kept(k, ids, np.asarray(msg.I[keep], np.float32),
                               np.asarray(msg.sigI[keep], np.float32),
-                              reflection_metadata(msg)[keep], n_outside))
+                              reflection_metadata(msg)[keep], n_outside, basis))
         if not kept:
             return
         lengths = np.array([c.iobs.shape[0] for c in kept], np.int64)
@@ -299,12 +292,8 @@ class ReflectionStore:
         self.image_half[image_ids] = halves
         self.arrival_time[image_ids] = (
             now if arrival_times is None else [arrival_times[c.k] for c in kept])
-        bases = np.full((n_new, 3, 3), np.nan)
-        for j, c in enumerate(kept):
-            msg = msgs[c.k]
-            if msg.has_orientation():
-                bases[j] = (msg.astar, msg.bstar, msg.cstar)
-        (axes,) = _to_device([lattice_axes(bases)], torch.float32, self.device)
+        (axes,) = _to_device([lattice_axes(np.stack([c.basis for c in kept]))], torch.float32,
+                             self.device)
         self._axes_t[self.n_images:self.n_images + n_new] = axes
         self.n_images += n_new
         self.n_reflections += int(ends[-1])
@@ -552,6 +541,15 @@ class ReflectionStore:
         (rotation about x, y, z; dilation); zeros for images not yet refined."""
         return self._geometry_t[: self.n_images, :N_GEOMETRY].cpu().numpy()
 
+    def geometry_totals(self) -> tuple[int, np.ndarray]:
+        """Images refined at least once, and the sum over stored images of the squared
+        parameters (``(N_GEOMETRY,)``, prior-σ units).  Reduced on the device, so a reader
+        copies seven numbers, not the state."""
+        state = self._geometry_t[: self.n_images].double()
+        totals = torch.cat([(state[:, -1] > 0).sum().reshape(1).double(),
+                            state[:, :N_GEOMETRY].square().sum(0)]).cpu().numpy()
+        return int(totals[0]), totals[1:]
+
     def geometry_state(self) -> torch.Tensor:
         """``(n_images, STATE_WIDTH)`` copy of the refinement state (checkpoints)."""
         return self._geometry_t[: self.n_images].cpu().clone()
@@ -586,6 +584,13 @@ class ReflectionStore:
         for t, tier in enumerate(self._tiers):
             out["device" if t == 0 else "host"] += tier.capacity * tier.nbytes_per_row()
         return out
+
+
+def _doubled(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with twice the rows, the new ones zero (per-image tables as the store grows)."""
+    grown = torch.zeros((2 * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    grown[: t.shape[0]] = t
+    return grown
 
 
 def _to_device(arrays: list[np.ndarray], dtype: torch.dtype, device: torch.device, *,

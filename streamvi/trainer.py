@@ -5,6 +5,7 @@ generator, counters — and nothing about where batches come from (no sockets, n
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -15,7 +16,7 @@ import torch
 
 from streamvi.features import N_METADATA
 from streamvi.model.batch import Batch
-from streamvi.model.geometry import N_GEOMETRY, adam_update, rotation_sigma_rad
+from streamvi.model.geometry import N_GEOMETRY, adam_update
 from streamvi.model.likelihood import NormalLikelihood, StudentTLikelihood
 from streamvi.model.merging import VariationalMergingModel
 from streamvi.model.posterior import FoldedNormalPosterior
@@ -283,9 +284,8 @@ class Trainer:
         # the corrections rewrite the Ewald columns of streamvi.features' layout: a model
         # fed other metadata (tests, synthetic benchmarks of other widths) has none to refine
         if config.refine_geometry and n_metadata == N_METADATA:
-            self.model.geometry_sigma = (rotation_sigma_rad(config.geometry_rotation_deg),
+            self.model.geometry_sigma = (math.radians(config.geometry_rotation_deg),
                                          float(config.geometry_dilation))
-        self._lr_factor = 1.0
         self.step = 0
         self.reflections_trained = 0
         self._skipped_host = 0
@@ -385,7 +385,9 @@ class Trainer:
         if grad is None:                # nothing in the objective depended on it
             grad = torch.zeros_like(state[:, :N_GEOMETRY])
         keep = taken if isinstance(taken, torch.Tensor) else None
-        return adam_update(state, grad, lr=self.config.geometry_lr * self._lr_factor,
+        # the factor set_lr_factor gave the posterior's rate (saved with its optimiser)
+        factor = self.posterior_optimizer.param_groups[0]["lr"] / self.config.posterior_lr
+        return adam_update(state, grad, lr=self.config.geometry_lr * factor,
                            betas=self.config.betas, eps=self.config.eps, keep=keep)
 
     def _stepped(self, batch: Batch, terms: Any, start: float,
@@ -490,7 +492,6 @@ class Trainer:
                           (self.posterior_optimizer, self.config.posterior_lr)):
             for group in opt.param_groups:
                 group["lr"] = base * float(factor)
-        self._lr_factor = float(factor)
 
     def _coalesce_sparse_gradients(self) -> None:
         """Coalesce the posterior's sparse gradient once (its two lookups leave duplicates);

@@ -180,8 +180,7 @@ def test_falloff_correction_moves_the_scales_trend_onto_the_amplitudes(stills):
     fresh = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2))
     fresh.add_many(crystals)
     assert fresh.falloff_correction() is None
-    fresh.snapshot()
-    assert fresh.falloff_b is None
+    assert fresh.snapshot().falloff_b is None
 
     x = (np.arange(FALLOFF_BINS) + 0.5) / space.dmin ** 2 / FALLOFF_BINS
     counts = np.where(np.arange(FALLOFF_BINS) % 3 == 0, 40.0, 100.0 + 10 * np.arange(20))
@@ -199,6 +198,6 @@ def test_falloff_correction_moves_the_scales_trend_onto_the_amplitudes(stills):
                                    rtol=2e-4)
         np.testing.assert_allclose(a.tables[name]["F"], b.tables[name]["F"] * np.sqrt(factor),
                                    rtol=2e-4)
-    assert on.falloff_b == pytest.approx(-2 * beta, rel=1e-4) and off.falloff_b is None
+    assert a.falloff_b == pytest.approx(-2 * beta, rel=1e-4) and b.falloff_b is None
     (line,) = [line for line in a.history if "B +1.60 A^2" in line]
     assert len(line) <= 80                       # what an MTZ history line holds

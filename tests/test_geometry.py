@@ -1,5 +1,5 @@
 """Per-image geometry refinement: the corrected Ewald features against a message whose
-reported basis was changed by the same amount, projectors, and the per-image Adam."""
+reported basis was changed by the same amount, the lattice axes, and the per-image Adam."""
 from __future__ import annotations
 
 import dataclasses

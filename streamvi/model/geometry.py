@@ -17,8 +17,6 @@ store keeps every image's parameters with their Adam moments and update count
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -171,7 +169,3 @@ def adam_update(state: torch.Tensor, grad: torch.Tensor, *, lr: float,
         ok = ok & keep
     return torch.where(ok.unsqueeze(1), new, state)
 
-
-def rotation_sigma_rad(degrees: float) -> float:
-    """Prior σ of a rotation component, radians, from degrees."""
-    return math.radians(degrees)
