@@ -378,3 +378,55 @@ def test_row_formatting_matches_printf() -> None:
 ])
 def test_lattice_of(symbol: str, expected: tuple[str, str, str]) -> None:
     assert lattice_of(symbol) == expected
+
+
+# ----------------------------------------------------------------------------- defaults stay
+
+
+#: Fingerprints of images made by the simulator before the variation knobs (solvent,
+#: partiality profiles, fractional error, σ scale, flat intensities) existed: with every
+#: new knob at its default the images must stay what they were.  (image, reflections,
+#: Σh, Σk, Σl, Σh², ΣI, Σσ(I), ΣI·fs, a*, photon energy eV)
+_FINGERPRINTS = {
+    "small": (SMALL, [
+        (0, 390, 584, 129, -720, 86844, 804.0507394969463, 2039.2108852863312,
+         809473.9640293345, (0.008936791252805555, 0.008217601263886144, -0.00362041593469215),
+         9509.86204665881),
+        (1, 442, 989, -203, -767, 62653, 2117.511491436977, 2515.305610179901, 2194247.62901581,
+         (-0.00596775311592401, -0.0074970540384709065, -0.008269912242826045),
+         9490.723745239655),
+        (5, 453, -1441, -87, -587, 32235, 2913.096223785542, 3030.5368275642395,
+         3000386.599730244, (0.0006586946844378429, 0.006242310087386218, 0.01100409514695554),
+         9507.57212374143),
+    ], (639937.0401825057, 639056.1017443435, 402690.3183774766)),
+    "benchmark_geometry": (SimulationConfig(n_atoms=40, n_sulfur=2, n_iodide=1), [
+        (0, 656, 2524, -4628, -672, 230496, 4198.527750587091, 3756.1541934013367,
+         4215919.764283167,
+         (0.010838598628286523, 0.0005992042891983791, -0.006594484728142601),
+         9486.445484051153),
+        (3, 1004, -5435, -2118, -2663, 284431, 8738.327375745808, 6230.964107275009,
+         8633902.916499648,
+         (-0.004374660815071667, 0.008313342181749216, 0.008469545274845872),
+         9484.487527417385),
+    ], (701495.651531133, 701810.6348819621, 1048535.7820927423)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FINGERPRINTS))
+def test_default_images_are_unchanged(name: str) -> None:
+    cfg, images, structure = _FINGERPRINTS[name]
+    truth = simulate_structure(cfg)
+    # float sums to 1e-9: the same numbers, whatever summation order numpy's SIMD picks
+    np.testing.assert_allclose([truth.F_plus.sum(), truth.F_minus.sum(),
+                                np.abs(truth.phi_plus).sum()], structure, rtol=1e-9)
+    sim = Simulator(cfg, truth)
+    for index, n, sh, sk, sl, sh2, s_i, s_sig, s_ifs, astar, energy in images:
+        msg, _ = sim.image(index)
+        assert (len(msg), int(msg.h.sum()), int(msg.k.sum()), int(msg.l.sum()),
+                int((msg.h.astype(np.int64) ** 2).sum())) == (n, sh, sk, sl, sh2)
+        i64 = msg.I.astype(np.float64)
+        np.testing.assert_allclose(
+            [i64.sum(), msg.sigI.astype(np.float64).sum(), (i64 * msg.fs).sum()],
+            [s_i, s_sig, s_ifs], rtol=1e-9)
+        np.testing.assert_allclose(msg.astar, astar, rtol=1e-12)
+        assert msg.photon_energy_eV == pytest.approx(energy, rel=1e-12)
