@@ -457,3 +457,62 @@ def test_bad_dmin(dmin, words):
 def test_cell_must_match_the_space_group():
     with pytest.raises(ConfigError, match="metric symmetry"):
         ReciprocalSpace("P 61 2 2", (60.0, 60.0, 150.0, 90, 90, 90), 3.0)
+
+
+# ----------------------------------------------------------------------------- cell helpers
+# (issue 18, item 1: real cells are never exactly symmetric; the merge symmetrises them)
+
+
+@pytest.mark.parametrize("name", sorted(GROUPS))
+def test_symmetrize_cell_gives_a_cell_the_group_accepts(name):
+    from streamvi.symmetry import symmetrize_cell
+
+    rng = np.random.default_rng(sum(name.encode()))
+    true = np.array(GROUPS[name])
+    noisy = true * (1 + rng.normal(0, 0.003, 6))          # as an indexer reports it
+    sym = symmetrize_cell(tuple(noisy), name)
+    assert sym.is_compatible_with_spacegroup(parse_space_group(name))
+    got = np.array(sym.parameters)
+    assert np.allclose(got[:3], true[:3], rtol=0.01), (name, got)
+    assert np.allclose(got[3:], true[3:], atol=1.5), (name, got)
+    # a cell that already has the symmetry is left as it is
+    assert np.allclose(symmetrize_cell(GROUPS[name], name).parameters, true, atol=1e-6)
+
+
+def test_symmetrize_cell_of_the_issue():
+    from streamvi.symmetry import symmetrize_cell
+
+    sym = symmetrize_cell("79.1001 79.0984 37.9 89.9998 90 90.0005", "P 43 21 2")
+    a, b, c, al, be, ga = sym.parameters
+    assert a == pytest.approx(b) and a == pytest.approx(79.09925, abs=1e-4)
+    assert (al, be, ga) == pytest.approx((90, 90, 90), abs=1e-9) and c == pytest.approx(37.9)
+    # 5-HT2B: angles 90.55, 91.23, 90.54 in C 2 2 21 become 90
+    sym = symmetrize_cell((61.5, 122.7, 168.8, 90.55, 91.23, 90.54), "C 2 2 21")
+    assert np.allclose(sym.parameters, (61.5, 122.7, 168.8, 90, 90, 90), atol=0.01)
+
+
+def test_cell_mismatch_names_the_parameter_beyond_tolerance():
+    from streamvi.symmetry import cell_mismatch
+
+    ref = (79.1, 79.1, 37.9, 90, 90, 90)
+    assert cell_mismatch((79.5, 78.8, 38.2, 90.7, 89.4, 90.2), ref) is None
+    msg = cell_mismatch((61.4, 122.6, 168.0, 90, 90, 90), ref)
+    assert msg is not None and "c = 168" in msg and "37.9" in msg
+    msg = cell_mismatch((79.1, 79.1, 37.9, 90, 90, 97.0), ref)
+    assert msg is not None and "γ = 97" in msg
+    assert cell_mismatch((79.1, 79.1, 37.9, 90, 90, 97.0), ref, angle_tolerance_deg=8) is None
+    assert cell_mismatch((83.5, 79.1, 37.9, 90, 90, 90), ref, length_tolerance=0.06) is None
+
+
+def test_consensus_cell_is_robust_to_a_hostile_first_crystal():
+    from streamvi.symmetry import consensus_cell
+
+    rng = np.random.default_rng(0)
+    good = [tuple(np.array((61.5, 122.7, 168.8, 90, 90, 90)) + rng.normal(0, 0.5, 6))
+            for _ in range(15)]
+    hostile = (300.0, 12.0, 900.0, 60.0, 130.0, 100.0)
+    cons = consensus_cell([hostile] + good, "C 2 2 21")
+    assert np.allclose(cons.cell.parameters, (61.5, 122.7, 168.8, 90, 90, 90), atol=0.8)
+    assert cons.n_crystals == 16 and cons.n_outliers == 1
+    assert cons.symmetrized         # the median of noisy angles is not exactly 90
+    assert cons.cell.is_compatible_with_spacegroup(gemmi.SpaceGroup("C 2 2 21"))
