@@ -9,15 +9,43 @@ import pytest
 from streamvi.wire import CrystalMessage
 
 REPO = Path(__file__).resolve().parents[1]
+#: Data the project carries (MIT, copied with their licence; tests/data/README.md).
+TEST_DATA = REPO / "tests" / "data"
+#: Data beside the repository (CI has it; a user's fresh clone does not).
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+PAL_STREAM = TEST_DATA / "crystfel" / "hewl_palxfel_3crystals.stream"
+DIALS_REFL = TEST_DATA / "dials" / "thermolysin_3stills.refl"
+DIALS_EXPT = TEST_DATA / "dials" / "thermolysin_3stills.expt"
+#: The 5-HT2B stream is GPL-3.0 and may not be copied into this BSD-3-Clause project.
+LCLS_STREAM = SHARED_DATA / "crystfel" / "5ht2b_lcls_32crystals.stream"
+LCLS_MISSING = (f"needs the GPL-3.0 5-HT2B stream at {LCLS_STREAM}, which may not be copied "
+                "into this BSD-3-Clause project (tests/data/README.md); it is absent here")
+#: Mark for tests that read :data:`LCLS_STREAM`: skipped, with the reason, where it is absent.
+requires_lcls = pytest.mark.skipif(not LCLS_STREAM.is_file(), reason=LCLS_MISSING)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (real test data sets; read-only)."""
+    """../shared/data (real test data sets; read-only); the test is skipped where absent."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"test data not found at {SHARED_DATA}: the repo must sit beside shared/")
+        pytest.skip(f"needs ../shared/data ({SHARED_DATA}), absent here; the data the project "
+                    "may carry are in tests/data")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    """tests/data (the real data sets the project carries; read-only)."""
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def lcls_stream() -> Path:
+    """The GPL 5-HT2B stream from ../shared/data; the test is skipped where it is absent."""
+    if not LCLS_STREAM.is_file():
+        pytest.skip(LCLS_MISSING)
+    return LCLS_STREAM
 
 
 def make_crystal(rng: np.random.Generator, *, n: int = 50, run: str = "r1", image: str = "img0",

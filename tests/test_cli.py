@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import reciprocalspaceship as rs
+from conftest import PAL_STREAM
 
 from streamvi.cli import main
 from streamvi.evaluate import compare_to_truth
@@ -31,13 +32,16 @@ def test_simulate_inspect_merge(tmp_path, capsys):
     assert compare_to_truth(ds, rs.read_mtz(str(truth)))["cc_F"] > 0.3
 
 
-def test_inspect_real_streams(capsys, shared_data):
-    assert main(["inspect", str(shared_data / "crystfel" / "5ht2b_lcls_32crystals.stream")]) == 0
-    s = json.loads(capsys.readouterr().out)
-    assert (s["images"], s["crystals"], s["reflections"]) == (70, 32, 7966)
-    assert main(["inspect", str(shared_data / "crystfel" / "hewl_palxfel_3crystals.stream")]) == 0
+def test_inspect_real_streams(capsys):
+    assert main(["inspect", str(PAL_STREAM)]) == 0
     s = json.loads(capsys.readouterr().out)
     assert (s["crystals"], s["reflections"]) == (3, 618)
+
+
+def test_inspect_lcls_stream(capsys, lcls_stream):
+    assert main(["inspect", str(lcls_stream)]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["images"], s["crystals"], s["reflections"]) == (70, 32, 7966)
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import LCLS_STREAM, PAL_STREAM, requires_lcls
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,11 +22,8 @@ from streamvi_crystfel import (
 from streamvi_crystfel.panels import PanelIndex
 from streamvi_crystfel.table import TableError, _decode_fixed, _parse_general, parse_tables
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data" / "crystfel"
-LCLS = DATA / "5ht2b_lcls_32crystals.stream"
-PAL = DATA / "hewl_palxfel_3crystals.stream"
-
-pytestmark = pytest.mark.skipif(not LCLS.exists(), reason=f"test data missing: {DATA}")
+LCLS = LCLS_STREAM    # GPL-3.0, from ../shared/data: tests that read it skip where absent
+PAL = PAL_STREAM      # MIT, carried in tests/data
 
 
 def _parse_all(text: bytes, run: str = "r", source: str = "s") -> tuple[list, StreamParser]:
@@ -59,6 +56,7 @@ def _same(a: CrystalMessage, b: CrystalMessage) -> None:
 # ----------------------------------------------------------------------------- real files
 
 
+@requires_lcls
 def test_lcls_counts():
     parser = StreamParser("5ht2b", source=str(LCLS))
     items = list(read_stream(LCLS, parser=parser))
@@ -80,6 +78,7 @@ def test_pal_counts():
     assert {m.run for m in items} == {"hewl_palxfel_3crystals"}
 
 
+@requires_lcls
 def test_first_lcls_crystal_against_file_text():
     msg = next(iter(read_stream(LCLS, run="run92")))
     assert msg.key == ("run92", "r0092-ab/data1/LCLS_2013_Mar22_r0092_035103_1824f.h5", 0)
@@ -129,6 +128,7 @@ def test_last_pal_crystal_against_file_text():
     assert msg.photon_energy_eV == 9700.0 and msg.detector_distance_m == 0.149
 
 
+@requires_lcls
 def test_headers():
     lcls = read_header(LCLS)
     assert (lcls.format_version, lcls.crystfel_version) == ("2.3", "0.9.1+2c51b20e")
@@ -147,6 +147,7 @@ def test_headers():
     assert (pal.photon_energy_eV, pal.clen_m, pal.unique_axis) == (9700.0, 0.149, "c")
 
 
+@requires_lcls
 def test_source_entry_point_and_inspect():
     assert load_source("crystfel") is CrystfelSource
     source = CrystfelSource(PAL, run="hewl")
@@ -170,6 +171,7 @@ def test_source_entry_point_and_inspect():
 # ----------------------------------------------------------------------------- incremental
 
 
+@requires_lcls
 def test_random_pieces_give_the_same_result():
     text = LCLS.read_bytes()
     whole, ref = _parse_all(text)
@@ -209,6 +211,7 @@ def test_byte_by_byte():
         _same(a, b)
 
 
+@requires_lcls
 def test_resume_from_offset(tmp_path):
     text = LCLS.read_bytes()
     whole, _ = _parse_all(text)
@@ -267,6 +270,7 @@ BROKEN_COUNTS = {
 }
 
 
+@requires_lcls
 @pytest.mark.parametrize("reason", sorted(BROKEN_COUNTS))
 def test_broken_chunk_is_rejected_and_the_rest_read(reason, tmp_path):
     text, at = _lcls_broken()[reason]
@@ -284,6 +288,7 @@ def test_broken_chunk_is_rejected_and_the_rest_read(reason, tmp_path):
     assert len(_messages(items)) == 31
 
 
+@requires_lcls
 def test_all_breakages_at_once(tmp_path):
     text = LCLS.read_bytes()
     broken = _lcls_broken()
@@ -334,6 +339,7 @@ def test_cut_chunk_followed_by_more_data():
     assert parser.counts.chunks == 7 and parser.counts.malformed == 2
 
 
+@requires_lcls
 def test_reflection_count_mismatch():
     text = LCLS.read_bytes()
     row = b" -13  -39  -22      45.43      99.45      96.00      48.46  818.1  672.2 q2a6\n"
@@ -345,6 +351,7 @@ def test_reflection_count_mismatch():
     assert parser.counts.messages == 31
 
 
+@requires_lcls
 def test_panels_numbered_as_in_the_geometry():
     parser = StreamParser("r")
     items = parser.feed(LCLS.read_bytes()) + parser.close()
@@ -369,6 +376,7 @@ def test_no_integrated_reflections_and_energy_fallback():
     assert parser.counts.crystals_without_reflections == 1 and parser.counts.malformed == 0
 
 
+@requires_lcls
 def test_energy_from_named_image_header():
     text = LCLS.read_bytes()
     text = text.replace(b"\nphoton_energy_eV = 9511.868397\n", b"\n")
@@ -449,6 +457,7 @@ def test_fixed_width_path_taken_for_standard_rows():
     assert _decode_fixed(broken + bytes(100), len(broken), PanelIndex()) is None
 
 
+@requires_lcls
 def test_batch_decoding_matches_one_by_one():
     text = LCLS.read_bytes()
     tables, pos = [], 0

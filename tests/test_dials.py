@@ -15,6 +15,7 @@ import gemmi
 import msgpack
 import numpy as np
 import pytest
+from conftest import DIALS_EXPT, DIALS_REFL
 
 from streamvi.errors import ConfigError, InputError
 from streamvi.features import METADATA_COLUMNS, reflection_metadata
@@ -28,9 +29,8 @@ from streamvi_dials import (
     read_reflection_table,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dials"
-REFL = DATA / "thermolysin_3stills.refl"
-EXPT = DATA / "thermolysin_3stills.expt"
+REFL = DIALS_REFL     # MIT, carried in tests/data
+EXPT = DIALS_EXPT
 HC = 12398.419843320026  # eV·Å
 PER_EXPERIMENT = [186, 201, 115]
 

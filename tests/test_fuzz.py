@@ -41,7 +41,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from conftest import REPO, make_crystal
+from conftest import DIALS_EXPT, DIALS_REFL, LCLS_STREAM, PAL_STREAM, REPO, make_crystal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,10 +65,9 @@ from streamvi_crystfel import StreamParser
 from streamvi_dials import REASONS as DIALS_REASONS
 from streamvi_dials import DialsSource, read_reflection_table
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CRYSTFEL_STREAMS = sorted((SHARED / "crystfel").glob("*.stream"))
-DIALS_REFL = SHARED / "dials" / "thermolysin_3stills.refl"
-DIALS_EXPT = SHARED / "dials" / "thermolysin_3stills.expt"
+#: Real streams: the GPL 5-HT2B one where it is beside the repository, then the MIT PAL one
+#: (carried in tests/data; real_crystfel_messages reads the last).
+CRYSTFEL_STREAMS = [p for p in (LCLS_STREAM, PAL_STREAM) if p.is_file()]
 
 #: Longest one case may take, s (they take milliseconds; this is the hang detector).
 CASE_BOUND_S = 5.0

@@ -19,15 +19,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pytest
 import zmq
+from conftest import DIALS_EXPT, DIALS_REFL, LCLS_STREAM, requires_lcls
 
 from streamvi.send import send_files
 from streamvi.sources import Rejected, available_sources, load_source
 from streamvi.wire import CrystalMessage, decode_crystal, encode_crystal
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-LCLS = DATA / "crystfel" / "5ht2b_lcls_32crystals.stream"
-REFL = DATA / "dials" / "thermolysin_3stills.refl"
-EXPT = DATA / "dials" / "thermolysin_3stills.expt"
+LCLS = LCLS_STREAM    # GPL-3.0, from ../shared/data: the crystfel case skips where absent
+REFL = DIALS_REFL     # MIT, carried in tests/data
+EXPT = DIALS_EXPT
 TIMEOUT_S = 10.0
 
 
@@ -106,12 +106,15 @@ CASES: dict[str, Case] = {
     "sim": Case(_sim, messages=5, reflections=None),
 }
 NAMES = sorted(available_sources())
+#: NAMES for parametrize: the crystfel case reads the GPL stream, skipped where it is absent.
+PARAMS = [pytest.param(n, marks=requires_lcls) if n == "crystfel" else n for n in NAMES]
 
 
 @pytest.fixture(scope="module")
 def items() -> dict[str, list]:
     """Every case's items, read once (sources are deterministic, checked below)."""
-    return {name: list(CASES[name].make()) for name in NAMES if name in CASES}
+    return {name: list(CASES[name].make()) for name in NAMES
+            if name in CASES and (name != "crystfel" or LCLS.is_file())}
 
 
 def crystals(items: Iterable) -> list[CrystalMessage]:
@@ -141,12 +144,12 @@ def test_every_registered_source_has_a_case():
     assert not missing, f"sources without a contract case in {__file__}: {missing}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_source_is_the_registered_class(name):
     assert isinstance(CASES[name].make(), load_source(name))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_items_are_messages_or_rejected(name, items, tmp_path):
     case = CASES[name]
     everything = list(items[name])
@@ -156,7 +159,7 @@ def test_items_are_messages_or_rejected(name, items, tmp_path):
     assert all(isinstance(i, (CrystalMessage, Rejected)) for i in everything)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_exact_counts(name, items):
     case = CASES[name]
     msgs = crystals(items[name])
@@ -166,7 +169,7 @@ def test_exact_counts(name, items):
         assert sum(len(m) for m in msgs) == case.reflections
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_messages_round_trip_on_the_wire(name, items):
     for msg in crystals(items[name]):
         back = decode_crystal(encode_crystal(msg))
@@ -174,7 +177,7 @@ def test_messages_round_trip_on_the_wire(name, items):
         assert back.rows_rejected == {}   # the source already dropped what the wire drops
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_iterating_twice_gives_the_same_messages(name):
     source = CASES[name].make()
     first, second = list(source), list(source)
@@ -187,7 +190,7 @@ def test_iterating_twice_gives_the_same_messages(name):
             assert a == b
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_broken_input_is_rejected_and_the_rest_read(name, tmp_path):
     case = CASES[name]
     if case.broken is None:
@@ -201,7 +204,7 @@ def test_broken_input_is_rejected_and_the_rest_read(name, tmp_path):
     assert len(crystals(out)) == case.broken_messages
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_nothing_sent_twice_after_a_restart(name, items, tmp_path):
     case = CASES[name]
     if case.inputs is None:
