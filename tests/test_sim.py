@@ -430,3 +430,220 @@ def test_default_images_are_unchanged(name: str) -> None:
             [s_i, s_sig, s_ifs], rtol=1e-9)
         np.testing.assert_allclose(msg.astar, astar, rtol=1e-12)
         assert msg.photon_energy_eV == pytest.approx(energy, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- variations
+
+
+def _max_e_per_shell(truth: Truth, n_shells: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Largest normalised amplitude E per resolution shell, and how many exceed 3."""
+    from streamvi.stats import shell_edges, shell_index
+
+    shell = shell_index(truth.d, shell_edges(truth.d, n_shells))
+    f, eps = truth.F_model, truth.epsilon
+    e_max, n_over = np.zeros(n_shells), np.zeros(n_shells, dtype=int)
+    for s in range(n_shells):
+        m = shell == s
+        e = f[m] / np.sqrt(eps[m] * np.mean(f[m] ** 2 / eps[m]))
+        e_max[s], n_over[s] = e.max(), (e > 3).sum()
+    return e_max, n_over
+
+
+def test_bulk_solvent_gives_strong_low_order_reflections() -> None:
+    cfg = SimulationConfig(dmin=3.0, min_atom_distance=1.8)
+    spread = simulate_structure(cfg)
+    packed = simulate_structure(dataclasses.replace(cfg, solvent_fraction=0.45))
+    e_spread, n_spread = _max_e_per_shell(spread)
+    e_packed, n_packed = _max_e_per_shell(packed)
+    print("max E per shell, low → high: atoms spread", np.round(e_spread[:3], 2),
+          "; in an envelope with bulk solvent", np.round(e_packed[:3], 2))
+    # atoms spread through the cell give Wilson statistics even at low resolution ...
+    assert e_spread[0] < 3.0 and n_spread[:2].sum() == 0
+    # ... an envelope in flat solvent gives real proteins' very strong low-order terms
+    assert e_packed[0] > 4.0 and n_packed[:2].sum() >= 2
+    # the contrast lives at low resolution: the top shell keeps Wilson statistics
+    assert e_packed[-1] < 3.5
+    # every atom sits in the first molecule's envelope, so molecules do not interpenetrate
+    from streamvi_sim.model import molecular_envelope
+
+    env = molecular_envelope(cell=packed.gemmi_cell, space_group=packed.gemmi_space_group,
+                             protein_fraction=0.55, rng=np.random.default_rng(
+                                 np.random.SeedSequence(cfg.seed, spawn_key=(0, 1))))
+    assert env.contains(packed.atoms.frac).all()
+    assert not env.contains(spread.atoms.frac).all()
+    # the solvent scatters no anomalous signal: F(+) − F(−) comes from the same atoms' f''
+    acentric = ~packed.centric
+    assert np.median(np.abs(packed.F_plus - packed.F_minus)[acentric]) > 0
+
+
+def test_bulk_solvent_term_matches_a_flat_solvent_by_hand() -> None:
+    """k_sol·exp(−B s²)·F_mask against the transform of the mask taken apart by numpy."""
+    from streamvi_sim.model import AtomModel, bulk_solvent_factors
+
+    cell, sg = gemmi.UnitCell(30, 30, 30, 90, 90, 90), gemmi.SpaceGroup("P 1")
+    one_atom = AtomModel(np.array(["C"]), np.array([[0.25, 0.5, 0.75]]), np.zeros(1),
+                         np.ones(1))
+    hkl = np.array([[0, 0, 0], [1, 0, 0], [0, 2, 1]], dtype=np.int32)
+    f = bulk_solvent_factors(one_atom, cell=cell, space_group=sg, hkl=hkl, k_sol=0.35,
+                             b_sol=0.0, dmin=2.0)
+    # F(000) is the solvent's electrons: k_sol times the cell less the masked sphere
+    assert 0.9 * 0.35 * cell.volume < f[0].real < 0.35 * cell.volume
+    # the hole about the atom: F(h) = −k_sol V_hole exp(2πi h·x) away from the origin
+    phase = np.exp(2j * np.pi * hkl[1:] @ one_atom.frac[0])
+    hole = -f[1:] / (0.35 * phase)
+    np.testing.assert_allclose(hole.imag, 0.0, atol=1e-3 * np.abs(hole).max())
+    assert (hole.real > 0).all()
+    damped = bulk_solvent_factors(one_atom, cell=cell, space_group=sg, hkl=hkl, k_sol=0.35,
+                                  b_sol=46.0, dmin=2.0)
+    stol2 = 0.25 * cell.calculate_1_d2_array(hkl)
+    np.testing.assert_allclose(damped, f * np.exp(-46.0 * stol2), rtol=1e-6)
+
+
+def test_partiality_profiles(truth: Truth) -> None:
+    from streamvi_sim.geometry import LORENTZ_GAMMA, TOPHAT_HALF_WIDTH
+
+    shots = {}
+    for profile in ("gaussian", "lorentzian", "tophat", "xsphere"):
+        sim = Simulator(dataclasses.replace(SMALL, partiality_profile=profile), truth)
+        shots[profile] = [sim.image(i) for i in range(4)]
+    for profile, pairs in shots.items():
+        for (msg, t), (_, g) in zip(pairs, shots["gaussian"]):
+            # the same shot: orientation, cell and beam do not depend on the profile
+            np.testing.assert_array_equal(t.U, g.U)
+            assert t.photon_energy_eV == g.photon_energy_eV
+            assert (t.partiality >= SMALL.partiality_min).all() and (t.partiality <= 1).all()
+            lam = 12398.419843320026 / t.photon_energy_eV
+            q_norm = np.linalg.norm(t.hkl @ (t.U @ reciprocal_basis(t.cell)).T, axis=1)
+            width = profile_width(q_norm, profile_radius=t.profile_radius, wavelength=lam,
+                                  bandwidth=SMALL.bandwidth,
+                                  mosaicity_rad=math.radians(SMALL.mosaicity_deg))
+            if profile == "lorentzian":
+                np.testing.assert_allclose(
+                    t.partiality, 1 / (1 + (t.excitation / (LORENTZ_GAMMA * width)) ** 2))
+            elif profile == "tophat":
+                # fulls or nothing: every recorded reflection within the radius, complete
+                np.testing.assert_array_equal(t.partiality, 1.0)
+                assert (np.abs(t.excitation) <= TOPHAT_HALF_WIDTH * width).all()
+    count = {p: np.mean([len(m) for m, _ in pairs]) for p, pairs in shots.items()}
+    # the Lorentzian's tails reach partiality_min far from the sphere: many more partials
+    assert count["lorentzian"] > 2.5 * count["gaussian"]
+    assert count["tophat"] < count["gaussian"]
+    mean_p = {p: np.mean(np.concatenate([t.partiality for _, t in pairs]))
+              for p, pairs in shots.items()}
+    assert mean_p["lorentzian"] < mean_p["gaussian"] < mean_p["tophat"] == 1.0
+
+
+def test_xsphere_partiality_is_the_volume_between_the_band_spheres() -> None:
+    """The closed form against a Monte Carlo count of points of the reflection's sphere
+    lying between the exact Ewald spheres of the band's shortest and longest wavelengths."""
+    from streamvi_sim.geometry import xsphere_partiality
+
+    rng = np.random.default_rng(11)
+    lam, band, radius = 1.3, 0.01, 0.002
+    k_short, k_long = 1 / (lam * (1 - band / 2)), 1 / (lam * (1 + band / 2))
+    # points uniformly in a ball, shared by all cases
+    ball = rng.normal(size=(400_000, 3))
+    ball *= (radius * rng.random(400_000) ** (1 / 3) / np.linalg.norm(ball, axis=1))[:, None]
+
+    def between(points: np.ndarray) -> np.ndarray:
+        e_s = np.linalg.norm(points + [0, 0, k_short], axis=1) - k_short
+        e_l = np.linalg.norm(points + [0, 0, k_long], axis=1) - k_long
+        return (e_s <= 0) & (e_l >= 0)
+
+    # a lattice point at 0.5 Å⁻¹ scattering, moved along the sphere's normal
+    qz = -0.5 ** 2 / (2 / lam)                       # on the nominal sphere: |k0 + q| = k
+    centre_nominal = np.array([math.sqrt(0.5 ** 2 - qz ** 2), 0.0, qz])
+    normal = centre_nominal + [0, 0, 1 / lam]
+    normal /= np.linalg.norm(normal)
+    for shift in (-0.004, -0.002, -0.001, 0.0, 0.0015, 0.003):
+        centre = centre_nominal + shift * normal
+        fraction = between(centre + ball).mean()
+        mid = between(centre_nominal + ball).mean()
+        q = centre[None]
+        got = xsphere_partiality(excitation_error(q, 1 / k_short),
+                                 excitation_error(q, 1 / k_long), np.array([radius]))[0]
+        want = min(fraction / mid, 1.0)
+        assert got == pytest.approx(want, abs=0.01), shift
+
+
+def test_xsphere_reflections_in_the_band_are_full(truth: Truth) -> None:
+    # a band much thicker than the reflections: fulls in the middle, partials at its edges
+    cfg = dataclasses.replace(SMALL, partiality_profile="xsphere", bandwidth=0.04,
+                              profile_radius=(0.0002, 0.0003), mosaicity_deg=0.0)
+    _, t = Simulator(cfg, truth).image(0)
+    assert (t.partiality > 0.999).mean() > 0.5 and (t.partiality < 0.5).mean() > 0.05
+
+
+def test_fractional_error_widens_intensities_not_sigmas(truth: Truth) -> None:
+    # bright spots and no gain error: the plain spread is a few % of counting noise
+    bright = dataclasses.replace(SMALL, top_shell_photons=1000.0, gain_error=0.0)
+    plain = Simulator(bright, truth)
+    noisy = Simulator(dataclasses.replace(bright, fractional_error=0.2), truth)
+    ratios = {"plain": [], "noisy": []}
+    for i in range(6):
+        (m0, t0), (m1, t1) = plain.image(i), noisy.image(i)
+        np.testing.assert_array_equal(m0.sigI, m1.sigI)        # σ(I) does not carry it
+        np.testing.assert_array_equal(m0.hkl(), m1.hkl())
+        strong = (t0.expected_photons > 1000) & ~t0.outlier
+        ratios["plain"].append(m0.I[strong] / t0.expected_photons[strong])
+        ratios["noisy"].append(m1.I[strong] / t1.expected_photons[strong])
+    sd = {k: np.std(np.concatenate(v)) for k, v in ratios.items()}
+    assert sd["plain"] < 0.06 and sum(len(r) for r in ratios["plain"]) > 200
+    # about √(sd² + 0.2²): the extra spread is the unmodelled 20 %
+    assert 0.16 < math.sqrt(sd["noisy"] ** 2 - sd["plain"] ** 2) < 0.24
+
+
+def test_sigma_scale_misreports_sigmas_only(truth: Truth) -> None:
+    m0, _ = Simulator(SMALL, truth).image(3)
+    m1, _ = Simulator(dataclasses.replace(SMALL, sigma_scale=0.5), truth).image(3)
+    np.testing.assert_array_equal(m0.I, m1.I)
+    np.testing.assert_allclose(m1.sigI, 0.5 * m0.sigI, rtol=1e-6)
+
+
+def test_flat_intensities_are_wilson_with_no_falloff() -> None:
+    from streamvi.stats import shell_edges, shell_index
+    from streamvi_sim.config import FLAT_SIGMA
+
+    cfg = dataclasses.replace(SMALL, flat_intensities=True, dmin=2.0)
+    flat = simulate_structure(cfg)
+    assert flat.atoms is None and flat.photon_energy_eV is None
+    np.testing.assert_array_equal(flat.F_plus, flat.F_minus)       # no anomalous signal
+    np.testing.assert_allclose(flat.F_model, flat.F_plus, rtol=1e-9)
+    z = flat.I_mean / (FLAT_SIGMA * flat.epsilon)
+    acentric, centric = z[~flat.centric], z[flat.centric]
+    # exponential: mean 1, variance 1; χ²₁: mean 1, variance 2
+    assert abs(acentric.mean() - 1) < 0.05 and abs(acentric.var() - 1) < 0.15
+    assert abs(centric.mean() - 1) < 0.15 and abs(centric.var() - 2) < 0.6
+    shell = shell_index(flat.d, shell_edges(flat.d, 5))
+    means = np.array([z[shell == s].mean() for s in range(5)])
+    assert np.abs(means - 1).max() < 0.1                           # no resolution fall-off
+    # images are simulated from it as from any truth
+    msg, t = Simulator(cfg, flat).image(0)
+    assert len(msg) > 100 and np.isfinite(msg.I).all()
+    np.testing.assert_allclose(t.expected_photons,
+                               t.intensity_factor * flat.I_plus[t.asu_index] / cfg.adu_per_photon)
+
+
+def test_intensity_factor_divides_out_scale_and_partiality(simulator: Simulator,
+                                                           truth: Truth) -> None:
+    msg, t = simulator.image(2)
+    true_i = np.where(t.friedel > 0, truth.I_plus[t.asu_index], truth.I_minus[t.asu_index])
+    np.testing.assert_allclose(t.intensity_factor * true_i,
+                               SMALL.adu_per_photon * t.expected_photons, rtol=1e-12)
+    stol2 = 0.25 * np.sum((t.hkl @ (t.U @ reciprocal_basis(t.cell)).T) ** 2, axis=1)
+    np.testing.assert_allclose(
+        t.intensity_factor,
+        simulator.flux * t.scale * np.exp(-2 * (SMALL.b_overall + t.b_image) * stol2)
+        * t.partiality, rtol=1e-9)
+
+
+@pytest.mark.parametrize("bad, word", [
+    (dict(partiality_profile="voigt"), "partiality_profile"),
+    (dict(solvent_fraction=1.2), "solvent_fraction"),
+    (dict(fractional_error=-0.1), "fractional_error"),
+    (dict(sigma_scale=0.0), "sigma_scale"),
+    (dict(partiality_min=0.0), "partiality_min"),
+])
+def test_bad_variation_is_refused_by_name(bad: dict, word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        SimulationConfig(**bad)

@@ -1,8 +1,9 @@
 """Still shots → integrated reflections → :class:`~streamvi.wire.CrystalMessage`.
 
 Per image (all reflections at once, no Python loop per reflection): a random crystal
-orientation, cell and profile radius, a SASE photon energy, the Ewald offset and Gaussian
-partiality of every lattice point within 1/dmin, the detector position of those recorded,
+orientation, cell and profile radius, a SASE photon energy, the Ewald offset and partiality
+(Gaussian by default; ``SimulationConfig.partiality_profile``) of every lattice point
+within 1/dmin, the detector position of those recorded,
 then photon-counting integration (peak disc minus background annulus, read noise, a
 proportional gain error) on top of a per-image scale and relative B.  A few reflections get
 zingers; a few images are indexed off by one.  Intensities are as after polarisation
@@ -23,8 +24,9 @@ from streamvi.symmetry import reindex, twin_operators
 from streamvi.wire import CrystalMessage
 from streamvi_sim.config import SimulationConfig
 from streamvi_sim.geometry import (Detector, HC_EV_A, cell_of_reciprocal_basis,
-                                   excitation_error, partiality, profile_width,
-                                   random_rotation, reciprocal_basis, small_rotation)
+                                   excitation_error, profile_partiality, profile_reach,
+                                   profile_width, random_rotation, reciprocal_basis,
+                                   small_rotation, xsphere_partiality)
 from streamvi_sim.truth import Truth, simulate_structure
 
 #: Share of the ASU (highest resolution first) whose mean |F|² sets the flux.
@@ -63,6 +65,10 @@ class ImageTruth:
     setting
         Index into :func:`streamvi.symmetry.twin_operators` of the setting the indices are
         reported in (0: the true one; only with ``indexing_ambiguity``).
+    intensity_factor
+        Expected reported intensity (ADU) per electron² of the true |F|² of each row:
+        gain × flux × image scale × exp(−2(B_overall + B_image)s²) × partiality.  Dividing
+        ``I`` by it is what a merge that knew every scale and partiality would do.
     """
 
     index: int
@@ -83,6 +89,7 @@ class ImageTruth:
     expected_photons: np.ndarray
     outlier: np.ndarray
     setting: int = 0
+    intensity_factor: np.ndarray | None = None
 
 
 @dataclass
@@ -196,16 +203,7 @@ class Simulator:
         b_true = reciprocal_basis(cell)
         a_true = U @ b_true
         mosaic = math.radians(c.mosaicity_deg)
-        reach = math.sqrt(2.0 * math.log(1.0 / c.partiality_min))
-        widest = float(profile_width(np.array([1.0 / c.dmin]), profile_radius=radius,
-                                     wavelength=lam, bandwidth=c.bandwidth,
-                                     mosaicity_rad=mosaic)[0])
-        near = self._near_ewald(a_true, b_true, lam, 1.001 * reach * widest)
-        q = self._hkl_f[near] @ a_true.T
-        e = excitation_error(q, lam)
-        q_norm = np.sqrt(np.einsum("ij,ij->i", q, q))
-        p = partiality(e, profile_width(q_norm, profile_radius=radius, wavelength=lam,
-                                        bandwidth=c.bandwidth, mosaicity_rad=mosaic))
+        near, q, e, q_norm, p = self._partialities(a_true, b_true, lam, radius, mosaic)
         s1 = q + np.array([0.0, 0.0, 1.0 / lam])
         fs, ss, on = self.detector.project(s1)
         keep = (p >= c.partiality_min) & on
@@ -213,13 +211,20 @@ class Simulator:
         q_norm, e, p, fs, ss = q_norm[keep], e[keep], p[keep], fs[keep], ss[keep]
 
         stol2 = 0.25 * q_norm ** 2
-        signal = (self.flux * scale * np.exp(-2.0 * (c.b_overall + b_image) * stol2) * p
-                  * self._intensity[rows])
+        # photons per electron² of |F|², then the signal (the same products in the same order)
+        factor = self.flux * scale * np.exp(-2.0 * (c.b_overall + b_image) * stol2) * p
+        signal = factor * self._intensity[rows]
         ring = c.water_ring_strength * np.exp(-0.5 * ((q_norm - 1.0 / c.water_ring_A)
                                                       / 0.012) ** 2)
         bg_px = c.background_photons * (1.0 + ring)
         iobs, sigiobs, peak, bg_est, outlier = self._integrate(rng, signal,
                                                                bg_px * shot.bg_scale)
+        if c.fractional_error > 0:
+            # a stream of its own: the photons stay those of the same image without it
+            own = np.random.default_rng(np.random.SeedSequence(c.seed, spawn_key=(3, index)))
+            iobs = iobs * (1.0 + c.fractional_error * own.normal(size=iobs.shape[0]))
+        if c.sigma_scale != 1.0:
+            sigiobs = sigiobs * c.sigma_scale
 
         hkl_true = self.hkl[rows]
         # The indexer's setting M maps true indices to reported ones (hkl' = M hkl); the
@@ -261,8 +266,45 @@ class Simulator:
             hkl=hkl_true[ok],
             asu_index=self.asu_index[rows][ok], friedel=self.friedel[rows][ok],
             excitation=e[ok], partiality=p[ok], expected_photons=signal[ok],
-            outlier=outlier[ok], setting=shot.setting)
+            outlier=outlier[ok], setting=shot.setting,
+            intensity_factor=gain * factor[ok])
         return msg, truth
+
+    def _partialities(self, a_true: np.ndarray, b_true: np.ndarray, lam: float, radius: float,
+                      mosaic: float) -> tuple[np.ndarray, ...]:
+        """Lattice points near the Ewald sphere and their partialities (``partiality_profile``).
+
+        Returns
+        -------
+        near, q, e, q_norm, p
+            Rows of the P1 lattice examined, their scattering vectors (Å⁻¹), nominal Ewald
+            offsets (Å⁻¹), |q| (Å⁻¹) and partialities.
+        """
+        c = self.config
+        qmax = np.array([1.0 / c.dmin])
+        if c.partiality_profile == "xsphere":
+            lam_short, lam_long = lam * (1.0 - 0.5 * c.bandwidth), lam * (1.0 + 0.5 * c.bandwidth)
+            r_max = radius + float(qmax[0]) * mosaic
+            # the band's thickness in offset at |q|: (1/λ_short − 1/λ_long)·|q|²λ/2
+            band = (1.0 / lam_short - 1.0 / lam_long) * float(qmax[0]) ** 2 * lam / 2.0
+            near = self._near_ewald(a_true, b_true, lam, 1.05 * (r_max + band))
+            q = self._hkl_f[near] @ a_true.T
+            e = excitation_error(q, lam)
+            q_norm = np.sqrt(np.einsum("ij,ij->i", q, q))
+            p = xsphere_partiality(excitation_error(q, lam_short), excitation_error(q, lam_long),
+                                   radius + q_norm * mosaic)
+            return near, q, e, q_norm, p
+        reach = profile_reach(c.partiality_profile, c.partiality_min)
+        widest = float(profile_width(qmax, profile_radius=radius, wavelength=lam,
+                                     bandwidth=c.bandwidth, mosaicity_rad=mosaic)[0])
+        near = self._near_ewald(a_true, b_true, lam, 1.001 * reach * widest)
+        q = self._hkl_f[near] @ a_true.T
+        e = excitation_error(q, lam)
+        q_norm = np.sqrt(np.einsum("ij,ij->i", q, q))
+        p = profile_partiality(c.partiality_profile, e,
+                               profile_width(q_norm, profile_radius=radius, wavelength=lam,
+                                             bandwidth=c.bandwidth, mosaicity_rad=mosaic))
+        return near, q, e, q_norm, p
 
     def _draw_shot(self, rng: np.random.Generator) -> _Shot:
         """The per-image random draws, always in the same order (so images are stable)."""

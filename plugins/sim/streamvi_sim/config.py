@@ -4,6 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+#: Shapes of the partiality against the Ewald offset (see :class:`SimulationConfig`).
+PARTIALITY_PROFILES = ("gaussian", "lorentzian", "tophat", "xsphere")
+#: Mean intensity per unit ε of ``flat_intensities`` truths, electrons² (any value would do:
+#: ``top_shell_photons`` sets the flux).
+FLAT_SIGMA = 1.0e4
+
 
 @dataclass
 class SimulationConfig:
@@ -98,6 +104,55 @@ class SimulationConfig:
     emit_truth_metadata
         Add per-image truth (``sim_*`` keys) to each message's metadata; off by default
         because a model must not see it.
+
+    Variations (each at its default leaves the images exactly as without it; they exist so
+    that a merge can be judged on data it was not tuned to, ``benchmarks/quality_matrix.py``):
+
+    solvent_fraction
+        0: the atoms are spread through the whole cell (no molecular envelope, so no
+        solvent contrast).  > 0: the atoms are packed into a compact molecular envelope
+        (one globule per asymmetric unit, about its own centre) filling ``1 −
+        solvent_fraction`` of the cell, and the rest is flat bulk solvent, added as
+        refinement programs model it: ``F = F_atoms + k_sol·exp(−B_sol s²)·F_mask`` with
+        ``F_mask`` the transform of gemmi's solvent mask of the atoms (1 in the solvent) and
+        s² = 1/(4d²).  This gives real proteins' very strong low-order reflections
+        (normalised amplitudes E > 3 below ~10 Å).  Typical: 0.45.  The atoms then sit at
+        protein density: 1,000 atoms in the default cell need ``min_atom_distance`` ≤ 2 Å
+        (1.8 Å is used in the benchmarks; bonded atoms are 1.5 Å apart).
+    solvent_k
+        Electron density of the bulk solvent, e/Å³ (k_sol; water ≈ 0.33, refined ≈ 0.35).
+    solvent_b
+        B of the bulk-solvent term, Å² (B_sol; refined values ≈ 40–60).
+    partiality_profile
+        Shape of the partiality as a function of the Ewald offset ``e`` (Å⁻¹), with σ the
+        width of :func:`~streamvi_sim.geometry.profile_width` (profile radius R/2, bandwidth
+        and mosaic spread in quadrature):
+
+        - ``"gaussian"``: ``exp(−e²/(2σ²))`` (streamvi's model assumes this kind);
+        - ``"lorentzian"``: ``1/(1 + e²/γ²)`` with γ = σ·√(2 ln 2), the same full width at
+          half maximum; long tails, so many more weak partials reach ``partiality_min``;
+        - ``"tophat"``: 1 for ``|e| ≤ 2σ`` (the profile radius when bandwidth and mosaicity
+          are negligible), else 0: every recorded reflection is a full;
+        - ``"xsphere"``: CrystFEL's kind — the reflection is a sphere of radius ``R = r +
+          |q|·η`` (profile radius r, mosaic spread η in rad) and its partiality is the
+          fraction of its volume lying between the Ewald spheres of the band's extreme
+          wavelengths λ(1 ± bandwidth/2), divided by the same fraction for a sphere centred
+          on the nominal Ewald sphere (so a reflection in the middle of the band has 1).  With
+          t the signed distance of a cutting sphere from the reflection's centre (plane
+          approximation), the volume below it is ``u²(3 − 2u)``, u = (t + R)/(2R) clamped to
+          [0, 1].
+    fractional_error
+        Relative σ of an unmodelled multiplicative error on each observed intensity (one
+        Gaussian factor ``1 + fractional_error·N(0, 1)`` per reflection, from a random stream
+        of its own); the reported σ(I) does *not* carry it.
+    sigma_scale
+        Multiplies every reported σ(I) (mis-estimated errors: 0.5 reports them half as large
+        as they are).
+    flat_intensities
+        The truth of CrystFEL's ``partial_sim``: random intensities with no atoms, no
+        resolution fall-off and no anomalous signal (F(+) = F(−)); I = ε·Σ·x with x
+        exponential (acentric) or χ²₁ (centric), Σ = :data:`FLAT_SIGMA`, random phases.
+        ``anomalous``, the atom counts and ``solvent_fraction`` are then ignored.
     """
 
     n_images: int = 2000
@@ -145,6 +200,26 @@ class SimulationConfig:
     beam_center_px: tuple[float, float] = (1000.3, 990.7)
     beamstop_radius_m: float = 0.003
     emit_truth_metadata: bool = False
+    solvent_fraction: float = 0.0
+    solvent_k: float = 0.35
+    solvent_b: float = 46.0
+    partiality_profile: str = "gaussian"
+    fractional_error: float = 0.0
+    sigma_scale: float = 1.0
+    flat_intensities: bool = False
+
+    def __post_init__(self) -> None:
+        if self.partiality_profile not in PARTIALITY_PROFILES:
+            raise ValueError(f"partiality_profile = {self.partiality_profile!r}: choose one of "
+                             + ", ".join(PARTIALITY_PROFILES))
+        if not 0.0 <= self.solvent_fraction < 0.95:
+            raise ValueError(f"solvent_fraction = {self.solvent_fraction}: must lie in [0, 0.95) "
+                             "(0 spreads the atoms through the cell, 0.45 is typical)")
+        if self.fractional_error < 0 or not self.sigma_scale > 0:
+            raise ValueError(f"fractional_error = {self.fractional_error} must be ≥ 0 and "
+                             f"sigma_scale = {self.sigma_scale} > 0")
+        if not 0.0 < self.partiality_min < 1.0:
+            raise ValueError(f"partiality_min = {self.partiality_min}: must lie in (0, 1)")
 
     @property
     def wavelength_A(self) -> float:

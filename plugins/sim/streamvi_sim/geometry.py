@@ -103,6 +103,72 @@ def partiality(excitation: np.ndarray, width: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * (excitation / width) ** 2)
 
 
+#: γ/σ of the Lorentzian with the Gaussian's full width at half maximum
+LORENTZ_GAMMA = math.sqrt(2.0 * math.log(2.0))
+#: half width of the top hat in units of σ: the profile radius when R/2 dominates σ
+TOPHAT_HALF_WIDTH = 2.0
+
+
+def profile_partiality(profile: str, excitation: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Partiality of a profile that depends on the Ewald offset alone.
+
+    Parameters
+    ----------
+    profile
+        ``"gaussian"`` (``exp(−e²/(2σ²))``), ``"lorentzian"`` (``1/(1 + e²/γ²)``, γ =
+        σ·√(2 ln 2): the Gaussian's FWHM) or ``"tophat"`` (1 for ``|e| ≤ 2σ``, else 0).
+    excitation
+        Ewald offsets e, Å⁻¹.
+    width
+        σ of :func:`profile_width`, Å⁻¹.
+    """
+    if profile == "gaussian":
+        return partiality(excitation, width)
+    if profile == "lorentzian":
+        return 1.0 / (1.0 + (excitation / (LORENTZ_GAMMA * width)) ** 2)
+    if profile == "tophat":
+        return (np.abs(excitation) <= TOPHAT_HALF_WIDTH * width).astype(np.float64)
+    raise ValueError(f"profile {profile!r} is not a function of the Ewald offset alone "
+                     "(gaussian, lorentzian or tophat; xsphere has xsphere_partiality)")
+
+
+def profile_reach(profile: str, partiality_min: float) -> float:
+    """Largest ``|e|/σ`` at which ``profile_partiality`` still reaches ``partiality_min``."""
+    if profile == "gaussian":
+        return math.sqrt(2.0 * math.log(1.0 / partiality_min))
+    if profile == "lorentzian":
+        return LORENTZ_GAMMA * math.sqrt(1.0 / partiality_min - 1.0)
+    if profile == "tophat":
+        return TOPHAT_HALF_WIDTH
+    raise ValueError(f"no reach in units of σ for profile {profile!r}")
+
+
+def _volume_below(t: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Fraction of a sphere's volume on the near side of a plane ``t`` from its centre."""
+    u = np.clip((t + radius) / (2.0 * radius), 0.0, 1.0)
+    return u * u * (3.0 - 2.0 * u)
+
+
+def xsphere_partiality(e_short: np.ndarray, e_long: np.ndarray, radius: np.ndarray
+                       ) -> np.ndarray:
+    """CrystFEL-style partiality of a spherical reflection in a band of wavelengths.
+
+    The reflection is a sphere of radius ``radius`` (Å⁻¹) about its reciprocal-lattice
+    point.  Its Ewald offsets from the spheres of the band's shortest and longest
+    wavelengths are ``e_short ≤ e_long`` (Å⁻¹; the shortest wavelength has the largest
+    sphere, so the smallest offset).  In the plane approximation the band covers the slab
+    ``−e_long ≤ t ≤ −e_short`` of the reflection, and the recorded fraction is the sphere's
+    volume in that slab, ``V(−e_short) − V(−e_long)`` with ``V(t) = u²(3 − 2u)``, u =
+    (t + R)/(2R) clamped to [0, 1].  It is divided by the same fraction for the reflection
+    centred in the band (offsets ±(e_long − e_short)/2), as CrystFEL 0.10 normalises its
+    ``xsphere`` model, so a reflection in the middle of the band has partiality 1.
+    """
+    inside = _volume_below(-e_short, radius) - _volume_below(-e_long, radius)
+    half = 0.5 * (e_long - e_short)
+    centred = _volume_below(half, radius) - _volume_below(-half, radius)
+    return np.clip(inside / centred, 0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class Detector:
     """A flat single-panel detector normal to the beam.

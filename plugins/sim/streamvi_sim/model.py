@@ -2,7 +2,10 @@
 
 The model is not a protein: light atoms are placed uniformly (random sequential addition
 with a minimum distance to every atom and symmetry mate), which gives Wilson statistics at
-all resolutions -- what merging cares about.  Structure factors are summed directly over
+all resolutions -- what merging cares about.  Optionally (:func:`molecular_envelope`) they
+fill a compact globule per asymmetric unit instead, and :func:`bulk_solvent_factors` adds
+the flat solvent around it, which gives the very strong low-order reflections of real
+proteins.  Structure factors are summed directly over
 atoms and symmetry operators with numpy:
 
     F(h) = Σ_j occ_j · exp(−B_j s²) · (f0_j(s) + f'_j + i f''_j) · Σ_ops exp(2πi h·(R x_j + t))
@@ -13,6 +16,7 @@ gemmi carries and f', f'' from gemmi's Cromer–Liberman at the photon energy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import gemmi
 import numpy as np
@@ -75,7 +79,8 @@ def symmetry_matrices(space_group: gemmi.SpaceGroup) -> tuple[np.ndarray, np.nda
 def random_atom_model(*, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, n_light: int,
                       n_sulfur: int, n_iodide: int, min_distance: float,
                       b_range: tuple[float, float], b_iodide: float, iodide_occupancy: float,
-                      rng: np.random.Generator) -> AtomModel:
+                      rng: np.random.Generator,
+                      region: Callable[[np.ndarray], np.ndarray] | None = None) -> AtomModel:
     """Place atoms at random, no two (symmetry mates included) closer than ``min_distance``.
 
     Parameters
@@ -92,6 +97,9 @@ def random_atom_model(*, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, n_
         B (Å²) and occupancy of the iodide ions.
     rng
         Random generator.
+    region
+        Where atoms may go: a function of fractional coordinates ``(n, 3)`` returning a
+        boolean mask (e.g. :meth:`MolecularEnvelope.contains`); ``None``: anywhere.
 
     Raises
     ------
@@ -100,7 +108,16 @@ def random_atom_model(*, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, n_
     """
     n_total = n_light + n_sulfur + n_iodide
     n_cand = max(6 * n_total, 64)
-    cand = rng.random((n_cand, 3))
+    if region is None:
+        cand = rng.random((n_cand, 3))
+    else:
+        # a packed envelope needs more tries per accepted atom than the open cell
+        n_cand = max(12 * n_total, 64)
+        found: list[np.ndarray] = []
+        while sum(len(f) for f in found) < n_cand:
+            draw = rng.random((4 * n_cand, 3))
+            found.append(draw[region(draw)])
+        cand = np.concatenate(found)[:n_cand]
     # gemmi's neighbour search sees symmetry mates and lattice translations; the candidates
     # are residues 0…n−1 of one chain, so a mark's residue_idx names its candidate.
     probe = to_gemmi_structure(AtomModel(np.full(n_cand, "C"), cand, np.zeros(n_cand),
@@ -253,3 +270,76 @@ def to_gemmi_structure(model: AtomModel, *, cell: gemmi.UnitCell,
     st.add_model(gmodel)
     st.setup_entities()
     return st
+
+
+@dataclass(frozen=True)
+class MolecularEnvelope:
+    """A compact globule per asymmetric unit: where a molecule's atoms may lie.
+
+    Every point of the cell belongs to the nearest of the symmetry images of one centre
+    (lattice translations included); the molecule is the points within ``radius`` of their
+    centre, with ``radius`` chosen so that the molecules fill ``protein_fraction`` of the
+    cell.  :meth:`contains` answers for the molecule about the first centre, so its atoms'
+    symmetry mates fill the others without overlapping them.
+
+    Attributes
+    ----------
+    centres
+        ``(n_ops, 3)`` fractional coordinates of the centre and its symmetry images.
+    radius
+        Å.
+    orth
+        Orthogonalisation matrix of the cell (fractional → Å).
+    """
+
+    centres: np.ndarray
+    radius: float
+    orth: np.ndarray
+
+    def _nearest(self, frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Index of the nearest centre and the distance to it (Å) of each point."""
+        delta = frac[:, None, :] - self.centres[None]
+        delta -= np.round(delta)      # nearest lattice translation (cells near 90° angles)
+        dist = np.linalg.norm(delta @ self.orth.T, axis=2)
+        nearest = np.argmin(dist, axis=1)
+        return nearest, dist[np.arange(frac.shape[0]), nearest]
+
+    def contains(self, frac: np.ndarray) -> np.ndarray:
+        """Whether each point ``(n, 3)`` (fractional) lies in the first centre's molecule."""
+        nearest, dist = self._nearest(np.asarray(frac, dtype=np.float64))
+        return (nearest == 0) & (dist < self.radius)
+
+
+def molecular_envelope(*, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup,
+                       protein_fraction: float, rng: np.random.Generator,
+                       n_probe: int = 100_000) -> MolecularEnvelope:
+    """A random :class:`MolecularEnvelope` filling ``protein_fraction`` of the cell."""
+    centre = rng.random(3)
+    rot, tran = symmetry_matrices(space_group)
+    centres = np.mod(np.einsum("oij,j->oi", rot, centre) + tran, 1.0)
+    orth = np.array(cell.orth.mat.tolist())
+    probe = MolecularEnvelope(centres, 0.0, orth)
+    _, dist = probe._nearest(rng.random((n_probe, 3)))
+    return MolecularEnvelope(centres, float(np.quantile(dist, protein_fraction)), orth)
+
+
+def bulk_solvent_factors(model: AtomModel, *, cell: gemmi.UnitCell,
+                         space_group: gemmi.SpaceGroup, hkl: np.ndarray, k_sol: float,
+                         b_sol: float, dmin: float) -> np.ndarray:
+    """Flat bulk solvent's F(h) (complex, electrons): ``k_sol·exp(−B_sol s²)·F_mask(h)``.
+
+    The mask is gemmi's :class:`gemmi.SolventMasker` (Refmac radii and probe, islands
+    removed; 1 in the solvent, 0 in the molecule) on a grid of at most dmin/3 spacing (Å),
+    Fourier transformed with the crystallographic sign ``F(h) = ∫ρ(x) exp(2πi h·x) dV``
+    (the same as :func:`structure_factors`), s² = 1/(4d²); ``k_sol`` in e/Å³, ``b_sol`` in
+    Å².  F(−h) is the complex conjugate (the solvent has no anomalous scattering).
+    """
+    st = to_gemmi_structure(model, cell=cell, space_group=space_group)
+    grid = gemmi.FloatGrid()
+    grid.setup_from(st, spacing=min(0.8, dmin / 3.0))
+    gemmi.SolventMasker(gemmi.AtomicRadiiSet.Refmac).put_mask_on_float_grid(grid, st[0])
+    f_mask = np.array(gemmi.transform_map_to_f_phi(grid), copy=False)
+    h = np.asarray(hkl, dtype=np.int64)
+    values = f_mask[h[:, 0] % grid.nu, h[:, 1] % grid.nv, h[:, 2] % grid.nw].astype(np.complex128)
+    stol2 = 0.25 * cell.calculate_1_d2_array(h.astype(np.int32))
+    return k_sol * np.exp(-b_sol * stol2) * values

@@ -9,8 +9,8 @@ import gemmi
 import numpy as np
 import reciprocalspaceship as rs
 
-from streamvi_sim.model import (AtomModel, random_atom_model, structure_factors,
-                                to_gemmi_structure)
+from streamvi_sim.model import (AtomModel, bulk_solvent_factors, molecular_envelope,
+                                random_atom_model, structure_factors, to_gemmi_structure)
 
 if TYPE_CHECKING:
     from streamvi_sim.config import SimulationConfig
@@ -205,20 +205,38 @@ def read_atoms(path: str | os.PathLike[str]) -> AtomModel:
 def simulate_structure(config: "SimulationConfig") -> Truth:
     """Build the random model of ``config`` and its structure factors to ``config.dmin``.
 
-    Deterministic in ``config.seed``; independent of every image's random stream.
+    Deterministic in ``config.seed``; independent of every image's random stream.  With
+    ``config.flat_intensities`` the truth is :func:`flat_truth`; with
+    ``config.solvent_fraction`` the atoms fill a molecular envelope and the bulk solvent's
+    contribution is added (:func:`~streamvi_sim.model.bulk_solvent_factors`).
     """
     cell = gemmi.UnitCell(*config.cell)
     sg = gemmi.SpaceGroup(config.space_group)
+    if config.flat_intensities:
+        return flat_truth(config)
     rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(0,)))
+    region = None
+    if config.solvent_fraction > 0:
+        # the envelope from a stream of its own, the atoms from the structure's
+        envelope = molecular_envelope(
+            cell=cell, space_group=sg, protein_fraction=1.0 - config.solvent_fraction,
+            rng=np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(0, 1))))
+        region = envelope.contains
     atoms = random_atom_model(
         cell=cell, space_group=sg, n_light=config.n_atoms, n_sulfur=config.n_sulfur,
         n_iodide=config.n_iodide, min_distance=config.min_atom_distance,
         b_range=config.b_range, b_iodide=config.b_iodide,
-        iodide_occupancy=config.iodide_occupancy, rng=rng)
+        iodide_occupancy=config.iodide_occupancy, rng=rng, region=region)
     hkl = gemmi.make_miller_array(cell, sg, config.dmin, unique=True).astype(np.int32)
     energy = config.photon_energy_eV if config.anomalous else None
     f_plus, f_minus = structure_factors(atoms, cell=cell, space_group=sg, hkl=hkl,
                                         photon_energy_eV=energy)
+    if config.solvent_fraction > 0:
+        f_solvent = bulk_solvent_factors(atoms, cell=cell, space_group=sg, hkl=hkl,
+                                         k_sol=config.solvent_k, b_sol=config.solvent_b,
+                                         dmin=config.dmin)
+        f_plus = f_plus + f_solvent
+        f_minus = f_minus + np.conj(f_solvent)
     return Truth(
         cell=tuple(float(x) for x in config.cell),  # type: ignore[arg-type]
         space_group=sg.xhm(), hkl=hkl,
@@ -226,3 +244,28 @@ def simulate_structure(config: "SimulationConfig") -> Truth:
         phi_plus=np.degrees(np.angle(f_plus)), phi_minus=np.degrees(np.angle(f_minus)),
         atoms=atoms, photon_energy_eV=energy,
     )
+
+
+def flat_truth(config: "SimulationConfig") -> Truth:
+    """Random intensities with no atoms and no resolution fall-off (CrystFEL partial_sim's kind).
+
+    I = ε·Σ·x per unique reflection, x exponential (acentric) or χ²₁ (centric), Σ =
+    :data:`~streamvi_sim.config.FLAT_SIGMA` electrons²; F(+) = F(−) (no anomalous signal);
+    phases are uniform at random (φ(−) = −φ(+)), meaningless but consistent.  Deterministic
+    in ``config.seed``.
+    """
+    from streamvi_sim.config import FLAT_SIGMA
+
+    cell = gemmi.UnitCell(*config.cell)
+    sg = gemmi.SpaceGroup(config.space_group)
+    rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(0, 2)))
+    hkl = gemmi.make_miller_array(cell, sg, config.dmin, unique=True).astype(np.int32)
+    ops = sg.operations()
+    centric = ops.centric_flag_array(hkl).astype(bool)
+    epsilon = ops.epsilon_factor_array(hkl).astype(np.float64)
+    x = np.where(centric, rng.normal(size=len(hkl)) ** 2, rng.exponential(size=len(hkl)))
+    amplitude = np.sqrt(FLAT_SIGMA * epsilon * x)
+    phase = rng.uniform(-180.0, 180.0, size=len(hkl))
+    return Truth(cell=tuple(float(v) for v in config.cell),  # type: ignore[arg-type]
+                 space_group=sg.xhm(), hkl=hkl, F_plus=amplitude, F_minus=amplitude.copy(),
+                 phi_plus=phase, phi_minus=-phase, atoms=None, photon_energy_eV=None)
