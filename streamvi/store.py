@@ -4,6 +4,19 @@ Reflections are appended image by image (one image = one crystal = one wire mess
 growable columns on the training device; once ``device_budget_bytes`` is used, later images
 go to a host-memory tier (pinned when the device is CUDA) and are copied over per batch.
 Per-image bookkeeping (arrival time, visits, half-dataset) lives in numpy on the host.
+
+What is merged (docs/operations.md, "What the counters mean"): a crystal is stored once.
+A crystal whose identity ``(run, image, crystal)`` *or* content (a hash of its h, k, l, I,
+sigI and cell: the same crystal sent again under another file name) is already stored is a
+duplicate.  A crystal that is not this crystal form or not sound is refused with a reason,
+and a refused crystal does not claim its identity, so a sound one sent under it later is
+merged:
+
+- ``cell_mismatch``: its cell differs from the merge's by more than the tolerances
+  (:func:`streamvi.symmetry.cell_mismatch`: 5 % in a length, 5° in an angle);
+- ``intensity_outlier``: its intensities are absurd against the crystals stored so far
+  (:meth:`ReflectionStore.intensity_verdicts`);
+- ``outside_table``: none of its reflections is in the table (beyond dmin, absences).
 """
 from __future__ import annotations
 
@@ -18,8 +31,42 @@ import torch
 from streamvi.features import N_METADATA, reflection_metadata
 from streamvi.model.geometry import N_GEOMETRY, STATE_WIDTH, lattice_axes
 from streamvi.model.batch import Batch
-from streamvi.symmetry import ReciprocalSpace
+from streamvi.symmetry import (CELL_ANGLE_TOLERANCE_DEG, CELL_LENGTH_TOLERANCE,
+                               ReciprocalSpace, cell_mismatch)
 from streamvi.wire import CrystalMessage
+
+#: Reasons a crystal is not stored (besides being a duplicate); the service counts them as
+#: ``crystals_rejected{reason}``.
+REJECT_REASONS = ("cell_mismatch", "intensity_outlier", "outside_table")
+#: A crystal whose median |I| exceeds this many times the reference (the median of that
+#: figure over the crystals stored recently) is refused.  Crystal sizes and partialities
+#: spread real crystals over one to two decades (simulated beamtime: 3.0-6.9; 5-HT2B at
+#: LCLS: 82-227); a crystal a thousand times brighter than the typical one is a unit or
+#: encoding error, and one such crystal set the intensity scale of a whole run (issue 18).
+INTENSITY_OUTLIER_RATIO = 1000.0
+#: ... and one whose median I is below −(this) × the reference: noise-only crystals have a
+#: median I near zero, never ten typical intensities below it.
+NEGATIVE_INTENSITY_RATIO = 10.0
+#: Fewest crystals (stored recently plus those being added) to judge intensities against.
+MIN_INTENSITY_REFERENCE = 3
+#: Crystals' median |I| kept for the reference (the most recent ones stored).
+INTENSITY_REFERENCE_SIZE = 1024
+#: Distinct run names remembered for the MTZ's crystal and dataset names.
+MAX_RUNS_KEPT = 64
+
+
+def content_key(msg: CrystalMessage) -> int:
+    """A 128-bit hash of a crystal's content: h, k, l, I, sigI and cell.
+
+    Two messages with the same key carry the same measurement, whatever their identity
+    says (a stream sent again under another file name).
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for a, dtype in ((msg.h, "<i4"), (msg.k, "<i4"), (msg.l, "<i4"), (msg.I, "<f4"),
+                     (msg.sigI, "<f4")):
+        digest.update(np.ascontiguousarray(a, dtype=dtype).data)
+    digest.update(np.asarray(msg.cell, dtype="<f8").tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 def image_half(run: str, image: str) -> int:
@@ -53,6 +100,12 @@ class AddResult:
     n_kept: int
     n_outside: int
     duplicate: bool = False
+    #: ``"identity"`` (same run, image, crystal) or ``"content"`` (same data) for duplicates
+    duplicate_kind: str | None = None
+    #: why the crystal was not stored (one of :data:`REJECT_REASONS`); None otherwise
+    rejected: str | None = None
+    #: what was wrong, for the log and the dead-letter file
+    detail: str = ""
 
 
 class _Columns:
@@ -169,6 +222,18 @@ class ReflectionStore:
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
+        #: :func:`content_key` of every stored crystal → its image id
+        self.content_keys: dict[int, int] = {}
+        #: tolerances of the cell check (None: no check; :func:`~streamvi.symmetry.cell_mismatch`)
+        self.cell_length_tolerance: float | None = CELL_LENGTH_TOLERANCE
+        self.cell_angle_tolerance_deg: float | None = CELL_ANGLE_TOLERANCE_DEG
+        #: ratio of the intensity check (None: no check; :meth:`intensity_verdicts`)
+        self.intensity_outlier_ratio: float | None = INTENSITY_OUTLIER_RATIO
+        self._levels = np.full(INTENSITY_REFERENCE_SIZE, np.nan)
+        self._n_levels = 0
+        #: stored crystals per run name (the first :data:`MAX_RUNS_KEPT` names)
+        self.runs: dict[str, int] = {}
+        self._wavelength_sum = 0.0
         #: observations per posterior row, all and per half: under the identity operator
         #: when an image arrives, then under the operator last chosen for it
         self.obs_count = np.zeros((3, space.n_unique), np.int64)
@@ -219,29 +284,135 @@ class ReflectionStore:
         results: list[AddResult | None] = [None] * len(msgs)
         fresh: list[int] = []
         first_of: dict[tuple[str, str, int], int] = {}
-        repeats: list[tuple[int, int]] = []
+        first_content: dict[int, int] = {}
+        contents: dict[int, int] = {}
+        repeats: list[tuple[int, int, str]] = []
         for k, msg in enumerate(msgs):
-            key = msg.key
+            key, content = msg.key, content_key(msg)
+            contents[k] = content
             if key in self.keys:
-                results[k] = AddResult(self.keys[key], 0, 0, duplicate=True)
+                results[k] = AddResult(self.keys[key], 0, 0, duplicate=True,
+                                       duplicate_kind="identity")
+            elif content in self.content_keys:
+                results[k] = AddResult(self.content_keys[content], 0, 0, duplicate=True,
+                                       duplicate_kind="content")
             elif key in first_of:
-                repeats.append((k, first_of[key]))
+                repeats.append((k, first_of[key], "identity"))
+            elif content in first_content:
+                repeats.append((k, first_content[content], "content"))
             else:
                 first_of[key] = k
+                first_content[content] = k
                 fresh.append(k)
+        levels: dict[int, float] = {}
+        fresh = self._screen(msgs, fresh, results, levels)
         if fresh:
             hkl = [msgs[k].hkl() for k in fresh]
             bounds = np.cumsum([0] + [h.shape[0] for h in hkl])
             all_ids = self.space.lookup_ops(np.concatenate(hkl))        # (n_ops, n)
-            self._append_crystals(msgs, arrival_times, now, fresh, all_ids, bounds, results)
-        for k, first in repeats:
-            results[k] = AddResult(results[first].image_id, 0, 0, duplicate=True)
+            self._append_crystals(msgs, arrival_times, now, fresh, all_ids, bounds, results,
+                                  contents, levels)
+        retry = []
+        for k, first, kind in repeats:
+            if results[first].rejected is None:
+                results[k] = AddResult(results[first].image_id, 0, 0, duplicate=True,
+                                       duplicate_kind=kind)
+            else:               # a refused crystal claims nothing: judge the repeat itself
+                retry.append(k)
+        if retry:
+            again = self.add_many([msgs[k] for k in retry],
+                                  None if arrival_times is None
+                                  else [arrival_times[k] for k in retry])
+            for k, res in zip(retry, again):
+                results[k] = res
         return results
+
+    def is_stored(self, msg: CrystalMessage) -> bool:
+        """Whether ``msg`` (by identity or by content) is stored already.
+
+        Safe to call from another thread than the one adding (ingest asks it before
+        spooling): a crystal stored at that very moment may be reported as not stored yet,
+        and is then recognised as a duplicate when it reaches :meth:`add_many`.
+        """
+        return msg.key in self.keys or content_key(msg) in self.content_keys
+
+    def _screen(self, msgs: Sequence[CrystalMessage], fresh: list[int],
+                results: list[AddResult | None], levels: dict[int, float]) -> list[int]:
+        """``fresh`` without the crystals refused for their cell or intensities (their
+        results are set here); ``levels`` gets the median |I| of those kept."""
+        if self.cell_length_tolerance is not None and self.cell_angle_tolerance_deg is not None:
+            kept = []
+            for k in fresh:
+                why = cell_mismatch(msgs[k].cell, self.space.cell,
+                                    length_tolerance=self.cell_length_tolerance,
+                                    angle_tolerance_deg=self.cell_angle_tolerance_deg)
+                if why is None:
+                    kept.append(k)
+                else:
+                    results[k] = AddResult(None, 0, 0, rejected="cell_mismatch", detail=(
+                        f"cell {_cell_text(msgs[k].cell)} is not the merge's "
+                        f"{_cell_text(self.space.cell.parameters)}: {why}; a crystal of "
+                        "another form, or a wrong cell in the set-up (set cell, or "
+                        "cell_length_tolerance / cell_angle_tolerance)"))
+            fresh = kept
+        levels.update((k, _level(msgs[k])) for k in fresh)
+        if self.intensity_outlier_ratio is None or not fresh:
+            return fresh
+        verdicts = self.intensity_verdicts([msgs[k] for k in fresh],
+                                           [levels[k] for k in fresh])
+        for k, why in zip(fresh, verdicts):
+            if why is not None:
+                results[k] = AddResult(None, 0, 0, rejected="intensity_outlier", detail=why)
+        return [k for k, why in zip(fresh, verdicts) if why is None]
+
+    def intensity_verdicts(self, msgs: Sequence[CrystalMessage],
+                           levels: Sequence[float] | None = None) -> list[str | None]:
+        """Why each crystal's intensities are absurd, or None where they are not.
+
+        ``levels``: each crystal's median |I|, if known already.
+
+        Each crystal is summarised by its median |I| (a robust level that any sign of
+        intensity gives) and its median I.  The reference is the median of the levels of
+        the last :data:`INTENSITY_REFERENCE_SIZE` crystals stored *and* of ``msgs``, so one
+        crystal counts as one crystal and cannot move it, even when it comes first: the
+        service collects its first crystals before it stores any (docs/operations.md).
+        A crystal is absurd when its level exceeds :attr:`intensity_outlier_ratio` × the
+        reference, or its median I is below −:data:`NEGATIVE_INTENSITY_RATIO` × the
+        reference.  Fewer than :data:`MIN_INTENSITY_REFERENCE` crystals: nothing is judged.
+        """
+        level = np.array([_level(m) for m in msgs] if levels is None else levels, np.float64)
+        pool = np.concatenate([self._levels[: min(self._n_levels, self._levels.shape[0])],
+                               level[np.isfinite(level)]])
+        if pool.shape[0] < MIN_INTENSITY_REFERENCE:
+            return [None] * len(msgs)
+        ref = float(np.median(pool))
+        ratio = float(self.intensity_outlier_ratio or np.inf)
+        out: list[str | None] = []
+        for m, lv in zip(msgs, level):
+            if not np.isfinite(lv) or ref <= 0 or lv <= NEGATIVE_INTENSITY_RATIO * ref:
+                # |median I| <= median |I|: below that level the median I cannot be absurd
+                out.append(None)
+            elif lv > ratio * ref:
+                out.append(f"median |I| {lv:.4g} is {lv / ref:.3g} times the median of the "
+                           f"crystals' ({ref:.4g}; more than {ratio:g} times is refused): a "
+                           "unit or encoding error in the producer")
+            elif (mid := float(np.median(m.I))) < -NEGATIVE_INTENSITY_RATIO * ref:
+                out.append(f"median I {mid:.4g} is below -{NEGATIVE_INTENSITY_RATIO:g} times "
+                           f"the crystals' median |I| ({ref:.4g}): intensities of the wrong "
+                           "sign or a background subtraction gone wrong in the producer")
+            else:
+                out.append(None)
+        return out
+
+    def mean_wavelength(self) -> float | None:
+        """Mean wavelength of the stored crystals, Å (None before any)."""
+        return self._wavelength_sum / self.n_images if self.n_images else None
 
     def _append_crystals(self, msgs: Sequence[CrystalMessage],
                          arrival_times: Sequence[float] | None, now: float, fresh: list[int],
                          all_ids: np.ndarray, bounds: np.ndarray,
-                         results: list[AddResult | None]) -> None:
+                         results: list[AddResult | None], contents: dict[int, int],
+                         levels: dict[int, float]) -> None:
         """The work of :meth:`add_many` for crystals not stored yet (``fresh``)."""
         kept: list[_Kept] = []
         for j, k in enumerate(fresh):
@@ -250,7 +421,10 @@ class ReflectionStore:
             keep = ids[0] >= 0
             n_outside = int((~keep).sum())
             if not keep.any():
-                results[k] = AddResult(None, 0, n_outside)
+                results[k] = AddResult(None, 0, n_outside, rejected="outside_table", detail=(
+                    f"none of its {len(msg)} reflections is in the table (beyond dmin "
+                    f"{self.space.dmin:g} Å or systematically absent in "
+                    f"{self.space.space_group.hm})"))
                 continue
             ids = ids[:, keep]
             # a reindexed index can fall outside the table where the identity is inside;
@@ -298,8 +472,11 @@ class ReflectionStore:
         self.n_images += n_new
         self.n_reflections += int(ends[-1])
         for i, c in zip(image_ids, kept):
-            self.keys[msgs[c.k].key] = int(i)
+            msg = msgs[c.k]
+            self.keys[msg.key] = int(i)
+            self.content_keys[contents[c.k]] = int(i)
             results[c.k] = AddResult(int(i), c.iobs.shape[0], c.n_outside)
+            self._remember(msg, levels[c.k])
         rows = ids[0]
         half_of = np.repeat(halves.astype(np.int64), lengths)
         # rows of table 0 and of each crystal's half, as flat indices into obs_count
@@ -314,6 +491,16 @@ class ReflectionStore:
         np.add.at(self.sum_w, rows, w)
         np.add.at(self.sum_wi, rows, w * iobs)
         np.add.at(self.sum_i, rows, iobs.astype(np.float64))
+
+    def _remember(self, msg: CrystalMessage, level: float) -> None:
+        """Keep what the intensity reference (``level``: median |I|) and the MTZ header need
+        of a stored crystal."""
+        if np.isfinite(level):
+            self._levels[self._n_levels % self._levels.shape[0]] = level
+            self._n_levels += 1
+        self._wavelength_sum += msg.wavelength_A
+        if msg.run in self.runs or len(self.runs) < MAX_RUNS_KEPT:
+            self.runs[msg.run] = self.runs.get(msg.run, 0) + 1
 
     def _plan_tiers(self, lengths: list[int]) -> list[int]:
         """Tier of each of several crystals of ``lengths`` reflections, in arrival order:
@@ -584,6 +771,15 @@ class ReflectionStore:
         for t, tier in enumerate(self._tiers):
             out["device" if t == 0 else "host"] += tier.capacity * tier.nbytes_per_row()
         return out
+
+
+def _level(msg: CrystalMessage) -> float:
+    """A crystal's median |I| (NaN without reflections)."""
+    return float(np.median(np.abs(msg.I))) if len(msg) else float("nan")
+
+
+def _cell_text(cell) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in cell) + ")"
 
 
 def _doubled(t: torch.Tensor) -> torch.Tensor:

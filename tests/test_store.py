@@ -226,3 +226,98 @@ def test_add_many_stores_exactly_what_adding_one_by_one_does(space, budget):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     if budget is not None:
         assert many.image_tier[:n].max() == 1
+
+
+# ------------------------------------------------------------------ issue 18: what is merged
+
+
+def test_the_same_crystal_under_another_name_is_a_duplicate(space):
+    """Item 8: a crystal resent under another file (run) name is recognised by content."""
+    rng = np.random.default_rng(11)
+    store = ReflectionStore(space)
+    msgs = [make_crystal(rng, image=f"i{j}") for j in range(4)]
+    renamed = [make_crystal(rng, image="x") for _ in range(4)]
+    for src, dst in zip(msgs, renamed):
+        for name in ("h", "k", "l", "I", "sigI", "cell"):
+            setattr(dst, name, getattr(src, name))
+        dst.run, dst.image = "other-file", "renamed/" + src.image
+    first = store.add_many(msgs)
+    again = store.add_many(renamed + renamed[:1])
+    assert [r.duplicate for r in again] == [True] * 5
+    assert [r.duplicate_kind for r in again] == ["content"] * 5
+    assert [r.image_id for r in again[:4]] == [r.image_id for r in first]
+    assert store.n_images == 4
+    # the same identity with other content is still a duplicate (by identity)
+    changed = make_crystal(rng, image="i0")
+    (r,) = store.add_many([changed])
+    assert r.duplicate and r.duplicate_kind == "identity"
+    assert store.is_stored(msgs[2]) and store.is_stored(renamed[1])
+    assert not store.is_stored(make_crystal(rng, image="new"))
+
+
+def test_a_crystal_of_another_cell_is_rejected_with_the_reason(space):
+    """Items 5 and 1: crystals beyond 5 % / 5° of the merge's cell are refused, never merged."""
+    rng = np.random.default_rng(12)
+    store = ReflectionStore(space)
+    good = [make_crystal(rng, image=f"g{j}", cell=(79.6, 78.8, 38.1, 90.4, 89.7, 90.2))
+            for j in range(3)]
+    foreign = make_crystal(rng, image="5ht2b", cell=(61.4, 122.6, 168.0, 90, 90, 90))
+    res = store.add_many(good[:1] + [foreign] + good[1:])
+    assert [r.rejected for r in res] == [None, "cell_mismatch", None, None]
+    assert res[1].image_id is None and not res[1].duplicate
+    assert "c = 168" in res[1].detail and "tolerance 5 %" in res[1].detail
+    assert store.n_images == 3
+    # the rejected crystal did not claim its identity: a sound one under it is merged
+    sound = make_crystal(rng, image="5ht2b")
+    (r,) = store.add_many([sound])
+    assert r.rejected is None and not r.duplicate and r.image_id == 3
+    loose = ReflectionStore(space)
+    loose.cell_length_tolerance = None
+    assert loose.add_many([foreign])[0].rejected is None
+
+
+@pytest.mark.parametrize("poison", [1e9, -1e6])
+def test_an_absurd_crystal_is_rejected_even_when_it_comes_first(space, poison):
+    """Item 2: one valid crystal with absurd intensities is refused, not merged."""
+    rng = np.random.default_rng(13)
+    bad = make_crystal(rng, image="poison")
+    bad.I[:] = poison
+    normal = [make_crystal(rng, image=f"n{j}") for j in range(8)]
+    for j, m in enumerate(normal):          # crystals of very different sizes are fine
+        m.I *= (1.0, 30.0, 0.05, 3.0)[j % 4]
+    store = ReflectionStore(space)
+    res = store.add_many([bad] + normal)
+    assert res[0].rejected == "intensity_outlier", res[0]
+    assert [r.rejected for r in res[1:]] == [None] * 8
+    assert "median" in res[0].detail
+    # later ones are judged against the crystals stored so far
+    late = make_crystal(rng, image="late")
+    late.I[:] = poison
+    assert store.add_many([late])[0].rejected == "intensity_outlier"
+    # a crystal alone cannot be judged: it is stored
+    alone = ReflectionStore(space)
+    assert alone.add_many([bad])[0].rejected is None
+
+
+def test_a_crystal_with_no_reflection_in_the_table_is_counted_as_rejected(space):
+    """Item 11: received = merged + duplicates + rejected, also for such crystals."""
+    rng = np.random.default_rng(14)
+    far = make_crystal(rng, n=3, image="out")
+    far.h[:], far.k[:], far.l[:] = 90, 90, 90
+    store = ReflectionStore(space)
+    (r,) = store.add_many([far])
+    assert r.rejected == "outside_table" and r.n_outside == 3 and r.image_id is None
+    assert not store.is_stored(far)
+
+
+def test_the_store_keeps_the_runs_and_wavelengths_of_what_it_merged(space):
+    rng = np.random.default_rng(15)
+    store = ReflectionStore(space)
+    a = make_crystal(rng, image="a", run="run42")
+    b = make_crystal(rng, image="b", run="run42")
+    b.photon_energy_eV = 10000.0
+    store.add_many([a, b])
+    assert store.runs == {"run42": 2}
+    assert store.mean_wavelength() == pytest.approx(
+        0.5 * (12398.419843320026 / 9500.0 + 12398.419843320026 / 10000.0))
+    assert ReflectionStore(space).mean_wavelength() is None
