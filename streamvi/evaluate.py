@@ -34,9 +34,11 @@ def compare_to_truth(merged: rs.DataSet, truth: rs.DataSet, *, n_shells: int = 1
     Returns
     -------
     dict
-        ``cc_F`` overall, ``cc_F_shells`` (low → high resolution), ``d_min_shells`` (Å),
-        ``cc_anom`` (merged ΔF vs true ΔF over acentric pairs, NaN without both columns),
-        ``n_common``.
+        ``cc_F`` overall, ``cc_F_shells`` (low → high resolution; shells of equal volume in
+        reciprocal space, :func:`streamvi.stats.shell_edges`), ``cc_F_lowest_shell`` and
+        ``cc_F_top_shell``, ``d_min_shells`` (Å, the high-resolution edge of each shell) and
+        ``d_max`` (Å, the low edge of the first), ``cc_anom`` (merged ΔF vs true ΔF over
+        acentric pairs, NaN without both columns) and ``cc_anom_shells``, ``n_common``.
     """
     common = merged.index.intersection(truth.index)
     m = merged.loc[common]
@@ -51,8 +53,10 @@ def compare_to_truth(merged: rs.DataSet, truth: rs.DataSet, *, n_shells: int = 1
     shell = shell_index(d, edges)
     cc_shells, _ = pearson_by_group(fm[ok], ft[ok], shell[ok], n_shells)
     out = {"cc_F": _pearson(fm, ft), "cc_F_shells": [float(x) for x in cc_shells],
-           "d_min_shells": [float(x) for x in edges[1:]], "n_common": int(ok.sum()),
-           "cc_anom": float("nan")}
+           "cc_F_lowest_shell": float(cc_shells[0]), "cc_F_top_shell": float(cc_shells[-1]),
+           "d_min_shells": [float(x) for x in edges[1:]], "d_max": float(edges[0]),
+           "n_common": int(ok.sum()), "cc_anom": float("nan"),
+           "cc_anom_shells": [float("nan")] * n_shells}
     if {"F(+)", "F(-)"} <= set(m.columns) and {"F(+)", "F(-)"} <= set(t.columns):
         centric = merged.spacegroup.operations().centric_flag_array(hkl)
         dm = m["F(+)"].to_numpy(np.float64) - m["F(-)"].to_numpy(np.float64)
@@ -83,42 +87,175 @@ def average_merge(crystals, space, *, weighting: str = "inverse_variance") -> rs
     rs.DataSet
         ``F, SIGF, I, SIGI, N`` (and ``F(+)``/``F(-)`` in anomalous mode); F = √max(I, 0).
     """
-    n = space.n_unique
-    sw = np.zeros(n)
-    swi = np.zeros(n)
-    swi2 = np.zeros(n)
-    cnt = np.zeros(n, np.int64)
+    acc = _Averager(space, weighting)
     for msg in crystals:
-        rows = space.lookup(msg.hkl())
+        acc.add(msg.hkl(), msg.I, msg.sigI)
+    return acc.dataset()
+
+
+def partiality_corrected_merge(crystals, image_truths, space, *,
+                               weighting: str = "inverse_variance") -> rs.DataSet:
+    """The upper-bound baseline: an average of observations corrected with the *true* physics.
+
+    Each observation's I and σ(I) are divided by its image's true ``intensity_factor``
+    (simulator: gain × flux × image scale × exp(−2(B_overall + B_image)s²) × partiality,
+    :class:`streamvi_sim.ImageTruth`), it is put under its *true* indices (so an indexer's
+    choice of setting is undone), and misindexed images are left out; outliers stay, as no
+    merge is told which they are.  What is left is counting noise, the gain and fractional
+    errors, outliers and the truth's own Bijvoet signal: no merge that must learn scales and
+    partialities should beat it by much.  I is on the truth's absolute scale (electrons²).
+
+    Parameters
+    ----------
+    crystals
+        The :class:`~streamvi.wire.CrystalMessage` of each image.
+    image_truths
+        The matching :class:`streamvi_sim.ImageTruth` (anything with ``hkl``,
+        ``intensity_factor`` and ``misindexed``), in the same order.
+    space
+        The merge's :class:`~streamvi.symmetry.ReciprocalSpace`.
+    weighting
+        As for :func:`average_merge`.
+    """
+    acc = _Averager(space, weighting)
+    for msg, truth in zip(crystals, image_truths, strict=True):
+        if truth.misindexed:
+            continue
+        factor = np.asarray(truth.intensity_factor, dtype=np.float64)
+        if factor.shape[0] != len(msg):
+            raise ValueError(f"image {msg.image}: {len(msg)} reflections but "
+                             f"{factor.shape[0]} true intensity factors; pass each image's "
+                             "ImageTruth in the order of the crystals")
+        acc.add(np.asarray(truth.hkl), msg.I / factor, msg.sigI / factor)
+    return acc.dataset()
+
+
+class _Averager:
+    """Running sums of one weighted average per unique row (float64)."""
+
+    def __init__(self, space, weighting: str):
+        if weighting not in ("inverse_variance", "mean"):
+            raise ValueError(f"weighting = {weighting!r}: use 'inverse_variance' or 'mean'")
+        n = space.n_unique
+        self.space, self.weighting = space, weighting
+        self.sw, self.swi, self.swi2 = np.zeros(n), np.zeros(n), np.zeros(n)
+        self.cnt = np.zeros(n, np.int64)
+
+    def add(self, hkl: np.ndarray, iobs: np.ndarray, sigiobs: np.ndarray) -> None:
+        rows = self.space.lookup(hkl)
         ok = rows >= 0
         rows = rows[ok]
-        i = msg.I[ok].astype(np.float64)
-        s = msg.sigI[ok].astype(np.float64)
-        w = 1.0 / (s * s) if weighting == "inverse_variance" else np.ones_like(i)
-        np.add.at(sw, rows, w)
-        np.add.at(swi, rows, w * i)
-        np.add.at(swi2, rows, w * i * i)
-        np.add.at(cnt, rows, 1)
+        i = np.asarray(iobs, dtype=np.float64)[ok]
+        s = np.asarray(sigiobs, dtype=np.float64)[ok]
+        w = 1.0 / (s * s) if self.weighting == "inverse_variance" else np.ones_like(i)
+        np.add.at(self.sw, rows, w)
+        np.add.at(self.swi, rows, w * i)
+        np.add.at(self.swi2, rows, w * i * i)
+        np.add.at(self.cnt, rows, 1)
+
+    def dataset(self) -> rs.DataSet:
+        sw, cnt = self.sw, self.cnt
+        with np.errstate(invalid="ignore", divide="ignore"):
+            imean = self.swi / sw
+            if self.weighting == "inverse_variance":
+                sig = 1.0 / np.sqrt(sw)
+            else:
+                var = self.swi2 / sw - imean ** 2
+                sig = np.sqrt(np.maximum(var, 0) / np.maximum(cnt - 1, 1))
+        f = np.sqrt(np.maximum(imean, 0))
+        sigf = sig / (2 * np.maximum(f, 1e-3))
+        from types import SimpleNamespace
+
+        from streamvi.publish.mtz import snapshot_to_dataset
+
+        # the publisher reads only space, tables and obs_count: the same columns as the model's
+        table = {"F": f, "SIGF": sigf, "I": imean, "SIGI": sig}
+        zeros = np.zeros_like(cnt)
+        ds = snapshot_to_dataset(SimpleNamespace(
+            space=self.space, tables={"all": table, "half1": table, "half2": table},
+            obs_count=np.stack([cnt, zeros, zeros])))
+        return ds[[c for c in ds.columns if "half" not in c]]
+
+
+def _common_amplitudes(merged: rs.DataSet, truth: rs.DataSet, f_col: str, truth_f: str
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """hkl ``(n, 3)``, d (Å), merged F and true F of the rows both tables hold (finite)."""
+    common = merged.index.intersection(truth.index)
+    fm = merged.loc[common, f_col].to_numpy(np.float64)
+    ft = truth.loc[common, truth_f].to_numpy(np.float64)
+    hkl = np.array(common.tolist(), dtype=np.int32).reshape(-1, 3)
+    ok = np.isfinite(fm) & np.isfinite(ft)
+    hkl, fm, ft = hkl[ok], fm[ok], ft[ok]
+    return hkl, merged.cell.calculate_d_array(hkl), fm, ft
+
+
+def fitted_b_correlation(merged: rs.DataSet, truth: rs.DataSet, *, f_col: str = "F",
+                         truth_f: str = "FMODEL") -> dict:
+    """CC(F, truth) after removing one fitted relative B from the merge.
+
+    Least squares of ``ln(F_merged / F_true) = a − B·s²`` over every reflection with both
+    amplitudes positive (s² = 1/(4d²), Å⁻²), then the CC of ``F_merged·exp(B s²)`` with the
+    truth over all common reflections.  B > 0: the merge falls off faster than the truth.
+    This takes out what a merge cannot pin (the split of a resolution trend between
+    amplitudes and image scales) and leaves what it got wrong reflection by reflection.
+
+    Returns
+    -------
+    dict
+        ``b`` (Å²), ``cc_F`` (after the B), ``n_fit`` (reflections in the fit).
+    """
+    _, d, fm, ft = _common_amplitudes(merged, truth, f_col, truth_f)
+    s2 = 0.25 / d ** 2
+    pos = (fm > 0) & (ft > 0)
+    if pos.sum() < 3:
+        return {"b": float("nan"), "cc_F": float("nan"), "n_fit": int(pos.sum())}
+    slope, _ = np.polyfit(s2[pos], np.log(fm[pos] / ft[pos]), 1)
+    b = -float(slope)
+    return {"b": b, "cc_F": _pearson(fm * np.exp(b * s2), ft), "n_fit": int(pos.sum())}
+
+
+def strong_reflection_ratios(merged: rs.DataSet, truth: rs.DataSet, *, fraction: float = 0.01,
+                             n_shells: int = 10, f_col: str = "F",
+                             truth_f: str = "FMODEL") -> dict:
+    """F_merged / F_true of the strongest true reflections, after a scale per shell.
+
+    The common reflections are cut into ``n_shells`` resolution shells of equal volume
+    (:func:`streamvi.stats.shell_edges`).  In each shell the merge is put on the truth's
+    scale by least squares, ``k = Σ F_m F_t / Σ F_m²``; the ``fraction`` strongest
+    reflections are chosen by the *true* normalised amplitude within their shell, ``E =
+    F_t / √(ε ⟨F_t²/ε⟩_shell)`` (by E rather than F so that every resolution can contribute,
+    as a map or a molecular-replacement search weighs them), and each gets the ratio
+    ``k·F_m / F_t``.  A merge that shrinks its strongest reflections shows ratios below 1.
+
+    Returns
+    -------
+    dict
+        ``ratio``, ``E``, ``d`` (Å) and ``hkl`` of the chosen reflections (strongest first;
+        lists), ``min``, ``max``, ``median`` of the ratios, ``worst`` (the ratio farthest
+        from 1) and ``n``.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction = {fraction}: must lie in (0, 1]")
+    hkl, d, fm, ft = _common_amplitudes(merged, truth, f_col, truth_f)
+    from streamvi.stats import shell_edges, shell_index
+
+    shell = shell_index(d, shell_edges(d, n_shells))
+    eps = merged.spacegroup.operations().epsilon_factor_array(hkl).astype(np.float64)
+    s_mt = np.bincount(shell, fm * ft, n_shells)
+    s_mm = np.bincount(shell, fm * fm, n_shells)
+    mean_i = np.bincount(shell, ft * ft / eps, n_shells) / np.maximum(
+        np.bincount(shell, minlength=n_shells), 1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        imean = swi / sw
-        if weighting == "inverse_variance":
-            sig = 1.0 / np.sqrt(sw)
-        else:
-            var = swi2 / sw - imean ** 2
-            sig = np.sqrt(np.maximum(var, 0) / np.maximum(cnt - 1, 1))
-    f = np.sqrt(np.maximum(imean, 0))
-    sigf = sig / (2 * np.maximum(f, 1e-3))
-    from types import SimpleNamespace
-
-    from streamvi.publish.mtz import snapshot_to_dataset
-
-    # the publisher reads only space, tables and obs_count: the same columns as for the model
-    table = {"F": f, "SIGF": sigf, "I": imean, "SIGI": sig}
-    zeros = np.zeros_like(cnt)
-    ds = snapshot_to_dataset(SimpleNamespace(
-        space=space, tables={"all": table, "half1": table, "half2": table},
-        obs_count=np.stack([cnt, zeros, zeros])))
-    return ds[[c for c in ds.columns if "half" not in c]]
+        k = s_mt / s_mm
+        e = ft / np.sqrt(eps * mean_i[shell])
+        ratio = k[shell] * fm / ft
+    n = max(1, int(round(fraction * hkl.shape[0])))
+    pick = np.argsort(-e, kind="stable")[:n]
+    r = ratio[pick]
+    worst = float(r[np.argmax(np.abs(r - 1.0))])
+    return {"ratio": r.tolist(), "E": e[pick].tolist(), "d": d[pick].tolist(),
+            "hkl": hkl[pick].tolist(), "min": float(r.min()), "max": float(r.max()),
+            "median": float(np.median(r)), "worst": worst, "n": int(n)}
 
 
 def anomalous_peak_heights(merged: rs.DataSet, truth: rs.DataSet, sites_frac: np.ndarray, *,
