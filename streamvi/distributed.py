@@ -129,34 +129,45 @@ class RankStandardizer(Standardizer):
     """
 
     @torch.no_grad()
-    def update(self, metadata: torch.Tensor, iobs: torch.Tensor) -> None:
+    def update(self, metadata: torch.Tensor, iobs: torch.Tensor,
+               image_index: torch.Tensor | None = None, n_images: int | None = None) -> None:
         if self.is_frozen:
             return
         dev = _comm_device(self.count.device)
-        x = metadata.to(dev, torch.float64).reshape(-1, self.n_metadata)
-        i = iobs.to(dev, torch.float64).reshape(-1)
-        n = x.shape[0]
-        local = torch.zeros(3 + 2 * self.n_metadata, dtype=torch.float64, device=dev)
-        if n:
-            mean = x.mean(dim=0)
-            local[0] = n
-            local[1:1 + self.n_metadata] = mean
-            local[1 + self.n_metadata:1 + 2 * self.n_metadata] = ((x - mean) ** 2).sum(dim=0)
-            local[-2] = i.sum()
-            local[-1] = (i * i).sum()
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
-        part = Standardizer(self.n_metadata).to(self.count.device)
         m = self.n_metadata
-        for v in gathered:
+        n = int(iobs.numel())
+        local = torch.zeros(4 + 2 * m, dtype=torch.float64, device=dev)
+        rows = torch.zeros((0, 3), dtype=torch.float64, device=dev)
+        if n:
+            _, mean, m2, i_sum, i_sumsq, rows = self._summary(metadata, iobs, image_index,
+                                                               n_images)
+            local[0] = n
+            local[1:1 + m] = mean.to(dev)
+            local[1 + m:1 + 2 * m] = m2.to(dev)
+            local[1 + 2 * m] = i_sum.to(dev)
+            local[2 + 2 * m] = i_sumsq.to(dev)
+            local[3 + 2 * m] = rows.shape[0]
+        world = dist.get_world_size()
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        # the per-crystal summaries (for the robust intensity scale), padded to the longest
+        width = max(int(v[3 + 2 * m]) for v in gathered)
+        padded = torch.zeros((width, 3), dtype=torch.float64, device=dev)
+        padded[:rows.shape[0]] = rows.to(dev)
+        crystal_rows = [torch.empty_like(padded) for _ in range(world)]
+        if width:
+            dist.all_gather(crystal_rows, padded)
+        for v, r in zip(gathered, crystal_rows):
             v = v.to(self.count.device)
             if float(v[0]) == 0.0:
                 continue
+            part = Standardizer(self.n_metadata).to(self.count.device)
             part.count.copy_(v[0])
             part.meta_mean.copy_(v[1:1 + m])
             part.meta_m2.copy_(v[1 + m:1 + 2 * m])
-            part.i_sum.copy_(v[-2])
-            part.i_sumsq.copy_(v[-1])
+            part.i_sum.copy_(v[1 + 2 * m])
+            part.i_sumsq.copy_(v[2 + 2 * m])
+            part._add_crystals(r[:int(v[3 + 2 * m])].to(self.count.device))
             self.merge(part)
 
 

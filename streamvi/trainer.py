@@ -337,7 +337,7 @@ class Trainer:
             batch = batch.to(self.device, non_blocking=True)
         std = self.model.standardizer
         if not std.is_frozen:
-            std.update(batch.metadata, batch.iobs)
+            std.update(batch.metadata, batch.iobs, batch.image_index, batch.n_images)
             if std.n_seen >= self.config.warmup_reflections:
                 std.freeze()
         self.model.train()
