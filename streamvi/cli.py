@@ -327,19 +327,26 @@ def _run_send(args: argparse.Namespace) -> int:
         # A signal ends the run cleanly: what was sent is flushed and the position file saved.
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
+
+    def print_report(report) -> None:
+        for name, counts in report.by_file.items():
+            print(json.dumps({"file": name, **counts, "seconds": round(report.seconds, 3)}),
+                  flush=True)
+
     try:
         report = send_files(args.files, args.to, follow=args.follow,
                             position_file=args.position_file, rate=args.rate, run=args.run,
                             poll_s=args.poll, idle_timeout_s=args.idle_timeout,
                             stop_event=stop, timeout_s=args.timeout)
-    except TimeoutError as exc:
+    except TimeoutError as exc:     # SendTimeout: no service took anything (exit status 2)
+        print_report(exc.report)
         raise StreamviError(str(exc)) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    for name, counts in report.by_file.items():
-        print(json.dumps({"file": name, "sent": counts["sent"], "rejected": counts["rejected"],
-                          "seconds": round(report.seconds, 3)}), flush=True)
+    print_report(report)
+    if report.unconfirmed:
+        return 3                    # some were not confirmed: the next run sends them again
     return 130 if stop.is_set() and not args.follow else 0
 
 

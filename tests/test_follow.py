@@ -397,8 +397,8 @@ def test_several_growing_files_are_interleaved(tmp_path, receiver):
     last_pal = max(got.index(k) for k in pal_keys)
     assert last_pal < len(got) - 1    # b's crystals came while a was still being written
     (report,) = reports
-    assert report.by_file == {str(a): {"sent": 32, "rejected": 0},
-                              str(b): {"sent": 3, "rejected": 0}}
+    assert report.by_file == {str(a): {"sent": 32, "unconfirmed": 0, "rejected": 0},
+                              str(b): {"sent": 3, "unconfirmed": 0, "rejected": 0}}
 
 
 # ----------------------------------------------------------------------------- command line

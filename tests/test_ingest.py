@@ -323,8 +323,9 @@ def test_curve_lets_in_listed_clients_only(tmp_path: Path) -> None:
                                curve_client_secret=client_secret)
         assert report.sent == 3
         assert len(collect(ing, 3)) == 3
-        send_messages([crystal(9)], url, timeout_s=0.3, curve_server_public=server_public,
-                      curve_client_secret=stranger_secret)
+        with pytest.raises(TimeoutError, match="no service took anything"):
+            send_messages([crystal(9)], url, timeout_s=0.3, curve_server_public=server_public,
+                          curve_client_secret=stranger_secret)
         assert ing.get_batch(10, timeout=0.3) == []
         assert counters.messages_received == 3
     finally:

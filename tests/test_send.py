@@ -1,6 +1,13 @@
 """The producer side, against a real PULL socket on loopback."""
 from __future__ import annotations
 
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -8,9 +15,9 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import PullSocket
+from conftest import PAL_STREAM, PullSocket
 from streamvi.errors import ConfigError
-from streamvi.send import send_file, send_messages
+from streamvi.send import send_file, send_files, send_messages
 from streamvi.sources import Rejected
 from streamvi.wire import CrystalMessage, decode_crystal
 
@@ -124,3 +131,237 @@ def test_bad_arguments(tmp_path: Path) -> None:
     other.write_text("")
     with pytest.raises(ConfigError, match="unknown file type"):
         send_file(other, "tcp://127.0.0.1:1")
+
+
+# ----------------------------------------------------------------------------- honest "sent"
+# A PUSH socket queues messages before any peer is there; "sent" must mean that a service
+# took them (issue #18 item 3).
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens (a port just bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
+
+
+def stream_of(path: Path, n: int) -> list[str]:
+    """A CrystFEL stream of ``n`` one-crystal chunks: the PAL chunks under new image names.
+
+    Returns the image names, in order.
+    """
+    text = PAL_STREAM.read_bytes()
+    starts = [m.start() for m in re.finditer(rb"^----- Begin chunk -----$", text, re.M)]
+    header = text[:starts[0]]
+    chunks = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    names, out = [], [header]
+    for i in range(n):
+        name = f"/data/img{i:05d}.h5"
+        names.append(name)
+        out.append(re.sub(rb"(?m)^Image filename: .*$", b"Image filename: " + name.encode(),
+                          chunks[i % len(chunks)]))
+    path.write_bytes(b"".join(out))
+    return names
+
+
+def chunks_of(path: Path) -> tuple[bytes, list[bytes]]:
+    text = path.read_bytes()
+    starts = [m.start() for m in re.finditer(rb"^----- Begin chunk -----$", text, re.M)]
+    return text[:starts[0]], [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
+class Service(PullSocket):
+    """A PULL socket on a given (or free) loopback port; read on demand into ``images``."""
+
+    def __init__(self, url: str | None = None, *, rcvhwm: int = 1000) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.bind(url or "tcp://127.0.0.1:*")
+        self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.images: list[str] = []
+
+    def read(self, *, until: int | None = None, quiet_ms: int = 300) -> list[str]:
+        deadline = time.monotonic() + 10
+        while until is not None and len(self.images) < until and time.monotonic() < deadline:
+            if self.sock.poll(20):
+                self.images.append(decode_crystal(self.sock.recv()).image)
+        while until is None and self.sock.poll(quiet_ms):
+            self.images.append(decode_crystal(self.sock.recv()).image)
+        return self.images
+
+
+def image_of(name: str) -> str:
+    """The wire ``image`` of a CrystFEL chunk whose file is ``name`` (no event line)."""
+    return name
+
+
+def test_no_service_is_an_error_naming_the_url_and_nothing_counts_as_sent() -> None:
+    url = dead_url()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        send_messages([crystal(i) for i in range(32)], url, timeout_s=0.5)
+    assert time.monotonic() - t0 < 5.0
+    message = str(info.value)
+    assert url in message and "\n" not in message
+    assert info.value.report.sent == 0 and info.value.report.unconfirmed == 0
+
+
+def test_a_stop_request_ends_a_send_blocked_by_a_peer_that_reads_nothing() -> None:
+    """Ctrl-C (``stop_event``) must end a send that waits on a full service, promptly."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)                # connected, never read: every queue fills
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.bind("tcp://127.0.0.1:*")
+    url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    stop = threading.Event()
+    reports: list = []
+    sender = threading.Thread(target=lambda: reports.append(send_messages(
+        (crystal(i, n=50_000) for i in range(400)), url, sndhwm=2, stop_event=stop)),
+        daemon=True)
+    try:
+        sender.start()
+        deadline = time.monotonic() + 10       # wait until the send blocks: nothing read
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        t0 = time.monotonic()
+        sender.join(15)
+        assert not sender.is_alive(), "the stop request was ignored"
+        assert time.monotonic() - t0 < 10
+        (report,) = reports
+        assert report.stopped and report.sent + report.unconfirmed < 400
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def test_a_service_that_goes_away_loses_nothing(tmp_path: Path) -> None:
+    """The service dies (its queues with it) while a follow runs: the position stays true."""
+    path = tmp_path / "live.stream"
+    names = stream_of(path, 60)
+    header, chunks = chunks_of(path)
+    path.write_bytes(header + b"".join(chunks[:50]))
+    positions = tmp_path / "pos.json"
+    first = Service()
+    url = first.url
+    stop = threading.Event()
+    reports: list = []
+    errors: list = []
+
+    def run() -> None:
+        try:
+            reports.append(send_files([path], url, follow=True, position_file=positions,
+                                      stop_event=stop, poll_s=0.02, sndhwm=4))
+        except BaseException as exc:    # reported below
+            errors.append(exc)
+
+    sender = threading.Thread(target=run, daemon=True)
+    sender.start()
+    got_first = list(first.read(until=20))
+    first.close()                        # the service dies with what it had queued
+    with open(path, "ab") as fh:        # more crystals come while it is down
+        fh.write(b"".join(chunks[50:]))
+    time.sleep(0.5)
+    stop.set()
+    sender.join(15)
+    assert not sender.is_alive() and not errors, errors
+    (report,) = reports
+    assert report.unconfirmed > 0
+    saved = json.loads(positions.read_text())[str(path)] if positions.exists() else {"sent": 0}
+    assert saved["sent"] <= len(got_first)
+    second = Service(url)                # the service is back: run the same command again
+    try:
+        again = send_files([path], url, position_file=positions, timeout_s=5.0)
+        got_second = second.read(until=60 - saved["sent"])
+    finally:
+        second.close()
+    assert again.sent == len(got_second) == 60 - saved["sent"]
+    assert set(got_first) | set(got_second) == {image_of(n) for n in names}
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamvi", "send", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_with_the_service_down_exits_non_zero_and_sends_it_all_later(tmp_path) -> None:
+    path = tmp_path / "run.stream"
+    names = stream_of(path, 32)
+    positions = tmp_path / "pos.json"
+    url = dead_url()
+    done = run_cli(str(path), "--to", url, "--timeout", "1", "--position-file", str(positions))
+    assert done.returncode != 0, done.stdout
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and url in errors[0], done.stderr
+    for line in done.stdout.splitlines():
+        assert json.loads(line)["sent"] == 0, done.stdout
+    if positions.exists():
+        assert json.loads(positions.read_text())[str(path)]["sent"] == 0
+    service = Service(url)
+    try:
+        again = run_cli(str(path), "--to", url, "--timeout", "5", "--position-file",
+                        str(positions))
+        got = service.read(until=32)
+    finally:
+        service.close()
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["sent"] == 32
+    assert sorted(got) == sorted(image_of(n) for n in names)
+
+
+class Lines:
+    """Read a pipe line by line in a thread; wait for a line that contains a text."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return True
+            time.sleep(0.02)
+        return False
+
+
+def test_cli_follow_with_the_service_down_stops_on_ctrl_c(tmp_path) -> None:
+    path = tmp_path / "live.stream"
+    names = stream_of(path, 5)
+    positions = tmp_path / "pos.json"
+    url = dead_url()
+    proc = subprocess.Popen([sys.executable, "-m", "streamvi", "send", "--follow", str(path),
+                             "--position-file", str(positions), "--poll", "0.02", "--to", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        err = Lines(proc.stderr)
+        assert err.wait_for("waiting for the service at " + url, timeout=30.0), err.lines
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert elapsed < 5.0, f"Ctrl-C took {elapsed:.1f} s"
+    assert json.loads(out)["sent"] == 0, out
+    if positions.exists():
+        assert json.loads(positions.read_text())[str(path)]["sent"] == 0
+    service = Service(url)
+    try:
+        again = run_cli(str(path), "--to", url, "--timeout", "5", "--position-file",
+                        str(positions))
+        got = service.read(until=5)
+    finally:
+        service.close()
+    assert again.returncode == 0, again.stderr
+    assert sorted(got) == sorted(image_of(n) for n in names)
