@@ -1,10 +1,13 @@
+import os
+import stat
+
 import gemmi
 import numpy as np
 import pytest
 import reciprocalspaceship as rs
 
 from streamvi.engine import MergeSnapshot
-from streamvi.publish.mtz import snapshot_to_dataset, write_snapshot_mtz
+from streamvi.publish.mtz import MtzInfo, snapshot_to_dataset, write_snapshot_mtz
 from streamvi.publish.snapshots import MtzSnapshots
 from streamvi.stats import shell_statistics
 from streamvi.symmetry import ReciprocalSpace
@@ -115,3 +118,53 @@ def test_dataset_index_is_asu():
     hkl = np.array(ds.index.tolist())
     asu = gemmi.ReciprocalAsu(gemmi.SpaceGroup("P 43 21 2"))
     assert all(asu.is_in(list(map(int, h))) for h in hkl[:200])
+
+
+# ------------------------------------------------------------------ issue 18, item 9
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_mtz_files_are_readable_as_the_umask_allows(tmp_path, umask):
+    """Not 0600 (mkstemp's): the shift crew's group must read the merge, as systemd's
+    UMask says."""
+    old = os.umask(umask)
+    try:
+        pub = MtzSnapshots(tmp_path / "out")
+        (tmp_path / "out").mkdir()
+        for i in (1, 2):
+            assert pub.write(fake_snapshot(False, snapshot_id=i)) is not None
+        write_snapshot_mtz(fake_snapshot(True), tmp_path / "merge.mtz")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "out" / "latest.mtz", tmp_path / "out" / "snapshot-000002.mtz",
+                 tmp_path / "merge.mtz"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_mtz_carries_the_wavelength_and_the_runs_names(tmp_path):
+    info = MtzInfo(project="streamvi", crystal="run42", dataset="run42", wavelength_A=1.3051)
+    write_snapshot_mtz(fake_snapshot(False), tmp_path / "m.mtz", info=info)
+    mtz = gemmi.read_mtz_file(str(tmp_path / "m.mtz"))
+    names = {(d.project_name, d.crystal_name, d.dataset_name) for d in mtz.datasets}
+    assert names == {("streamvi", "run42", "run42")}
+    assert mtz.datasets[-1].wavelength == pytest.approx(1.3051, abs=1e-5)
+    assert "reciprocalspaceship" not in str(names)
+    # without info: still no library name, wavelength unknown (0)
+    write_snapshot_mtz(fake_snapshot(False), tmp_path / "n.mtz")
+    plain = gemmi.read_mtz_file(str(tmp_path / "n.mtz"))
+    assert all("reciprocalspaceship" not in (d.project_name + d.crystal_name + d.dataset_name)
+               for d in plain.datasets)
+    pub = MtzSnapshots(tmp_path / "s", info=lambda: info)
+    (tmp_path / "s").mkdir()
+    pub.write(fake_snapshot(False))
+    latest = gemmi.read_mtz_file(str(tmp_path / "s" / "latest.mtz"))
+    assert latest.datasets[-1].wavelength == pytest.approx(1.3051, abs=1e-5)
+    assert latest.datasets[-1].crystal_name == "run42"
+
+
+def test_mtz_info_names_are_made_safe():
+    info = MtzInfo.from_runs({"../../etc/x\n" + "y" * 100: 3, "b": 1}, 0.98)
+    assert info.crystal.startswith("etc_x") or "/" not in info.crystal
+    assert len(info.crystal) <= 64 and "\n" not in info.crystal
+    assert info.dataset.endswith("+1 more") and info.wavelength_A == 0.98
+    assert MtzInfo.from_runs({}, None).crystal == "streamvi"

@@ -10,18 +10,90 @@ Columns (only reflections with at least one observation are written):
   recomputed by any program.
 
 The file is written to a temporary name in the target directory and renamed over the target
-(``os.replace``), so a reader never sees a partial file.
+(``os.replace``), so a reader never sees a partial file.  It gets the permissions the umask
+allows (0644 under umask 022), like any file the user writes: the shift crew's group can
+read it.  The MTZ's project, crystal and dataset names and its wavelength come from the
+merged run (:class:`MtzInfo`).
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 import reciprocalspaceship as rs
 
 from streamvi import __version__
+
+
+#: Longest project, crystal or dataset name written (CCP4 programs show 64 characters).
+MAX_NAME = 64
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+
+@dataclass(frozen=True)
+class MtzInfo:
+    """What an MTZ says about where its data came from.
+
+    Attributes
+    ----------
+    project, crystal, dataset
+        The MTZ dataset's names (programs such as CCP4i and Phenix show them).
+    wavelength_A
+        Wavelength of the data, Å (0 or None: unknown, as MTZ writes it).
+    """
+
+    project: str = "streamvi"
+    crystal: str = "streamvi"
+    dataset: str = "streamvi"
+    wavelength_A: float | None = None
+
+    @classmethod
+    def from_runs(cls, runs: Mapping[str, int], wavelength_A: float | None) -> "MtzInfo":
+        """Names from the runs merged (``run name → crystals``, the most frequent first);
+        several runs: ``"<most frequent>+N more"``.  Names come from the network, so only
+        letters, digits and ``_.+-`` are kept."""
+        if not runs:
+            return cls(wavelength_A=wavelength_A)
+        ordered = sorted(runs, key=lambda r: -runs[r])
+        suffix = f"+{len(ordered) - 1} more" if len(ordered) > 1 else ""
+        name = safe_name(ordered[0], MAX_NAME - len(suffix)) + suffix
+        return cls(crystal=name, dataset=name, wavelength_A=wavelength_A)
+
+
+def safe_name(text: str, limit: int = MAX_NAME) -> str:
+    """``text`` reduced to letters, digits and ``_.+-`` (runs of others become ``_``), at
+    most ``limit`` characters; ``streamvi`` when nothing is left."""
+    name = _UNSAFE.sub("_", str(text)).strip("_.")[:limit]
+    return name or "streamvi"
+
+
+def sibling_temp_path(path: str | os.PathLike) -> Path:
+    """A fresh temporary name beside ``path``: ``.<name>.<pid>.<random>.tmp``.
+
+    The file is created by whoever writes it, with the permissions the umask allows
+    (``tempfile.mkstemp`` makes 0600, which locked the shift crew out of the MTZ files).
+    :func:`stale_temp_files` finds these names again after a crash.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+#: Temporary names the service and the MTZ writer leave behind when killed mid-write.
+_STALE = re.compile(r"^\.(checkpoint\.pt|checkpoint|latest\.mtz|snapshot-\d{6}\.mtz)\."
+                    r".*\.(tmp|link)$|^\.write-test")
+
+
+def stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Temporary files of ours in ``directory`` (a kill -9 mid-write leaves them)."""
+    try:
+        return sorted(p for p in Path(directory).iterdir() if _STALE.match(p.name))
+    except FileNotFoundError:
+        return []
 
 
 def snapshot_to_dataset(snapshot) -> rs.DataSet:
@@ -128,8 +200,8 @@ def _key(hkl: np.ndarray) -> np.ndarray:
     return (h[:, 0] << 24) | (h[:, 1] << 12) | h[:, 2]
 
 
-def write_mtz(ds: rs.DataSet, path: str | os.PathLike, *, history: list[str] | None = None
-              ) -> Path:
+def write_mtz(ds: rs.DataSet, path: str | os.PathLike, *, history: list[str] | None = None,
+              info: MtzInfo | None = None) -> Path:
     """Write ``ds`` to ``path`` atomically (temporary file in the same directory + rename).
 
     Parameters
@@ -140,6 +212,9 @@ def write_mtz(ds: rs.DataSet, path: str | os.PathLike, *, history: list[str] | N
         Target file; its directory must exist and be writable.
     history
         Lines for the MTZ history (at most 30 are kept by the format).
+    info
+        Names and wavelength of the data; default :class:`MtzInfo` (names ``streamvi``,
+        wavelength unknown).
 
     Returns
     -------
@@ -147,28 +222,34 @@ def write_mtz(ds: rs.DataSet, path: str | os.PathLike, *, history: list[str] | N
         The path written.
     """
     path = Path(path)
-    mtz = ds.to_gemmi()
+    info = info or MtzInfo()
+    mtz = ds.to_gemmi(project_name=info.project, crystal_name=info.crystal,
+                      dataset_name=info.dataset)
+    for dataset in mtz.datasets:
+        dataset.wavelength = float(info.wavelength_A or 0.0)
     lines = [f"streamvi {__version__}"] + list(history or [])
     mtz.history = [line[:80] for line in lines][:30]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = sibling_temp_path(path)
     try:
-        mtz.write_to_file(tmp)
+        mtz.write_to_file(str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
-def write_snapshot_mtz(snapshot, path: str | os.PathLike) -> Path:
+def write_snapshot_mtz(snapshot, path: str | os.PathLike, *, info: MtzInfo | None = None
+                       ) -> Path:
     """Convenience: :func:`snapshot_to_dataset` + :func:`write_mtz` with a history line."""
     sp = snapshot.space
     hist = [f"snapshot {snapshot.snapshot_id} step {snapshot.step} images {snapshot.n_images}",
             f"{sp.space_group.hm} dmin {sp.dmin:.2f} A anomalous {sp.anomalous}"]
-    return write_mtz(snapshot_to_dataset(snapshot), path, history=hist + snapshot.history)
+    return write_mtz(snapshot_to_dataset(snapshot), path, history=hist + snapshot.history,
+                     info=info)
+
+
+#: What :class:`~streamvi.publish.snapshots.MtzSnapshots` asks for each file's info.
+InfoSource = Callable[[], MtzInfo | None]

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from streamvi.publish.mtz import write_snapshot_mtz
+from streamvi.publish.mtz import InfoSource, write_snapshot_mtz
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +22,12 @@ class MtzSnapshots:
     nothing from the network names a file.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, keep: int = 5):
+    def __init__(self, out_dir: str | os.PathLike, *, keep: int = 5,
+                 info: InfoSource | None = None):
         self.out_dir = Path(out_dir)
         self.keep = max(1, int(keep))
+        #: asked at each write for the names and wavelength the files carry
+        self.info = info
         self.latest = self.out_dir / "latest.mtz"
         self.n_written = 0
         self.n_errors = 0
@@ -33,16 +36,17 @@ class MtzSnapshots:
     def write(self, snapshot) -> Path | None:
         """Write ``snapshot``; on failure (disk full, permissions) log, count, return None."""
         numbered = self.out_dir / f"snapshot-{snapshot.snapshot_id:06d}.mtz"
+        tmp = self.out_dir / f".latest.mtz.{os.getpid()}.link"
         try:
-            write_snapshot_mtz(snapshot, numbered)
-            tmp = self.out_dir / f".latest.mtz.{os.getpid()}.link"
+            info = self.info() if self.info is not None else None
+            write_snapshot_mtz(snapshot, numbered, info=info)
             try:
-                if tmp.exists():
-                    tmp.unlink()
+                tmp.unlink(missing_ok=True)
                 os.link(numbered, tmp)
                 os.replace(tmp, self.latest)
             except OSError:
-                write_snapshot_mtz(snapshot, self.latest)
+                tmp.unlink(missing_ok=True)
+                write_snapshot_mtz(snapshot, self.latest, info=info)
             self._prune()
         except Exception as exc:  # publishing must never stop training
             self.n_errors += 1
