@@ -8,7 +8,8 @@ One JSON object per line::
 
 ``time`` is Unix seconds, ``size`` the full message size in bytes, ``payload_b64`` the first
 ``max_payload_bytes`` of the message in base64 (``truncated`` says whether that is all of
-it).  When the file would grow past ``max_file_bytes`` it is renamed to ``<name>.1``
+it).  ``detail``, ``source`` and ``reason`` are cut to at most 2,000, 500 and 64 characters
+(``"… [N characters in all]"`` marks a cut), so nothing a message holds is echoed unbounded.  When the file would grow past ``max_file_bytes`` it is renamed to ``<name>.1``
 (replacing an older one) and a fresh file is started, so the dead letters of a beamtime take
 at most twice that much disk.
 
@@ -26,10 +27,17 @@ import time
 from pathlib import Path
 from typing import IO
 
+from streamvi.ratelimit import clip
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 DEFAULT_MAX_FILE_BYTES = 1024 * 1024 * 1024
+#: Longest ``detail``, ``source`` and ``reason`` kept, characters (longer ones are cut, with
+#: their full length noted).
+MAX_DETAIL_CHARS = 2000
+MAX_SOURCE_CHARS = 500
+MAX_REASON_CHARS = 64
 
 
 class DeadLetter:
@@ -87,9 +95,11 @@ class DeadLetter:
         full = (0 if payload is None else len(payload)) if size is None else int(size)
         record = {
             "time": time.time(),
-            "source": str(source),
-            "reason": str(reason),
-            "detail": str(detail),
+            # text built from a message is cut (with its full length noted): the payload's
+            # first bytes are kept below, a megabyte-long name needs no second copy
+            "source": clip(source, MAX_SOURCE_CHARS),
+            "reason": clip(reason, MAX_REASON_CHARS),
+            "detail": clip(detail, MAX_DETAIL_CHARS),
             "size": full,
             "payload_b64": base64.b64encode(raw).decode("ascii"),
             "truncated": len(raw) < full,
@@ -111,7 +121,8 @@ class DeadLetter:
             except OSError as exc:
                 self.write_errors += 1
                 log.error("dead-letter %s: could not write a %s record from %s (%s); ingest "
-                          "goes on without it, check the disk", self.path, reason, source, exc)
+                          "goes on without it, check the disk", self.path, record["reason"],
+                          record["source"], exc)
                 self._drop_file()
                 return False
 

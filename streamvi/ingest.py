@@ -27,12 +27,19 @@ from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from streamvi.counters import IngestCounters
 from streamvi.deadletter import DeadLetter
 from streamvi.errors import ConfigError, StreamviError, WireError
+from streamvi.ratelimit import RateLimitedLog, clip
 from streamvi.spool import Spool
-from streamvi.wire import DEFAULT_MAX_MESSAGE_BYTES, CrystalMessage, decode_crystal
+from streamvi.wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_REFLECTIONS,
+    CrystalMessage,
+    decode_crystal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,12 @@ DEFAULT_QUEUE_MAX_MESSAGES = 10_000
 _POLL_MS = 100
 _BURST = 256          # frames taken from one socket before the others get a turn
 _START_TIMEOUT_S = 10.0
+#: Connection events ingest follows (socket monitors).
+_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+           | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                     zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class _BoundedQueue:
@@ -129,16 +142,24 @@ def _exposure(endpoint: str) -> str | None:
 
 
 class _AllowedKeys:
-    """ZAP credentials provider: a fixed set of z85 client public keys."""
+    """ZAP credentials provider: a fixed set of z85 client public keys.
 
-    def __init__(self, keys: Iterable[bytes | str]):
+    A refused producer reconnects every 100 ms or faster, so refusals are logged through a
+    :class:`~streamvi.ratelimit.RateLimitedLog` and counted in :attr:`refused`.
+    """
+
+    def __init__(self, keys: Iterable[bytes | str], notices: RateLimitedLog):
         self.keys = {k.encode("ascii") if isinstance(k, str) else bytes(k) for k in keys}
+        self.notices = notices
+        self.refused = 0
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
             return True
-        log.warning("ingest: refused a CURVE client with unknown public key %s; add it to "
-                    "curve_allowed_clients if it is a trusted producer", key.decode("ascii"))
+        self.refused += 1
+        self.notices.log(logging.WARNING, "curve_refused", "ingest: refused a CURVE client with "
+                         "unknown public key %s; add it to curve_allowed_clients if it is a "
+                         "trusted producer", clip(key.decode("ascii", "replace"), 60))
         return False
 
 
@@ -169,7 +190,11 @@ class Ingestor:
     counters
         Shared counters (a fresh set by default).
     max_message_bytes
-        Larger messages are refused (reason ``too_large``).
+        Larger frames are refused unread: ZeroMQ (``MAXMSGSIZE``) closes the connection of
+        a producer that sends one, so memory never holds more than this per frame; counted
+        in :attr:`producer_disconnects`.
+    max_reflections
+        Crystals with more reflections are refused (reason ``too_many_reflections``).
     context
         ZeroMQ context; by default the ingestor makes (and terminates) its own.
     curve_server_secret
@@ -186,6 +211,7 @@ class Ingestor:
                  spool: Spool | None = None, dead_letter: DeadLetter | None = None,
                  counters: IngestCounters | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_reflections: int = MAX_REFLECTIONS,
                  context: zmq.Context | None = None,
                  curve_server_secret: bytes | str | None = None,
                  curve_allowed_clients: Iterable[bytes | str] | None = None):
@@ -210,6 +236,10 @@ class Ingestor:
         self.dead_letter = dead_letter
         self.counters = counters if counters is not None else IngestCounters()
         self.max_message_bytes = int(max_message_bytes)
+        self.max_reflections = int(max_reflections)
+        if self.max_message_bytes < 1 or self.max_reflections < 1:
+            raise ConfigError(f"ingest: max_message_bytes={max_message_bytes} and "
+                              f"max_reflections={max_reflections} must be >= 1")
         if isinstance(curve_server_secret, str):
             curve_server_secret = curve_server_secret.encode("ascii")
         self.curve_server_secret = curve_server_secret
@@ -225,7 +255,15 @@ class Ingestor:
         self._start_error: BaseException | None = None
         self._bound: list[str] = []
         self._next_seq = 0
-        self._reject_logged: dict[str, int] = {}
+        #: repeated warnings (rejections, refused producers, disconnects) at a bounded rate
+        self.notices = RateLimitedLog(log, burst=10, interval_s=10.0)
+        #: producer connections closed after their handshake: producers that finished, and
+        #: those cut off for a frame over max_message_bytes
+        self.producer_disconnects = 0
+        #: connections that failed the ZeroMQ handshake (not ZeroMQ, CURVE refused, …)
+        self.handshake_failures = 0
+        self._failed_pending = 0
+        self._allowed: _AllowedKeys | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -272,8 +310,8 @@ class Ingestor:
                         "public keys to authenticate them")
             self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
         else:
-            self._auth.configure_curve_callback(
-                domain="*", credentials_provider=_AllowedKeys(self.curve_allowed_clients))
+            self._allowed = _AllowedKeys(self.curve_allowed_clients, self.notices)
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self._allowed)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop receiving, close the sockets (linger 0), flush the spool.
@@ -346,6 +384,10 @@ class Ingestor:
                 sockets.append((sock, endpoint))
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+                # A larger frame is refused by ZeroMQ as its header arrives (the producer is
+                # disconnected), before any of it is allocated: a frame declaring 1 GiB
+                # otherwise costs 1 GiB, and twice that once copied into Python.
+                sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
                 if self.mode == "sub":
                     sock.setsockopt(zmq.SUBSCRIBE, self.topic)
                 if self.curve_server_secret is not None:
@@ -398,55 +440,97 @@ class Ingestor:
             return
         self._ready.set()
         poller = zmq.Poller()
-        for sock, _ in sockets:
-            poller.register(sock, zmq.POLLIN)
+        monitors: list[tuple[zmq.Socket, str]] = []
         try:
+            for sock, endpoint in sockets:
+                poller.register(sock, zmq.POLLIN)
+                monitor = sock.get_monitor_socket(_EVENTS)
+                monitors.append((monitor, endpoint))
+                poller.register(monitor, zmq.POLLIN)
             while not self._stop.is_set():
                 events = dict(poller.poll(_POLL_MS))
+                for monitor, endpoint in monitors:
+                    if monitor in events:
+                        self._connection_events(monitor, endpoint)
                 for sock, endpoint in sockets:
                     if sock in events and not self._drain(sock, endpoint):
                         return
                 if self.spool is not None:
                     self.spool.maybe_sync()
+                self.notices.flush()
         except Exception:
             log.exception("ingest: receiving thread failed; no more messages are read. "
                           "This is a bug, please report it with this traceback")
         finally:
+            for monitor, _ in monitors:
+                monitor.close(linger=0)
             for sock, _ in sockets:
                 sock.close(linger=0)
             self._queue.wake(close=True)
+            self.notices.flush()
+
+    def _connection_events(self, monitor: zmq.Socket, endpoint: str) -> None:
+        """Count producers that were disconnected or failed their handshake; log them at a
+        bounded rate (a refused producer reconnects every 100 ms)."""
+        while True:
+            try:
+                code = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if code in _HANDSHAKE_FAILED:
+                self.handshake_failures += 1
+                self._failed_pending += 1     # its connection's end is not a producer's
+                if code != zmq.EVENT_HANDSHAKE_FAILED_AUTH:   # CURVE refusals name the key
+                    self.notices.log(logging.WARNING, "handshake_failed", "ingest: %s: a "
+                                     "connection failed the ZeroMQ handshake (not a ZeroMQ "
+                                     "peer, or CURVE on one side only); refused", endpoint)
+            elif code == zmq.EVENT_DISCONNECTED:
+                if self._failed_pending:
+                    self._failed_pending -= 1
+                    continue
+                self.producer_disconnects += 1
+                self.notices.log(logging.INFO, "disconnect", "ingest: %s: a producer's "
+                                 "connection closed (%d so far): it finished, or it sent a "
+                                 "frame over max_message_bytes (%d bytes), which is refused "
+                                 "unread; a producer that reconnects over and over is doing "
+                                 "the latter", endpoint, self.producer_disconnects,
+                                 self.max_message_bytes)
 
     def _drain(self, sock: zmq.Socket, endpoint: str) -> bool:
-        """Handle up to a burst of frames; False when stopping."""
+        """Handle up to a burst of messages; False when stopping."""
         for _ in range(_BURST):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                first = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return True
-            if not self._handle(frames, endpoint):
+            frames, n_frames, nbytes = _rest_of_message(sock, first)
+            if not self._handle(frames, n_frames, nbytes, endpoint):
                 return False
             if self._stop.is_set():
                 return False
         return True
 
-    def _handle(self, frames: list[bytes], endpoint: str) -> bool:
-        raw = frames[-1]
-        nbytes = sum(len(f) for f in frames)
+    def _handle(self, frames: list[zmq.Frame], n_frames: int, nbytes: int,
+                endpoint: str) -> bool:
+        # Zero-copy view of the payload: the frame's buffer is valid while the frame lives
+        # (decoding copies what it keeps), so a message costs its size once, not twice.
+        raw = frames[-1].buffer
         allowed = 1 if self.mode == "pull" else 2
-        if len(frames) > allowed:
+        if n_frames > allowed:
             self._reject(endpoint, "unexpected_multipart",
-                         f"message of {len(frames)} frames; send each crystal as "
+                         f"message of {n_frames} frames; send each crystal as "
                          + ("one frame" if self.mode == "pull" else "[topic,] payload"),
                          raw, nbytes)
             return True
         try:
-            msg = decode_crystal(raw, max_bytes=self.max_message_bytes)
+            msg = decode_crystal(raw, max_bytes=self.max_message_bytes,
+                                 max_reflections=self.max_reflections)
         except WireError as exc:
             self._reject(endpoint, exc.reason, str(exc), raw, nbytes)
             return True
         except Exception as exc:    # a decoder bug must not end ingest
-            self._reject(endpoint, "decode_error", f"unexpected {type(exc).__name__}: {exc}",
-                         raw, nbytes)
+            self._reject(endpoint, "decode_error", f"unexpected {type(exc).__name__}: "
+                         f"{clip(exc)}", raw, nbytes)
             return True
         seq = self._spool_append(raw)
         if seq is None:
@@ -456,7 +540,7 @@ class Ingestor:
         return self._queue.put((seq, msg, time.time()), len(raw), self._stop,
                                self.spool.maybe_sync if self.spool is not None else None)
 
-    def _spool_append(self, raw: bytes) -> int | None:
+    def _spool_append(self, raw: bytes | memoryview) -> int | None:
         if self.spool is None:
             self._next_seq += 1
             return self._next_seq - 1
@@ -476,20 +560,42 @@ class Ingestor:
                 return None
             delay = min(delay * 2, 5.0)
 
-    def _reject(self, endpoint: str, reason: str, detail: str, raw: bytes, nbytes: int) -> None:
+    def _reject(self, endpoint: str, reason: str, detail: str, raw: bytes | memoryview,
+                nbytes: int) -> None:
         self.counters.record_rejected(reason, nbytes=nbytes)
+        detail = clip(detail, 1000)     # built from the message: never echo it unbounded
         if self.dead_letter is not None:
             self.dead_letter.write(source=endpoint, reason=reason, detail=detail, payload=raw,
                                    size=len(raw))
-        n = self._reject_logged[reason] = self._reject_logged.get(reason, 0) + 1
-        if n <= 10 or n % 1000 == 0:
-            log.warning("ingest: %s: rejected a %d-byte message (%s, #%d of this kind): %s",
-                        endpoint, len(raw), reason, n, detail)
+        self.notices.log(logging.WARNING, f"rejected:{reason}", "ingest: %s: rejected a "
+                         "%d-byte message (%s): %s", endpoint, len(raw), reason, detail)
+
+
+def _rest_of_message(sock: zmq.Socket, first: zmq.Frame) -> tuple[list[zmq.Frame], int, int]:
+    """The remaining parts of a message whose first part is ``first``.
+
+    Keeps the first and the last part only (a message of more parts than allowed is refused
+    anyway, and its payload is taken to be the last part); the others are released as they
+    are read.  Returns (kept parts, number of parts, bytes in all).
+    """
+    kept = [first]
+    n, nbytes = 1, len(first)
+    last = first
+    while last.more:
+        last = sock.recv(copy=False)      # the parts of a message arrive together
+        n += 1
+        nbytes += len(last)
+        if len(kept) == 1:
+            kept.append(last)
+        else:
+            kept[-1] = last
+    return kept, n, nbytes
 
 
 def replay_spool(spool: Spool, *, start: int = 0, stop: int | None = None,
                  counters: IngestCounters | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Iterator[QueueItem]:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_reflections: int = MAX_REFLECTIONS) -> Iterator[QueueItem]:
     """Decode spooled messages for a restart, counting only those not yet counted.
 
     Parameters
@@ -503,6 +609,8 @@ def replay_spool(spool: Spool, *, start: int = 0, stop: int | None = None,
     counters
         Counters restored from the checkpoint: messages with ``seq > counters.last_seq``
         were received after it and are counted now, the others were counted already.
+    max_message_bytes, max_reflections
+        The limits of :func:`~streamvi.wire.decode_crystal` (those of the service).
 
     Yields
     ------
@@ -512,10 +620,11 @@ def replay_spool(spool: Spool, *, start: int = 0, stop: int | None = None,
     for seq, raw in spool.iter_records(start, stop):
         uncounted = counters is not None and seq > counters.last_seq
         try:
-            msg = decode_crystal(raw, max_bytes=max_message_bytes)
+            msg = decode_crystal(raw, max_bytes=max_message_bytes,
+                                 max_reflections=max_reflections)
         except WireError as exc:
             log.error("ingest: spool %s record %d no longer decodes (%s: %s); skipped",
-                      spool.directory, seq, exc.reason, exc)
+                      spool.directory, seq, exc.reason, clip(exc, 1000))
             if uncounted:
                 counters.record_rejected(exc.reason, nbytes=len(raw))  # type: ignore[union-attr]
             continue

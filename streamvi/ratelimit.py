@@ -9,6 +9,7 @@ next line of that kind (or :meth:`RateLimitedLog.flush`) says how many were supp
 from __future__ import annotations
 
 import logging
+import reprlib
 import threading
 import time
 from dataclasses import dataclass
@@ -41,14 +42,28 @@ def clip(text: object, limit: int = MAX_ECHO_CHARS) -> str:
 
 
 def clip_repr(value: object, limit: int = MAX_ECHO_CHARS) -> str:
-    """``repr(value)`` cut like :func:`clip`, without building a huge repr first."""
-    if isinstance(value, (str, bytes, bytearray)) and len(value) > 4 * limit:
-        # repr of a 20 MiB string is itself 20 MiB: cut first, then say how long it was
+    """``repr(value)`` of at most about ``limit`` characters, built without first making a
+    huge repr (a 20 MiB string, a list of a million items).
+
+    Strings and bytes are cut and followed by ``"… [N characters in all]"``; containers
+    show their first few items (``reprlib``) and their length.
+    """
+    if isinstance(value, (str, bytes, bytearray)):
+        if len(value) <= limit:
+            return repr(value)
         unit = "characters" if isinstance(value, str) else "bytes"
         return f"{repr(value[:limit])[:limit]}… [{len(value):,} {unit} in all]"
-    if isinstance(value, (list, tuple, dict)) and len(value) > limit:
-        return f"<{type(value).__name__} of {len(value):,} items>"
-    return clip(repr(value), limit)
+    text = clip(_REPR.repr(value), limit)
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > _REPR.maxlist:
+        text += f" [{len(value):,} items in all]"
+    return text
+
+
+#: Bounded reprs: a few items per container, short strings, shallow nesting.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
 
 
 @dataclass

@@ -43,7 +43,7 @@ from streamvi.follow import (
 )
 from streamvi.ratelimit import RateLimitedLog, clip
 from streamvi.sources import Rejected, SourceItem
-from streamvi.wire import CrystalMessage, encode_crystal
+from streamvi.wire import DEFAULT_MAX_MESSAGE_BYTES, CrystalMessage, encode_crystal
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,8 @@ def send_messages(items: Iterable[SourceItem], url: str, *, rate: float | None =
                   curve_server_public: bytes | str | None = None,
                   curve_client_secret: bytes | str | None = None,
                   stop_event: threading.Event | None = None,
-                  on_settled: Callable[[int, bool], None] | None = None) -> SendReport:
+                  on_settled: Callable[[int, bool], None] | None = None,
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> SendReport:
     """Encode and send every crystal of ``items``.
 
     A message counts as sent only when a service took it: with no service connected a send
@@ -398,6 +399,10 @@ def send_messages(items: Iterable[SourceItem], url: str, *, rate: float | None =
         settled (confirmed sent, or not sent on purpose), and once more at the end with
         ``final=True``; ``final`` is also True from the moment nothing more can settle in
         this run (after a dropped connection).
+    max_message_bytes
+        Crystals that encode to more are not sent (reason ``too_large``): the service
+        refuses such a frame unread and drops the connection, losing what was queued
+        behind it.  Match the service's ``max_message_bytes``.
 
     Returns
     -------
@@ -465,6 +470,16 @@ def send_messages(items: Iterable[SourceItem], url: str, *, rate: float | None =
                                          f"(run {clip(repr(item.run))}, image "
                                          f"{clip(repr(item.image))})",
                                          reason="unencodable", detail=str(exc)))
+                tell()
+                continue
+            if len(payload) > max_message_bytes:
+                rejected += 1
+                ledger.refused()
+                report_rejected(Rejected(
+                    source="send", position=f"item {i} (run {clip(repr(item.run))}, image "
+                    f"{clip(repr(item.image))})", reason="too_large",
+                    detail=f"encodes to {len(payload):,} bytes, over the service's "
+                    f"max_message_bytes ({max_message_bytes:,}); not sent"))
                 tell()
                 continue
             image = (item.run, item.image)

@@ -26,6 +26,7 @@ from streamvi.errors import (
     ShapeMismatchError,
     ValueRangeError,
 )
+from streamvi.ratelimit import clip, clip_repr
 
 SCHEMA = "streamvi.crystal"
 VERSION = 1
@@ -33,6 +34,22 @@ VERSION = 1
 #: Default upper bound of one encoded message, bytes.  Large enough for any real crystal
 #: (100,000 reflections with every optional column is ~5 MB), small enough to bound memory.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+#: Most reflections one crystal may carry.  A still has hundreds to a few thousand; even a
+#: wide wedge of a large cell stays below this.  One crystal of 3×10⁶ reflections slowed
+#: training twentyfold for good, so more are refused (``too_many_reflections``).
+MAX_REFLECTIONS = 100_000
+
+#: Longest ``run``, characters.
+MAX_RUN_CHARS = 256
+#: Longest ``image``, characters (a file path and an event).
+MAX_IMAGE_CHARS = 1024
+#: Longest ``condition``, panel name or metadata key, characters.
+MAX_LABEL_CHARS = 256
+#: Most metadata (unknown) keys in one message.
+MAX_METADATA_KEYS = 256
+#: Longest msgpack str or ext anywhere in a message (metadata values included), bytes.
+MAX_STRING_BYTES = 4096
 
 #: Longest reciprocal basis vector accepted, Å⁻¹ (a cell edge of 0.1 Å).
 MAX_RECIPROCAL_LENGTH = 10.0
@@ -236,11 +253,11 @@ def _decode_array(key: str, v: Any, allowed: tuple[str, ...]) -> np.ndarray:
         raise FieldTypeError(f"key '{key}': array map lacks '{exc.args[0]}' "
                              "(needs dtype, shape, data)", reason="bad_array", key=key) from None
     if not isinstance(dtype, str) or dtype not in allowed:
-        raise FieldTypeError(f"key '{key}': dtype {dtype!r} not allowed here; use one of "
+        raise FieldTypeError(f"key '{key}': dtype {clip_repr(dtype)} not allowed here; use one of "
                              f"{', '.join(allowed)}", reason="wrong_dtype", key=key)
     if (not isinstance(shape, (list, tuple)) or len(shape) != 1 or not isinstance(shape[0], int)
             or isinstance(shape[0], bool) or shape[0] < 0):
-        raise FieldTypeError(f"key '{key}': shape must be [n] with n >= 0, got {shape!r}",
+        raise FieldTypeError(f"key '{key}': shape must be [n] with n >= 0, got {clip_repr(shape)}",
                              reason="bad_array", key=key)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FieldTypeError(f"key '{key}': data must be msgpack bin, got "
@@ -253,10 +270,18 @@ def _decode_array(key: str, v: Any, allowed: tuple[str, ...]) -> np.ndarray:
     return np.frombuffer(data, dtype=dt)
 
 
-def _decode_str(key: str, v: Any) -> str:
+def _decode_str(key: str, v: Any, max_chars: int = MAX_LABEL_CHARS) -> str:
     if not isinstance(v, str):
         raise FieldTypeError(f"key '{key}': expected a string, got {type(v).__name__}", key=key)
+    _check_length(key, v, max_chars)
     return v
+
+
+def _check_length(key: str, v: str, max_chars: int) -> None:
+    if len(v) > max_chars:
+        raise FieldTypeError(f"key '{clip(key, 60)}': a string of {len(v):,} characters, more "
+                             f"than the {max_chars} allowed ({clip_repr(v, 60)})",
+                             reason="string_too_long", key=clip(key, 60))
 
 
 def _decode_float(key: str, v: Any, *, positive: bool = False) -> float:
@@ -301,9 +326,89 @@ def validate_cell(cell: tuple[float, ...], *, key: str = "cell") -> None:
                               "volume", reason="absurd_cell", key=key)
 
 
+class _Budget:
+    """Counts what msgpack builds and stops it past what any crystal needs.
+
+    Per-container limits (``max_array_len``, …) bound one array or map, not how many a
+    message nests: 46 MiB of empty maps are 46 million dicts (4.9 GB).  The hooks see every
+    array and map as it is finished and count its items; past the budget the unpacking stops,
+    so at most the budget plus one container's items exist at any time.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, items: int):
+        self.left = items
+
+    def take(self, container: Any) -> Any:
+        self.left -= len(container) + 1
+        if self.left < 0:
+            raise _OverBudget
+        return container
+
+
+class _OverBudget(Exception):
+    """Raised inside msgpack's hooks to stop unpacking."""
+
+
+def unpack_limits(max_reflections: int = MAX_REFLECTIONS) -> dict[str, int]:
+    """``msgpack.unpackb`` limits from what the schema allows.
+
+    The longest bin is an array of ``max_reflections`` 8-byte values; the longest array a
+    panel list of that many names (or ``panel_names``); the largest map the top level with
+    every known key and :data:`MAX_METADATA_KEYS` others.
+    """
+    return {"max_str_len": MAX_STRING_BYTES, "max_ext_len": MAX_STRING_BYTES,
+            "max_bin_len": 8 * max_reflections,
+            "max_array_len": max(max_reflections, _PANELS_MAX),
+            "max_map_len": len(KNOWN_KEYS) + MAX_METADATA_KEYS}
+
+
+def _object_budget(max_reflections: int) -> int:
+    """Containers and items a message may unpack into: a panel list of one name per
+    reflection, the panel names, and room for every other key and metadata."""
+    return max_reflections + _PANELS_MAX + 16 * (len(KNOWN_KEYS) + MAX_METADATA_KEYS)
+
+
+def _precheck(view: memoryview, max_map_len: int) -> None:
+    """Refuse from its first bytes a message that cannot be a crystal map of sane size."""
+    if not view.nbytes:
+        raise MalformedMessageError("empty message: expected a msgpack map")
+    first = view[0]
+    if 0x80 <= first <= 0x8F:
+        return
+    if first in (0xDE, 0xDF):
+        width = 2 if first == 0xDE else 4
+        if view.nbytes < 1 + width:
+            raise MalformedMessageError("not a msgpack message: truncated map header")
+        n = int.from_bytes(view[1:1 + width], "big")
+        if n > max_map_len:
+            raise MalformedMessageError(
+                f"top-level map of {n:,} keys: a crystal has at most {max_map_len} "
+                f"({MAX_METADATA_KEYS} metadata keys besides the known ones)",
+                reason="too_complex")
+        return
+    raise MalformedMessageError(f"top level must be a map, got msgpack type byte 0x{first:02x}")
+
+
+def _limit_reason(message: str) -> str:
+    """The rejection reason of a msgpack limit error (``"N exceeds max_str_len(M)"``)."""
+    if "max_str_len" in message or "max_ext_len" in message:
+        return "string_too_long"
+    if "max_bin_len" in message:
+        return "too_many_reflections"
+    return "too_complex"
+
+
 def decode_crystal(buf: bytes | bytearray | memoryview, *,
-                   max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> CrystalMessage:
+                   max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                   max_reflections: int = MAX_REFLECTIONS) -> CrystalMessage:
     """Decode and validate one wire-format v1 message.
+
+    Memory is bounded whatever the message declares: the size is checked first, then the
+    top-level header, and msgpack unpacks under limits derived from the schema
+    (:func:`unpack_limits`) and a budget of objects, so a message never turns into more
+    than about its own size in Python objects.
 
     Parameters
     ----------
@@ -311,6 +416,8 @@ def decode_crystal(buf: bytes | bytearray | memoryview, *,
         The raw message.
     max_bytes
         Messages larger than this are rejected before parsing (reason ``too_large``).
+    max_reflections
+        Crystals with more reflections are rejected (reason ``too_many_reflections``).
 
     Returns
     -------
@@ -322,42 +429,74 @@ def decode_crystal(buf: bytes | bytearray | memoryview, *,
     WireError
         A subclass naming the reason; the message must then be dead-lettered.
     """
-    nbytes = memoryview(buf).nbytes
+    view = memoryview(buf)
+    nbytes = view.nbytes
     if nbytes > max_bytes:
         raise MalformedMessageError(f"message of {nbytes} bytes exceeds the limit of "
                                     f"{max_bytes} bytes (raise max_message_bytes if real)",
                                     reason="too_large")
+    limits = unpack_limits(max_reflections)
+    _precheck(view, limits["max_map_len"])
+    budget = _Budget(_object_budget(max_reflections))
     try:
-        d = msgpack.unpackb(buf, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+        d = msgpack.unpackb(view, raw=False, strict_map_key=True, object_hook=budget.take,
+                            list_hook=budget.take, **limits)
+    except _OverBudget:
+        raise MalformedMessageError(
+            "the message unpacks into more than "
+            f"{_object_budget(max_reflections):,} arrays, maps and items; no crystal needs "
+            "that many (one per reflection at most, see docs/wire-format.md)",
+            reason="too_complex") from None
+    except ValueError as exc:
+        text = clip(exc)
+        if "exceeds max_" in text:
+            raise MalformedMessageError(
+                f"over a decoding limit: {text} (docs/wire-format.md section 4)",
+                reason=_limit_reason(text)) from None
+        raise MalformedMessageError(f"not a msgpack message: {text}") from None
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             UnicodeDecodeError, TypeError) as exc:
-        raise MalformedMessageError(f"not a msgpack message: {exc}") from exc
+        raise MalformedMessageError(f"not a msgpack message: {clip(exc)}") from None
     if not isinstance(d, dict):
         raise MalformedMessageError(f"top level must be a map, got {type(d).__name__}")
-    return from_wire_dict(d)
+    return from_wire_dict(d, max_reflections=max_reflections)
 
 
-def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
-    """Validate an already-unpacked message map; see :func:`decode_crystal`."""
+def from_wire_dict(d: Mapping[str, Any], *,
+                   max_reflections: int = MAX_REFLECTIONS) -> CrystalMessage:
+    """Validate an already-unpacked message map; see :func:`decode_crystal`.
+
+    Parameters
+    ----------
+    d
+        The map (string keys).
+    max_reflections
+        Crystals with more reflections are rejected (reason ``too_many_reflections``).
+    """
     schema = _require(d, "schema")
     if schema != SCHEMA:
-        raise SchemaError(f"key 'schema': {schema!r} is not {SCHEMA!r}; this endpoint takes "
-                          "streamvi crystal messages only", key="schema")
+        raise SchemaError(f"key 'schema': {clip_repr(schema)} is not {SCHEMA!r}; this endpoint "
+                          "takes streamvi crystal messages only", key="schema")
     version = _require(d, "version")
     if type(version) is not int or version != VERSION:
-        raise SchemaError(f"key 'version': {version!r} is not supported (this streamvi reads "
-                          f"version {VERSION}); upgrade streamvi or the producer",
+        raise SchemaError(f"key 'version': {clip_repr(version)} is not supported (this streamvi "
+                          f"reads version {VERSION}); upgrade streamvi or the producer",
                           reason="unsupported_version", key="version")
     for key in REQUIRED_KEYS:
         _require(d, key)
 
-    run = _decode_str("run", d["run"])
-    image = _decode_str("image", d["image"])
+    run = _decode_str("run", d["run"], MAX_RUN_CHARS)
+    image = _decode_str("image", d["image"], MAX_IMAGE_CHARS)
     crystal = d["crystal"]
     if isinstance(crystal, bool) or not isinstance(crystal, int) or crystal < 0:
-        raise FieldTypeError(f"key 'crystal': expected an integer >= 0, got {crystal!r}",
-                             key="crystal")
+        raise FieldTypeError(f"key 'crystal': expected an integer >= 0, got "
+                             f"{clip_repr(crystal)}", key="crystal")
     h = _decode_array("h", d["h"], INT_DTYPES)
+    if h.shape[0] > max_reflections:
+        raise ValueRangeError(f"keys 'h', 'k', 'l', …: {h.shape[0]:,} reflections in one "
+                              f"crystal, more than the {max_reflections:,} allowed; split it or "
+                              "raise the limit (max_reflections)",
+                              reason="too_many_reflections", key="h")
     k = _decode_array("k", d["k"], INT_DTYPES)
     l = _decode_array("l", d["l"], INT_DTYPES)  # noqa: E741
     iobs = _decode_array("I", d["I"], FLOAT_DTYPES)
@@ -456,8 +595,21 @@ def from_wire_dict(d: Mapping[str, Any]) -> CrystalMessage:
                               "by 10)", reason="out_of_range", key="profile_radius")
     if d.get("condition") is not None:
         msg.condition = _decode_str("condition", d["condition"])
-    msg.metadata = {key: v for key, v in d.items() if key not in KNOWN_KEYS}
+    msg.metadata = _metadata(d)
     return msg
+
+
+def _metadata(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The unknown keys, bounded in number and key length (values are bounded by unpacking:
+    :data:`MAX_STRING_BYTES` per string, the object budget in all)."""
+    meta = {key: v for key, v in d.items() if key not in KNOWN_KEYS}
+    if len(meta) > MAX_METADATA_KEYS:
+        raise FieldTypeError(f"{len(meta):,} metadata (unknown) keys; at most "
+                             f"{MAX_METADATA_KEYS} are kept with a crystal",
+                             reason="too_complex", key=clip(next(iter(meta)), 60))
+    for key in meta:
+        _check_length(key, key, MAX_LABEL_CHARS)
+    return meta
 
 
 #: Panel indices are int16: at most this many distinct panels per message.
@@ -469,6 +621,8 @@ def _decode_panel(v: Any, names: Any) -> tuple[np.ndarray, list[str]]:
     if isinstance(v, (list, tuple)):
         if not all(isinstance(x, str) for x in v):
             raise FieldTypeError("key 'panel': a list must hold strings only", key="panel")
+        for x in v:
+            _check_length("panel", x, MAX_LABEL_CHARS)
         uniq, inv = np.unique(np.asarray(v, dtype=object).astype(str), return_inverse=True)
         if len(uniq) > _PANELS_MAX:
             raise ValueRangeError(f"key 'panel': {len(uniq)} distinct panel names; at most "
@@ -479,6 +633,8 @@ def _decode_panel(v: Any, names: Any) -> tuple[np.ndarray, list[str]]:
     if not isinstance(names, (list, tuple)) or not all(isinstance(x, str) for x in names):
         raise FieldTypeError("key 'panel_names': an index array 'panel' needs a list of "
                              "panel name strings in 'panel_names'", key="panel_names")
+    for x in names:
+        _check_length("panel_names", x, MAX_LABEL_CHARS)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= min(len(names), _PANELS_MAX)):
         # indices are kept as int16: a larger one would wrap into a negative index
         raise ValueRangeError("key 'panel': index outside 'panel_names' (or beyond "

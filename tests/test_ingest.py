@@ -14,6 +14,7 @@ from streamvi.counters import IngestCounters
 from streamvi.deadletter import DeadLetter, read_dead_letters
 from streamvi.errors import ConfigError
 from streamvi.ingest import Ingestor, replay_spool
+from streamvi.ratelimit import RateLimitedLog, clip
 from streamvi.send import send_messages
 from streamvi.spool import Spool
 from streamvi.wire import CrystalMessage, encode_crystal, to_wire_dict
@@ -62,7 +63,6 @@ def bad_payloads() -> list[tuple[str, list[bytes]]]:
         ("wrong_dtype", [edit(h=dict(base["h"], dtype="<u2"))]),
         ("length_mismatch", [edit(I=short, sigI=dict(base["sigI"]))]),
         ("absurd_cell", [edit(cell=[79.0, 79.0, 38.0, 90.0, 90.0, 200.0])]),
-        ("too_large", [b"\x00" * 40_000]),
         ("no_valid_reflections", [encode_crystal(bad_rows)]),
         ("unexpected_multipart", [encode_crystal(crystal(997)), b"extra"]),
     ]
@@ -109,7 +109,7 @@ def assert_same(a: CrystalMessage, b: CrystalMessage) -> None:
 
 def test_good_and_bad_messages_are_sorted_exactly(tmp_path: Path) -> None:
     bad = bad_payloads()
-    bad = bad + bad[:20 - len(bad)]                   # 20 rejects, every family at least once
+    bad = (bad * 2)[:20]                              # 20 rejects, every family at least once
     expected_rejects: dict[str, int] = {}
     for reason, _ in bad:
         expected_rejects[reason] = expected_rejects.get(reason, 0) + 1
@@ -368,3 +368,151 @@ def test_counters_state_round_trip() -> None:
         "reflections_rejected": {"zero_miller": 2}}
     with pytest.raises(ValueError, match="version"):
         restored.load_state_dict({"version": 99})
+
+
+def test_a_frame_over_the_limit_is_refused_unread_and_its_producer_cut_off(
+        tmp_path: Path, caplog) -> None:
+    """ZeroMQ refuses a frame over max_message_bytes as its header arrives (MAXMSGSIZE):
+    nothing of it is read, the producer is disconnected and counted, others go on."""
+    counters = IngestCounters()
+    dead = DeadLetter(tmp_path / "dead.jsonl")
+    ing = Ingestor([LOCAL], counters=counters, dead_letter=dead, max_message_bytes=20_000)
+    ing.start()
+    ctx = zmq.Context()
+    try:
+        url = ing.bound_endpoints[0]
+        with caplog.at_level(logging.INFO, logger="streamvi.ingest"):
+            big = push_socket(ctx, url)
+            big.send(b"\x00" * 40_000)
+            assert wait_for(lambda: ing.producer_disconnects == 1)
+            big.close(linger=0)
+        assert "sent a frame over max_message_bytes (20000 bytes)" in caplog.text
+        report = send_messages([crystal(i) for i in range(5)], url, timeout_s=5.0)
+        assert report.sent == 5 and len(collect(ing, 5)) == 5
+    finally:
+        ctx.term()
+        stop_quickly(ing)
+    dead.close()
+    snap = counters.snapshot()
+    assert snap["messages_received"] == 5 and snap["messages_rejected"] == {}
+    assert snap["bytes_received"] == report.bytes_sent        # the big frame was never read
+    assert not (tmp_path / "dead.jsonl").exists()
+
+
+def test_a_multipart_message_is_refused_without_keeping_its_parts(tmp_path: Path) -> None:
+    counters = IngestCounters()
+    dead = DeadLetter(tmp_path / "dead.jsonl")
+    ing = Ingestor([LOCAL], counters=counters, dead_letter=dead)
+    ing.start()
+    ctx = zmq.Context()
+    try:
+        sock = push_socket(ctx, ing.bound_endpoints[0])
+        parts = [bytes([i]) * (1000 + i) for i in range(50)]
+        sock.send_multipart(parts)
+        assert wait_for(lambda: counters.messages_received == 1)
+        sock.close(linger=0)
+    finally:
+        ctx.term()
+        stop_quickly(ing)
+    dead.close()
+    (letter,) = read_dead_letters(tmp_path / "dead.jsonl")
+    assert letter["reason"] == "unexpected_multipart" and "50 frames" in letter["detail"]
+    assert letter["size"] == len(parts[-1])               # the payload is the last part
+    assert counters.snapshot()["bytes_received"] == sum(map(len, parts))
+
+
+# ----------------------------------------------------------------------------- bounded logs
+
+
+def test_rate_limited_log_counts_what_it_leaves_out(caplog) -> None:
+    now = [0.0]
+    limiter = RateLimitedLog(logging.getLogger("test.ratelimit"), burst=3, interval_s=10.0,
+                             clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.ratelimit"):
+        logged = [limiter.log(logging.WARNING, "a", "line %d", i) for i in range(100)]
+        assert logged == [True] * 3 + [False] * 97
+        assert limiter.log(logging.WARNING, "b", "other kind")       # kinds are separate
+        now[0] = 10.0                                                  # one token back
+        assert limiter.log(logging.WARNING, "a", "line %d", 100)
+        now[0] = 12.0
+        assert not limiter.log(logging.WARNING, "a", "line %d", 101)
+        now[0] = 30.0
+        limiter.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:4] == ["line 0", "line 1", "line 2", "other kind"]
+    assert lines[4] == "line 100 (97 more like this were suppressed in the last 10 s)"
+    assert lines[5] == "1 more line(s) like this (a) were suppressed in the last 18 s"
+    assert len(lines) == 6 and limiter.suppressed_total == 98
+
+
+def test_clip_marks_what_it_cuts() -> None:
+    assert clip("short") == "short"
+    cut = clip("x" * 20_000_000)
+    assert cut.startswith("x" * 200) and cut.endswith("… [20,000,000 characters in all]")
+    assert len(cut) < 250
+
+
+def test_a_flood_of_bad_messages_is_counted_exactly_and_logged_sparingly(tmp_path, caplog):
+    counters = IngestCounters()
+    dead = DeadLetter(tmp_path / "dead.jsonl")
+    ing = Ingestor([LOCAL], counters=counters, dead_letter=dead)
+    ing.start()
+    ctx = zmq.Context()
+    huge = "<" + "f" * (20 * 2**20)              # the issue's 20 MiB dtype string
+    bad = [b"\xc1 not msgpack"] * 500 + [msgpack.packb(
+        {**to_wire_dict(crystal(1)), "h": {"dtype": huge, "shape": [20], "data": b"\0" * 80}})]
+    try:
+        with caplog.at_level(logging.WARNING, logger="streamvi.ingest"):
+            sock = push_socket(ctx, ing.bound_endpoints[0])
+            for frame in bad:
+                sock.send(frame)
+            assert wait_for(lambda: counters.messages_received == len(bad), timeout_s=30)
+            sock.close(linger=0)
+    finally:
+        ctx.term()
+        stop_quickly(ing)
+    dead.close()
+    assert counters.snapshot()["messages_rejected"] == {"malformed_msgpack": 500,
+                                                          "string_too_long": 1}
+    rejected_lines = [r for r in caplog.records if "rejected a" in r.getMessage()]
+    assert 10 <= len(rejected_lines) <= 12, len(rejected_lines)
+    assert max(len(r.getMessage()) for r in caplog.records) < 2000
+    letters = read_dead_letters(tmp_path / "dead.jsonl")
+    assert len(letters) == len(bad)                     # every one is kept for inspection
+    assert letters[-1]["reason"] == "string_too_long" and len(letters[-1]["detail"]) < 2000
+    # the line holds the payload's first MiB (base64) and nothing more of the 20 MiB string
+    assert (tmp_path / "dead.jsonl").stat().st_size < 2 * 2**20
+
+
+def test_a_refused_curve_producer_that_keeps_trying_is_logged_sparingly(caplog) -> None:
+    """200 connection attempts with an unknown CURVE key (a misconfigured producer started in
+    a loop): every one refused and counted, ten or so log lines."""
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, _ = zmq.curve_keypair()
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    ing = Ingestor([LOCAL], curve_server_secret=server_secret,
+                   curve_allowed_clients=[client_public])
+    ctx = zmq.Context()
+    socks = []
+    with caplog.at_level(logging.WARNING, logger="streamvi.ingest"):
+        ing.start()
+        try:
+            for _ in range(200):
+                sock = ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                socks.append(sock)
+                sock.curve_serverkey = server_public
+                sock.curve_secretkey = stranger_secret
+                sock.curve_publickey = stranger_public
+                sock.connect(ing.bound_endpoints[0])
+            assert wait_for(lambda: ing._allowed.refused >= 200, timeout_s=60)
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+            ctx.term()
+            stop_quickly(ing)
+    lines = [r.getMessage() for r in caplog.records if "refused a CURVE client" in
+             r.getMessage()]
+    print(f"\n{ing._allowed.refused} CURVE refusals, {len(lines)} log lines")
+    assert 1 <= len(lines) <= 12
+    assert ing.handshake_failures >= 200 and ing.producer_disconnects == 0

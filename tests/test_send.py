@@ -19,7 +19,7 @@ from conftest import PAL_STREAM, PullSocket
 from streamvi.errors import ConfigError
 from streamvi.send import send_file, send_files, send_messages
 from streamvi.sources import Rejected
-from streamvi.wire import CrystalMessage, decode_crystal
+from streamvi.wire import CrystalMessage, decode_crystal, encode_crystal
 
 TIMEOUT_MS = 2000
 
@@ -365,3 +365,17 @@ def test_cli_follow_with_the_service_down_stops_on_ctrl_c(tmp_path) -> None:
         service.close()
     assert again.returncode == 0, again.stderr
     assert sorted(got) == sorted(image_of(n) for n in names)
+
+
+def test_a_crystal_over_the_service_limit_is_not_sent(receiver: Receiver) -> None:
+    """The service drops the connection of a frame over its limit (losing what followed on
+    it); the sender refuses such a crystal itself."""
+    msgs = [crystal(0), crystal(1, n=2000), crystal(2)]
+    limit = len(encode_crystal(msgs[0])) * 2
+    seen: list[Rejected] = []
+    report = send_messages(msgs, receiver.url, timeout_s=2.0, max_message_bytes=limit,
+                           on_rejected=seen.append)
+    assert (report.sent, report.rejected, report.unconfirmed) == (2, 1, 0)
+    assert [r.reason for r in seen] == ["too_large"] and "img00001" in seen[0].position
+    assert [decode_crystal(f[0]).image for f in receiver.receive(2)] == ["img00000",
+                                                                           "img00002"]

@@ -21,7 +21,13 @@ from streamvi.errors import (
     WireError,
 )
 from streamvi.wire import (
+    MAX_IMAGE_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_METADATA_KEYS,
     MAX_MILLER,
+    MAX_REFLECTIONS,
+    MAX_RUN_CHARS,
+    MAX_STRING_BYTES,
     REQUIRED_KEYS,
     CrystalMessage,
     decode_crystal,
@@ -418,3 +424,76 @@ def test_worked_example_in_docs_decodes():
     shown = re.search(r"`((?:[0-9a-f]{2} )+)…`", text)[1].strip()
     assert pack(namespace["message"]["l"]).hex(" ").startswith(shown)
     assert len(shown) > 80
+
+
+# ----------------------------------------------------------------------------- limits (#18)
+
+
+def many_reflections(n: int) -> bytes:
+    r = np.arange(n)
+    return encode_crystal(CrystalMessage(
+        run="r", image="i", crystal=0, h=(r % 40 + 1).astype(np.int32),
+        k=(r // 40 % 40).astype(np.int32), l=(r // 1600 % 40).astype(np.int32),
+        I=np.ones(n, np.float32), sigI=np.ones(n, np.float32), photon_energy_eV=9500.0,
+        cell=CELL))
+
+
+def test_reflection_limit_is_a_parameter():
+    buf = encode_crystal(full_message(6))
+    err = rejects(buf, ValueRangeError, "too_many_reflections", "h", max_reflections=5)
+    assert "6 reflections" in str(err) and "5 allowed" in str(err)
+    assert decode_crystal(buf, max_reflections=6).n_reflections == 6
+    assert decode_crystal(many_reflections(MAX_REFLECTIONS)).n_reflections == MAX_REFLECTIONS
+    rejects(many_reflections(MAX_REFLECTIONS + 1), ValueRangeError, "too_many_reflections",
+            "h")
+
+
+@pytest.mark.parametrize("key, chars", [("run", MAX_RUN_CHARS), ("image", MAX_IMAGE_CHARS),
+                                        ("condition", MAX_LABEL_CHARS)])
+def test_string_fields_have_a_length_limit(key, chars):
+    assert decode_crystal(pack(wire(**{key: "x" * chars})))
+    err = rejects(pack(wire(**{key: "é" * (chars + 1)})), FieldTypeError, "string_too_long", key)
+    assert f"{chars + 1:,} characters" in str(err) and len(str(err)) < 400
+
+
+def test_panel_names_and_metadata_keys_have_a_length_limit():
+    long = "p" * (MAX_LABEL_CHARS + 1)
+    rejects(pack(wire(panel_names=[long, "p1", "p2"])), FieldTypeError, "string_too_long",
+            "panel_names")
+    rejects(pack(wire(panel=[long] * 6, panel_names=None)), FieldTypeError, "string_too_long",
+            "panel")
+    err = rejects(pack(wire(**{long: 1})), FieldTypeError, "string_too_long")
+    assert len(str(err)) < 400
+
+
+def test_metadata_is_bounded():
+    keys = {f"m{i}": i for i in range(MAX_METADATA_KEYS - 2)}   # + "indexer", "tags"
+    assert len(decode_crystal(pack(wire(**keys))).metadata) == MAX_METADATA_KEYS
+    rejects(pack(wire(**keys, one_more=1)), WireError, "too_complex")
+    rejects(pack(wire(**keys, one_more=1, fs=None, ss=None)), FieldTypeError, "too_complex")
+    err = rejects(pack(wire(blob="b" * (MAX_STRING_BYTES + 1))), MalformedMessageError,
+                  "string_too_long")
+    assert "max_str_len" in str(err)
+
+
+@pytest.mark.parametrize("value", [
+    [{}] * 200_000,                         # one array longer than any crystal needs
+    [[None] * 50_000] * 4,                 # arrays within the limit, too many in all
+    {f"k{i}": {f"j{j}": {} for j in range(280)} for i in range(280)},   # maps within it, ...
+    [[{}] * 1000] * 200,                   # ... and nested ones
+])
+def test_msgpack_bombs_are_refused_before_they_grow(value):
+    rejects(pack(wire(bomb=value)), MalformedMessageError, "too_complex")
+
+
+def test_text_from_the_message_is_never_echoed_unbounded():
+    dtype = "<" + "x" * 5_000_000
+    d = wire(h={"dtype": dtype, "shape": [6], "data": b"\0" * 24})
+    # a str longer than any field allows is refused while unpacking, unread
+    err = rejects(pack(d), MalformedMessageError, "string_too_long")
+    assert len(str(err)) < 400
+    # and where a long value gets through unpacking (a list), its repr is cut with a marker
+    err = rejects(pack(wire(schema=["s" * 4000] * 50)), SchemaError, "unknown_schema", "schema")
+    assert len(str(err)) < 500 and "50 items in all" in str(err)
+    err = rejects(pack(wire(version="v" * 4000)), SchemaError, "unsupported_version", "version")
+    assert len(str(err)) < 500 and "4,000 characters in all" in str(err)
