@@ -91,3 +91,82 @@ def test_publication_lags():
     lags = bench_end_to_end.publication_lags(arrival, [(2.5, 3)])
     assert np.isnan(lags[3:]).all() and lags[0] == 2.5
     assert math.isnan(bench_end_to_end.publication_lags(arrival, [])[0])
+
+
+# ------------------------------------------------------------------ quality matrix
+
+quality_matrix = _load("quality_matrix")
+
+
+def test_quality_matrix_quick_end_to_end(tmp_path):
+    """Two tiny cases through every method, the table of the file and of a difference."""
+    out = tmp_path / "quick.jsonl"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_matrix.py"), "--quick",
+           "--cases", "default,partial_sim", "--jobs", "2", "--out", str(out),
+           "--cache-dir", str(tmp_path / "cache"), "--label", "quick-test",
+           "--set", "merge.steps=16", "--set", "service.scale_kl_weight=0.05"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")] == lines
+    assert sorted((x["case"], x["method"]) for x in lines) == sorted(
+        (c, m) for c in ("default", "partial_sim") for m in quality_matrix.METHODS)
+    by = {(x["case"], x["method"]): x for x in lines}
+    for x in lines:
+        assert x["label"] == "quick-test" and x["quick"] is True and x["machine"]
+        assert x["images"] == 150 and x["seconds"] >= 0 and 0 < x["completeness"] <= 1
+        assert len(x["cc_F_shells"]) == len(x["d_min_shells"]) == 10
+        assert x["cc_F_shells"][0] == x["cc_F_lowest_shell"]
+        assert x["cc_F_shells"][-1] == x["cc_F_top_shell"]
+        assert -1 <= x["cc_F"] <= 1 and -1 <= x["cc_F_fitted_b"] <= 1
+        strong = x["strong"]
+        assert strong["n"] >= 1 and strong["min"] <= strong["median"] <= strong["max"]
+        assert strong["worst"] in (strong["min"], strong["max"])
+    # the streamvi methods ran with the settings asked for, and record them
+    merge, service = by[("default", "merge")], by[("default", "service")]
+    assert merge["steps"] == 16 and merge["settings"]["run"]["steps"] == 16
+    assert merge["settings"]["trainer"]["scale_kl_weight"] == 0.03
+    assert service["settings"]["trainer"]["scale_kl_weight"] == 0.05
+    # `streamvi serve`'s defaults are not `streamvi merge`'s: the service trains a narrower
+    # network and publishes an averaged posterior
+    assert service["settings"]["trainer"]["d_model"] == 16
+    assert service["settings"]["trainer"]["posterior_average_decay"] == 0.99
+    assert merge["settings"]["trainer"]["posterior_average_decay"] == 0.0
+    assert service["settings"]["run"]["min_visits"] >= 2
+    # the truth has iodide sites, the flat partial_sim kind has neither sites nor Bijvoet pairs
+    assert by[("default", "pcorr")]["iodide_sigma_mean"] is not None
+    assert "iodide_sigma_mean" not in by[("partial_sim", "mean")]
+    assert by[("partial_sim", "mean")]["cc_anom"] is None
+    # the true scales and partialities make the best average (this tiny default case, as
+    # simulated: 0.770 against 0.738 unweighted and 0.708 inverse-variance)
+    cc = {m: by[("default", m)]["cc_F"] for m in ("pcorr", "mean", "ivar")}
+    assert cc["pcorr"] > max(cc["mean"], cc["ivar"]) + 0.02, cc
+    assert 0.74 < cc["pcorr"] < 0.80 and cc["mean"] > cc["ivar"], cc
+
+    table = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_matrix.py"),
+                            "--table", str(out)], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert "### merge" in table.stdout and "| default |" in table.stdout
+    # a variant 0.01 worse in overall CC than its baseline is flagged
+    worse = tmp_path / "worse.jsonl"
+    worse.write_text("".join(json.dumps({**x, "cc_F": x["cc_F"] - 0.01}) + "\n" for x in lines))
+    diff = quality_matrix.table(worse, out)
+    assert "**worse: cc_F**" in diff and "default/merge" in diff
+    assert "No case worse" in quality_matrix.table(out, out)
+
+
+def test_quality_matrix_set_names_what_it_overrides():
+    sets = quality_matrix.parse_sets(["d_model=24", "merge.epochs=3",
+                                      "service.betas=[0.8, 0.99]", "likelihood=normal"])
+    assert sets["merge"] == {"d_model": 24, "epochs": 3, "likelihood": "normal"}
+    assert sets["service"] == {"d_model": 24, "betas": [0.8, 0.99], "likelihood": "normal"}
+    with pytest.raises(SystemExit, match="no field"):
+        quality_matrix.parse_sets(["not_a_field=1"])
+    with pytest.raises(SystemExit, match="run setting"):
+        quality_matrix.parse_sets(["service.epochs=3"])      # a merge-only setting
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        quality_matrix.parse_sets(["d_model"])
+    # the merge gets `streamvi merge`'s own settings, with the overrides on top
+    tcfg, ecfg, run = quality_matrix.merge_configs("cpu", sets["merge"])
+    assert tcfg.d_model == 24 and tcfg.mc_samples == 8 and tcfg.likelihood == "normal"
+    assert run["epochs"] == 3 and run["steps"] is None and ecfg.n_shells == 10
