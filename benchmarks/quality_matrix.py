@@ -46,7 +46,8 @@ Simulated crystals are cached per case (``--cache-dir``, keyed by the case's set
 simulator's source), so a second run only merges.  Timings (``seconds``) depend on the
 machine's load, ``cpu_seconds`` much less, the CC figures not at all.  Run from a tree exported
 with ``git archive`` (e.g. to judge a commit while the working tree holds other edits), the
-commit is taken from the environment variable ``STREAMVI_COMMIT``.
+commit is taken from the environment variable ``STREAMVI_COMMIT`` (and the real streams from
+``STREAMVI_SHARED_DATA`` when ``../shared/data`` is not beside it).
 """
 from __future__ import annotations
 
@@ -365,7 +366,10 @@ def prepare_case(name: str, quick: bool, cache_dir: str) -> dict[str, Any]:
 
 
 def load_case(name: str, quick: bool, cache_dir: str) -> CaseData:
-    """The crystals (and truth) of a case; raises FileNotFoundError for absent real data."""
+    """The crystals (and truth) of a case; raises FileNotFoundError for absent real data.
+
+    Real data are read from ``$STREAMVI_SHARED_DATA`` when set, else ``../shared/data``.
+    """
     from types import SimpleNamespace
 
     from streamvi.symmetry import ReciprocalSpace
@@ -375,7 +379,8 @@ def load_case(name: str, quick: bool, cache_dir: str) -> CaseData:
     if case.sim is None:
         from streamvi.merge import load_files, resolve_space
 
-        paths = [SHARED_DATA / f for f in case.files]
+        shared = Path(os.environ.get("STREAMVI_SHARED_DATA", SHARED_DATA))
+        paths = [shared / f for f in case.files]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(", ".join(missing))
