@@ -65,7 +65,7 @@ _EVENTS = (zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT
            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_MONITOR_STOPPED)
 
-_notices = RateLimitedLog(log, burst=3, interval_s=30.0)
+_notices = RateLimitedLog(log, burst=10, interval_s=30.0)
 
 
 @dataclass
