@@ -447,6 +447,13 @@ def send_messages(items: Iterable[SourceItem], url: str, *, rate: float | None =
             settled = now
             on_settled(*now)
 
+    def refuse(record: Rejected) -> None:
+        nonlocal rejected
+        rejected += 1
+        ledger.refused()
+        report_rejected(record)
+        tell()
+
     t0 = time.monotonic()
     linger: float | None = timeout_s
     try:
@@ -456,31 +463,20 @@ def send_messages(items: Iterable[SourceItem], url: str, *, rate: float | None =
                 stopped = True
                 break
             if isinstance(item, Rejected):
-                rejected += 1
-                ledger.refused()
-                report_rejected(item)
-                tell()
+                refuse(item)
                 continue
+            where = f"item {i} (run {clip(repr(item.run))}, image {clip(repr(item.image))})"
             try:
                 payload = encode_crystal(item)
             except (TypeError, ValueError, OverflowError) as exc:
-                rejected += 1
-                ledger.refused()
-                report_rejected(Rejected(source="send", position=f"item {i} "
-                                         f"(run {clip(repr(item.run))}, image "
-                                         f"{clip(repr(item.image))})",
-                                         reason="unencodable", detail=str(exc)))
-                tell()
+                refuse(Rejected(source="send", position=where, reason="unencodable",
+                                detail=str(exc)))
                 continue
             if len(payload) > max_message_bytes:
-                rejected += 1
-                ledger.refused()
-                report_rejected(Rejected(
-                    source="send", position=f"item {i} (run {clip(repr(item.run))}, image "
-                    f"{clip(repr(item.image))})", reason="too_large",
-                    detail=f"encodes to {len(payload):,} bytes, over the service's "
-                    f"max_message_bytes ({max_message_bytes:,}); not sent"))
-                tell()
+                refuse(Rejected(source="send", position=where, reason="too_large",
+                                detail=f"encodes to {len(payload):,} bytes, over the "
+                                f"service's max_message_bytes ({max_message_bytes:,}); the "
+                                "service would drop the connection: not sent"))
                 continue
             image = (item.run, item.image)
             if image != last_image:
