@@ -8,6 +8,7 @@ posterior into a :class:`MergeSnapshot` that the publishers (MTZ, ZeroMQ, metric
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,12 @@ class EngineConfig:
         Publish the amplitudes with the resolution dependence that the image scales' geometric
         mean had moved onto them (the likelihood cannot tell the two apart): one relative B
         per snapshot, :meth:`MergeEngine.falloff_correction` (docs/model.md change 10).
+    refresh_growth, refresh_idle_steps
+        When to restart the rows at their merge given the current scales
+        (:meth:`MergeEngine.refresh_rows`) while training goes on: each time the store has
+        grown ``refresh_growth``-fold since the last time (0: never), and once the store has
+        not grown for ``refresh_idle_steps`` steps after it last did (0: never; the beam is
+        off).  Counted from the final Σ.  ``streamvi merge`` refreshes at fixed epochs instead.
     """
 
     batch_images: int = 8
@@ -79,6 +86,8 @@ class EngineConfig:
     reject_misfit_images: bool = True
     wilson_min_images: int = 32
     recentre_falloff: bool = True
+    refresh_growth: float = 0.0
+    refresh_idle_steps: int = 0
 
 
 @dataclass
@@ -107,6 +116,24 @@ class MergeSnapshot:
     def observed(self) -> np.ndarray:
         """Rows with at least one observation."""
         return self.obs_count[0] > 0
+
+
+def _wilson_posterior_amplitude(j_hat: torch.Tensor, var_j: torch.Tensor,
+                                wilson: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Amplitude and its σ from an intensity estimate under the Wilson prior (acentric).
+
+    ``J = F² ≥ 0`` with an exponential prior of mean ``εΣ`` (``wilson``) and a normal
+    likelihood ``N(Ĵ; J, var)`` has a posterior that is a normal of mean ``Ĵ − var/εΣ``
+    truncated at 0 (French & Wilson); its mean is ``m + sd φ(m/sd)/Φ(m/sd)``.  Returns
+    ``√E[J]`` and ``sd / (2√E[J])``, kept within [10⁻³√(εΣ), the amplitude].
+    """
+    sd = torch.sqrt(var_j)
+    m = j_hat - var_j / wilson
+    x = m / sd
+    ratio = torch.exp(-0.5 * x * x - 0.5 * math.log(2 * math.pi) - torch.special.log_ndtr(x))
+    j_post = torch.clamp(m + sd * ratio, min=1e-3 * wilson)
+    f = torch.sqrt(j_post)
+    return f, torch.minimum(torch.clamp(sd / (2.0 * f), min=1e-3 * torch.sqrt(wilson)), f)
 
 
 class MergeEngine:
@@ -151,6 +178,13 @@ class MergeEngine:
         #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
         self.sigma_stage = 0
         self.last_report: StepReport | None = None
+        #: images stored at the last refresh of the rows (None: not counting yet), and the
+        #: step at which the store last grew
+        self.refreshed_images: int | None = None
+        self._grew_at_step = 0
+        self._images_last_step = 0
+        #: rows restarted by the last refresh (for logs and metrics)
+        self.refreshes = 0
 
     # ------------------------------------------------------------------ data in
 
@@ -189,7 +223,28 @@ class MergeEngine:
             self._update_wilson_sigma(final=frozen)
         self.store.mark_visited(ids)
         self.last_report = report
+        if self._refresh_due():
+            self.refresh_rows()
         return report
+
+    def _refresh_due(self) -> bool:
+        """Whether the policy of ``refresh_growth`` / ``refresh_idle_steps`` calls for a
+        refresh of the rows now (see :class:`EngineConfig`)."""
+        n, step = self.store.n_images, self.trainer.step
+        if n != self._images_last_step:
+            self._images_last_step, self._grew_at_step = n, step
+        cfg = self.config
+        if self.sigma_stage < 2 or not (cfg.refresh_growth > 0 or cfg.refresh_idle_steps > 0):
+            return False
+        if self.refreshed_images is None:          # counting starts at the final Σ
+            self.refreshed_images = n
+            return False
+        if n <= self.refreshed_images:
+            return False
+        grown = cfg.refresh_growth > 0 and n >= cfg.refresh_growth * self.refreshed_images
+        idle = (cfg.refresh_idle_steps > 0
+                and step - self._grew_at_step >= cfg.refresh_idle_steps)
+        return grown or idle
 
     def _track_falloff(self, batch, report: StepReport) -> None:
         """Add the step's scale locations to the per-resolution record (no host wait)."""
@@ -256,6 +311,129 @@ class MergeEngine:
         self.sigma_stage = 2 if final else 1
         # the misfit test compares with the Wilson prior: meaningful once Σ is final
         self.trainer.model.reject_images = self.config.reject_misfit_images and final
+
+    @torch.no_grad()
+    def row_estimates(self, *, iterations: int = 3, dof: float = 32.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's intensity by weighted least squares given the current image scales.
+
+        With each observation's expected scale ``s = E[scale]`` from the network as it
+        stands, ``Ĵ = Σ w s I / Σ w s²`` with ``w = 1/σ²`` times Student-t weights (``dof``)
+        from the previous iteration's residuals (outliers count little), and its variance
+        ``1/Σ w s²``; misfit images are left out; each half table from its own images.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            ``(n_tables * n_rows,)`` float64 ``Ĵ`` and its variance (standardised units; a
+            variance of +inf where a row has no observation), on the training device.
+        """
+        model = self.trainer.model
+        post = model.posterior
+        n_rows, n_tables = post.n_rows, post.n_tables
+        was_training = model.training
+        model.eval()
+        parts: list[tuple[torch.Tensor, ...]] = []
+        ids = np.arange(self.store.n_images)
+        for lo in range(0, ids.size, 512):
+            b = self.store.batch(ids[lo:lo + 512])
+            iobs, sigiobs, loc, scale = model.scale_distribution(b)
+            s = torch.exp(loc + 0.5 * scale * scale)
+            rows = b.asu_id[0]
+            if b.image_op is not None and b.n_ops > 1:
+                rows = b.asu_id.gather(0, b.image_op[b.image_index].unsqueeze(0))[0]
+            keep = ~self.store._rejected_t.index_select(0, b.image_id.to(self.device))
+            keep = keep.to(iobs.device)[b.image_index]
+            tables = [torch.zeros_like(rows)]
+            if n_tables > 1:
+                tables.append(1 + b.half[b.image_index])
+            for t in tables:
+                parts.append(((t * n_rows + rows)[keep], s[keep].double(),
+                              iobs[keep].double(), sigiobs[keep].double()))
+        model.train(was_training)
+        size = n_tables * n_rows
+        if not parts:
+            inf = torch.full((size,), float("inf"), dtype=torch.float64, device=self.device)
+            return torch.zeros_like(inf), inf
+        flat = torch.cat([p[0] for p in parts])
+        s, i_obs, sig = (torch.cat([p[k] for p in parts]) for k in (1, 2, 3))
+        w0 = 1.0 / torch.square(sig)
+        w = w0
+        for it in range(max(1, iterations)):
+            sws2 = torch.zeros(size, dtype=torch.float64, device=s.device).index_add_(
+                0, flat, w * s * s)
+            swsi = torch.zeros_like(sws2).index_add_(0, flat, w * s * i_obs)
+            j_hat = swsi / sws2.clamp_min(1e-300)
+            if it + 1 < iterations:
+                z2 = torch.square((i_obs - s * j_hat[flat]) / sig)
+                w = w0 * (dof + 1.0) / (dof + z2)
+        var_j = torch.where(sws2 > 0, 1.0 / sws2.clamp_min(1e-300),
+                            torch.full_like(sws2, float("inf")))
+        return j_hat, var_j
+
+    @torch.no_grad()
+    def refresh_rows(self) -> int:
+        """Restart every observed row at its merge given the current image scales.
+
+        The alternation of scaling programs: every row's intensity is re-estimated by
+        :meth:`row_estimates`, and the row restarts at the posterior mean of ``F`` under the
+        Wilson prior (French & Wilson's treatment of intensities, acentric form).  A row
+        moves by about one learning rate per update; this puts every row within its error
+        of where the objective will take it, so the rest of the merge refines instead of
+        travelling (docs/model.md change 11).  Bijvoet mates are re-estimated together and
+        keep the ratio F(+)/F(−) the merge had learnt: a difference estimated from each
+        mate's data alone carries their full noise, which the prior had been shrinking.
+
+        Returns
+        -------
+        int
+            Rows restarted (counted once over the tables).
+        """
+        model = self.trainer.model
+        post = model.posterior
+        n_rows, n_tables = post.n_rows, post.n_tables
+        if self.store.n_images == 0:
+            return 0
+        j_hat, var_j = self.row_estimates()
+        pair = torch.from_numpy(self._bijvoet_pairs()).to(j_hat.device)
+        n_pairs = int(pair.max()) + 1
+        wilson = model.prior.variance.double()
+        restarted = torch.zeros(n_rows, dtype=torch.bool, device=j_hat.device)
+        for t in range(n_tables):
+            j, v = j_hat[t * n_rows:(t + 1) * n_rows], var_j[t * n_rows:(t + 1) * n_rows]
+            seen = torch.isfinite(v)
+            if not bool(seen.any()):
+                continue
+            w = torch.where(seen, 1.0 / v, torch.zeros_like(v))
+            sw = torch.zeros(n_pairs, dtype=torch.float64, device=w.device).index_add_(0, pair, w)
+            swj = torch.zeros_like(sw).index_add_(0, pair, w * torch.where(seen, j, 0.0))
+            var_p = (1.0 / sw.clamp_min(1e-300))[pair]
+            j_p = (swj / sw.clamp_min(1e-300))[pair]
+            wil_p = (torch.zeros_like(sw).index_add_(0, pair, wilson)
+                     / torch.bincount(pair, minlength=n_pairs).double())[pair]
+            f_pair, sd_pair = _wilson_posterior_amplitude(j_p, var_p, wil_p)
+            # each mate's share of the pair's amplitude, as the merge has it now
+            mean_f = post.moments(t)[0].to(w.device)
+            pair_f = (torch.zeros_like(sw).index_add_(0, pair, mean_f)
+                      / torch.bincount(pair, minlength=n_pairs).double())[pair]
+            share = torch.where(pair_f > 0, mean_f / pair_f.clamp_min(1e-300),
+                                torch.ones_like(mean_f))
+            rows = torch.nonzero(seen).squeeze(1)
+            post.reset_table_rows(t, rows, (f_pair * share)[rows].float(),
+                                  sd_pair[rows].float())
+            self.trainer.forget_rows(post.flat_index(t, rows))
+            restarted |= seen
+        self.refreshed_images = self.store.n_images
+        self.refreshes += 1
+        log.info("rows restarted at their merge given the scales (refresh %d): %d rows, "
+                 "%d images", self.refreshes, int(restarted.sum()), self.store.n_images)
+        return int(restarted.sum())
+
+    def _bijvoet_pairs(self) -> np.ndarray:
+        """``(n_rows,)`` one id per ASU index, shared by F(+) and F(−) rows (cached)."""
+        if getattr(self, "_pairs", None) is None:
+            self._pairs = np.unique(self.space.hkl, axis=0, return_inverse=True)[1].reshape(-1)
+        return self._pairs
 
     def steps_per_epoch(self) -> int:
         """Steps that visit, on average, every stored image once."""
@@ -354,7 +532,8 @@ class MergeEngine:
                  "snapshot_id": self._snapshot_id, "space": self.space.to_dict(),
                  "sigma_stage": self.sigma_stage,
                  "image_geometry": self.store.geometry_state(),
-                 "falloff": self._falloff.cpu().clone()}
+                 "falloff": self._falloff.cpu().clone(),
+                 "refreshed_images": self.refreshed_images}
         if self.space.n_ops > 1:
             self.store.apply_settings()
             state["image_ops"] = torch.from_numpy(
@@ -366,6 +545,7 @@ class MergeEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         self._snapshot_id = int(state["snapshot_id"])
         self.sigma_stage = int(state.get("sigma_stage", 0))
+        self.refreshed_images = state.get("refreshed_images")
         self.trainer.model.reject_images = (self.config.reject_misfit_images
                                             and self.sigma_stage == 2)
         if state.get("falloff") is not None:

@@ -177,7 +177,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                    progress: Callable[[int, int], Callable[[StepReport], None]] | None = None,
                    history: list[str] | None = None,
                    anneal: float = ANNEAL_FRACTION,
-                   reference: ReferenceData | None = None) -> tuple[MergeSnapshot, MergeEngine]:
+                   reference: ReferenceData | None = None,
+                   refresh_epochs: Sequence[float] = ()) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
 
     With neither, :data:`DEFAULT_EPOCHS` passes and at least :data:`DEFAULT_MIN_STEPS` steps.
@@ -192,8 +193,10 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     (MergeSnapshot, MergeEngine)
     """
     # every crystal is stored before the first step: the Wilson plot may use them all at once
+    # (and the rows are refreshed at ``refresh_epochs``, not by the service's policy)
     engine = MergeEngine(space, trainer_config,
-                         replace(engine_config or EngineConfig(), wilson_min_images=0))
+                         replace(engine_config or EngineConfig(), wilson_min_images=0,
+                                 refresh_growth=0.0, refresh_idle_steps=0))
     if reference is not None:
         engine.reference = ReferenceSetting(space, reference)
     n_outside = 0
@@ -212,10 +215,13 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
         steps = int(math.ceil(epochs * engine.steps_per_epoch()))
     cb = progress(steps, engine.config.batch_images) if progress else None
     start_decay = int(round(steps * (1.0 - anneal)))
-    engine.train(start_decay, cb)
-    n_decay = steps - start_decay
-    for i in range(n_decay):
-        engine.trainer.set_lr_factor(1.0 - (1.0 - FINAL_LR_FACTOR) * (i + 1) / n_decay)
+    refresh_at = sorted({int(round(e * engine.steps_per_epoch())) for e in refresh_epochs})
+    for i in range(steps):
+        if i in refresh_at:
+            engine.refresh_rows()
+        if i >= start_decay:
+            engine.trainer.set_lr_factor(
+                1.0 - (1.0 - FINAL_LR_FACTOR) * (i + 1 - start_decay) / (steps - start_decay))
         if engine.train(1, cb) is None:
             break
     hist = list(history or [])

@@ -86,6 +86,13 @@ class TrainerConfig:
     #: component and ``geometry_dilation`` (relative); ``geometry_lr`` is the per-image Adam
     #: step in units of those σ.
     refine_geometry: bool = True
+    #: express each posterior row in units of its Wilson r.m.s. amplitude √(εΣ) once Σ is
+    #: known (docs/model.md change 11): Adam's steps are then the same fraction of every
+    #: row's expected size, and strong low-resolution amplitudes reach their value
+    posterior_wilson_units: bool = False
+    #: learn an error model σ' = √((a σ)² + (b Ipred)²) in the likelihood (docs/model.md
+    #: change 12; :class:`streamvi.model.likelihood.ErrorModel`)
+    error_model: bool = False
     geometry_rotation_deg: float = 0.05
     geometry_dilation: float = 0.002
     geometry_lr: float = 0.15
@@ -259,14 +266,16 @@ class Trainer:
             posterior = FoldedNormalPosterior(prior.n_rows, 3, init_loc=prior.mean())
             scale_model = ImageScaleModel(n_metadata, config.d_model, config.n_layers,
                                           n_pooled_extra=int(config.pooled_merge_ratio))
-        likelihood = (StudentTLikelihood(config.dof) if config.likelihood == "student_t"
-                      else NormalLikelihood())
+        likelihood = (StudentTLikelihood(config.dof, error_model=config.error_model)
+                      if config.likelihood == "student_t"
+                      else NormalLikelihood(config.error_model))
         self.model = VariationalMergingModel(
             prior, posterior, scale_model, likelihood, mc_samples=config.mc_samples,
             kl_weight=config.kl_weight, standardizer=Standardizer(n_metadata),
             scale_kl_weight=config.scale_kl_weight).to(self.device)
         self._configure_scale_forward()
-        self.scale_optimizer = _adam(list(self.model.scale_model.parameters()), lr=config.lr,
+        self.scale_optimizer = _adam(list(self.model.scale_model.parameters())
+                                     + list(self.model.likelihood.parameters()), lr=config.lr,
                                      betas=config.betas, eps=config.eps)
         self.posterior_optimizer = RowSparseAdam(
             list(self.model.posterior.parameters()), lr=config.posterior_lr, betas=config.betas,
@@ -523,18 +532,36 @@ class Trainer:
         sigma
             ``(n_rows,)`` positive mean intensity per unit ε at each row's resolution.
         reset
-            ``(n_rows,)`` bool: rows put back to the new Wilson mean (those not yet
-            learnt from, so they start where the prior now says they should).
+            ``(n_rows,)`` bool: rows put back to the new Wilson mean (those not yet learnt
+            from, so they start where the prior now says they should).
+
+        With ``posterior_wilson_units`` every row is re-expressed in units of its new
+        √(εΣ) first, keeping the values of the rows not reset.
         """
         prior = self.model.prior
+        post = self.model.posterior
         prior.set_sigma(torch.from_numpy(np.asarray(sigma, dtype=np.float32)).to(self.device))
+        if self.config.posterior_wilson_units:
+            extra = () if self.posterior_average is None else (self.posterior_average,)
+            post.set_unit(torch.sqrt(prior.variance), *extra)
         if reset is not None and bool(np.any(reset)):
             rows = torch.from_numpy(np.nonzero(reset)[0]).to(self.device)
-            post = self.model.posterior
             post.reset_rows(rows, prior.mean(rows))
             if self.posterior_average is not None:
                 self._reset_average(torch.cat([post.flat_index(t, rows)
                                                for t in range(post.n_tables)]))
+
+    @torch.no_grad()
+    def forget_rows(self, flat_rows: torch.Tensor) -> None:
+        """Clear the optimiser's momentum (and restart the average) of rows ``flat_rows`` of
+        the posterior's parameter matrix after they were put somewhere new: it pointed from
+        where they were.  The second moments stay: they measure the gradients' size, and
+        cleared ones would make the next updates several learning rates long."""
+        for state in self.posterior_optimizer.state.values():
+            if "exp_avg" in state:
+                state["exp_avg"].index_fill_(0, flat_rows.to(state["exp_avg"].device), 0.0)
+        if self.posterior_average is not None:
+            self._reset_average(flat_rows)
 
     def posterior_table(self, table: int = 0) -> dict[str, np.ndarray]:
         """``F``, ``SIGF``, ``I``, ``SIGI`` of every row of ``table`` (original units): of
@@ -566,13 +593,19 @@ class Trainer:
         """Restore a :meth:`state_dict`; the model's shape settings must match this trainer's."""
         saved = state["config"]
         # checkpoints from before pooled_merge_ratio existed were written without it
-        for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio"):
-            value = saved.get(name, False) if name == "pooled_merge_ratio" else saved[name]
+        for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio", "error_model"):
+            value = (saved.get(name, False) if name in ("pooled_merge_ratio", "error_model")
+                     else saved[name])
             if value != getattr(self.config, name):
                 raise ValueError(f"checkpoint has {name}={value!r}, trainer has "
                                  f"{getattr(self.config, name)!r}: set {name} to {value!r} to "
                                  "resume it, or start in another output directory")
-        self.model.load_state_dict(state["model"])
+        model_state = state["model"]
+        if "posterior.unit" not in model_state:
+            # checkpoints from before the per-row unit held every row in absolute units
+            model_state = {**model_state, "posterior.unit": torch.ones_like(
+                self.model.posterior.unit)}
+        self.model.load_state_dict(model_state)
         self.scale_optimizer.load_state_dict(state["scale_optimizer"])
         self.posterior_optimizer.load_state_dict(state["posterior_optimizer"])
         try:

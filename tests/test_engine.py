@@ -201,3 +201,121 @@ def test_falloff_correction_moves_the_scales_trend_onto_the_amplitudes(stills):
     assert a.falloff_b == pytest.approx(-2 * beta, rel=1e-4) and b.falloff_b is None
     (line,) = [line for line in a.history if "B +1.60 A^2" in line]
     assert len(line) <= 80                       # what an MTZ history line holds
+
+
+def _observations(engine: MergeEngine) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every stored observation's row, half, standardised I and σ(I), from the store."""
+    b = engine.store.batch(np.arange(engine.n_images))
+    scale = engine.trainer.standardizer.intensity_scale()
+    return (b.asu_id[0].numpy(), b.half[b.image_index].numpy(),
+            b.iobs.double().numpy() / scale, b.sigiobs.double().numpy() / scale)
+
+
+def test_row_estimates_are_the_scaled_weighted_means_of_each_table(stills):
+    crystals, space = stills
+    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
+                         EngineConfig(wilson_min_images=1, reject_misfit_images=False))
+    engine.add_many(crystals)
+    engine.step()
+    # the network starts every scale at LogNormal(0, 0.1): E[scale] = exp(0.005) whatever
+    # the reflection, until it is trained
+    model = engine.trainer.model
+    with torch.no_grad():
+        model.scale_model.out.weight.zero_()
+        model.scale_model.out.bias.copy_(torch.tensor([0.0, np.log(np.expm1(0.1 - 1e-3))]))
+    s = np.exp(0.5 * 0.1 ** 2)
+    j_hat, var_j = engine.row_estimates(iterations=1)
+    rows, half, i_obs, sig = _observations(engine)
+    n = space.n_unique
+    for t, sel in enumerate([np.ones_like(rows, bool), half == 0, half == 1]):
+        w = np.bincount(rows[sel], weights=s * s / sig[sel] ** 2, minlength=n)
+        wi = np.bincount(rows[sel], weights=s * i_obs[sel] / sig[sel] ** 2, minlength=n)
+        seen = w > 0
+        np.testing.assert_allclose(j_hat[t * n:(t + 1) * n].numpy()[seen], wi[seen] / w[seen],
+                                   rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(var_j[t * n:(t + 1) * n].numpy()[seen], 1 / w[seen],
+                                   rtol=2e-5)
+        assert np.isinf(var_j[t * n:(t + 1) * n].numpy()[~seen]).all()
+
+
+def test_wilson_posterior_amplitude_is_the_truncated_normal_mean():
+    from scipy import stats
+
+    from streamvi.engine import _wilson_posterior_amplitude
+
+    j = torch.tensor([50.0, 2.0, -3.0, 0.0], dtype=torch.float64)
+    var = torch.tensor([4.0, 1.0, 1.0, 9.0], dtype=torch.float64)
+    wilson = torch.tensor([10.0, 2.0, 2.0, 5.0], dtype=torch.float64)
+    f, sd_f = _wilson_posterior_amplitude(j, var, wilson)
+    m, sd = (j - var / wilson).numpy(), np.sqrt(var.numpy())
+    mean = stats.truncnorm(-m / sd, np.inf, loc=m, scale=sd).mean()
+    np.testing.assert_allclose(f.numpy() ** 2, mean, rtol=1e-6)
+    assert (sd_f <= f).all() and (sd_f > 0).all()
+
+
+def test_refresh_restarts_rows_at_their_merge_and_keeps_bijvoet_ratios():
+    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+
+    sim = SimulationConfig(n_images=16, seed=4, dmin=3.0)
+    space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=True)
+    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
+                         EngineConfig(wilson_min_images=1))
+    engine.add_many(list(simulate_images(sim, simulate_structure(sim))))
+    for _ in range(5):
+        engine.step()
+    post = engine.trainer.model.posterior
+    before = post.moments(0)[0].numpy()
+    j_hat, var_j = engine.row_estimates()
+    restarted = engine.refresh_rows()
+    after = post.moments(0)[0].numpy()
+    n = space.n_unique
+    seen = np.isfinite(var_j[:n].numpy())
+    assert restarted == seen.sum() and engine.refreshes == 1
+    assert engine.refreshed_images == engine.n_images
+    # rows never observed keep their values; a pair's F(+)/F(−) ratio is kept
+    np.testing.assert_array_equal(after[~seen], before[~seen])
+    plus = np.nonzero((space.friedel > 0) & ~space.centric)[0]
+    minus = plus + 1            # F(−) follows its F(+) row
+    both = seen[plus] & seen[minus]
+    loc = post.loc_scale(torch.arange(n))[0].detach().numpy()
+    np.testing.assert_allclose((loc[plus] / loc[minus])[both],
+                               (before[plus] / before[minus])[both], rtol=1e-4)
+    # a pair restarts at the Wilson posterior of the weighted mean of its two estimates
+    from streamvi.engine import _wilson_posterior_amplitude
+
+    i_plus, i_minus = j_hat[plus].numpy()[both], j_hat[minus].numpy()[both]
+    v_plus, v_minus = var_j[plus].numpy()[both], var_j[minus].numpy()[both]
+    var = 1 / (1 / v_plus + 1 / v_minus)
+    pooled = (i_plus / v_plus + i_minus / v_minus) * var
+    wilson = engine.trainer.model.prior.variance.double().numpy()
+    f_pair, _ = _wilson_posterior_amplitude(torch.from_numpy(pooled), torch.from_numpy(var),
+                                            torch.from_numpy(wilson[plus][both]))
+    np.testing.assert_allclose(0.5 * (loc[plus] + loc[minus])[both], f_pair.numpy(), rtol=1e-4)
+    assert both.sum() > 500
+
+
+def test_refresh_policy_follows_growth_and_idle_steps(stills):
+    crystals, space = stills
+    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
+                         EngineConfig(wilson_min_images=1, refresh_growth=2.0,
+                                      refresh_idle_steps=3))
+    engine.add_many(crystals[:3])
+    engine.step()
+    engine.step()
+    assert engine.sigma_stage == 2 and engine.refreshed_images == 3 and engine.refreshes == 0
+    engine.add_many(crystals[3:5])                  # 5 < 2 × 3: not yet
+    engine.step()
+    assert engine.refreshes == 0
+    engine.add_many(crystals[5:6])                  # 6 = 2 × 3
+    engine.step()
+    assert engine.refreshes == 1 and engine.refreshed_images == 6
+    engine.add_many(crystals[6:8])
+    for _ in range(2):
+        engine.step()
+    assert engine.refreshes == 1                    # grew, but only two idle steps so far
+    engine.step()
+    engine.step()
+    assert engine.refreshes == 2 and engine.refreshed_images == 8
+    for _ in range(5):                              # nothing new: nothing to refresh
+        engine.step()
+    assert engine.refreshes == 2

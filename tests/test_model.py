@@ -526,3 +526,46 @@ def test_model_feeds_the_scale_encoder_each_observation_against_the_merge():
     terms.loss.backward()
     assert torch.isfinite(model.scale_model.embed.weight.grad).all()
     assert model.scale_model.embed.weight.grad[:, -1].abs().sum() > 0   # the ratio's column
+
+
+def test_posterior_unit_rescales_and_set_unit_keeps_values():
+    loc = torch.tensor([0.5, 2.0, 8.0])
+    post = FoldedNormalPosterior(3, 3, init_loc=loc)
+    before_loc, before_scale = post.loc_scale(torch.arange(9))
+    unit = torch.tensor([0.5, 2.0, 4.0])
+    post.set_unit(unit)
+    after_loc, after_scale = post.loc_scale(torch.arange(9))
+    torch.testing.assert_close(after_loc, before_loc, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(after_scale, before_scale, rtol=1e-4, atol=1e-7)
+    # the raw parameter is now in units of each row: the same step moves each row by the
+    # same number of its own units (softplus' slope at loc/unit)
+    with torch.no_grad():
+        raw = post.weight[:3, 0].clone()
+        post.weight[:, 0] += 0.1
+    moved = (post.loc_scale(torch.arange(3))[0] - after_loc[:3]).detach()
+    expect = torch.nn.functional.softplus(raw + 0.1) - torch.nn.functional.softplus(raw)
+    np.testing.assert_allclose((moved / unit).numpy(), expect.numpy(), rtol=1e-4)
+    np.testing.assert_allclose((loc / unit).numpy(), [1.0, 1.0, 2.0])
+    # reset in absolute units, per table
+    post.reset_rows(torch.tensor([2]), torch.tensor([[3.0], [4.0], [5.0]]))
+    np.testing.assert_allclose(post.loc_scale(torch.tensor([2, 5, 8]))[0].detach().numpy(),
+                               [3.0, 4.0, 5.0], rtol=1e-5)
+    with pytest.raises(ValueError, match="positive"):
+        post.set_unit(torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_error_model_widens_sigma_with_the_prediction():
+    from streamvi.model.likelihood import ErrorModel
+
+    em = ErrorModel(a=1.5, b=0.1)
+    ipred = torch.tensor([[0.0, 10.0, 100.0]])
+    sig = torch.tensor([1.0, 2.0, 3.0])
+    expect = np.sqrt((1.5 * sig.numpy()) ** 2 + (0.1 * ipred.numpy()) ** 2)
+    np.testing.assert_allclose(em(ipred, sig).detach().numpy(), expect, rtol=1e-5)
+    lik = NormalLikelihood(error_model=True)
+    lp = lik.log_prob(ipred, torch.tensor([0.5, 9.0, 120.0]), sig)
+    s = np.sqrt(sig.numpy() ** 2 + (0.02 * ipred.numpy()) ** 2)       # the starting a, b
+    ref = stats.norm(ipred.numpy(), s).logpdf(np.array([0.5, 9.0, 120.0]))
+    np.testing.assert_allclose(lp.detach().numpy(), ref, rtol=1e-5)
+    lp.sum().backward()
+    assert lik.error_model.log_a.grad is not None and lik.error_model.raw_b.grad is not None

@@ -4,6 +4,13 @@ Table 0 merges all images; tables 1 and 2 merge the two half datasets (for CC1/2
 while streaming).  The parameters live in one ``(n_tables * n_rows, 2)`` matrix looked up
 with a sparse embedding, so a sparse Adam step (:class:`streamvi.optim.RowSparseAdam`)
 touches only the rows of the current minibatch and every other row stays bit-identical.
+
+Each row's location and scale are expressed in a unit of its own, :attr:`FoldedNormalPosterior.unit`
+(the Wilson r.m.s. amplitude ``√(εΣ)`` of the row, set by the trainer; 1 until then).  Adam
+moves a parameter by about one learning rate per update whatever its gradient, so in absolute
+units every row travelled at the same speed: a strong low-resolution amplitude, tens of times
+the r.m.s. amplitude of a high-resolution one, needed thousands of updates to leave its Wilson
+start and was still shrunk when a merge ended (issue #16; docs/model.md change 11).
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ class FoldedNormalPosterior(nn.Module):
     -----
     Both location and scale are kept through a softplus: the location has to stay positive
     only to make the parameterisation one-to-one (the folded normal is symmetric in loc).
+    Both are multiplied by the row's :attr:`unit`.
     """
 
     def __init__(self, n_rows: int, n_tables: int = 3, *, init_loc: torch.Tensor,
@@ -58,20 +66,54 @@ class FoldedNormalPosterior(nn.Module):
             raise ValueError("init_loc and init_scale must be positive")
         self.n_rows = int(n_rows)
         self.n_tables = int(n_tables)
-        raw = torch.stack([_inverse_softplus(init_loc),
-                           _inverse_softplus(init_scale - _SCALE_FLOOR)], dim=1)
-        self.weight = nn.Parameter(raw.repeat(self.n_tables, 1))
+        #: ``(n_rows,)`` the unit of each row's location and scale (see the module docstring)
+        self.register_buffer("unit", torch.ones(self.n_rows, dtype=torch.float32))
+        self.weight = nn.Parameter(self._raw(init_loc, init_scale).repeat(self.n_tables, 1))
+
+    @staticmethod
+    def _raw(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``(n, 2)`` unconstrained parameters of ``(loc, scale)`` given in units of the rows."""
+        return torch.stack([_inverse_softplus(loc.float()),
+                            _inverse_softplus((scale.float() - _SCALE_FLOOR)
+                                              .clamp_min(_SCALE_FLOOR))], dim=1)
 
     @torch.no_grad()
     def reset_rows(self, row_ids: torch.Tensor, loc: torch.Tensor,
                    scale: torch.Tensor | None = None) -> None:
-        """Put rows ``row_ids`` of every table back to ``(loc, scale)`` (default 0.01·loc)."""
+        """Put rows ``row_ids`` of every table back to ``(loc, scale)`` (default 0.01·loc),
+        in absolute units: ``(k,)`` for every table alike or ``(n_tables, k)`` per table."""
         if scale is None:
             scale = 0.01 * loc
-        raw = torch.stack([_inverse_softplus(loc.float()),
-                           _inverse_softplus(scale.float() - _SCALE_FLOOR)], dim=1)
+        loc = torch.broadcast_to(loc, (self.n_tables, row_ids.shape[0]))
+        scale = torch.broadcast_to(scale, loc.shape)
+        unit = self.unit[row_ids]
         for t in range(self.n_tables):
-            self.weight[t * self.n_rows + row_ids] = raw.to(self.weight.dtype)
+            self.weight[t * self.n_rows + row_ids] = self._raw(
+                loc[t] / unit, scale[t] / unit).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def reset_table_rows(self, table: int, row_ids: torch.Tensor, loc: torch.Tensor,
+                         scale: torch.Tensor) -> None:
+        """Put rows ``row_ids`` of one ``table`` at ``(loc, scale)``, absolute units."""
+        unit = self.unit[row_ids]
+        self.weight[table * self.n_rows + row_ids] = self._raw(
+            loc / unit, scale / unit).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def set_unit(self, unit: torch.Tensor, *extra: torch.Tensor) -> None:
+        """Express every row in a new ``unit`` (``(n_rows,)``, positive), keeping its absolute
+        location and scale; ``extra`` are more ``(n_tables * n_rows, 2)`` parameter matrices
+        (e.g. a running average of :attr:`weight`) converted the same way in place."""
+        unit = torch.as_tensor(unit, dtype=torch.float32, device=self.unit.device)
+        if unit.shape != self.unit.shape or not bool(torch.all(unit > 0)):
+            raise ValueError(f"unit must be {tuple(self.unit.shape)} positive values")
+        ratio = (self.unit / unit).repeat(self.n_tables).double()
+        for w in (self.weight, *extra):
+            raw = w.double()
+            loc = F_nn.softplus(raw[:, 0]) * ratio
+            scale = (F_nn.softplus(raw[:, 1]) + _SCALE_FLOOR) * ratio
+            w.copy_(self._raw(loc, scale).to(w.dtype))
+        self.unit.copy_(unit)
 
     def flat_index(self, table: int | torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         """Row of :attr:`weight` for ``row_ids`` in ``table`` (an int or a tensor like row_ids)."""
@@ -91,7 +133,10 @@ class FoldedNormalPosterior(nn.Module):
                 flat_ids.shape + (2,))
         else:
             raw = F_nn.embedding(flat_ids, self.weight, sparse=True)
-        return F_nn.softplus(raw[..., 0]), F_nn.softplus(raw[..., 1]) + _SCALE_FLOOR
+        unit = self.unit.index_select(0, torch.remainder(flat_ids.reshape(-1), self.n_rows)
+                                      ).reshape(flat_ids.shape)
+        return (unit * F_nn.softplus(raw[..., 0]),
+                unit * (F_nn.softplus(raw[..., 1]) + _SCALE_FLOOR))
 
     @staticmethod
     def sample_with(loc: torch.Tensor, scale: torch.Tensor, mc: int,
@@ -136,7 +181,8 @@ class FoldedNormalPosterior(nn.Module):
             raise ValueError(f"table {table} out of range 0..{self.n_tables - 1}")
         w = self.weight if weight is None else weight
         raw = w[table * self.n_rows:(table + 1) * self.n_rows].double()
-        return F_nn.softplus(raw[:, 0]), F_nn.softplus(raw[:, 1]) + _SCALE_FLOOR
+        unit = self.unit.double()
+        return unit * F_nn.softplus(raw[:, 0]), unit * (F_nn.softplus(raw[:, 1]) + _SCALE_FLOOR)
 
     @torch.no_grad()
     def moments(self, table: int = 0, weight: torch.Tensor | None = None
