@@ -21,8 +21,9 @@ again in-process (spool replayed into a fresh store):
 
 - lost: crystals sent but not in the store (must be 0);
 - duplicated: crystals stored more than once (store images minus unique keys; must be 0);
-- ``crystals_received == spool records`` (each spooled record counted once across restarts)
-  and ``crystals_received == crystals merged + duplicates``;
+- ``crystals_received == spool records + duplicates not spooled`` (each spooled record
+  counted once across restarts) and ``crystals_received == crystals merged + duplicates +
+  crystals rejected``;
 - no rejects, no damaged spool record, the final checkpoint readable.
 
 With ``--baselines N`` uninterrupted runs on the same data, trained to the same number of
@@ -377,6 +378,7 @@ def check_counts(rec: Recovered, ckpt: dict[str, Any], sent_keys: set) -> dict[s
         "crystals_merged": ckpt["crystals_merged"],
         "crystals_received": c["crystals_received"],
         "duplicates_counted": c["duplicates"],
+        "duplicates_not_spooled": c.get("duplicates_not_spooled", 0),
         "spool_records": rec.spool_records,
         "messages_rejected": sum(c["messages_rejected"].values()),
         "torn_records": rec.torn_records,
@@ -388,10 +390,13 @@ def check_counts(rec: Recovered, ckpt: dict[str, Any], sent_keys: set) -> dict[s
         problems.append("store differs from what was sent")
     if ckpt["crystals_merged"] != len(sent_keys) or rec.crystals_merged != len(sent_keys):
         problems.append("crystals_merged != unique crystals sent")
-    if c["crystals_received"] != rec.spool_records:
-        problems.append("crystals_received != spool records (a record counted twice or never)")
-    if c["crystals_received"] != ckpt["crystals_merged"] + c["duplicates"]:
-        problems.append("crystals_received != crystals_merged + duplicates")
+    # duplicates recognised before spooling are counted but never spooled (operations.md §4)
+    if c["crystals_received"] != rec.spool_records + c.get("duplicates_not_spooled", 0):
+        problems.append("crystals_received != spool records + duplicates not spooled (a record "
+                        "counted twice or never)")
+    rejected = sum(c.get("crystals_rejected", {}).values())
+    if c["crystals_received"] != ckpt["crystals_merged"] + c["duplicates"] + rejected:
+        problems.append("crystals_received != crystals_merged + duplicates + rejected")
     if rec.counters["crystals_received"] != c["crystals_received"] or \
             rec.counters["duplicates"] != c["duplicates"]:
         problems.append("counters after a clean restart differ from the final checkpoint")

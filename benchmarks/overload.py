@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import struct
 import sys
 import tempfile
 import threading
@@ -52,7 +53,10 @@ class FrameMaker:
     """Unique wire messages made cheaply: one pre-encoded body, a new image name each.
 
     The body is a msgpack map of every key but ``image``; a frame is the body with its map
-    header raised by one and ``"image": name`` appended (valid msgpack, ~µs per frame)."""
+    header raised by one and ``"image": name`` appended (valid msgpack, ~µs per frame).  The
+    intensity of the last row (beyond the table, never stored) is the frame's number, so
+    every frame is a different crystal by content too (the service recognises the same
+    content sent under another name as a duplicate)."""
 
     def __init__(self, rows: int, inside: int = 40, run: str = "overload", seed: int = 0):
         from streamvi.wire import CrystalMessage, to_wire_dict
@@ -74,10 +78,18 @@ class FrameMaker:
         body = msgpack.packb(d, use_bin_type=True)
         self._head = bytes([0x80 | (len(d) + 1)])
         self._body = body[1:] + msgpack.packb("image")
+        # where the last row's I sits in the body (float32, little-endian)
+        i_data = msg.I.astype("<f4").tobytes()
+        at = self._body.find(i_data)
+        if at < 0 or self._body.find(i_data, at + 1) >= 0:
+            raise ValueError("FrameMaker could not locate the intensities in the body")
+        self._cut = at + len(i_data) - 4
         self.run = run
 
     def frame(self, i: int) -> bytes:
-        return self._head + self._body + msgpack.packb(f"img{i:08d}")
+        body = self._body
+        return (self._head + body[:self._cut] + struct.pack("<f", 1.0 + i)
+                + body[self._cut + 4:] + msgpack.packb(f"img{i:08d}"))
 
     def __len__(self) -> int:
         return len(self._body) + 16

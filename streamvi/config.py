@@ -49,8 +49,21 @@ OPTIONS: tuple[Option, ...] = (
     # --- merge
     Option("space_group", str, "", "space group of the merge, e.g. 'P 43 21 2' (required)",
            "merge"),
-    Option("cell", str, "", "'a b c alpha beta gamma' in Å and degrees (default: the first "
-           "crystal's cell)", "merge"),
+    Option("cell", str, "", "'a b c alpha beta gamma' in Å and degrees, with the space group's "
+           "metric symmetry (empty: the median of the first crystals' cells, symmetrised)",
+           "merge"),
+    Option("consensus_crystals", int, 16, "without a cell: crystals whose median cell becomes "
+           "the merge's (the merge starts when they are in, or consensus_wait s after the "
+           "first)", "merge"),
+    Option("consensus_wait", float, 5.0, "seconds after the first crystal after which the merge "
+           "starts with the crystals in by then, if fewer than consensus_crystals", "merge"),
+    Option("cell_length_tolerance", float, 0.05, "crystals whose cell lengths differ from the "
+           "merge's by more than this fraction are rejected (cell_mismatch)", "merge"),
+    Option("cell_angle_tolerance", float, 5.0, "crystals whose cell angles differ from the "
+           "merge's by more than this many degrees are rejected (cell_mismatch)", "merge"),
+    Option("intensity_outlier_ratio", float, 1000.0, "crystals whose median |I| exceeds this "
+           "many times the typical crystal's are rejected (intensity_outlier); 0: off",
+           "merge"),
     Option("dmin", float, 2.0, "resolution limit, Å", "merge"),
     Option("anomalous", bool, False, "keep F(+) and F(-) separate", "merge"),
     Option("reference", str, "", "MTZ whose indexing setting the published merge takes (space "
@@ -210,6 +223,31 @@ def load_config(path: str | Path | None = None, *, env: dict[str, str] | None = 
     return ServiceConfig(values, sources)
 
 
+def check_device(name: str, *, key: str = "device") -> None:
+    """Refuse, before anything starts, a training device this machine does not have.
+
+    Raises
+    ------
+    ConfigError
+        One line naming ``key``, what is missing and what to use instead.
+    """
+    import torch
+
+    from streamvi.trainer import resolve_device
+
+    try:
+        device = resolve_device(str(name))
+    except (ValueError, RuntimeError) as exc:
+        hint = ("this machine has no usable CUDA GPU (torch " + torch.__version__ + "); use "
+                "'cpu' or 'auto'" if "cuda" in str(name).lower() else
+                "use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"{key} = {name!r}: {exc}; {hint}") from None
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key} = {name!r}: this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s); use cuda:0 ... or auto")
+
+
 def example_toml() -> str:
     """A commented example configuration with every option at its default."""
     out = ["# streamvi serve configuration. Every key can also be given as an environment",
@@ -240,4 +278,4 @@ def option_fields() -> list[str]:
     return [o.name for o in OPTIONS]
 
 
-__all__ = ["OPTIONS", "Option", "ServiceConfig", "load_config", "example_toml"]
+__all__ = ["OPTIONS", "Option", "ServiceConfig", "load_config", "example_toml", "check_device"]

@@ -13,8 +13,14 @@ Counting rules
 - ``messages_rejected[reason]``: whole messages refused (not spooled, dead-lettered).
 - ``reflections_rejected[reason]``: rows dropped inside accepted messages
   (:attr:`streamvi.wire.CrystalMessage.rows_rejected`).
-- ``duplicates``: crystals whose (run, image, crystal) was already stored (the store
-  detects them; the service calls :meth:`IngestCounters.add_duplicates`).
+- ``duplicates``: crystals already stored, by identity (run, image, crystal) or by content
+  (the store detects them; the service calls :meth:`IngestCounters.add_duplicates`).
+  ``duplicates_not_spooled`` of them were recognised by ingest before spooling
+  (:meth:`IngestCounters.record_duplicate`): counted as received, never spooled, so a flood
+  of resends cannot fill the disk.
+- ``crystals_rejected[reason]``: accepted (spooled) crystals the store refused
+  (``cell_mismatch``, ``intensity_outlier``, ``outside_table``; streamvi/store.py), so that
+  ``crystals_received == crystals_merged + duplicates + Σ crystals_rejected``.
 - ``last_seq``: the highest spool sequence number already counted, so that replaying the
   spool after a restart counts only what the checkpoint had not (nothing counted twice).
 """
@@ -27,7 +33,8 @@ from streamvi.wire import CrystalMessage
 
 _STATE_VERSION = 1
 _SCALARS = ("messages_received", "crystals_received", "reflections_received",
-            "bytes_received", "duplicates", "spool_write_errors", "last_seq")
+            "bytes_received", "duplicates", "duplicates_not_spooled", "spool_write_errors",
+            "last_seq")
 
 
 class IngestCounters:
@@ -43,12 +50,15 @@ class IngestCounters:
         self.reflections_received = 0
         self.bytes_received = 0
         self.duplicates = 0
+        #: of ``duplicates``, those recognised before spooling (never spooled)
+        self.duplicates_not_spooled = 0
         #: appends to the spool that failed (disk full, I/O error) and were retried
         self.spool_write_errors = 0
         #: highest spool sequence number counted; -1 before the first
         self.last_seq = -1
         self.messages_rejected: dict[str, int] = {}
         self.reflections_rejected: dict[str, int] = {}
+        self.crystals_rejected: dict[str, int] = {}
 
     # ------------------------------------------------------------------ writers
 
@@ -82,6 +92,24 @@ class IngestCounters:
             self.bytes_received += int(nbytes)
             self.messages_rejected[reason] = self.messages_rejected.get(reason, 0) + 1
 
+    def record_duplicate(self, msg: CrystalMessage, *, nbytes: int) -> None:
+        """A valid message whose crystal is stored already, recognised before spooling: it
+        counts as received and as a duplicate, and is neither spooled nor queued."""
+        with self._lock:
+            self.messages_received += 1
+            self.bytes_received += int(nbytes)
+            self.crystals_received += 1
+            self.reflections_received += len(msg)
+            for reason, n in msg.rows_rejected.items():
+                self.reflections_rejected[reason] = self.reflections_rejected.get(reason, 0) + n
+            self.duplicates += 1
+            self.duplicates_not_spooled += 1
+
+    def add_crystals_rejected(self, reason: str, n: int = 1) -> None:
+        """``n`` spooled crystals were refused by the store for ``reason``."""
+        with self._lock:
+            self.crystals_rejected[reason] = self.crystals_rejected.get(reason, 0) + int(n)
+
     def add_duplicates(self, n: int = 1) -> None:
         """``n`` crystals were already stored (reported by the store)."""
         with self._lock:
@@ -100,6 +128,7 @@ class IngestCounters:
             out: dict[str, Any] = {name: getattr(self, name) for name in _SCALARS}
             out["messages_rejected"] = dict(self.messages_rejected)
             out["reflections_rejected"] = dict(self.reflections_rejected)
+            out["crystals_rejected"] = dict(self.crystals_rejected)
         return out
 
     @property
@@ -137,6 +166,8 @@ class IngestCounters:
                                       dict(state.get("messages_rejected", {})).items()}
             self.reflections_rejected = {str(k): int(v) for k, v in
                                          dict(state.get("reflections_rejected", {})).items()}
+            self.crystals_rejected = {str(k): int(v) for k, v in
+                                      dict(state.get("crystals_rejected", {})).items()}
 
     def __repr__(self) -> str:
         s = self.snapshot()

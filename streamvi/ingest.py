@@ -264,6 +264,9 @@ class Ingestor:
         self.handshake_failures = 0
         self._failed_pending = 0
         self._allowed: _AllowedKeys | None = None
+        #: set by the service: whether a decoded crystal is stored already (by identity or
+        #: content); such a message is counted as a duplicate and not spooled or queued
+        self.already_stored: Callable[[CrystalMessage], bool] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -531,6 +534,9 @@ class Ingestor:
         except Exception as exc:    # a decoder bug must not end ingest
             self._reject(endpoint, "decode_error", f"unexpected {type(exc).__name__}: "
                          f"{clip(exc)}", raw, nbytes)
+            return True
+        if self.already_stored is not None and self.already_stored(msg):
+            self.counters.record_duplicate(msg, nbytes=nbytes)
             return True
         seq = self._spool_append(raw)
         if seq is None:

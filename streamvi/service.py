@@ -11,7 +11,19 @@ Threads:
 
 A checkpoint holds the trainer, scheduler and counters; the store is rebuilt on restart by
 replaying the spool, so a crash (even ``kill -9``) loses nothing that was spooled, and
-crystals are deduplicated by ``(run, image, crystal)`` so nothing is counted twice.
+crystals are deduplicated by ``(run, image, crystal)`` and by content so nothing is counted
+twice.
+
+The merge starts once the first ``consensus_crystals`` crystals are in (or
+``consensus_wait`` s after the first): without a configured cell their median cell,
+symmetrised to the space group, becomes the merge's; either way the store judges them
+together, so one absurd first crystal cannot set the intensity reference.  Crystals the
+store refuses (another cell, absurd intensities, nothing in the table) are counted by
+reason, logged (a few lines per reason) and dead-lettered.
+
+An error of the training loop that repeats, or one that stops the merge from starting,
+turns the service *failed* (status, ``/healthz``, the page's badge) with the reason; ingest
+goes on spooling, so nothing is lost while someone fixes the cause.
 """
 from __future__ import annotations
 
@@ -28,22 +40,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamvi.config import ServiceConfig
+from streamvi.config import ServiceConfig, check_device
 from streamvi.counters import IngestCounters
 from streamvi.deadletter import DeadLetter
 from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
 from streamvi.ingest import Ingestor, replay_spool
+from streamvi.publish.mtz import MtzInfo, sibling_temp_path, stale_temp_files
 from streamvi.publish.snapshots import MtzSnapshots
+from streamvi.ratelimit import RateLimitedLog, clip
 from streamvi.reference import ReferenceSetting, check_same_lattice, read_reference
 from streamvi.spool import Spool
-from streamvi.symmetry import ReciprocalSpace, parse_cell, parse_space_group
+from streamvi.symmetry import (ReciprocalSpace, consensus_cell, format_cell, parse_cell,
+                               parse_space_group, require_metric_symmetry)
 from streamvi.trainer import TrainerConfig
-from streamvi.wire import CrystalMessage
+from streamvi.wire import CrystalMessage, encode_crystal
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: consecutive training-loop errors after which the service is *failed*
+FAIL_AFTER_ERRORS = 3
+#: longest pause between retries of a failing training loop, s
+MAX_RETRY_DELAY_S = 5.0
 
 
 class Service:
@@ -69,9 +88,17 @@ class Service:
             raise ConfigError("space_group is required: set it in the config file, "
                               "STREAMVI_SPACE_GROUP or --space-group (e.g. 'P 43 21 2')")
         self.space_group = parse_space_group(config.space_group)
-        self.cell = parse_cell(config.cell) if config.cell else None
         if not config.dmin > 0:
             raise ConfigError(f"dmin = {config.dmin}: must be a positive resolution in Å")
+        self._check_merge_options()
+        check_device(config.device)
+        self.cell = parse_cell(config.cell) if config.cell else None
+        #: the table of a configured cell, built now so that its mistakes stop the start
+        self._space: ReciprocalSpace | None = None
+        if self.cell is not None:
+            require_metric_symmetry(self.cell, self.space_group, key="cell")
+            self._space = ReciprocalSpace(self.space_group, self.cell, config.dmin,
+                                          anomalous=config.anomalous)
         sync_free_modes = {"auto": None, "on": True, "off": False}
         if config.sync_free_steps.lower() not in sync_free_modes:
             raise ConfigError(f"sync_free_steps = {config.sync_free_steps!r}: must be auto, on "
@@ -97,13 +124,21 @@ class Service:
         self.engine: MergeEngine | None = None
         self.counters = IngestCounters()
         self.spool = Spool(self.out_dir / "spool", fsync=config.spool_fsync)
+        try:        # the spool's lock is ours now: no other service writes in out_dir
+            self._check_spool_beside_checkpoint()
+        except ConfigError:
+            self.spool.close()
+            raise
+        self._remove_stale_temp_files()
         self.dead_letter = DeadLetter(self.out_dir / "dead-letter.jsonl")
-        self.mtz = MtzSnapshots(self.out_dir, keep=config.keep_snapshots)
+        self.mtz = MtzSnapshots(self.out_dir, keep=config.keep_snapshots, info=self._mtz_info)
         self.ingestor = Ingestor(
             list(config.listen), mode=config.listen_mode, topic=config.sub_topic.encode(),
             queue_max_messages=config.queue_max_messages, rcvhwm=config.rcvhwm,
             spool=self.spool, dead_letter=self.dead_letter, counters=self.counters,
             max_message_bytes=config.max_message_bytes, **self._curve_options())
+        # crystals stored already are counted as duplicates by ingest and never spooled
+        self.ingestor.already_stored = self._already_stored
         self.publisher = None
         if config.publish_endpoint:
             from streamvi.publish.zmqpub import Publisher
@@ -118,7 +153,31 @@ class Service:
         self._thread: threading.Thread | None = None
         self.started_at = time.time()
         self.crystals_merged = 0
-        self.duplicates = 0
+        #: duplicates among the spooled crystals (rebuilt from the spool at each start)
+        self._spooled_duplicates = 0
+        #: crystals recognised as duplicates by their content (not their identity), by the
+        #: store (training thread) and by ingest before spooling (ingest thread)
+        self._content_duplicates = 0
+        self._content_duplicates_unspooled = 0
+        #: cells of the crystals refused as cell_mismatch while none is merged (a few)
+        self._mismatch_cells: list[tuple[float, ...]] = []
+        #: crystals refused by the store, by reason (rebuilt from the spool at each start)
+        self.crystals_rejected: dict[str, int] = {}
+        #: ten lines per reason at once, then one per 10 s with a count of the others
+        self._reject_log = RateLimitedLog(log, burst=10, interval_s=10.0)
+        #: crystals waiting for the merge to start (see the module docstring)
+        self._pending: list[tuple[Any, CrystalMessage, float]] = []
+        self._pending_since = 0.0
+        self._pending_replay = False
+        #: where the merge's cell came from (``config``, ``checkpoint``, a consensus)
+        self.cell_source: str | None = "config" if self.cell is not None else None
+        self._checkpoint_cell: list[float] | None = None
+        #: why the service is failed (None: it is not), and the kind of failure
+        #: (``loop``, ``start``, ``cell``; see :meth:`_fail`)
+        self.failure: str | None = None
+        self._failure_kind: str | None = None
+        self._failure_permanent = False
+        self._loop_errors = 0
         self.reflections_outside = 0
         self.step_seconds: deque[float] = deque(maxlen=1000)
         self.trained_reflections = 0
@@ -139,6 +198,38 @@ class Service:
             raise ConfigError(f"out_dir {self.out_dir}: not writable ({exc.strerror}); choose a "
                               "directory you can write with --out-dir") from None
 
+    def _check_merge_options(self) -> None:
+        c = self.config
+        for key, value in (("cell_length_tolerance", c.cell_length_tolerance),
+                           ("cell_angle_tolerance", c.cell_angle_tolerance)):
+            if not value > 0:
+                raise ConfigError(f"{key} = {value}: must be positive (defaults 0.05 and 5°)")
+        if c.consensus_crystals < 1 or c.consensus_wait < 0:
+            raise ConfigError(f"consensus_crystals = {c.consensus_crystals}, consensus_wait = "
+                              f"{c.consensus_wait}: need at least 1 crystal and a wait >= 0 s")
+        if c.intensity_outlier_ratio < 0 or 0 < c.intensity_outlier_ratio <= 1:
+            raise ConfigError(f"intensity_outlier_ratio = {c.intensity_outlier_ratio}: must be "
+                              "above 1 (default 1000), or 0 to turn the check off")
+
+    def _check_spool_beside_checkpoint(self) -> None:
+        """A checkpoint without its spool is a trained model without its data: refuse."""
+        if self.checkpoint_path.exists() and self.spool.n_records == 0:
+            ckpt = self.checkpoint_path
+            raise ConfigError(
+                f"{ckpt} holds a trained model but its spool {self.spool.directory} holds no "
+                "crystals (removed or moved?); starting would train a new model over it. "
+                f"Restore the spool directory, or move the checkpoint aside (mv {ckpt} "
+                f"{ckpt}.old) to start afresh")
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temporary files that a kill -9 mid-write left (checkpoints, MTZ files)."""
+        for path in stale_temp_files(self.out_dir):
+            try:
+                path.unlink()
+                log.info("removed %s, left by an interrupted write", path)
+            except OSError as exc:
+                log.warning("could not remove %s, left by an interrupted write: %s", path, exc)
+
     def _curve_options(self) -> dict[str, Any]:
         if not self.config.curve_secret_key:
             return {}
@@ -148,9 +239,16 @@ class Service:
                 "curve_allowed_clients": load_allowed_clients(self.config.curve_allowed_clients)}
 
     def _make_engine(self, cell) -> MergeEngine:
-        space = ReciprocalSpace(self.space_group, cell, self.config.dmin,
-                                anomalous=self.config.anomalous)
+        if self._space is not None and parse_cell(cell).parameters == self.cell.parameters:
+            space = self._space
+        else:
+            space = ReciprocalSpace(self.space_group, cell, self.config.dmin,
+                                    anomalous=self.config.anomalous)
         engine = MergeEngine(space, self.trainer_config, self.engine_config)
+        store = engine.store
+        store.cell_length_tolerance = self.config.cell_length_tolerance
+        store.cell_angle_tolerance_deg = self.config.cell_angle_tolerance
+        store.intensity_outlier_ratio = self.config.intensity_outlier_ratio or None
         if self.reference is not None:
             try:
                 engine.reference = ReferenceSetting(space, self.reference)
@@ -195,6 +293,8 @@ class Service:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        with self.lock:           # crystals still waiting for the merge to start go in now
+            self._maybe_start(force=True)
         if publish:
             self.publish_now()
         if checkpoint:
@@ -211,23 +311,131 @@ class Service:
 
     # ------------------------------------------------------------------ training thread
 
+    @property
+    def duplicates(self) -> int:
+        """Crystals received that were stored already (spooled or recognised before)."""
+        return self._spooled_duplicates + self.counters.duplicates_not_spooled
+
+    def _already_stored(self, msg: CrystalMessage) -> bool:
+        """Ingest's question before spooling (its thread): is ``msg`` stored already?"""
+        engine = self.engine
+        kind = None if engine is None else engine.store.duplicate_kind(msg)
+        if kind == "content":
+            self._content_duplicates_unspooled += 1
+        return kind is not None
+
     def _add_many(self, items: list[tuple[Any, CrystalMessage, float]], *,
                   replay: bool = False) -> None:
-        """Store ``(seq, crystal, arrival time)`` items from the ingest queue, all at once."""
+        """Store ``(seq, crystal, arrival time)`` items from the ingest queue, all at once;
+        before the merge has started they wait for it (:meth:`_maybe_start`)."""
         if not items:
             return
         if self.engine is None:
-            self.engine = self._make_engine(self.cell if self.cell is not None
-                                            else parse_cell(items[0][1].cell))
+            if self._failure_permanent:
+                return            # spooled: a restart with the cause fixed merges them
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.extend(items)
+            self._pending_replay = replay
+            self._maybe_start()
+            return
+        self._store(items, replay=replay)
+
+    def _maybe_start(self, *, force: bool = False) -> None:
+        """Start the merge once the first crystals are in (or the wait is over, or
+        ``force``): the cell (configured, from the checkpoint, or their consensus), then the
+        store takes them all at once."""
+        if self.engine is not None or not self._pending or self._failure_permanent:
+            return
+        enough = len(self._pending) >= self.config.consensus_crystals
+        waited = (not self._pending_replay and time.monotonic() - self._pending_since
+                  >= self.config.consensus_wait)
+        if not (force or enough or waited):
+            return
+        items, self._pending = self._pending, []
+        try:
+            self.engine = self._make_engine(self._merge_cell(items))
+        except Exception as exc:      # a mistake the first crystals reveal: fail, loudly
+            self._fail(f"cannot start the merge: {exc}", kind="start", permanent=True)
+            return
+        self._store(items, replay=self._pending_replay)
+
+    def _merge_cell(self, items: list[tuple[Any, CrystalMessage, float]]):
+        """The merge's cell: configured, the checkpoint's, or the first crystals' consensus."""
+        if self.cell is not None:
+            return self.cell
+        if self._checkpoint_cell is not None:
+            self.cell_source = "checkpoint"
+            return self._checkpoint_cell
+        first = [it[1].cell for it in items[: self.config.consensus_crystals]]
+        cons = consensus_cell(first, self.space_group,
+                              length_tolerance=self.config.cell_length_tolerance,
+                              angle_tolerance_deg=self.config.cell_angle_tolerance)
+        self.cell_source = f"consensus of {cons.n_crystals} crystals"
+        log.info("no cell configured: cell from the first %d crystals %s (median %s%s)",
+                 cons.n_crystals, format_cell(cons.cell),
+                 " ".join(f"{x:.4g}" for x in cons.median),
+                 f", symmetrised to {self.space_group.hm}" if cons.symmetrized else "")
+        if cons.n_outliers:
+            log.warning("%d of the first %d crystals disagree with that cell by more than "
+                        "%g %% in a length or %g° in an angle: they are rejected "
+                        "(cell_mismatch). If the cell is wrong, set cell", cons.n_outliers,
+                        cons.n_crystals, 100 * self.config.cell_length_tolerance,
+                        self.config.cell_angle_tolerance)
+        return cons.cell
+
+    def _store(self, items: list[tuple[Any, CrystalMessage, float]], *, replay: bool) -> None:
+        """Add items to the store and count what it did with each."""
         results = self.engine.add_many([it[1] for it in items], [it[2] for it in items])
-        for res in results:
+        for item, res in zip(items, results):
             if res.duplicate:
-                self.duplicates += 1
+                self._spooled_duplicates += 1
+                if res.duplicate_kind == "content":
+                    self._content_duplicates += 1
                 if not replay:       # duplicates in the spool were counted when they arrived
                     self.counters.add_duplicates()
+            elif res.rejected is not None:
+                self.crystals_rejected[res.rejected] = \
+                    self.crystals_rejected.get(res.rejected, 0) + 1
+                if not replay:       # counted and dead-lettered when they first arrived
+                    self.counters.add_crystals_rejected(res.rejected)
+                    self._report_rejected(item[1], res.rejected, res.detail)
+                if res.rejected == "cell_mismatch":
+                    self._note_mismatch(item[1])
             elif res.image_id is not None:
                 self.crystals_merged += 1
             self.reflections_outside += res.n_outside
+        if self.crystals_merged and self._failure_kind == "cell":
+            log.warning("crystals of the merge's cell arrive now: the service is running again")
+            self._clear_failure("cell")
+
+    def _note_mismatch(self, msg: CrystalMessage) -> None:
+        """When the first ``consensus_crystals`` crystals are all of another cell, the set-up
+        is wrong (or the sample): fail, saying which cell the crystals have."""
+        if self.crystals_merged or self._failure_kind is not None:
+            return
+        self._mismatch_cells.append(tuple(msg.cell))
+        if len(self._mismatch_cells) < self.config.consensus_crystals:
+            return
+        median = np.median(np.array(self._mismatch_cells), axis=0)
+        self._fail(f"none of the first {len(self._mismatch_cells)} crystals has the merge's "
+                   f"cell {format_cell(self.engine.space.cell)} (their median cell: "
+                   f"{' '.join(f'{x:.4g}' for x in median)}); all are rejected as "
+                   "cell_mismatch: fix cell (or leave it empty for a consensus), or check the "
+                   "sample", kind="cell")
+        self._mismatch_cells = []
+    def _report_rejected(self, msg: CrystalMessage, reason: str, detail: str) -> None:
+        """Dead-letter a crystal the store refused, and log the first few of each reason."""
+        what = (f"run {clip(msg.run, 80)!r} image {clip(msg.image)!r} crystal {msg.crystal}: "
+                f"{detail}")
+        try:
+            payload = encode_crystal(msg)
+        except Exception:            # noqa: BLE001 - the record goes without its payload
+            payload = None
+        self.dead_letter.write(source="store", reason=reason, detail=what, payload=payload)
+        self._reject_log.log(logging.WARNING, f"store:{reason}",
+                             "rejected a crystal (%s; kept in dead-letter.jsonl): %s", reason,
+                             what)
 
     def _drain_queue(self, max_items: int = 1 << 30) -> int:
         n = 0
@@ -247,9 +455,9 @@ class Service:
             try:
                 have_data = self.engine is not None and self.engine.n_images > 0
                 items = self.ingestor.get_batch(max_items=256, timeout=0 if have_data else 0.1)
-                if items:
-                    with self.lock:
-                        self._add_many(items)
+                with self.lock:
+                    self._add_many(items)
+                    self._maybe_start()
                 if self.engine is not None and self.engine.n_images > 0:
                     with self.lock:
                         report = self.engine.step()
@@ -265,9 +473,62 @@ class Service:
                 if now >= next_checkpoint:
                     self.checkpoint()
                     next_checkpoint = now + self.config.checkpoint_interval
-            except Exception:  # keep the service alive; the error is logged with its trace
-                log.exception("training loop error (continuing)")
-                time.sleep(0.5)
+                if self._loop_errors:
+                    self._recovered()
+            except Exception as exc:  # keep the service alive; say so once, then fail
+                self._loop_error(exc)
+                self._stop.wait(min(MAX_RETRY_DELAY_S, 0.5 * 2 ** min(self._loop_errors, 6)))
+
+    def _loop_error(self, exc: Exception) -> None:
+        """Log the first error of a run of them with its trace; at the
+        :data:`FAIL_AFTER_ERRORS`-th the service is failed (no trace per batch)."""
+        self._loop_errors += 1
+        text = f"{type(exc).__name__}: {exc}"
+        if self._loop_errors == 1:
+            log.error("training loop error (retrying): %s", text, exc_info=exc)
+        elif self._loop_errors == FAIL_AFTER_ERRORS:
+            self._fail(f"training loop keeps failing ({FAIL_AFTER_ERRORS} times in a row): "
+                       f"{text}", kind="loop")
+
+    def _recovered(self) -> None:
+        if self._failure_kind == "loop":
+            log.warning("training recovered after %d failed attempts; the service is "
+                        "running again", self._loop_errors)
+            self._clear_failure("loop")
+        self._loop_errors = 0
+
+    def _fail(self, reason: str, *, kind: str, permanent: bool = False) -> None:
+        """Mark the service failed (status, /healthz, the page's badge) and say why, once.
+
+        ``kind``: ``loop`` (the training loop keeps failing; clears when it works again),
+        ``cell`` (no crystal fits the merge's cell; clears when one does), ``start`` (the
+        merge cannot start; ``permanent``: until a restart with the cause fixed)."""
+        self._failure_permanent = self._failure_permanent or permanent
+        if self.failure == reason:
+            return
+        self.failure, self._failure_kind = reason, kind
+        log.error("service FAILED: %s. Ingest goes on and spools what arrives (nothing is "
+                  "lost); fix the cause and restart on the same out_dir", reason)
+
+    def _clear_failure(self, kind: str) -> None:
+        if self._failure_kind == kind and not self._failure_permanent:
+            self.failure = self._failure_kind = None
+
+    @property
+    def state(self) -> str:
+        """``failed``, ``waiting`` (no crystal merged yet), ``collecting`` (the first crystals,
+        before the merge starts) or ``merging``."""
+        if self.failure is not None:
+            return "failed"
+        if self.engine is None:
+            return "collecting" if self._pending else "waiting"
+        return "merging" if self.crystals_merged else "waiting"
+
+    def merge_cell(self) -> list[float] | None:
+        """The merge's cell (Å, degrees), once known."""
+        if self.engine is not None:
+            return [float(x) for x in self.engine.space.cell.parameters]
+        return None if self.cell is None else [float(x) for x in self.cell.parameters]
 
     # ------------------------------------------------------------------ outputs
 
@@ -279,6 +540,7 @@ class Service:
             snap = self.engine.snapshot(history=[f"streamvi serve, {self.crystals_merged} "
                                                  "crystals"])
         self.mtz.write(snap)
+        self._reject_log.flush()       # how many refusals the log left out lately
         self.latest = snap
         self.history.append(self._figures(snap))
         if self.publisher is not None:
@@ -316,10 +578,18 @@ class Service:
             n = st.n_images
             visits = st.visits[:n].copy()
             lags = st.first_visit_lags(n)
+        engine = self.engine
         return {
             "uptime_s": time.time() - self.started_at,
+            "state": self.state, "failure": self.failure,
             "counters": c,
             "crystals_merged": self.crystals_merged, "duplicates": self.duplicates,
+            "duplicates_by_content": (self._content_duplicates
+                                      + self._content_duplicates_unspooled),
+            "crystals_rejected": dict(self.crystals_rejected),
+            "crystals_waiting": len(self._pending),
+            "cell": self.merge_cell(), "cell_source": self.cell_source,
+            "skipped_steps": 0 if engine is None else engine.trainer.skipped_steps,
             "reflections_stored": 0 if st is None else st.n_reflections,
             "reflections_outside": self.reflections_outside,
             "queue_depth": self.ingestor.queue_depth,
@@ -339,6 +609,13 @@ class Service:
             "device": str(self.engine.device) if self.engine is not None else None,
             "om": self._om_status(),
         }
+
+    def _mtz_info(self) -> MtzInfo:
+        """Names and wavelength for the MTZ files: the runs merged, their mean wavelength."""
+        store = self.engine.store if self.engine is not None else None
+        if store is None:
+            return MtzInfo()
+        return MtzInfo.from_runs(dict(store.runs), store.mean_wavelength())
 
     def _om_status(self) -> dict[str, Any] | None:
         if self.om_bridge is None:
@@ -363,10 +640,8 @@ class Service:
                      "crystals_merged": self.crystals_merged,
                      "spool_records": self.spool.n_records, "time": time.time(),
                      "space": self.engine.space.to_dict()}
-        tmp = None
+        tmp = sibling_temp_path(self.checkpoint_path)
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".checkpoint.", suffix=".tmp")
-            os.close(fd)
             torch.save(state, tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -374,50 +649,114 @@ class Service:
         except (OSError, RuntimeError) as exc:   # torch.save reports a full disk as RuntimeError
             log.error("checkpoint %s failed: %s (disk full? will retry at the next interval)",
                       self.checkpoint_path, exc)
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             return None
         return self.checkpoint_path
 
     def _recover(self) -> None:
-        """Rebuild the store from the spool and load the last checkpoint, if any."""
-        state = None
-        if self.checkpoint_path.exists():
-            try:
-                state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                bad = self.checkpoint_path.with_suffix(".corrupt")
-                os.replace(self.checkpoint_path, bad)
-                log.error("checkpoint %s unreadable (%s): moved to %s; training restarts from "
-                          "the spooled data", self.checkpoint_path, exc, bad)
+        """Rebuild the store from the spool and load the last checkpoint, if any.
+
+        A checkpoint that cannot be read, or is not shaped as this version writes them, is
+        moved to ``checkpoint.corrupt`` and training starts afresh from the spool
+        (docs/operations.md).  One made for another space group, dmin or cell is refused.
+        """
+        state = self._load_checkpoint()
         if state is not None:
+            self._check_checkpoint_space(state["space"])
             # counters first: replay then counts only what arrived after the checkpoint
             self.counters.load_state_dict(state["counters"])
-        n = 0
+            if self.cell is None:
+                self._checkpoint_cell = [float(x) for x in state["space"]["cell"]]
         t0 = time.perf_counter()
-        records = replay_spool(self.spool, counters=self.counters,
-                               max_message_bytes=self.config.max_message_bytes)
-        while chunk := [(None, msg, time.time())
-                        for _seq, msg, _arrival in itertools.islice(records, 256)]:
-            self._add_many(chunk, replay=True)
-            n += len(chunk)
+        n = self._replay(count=True)
         if n:
             log.info("replayed %d spooled crystals in %.1f s", n, time.perf_counter() - t0)
-        # Every spooled record was just replayed, so the duplicates among them are all those
-        # ever received; the checkpoint's count lacks the ones counted after it was written
-        # (or all of them, without a checkpoint).  Counters only grow.
-        missing = self.duplicates - self.counters.duplicates
-        if missing > 0:
-            self.counters.add_duplicates(missing)
-        if state is not None and self.engine is not None:
-            if state.get("space") != self.engine.space.to_dict():
-                raise ConfigError(f"{self.checkpoint_path} was made for {state.get('space')} "
-                                  f"but the configuration says {self.engine.space.to_dict()}; "
-                                  "use the same space group/cell/dmin or another out_dir")
+        if state is None or self.engine is None:
+            return
+        if state["space"] != self.engine.space.to_dict():
+            raise ConfigError(f"{self.checkpoint_path} was made for {state['space']} but the "
+                              f"configuration says {self.engine.space.to_dict()}; use the same "
+                              "space group/cell/dmin or another out_dir")
+        try:
             self.engine.load_state_dict(state["engine"])
-            self.recovered_from_checkpoint = True
-            log.info("resumed from checkpoint of %s (step %d)",
-                     time.ctime(state["time"]), self.engine.trainer.step)
+        except Exception as exc:         # readable by torch, but not a model of ours
+            self._set_checkpoint_aside(exc)
+            self._restart_from_spool()
+            return
+        self.recovered_from_checkpoint = True
+        log.info("resumed from checkpoint of %s (step %d)", time.ctime(state["time"]),
+                 self.engine.trainer.step)
+
+    def _load_checkpoint(self) -> dict | None:
+        """The checkpoint's state, or None (none, or set aside as corrupt)."""
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            problem = _checkpoint_problem(state)
+            if problem is not None:
+                raise ValueError(problem)
+            IngestCounters().load_state_dict(state["counters"])   # before anything uses it
+        except Exception as exc:
+            self._set_checkpoint_aside(exc)
+            return None
+        return state
+
+    def _set_checkpoint_aside(self, exc: Exception) -> None:
+        bad = self.checkpoint_path.with_suffix(".corrupt")
+        os.replace(self.checkpoint_path, bad)
+        log.error("checkpoint %s unreadable (%s): moved to %s; training restarts from the "
+                  "spooled data", self.checkpoint_path, exc, bad)
+
+    def _check_checkpoint_space(self, space: dict) -> None:
+        """Refuse a checkpoint made for another merge before anything is replayed."""
+        want = {"space_group": self.space_group.xhm(), "dmin": float(self.config.dmin),
+                "anomalous": bool(self.config.anomalous)}
+        if self.cell is not None:
+            want["cell"] = [float(x) for x in self.cell.parameters]
+        got = {k: space.get(k) for k in want}
+        if got != want:
+            raise ConfigError(f"{self.checkpoint_path} was made for {got} but the configuration "
+                              f"says {want}; use the same space group/cell/dmin or another "
+                              "out_dir")
+
+    def _replay(self, *, count: bool) -> int:
+        """Feed every spooled crystal to the store (counting the uncounted ones if
+        ``count``); returns how many."""
+        n = 0
+        records = replay_spool(self.spool, counters=self.counters if count else None,
+                               max_message_bytes=self.config.max_message_bytes)
+        while chunk := [(seq, msg, time.time())
+                        for seq, msg, _arrival in itertools.islice(records, 256)]:
+            self._add_many(chunk, replay=True)
+            n += len(chunk)
+        self._maybe_start(force=True)
+        self._pending_replay = False
+        self._recount()
+        return n
+
+    def _recount(self) -> None:
+        """Every spooled record was just replayed, so the duplicates and refusals among them
+        are all those ever counted for the spool; the checkpoint's counts lack the ones
+        counted after it was written (or all, without a checkpoint).  Counters only grow."""
+        c = self.counters
+        missing = self._spooled_duplicates - (c.duplicates - c.duplicates_not_spooled)
+        if missing > 0:
+            c.add_duplicates(missing)
+        counted = c.snapshot()["crystals_rejected"]
+        for reason, n in self.crystals_rejected.items():
+            if n > counted.get(reason, 0):
+                c.add_crystals_rejected(reason, n - counted.get(reason, 0))
+
+    def _restart_from_spool(self) -> None:
+        """A fresh model: forget the engine built for the checkpoint, replay again."""
+        self.engine = None
+        self._checkpoint_cell = None
+        self.cell_source = "config" if self.cell is not None else None
+        self.crystals_merged = self._spooled_duplicates = self._content_duplicates = 0
+        self.crystals_rejected = {}
+        self.reflections_outside = 0
+        self._replay(count=False)
 
     # ------------------------------------------------------------------ helpers for callers
 
@@ -438,3 +777,21 @@ class Service:
         return self.ingestor.queue_depth == 0 and bool(
             (st.visits[: st.n_images] >= min_visits).all())
 
+
+def _checkpoint_problem(state: Any) -> str | None:
+    """What is wrong with the shape of a loaded checkpoint (None: nothing)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a streamvi checkpoint"
+    for key, kind in (("engine", dict), ("counters", dict), ("space", dict),
+                      ("time", (int, float))):
+        if not isinstance(state.get(key), kind):
+            return f"no {key!r} of the right kind"
+    space = state["space"]
+    cell = space.get("cell")
+    if not (isinstance(cell, (list, tuple)) and len(cell) == 6
+            and all(isinstance(x, (int, float)) for x in cell)):
+        return "its space has no cell of six numbers"
+    if not isinstance(space.get("space_group"), str) or \
+            not isinstance(space.get("dmin"), (int, float)):
+        return "its space lacks the space group or dmin"
+    return None

@@ -233,6 +233,9 @@ class ReflectionStore:
         self._n_levels = 0
         #: stored crystals per run name (the first :data:`MAX_RUNS_KEPT` names)
         self.runs: dict[str, int] = {}
+        #: crystals refused, by reason, and duplicates, by kind (for offline reports)
+        self.rejected_counts: dict[str, int] = {}
+        self.duplicate_counts: dict[str, int] = {}
         self._wavelength_sum = 0.0
         #: observations per posterior row, all and per half: under the identity operator
         #: when an image arrives, then under the operator last chosen for it
@@ -325,16 +328,35 @@ class ReflectionStore:
                                   else [arrival_times[k] for k in retry])
             for k, res in zip(retry, again):
                 results[k] = res
+            return self._tally(results, skip=set(retry))
+        return self._tally(results)
+
+    def _tally(self, results: list[AddResult], skip: set[int] = frozenset()) -> list[AddResult]:
+        """Count refusals and duplicates (``skip``: results counted by a nested call)."""
+        for k, res in enumerate(results):
+            if k in skip:
+                continue
+            if res.rejected is not None:
+                self.rejected_counts[res.rejected] = self.rejected_counts.get(res.rejected, 0) + 1
+            elif res.duplicate:
+                kind = res.duplicate_kind or "identity"
+                self.duplicate_counts[kind] = self.duplicate_counts.get(kind, 0) + 1
         return results
 
     def is_stored(self, msg: CrystalMessage) -> bool:
-        """Whether ``msg`` (by identity or by content) is stored already.
+        """Whether ``msg`` (by identity or by content) is stored already."""
+        return self.duplicate_kind(msg) is not None
+
+    def duplicate_kind(self, msg: CrystalMessage) -> str | None:
+        """``"identity"`` or ``"content"`` when ``msg`` is stored already, else None.
 
         Safe to call from another thread than the one adding (ingest asks it before
         spooling): a crystal stored at that very moment may be reported as not stored yet,
         and is then recognised as a duplicate when it reaches :meth:`add_many`.
         """
-        return msg.key in self.keys or content_key(msg) in self.content_keys
+        if msg.key in self.keys:
+            return "identity"
+        return "content" if content_key(msg) in self.content_keys else None
 
     def _screen(self, msgs: Sequence[CrystalMessage], fresh: list[int],
                 results: list[AddResult | None], levels: dict[int, float]) -> list[int]:

@@ -138,6 +138,15 @@ def _check_compatible(cell: gemmi.UnitCell, sg: gemmi.SpaceGroup) -> None:
                           "or choose the matching space group")
 
 
+def require_metric_symmetry(cell: CellLike, sg: SpaceGroupLike, *, key: str = "cell") -> None:
+    """Raise :class:`ConfigError` (naming ``key``, the rule and the nearest valid cell) when
+    ``cell`` does not have the metric symmetry of ``sg``."""
+    try:
+        _check_compatible(parse_cell(cell), parse_space_group(sg))
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 # ----------------------------------------------------------------------------- cells
 
 #: Default tolerances of :func:`cell_mismatch`: a crystal whose cell differs from the

@@ -364,6 +364,7 @@ def test_counters_state_round_trip() -> None:
     assert restored.snapshot() == c.snapshot() == {
         "messages_received": 2, "crystals_received": 1, "reflections_received": 20,
         "bytes_received": 107, "duplicates": 3, "spool_write_errors": 0, "last_seq": 4,
+        "duplicates_not_spooled": 0, "crystals_rejected": {},
         "messages_rejected": {"missing_key": 1},
         "reflections_rejected": {"zero_miller": 2}}
     with pytest.raises(ValueError, match="version"):

@@ -48,7 +48,9 @@ def make_service(out_dir: Path, **overrides) -> Service:
               "out_dir": out_dir, "space_group": "P 43 21 2",
               "cell": " ".join(str(x) for x in CELL), "dmin": 3.0, "publish_interval": 0.5,
               "checkpoint_interval": 3600.0, "spool_fsync": "never", "n_shells": N_SHELLS,
-              "d_model": 16, "n_layers": 1, "mc_samples": 2, "batch_images": 4}
+              "d_model": 16, "n_layers": 1, "mc_samples": 2, "batch_images": 4,
+              # few crystals in these tests: start the merge 0.5 s after the first
+              "consensus_wait": 0.5}
     values.update(overrides)
     return Service(load_config(env={}, overrides=values))
 
@@ -277,6 +279,7 @@ def test_relative_f_change():
 def test_step_histogram_counts_every_step_once(tmp_path):
     with running_service(tmp_path) as svc:
         push(svc, [encode_crystal(c) for c in Feed(n_images=8).crystals])
+        assert svc.wait_until(lambda s: s.status()["steps"] > 0, 30)
         for _ in range(6):       # scrapes while training, each must add only new steps
             scrape(svc)
             time.sleep(0.2)

@@ -7,7 +7,8 @@ Every endpoint is read-only: GET (and HEAD) are answered, other methods get 405.
 ``/static/<file>`` the page's script and style sheet (only files shipped in the package)
 ``/api/status``    JSON: ``service.status()``, the latest shell table, history for the plots
 ``/metrics``       Prometheus exposition from the service's own registry
-``/healthz``       ``ok`` while the server runs (for container health checks)
+``/healthz``       ``ok`` while the service works; 503 ``failed: <why>`` when it is failed
+                   (a training loop that keeps failing, a merge that cannot start)
 =================  ==========================================================================
 """
 from __future__ import annotations
@@ -209,6 +210,10 @@ class _Handler(BaseHTTPRequestHandler):
                               separators=(",", ":")).encode()
             return HTTPStatus.OK, body, "application/json", no_store
         if path == "/healthz":
+            failure = getattr(self.server.service, "failure", None)
+            if failure is not None:
+                return (HTTPStatus.SERVICE_UNAVAILABLE, f"failed: {failure}\n".encode(),
+                        "text/plain; charset=utf-8", no_store)
             return HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8", no_store
         name = "index.html" if path in ("/", "/index.html") else \
             path[len("/static/"):] if path.startswith("/static/") else None
@@ -244,7 +249,8 @@ def status_payload(service: "Service") -> dict[str, Any]:
     payload: dict[str, Any] = {
         "version": streamvi.__version__,
         "time": time.time(),
-        "merge": {"space_group": service.space_group.hm, "cell": config.cell or None,
+        "merge": {"space_group": service.space_group.hm, "cell": service.merge_cell(),
+                  "cell_source": service.cell_source,
                   "dmin": config.dmin, "anomalous": config.anomalous,
                   "n_shells": config.n_shells, "cc_half_cut": CC_HALF_CUT},
         "status": service.status(),

@@ -223,9 +223,19 @@ class ServiceCollector(Collector):
             for reason, n in sorted(c[key].items()):
                 fam.add_metric([reason], n)
             yield fam
+        fam = CounterMetricFamily("streamvi_crystals_rejected",
+                                  "Accepted crystals the store refused, by reason",
+                                  labels=["reason"])
+        for reason, n in sorted(c["crystals_rejected"].items()):
+            fam.add_metric([reason], n)
+        yield fam
         yield CounterMetricFamily(
-            "streamvi_duplicates", "Crystals whose (run, image, crystal) was already stored",
+            "streamvi_duplicates", "Crystals already stored (same identity or same content)",
             value=c["duplicates"])
+        yield CounterMetricFamily(
+            "streamvi_duplicates_not_spooled",
+            "Duplicates recognised before spooling (not written to the spool)",
+            value=c["duplicates_not_spooled"])
         yield CounterMetricFamily(
             "streamvi_spool_write_errors", "Spool appends that failed and were retried",
             value=c.get("spool_write_errors", 0))
@@ -252,6 +262,13 @@ class ServiceCollector(Collector):
             value=svc.reflections_outside)
         yield CounterMetricFamily("streamvi_training_steps", "Optimiser steps taken",
                                   value=0 if engine is None else engine.trainer.step)
+        yield CounterMetricFamily(
+            "streamvi_training_steps_skipped",
+            "Steps whose update was skipped for non-finite gradients",
+            value=0 if engine is None else engine.trainer.skipped_steps)
+        yield GaugeMetricFamily(
+            "streamvi_failed", "1 while the service is failed (see /healthz for why), else 0",
+            value=int(svc.failure is not None))
         trained = int(svc.trained_reflections)
         yield CounterMetricFamily("streamvi_reflections_trained",
                                   "Reflections in the minibatches of every step",

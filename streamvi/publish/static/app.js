@@ -11,6 +11,7 @@ const PALETTE = ["#0d0887", "#4c02a1", "#7e03a8", "#a92395", "#cc4778", "#e56b5d
                  "#f89441", "#e8a214"];
 
 let lastOk = 0;
+let failure = null;        // the service's own word that it is failed (status.failure)
 
 function $(id) { return document.getElementById(id); }
 
@@ -69,7 +70,8 @@ function renderTiles(d) {
   setText("t-queue", fmtInt(s.queue_depth));
   setText("t-lag", isNum(s.lag_p50_s) ? `lag p50 ${fmt(s.lag_p50_s, 1)} s · p95 ` +
           `${fmt(s.lag_p95_s, 1)} s` : "no lag yet");
-  const rejected = Object.entries(c.messages_rejected || {});
+  const rejected = Object.entries(c.messages_rejected || {})
+    .concat(Object.entries(c.crystals_rejected || {}));
   const rowsRejected = Object.values(c.reflections_rejected || {}).reduce((a, b) => a + b, 0);
   setText("t-rejected", fmtInt(rejected.reduce((a, [, n]) => a + n, 0)));
   const reasons = rejected.sort((a, b) => b[1] - a[1]).map(([r, n]) => `${r} ${n}`);
@@ -77,7 +79,9 @@ function renderTiles(d) {
   setText("t-reasons", (reasons.length ? reasons.join(", ") : "no messages") +
           ` · ${fmtInt(rowsRejected)} rows`);
   const m = d.merge;
-  setText("merge", `${m.space_group}` + (m.cell ? ` · cell ${m.cell}` : "") +
+  const cellText = Array.isArray(m.cell) ? m.cell.map(x => fmt(x, 2)).join(" ") : m.cell;
+  setText("merge", `${m.space_group}` + (m.cell ? ` · cell ${cellText}` +
+          (m.cell_source && m.cell_source !== "config" ? ` (${m.cell_source})` : "") : "") +
           ` · dmin ${fmt(m.dmin, 2)} Å` + (m.anomalous ? " · anomalous" : "") +
           (isNum(s.falloff_b) ? ` · fall-off given to F: B ${s.falloff_b >= 0 ? "+" : ""}` +
            `${fmt(s.falloff_b, 2)} Å²` : ""));
@@ -299,6 +303,13 @@ function markLive() {
   const el = $("live");
   const age = (Date.now() - lastOk) / 1000;
   if (!lastOk) return;
+  if (failure) {              // the service answers, but says it is failed: never "live"
+    el.textContent = `failed: ${failure}`;
+    el.title = failure;
+    el.classList.add("stale");
+    return;
+  }
+  el.title = "time since the last successful update";
   el.textContent = age < 3 ? "live" : `updated ${age.toFixed(0)} s ago`;
   el.classList.toggle("stale", age > STALE_S);
 }
@@ -308,6 +319,7 @@ async function tick() {
     const r = await fetch("/api/status", { cache: "no-store" });
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const d = await r.json();
+    failure = d.status.failure || null;
     renderTiles(d);
     renderTable(d);
     renderPlots(d);
