@@ -173,11 +173,16 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 def _run_merge(args: argparse.Namespace) -> int:
     import torch
 
+    from streamvi.config import check_device
     from streamvi.engine import EngineConfig
-    from streamvi.merge import Progress, load_files, merge_crystals, resolve_space
-    from streamvi.publish.mtz import write_snapshot_mtz
+    from streamvi.merge import (Progress, check_output_path, load_files, merge_crystals,
+                                resolve_space)
+    from streamvi.publish.mtz import MtzInfo, write_snapshot_mtz
     from streamvi.reference import read_reference
 
+    # mistakes that need no data are refused before anything is read or trained
+    check_device(args.device, key="--device")
+    check_output_path(args.output, flag="-o")
     reference = (read_reference(args.reference, args.reference_column)
                  if args.reference else None)
     data = load_files(args.files)
@@ -202,7 +207,14 @@ def _run_merge(args: argparse.Namespace) -> int:
         history=[f"merge of {', '.join(p.name for p in args.files)}"[:80]],
         reference=reference)
     seconds = time.perf_counter() - t0
-    write_snapshot_mtz(snapshot, args.output)
+    store = engine.store
+    write_snapshot_mtz(snapshot, args.output,
+                       info=MtzInfo.from_runs(dict(store.runs), store.mean_wavelength()))
+    if store.rejected_counts or store.duplicate_counts:
+        print("not merged: " + ", ".join(
+            [f"{n} {reason}" for reason, n in sorted(store.rejected_counts.items())]
+            + [f"{n} duplicates by {kind}" for kind, n in
+               sorted(store.duplicate_counts.items())]), file=sys.stderr)
     print(snapshot.stats.format())
     settings = engine.store.setting_counts()
     if settings:

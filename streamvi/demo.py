@@ -7,6 +7,7 @@ merged amplitudes with the true ones are printed.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -51,13 +52,16 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     """
     import reciprocalspaceship as rs
 
+    from streamvi.config import check_device
     from streamvi.evaluate import compare_to_truth
     from streamvi.send import send_messages
     from streamvi.service import Service
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
+    # mistakes that need no data are refused before the beamtime is simulated
+    check_device(device, key="--device")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     sim = SimulationConfig(n_images=images, seed=seed)
     t_sim = time.perf_counter()
     truth = simulate_structure(sim)
@@ -130,6 +134,26 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     return DemoResult(mtz=mtz, truth_mtz=truth_path, images_sent=images,
                       crystals_merged=service.crystals_merged, seconds=seconds,
                       comparison=comparison, stats=snap.stats.to_dict())
+
+
+def _check_writable(out: Path) -> None:
+    """Create ``out`` and make sure files can be written in it.
+
+    Raises
+    ------
+    ConfigError
+        Naming the directory and ``--out-dir``.
+    """
+    from streamvi.errors import ConfigError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out-dir {out}: not writable ({exc.strerror}); choose a "
+                          "directory you can write") from None
 
 
 def _iodide_peaks(mtz: Path, truth) -> dict | None:

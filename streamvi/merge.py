@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,8 @@ from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
 from streamvi.reference import ReferenceData, ReferenceSetting
 from streamvi.sources import Rejected
-from streamvi.symmetry import ReciprocalSpace, parse_cell, parse_space_group
+from streamvi.symmetry import (ReciprocalSpace, consensus_cell, format_cell, parse_cell,
+                               parse_space_group, require_metric_symmetry, symmetrize_cell)
 from streamvi.trainer import StepReport, TrainerConfig
 from streamvi.wire import CrystalMessage
 
@@ -92,18 +94,38 @@ def resolve_space(data: LoadedData, *, space_group: str | None, cell: str | Sequ
                   dmin: float | None, anomalous: bool) -> ReciprocalSpace:
     """The merge's unique-reflection table, filling gaps from the data.
 
-    The cell defaults to the stream's target cell (else the mean crystal cell), the space
-    group to the lowest-symmetry group of the stated lattice, dmin to the highest resolution
-    observed.
+    The space group defaults to the one the input states, else the lowest-symmetry group of
+    the stated lattice; the cell to the stream's target cell, else the crystals' consensus
+    (the per-parameter median, :func:`~streamvi.symmetry.consensus_cell`); either is
+    symmetrised to the space group, with a note, when it lacks the group's metric symmetry
+    (indexers never report exactly symmetric cells).  A ``cell`` given by the user must
+    have it.  dmin defaults to the highest resolution observed.
     """
-    if cell is None:
-        if data.target_cell is not None:
-            cell = data.target_cell
-        elif data.crystals:
-            cell = tuple(np.mean([c.cell for c in data.crystals], axis=0))
-        else:
-            raise ConfigError("no cell: pass --cell 'a b c alpha beta gamma' (Å, degrees)")
-    ucell = parse_cell(cell)
+    sg = _space_group(data, space_group)
+    if cell is not None:
+        require_metric_symmetry(cell, sg, key="--cell")
+        ucell = parse_cell(cell)
+    elif data.target_cell is not None:
+        ucell = _symmetrized(parse_cell(data.target_cell), sg, "the stream's target cell")
+    elif data.crystals:
+        cons = consensus_cell([c.cell for c in data.crystals], sg)
+        ucell = cons.cell
+        log.info("no --cell: the median of %d crystals' cells, %s%s", cons.n_crystals,
+                 format_cell(cons.cell), f" (symmetrised to {sg.hm})" if cons.symmetrized else "")
+        if cons.n_outliers:
+            log.warning("%d of %d crystals differ from that cell by more than 5 %% or 5°: "
+                        "they are left out (cell_mismatch)", cons.n_outliers, cons.n_crystals)
+    else:
+        raise ConfigError("no cell: pass --cell 'a b c alpha beta gamma' (Å, degrees)")
+    if dmin is None:
+        if not data.crystals:
+            raise ConfigError("no data and no --dmin")
+        dmin = min(_min_d(c, ucell) for c in data.crystals)
+        dmin = math.floor(dmin * 100) / 100
+    return ReciprocalSpace(sg, ucell, dmin, anomalous=anomalous)
+
+
+def _space_group(data: LoadedData, space_group: str | None) -> gemmi.SpaceGroup:
     if space_group is None and data.space_group is not None:
         space_group = data.space_group
         log.info("space group %s taken from the input files", space_group)
@@ -114,13 +136,44 @@ def resolve_space(data: LoadedData, *, space_group: str | None, cell: str | Sequ
         space_group = LATTICE_DEFAULT_GROUP[data.lattice]
         log.warning("no --space-group given: merging in %s, the lowest symmetry of the "
                     "stream's %s %s lattice", space_group, *data.lattice)
-    sg = parse_space_group(space_group)
-    if dmin is None:
-        if not data.crystals:
-            raise ConfigError("no data and no --dmin")
-        dmin = min(_min_d(c, ucell) for c in data.crystals)
-        dmin = math.floor(dmin * 100) / 100
-    return ReciprocalSpace(sg, ucell, dmin, anomalous=anomalous)
+    return parse_space_group(space_group)
+
+
+def _symmetrized(cell: gemmi.UnitCell, sg: gemmi.SpaceGroup, what: str) -> gemmi.UnitCell:
+    """``cell``, symmetrised (with a note) when it lacks the metric symmetry of ``sg``."""
+    if cell.is_compatible_with_spacegroup(sg):
+        return cell
+    sym = symmetrize_cell(cell, sg)
+    log.info("%s %s lacks the metric symmetry of %s: symmetrised to %s", what,
+             format_cell(cell), sg.hm, format_cell(sym))
+    return sym
+
+
+def check_output_path(path: str | Path, *, flag: str = "-o") -> None:
+    """Refuse, before anything is read or trained, an output file that cannot be written.
+
+    Raises
+    ------
+    ConfigError
+        Naming the path and the flag: a missing directory, a directory in the file's place,
+        no permission to write there.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    why = None
+    if path.is_dir():
+        why = "is a directory"
+    elif not parent.is_dir():
+        why = f"{parent} is not an existing directory"
+    else:
+        probe = parent / f".{path.name}.{os.getpid()}.probe"
+        try:
+            probe.touch(exist_ok=False)
+            probe.unlink()
+        except OSError as exc:
+            why = f"cannot write in {parent} ({exc.strerror})"
+    if why is not None:
+        raise ConfigError(f"{flag} {path}: {why}; give a file in a directory you can write")
 
 
 def _min_d(msg: CrystalMessage, cell: gemmi.UnitCell) -> float:
