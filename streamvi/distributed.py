@@ -58,7 +58,7 @@ from streamvi.wire import CrystalMessage, encode_crystal
 log = logging.getLogger(__name__)
 
 #: Store arrays that are summed over ranks (per posterior row).
-STORE_STATISTICS = ("obs_count", "sum_w", "sum_wi", "sum_i")
+STORE_STATISTICS = ("obs_count", "sum_w", "sum_wi", "sum_i", "sum_i_half")
 _RANK_SEED_STRIDE = 1_000_003
 CHECKPOINT_NAME = "checkpoint.pt"
 

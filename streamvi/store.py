@@ -250,6 +250,9 @@ class ReflectionStore:
         self.sum_wi = np.zeros(space.n_unique, np.float64)
         #: Σ I per row (unweighted): the Wilson plot of the data
         self.sum_i = np.zeros(space.n_unique, np.float64)
+        #: Σ I per row and half dataset: the half-set averages behind the training-free
+        #: CC½ (:func:`streamvi.stats.halfset_statistics`), which move only with the data
+        self.sum_i_half = np.zeros((2, space.n_unique), np.float64)
 
     # ------------------------------------------------------------------ adding
 
@@ -513,6 +516,8 @@ class ReflectionStore:
         np.add.at(self.sum_w, rows, w)
         np.add.at(self.sum_wi, rows, w * iobs)
         np.add.at(self.sum_i, rows, iobs.astype(np.float64))
+        np.add.at(self.sum_i_half.reshape(-1), half_of * self.space.n_unique + rows,
+                  iobs.astype(np.float64))
 
     def _remember(self, msg: CrystalMessage, level: float) -> None:
         """Keep what the intensity reference (``level``: median |I|) and the MTZ header need
@@ -682,7 +687,8 @@ class ReflectionStore:
     def apply_settings(self) -> int:
         """Recount the row statistics of images whose chosen operator changed.
 
-        ``obs_count`` (host and device), ``sum_w``, ``sum_wi`` and ``sum_i`` move from the
+        ``obs_count`` (host and device), ``sum_w``, ``sum_wi``, ``sum_i`` and ``sum_i_half``
+        move from the
         rows of the operator an image was counted under to those of the one last chosen for
         it, so N, completeness and ⟨I/σ⟩ describe the merge's own setting.  One copy of the
         per-image operators from the device; called before statistics are read.
@@ -720,6 +726,7 @@ class ReflectionStore:
                 np.add.at(self.sum_w, rows, sign * w)
                 np.add.at(self.sum_wi, rows, sign * w * iobs)
                 np.add.at(self.sum_i, rows, sign * iobs)
+                np.add.at(self.sum_i_half, (half, rows), sign * iobs)
                 rows_t = torch.from_numpy(rows).to(self.device)
                 half_t = torch.from_numpy(1 + half).to(self.device)
                 val = torch.full((rows.shape[0],), float(sign), device=self.device)

@@ -321,3 +321,28 @@ def test_the_store_keeps_the_runs_and_wavelengths_of_what_it_merged(space):
     assert store.mean_wavelength() == pytest.approx(
         0.5 * (12398.419843320026 / 9500.0 + 12398.419843320026 / 10000.0))
     assert ReflectionStore(space).mean_wavelength() is None
+
+
+def test_half_sums_follow_adds_and_reindexing():
+    """``sum_i_half`` is Σ I per row and half, under each image's chosen setting."""
+    sp = ReciprocalSpace("P 43", (79.1, 79.1, 37.9, 90, 90, 90), 3.0)
+    rng = np.random.default_rng(9)
+    store = ReflectionStore(sp)
+    msgs = [make_crystal(rng, n=60, image=f"h{j}") for j in range(12)]
+    store.add_many(msgs)
+
+    def expected(ops):
+        want = np.zeros((2, sp.n_unique))
+        for j, m in enumerate(msgs):
+            ids = sp.lookup_ops(m.hkl())
+            keep = ids[0] >= 0
+            ids = np.where(ids < 0, ids[0][None, :], ids)    # as the store does
+            np.add.at(want[image_half(m.run, m.image)], ids[ops[j], keep], m.I[keep])
+        return want
+
+    np.testing.assert_allclose(store.sum_i_half, expected([0] * 12), rtol=1e-6)
+    np.testing.assert_allclose(store.sum_i_half.sum(0), store.sum_i, rtol=1e-9)
+    store.set_ops(torch.tensor([0, 5, 7]), torch.tensor([1, 1, 1]))
+    assert store.apply_settings() == 3
+    ops = [1 if j in (0, 5, 7) else 0 for j in range(12)]
+    np.testing.assert_allclose(store.sum_i_half, expected(ops), rtol=1e-6, atol=1e-6)
