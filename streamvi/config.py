@@ -115,6 +115,20 @@ OPTIONS: tuple[Option, ...] = (
            "output"),
     Option("metrics_port", int, 9108, "port of the HTTP status page and /metrics (0: any free "
            "port, -1: off)", "output"),
+    # --- targets and live feedback (docs/metrics.md, "When to stop")
+    Option("target_cc_half", str, "0.3@dmin", "CC½ to reach at a resolution, 'VALUE@D' (D in Å "
+           "or 'dmin'; judged on the training-free half-set CC½ of the shell holding D): the "
+           "status page forecasts the images still needed; empty: no target", "targets"),
+    Option("target_ccanom", str, "", "CCanom to reach at a resolution, 'VALUE@D' (judged on "
+           "the model's CCanom; append ':data' for the half-set averages'); empty: no target",
+           "targets"),
+    Option("target_completeness", float, 0.99, "overall completeness to reach (ratio 0-1); "
+           "0: no target", "targets"),
+    Option("target_multiplicity", float, 0.0, "overall multiplicity to reach; 0: no target",
+           "targets"),
+    Option("model", str, "", "PDB or mmCIF of a known or partial structure: each snapshot "
+           "computes an anomalous difference map with its phases and publishes the peak "
+           "height at each heavy atom (anomalous mode); empty: off", "targets"),
     # --- reliability
     Option("checkpoint_interval", float, 60.0, "seconds between checkpoints (also on SIGTERM)",
            "reliability"),
