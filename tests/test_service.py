@@ -239,6 +239,17 @@ def test_5ht2b_without_a_cell_merges_all_32_crystals_from_the_command_line(tmp_p
         assert cell == pytest.approx([61.4, 122.6, 168.0, 90, 90, 90], rel=0.01)  # the target
         assert status["merge"]["cell_source"] == "consensus of 16 crystals"
         assert http_get(started["http"] + "healthz") == (200, b"ok\n")
+        # item 8: the same stream under another name is recognised, not merged twice
+        assert cli_main(["send", str(LCLS), "--to", started["listening"][0], "--run", "copy",
+                         "--timeout", "30"]) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = json.loads(http_get(started["http"] + "api/status")[1])["status"]
+            if status["counters"]["crystals_received"] == 64:
+                break
+            time.sleep(0.2)
+        assert status["crystals_merged"] == 32 and status["counters"]["duplicates"] == 32
+        assert status["duplicates_by_content"] == 32
     finally:
         serve.terminate()
         serve.wait(timeout=60)
@@ -250,6 +261,10 @@ def test_5ht2b_without_a_cell_merges_all_32_crystals_from_the_command_line(tmp_p
     merged = rs.read_mtz(str(out / "latest.mtz"))
     assert merged.cell.parameters == pytest.approx(tuple(cell), abs=1e-3)
     assert merged.spacegroup.xhm() == "C 2 2 21"
+    # item 9: the run's name and the crystals' mean wavelength (~9.51 keV: 1.3037 Å)
+    mtz = gemmi.read_mtz_file(str(out / "latest.mtz"))
+    assert mtz.datasets[-1].crystal_name == "5ht2b_lcls_32crystals"
+    assert mtz.datasets[-1].wavelength == pytest.approx(12398.42 / 9510.23, abs=2e-4)
 
 
 def test_the_simulators_stream_without_a_cell_is_merged_whole(tmp_path):
