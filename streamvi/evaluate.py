@@ -6,7 +6,6 @@ in the same space group, i.e. on what the MTZ files hold.
 """
 from __future__ import annotations
 
-import gemmi
 import numpy as np
 import reciprocalspaceship as rs
 
@@ -271,18 +270,16 @@ def anomalous_peak_heights(merged: rs.DataSet, truth: rs.DataSet, sites_frac: np
         ``site_sigma`` per site, ``top_peaks_sigma`` (the highest map peaks), and
         ``sites_are_top`` (all sites higher than every grid point farther than 2 Å from them).
     """
+    from streamvi.anomalous import difference_map, heights_at
+
     common = merged.index.intersection(truth.index)
     m = merged.loc[common]
     dano = (m["F(+)"] - m["F(-)"]).to_numpy(np.float64)
-    phi = truth.loc[common, phase_col].to_numpy(np.float64) - 90.0
-    ok = np.isfinite(dano) & np.isfinite(phi)
-    hkl = np.array(common.tolist(), dtype=np.int32)[ok]
-    coeff = dano[ok] * np.exp(1j * np.radians(phi[ok]))
-    asu = gemmi.ComplexAsuData(merged.cell, merged.spacegroup, hkl, coeff.astype(np.complex64))
-    grid = asu.transform_f_phi_to_map(sample_rate=sample_rate)
-    grid.normalize()   # σ units
-    heights = [float(grid.interpolate_value(grid.unit_cell.orthogonalize(gemmi.Fractional(*s))))
-               for s in np.asarray(sites_frac, dtype=np.float64)]
+    phi = truth.loc[common, phase_col].to_numpy(np.float64)
+    hkl = np.array(common.tolist(), dtype=np.int32)
+    grid = difference_map(merged.cell, merged.spacegroup, hkl, dano, phi,
+                          sample_rate=sample_rate)
+    heights = heights_at(grid, sites_frac)
     arr = np.asarray(grid)
     top = np.sort(arr.ravel())[::-1][:10]
     # the highest point well away from every site (symmetry copies included)

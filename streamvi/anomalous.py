@@ -1,0 +1,299 @@
+"""Anomalous difference maps: peak heights at the heavy atoms of a model, and new peaks.
+
+The map has coefficients ``ΔF·exp(i(φ − 90°))`` with ``ΔF = F(+) − F(−)`` and φ the phase
+of the structure's (non-anomalous) structure factor: the classical way to see anomalous
+scatterers once phases are known.  Heights are in σ of the map (its r.m.s. about the mean).
+
+- :func:`difference_map` and :func:`heights_at` build a map and read it, for any phases
+  (:func:`streamvi.evaluate.anomalous_peak_heights` uses the simulation's true ones);
+- :class:`PhasingModel` reads a PDB or mmCIF file once, computes its phases for the rows of
+  a merge and knows which of its atoms are heavy;
+- :func:`snapshot_peaks` is what the service publishes for each snapshot: the height at each
+  heavy atom and the strongest peaks away from them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gemmi
+import numpy as np
+
+from streamvi.errors import ConfigError
+
+#: Atoms from this atomic number up count as heavy (sulfur and everything heavier): the
+#: anomalous scatterers of a typical SAD experiment.
+HEAVY_Z = 16
+#: Grid points per dmin along each axis (3 keeps trilinear interpolation within ~2 % of a
+#: peak's top).
+SAMPLE_RATE = 3.0
+#: A peak farther than this from every heavy atom of the model is reported as new, Å.
+NEW_PEAK_DISTANCE = 2.0
+#: New peaks reported (the strongest first), and the lowest height reported, σ.
+N_NEW_PEAKS = 5
+NEW_PEAK_MIN_SIGMA = 3.0
+
+
+def difference_map(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, hkl: np.ndarray,
+                   dano: np.ndarray, phi_deg: np.ndarray, *,
+                   sample_rate: float = SAMPLE_RATE) -> gemmi.FloatGrid:
+    """The anomalous difference map, in σ units.
+
+    Parameters
+    ----------
+    cell, space_group
+        Of the merge.
+    hkl
+        ``(n, 3)`` ASU indices.
+    dano
+        F(+) − F(−) per index (NaN: left out).
+    phi_deg
+        Phase of the structure factor per index, degrees (NaN: left out).
+    sample_rate
+        Grid points per dmin.
+
+    Returns
+    -------
+    gemmi.FloatGrid
+        Normalised to mean 0 and r.m.s. 1 (σ units).
+    """
+    dano = np.asarray(dano, dtype=np.float64)
+    phi = np.asarray(phi_deg, dtype=np.float64)
+    ok = np.isfinite(dano) & np.isfinite(phi)
+    coeff = dano[ok] * np.exp(1j * np.radians(phi[ok] - 90.0))
+    asu = gemmi.ComplexAsuData(cell, space_group, np.asarray(hkl, dtype=np.int32)[ok],
+                               coeff.astype(np.complex64))
+    grid = asu.transform_f_phi_to_map(sample_rate=sample_rate)
+    grid.normalize()
+    return grid
+
+
+def heights_at(grid: gemmi.FloatGrid, frac: np.ndarray) -> list[float]:
+    """The map's value (trilinear interpolation) at fractional positions ``(n, 3)``."""
+    cell = grid.unit_cell
+    return [float(grid.interpolate_value(cell.orthogonalize(gemmi.Fractional(*map(float, f)))))
+            for f in np.asarray(frac, dtype=np.float64).reshape(-1, 3)]
+
+
+@dataclass
+class Peak:
+    """A peak of the map away from the model's heavy atoms.
+
+    ``sigma``: height; ``frac`` / ``xyz``: position (fractional, Å); ``nearest_atom`` and
+    ``distance``: the closest atom of the model (symmetry copies included) and how far, Å.
+    """
+
+    sigma: float
+    frac: list[float]
+    xyz: list[float]
+    nearest_atom: str | None
+    distance: float | None
+
+
+@dataclass
+class PeakReport:
+    """What one snapshot's map says: heights at the heavy atoms and new peaks.
+
+    ``atoms`` maps each heavy atom's label (``chain/residue+number/atom``) to its height, σ;
+    ``elements`` gives each label's element; ``n_reflections`` is the number of ΔF in the
+    map.
+    """
+
+    atoms: dict[str, float]
+    elements: dict[str, str]
+    new_peaks: list[Peak]
+    n_reflections: int
+    model: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PhasingModel:
+    """A structure used for the phases of anomalous difference maps.
+
+    Parameters
+    ----------
+    path
+        PDB or mmCIF file; its cell and space group should be the merge's (they are taken
+        from the merge, so a model in another setting gives a meaningless map).
+    heavy_z
+        Atomic number from which an atom counts as heavy.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read, has no atoms, or no heavy atom.
+    """
+
+    def __init__(self, path: str | Path, *, heavy_z: int = HEAVY_Z):
+        self.path = Path(path)
+        try:
+            st = gemmi.read_structure(str(self.path))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"model = {self.path}: cannot read it as PDB or mmCIF ({exc}); "
+                              "give a coordinate file of the merged crystal") from None
+        if len(st) == 0 or not any(True for _ in st[0].all()):
+            raise ConfigError(f"model = {self.path}: no atoms; give a coordinate file of the "
+                              "merged crystal")
+        st.setup_entities()
+        self.structure = st
+        labels, elements, positions = [], [], []
+        for cra in st[0].all():
+            if cra.atom.element.atomic_number >= heavy_z:
+                labels.append(f"{cra.chain.name}/{cra.residue.name}{cra.residue.seqid.num}"
+                              f"/{cra.atom.name}")
+                elements.append(cra.atom.element.name)
+                positions.append(cra.atom.pos)
+        if not labels:
+            raise ConfigError(f"model = {self.path}: no atom from sulfur (Z = {heavy_z}) up, so "
+                              "no anomalous scatterer to follow; give a model with its heavy "
+                              "atoms")
+        self.labels, self.elements, self._positions = labels, elements, positions
+        self._phases: dict[tuple, np.ndarray] = {}
+
+    def heavy_frac(self, cell: gemmi.UnitCell) -> np.ndarray:
+        """Fractional coordinates ``(n, 3)`` of the heavy atoms in ``cell``."""
+        return np.array([cell.fractionalize(p).tolist() for p in self._positions])
+
+    def phases(self, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, hkl: np.ndarray,
+               dmin: float) -> np.ndarray:
+        """Phase (degrees) of the model's structure factor for each of ``hkl`` (cached).
+
+        The model's density (X-ray form factors, B factors) is put on a grid and
+        transformed; the blur gemmi adds scales amplitudes only, never phases.
+        """
+        hkl = np.asarray(hkl, dtype=np.int32)
+        key = (tuple(cell.parameters), space_group.xhm(), hkl.shape[0], float(dmin),
+               hash(hkl.tobytes()))
+        if key not in self._phases:
+            st = self.structure.clone()
+            st.cell = cell
+            st.spacegroup_hm = space_group.xhm()
+            dc = gemmi.DensityCalculatorX()
+            dc.d_min = float(dmin)
+            dc.grid.setup_from(st)
+            dc.put_model_density_on_grid(st[0])
+            f = np.array(gemmi.transform_map_to_f_phi(dc.grid, half_l=False), copy=False)
+            nu, nv, nw = f.shape
+            values = f[hkl[:, 0] % nu, hkl[:, 1] % nv, hkl[:, 2] % nw]
+            self._phases[key] = np.degrees(np.angle(values))
+        return self._phases[key]
+
+    def describe(self) -> str:
+        return f"{self.path.name}: {len(self.labels)} heavy atoms"
+
+    def searches(self, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup
+                 ) -> tuple["_Search", "_Search"]:
+        """Neighbour searches (symmetry copies included) over the heavy atoms and over
+        every atom, in the merge's cell and space group (cached)."""
+        key = (tuple(cell.parameters), space_group.xhm())
+        if getattr(self, "_search_key", None) != key:
+            heavy = self.structure.clone()
+            for model in heavy:
+                for chain in model:
+                    for residue in chain:
+                        for i in reversed(range(len(residue))):
+                            if residue[i].element.atomic_number < HEAVY_Z:
+                                del residue[i]
+            heavy.remove_empty_chains()
+            self._searches = (_Search(heavy, cell, space_group),
+                              _Search(self.structure.clone(), cell, space_group))
+            self._search_key = key
+        return self._searches
+
+
+class _Search:
+    """A gemmi neighbour search that keeps its structure alive."""
+
+    def __init__(self, st: gemmi.Structure, cell: gemmi.UnitCell,
+                 space_group: gemmi.SpaceGroup):
+        st.cell = cell
+        st.spacegroup_hm = space_group.xhm()
+        st.setup_cell_images()
+        self.structure = st
+        self.cell = st.cell
+        self.ns = gemmi.NeighborSearch(st[0], st.cell, 6).populate()
+
+    def nearest(self, pos: gemmi.Position, radius: float) -> tuple[str | None, float | None]:
+        """Label and distance (Å) of the nearest atom within ``radius``, else (None, None)."""
+        mark = self.ns.find_nearest_atom(pos, radius=radius)
+        if mark is None:
+            return None, None
+        cra = mark.to_cra(self.structure[0])
+        label = f"{cra.chain.name}/{cra.residue.name}{cra.residue.seqid.num}/{cra.atom.name}"
+        return label, float(self.cell.find_nearest_image(mark.pos, pos, gemmi.Asu.Any).dist())
+
+
+def snapshot_dano(snapshot) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the F(+) mates and F(+) − F(−) of a snapshot's full table (acentric
+    reflections with both mates seen): the amplitudes the MTZ carries in ``F(+)``/``F(-)``.
+    """
+    sp = snapshot.space
+    obs = snapshot.obs_count[0]
+    f = snapshot.tables["all"]["F"].astype(np.float64)
+    key = (sp.hkl.astype(np.int64) + 2048)
+    key = (key[:, 0] << 24) | (key[:, 1] << 12) | key[:, 2]
+    use = ~sp.centric & (obs > 0)
+    plus = np.nonzero(use & (sp.friedel > 0))[0]
+    minus = np.nonzero(use & (sp.friedel < 0))[0]
+    _, ip, im = np.intersect1d(key[plus], key[minus], return_indices=True)
+    rows_p, rows_m = plus[ip], minus[im]
+    return rows_p, f[rows_p] - f[rows_m]
+
+
+def snapshot_peaks(snapshot, model: PhasingModel, *, sample_rate: float = SAMPLE_RATE,
+                   n_new: int = N_NEW_PEAKS) -> PeakReport | None:
+    """Peak heights at the model's heavy atoms in the snapshot's anomalous difference map.
+
+    None outside anomalous mode or before ten Bijvoet pairs are seen.
+    """
+    sp = snapshot.space
+    if not sp.anomalous:
+        return None
+    rows, dano = snapshot_dano(snapshot)
+    if rows.shape[0] < 10:
+        return None
+    phi = model.phases(sp.cell, sp.space_group, sp.hkl, sp.dmin)[rows]
+    grid = difference_map(sp.cell, sp.space_group, sp.hkl[rows], dano, phi,
+                          sample_rate=sample_rate)
+    heights = heights_at(grid, model.heavy_frac(sp.cell))
+    return PeakReport(atoms=dict(zip(model.labels, heights)),
+                      elements=dict(zip(model.labels, model.elements)),
+                      new_peaks=new_peaks(grid, model, sp.space_group, n=n_new),
+                      n_reflections=int(rows.shape[0]), model=model.path.name)
+
+
+def new_peaks(grid: gemmi.FloatGrid, model: PhasingModel, space_group: gemmi.SpaceGroup, *,
+              n: int = N_NEW_PEAKS, min_sigma: float = NEW_PEAK_MIN_SIGMA,
+              min_distance: float = NEW_PEAK_DISTANCE) -> list[Peak]:
+    """The strongest local maxima of ``grid`` farther than ``min_distance`` (Å) from every
+    heavy atom of ``model`` (symmetry copies included), one per group of symmetry copies."""
+    arr = np.array(grid, copy=False)
+    # a local maximum over the six face neighbours (periodic), above the floor
+    peak = arr >= min_sigma
+    for axis in range(3):
+        for shift in (1, -1):
+            peak &= arr >= np.roll(arr, shift, axis=axis)
+    idx = np.argwhere(peak)
+    if idx.size == 0:
+        return []
+    order = np.argsort(-arr[peak])
+    cell = grid.unit_cell
+    heavy, everyone = model.searches(cell, space_group)
+    kept: list[Peak] = []
+    shape = np.array(arr.shape, dtype=np.float64)
+    for j in order:
+        if len(kept) >= n:
+            break
+        f = idx[j] / shape
+        pos = cell.orthogonalize(gemmi.Fractional(*map(float, f)))
+        if heavy.nearest(pos, min_distance)[0] is not None:
+            continue
+        if any(heavy.cell.find_nearest_image(gemmi.Position(*p.xyz), pos, gemmi.Asu.Any).dist()
+               < min_distance for p in kept):
+            continue        # a symmetry copy of a peak already kept
+        label, dist = everyone.nearest(pos, 12.0)
+        kept.append(Peak(sigma=float(arr[tuple(idx[j])]), frac=[float(x) for x in f],
+                         xyz=[pos.x, pos.y, pos.z], nearest_atom=label, distance=dist))
+    return kept
