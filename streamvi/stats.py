@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from streamvi.jsonsafe import jsonable
+
 CC_HALF_CUT = 0.3
 #: Fewest pairs for a shell's correlation to be reported.  With 20 pairs the 95 % interval
 #: of r = 0.5 is 0.07–0.77: wide, but it still tells signal from none; below that, one
@@ -441,7 +443,7 @@ class ShellTable:
 
     def to_dict(self) -> dict:
         """Every field, JSON-safe: NaN and infinities become None."""
-        return _finite(asdict(self))
+        return jsonable(asdict(self))
 
     def set_correlation(self, name: str, corr: ShellCorrelation) -> None:
         """Store ``corr`` under ``name`` (``cc_half``, ``cc_anom``, ``cc_half_data``, …)."""
@@ -563,19 +565,6 @@ class ShellTable:
 def _at(values: list, i: int):
     """``values[i]``, or None where the list is shorter (a table made by hand)."""
     return values[i] if i < len(values) else None
-
-
-def _finite(x):
-    """``x`` with non-finite floats replaced by None (JSON has no NaN)."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 # ---------------------------------------------------------------------- computing it
