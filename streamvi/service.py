@@ -45,6 +45,7 @@ from streamvi.counters import IngestCounters
 from streamvi.deadletter import DeadLetter
 from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
+from streamvi.feedback import Feedback, LiveFeedback
 from streamvi.ingest import Ingestor, replay_spool
 from streamvi.publish.mtz import MtzInfo, sibling_temp_path, stale_temp_files
 from streamvi.publish.snapshots import MtzSnapshots
@@ -92,6 +93,9 @@ class Service:
             raise ConfigError(f"dmin = {config.dmin}: must be a positive resolution in Å")
         self._check_merge_options()
         check_device(config.device)
+        #: targets, forecasts and anomalous peaks per snapshot (docs/metrics.md)
+        self.feedback = self._make_feedback()
+        self.latest_feedback: Feedback | None = None
         self.cell = parse_cell(config.cell) if config.cell else None
         #: the table of a configured cell, built now so that its mistakes stop the start
         self._space: ReciprocalSpace | None = None
@@ -210,6 +214,22 @@ class Service:
         if c.intensity_outlier_ratio < 0 or 0 < c.intensity_outlier_ratio <= 1:
             raise ConfigError(f"intensity_outlier_ratio = {c.intensity_outlier_ratio}: must be "
                               "above 1 (default 1000), or 0 to turn the check off")
+
+    def _make_feedback(self) -> LiveFeedback:
+        """Targets and the model of the anomalous peaks, checked before anything starts."""
+        from streamvi.anomalous import PhasingModel
+        from streamvi.forecast import targets_from_config
+
+        c = self.config
+        targets = targets_from_config(c, dmin=c.dmin, anomalous=c.anomalous)
+        model = None
+        if c.model:
+            if not c.anomalous:
+                raise ConfigError(f"model = {c.model}: the anomalous difference map needs "
+                                  "F(+) and F(-); set anomalous = true, or leave model empty")
+            model = PhasingModel(c.model)
+            log.info("anomalous peak heights from %s", model.describe())
+        return LiveFeedback(targets, model)
 
     def _check_spool_beside_checkpoint(self) -> None:
         """A checkpoint without its spool is a trained model without its data: refuse."""
@@ -539,13 +559,32 @@ class Service:
                 return None
             snap = self.engine.snapshot(history=[f"streamvi serve, {self.crystals_merged} "
                                                  "crystals"])
+            # the half-set sums as they were when the snapshot's counts were taken
+            sum_i_half = self.engine.store.sum_i_half.copy()
+            wilson = self.engine.store.wilson_sigma()
+        feedback = self._observe(snap, sum_i_half, wilson)
         self.mtz.write(snap)
         self._reject_log.flush()       # how many refusals the log left out lately
+        self.latest_feedback = feedback
         self.latest = snap
         self.history.append(self._figures(snap))
         if self.publisher is not None:
-            self.publisher.publish(snap, extra_stats={"service": self.status()})
+            extra = {"service": self.status()}
+            if feedback is not None:
+                extra["feedback"] = feedback.to_dict()
+            self.publisher.publish(snap, extra_stats=extra)
         return snap
+
+    def _observe(self, snap: MergeSnapshot, sum_i_half: np.ndarray,
+                 wilson: np.ndarray | None) -> Feedback | None:
+        """The snapshot's live feedback (training-free figures, forecasts, peaks); a failure
+        is logged and must not stop the MTZ files."""
+        try:
+            return self.feedback.observe(snap, sum_i_half=sum_i_half, wilson_sigma=wilson,
+                                         rate=self.images_per_second())
+        except Exception:  # noqa: BLE001 - publishing goes on without it
+            log.exception("live feedback of snapshot %d failed", snap.snapshot_id)
+            return None
 
     def _figures(self, snap: MergeSnapshot) -> dict[str, Any]:
         st = snap.stats

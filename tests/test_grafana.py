@@ -98,7 +98,10 @@ def test_dashboard_names_only_exported_metrics(dashboard, exported):
 
 def test_live_scrape_has_samples_for_the_dashboard(dashboard, exported):
     used = {m for _, expr, _ in queries(dashboard) for m in METRIC_NAME.findall(expr)}
-    empty = sorted(m for m in used if exported.get(m) is None)
+    # random intensities have no resolution where CC½ crosses 0.3: the estimate is left out
+    # rather than faked (issue 17); it has samples on real data (test_feedback_service.py)
+    empty = sorted(m for m in used if exported.get(m) is None
+                   and m != "streamvi_resolution_cc_half_angstrom")
     # anomalous mode, bad rows and two snapshots: every panel has data to show
     assert not empty, f"announced without samples: {empty}"
     for name, label in (("streamvi_cc_half", "shell"), ("streamvi_cc_anom", "shell"),

@@ -257,7 +257,16 @@ def status_payload(service: "Service") -> dict[str, Any]:
         "snapshot": None,
         "shells": None,
         "history": thin(list(history), MAX_HISTORY_POINTS),
+        # targets, forecasts, resolution, peaks, and their history against images
+        "feedback": None,
+        "feedback_history": [],
     }
+    feedback = getattr(service, "latest_feedback", None)
+    if feedback is not None:
+        payload["feedback"] = feedback.to_dict()
+    live = getattr(service, "feedback", None)
+    if live is not None:
+        payload["feedback_history"] = live.history_payload(MAX_HISTORY_POINTS)
     if snap is not None:
         payload["snapshot"] = {"id": snap.snapshot_id, "time": snap.time,
                                "n_images": snap.n_images, "n_reflections": snap.n_reflections,

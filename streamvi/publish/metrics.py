@@ -33,6 +33,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import streamvi
+from streamvi.publish.feedback_metrics import feedback_families
 
 if TYPE_CHECKING:
     from streamvi.service import Service
@@ -190,7 +191,7 @@ class ServiceCollector(Collector):
     def collect(self) -> list[Metric]:
         with self._lock:
             return [*self._ingest(), *self._training(), *self._store(), *self._quality(),
-                    *self._process(), *self._om()]
+                    *feedback_families(self.service), *self._process(), *self._om()]
 
     def _om(self) -> list[Metric]:
         if getattr(self.service, "om_bridge", None) is None:
@@ -396,7 +397,8 @@ class ServiceCollector(Collector):
             yield fam
         fam = GaugeMetricFamily(
             "streamvi_resolution_cc_half_angstrom",
-            "Resolution where CC1/2 falls below 0.3 (interpolated in 1/d^2), Å")
+            "Resolution where the training-free CC1/2 falls to 0.3 (fit over shells; "
+            "changed only beyond its interval), Å")
         _add_finite(fam, [], None if st is None else st.resolution_cc_half)
         yield fam
         fam = GaugeMetricFamily("streamvi_snapshot_timestamp_seconds",

@@ -247,8 +247,11 @@ def write_snapshot_mtz(snapshot, path: str | os.PathLike, *, info: MtzInfo | Non
     sp = snapshot.space
     hist = [f"snapshot {snapshot.snapshot_id} step {snapshot.step} images {snapshot.n_images}",
             f"{sp.space_group.hm} dmin {sp.dmin:.2f} A anomalous {sp.anomalous}"]
-    return write_mtz(snapshot_to_dataset(snapshot), path, history=hist + snapshot.history,
-                     info=info)
+    stats = getattr(snapshot, "stats", None)
+    # the shell figures with their pairs and intervals, after what made the file
+    lines = stats.history_lines() if hasattr(stats, "history_lines") else []
+    return write_mtz(snapshot_to_dataset(snapshot), path,
+                     history=hist + list(snapshot.history) + lines, info=info)
 
 
 #: What :class:`~streamvi.publish.snapshots.MtzSnapshots` asks for each file's info.
