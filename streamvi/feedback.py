@@ -70,6 +70,27 @@ def attach_data_estimate(table: ShellTable, space: Any, obs_count: np.ndarray,
                                      sum_i_half=sum_i_half, expected_i=expected)
 
 
+def store_sums(engine: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """The store's half-set sums and Σ(d) per row, in the setting of the engine's last
+    snapshot (a merge put in a reference's setting has its rows moved; the store keeps the
+    merge's own).  Read them together with the snapshot (under the same lock)."""
+    store = engine.store
+    sums, wilson = store.sum_i_half.copy(), store.wilson_sigma()
+    choice, reference = getattr(engine, "setting_choice", None), getattr(engine, "reference",
+                                                                         None)
+    if (reference is not None and choice is not None and choice.op_index != 0
+            and np.isfinite(choice.cc[choice.op_index])):
+        perm = reference.permutation(choice.op_index)     # as reference.reindex_snapshot
+        moved = np.empty_like(sums)
+        moved[:, perm] = sums
+        sums = moved
+        if wilson is not None:
+            w = np.empty_like(wilson)
+            w[perm] = wilson
+            wilson = w
+    return sums, wilson
+
+
 @dataclass
 class Feedback:
     """What one snapshot tells the shift crew (JSON-able through :meth:`to_dict`).
@@ -271,6 +292,7 @@ class LiveFeedback:
                                         "reached": f.reached} for f in fb.forecasts},
             "cc_half_data": list(table.cc_half_data), "cc_half": list(table.cc_half),
             "completeness": table.overall.get("completeness"),
+            "completeness_shells": list(table.completeness),
             "multiplicity": table.overall.get("multiplicity"),
             "resolution": None if fb.resolution is None else fb.resolution.d,
             "peaks": None if fb.peaks is None else dict(fb.peaks.atoms),
@@ -285,4 +307,4 @@ class LiveFeedback:
         return jsonable(items)
 
 
-__all__ = ["Feedback", "LiveFeedback", "attach_data_estimate", "decision_lines"]
+__all__ = ["Feedback", "LiveFeedback", "attach_data_estimate", "decision_lines", "store_sums"]

@@ -45,7 +45,7 @@ from streamvi.counters import IngestCounters
 from streamvi.deadletter import DeadLetter
 from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
-from streamvi.feedback import Feedback, LiveFeedback
+from streamvi.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.ingest import Ingestor, replay_spool
 from streamvi.publish.mtz import MtzInfo, sibling_temp_path, stale_temp_files
 from streamvi.publish.snapshots import MtzSnapshots
@@ -560,8 +560,7 @@ class Service:
             snap = self.engine.snapshot(history=[f"streamvi serve, {self.crystals_merged} "
                                                  "crystals"])
             # the half-set sums as they were when the snapshot's counts were taken
-            sum_i_half = self.engine.store.sum_i_half.copy()
-            wilson = self.engine.store.wilson_sigma()
+            sum_i_half, wilson = store_sums(self.engine)
         feedback = self._observe(snap, sum_i_half, wilson)
         self.mtz.write(snap)
         self._reject_log.flush()       # how many refusals the log left out lately

@@ -202,10 +202,13 @@ def test_status_page_renders_in_chromium(fed_service, tmp_path):
     rows = [[re.sub(r"<[^>]+>", "", td).strip() for td in re.findall(r"<td[^>]*>(.*?)</td>",
                                                                       tr, re.S)]
             for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)]
-    assert len(rows) == N_SHELLS and all(len(r) == 9 for r in rows)
+    assert len(rows) == N_SHELLS and all(len(r) == 11 for r in rows)
     assert [r[0] for r in rows] == [str(i + 1) for i in range(N_SHELLS)]
     assert re.fullmatch(r"\d+\.\d\d – \d+\.\d\d", rows[0][1])
-    assert re.fullmatch(r"\d+\.\d %", rows[0][2]) and re.fullmatch(r"-?\d\.\d{3}", rows[0][5])
+    # CC½ (model, data): a value ± half its interval, or "few" under the minimum of pairs
+    assert re.fullmatch(r"\d+\.\d %", rows[0][2])
+    assert all(re.fullmatch(r"(-?\d\.\d{3} ±\d\.\d{3}|few)", r[k]) for r in rows for k in (5, 6))
+    assert all(re.fullmatch(r"[\d,]+", r[7]) for r in rows)          # the pairs behind them
     overall = re.search(r'<tfoot id="shell-overall">(.*?)</tfoot>', dom, re.S).group(1)
     assert "Overall" in overall and re.search(r"\d+\.\d %", overall)
     assert re.search(rf'id="t-crystals">{feed.n_images}<', dom)

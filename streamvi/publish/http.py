@@ -17,7 +17,6 @@ import errno
 import ipaddress
 import json
 import logging
-import math
 import socket
 import threading
 import time
@@ -33,6 +32,7 @@ from prometheus_client.exposition import choose_encoder
 
 import streamvi
 from streamvi.errors import ConfigError
+from streamvi.jsonsafe import jsonable
 from streamvi.publish.metrics import ServiceMetrics
 from streamvi.stats import CC_HALF_CUT
 
@@ -281,22 +281,3 @@ def thin(items: list[Any], n_max: int) -> list[Any]:
         return items
     idx = np.unique(np.linspace(0, len(items) - 1, n_max).round().astype(int))
     return [items[i] for i in idx]
-
-
-def jsonable(x: Any) -> Any:
-    """``x`` with numpy values made plain and non-finite floats replaced by None."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if x is None or isinstance(x, str):
-        return x
-    return str(x)

@@ -61,10 +61,14 @@ function renderTiles(d) {
   setText("t-rate", fmt(s.images_per_s, 1));
   setText("t-rate-note", `step ${fmtInt(s.steps)} · ${fmtInt(s.reflections_stored)} reflections`);
   setText("t-cut", fmt(d.merge.cc_half_cut, 1));
-  setText("t-res", shells && isNum(shells.resolution_cc_half) ? fmt(shells.resolution_cc_half, 2) : "–");
-  setText("t-cchalf", fmt(o.cc_half, 3));
-  setText("t-ccstar", isNum(o.cc_star) ? `CC* ${fmt(o.cc_star, 3)}` +
-          (isNum(o.cc_anom) ? ` · CCanom ${fmt(o.cc_anom, 3)}` : "") : "");
+  renderResolution(d);
+  // the training-free figure first: it moves only when data arrive
+  setText("t-cchalf", isNum(o.cc_half_data) ? fmt(o.cc_half_data, 3) : fmt(o.cc_half, 3));
+  const prov = ((d.feedback || {}).provisional || {});
+  setText("t-ccstar", (isNum(o.cc_half_data) ? "half-set averages · " : "") +
+          (isNum(o.cc_half) ? `model ${fmt(o.cc_half, 3)}${prov.cc_half ? " (provisional)" : ""}` : "") +
+          (isNum(o.cc_star) ? ` · CC* ${fmt(o.cc_star, 3)}` : "") +
+          (isNum(o.cc_anom) ? ` · CCanom ${fmt(o.cc_anom, 3)}${prov.cc_anom ? " (provisional)" : ""}` : ""));
   setText("t-compl", fmtPct(o.completeness));
   setText("t-mult", isNum(o.multiplicity) ? `multiplicity ${fmt(o.multiplicity, 1)}` : "");
   setText("t-queue", fmtInt(s.queue_depth));
@@ -88,6 +92,87 @@ function renderTiles(d) {
   setText("foot-status", `streamvi ${d.version} · up ${fmtDuration(s.uptime_s)} · device ` +
           `${s.device || "–"} · ${fmtInt(s.mtz_written)} MTZ written` +
           (s.mtz_errors ? ` (${s.mtz_errors} failed)` : ""));
+}
+
+function renderResolution(d) {
+  const fb = d.feedback;
+  const res = fb && fb.resolution;
+  const model = fb && fb.resolution_model;
+  const prov = (fb && fb.provisional) || {};
+  let value = "–", note = "fit of the half-set CC½ over shells";
+  if (res) {
+    if (res.state === "fit") {
+      value = fmt(res.d, 2);
+      note = `Å · 95 %: ${fmt(res.low, 2)}–${fmt(res.high, 2)} Å (half-set averages)`;
+    } else if (res.state === "beyond_dmin") {
+      value = "beyond dmin";
+      note = `CC½ stays above ${fmt(res.cut, 1)} to ${fmt(d.merge.dmin, 2)} Å: the data may extend further`;
+    } else if (res.state === "below_dmax") {
+      value = "below";
+      note = "CC½ is under the cut from the first shell on";
+    } else {
+      value = "–";
+      note = "too few pairs for an estimate";
+    }
+  }
+  if (model) {
+    note += ` · model: ${model.state === "fit" ? fmt(model.d, 2) + " Å" : model.text}` +
+            (prov.cc_half ? " (provisional)" : "");
+  }
+  setText("t-res", value);
+  setText("t-res-note", note);
+}
+
+function fmtFigure(kind, x) {
+  if (!isNum(x)) return "–";
+  if (kind === "completeness") return fmtPct(x);
+  if (kind === "multiplicity") return fmt(x, 1);
+  return fmt(x, 3);
+}
+
+const STATE_WORDS = { reached: "reached", forecast: "forecast", out_of_reach: "out of reach",
+                      no_signal: "no signal yet", too_few_pairs: "too few pairs",
+                      no_figure: "no figure yet" };
+
+function renderTargets(d) {
+  const fb = d.feedback;
+  const body = $("target-rows");
+  if (!fb) return;
+  const rows = (fb.targets || []).map(t => {
+    const tr = document.createElement("tr");
+    tr.className = t.reached ? "reached" : (t.state === "forecast" ? "" : "muted");
+    tr.dataset.target = t.target.label;
+    let now = fmtFigure(t.target.kind, t.current);
+    if (isNum(t.current_low) && isNum(t.current_high)) {
+      now += ` (${fmtFigure(t.target.kind, t.current_low)}–${fmtFigure(t.target.kind, t.current_high)})`;
+    }
+    const at = t.reached ? "–" : (isNum(t.images) ? fmtInt(t.images) +
+      (isNum(t.images_low) ? ` (${fmtInt(t.images_low)}–${isNum(t.images_high) ? fmtInt(t.images_high) : "∞"})` : "") : "–");
+    const state = (STATE_WORDS[t.state] || t.state) + (t.provisional ? " (provisional)" : "");
+    tr.append(cell(t.target.text), cell(now), cell(state, t.reached ? "good" : ""),
+              cell(at), cell(t.reached ? "0" : fmtInt(t.images_needed)),
+              cell(t.reached ? "done" : fmtDuration(t.seconds)));
+    return tr;
+  });
+  if (rows.length) body.replaceChildren(...rows);
+  else body.replaceChildren(Object.assign(document.createElement("tr"), { className: "empty",
+    innerHTML: '<td colspan="6">no targets set (target_cc_half, target_completeness, …)</td>' }));
+  const open = (fb.targets || []).filter(t => !t.reached);
+  let verdict;
+  if (!(fb.targets || []).length) verdict = "no targets";
+  else if (fb.done) verdict = "all targets reached: time to move on";
+  else {
+    const need = open.map(t => t.images_needed).filter(isNum);
+    verdict = `${open.length} of ${fb.targets.length} targets open` +
+      (need.length ? ` · about ${fmtInt(Math.max(...need))} more images` : "");
+  }
+  setText("verdict", `${verdict} · snapshot ${fmtInt(fb.snapshot)} at ${fmtInt(fb.n_images)} images`);
+}
+
+function ccWithInterval(x, lo, hi, n, minPairs) {
+  if (isNum(n) && n < minPairs) return "few";
+  if (!isNum(x)) return "–";
+  return isNum(lo) && isNum(hi) ? `${fmt(x, 3)} ±${fmt((hi - lo) / 2, 3)}` : fmt(x, 3);
 }
 
 function ccClass(x, cut) {
@@ -119,12 +204,25 @@ function renderTable(d) {
     sw.className = "swatch";
     sw.style.background = shellColour(i, n);
     first.prepend(sw);
+    const mp = t.min_pairs;
+    const pairs = (t.cc_half_data_pairs || [])[i] ?? (t.cc_half_pairs || [])[i];
     tr.append(first,
       cell(`${fmt(t.d_max[i], 2)} – ${fmt(t.d_min[i], 2)}`),
       cell(fmtPct(t.completeness[i])), cell(fmt(t.multiplicity[i], 1)),
-      cell(fmt(t.i_over_sigma[i], 1)), cell(fmt(t.cc_half[i], 3), ccClass(t.cc_half[i], cut)),
-      cell(fmt(t.cc_star[i], 3)), cell(fmt(t.cc_anom[i], 3)), cell(fmtInt(t.n_unique[i])));
-    if (isNum(t.resolution_cc_half) && t.d_max[i] < t.resolution_cc_half) tr.className = "beyond";
+      cell(fmt(t.i_over_sigma[i], 1)),
+      cell(ccWithInterval(t.cc_half[i], (t.cc_half_low || [])[i], (t.cc_half_high || [])[i],
+                          (t.cc_half_pairs || [])[i], mp), ccClass(t.cc_half[i], cut)),
+      cell(ccWithInterval((t.cc_half_data || [])[i], (t.cc_half_data_low || [])[i],
+                          (t.cc_half_data_high || [])[i], (t.cc_half_data_pairs || [])[i], mp),
+           ccClass((t.cc_half_data || [])[i], cut)),
+      cell(fmtInt(pairs)),
+      cell(fmt(t.cc_star[i], 3)),
+      cell(t.anomalous ? ccWithInterval(t.cc_anom[i], (t.cc_anom_low || [])[i],
+                                        (t.cc_anom_high || [])[i], (t.cc_anom_pairs || [])[i], mp)
+                       : "–"),
+      cell(fmtInt(t.n_unique[i])));
+    const res = (d.feedback || {}).resolution;
+    if (res && res.state === "fit" && t.d_max[i] < res.d) tr.className = "beyond";
     rows.push(tr);
   }
   body.replaceChildren(...rows);
@@ -132,9 +230,19 @@ function renderTable(d) {
   const tr = document.createElement("tr");
   tr.append(cell("Overall"), cell(`${fmt(o.d_max, 2)} – ${fmt(o.d_min, 2)}`),
     cell(fmtPct(o.completeness)), cell(fmt(o.multiplicity, 1)), cell(fmt(o.i_over_sigma, 1)),
-    cell(fmt(o.cc_half, 3), ccClass(o.cc_half, cut)), cell(fmt(o.cc_star, 3)),
-    cell(fmt(o.cc_anom, 3)), cell(fmtInt(o.n_unique)));
+    cell(ccWithInterval(o.cc_half, o.cc_half_low, o.cc_half_high, o.cc_half_pairs, t.min_pairs),
+         ccClass(o.cc_half, cut)),
+    cell(ccWithInterval(o.cc_half_data, o.cc_half_data_low, o.cc_half_data_high,
+                        o.cc_half_data_pairs, t.min_pairs), ccClass(o.cc_half_data, cut)),
+    cell(fmtInt(o.cc_half_data_pairs ?? o.cc_half_pairs)), cell(fmt(o.cc_star, 3)),
+    cell(t.anomalous ? ccWithInterval(o.cc_anom, o.cc_anom_low, o.cc_anom_high,
+                                      o.cc_anom_pairs, t.min_pairs) : "–"),
+    cell(fmtInt(o.n_unique)));
   foot.replaceChildren(tr);
+  setText("shell-note", `Each CC with ± half its 95 % interval (Fisher z); “few”: under ` +
+          `${t.min_pairs} pairs, no value. CC½ model: the half-dataset posteriors (moves with ` +
+          `training${((d.feedback || {}).provisional || {}).cc_half ? "; provisional now" : ""}); ` +
+          `CC½ data: plain half-set averages (moves only with data).`);
   const s = d.snapshot;
   setText("snap-info", s ? `snapshot ${s.id} · ${fmtInt(s.n_images)} images · ` +
           `step ${fmtInt(s.step)} · ${new Date(s.time * 1000).toLocaleTimeString("en-GB")}` : "");
@@ -163,7 +271,9 @@ function timeLabel(t, span) {
   return new Date(t * 1000).toLocaleTimeString("en-GB", opts);
 }
 
-// series: [{colour, width, points: [[t, y], ...]}]; y may be null (gap).
+// series: [{colour, width, dash, points: [[x, y], ...]}]; y may be null (gap).
+// opts: aspect, yMin, yMax, yFormat, xKind ("time" | "images"), hlines [{y, colour, label}],
+// marks [{x, lo, hi, colour, label}]: a forecast at x with its interval lo–hi (hi may be null)
 function drawPlot(canvas, series, opts) {
   const dpr = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || canvas.width, h = Math.round(w * opts.aspect);
@@ -191,10 +301,17 @@ function drawPlot(canvas, series, opts) {
     g.fillText("waiting for data…", m.l + pw / 2, m.t + ph / 2);
     return;
   }
+  const images = opts.xKind === "images";
   let x0 = Math.min(...pts.map(p => p[0])), x1 = Math.max(...pts.map(p => p[0]));
+  if (images) x0 = 0;
+  // a forecast within reach widens the axis to show it (not beyond 4× the data's span)
+  const marks = (opts.marks || []).filter(k => isNum(k.x));
+  for (const k of marks) x1 = Math.max(x1, Math.min(k.x * 1.08, x0 + 4 * Math.max(x1 - x0, 1)));
+  canvas.dataset.marks = String(marks.length);
   if (x1 - x0 < 1) { x0 -= 0.5; x1 += 0.5; }
   let y0 = isNum(opts.yMin) ? opts.yMin : Math.min(...pts.map(p => p[1]));
   let y1 = isNum(opts.yMax) ? opts.yMax : Math.max(...pts.map(p => p[1]));
+  for (const l of opts.hlines || []) if (isNum(l.y) && !isNum(opts.yMax)) y1 = Math.max(y1, l.y);
   if (!isNum(opts.yMin) && !isNum(opts.yMax)) {
     const pad = (y1 - y0) * 0.08 || Math.abs(y1) * 0.1 || 1;
     y0 -= pad; y1 += pad;
@@ -214,29 +331,54 @@ function drawPlot(canvas, series, opts) {
     g.fillText(opts.yFormat ? opts.yFormat(v, ys) : String(+v.toPrecision(3)), m.l - 6, y);
   }
   const span = x1 - x0;
-  const xs = timeStep(span, 5);
+  const xs = images ? niceStep(span, 6) : timeStep(span, 5);
   g.textAlign = "center";
   g.textBaseline = "top";
   for (let t = Math.ceil(x0 / xs) * xs; t <= x1 + 1e-9; t += xs) {
     const x = Math.round(X(t)) + 0.5;
     g.beginPath(); g.moveTo(x, m.t); g.lineTo(x, m.t + ph); g.stroke();
-    g.fillText(timeLabel(t, span), x, m.t + ph + 6);
+    g.fillText(images ? fmtInt(t) : timeLabel(t, span), x, m.t + ph + 6);
   }
-  if (isNum(opts.hline) && opts.hline > y0 && opts.hline < y1) {
+  g.save();
+  g.beginPath(); g.rect(m.l, m.t, pw, ph); g.clip();
+  // targets: dashed horizontal lines
+  for (const l of opts.hlines || []) {
+    if (!isNum(l.y) || l.y < y0 || l.y > y1) continue;
     g.save();
     g.setLineDash([5, 4]);
-    g.strokeStyle = "#b3261e";
-    g.beginPath(); g.moveTo(m.l, Y(opts.hline)); g.lineTo(m.l + pw, Y(opts.hline)); g.stroke();
+    g.strokeStyle = l.colour || "#b3261e";
+    g.beginPath(); g.moveTo(m.l, Y(l.y)); g.lineTo(m.l + pw, Y(l.y)); g.stroke();
+    if (l.label) {
+      g.fillStyle = l.colour || "#b3261e";
+      g.textAlign = "left"; g.textBaseline = "bottom";
+      g.fillText(l.label, m.l + 4, Y(l.y) - 2);
+    }
+    g.restore();
+  }
+  // forecasts: a shaded interval and a vertical line where the target should be reached
+  for (const k of marks) {
+    const lo = isNum(k.lo) ? X(k.lo) : X(k.x), hi = isNum(k.hi) ? X(k.hi) : m.l + pw;
+    g.save();
+    g.fillStyle = k.band || "rgba(31, 111, 178, 0.12)";
+    g.fillRect(Math.max(lo, m.l), m.t, Math.max(Math.min(hi, m.l + pw) - Math.max(lo, m.l), 1), ph);
+    g.setLineDash([2, 3]);
+    g.strokeStyle = k.colour || "#1f6fb2";
+    g.lineWidth = 1.5;
+    g.beginPath(); g.moveTo(X(k.x), m.t); g.lineTo(X(k.x), m.t + ph); g.stroke();
+    if (k.label) {
+      g.fillStyle = k.colour || "#1f6fb2";
+      g.textAlign = X(k.x) > m.l + pw * 0.7 ? "right" : "left"; g.textBaseline = "top";
+      g.fillText(k.label, X(k.x) + (g.textAlign === "left" ? 4 : -4), m.t + 4);
+    }
     g.restore();
   }
 
   // data
-  g.save();
-  g.beginPath(); g.rect(m.l, m.t, pw, ph); g.clip();
   g.lineJoin = "round";
   for (const s of series) {
     g.strokeStyle = s.colour;
     g.lineWidth = s.width || 1.5;
+    g.setLineDash(s.dash || []);
     g.beginPath();
     let pen = false;
     for (const [t, v] of s.points) {
@@ -264,37 +406,83 @@ function legend(id, items) {
   }));
 }
 
-function perShell(history, key) {
+function perShell(history, key, xKey) {
   const n = Math.max(0, ...history.map(h => (h[key] || []).length));
-  return Array.from({ length: n }, (_, i) => history.map(h => [h.time, (h[key] || [])[i]]));
+  return Array.from({ length: n }, (_, i) => history.map(h => [h[xKey], (h[key] || [])[i]]));
+}
+
+function targetOf(d, kind) {
+  return ((d.feedback || {}).targets || []).find(t => t.target.kind === kind);
+}
+
+function forecastMark(t, colour) {
+  if (!t || t.reached || !isNum(t.images)) return [];
+  return [{ x: t.images, lo: t.images_low, hi: t.images_high, colour,
+            label: `forecast ${fmtInt(t.images)} images` }];
 }
 
 function renderPlots(d) {
   const hist = d.history || [];
+  const fh = d.feedback_history || [];
   const shells = d.shells;
-  const ccShells = perShell(hist, "cc_half_shells");
+  // CC½ of the half-set averages against images; the target's shell drawn heavier
+  const ccShells = perShell(fh, "cc_half_data", "n_images");
   const n = ccShells.length;
-  const pct = v => (100 * v).toFixed(0) + " %";
-  drawPlot($("plot-cchalf"), ccShells.map((points, i) => ({
-    points, colour: shellColour(i, n), width: 1.6, dot: true })),
-    { aspect: 0.46, yMin: Math.min(0, ...ccShells.flat().map(p => p[1]).filter(isNum)),
-      yMax: 1, hline: d.merge.cc_half_cut });
+  const cc = targetOf(d, "cc_half");
+  const ccShell = cc && cc.shell ? cc.shell.index : -1;
+  const ccSeries = ccShells.map((points, i) => ({
+    points, colour: shellColour(i, n), width: i === ccShell ? 3 : 1.4, dot: true }));
+  const hl = [{ y: d.merge.cc_half_cut, colour: "#b3261e" }];
+  if (cc) hl.push({ y: cc.target.value, colour: "#2e8540", label: `target ${cc.target.text}` });
+  drawPlot($("plot-cchalf"), ccSeries, {
+    aspect: 0.46, xKind: "images", hlines: hl, marks: forecastMark(cc, "#2e8540"),
+    yMin: Math.min(0, ...ccShells.flat().map(p => p[1]).filter(isNum)), yMax: 1 });
+  setText("cap-cchalf", cc ? `· shell ${ccShell + 1} judged for the target` : "");
   if (shells) {
     legend("legend-cchalf", shells.d_min.map((dm, i) =>
       [`${i + 1}: ${fmt(shells.d_max[i], 2)}–${fmt(dm, 2)} Å`, shellColour(i, n)]));
   }
-  const complShells = perShell(hist, "completeness_shells");
+  const pct = v => (100 * v).toFixed(0) + " %";
+  const compl = targetOf(d, "completeness");
+  const complShells = perShell(fh, "completeness_shells", "n_images");
   const complSeries = complShells.map((points, i) => ({
     points, colour: shellColour(i, complShells.length), width: 1 }));
-  complSeries.push({ points: hist.map(h => [h.time, h.completeness]), colour: "#1d2733",
+  complSeries.push({ points: fh.map(h => [h.n_images, h.completeness]), colour: "#1d2733",
                      width: 2.5, dot: true });
-  drawPlot($("plot-compl"), complSeries, { aspect: 0.46, yMin: 0, yMax: 1, yFormat: pct });
-  legend("legend-compl", [["overall", "#1d2733"], ["shells: colours as in CC½", "#a92395"]]);
+  drawPlot($("plot-compl"), complSeries, {
+    aspect: 0.46, xKind: "images", yMin: 0, yMax: 1, yFormat: pct,
+    hlines: compl ? [{ y: compl.target.value, colour: "#2e8540",
+                       label: `target ${pct(compl.target.value)}` }] : [],
+    marks: forecastMark(compl, "#2e8540") });
+  const mult = targetOf(d, "multiplicity");
+  legend("legend-compl", [["overall", "#1d2733"], ["shells: colours as in CC½", "#a92395"]].concat(
+    compl ? [[`target ${compl.target.text}`, "#2e8540"]] : []));
+  setText("cap-compl", mult ? `· multiplicity ${fmt(mult.current, 1)} (target ${fmt(mult.target.value, 0)})` : "");
+  renderPeaks(d, fh);
   drawPlot($("plot-rate"), [{ points: hist.map(h => [h.time, h.images_per_s]),
                               colour: "#1f6fb2", width: 2, dot: true }],
            { aspect: 0.39, yMin: 0 });
   drawPlot($("plot-loss"), [{ points: hist.map(h => [h.time, h.loss]), colour: "#2e8540",
                               width: 2, dot: true }], { aspect: 0.39 });
+}
+
+function renderPeaks(d, fh) {
+  const peaks = (d.feedback || {}).peaks;
+  const fig = $("fig-peaks");
+  if (!peaks) { fig.hidden = true; return; }
+  fig.hidden = false;
+  const atoms = Object.keys(peaks.atoms);
+  const series = atoms.map((a, i) => ({
+    points: fh.map(h => [h.n_images, (h.peaks || {})[a]]), colour: shellColour(i, atoms.length),
+    width: 1.6, dot: true }));
+  drawPlot($("plot-peaks"), series, { aspect: 0.46, xKind: "images", hlines: [{ y: 0, colour: "#c3cad2" }] });
+  const sorted = atoms.map(a => [a, peaks.atoms[a]]).sort((x, y) => (y[1] ?? -1e9) - (x[1] ?? -1e9));
+  legend("legend-peaks", sorted.slice(0, 8).map(([a, v]) =>
+    [`${a} ${fmt(v, 1)} σ`, shellColour(atoms.indexOf(a), atoms.length)]));
+  setText("cap-peaks", `· ${peaks.model} · ${fmtInt(peaks.n_reflections)} Bijvoet pairs`);
+  setText("new-peaks", (peaks.new_peaks || []).length ? "strongest peaks away from the model's heavy atoms: " +
+    peaks.new_peaks.map(p => `${fmt(p.sigma, 1)} σ` + (p.nearest_atom ? ` (${fmt(p.distance, 1)} Å from ${p.nearest_atom})` : ""))
+      .join(", ") : "no peak above 3 σ away from the model's heavy atoms");
 }
 
 // ------------------------------------------------------------------ polling
@@ -321,6 +509,7 @@ async function tick() {
     const d = await r.json();
     failure = d.status.failure || null;
     renderTiles(d);
+    renderTargets(d);
     renderTable(d);
     renderPlots(d);
     lastOk = Date.now();
