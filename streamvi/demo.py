@@ -73,7 +73,12 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
           f"({sum(len(c) for c in crystals) / max(images, 1):.0f} reflections each) in "
           f"{time.perf_counter() - t_sim:.1f} s", file=stream)
     cell = " ".join(str(x) for x in sim.cell)
+    # the simulation's atoms as the "known structure": live anomalous peak heights
+    model = out / "model.pdb"
+    if anomalous:
+        truth.write_model(model)
     cfg = load_config(env={}, overrides={
+        **({"model": str(model)} if anomalous else {}),
         "listen": ["tcp://127.0.0.1:*"], "publish_endpoint": "tcp://127.0.0.1:*",
         "out_dir": str(out), "space_group": sim.space_group, "cell": cell, "dmin": sim.dmin,
         "anomalous": anomalous, "publish_interval": publish_interval, "device": device,
@@ -114,6 +119,10 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     mtz = out / "latest.mtz"
     comparison = compare_to_truth(rs.read_mtz(str(mtz)), rs.read_mtz(str(truth_path)))
     print(snap.stats.format(), file=stream)
+    if service.latest_feedback is not None:
+        print("when to stop (as `streamvi status` says it):", file=stream)
+        for line in service.latest_feedback.lines():
+            print(f"  {line}", file=stream)
     print(f"CC(F, F_true) = {comparison['cc_F']:.4f} overall, "
           f"{comparison['cc_F_shells'][-1]:.4f} in the top shell; "
           f"CCanom(true) = {comparison['cc_anom']:.3f}", file=stream)

@@ -516,7 +516,7 @@ class ShellTable:
                 continue
             if fit.state == "fit":
                 lines.append(f"CC1/2 ({label}) falls to {fit.cut} at d = {fit.d:.2f} Å "
-                             f"(95 % {fit.low:.2f}-{fit.high:.2f} Å, tanh fit over shells)")
+                             f"(95 % {fit.low:.2f}-{fit.high:.2f} Å, logistic fit over shells)")
             elif fit.state == "beyond_dmin":
                 lines.append(f"CC1/2 ({label}) stays above {fit.cut} beyond dmin "
                              f"({self.d_min[-1]:.2f} Å): the crystals may diffract further; "
