@@ -46,8 +46,10 @@ Command lines (2 CPU cores; the partialator runs dominate, about 2 min per 1,000
         --space-group 'P 43 21 2' --cell 79.1 79.1 37.9 90 90 90 --dmin 1.8
 
 ``--workdir DIR`` keeps the geometry, streams, merges and logs (default: a temporary
-directory, removed at the end); ``--mergers`` picks a subset; ``--threads`` is CrystFEL's
-``-j`` (default: every core, as ``streamvi merge`` uses them).
+directory, removed at the end), and with ``--resume`` a rerun reuses every simulation and
+merge already there with its recorded seconds (``"reused": true``); ``--mergers`` picks a
+subset, ``--anomalous-mergers`` those that also merge Bijvoet mates apart; ``--threads`` is
+CrystFEL's ``-j`` (default: every core, as ``streamvi merge`` uses them).
 """
 from __future__ import annotations
 
@@ -563,8 +565,15 @@ def common_figures(figs: list[dict], truth: Truth) -> None:
 # ----------------------------------------------------------------------------- running
 
 
-def _run(cmd: list[str], log: Path, cwd: Path) -> float:
-    """Run ``cmd`` in ``cwd``, stdout and stderr to ``log``; wall seconds."""
+def _run(cmd: list[str], log: Path, cwd: Path, *, outputs: tuple[Path, ...] = (),
+         resume: bool = False) -> float:
+    """Run ``cmd`` in ``cwd``, stdout and stderr to ``log``; wall seconds.
+
+    The seconds go to ``<log>.json`` beside the log; with ``resume`` a command whose
+    record and ``outputs`` are all there is not run again and its recorded seconds return.
+    """
+    if _recorded(log, outputs, resume):
+        return float(json.loads(log.with_suffix(".json").read_text())["seconds"])
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         r = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, check=False)
@@ -572,7 +581,14 @@ def _run(cmd: list[str], log: Path, cwd: Path) -> float:
     if r.returncode != 0:
         tail = log.read_text()[-2000:]
         raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {tail}")
+    log.with_suffix(".json").write_text(
+        json.dumps({"seconds": seconds, "command": shlex.join(cmd)}) + "\n")
     return seconds
+
+
+def _recorded(log: Path, outputs: tuple[Path, ...], resume: bool) -> bool:
+    """Whether :func:`_run` reuses an earlier run (``resume``, its record and outputs)."""
+    return resume and log.with_suffix(".json").exists() and all(p.exists() for p in outputs)
 
 
 @dataclass
@@ -622,7 +638,8 @@ def make_partial_sim(args: argparse.Namespace, bin_dir: Path, work: Path) -> Cas
         cmd += ["--osf-stddev", f"{args.osf_stddev:g}"]
     if args.noise_stddev is not None:
         cmd += ["--noise-stddev", f"{args.noise_stddev:g}"]
-    seconds = _run(cmd, work / "partial_sim.log", work)
+    seconds = _run(cmd, work / "partial_sim.log", work, outputs=(raw, truth_hkl),
+                   resume=args.resume)
     ops = twin_operators(sg, cell)
     data = {"generator": "partial_sim", "command": shlex.join(cmd), "seconds": round(seconds, 1),
             "clen_m": clen, "bandwidth": args.bandwidth, "photon_energy_eV": args.photon_energy,
@@ -649,7 +666,8 @@ def make_streamvi_sim(args: argparse.Namespace, work: Path) -> Case:
     stream, truth_mtz = work / "streamvi_sim.stream", work / "streamvi_sim_truth.mtz"
     cmd = [sys.executable, "-m", "streamvi", "simulate", "--images", str(args.images),
            "--seed", str(args.seed), "-o", str(stream), "--truth", str(truth_mtz)]
-    seconds = _run(cmd, work / "simulate.log", work)
+    seconds = _run(cmd, work / "simulate.log", work, outputs=(stream, truth_mtz),
+                   resume=args.resume)
     truth = truth_from_mtz(truth_mtz, None)
     crystals, reflections = count_stream(stream)
     data = {"generator": "streamvi simulate", "command": shlex.join(["streamvi"] + cmd[3:]),
@@ -675,8 +693,12 @@ def take_files(args: argparse.Namespace) -> Case:
 
 
 def merge_all(case: Case, bin_dir: Path, work: Path, *, mergers: list[str], threads: int,
-              anomalous: bool) -> list[dict]:
-    """Run each merger on ``case``; one dict of figures per merger."""
+              anomalous: list[str], resume: bool = False) -> list[dict]:
+    """Run each merger on ``case``; one dict of figures per merger.
+
+    ``anomalous`` names the mergers that also merge with Bijvoet mates apart (CCanom);
+    with ``resume`` a merge already in ``work`` (with its recorded seconds) is reused.
+    """
     sg, cell = case.truth.sg, case.truth.cell
     laue, pg, holo = crystfel_point_groups(sg)
     s = str(case.stream)
@@ -702,14 +724,17 @@ def merge_all(case: Case, bin_dir: Path, work: Path, *, mergers: list[str], thre
         if name in cf:
             out = sub / "merged.hkl"
             cmd = cf[name] + symmetry(name, False) + ["-o", str(out)]
-            seconds = _run(cmd, sub / "log.txt", sub)
+            reused = _recorded(sub / "log.txt", (out,), resume)
+            seconds = _run(cmd, sub / "log.txt", sub, outputs=(out,), resume=resume)
             merged = merged_from_hkl(out, case.truth, anomalous=False)
             fig = judge(merged, case.truth, case.ambiguity_ops)
             fig.update(seconds=seconds, command=shlex.join(cmd), threads=threads)
-            if anomalous and name in ("process_hkl", "partialator_xsphere"):
+            if reused:
+                fig["reused"] = True
+            if name in anomalous:
                 out_a = sub / "merged_anom.hkl"
                 cmd_a = cf[name] + symmetry(name, True) + ["-o", str(out_a)]
-                sec_a = _run(cmd_a, sub / "log_anom.txt", sub)
+                sec_a = _run(cmd_a, sub / "log_anom.txt", sub, outputs=(out_a,), resume=resume)
                 fa = judge(merged_from_hkl(out_a, case.truth, anomalous=True), case.truth,
                            case.ambiguity_ops)
                 fig.update(cc_anom=fa.get("cc_anom", float("nan")),
@@ -723,11 +748,14 @@ def merge_all(case: Case, bin_dir: Path, work: Path, *, mergers: list[str], thre
             cmd = [sys.executable, "-m", "streamvi", "merge", s, "-o", str(out),
                    "--space-group", sg.hm, "--cell",
                    " ".join(f"{x:g}" for x in cell.parameters), "--quiet"]
-            if anomalous:
+            if name in anomalous:
                 cmd.append("--anomalous")
-            seconds = _run(cmd, sub / "log.txt", sub)
+            reused = _recorded(sub / "log.txt", (out,), resume)
+            seconds = _run(cmd, sub / "log.txt", sub, outputs=(out,), resume=resume)
             fig = judge(merged_from_mtz(out), case.truth, case.ambiguity_ops)
             fig.update(seconds=seconds, command=shlex.join(["streamvi"] + cmd[3:]))
+            if reused:
+                fig["reused"] = True
         fig["merger"] = name
         fig["load_avg_1m_after"] = round(os.getloadavg()[0], 2)   # others share the cores
         results.append(fig)
@@ -777,10 +805,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mergers", nargs="+", choices=MERGERS, default=list(MERGERS))
     ap.add_argument("--no-anomalous", dest="anomalous", action="store_false", default=None,
                     help="streamvi_sim: skip the anomalous merges")
+    ap.add_argument("--anomalous-mergers", nargs="+", choices=MERGERS,
+                    default=["process_hkl", "partialator_xsphere", "streamvi_merge"],
+                    help="with an anomalous truth: the mergers that also keep Bijvoet mates "
+                         "apart (CrystFEL: a second run in the acentric point group)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="CrystFEL's -j (default: every core)")
     ap.add_argument("--workdir", default=None, help="keep every file here (default: a "
                                                     "temporary directory, removed)")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --workdir: reuse the simulation and every merge already there "
+                         "(and its recorded seconds) instead of running it again")
     args = ap.parse_args(argv)
 
     bin_dir = find_crystfel(args.crystfel_bin)
@@ -812,7 +847,8 @@ def main(argv: list[str] | None = None) -> None:
         anomalous = case.truth.anomalous if args.anomalous is None else (
             args.anomalous and case.truth.anomalous)
         results = merge_all(case, bin_dir, work, mergers=args.mergers, threads=args.threads,
-                            anomalous=anomalous)
+                            anomalous=args.anomalous_mergers if anomalous else [],
+                            resume=args.resume and bool(args.workdir))
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -823,7 +859,8 @@ def main(argv: list[str] | None = None) -> None:
               "crystals": case.crystals,
               "reflections_per_crystal": round(case.reflections / max(case.crystals, 1), 1),
               "truth_reflections": int(len(case.truth.ds)),
-              "asu_reflections": int(len(case.truth.asu)), "anomalous": anomalous,
+              "asu_reflections": int(len(case.truth.asu)),
+              "anomalous": [m for m in args.anomalous_mergers if anomalous],
               "data": case.data, "machine": machine_name(), "cores": os.cpu_count(),
               "crystfel_version": version, "streamvi_version": streamvi.__version__,
               "streamvi_commit": _commit(), "load_avg_1m_before": round(load, 2),
