@@ -12,7 +12,13 @@ Cases (``--cases``, any of):
 - ``sparse``: narrow profiles at 2.5 Å, ~110 reflections per image, the simulator's flux
   (a weak still: even the true structure factors place only ~95 % of them);
 - ``sparse_bright``: the same geometry, ten times the photons (``top_shell_photons=30``);
-- ``dense``: the simulator's default profiles at 2.5 Å, ~430 reflections per image.
+- ``dense``: the simulator's default profiles at 2.5 Å, ~400 reflections per image;
+- ``medium_1p8``: narrow profiles at 1.8 Å, ~330 reflections per image;
+- ``flat_xsphere``: ``partial_sim``-like (random intensities, no fall-off, CrystFEL's
+  xsphere partiality) at 2.5 Å, ~105 reflections per image.
+
+``peak_rss_mb`` is the process's peak resident memory after the call (simulation
+included), ``rss_growth_mb`` how much the call raised it.
 
     python benchmarks/bench_ambiguity.py [--images 1000 2000] [--groups P43 P3]
                                          [--cases sparse sparse_bright dense] [--seed 0]
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -40,6 +47,11 @@ CASES = {
     "sparse": dict(profile_radius=(0.00015, 0.0003), dmin=2.5),
     "sparse_bright": dict(profile_radius=(0.00015, 0.0003), dmin=2.5, top_shell_photons=30.0),
     "dense": dict(dmin=2.5),
+    # the second case: ~330 reflections per image at 1.8 Å
+    "medium_1p8": dict(profile_radius=(0.0002, 0.0004), dmin=1.8),
+    # partial_sim-like: random intensities without fall-off, CrystFEL's xsphere partiality
+    "flat_xsphere": dict(profile_radius=(0.0002, 0.0004), dmin=2.5, flat_intensities=True,
+                         partiality_profile="xsphere"),
 }
 
 
@@ -74,7 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--cases", nargs="+", default=["sparse", "sparse_bright", "dense"],
+                    choices=list(CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-validate", action="store_true",
                     help="skip the split-half check (about halves the time)")
@@ -84,10 +97,12 @@ def main() -> None:
         for case in args.cases:
             for n in args.images:
                 store, settings, misindexed = simulate(group, case, n, args.seed)
+                rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 t0 = time.perf_counter()
                 res = consensus_settings(store, seed=args.seed,
                                          validate=not args.no_validate)
                 seconds = time.perf_counter() - t0
+                rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 ok = ~misindexed
                 print(json.dumps({
                     "name": "ambiguity_share_consistent",
@@ -102,6 +117,7 @@ def main() -> None:
                     "images": store.n_images,
                     "reflections_per_image": round(store.n_reflections / store.n_images, 1),
                     "rounds": res.rounds, "validate": not args.no_validate,
+                    "peak_rss_mb": round(rss1), "rss_growth_mb": round(rss1 - rss0),
                     "machine": machine,
                 }), flush=True)
 

@@ -74,6 +74,9 @@ START_ITERATIONS = 40
 #: Observations the start works on at most when ``max_images`` is not given (the images
 #: are then a random subset; all of them are refined): bounds the start's time and memory.
 START_OBSERVATIONS = 2_000_000
+#: Floor of the estimated correlation² of two observations of one reflection (caps the
+#: consensus's shrinkage λ = 1/ρ² − 1 near 1,000, a plain sum, where no signal is seen yet).
+SHRINKAGE_MIN_RHO2 = 1e-3
 #: Random hyperplanes tried (besides the principal direction) when rounding the start.
 START_ROUNDINGS = 8
 
@@ -205,13 +208,29 @@ class _Data:
     x: np.ndarray            # (nnz,) float64 centred, normalised value
     n_images: int
     n_rows: int
-    #: ``(n_ops, n_images)``: ``diag[g, i] = Σ_h x_i(h) x_i(g h)``, an image's pairs with
-    #: itself (what "all the others" leaves out)
-    diag: np.ndarray
+    #: per law k: ``(pos, partner)``, the entries whose image also recorded the row that k
+    #: maps theirs to, and where (an image's pairs with itself, which "all the others"
+    #: leaves out); law 0 pairs every entry with itself and is not listed
+    pairs: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(init=False, repr=False)
+    #: ``(n_ops, n_images)``: ``diag[k, i] = Σ_h x_i(h) x_i(k h)``
+    diag: np.ndarray = dataclasses.field(init=False, repr=False)
     X: torch.Tensor = dataclasses.field(init=False, repr=False)
     XT: torch.Tensor = dataclasses.field(init=False, repr=False)
+    perm: dataclasses.InitVar[np.ndarray | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, perm: np.ndarray | None) -> None:
+        assert perm is not None
+        key = self.img * self.n_rows + self.row           # sorted: (image, row) pairs
+        self.pairs = [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
+        self.diag = np.zeros((perm.shape[0], self.n_images))
+        self.diag[0] = np.bincount(self.img, np.square(self.x), self.n_images)
+        for k in range(1, perm.shape[0]):
+            other = self.img * self.n_rows + perm[k][self.row]
+            at = np.minimum(np.searchsorted(key, other), max(key.shape[0] - 1, 0))
+            pos = np.nonzero(key[at] == other)[0]
+            self.pairs.append((pos, at[pos]))
+            self.diag[k] = np.bincount(self.img[pos], self.x[pos] * self.x[at[pos]],
+                                       self.n_images)
         self.X = _csr(self.img, self.row, self.x, self.n_images, self.n_rows)
         order = np.lexsort((self.img, self.row))
         self.XT = _csr(self.row[order], self.img[order], self.x[order], self.n_rows,
@@ -285,23 +304,16 @@ def _prepare(store: "ReflectionStore", image_ids: np.ndarray, group: _Group) -> 
     key = img * n_rows + row
     ukey, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
     xm = np.bincount(inv, x) / cnt
-    img_u, row_u = ukey // n_rows, ukey % n_rows
-    diag = np.zeros((group.perm.shape[0], n_images))
-    for g in range(group.perm.shape[0]):
-        other = img_u * n_rows + group.perm[g][row_u]
-        at = np.minimum(np.searchsorted(ukey, other), max(ukey.shape[0] - 1, 0))
-        hit = ukey[at] == other
-        diag[g] = np.bincount(img_u[hit], xm[hit] * xm[at[hit]], n_images)
-    return _Data(img_u, row_u, xm, n_images, n_rows, diag)
+    return _Data(ukey // n_rows, ukey % n_rows, xm, n_images, n_rows, group.perm)
 
 
-def _subset(data: _Data, ids: np.ndarray) -> _Data:
+def _subset(data: _Data, ids: np.ndarray, group: _Group) -> _Data:
     """The observations of the (sorted) images ``ids``, renumbered 0..len(ids)−1."""
     pos = np.full(data.n_images, -1, np.int64)
     pos[ids] = np.arange(ids.shape[0])
     keep = pos[data.img] >= 0
     return _Data(pos[data.img[keep]], data.row[keep], data.x[keep], ids.shape[0],
-                 data.n_rows, data.diag[:, ids])
+                 data.n_rows, group.perm)
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -356,23 +368,60 @@ def _character_signs(apply: Callable[[np.ndarray], np.ndarray], n: int,
 # ----------------------------------------------------------------------------- refinement
 
 
-def _scores(data: _Data, group: _Group, ops: np.ndarray,
+def _targets(data: _Data, group: _Group, ops: np.ndarray,
+             voters: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each observation lands under its image's law, its value (0 for non-voters),
+    and the number of voting observations per row."""
+    target = group.perm.ravel()[ops[data.img] * data.n_rows + data.row]
+    if voters is None:
+        return target, data.x, np.bincount(target, minlength=data.n_rows).astype(np.float64)
+    vote = voters[data.img]
+    return (target, np.where(vote, data.x, 0.0),
+            np.bincount(target, vote.astype(np.float64), data.n_rows))
+
+
+def _shrinkage(data: _Data, group: _Group, ops: np.ndarray,
+               voters: np.ndarray | None = None) -> float:
+    """λ of the consensus ``Σx / (k + λ)``: 1/ρ² − 1, with ρ² the mean product of two
+    observations of one reflection (the x have unit variance) under the laws ``ops``."""
+    target, x, k = _targets(data, group, ops, voters)
+    c = np.bincount(target, x, data.n_rows)
+    pairs = float(np.sum(k * (k - 1)))
+    rho2 = (float(np.sum(c * c) - np.sum(x * x)) / pairs) if pairs > 0 else 0.0
+    return 1.0 / min(max(rho2, SHRINKAGE_MIN_RHO2), 1.0) - 1.0
+
+
+def _scores(data: _Data, group: _Group, ops: np.ndarray, lam: float,
             voters: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Agreement of each image, put in each law g, with the consensus of all the others in
     their laws ``ops``: ``(n_ops, n_images)``; and the consensus itself ``(n_rows,)``.
 
-    ``voters`` (bool per image): only these images make the consensus (default: all).
+    The consensus of a reflection is the shrunken mean ``Σx / (k + λ)`` of its k
+    observations, the best estimate of its normalised intensity when each observation
+    correlates with it by ρ = (1 + λ)^(−1/2): a reflection seen 40 times is not trusted
+    four times as much as one seen 10 times, as a plain sum would (on sparse data this
+    placed 1–4 % more images right).  ``voters`` (bool per image): only these images make
+    the consensus (default: all).
     """
-    m = group.perm.shape[0]
-    x = data.x if voters is None else data.x * voters[data.img]
-    # the consensus: every observation at the row its image's law sends it to
-    consensus = np.bincount(group.perm[ops[data.img], data.row], x, data.n_rows)
+    m, n = group.perm.shape[0], data.n_images
+    target, x, k = _targets(data, group, ops, voters)
+    k += lam
+    w = np.divide(1.0, k, out=np.zeros_like(k), where=k > 0)   # rows nobody recorded: 0
+    consensus = np.bincount(target, x, data.n_rows) * w
     at = np.stack([consensus[group.perm[g]] for g in range(m)], axis=1)   # (n_rows, m)
     scores = (data.X @ torch.from_numpy(at.astype(np.float32))).numpy().T.astype(np.float64)
-    # minus the image's own part: its row r under g meets its own row perm_{a⁻¹ g} r
-    own = np.take_along_axis(data.diag, group.mul[ops].T, axis=0)
-    if voters is not None:
-        own = own * voters
+    # minus the image's own part: under g its row r meets its own row perm_k r, k = a ⊕ g;
+    # k = 0 (g = a) is every observation with itself
+    own = np.zeros((m, n))
+    own[ops, np.arange(n)] = np.bincount(data.img, x * data.x * w[target], n)
+    for k_law in range(1, m):
+        pos, partner = data.pairs[k_law]
+        if pos.shape[0] == 0:
+            continue
+        i = data.img[pos]
+        g = group.mul[ops[i], k_law]
+        val = x[pos] * data.x[partner] * w[group.perm[g, data.row[pos]]]
+        own += np.bincount(g * n + i, val, m * n).reshape(m, n)
     return scores - own, consensus
 
 
@@ -393,17 +442,33 @@ def _margins(data: _Data, group: _Group, ops: np.ndarray, scores: np.ndarray,
 
 
 def _refine(data: _Data, group: _Group, ops: np.ndarray, rounds: int,
-            rng: np.random.Generator) -> tuple[np.ndarray, int]:
+            rng: np.random.Generator) -> tuple[np.ndarray, int, float]:
     """Rounds of "each image to its best law against all the others".
 
     Each round moves a random half of the images, so that two images that share many
     reflections do not swap back and forth together; it stops once no image wants to
-    move.  Returns the assignment of highest total agreement and the rounds run.
+    move.  The shrinkage λ is fixed per stage (so that totals compare) and estimated
+    again after it, up to three stages.  Returns the assignment of highest total agreement
+    in the last stage, the rounds run and λ.
     """
+    lam, used = _shrinkage(data, group, ops), 0
+    for _ in range(3):
+        ops, r = _refine_stage(data, group, ops, rounds - used, rng, lam)
+        used += r
+        new = _shrinkage(data, group, ops)
+        if used >= rounds or abs(new - lam) <= 0.2 * lam:
+            break
+        lam = new
+    return ops, used, lam
+
+
+def _refine_stage(data: _Data, group: _Group, ops: np.ndarray, rounds: int,
+                  rng: np.random.Generator, lam: float) -> tuple[np.ndarray, int]:
+    """One stage of :func:`_refine` at a fixed λ: the best assignment and rounds run."""
     best, best_total, r = ops.copy(), -np.inf, 0
     n = data.n_images
-    for r in range(1, rounds + 1):
-        scores, _ = _scores(data, group, ops)
+    for r in range(1, max(rounds, 1) + 1):
+        scores, _ = _scores(data, group, ops, lam)
         total = float(scores[ops, np.arange(n)].sum())
         if total > best_total:
             best, best_total = ops.copy(), total
@@ -498,9 +563,9 @@ def _consensus(store: "ReflectionStore", max_images: int | None, seed: int, roun
     group = _group(store.space)
     rng = np.random.default_rng(seed)
     data = _prepare(store, np.arange(n, dtype=np.int64), group)
-    ops, n_rounds = _solve(data, group, rng, rounds, max_images)
+    ops, n_rounds, lam = _solve(data, group, rng, rounds, max_images)
 
-    scores, consensus = _scores(data, group, ops)
+    scores, consensus = _scores(data, group, ops, lam)
     z = _margins(data, group, ops, scores, consensus)
     phi = 0.5 * np.vectorize(math.erfc)(-z / math.sqrt(2.0))
     split = _split_agreement(data, group, rng, rounds, max_images) if validate else math.nan
@@ -514,7 +579,7 @@ def _consensus(store: "ReflectionStore", max_images: int | None, seed: int, roun
 
 
 def _solve(data: _Data, group: _Group, rng: np.random.Generator, rounds: int,
-           max_images: int | None) -> tuple[np.ndarray, int]:
+           max_images: int | None) -> tuple[np.ndarray, int, float]:
     """Start (relaxed, per character) and refinement: an operator per image of ``data``."""
     n = data.n_images
     if max_images is None:
@@ -523,7 +588,7 @@ def _solve(data: _Data, group: _Group, rng: np.random.Generator, rounds: int,
         max_images = max(int(START_OBSERVATIONS / max(per_image, 1.0)), 1)
     if max_images < n:
         sub = np.sort(rng.choice(n, size=int(max_images), replace=False))
-        start = _subset(data, sub)
+        start = _subset(data, sub, group)
     else:
         sub, start = np.arange(n), data
     signs = np.stack([_character_signs(_character_operator(start, group, chi),
@@ -536,7 +601,7 @@ def _solve(data: _Data, group: _Group, rng: np.random.Generator, rounds: int,
         rest = np.setdiff1d(np.arange(n), sub)
         voters = np.zeros(n, bool)
         voters[sub] = True
-        scores, _ = _scores(data, group, ops, voters)
+        scores, _ = _scores(data, group, ops, _shrinkage(data, group, ops, voters), voters)
         ops[rest] = scores[:, rest].argmax(axis=0)
     return _refine(data, group, ops, rounds, rng)
 
@@ -553,7 +618,7 @@ def _split_agreement(data: _Data, group: _Group, rng: np.random.Generator, round
     halves = [np.sort(order[: n // 2]), np.sort(order[n // 2:])]
     own, cross = [], []
     for h in halves:
-        ops_h, _ = _solve(_subset(data, h), group, rng,
+        ops_h, _, _ = _solve(_subset(data, h, group), group, rng,
                           rounds, None if max_images is None else max_images // 2)
         full = np.zeros(n, np.int64)
         full[h] = ops_h
@@ -562,7 +627,8 @@ def _split_agreement(data: _Data, group: _Group, rng: np.random.Generator, round
     for k, h in enumerate(halves):
         voters = np.zeros(n, bool)
         voters[halves[1 - k]] = True
-        scores, _ = _scores(data, group, own[1 - k], voters)
+        lam = _shrinkage(data, group, own[1 - k], voters)
+        scores, _ = _scores(data, group, own[1 - k], lam, voters)
         placed = scores[:, h].argmax(axis=0)
         agree.append(max(float(np.mean(group.mul[g][placed] == own[k][h]))
                          for g in range(group.mul.shape[0])))

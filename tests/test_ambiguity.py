@@ -150,6 +150,25 @@ def test_applying_the_assignment_to_the_store(sparse_p43):
     assert np.array_equal(again.ops, res.ops)
 
 
+def test_stores_with_a_host_tier_and_tiny_stores(sparse_p43):
+    """Images kept in host memory beyond the device budget are read in the same order;
+    a store of one to three images gets an answer, not an error."""
+    _, _, store0, _, msgs = sparse_p43
+    plain = ReflectionStore(store0.space)
+    tiered = ReflectionStore(store0.space, device_budget_bytes=40 * 110 * 64)
+    for s in (plain, tiered):
+        s.add_many(msgs[:100])
+    assert tiered.image_tier[:100].max() == 1 and tiered.image_tier[0] == 0
+    a = consensus_settings(plain, validate=False)
+    b = consensus_settings(tiered, validate=False)
+    assert np.array_equal(a.ops, b.ops)
+    for k in (1, 2, 3):
+        tiny = ReflectionStore(store0.space)
+        tiny.add_many(msgs[:k])
+        res = consensus_settings(tiny)
+        assert res.ops.shape == (k,) and set(res.ops.tolist()) <= {0, 1}
+
+
 def test_no_ambiguity_no_work():
     space = ReciprocalSpace("P 43 21 2", P43_CELL, 3.0)
     store = ReflectionStore(space)
