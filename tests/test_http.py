@@ -225,6 +225,10 @@ def test_status_page_renders_in_chromium(fed_service, tmp_path):
         # with its "waiting for data" text has no saturated pixel at all)
         lines = area[area.max(axis=1) - area.min(axis=1) > 60]
         colours = np.unique(lines, axis=0).shape[0]
-        assert lines.shape[0] >= 300, f"{canvas}: {lines.shape[0]} coloured pixels"
+        # CC½ and completeness are plotted against images: this feed arrives at once, so
+        # their points stand on one image count (a dot per snapshot and shell, and the
+        # target lines); the plots over time are lines
+        least = 100 if canvas in ("plot-cchalf", "plot-compl") else 300
+        assert lines.shape[0] >= least, f"{canvas}: {lines.shape[0]} coloured pixels"
         assert colours >= 20, f"{canvas}: only {colours} distinct line colours"
         assert lines.shape[0] < 0.5 * area.shape[0], f"{canvas}: mostly coloured"

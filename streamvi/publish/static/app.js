@@ -309,6 +309,7 @@ function drawPlot(canvas, series, opts) {
   for (const k of marks) x1 = Math.max(x1, Math.min(k.x * 1.08, x0 + 4 * Math.max(x1 - x0, 1)));
   canvas.dataset.marks = String(marks.length);
   if (x1 - x0 < 1) { x0 -= 0.5; x1 += 0.5; }
+  if (images) x1 += 0.03 * (x1 - x0);      // the last snapshot's dot inside the frame
   let y0 = isNum(opts.yMin) ? opts.yMin : Math.min(...pts.map(p => p[1]));
   let y1 = isNum(opts.yMax) ? opts.yMax : Math.max(...pts.map(p => p[1]));
   for (const l of opts.hlines || []) if (isNum(l.y) && !isNum(opts.yMax)) y1 = Math.max(y1, l.y);
@@ -387,6 +388,12 @@ function drawPlot(canvas, series, opts) {
       pen = true;
     }
     g.stroke();
+    if (images) {            // one dot per snapshot: where the data are, even on one image count
+      g.fillStyle = s.colour;
+      for (const [t, v] of s.points) {
+        if (isNum(t) && isNum(v)) { g.beginPath(); g.arc(X(t), Y(v), 2.5, 0, 2 * Math.PI); g.fill(); }
+      }
+    }
     const last = s.points.filter(p => isNum(p[1])).pop();
     if (last && s.dot) {
       g.fillStyle = s.colour;
