@@ -167,14 +167,15 @@ def decision_lines(feedback: dict) -> list[str]:
         out.append(f"resolution at CC½ = {model.get('cut')} (model): {model['text']}{flag}")
     peaks = feedback.get("peaks")
     if peaks:
-        atoms = sorted(peaks["atoms"].items(), key=lambda kv: -(kv[1] or -math.inf))
+        atoms = sorted(peaks["atoms"].items(),
+                       key=lambda kv: -kv[1] if kv[1] is not None else math.inf)
         shown = ", ".join(f"{k} {v:.1f} σ" for k, v in atoms[:6] if v is not None)
         out.append(f"anomalous peaks at the model's heavy atoms: {shown}")
         for p in peaks.get("new_peaks") or []:
             near = (f", {p['distance']:.1f} Å from {p['nearest_atom']}"
                     if p.get("nearest_atom") else "")
-            out.append(f"  new peak {p['sigma']:.1f} σ at ({', '.join(f'{x:.3f}' for x in p['frac'])})"
-                       + near)
+            where = ", ".join(f"{x:.3f}" for x in p["frac"])
+            out.append(f"  new peak {p['sigma']:.1f} σ at ({where}){near}")
     verdict = "all targets reached: time to move on" if feedback.get("done") else None
     if verdict:
         out.append(verdict)
