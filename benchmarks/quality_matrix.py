@@ -35,7 +35,7 @@ streams have no truth: CC½ and completeness only.
 
 ``--set KEY=VALUE`` (repeatable) overrides a field of :class:`~streamvi.trainer.TrainerConfig`
 or :class:`~streamvi.engine.EngineConfig` for both streamvi methods, or with a ``merge.`` /
-``service.`` prefix for one of them; ``merge.epochs``, ``merge.steps``, ``merge.anneal`` and
+``service.`` prefix for one of them; ``merge.epochs``, ``merge.steps``, ``merge.anneal``, ``merge.refresh_epochs`` and
 ``service.visits``, ``service.rate``, ``service.steps_per_s``, ``service.publish_interval``,
 ``service.max_catch_up_s`` set the runs themselves.  Values are JSON (``0.5``, ``true``,
 ``[0.9, 0.99]``) or bare strings.  ``--table`` with two files prints variant − baseline and
@@ -199,7 +199,7 @@ def case_sim_config(case: Case, quick: bool):
 # ------------------------------------------------------------------------------ settings
 
 
-RUN_KEYS = {"merge": {"epochs": None, "steps": None, "anneal": None},
+RUN_KEYS = {"merge": {"epochs": None, "steps": None, "anneal": None, "refresh_epochs": None},
             "service": {"visits": 8, "rate": 200.0, "steps_per_s": 35.0,
                         "publish_interval": 2.0, "max_catch_up_s": 120.0}}
 
@@ -265,7 +265,8 @@ def merge_configs(device: str, overrides: dict[str, Any]):
     ecfg = EngineConfig(n_shells=args.shells, recentre_falloff=args.recentre_falloff)
     if args.batch_images:
         ecfg.batch_images = args.batch_images
-    run = {"epochs": args.epochs, "steps": args.steps, "anneal": ANNEAL_FRACTION}
+    run = {"epochs": args.epochs, "steps": args.steps, "anneal": ANNEAL_FRACTION,
+           "refresh_epochs": None}
     run.update({k: v for k, v in overrides.items() if k in RUN_KEYS["merge"]})
     return _apply(tcfg, overrides), _apply(ecfg, overrides), run
 
@@ -444,7 +445,7 @@ def run_merge(data: CaseData, device: str, overrides: dict[str, Any]):
     from streamvi.publish.mtz import snapshot_to_dataset
 
     tcfg, ecfg, run = merge_configs(device, overrides)
-    kw = {"anneal": run["anneal"]} if run["anneal"] is not None else {}
+    kw = {k: run[k] for k in ("anneal", "refresh_epochs") if run.get(k) is not None}
     snap, engine = merge_crystals(data.crystals, data.space, trainer_config=tcfg,
                                   engine_config=ecfg, epochs=run["epochs"], steps=run["steps"],
                                   reference=_reference(data), **kw)

@@ -28,6 +28,10 @@ from streamvi.wire import CrystalMessage
 log = logging.getLogger(__name__)
 
 TABLE_NAMES = ("all", "half1", "half2")
+#: fewest observations (of a Bijvoet pair, per table) for a row to be refreshed, and the
+#: least signal to noise of its estimate
+REFRESH_MIN_OBSERVATIONS = 10
+REFRESH_MIN_SNR = 3.0
 #: resolution bins (uniform in 1/d² up to 1/dmin²) of the image scales' running record
 FALLOFF_BINS = 20
 #: per-step decay of that record: it follows the scale network over its last ~500 steps
@@ -314,19 +318,22 @@ class MergeEngine:
 
     @torch.no_grad()
     def row_estimates(self, *, iterations: int = 3, dof: float = 32.0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every row's intensity by weighted least squares given the current image scales.
 
         With each observation's expected scale ``s = E[scale]`` from the network as it
-        stands, ``Ĵ = Σ w s I / Σ w s²`` with ``w = 1/σ²`` times Student-t weights (``dof``)
-        from the previous iteration's residuals (outliers count little), and its variance
-        ``1/Σ w s²``; misfit images are left out; each half table from its own images.
+        stands, ``Ĵ = Σ w s I / Σ w s²`` and its variance ``1/Σ w s²``, with ``w = 1/v`` times
+        Student-t weights (``dof``) of the residuals against the previous iterate, starting
+        from the merge as it stands (outliers count little); ``v = σ(I)² + Var[s]·Ĵ²`` adds
+        the scale distribution's own spread.  Misfit images are left out; each half table
+        from its own images.
 
         Returns
         -------
-        (torch.Tensor, torch.Tensor)
-            ``(n_tables * n_rows,)`` float64 ``Ĵ`` and its variance (standardised units; a
-            variance of +inf where a row has no observation), on the training device.
+        (torch.Tensor, torch.Tensor, torch.Tensor)
+            ``(n_tables * n_rows,)`` float64 ``Ĵ``, its variance (standardised units; +inf
+            where a row has no observation) and the number of observations, on the training
+            device.
         """
         model = self.trainer.model
         post = model.posterior
@@ -339,6 +346,8 @@ class MergeEngine:
             b = self.store.batch(ids[lo:lo + 512])
             iobs, sigiobs, loc, scale = model.scale_distribution(b)
             s = torch.exp(loc + 0.5 * scale * scale)
+            # the scale's own uncertainty, Var[s] of the log-normal, as a share of s²
+            rel_var = torch.expm1(scale * scale)
             rows = b.asu_id[0]
             if b.image_op is not None and b.n_ops > 1:
                 rows = b.asu_id.gather(0, b.image_op[b.image_index].unsqueeze(0))[0]
@@ -349,30 +358,37 @@ class MergeEngine:
                 tables.append(1 + b.half[b.image_index])
             for t in tables:
                 parts.append(((t * n_rows + rows)[keep], s[keep].double(),
-                              iobs[keep].double(), sigiobs[keep].double()))
+                              iobs[keep].double(), sigiobs[keep].double(),
+                              rel_var[keep].double()))
         model.train(was_training)
         size = n_tables * n_rows
         if not parts:
             inf = torch.full((size,), float("inf"), dtype=torch.float64, device=self.device)
-            return torch.zeros_like(inf), inf
+            return torch.zeros_like(inf), inf, torch.zeros_like(inf)
         flat = torch.cat([p[0] for p in parts])
-        s, i_obs, sig = (torch.cat([p[k] for p in parts]) for k in (1, 2, 3))
-        w0 = 1.0 / torch.square(sig)
-        w = w0
-        for it in range(max(1, iterations)):
+        s, i_obs, sig, rel_var = (torch.cat([p[k] for p in parts]) for k in (1, 2, 3, 4))
+        # the first weights from the residuals against the merge as it stands, so that a
+        # zinger on a row of few observations counts little from the start
+        j_hat = torch.cat([post.intensity_moments(t)[0] for t in range(n_tables)]).to(s.device)
+        for _ in range(max(1, iterations)):
+            pred = s * j_hat[flat].clamp_min(0.0)
+            # σ(I)² and the spread that the scale's uncertainty gives the prediction: where
+            # the network is unsure (reflections unlike those it learnt from) the
+            # observation counts less
+            var = torch.square(sig) + rel_var * torch.square(pred)
+            w = (dof + 1.0) / (dof + torch.square(i_obs - pred) / var) / var
             sws2 = torch.zeros(size, dtype=torch.float64, device=s.device).index_add_(
                 0, flat, w * s * s)
             swsi = torch.zeros_like(sws2).index_add_(0, flat, w * s * i_obs)
             j_hat = swsi / sws2.clamp_min(1e-300)
-            if it + 1 < iterations:
-                z2 = torch.square((i_obs - s * j_hat[flat]) / sig)
-                w = w0 * (dof + 1.0) / (dof + z2)
         var_j = torch.where(sws2 > 0, 1.0 / sws2.clamp_min(1e-300),
                             torch.full_like(sws2, float("inf")))
-        return j_hat, var_j
+        count = torch.zeros_like(sws2).index_add_(0, flat, torch.ones_like(s))
+        return j_hat, var_j, count
 
     @torch.no_grad()
-    def refresh_rows(self) -> int:
+    def refresh_rows(self, *, min_observations: int = REFRESH_MIN_OBSERVATIONS,
+                     min_snr: float = REFRESH_MIN_SNR) -> int:
         """Restart every observed row at its merge given the current image scales.
 
         The alternation of scaling programs: every row's intensity is re-estimated by
@@ -383,6 +399,12 @@ class MergeEngine:
         travelling (docs/model.md change 11).  Bijvoet mates are re-estimated together and
         keep the ratio F(+)/F(−) the merge had learnt: a difference estimated from each
         mate's data alone carries their full noise, which the prior had been shrinking.
+        Rows with fewer than ``min_observations`` (per table, the mates together) keep their
+        values: their estimate rests on the network's scales for a handful of reflections,
+        often unlike any it learnt from (the lowest orders, near the beam stop).  So do rows
+        whose estimate is below ``min_snr`` times its σ: the prior holds those near its mean
+        anyway, there is no distance to travel, and a restart from a noisy estimate cost the
+        weakest shell (1.5 Å case of the quality matrix: top shell 0.736 → 0.677).
 
         Returns
         -------
@@ -394,14 +416,16 @@ class MergeEngine:
         n_rows, n_tables = post.n_rows, post.n_tables
         if self.store.n_images == 0:
             return 0
-        j_hat, var_j = self.row_estimates()
+        j_hat, var_j, count = self.row_estimates()
         pair = torch.from_numpy(self._bijvoet_pairs()).to(j_hat.device)
         n_pairs = int(pair.max()) + 1
         wilson = model.prior.variance.double()
         restarted = torch.zeros(n_rows, dtype=torch.bool, device=j_hat.device)
         for t in range(n_tables):
             j, v = j_hat[t * n_rows:(t + 1) * n_rows], var_j[t * n_rows:(t + 1) * n_rows]
-            seen = torch.isfinite(v)
+            n_pair = torch.zeros(n_pairs, dtype=torch.float64, device=v.device).index_add_(
+                0, pair, count[t * n_rows:(t + 1) * n_rows])[pair]
+            seen = torch.isfinite(v) & (n_pair >= min_observations)
             if not bool(seen.any()):
                 continue
             w = torch.where(seen, 1.0 / v, torch.zeros_like(v))
@@ -412,6 +436,7 @@ class MergeEngine:
             wil_p = (torch.zeros_like(sw).index_add_(0, pair, wilson)
                      / torch.bincount(pair, minlength=n_pairs).double())[pair]
             f_pair, sd_pair = _wilson_posterior_amplitude(j_p, var_p, wil_p)
+            seen &= j_p >= min_snr * torch.sqrt(var_p)
             # each mate's share of the pair's amplitude, as the merge has it now
             mean_f = post.moments(t)[0].to(w.device)
             pair_f = (torch.zeros_like(sw).index_add_(0, pair, mean_f)

@@ -211,7 +211,7 @@ def _observations(engine: MergeEngine) -> tuple[np.ndarray, np.ndarray, np.ndarr
             b.iobs.double().numpy() / scale, b.sigiobs.double().numpy() / scale)
 
 
-def test_row_estimates_are_the_scaled_weighted_means_of_each_table(stills):
+def test_row_estimates_are_robust_scaled_weighted_means_of_each_table(stills):
     crystals, space = stills
     engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
                          EngineConfig(wilson_min_images=1, reject_misfit_images=False))
@@ -224,18 +224,24 @@ def test_row_estimates_are_the_scaled_weighted_means_of_each_table(stills):
         model.scale_model.out.weight.zero_()
         model.scale_model.out.bias.copy_(torch.tensor([0.0, np.log(np.expm1(0.1 - 1e-3))]))
     s = np.exp(0.5 * 0.1 ** 2)
-    j_hat, var_j = engine.row_estimates(iterations=1)
+    j_hat, var_j, count = engine.row_estimates(iterations=1)
     rows, half, i_obs, sig = _observations(engine)
     n = space.n_unique
     for t, sel in enumerate([np.ones_like(rows, bool), half == 0, half == 1]):
-        w = np.bincount(rows[sel], weights=s * s / sig[sel] ** 2, minlength=n)
-        wi = np.bincount(rows[sel], weights=s * i_obs[sel] / sig[sel] ** 2, minlength=n)
+        # Student-t weights (32 degrees of freedom) of the residuals against the merge
+        j0 = model.posterior.intensity_moments(t)[0].numpy()[rows[sel]]
+        var = sig[sel] ** 2 + np.expm1(0.1 ** 2) * (s * np.maximum(j0, 0)) ** 2
+        tw = 33.0 / (32.0 + (i_obs[sel] - s * j0) ** 2 / var) / var
+        w = np.bincount(rows[sel], weights=s * s * tw, minlength=n)
+        wi = np.bincount(rows[sel], weights=s * i_obs[sel] * tw, minlength=n)
         seen = w > 0
         np.testing.assert_allclose(j_hat[t * n:(t + 1) * n].numpy()[seen], wi[seen] / w[seen],
                                    rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(var_j[t * n:(t + 1) * n].numpy()[seen], 1 / w[seen],
                                    rtol=2e-5)
         assert np.isinf(var_j[t * n:(t + 1) * n].numpy()[~seen]).all()
+        np.testing.assert_array_equal(count[t * n:(t + 1) * n].numpy(),
+                                      np.bincount(rows[sel], minlength=n))
 
 
 def test_wilson_posterior_amplitude_is_the_truncated_normal_mean():
@@ -265,8 +271,8 @@ def test_refresh_restarts_rows_at_their_merge_and_keeps_bijvoet_ratios():
         engine.step()
     post = engine.trainer.model.posterior
     before = post.moments(0)[0].numpy()
-    j_hat, var_j = engine.row_estimates()
-    restarted = engine.refresh_rows()
+    j_hat, var_j, _ = engine.row_estimates()
+    restarted = engine.refresh_rows(min_observations=1, min_snr=-np.inf)
     after = post.moments(0)[0].numpy()
     n = space.n_unique
     seen = np.isfinite(var_j[:n].numpy())
