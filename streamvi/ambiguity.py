@@ -32,13 +32,16 @@ Burer–Monteiro relaxation) and rounds it to signs; the leading eigenvector the
 gave chance-level signs on sparse P 3 data, where a handful of images of similar
 orientation (many shared reflections) captured it.  The signs of a basis of characters name
 each image's setting; then rounds of "each image takes the setting that agrees best with
-the consensus of all the others" (its own contribution removed) polish it, until nothing
-changes.
+the consensus of all the others" (its own contribution removed) polish it.  There the
+consensus of a reflection is the shrunken mean ``Σx / (k + λ)`` of its k observations
+(λ = 1/ρ² − 1 from the data's own correlation ρ² between two observations of one
+reflection) rather than the pair-score sum ``Σx``, which over-trusts often-seen
+reflections.
 
-Reliability: the lead of the best setting over the runner-up, in standard errors, gives a
-per-image z-score and ``confidence`` (mean Φ(z)); the halves of the data, solved apart and
-cross-checked, give ``split_agreement``, which a self-consistent but wrong solution cannot
-fake.
+Reliability: the halves of the data, solved apart and cross-checked, give
+``split_agreement`` and from it ``confidence``, which a self-consistent but wrong solution
+cannot fake; the lead of the best setting over the runner-up, in standard errors, gives a
+per-image (optimistic) z-score.
 """
 from __future__ import annotations
 
@@ -60,8 +63,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Images gathered from the store at a time (bounds the transient memory of a batch).
-GATHER_IMAGES = 4096
+#: Observations gathered from the store at a time (bounds the transient memory of a batch,
+#: about 70 bytes per observation with its metadata).
+GATHER_OBSERVATIONS = 1 << 20
 #: Range the normalised intensities I / (ε ⟨I⟩_bin k_image) are clipped to before centring:
 #: the tail of the Wilson distribution (and zingers) would otherwise dominate the products.
 CLIP_RANGE = (-1.0, 6.0)
@@ -74,6 +78,8 @@ START_ITERATIONS = 40
 #: Observations the start works on at most when ``max_images`` is not given (the images
 #: are then a random subset; all of them are refined): bounds the start's time and memory.
 START_OBSERVATIONS = 2_000_000
+#: Refinement rounds without a higher total agreement before a stage stops.
+REFINE_PATIENCE = 4
 #: Floor of the estimated correlation² of two observations of one reflection (caps the
 #: consensus's shrinkage λ = 1/ρ² − 1 near 1,000, a plain sum, where no signal is seen yet).
 SHRINKAGE_MIN_RHO2 = 1e-3
@@ -95,24 +101,25 @@ class SettingAssignment:
     margin_z
         ``(n_images,)`` float64: how far the chosen setting agrees better with the consensus
         of all other images than the runner-up does, in standard errors (0 for images with
-        nothing in common with the others).
+        nothing in common with the others).  Optimistic: the others' settings were chosen
+        to agree with this image too, so even pure noise gives every image a lead.
     confidence
-        Estimated share of images in the consensus setting: the mean of Φ(margin_z).  Close
-        to 1 (above ~0.98) the assignment can be trusted; near 0.5 (two settings) or 0.25
-        (four) the data carry no usable signal and the assignment is arbitrary.
-    share_confident
-        Share of images with ``margin_z > 3``.
+        Estimated share of images placed right, from ``split_agreement`` ``a``: the
+        accuracy ``p`` with ``a = p² + (1 − p)²/(n_ops − 1)`` (two independent solutions,
+        each right with probability p, errors spread evenly).  A lower estimate: each half
+        has half the data.  1/n_ops (chance) means no usable signal.  NaN without
+        ``validate``.
     split_agreement
         The two random halves of the images, each solved on its own: the share of one
         half's images that the other half's consensus puts in the same setting as their
-        own half's solution (up to a global law), averaged over both ways.  Unlike
-        ``confidence`` it cannot be fooled by a self-consistent wrong solution; each half
-        has half the data, so it reads low where the full solution is still good.  NaN
-        without ``validate``.
+        own half's solution (up to a global law), averaged over both ways.  A
+        self-consistent but wrong solution cannot fake it.  NaN without ``validate``.
+    share_confident
+        Share of images with ``margin_z > 3`` (as optimistic as ``margin_z``).
     n_reflections
         Observations used (Friedel mates and symmetry equivalents of one image counted once).
     rounds
-        Refinement rounds run after the spectral start.
+        Refinement rounds run after the start.
     seconds
         Wall time, s.
     """
@@ -120,8 +127,8 @@ class SettingAssignment:
     ops: np.ndarray
     margin_z: np.ndarray
     confidence: float
-    share_confident: float
     split_agreement: float
+    share_confident: float
     n_reflections: int
     rounds: int
     seconds: float
@@ -239,9 +246,12 @@ class _Data:
 
 def _csr(major: np.ndarray, minor: np.ndarray, values: np.ndarray, n_major: int,
          n_minor: int) -> torch.Tensor:
-    """CSR float32 matrix from coordinates sorted by ``major``."""
-    crow = np.zeros(n_major + 1, np.int64)
+    """CSR float32 matrix from coordinates sorted by ``major`` (32-bit indices where they
+    fit: 8 bytes per entry instead of 12)."""
+    index = np.int32 if max(values.shape[0], n_minor) < 2**31 - 1 else np.int64
+    crow = np.zeros(n_major + 1, index)
     np.cumsum(np.bincount(major, minlength=n_major), out=crow[1:])
+    minor = minor.astype(index)
     with warnings.catch_warnings():
         # "sparse CSR support is in beta": the products used here are long supported
         warnings.filterwarnings("ignore", message=".*[Ss]parse CSR.*")
@@ -252,10 +262,15 @@ def _csr(major: np.ndarray, minor: np.ndarray, values: np.ndarray, n_major: int,
 
 def _gather(store: "ReflectionStore", image_ids: np.ndarray, group: _Group
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image position, merged identity row, intensity) per observation, in blocks."""
+    """(image position, merged identity row, intensity) per observation, gathered from the
+    store in blocks of about :data:`GATHER_OBSERVATIONS` observations."""
     imgs, rows, vals = [], [], []
-    for lo in range(0, image_ids.shape[0], GATHER_IMAGES):
-        ids = image_ids[lo:lo + GATHER_IMAGES]
+    ends = np.cumsum(store.image_length[image_ids])
+    lo = 0
+    while lo < image_ids.shape[0]:
+        done = ends[lo - 1] if lo else 0
+        hi = max(int(np.searchsorted(ends, done + GATHER_OBSERVATIONS, side="right")), lo + 1)
+        ids = image_ids[lo:hi]
         b = store.batch(ids, device="cpu")
         # the batch may order images by storage tier: map back to positions in image_ids
         order = np.argsort(ids, kind="stable")
@@ -263,6 +278,8 @@ def _gather(store: "ReflectionStore", image_ids: np.ndarray, group: _Group
         imgs.append(lo + order[where][b.image_index.numpy()])
         rows.append(group.merged[b.asu_id[0].numpy()])
         vals.append(b.iobs.numpy().astype(np.float64))
+        del b
+        lo = hi
     if not imgs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     return np.concatenate(imgs), np.concatenate(rows), np.concatenate(vals)
@@ -270,40 +287,63 @@ def _gather(store: "ReflectionStore", image_ids: np.ndarray, group: _Group
 
 def _normalise(img: np.ndarray, row: np.ndarray, iobs: np.ndarray, n_images: int,
                group: _Group) -> np.ndarray:
-    """Centred, unit-variance normalised intensity per observation (0 for blank images)."""
+    """Centred, unit-variance normalised intensity per observation (0 for blank images).
+
+    Works in place on a copy of ``iobs``, with resolution bins looked up per row, so that
+    it holds about three observation-sized arrays at a time.
+    """
     n = iobs.shape[0]
-    s = 1.0 / np.square(group.d[row])
+    n_rows = group.d.shape[0]
+    # equal-count bins in 1/d², their edges from the observations' count per row
+    s_row = 1.0 / np.square(group.d)
     n_bins = int(np.clip(n // 2000, 1, MAX_BINS))
-    edges = np.quantile(s, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
-    b = np.searchsorted(edges, s)
+    by_s = np.argsort(s_row)
+    cum = np.cumsum(np.bincount(row, minlength=n_rows)[by_s])
+    cut = np.searchsorted(cum, np.linspace(0.0, float(n), n_bins + 1)[1:-1], side="right")
+    edges = s_row[by_s][np.minimum(cut, n_rows - 1)]
+    b = np.searchsorted(edges, s_row)[row]
     cnt = np.maximum(np.bincount(b, minlength=n_bins), 1)
-    ie = iobs / group.epsilon[row]
-    mean = np.bincount(b, ie, n_bins) / cnt
+    e = iobs / group.epsilon[row]
+    mean = np.bincount(b, e, n_bins) / cnt
     # weak outer bins can average ≤ 0: floor them so the ratio stays finite
     mean = np.maximum(mean, 1e-3 * max(float(mean.max()), 1e-30))
-    e = ie / mean[b]
+    e /= mean[b]
     # the image's scale (and mean partiality): its mean ratio; blank images get no vote
     k = np.bincount(img, e, n_images) / np.maximum(np.bincount(img, minlength=n_images), 1)
     good = k > 0.05
-    t = np.clip(e / np.where(good, k, 1.0)[img], *CLIP_RANGE)
+    e /= np.where(good, k, 1.0)[img]
+    np.clip(e, *CLIP_RANGE, out=e)
     # per bin: centred (a product has zero mean without signal) and of unit variance
-    mu = np.bincount(b, t, n_bins) / cnt
-    var = np.bincount(b, np.square(t - mu[b]), n_bins) / cnt
-    x = (t - mu[b]) / np.sqrt(np.maximum(var, 1e-12))[b]
-    return np.where(good[img], x, 0.0)
+    e -= (np.bincount(b, e, n_bins) / cnt)[b]
+    e /= np.sqrt(np.maximum(np.bincount(b, np.square(e), n_bins) / cnt, 1e-12))[b]
+    e[~good[img]] = 0.0
+    return e
 
 
 def _prepare(store: "ReflectionStore", image_ids: np.ndarray, group: _Group) -> _Data:
     img, row, iobs = _gather(store, image_ids, group)
     n_images, n_rows = image_ids.shape[0], group.perm.shape[1]
     ok = np.isfinite(iobs)
-    img, row, iobs = img[ok], row[ok], iobs[ok]
+    if not ok.all():
+        img, row, iobs = img[ok], row[ok], iobs[ok]
     x = _normalise(img, row, iobs, n_images, group)
+    del iobs, ok
     # one value per (image, merged row): symmetry and Friedel mates recorded on one still
     # are one reflection for the pair statistics (their mean)
     key = img * n_rows + row
-    ukey, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
-    xm = np.bincount(inv, x) / cnt
+    del img, row
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    x = x[order]
+    del order
+    first = np.empty(key.shape[0], bool)
+    first[:1] = True
+    np.not_equal(key[1:], key[:-1], out=first[1:])
+    gid = np.cumsum(first) - 1
+    ukey = key[first]
+    del key, first
+    xm = np.bincount(gid, x) / np.bincount(gid)
+    del gid, x
     return _Data(ukey // n_rows, ukey % n_rows, xm, n_images, n_rows, group.perm)
 
 
@@ -447,7 +487,8 @@ def _refine(data: _Data, group: _Group, ops: np.ndarray, rounds: int,
 
     Each round moves a random half of the images, so that two images that share many
     reflections do not swap back and forth together; it stops once no image wants to
-    move.  The shrinkage λ is fixed per stage (so that totals compare) and estimated
+    move or the total agreement has not risen for :data:`REFINE_PATIENCE` rounds.  The
+    shrinkage λ is fixed per stage (so that totals compare) and estimated
     again after it, up to three stages.  Returns the assignment of highest total agreement
     in the last stage, the rounds run and λ.
     """
@@ -465,15 +506,19 @@ def _refine(data: _Data, group: _Group, ops: np.ndarray, rounds: int,
 def _refine_stage(data: _Data, group: _Group, ops: np.ndarray, rounds: int,
                   rng: np.random.Generator, lam: float) -> tuple[np.ndarray, int]:
     """One stage of :func:`_refine` at a fixed λ: the best assignment and rounds run."""
-    best, best_total, r = ops.copy(), -np.inf, 0
+    best, best_total, since, r = ops.copy(), -np.inf, 0, 0
     n = data.n_images
     for r in range(1, max(rounds, 1) + 1):
         scores, _ = _scores(data, group, ops, lam)
         total = float(scores[ops, np.arange(n)].sum())
         if total > best_total:
-            best, best_total = ops.copy(), total
+            best, best_total, since = ops.copy(), total, 0
+        else:
+            since += 1
         want = scores.argmax(axis=0)
-        if np.array_equal(want, ops):
+        # done when nobody wants to move, or when a few images near a tie keep swapping
+        # without raising the total agreement
+        if np.array_equal(want, ops) or since >= REFINE_PATIENCE:
             break
         ops = np.where(rng.random(n) < 0.5, want, ops)
     return best, r
@@ -487,12 +532,12 @@ def consensus_settings(store: "ReflectionStore", *, max_images: int | None = Non
                        threads: int | None = 1) -> SettingAssignment:
     """Put every stored image into one consistent indexing setting, from the data alone.
 
-    Brehm & Diederichs (2014) consensus: pair scores between images on the reflections they
-    share, for each relative twin law; the signs of the leading eigenvector of the
-    (character-combined) pair matrix give a start, rounds of "each image to the setting
-    that agrees best with all the others" refine it (module docstring).  Independent of the
-    model, of the order of arrival and of the store's current operators (except for the
-    global choice below); deterministic for a given ``seed``.
+    Brehm & Diederichs (2014) consensus: pair scores between images on the reflections
+    they share, for each relative twin law; a relaxed maximisation of the total agreement
+    per twin-law character gives a start, and rounds of "each image to the setting that
+    agrees best with the consensus of all the others" refine it (module docstring).
+    Independent of the model and of the order of arrival; deterministic for a ``seed``.
+    Call it once the images are stored, before the merge trains on them.
 
     Parameters
     ----------
@@ -500,48 +545,55 @@ def consensus_settings(store: "ReflectionStore", *, max_images: int | None = Non
         The reflections; ``store.space.twin_ops`` are the settings.  With one operator
         every image gets 0 and ``confidence`` 1.
     max_images
-        Use at most this many images (drawn at random with ``seed``) for the spectral start;
-        every image still takes part in the refinement and gets a setting.  ``None``: all.
-        Both stages are linear in the observations, so this only shortens the start.
+        Images (a random subset) the start works on; all images are refined and get a
+        setting.  ``None``: as many as hold :data:`START_OBSERVATIONS` observations (all
+        of 18,000 sparse or 5,000 dense stills).
     seed
-        Seed of the Lanczos start vector, the subsample and the refinement's halves.
+        Seed of the start, the subsample and the refinement's random halves.
     rounds
-        Largest number of refinement rounds (one pass over the observations each); they
-        stop as soon as no image wants another setting.
+        Largest number of refinement rounds (one pass over the observations each).
     validate
         Also solve two random halves of the images on their own, for
         ``split_agreement`` (about doubles the time).
     threads
-        torch intra-op threads for the sparse products while the call runs (process-wide:
+        torch intra-op threads for the sparse products while the call runs (process-wide,
         restored on return).  One is fastest where cores are shared (on 2 busy cores two
         threads made the products 30× slower); ``None`` leaves the setting alone.
 
     Returns
     -------
     SettingAssignment
-        ``ops`` (one operator index per stored image, consistent up to a global law, which
-        is chosen so that most images keep the store's current operator), per-image
-        ``margin_z`` and ``confidence`` (estimated share of images in the consensus
-        setting).  Apply with ``store.set_ops(torch.arange(n), torch.from_numpy(ops))``
-        then ``store.apply_settings()``.
+        ``ops``: one index into ``store.space.twin_ops`` per stored image (image ids
+        ``0..n_images-1``), consistent up to one global law, chosen so that as many images
+        as possible keep the operator the store records for them (``store.image_op``);
+        per-image ``margin_z``; ``confidence`` and ``split_agreement``.  Apply with
+        ``store.set_ops(torch.arange(n), torch.from_numpy(ops))`` then
+        ``store.apply_settings()``.
 
     Notes
     -----
-    Cost: time O(observations × settings × (Lanczos steps ≤ 120 per character + rounds))
-    plus a sort of the observations; memory about 60 bytes per observation (gathered from
-    the store in blocks of :data:`GATHER_IMAGES` images) plus 8 × 120 bytes per image for
-    the Lanczos basis: never an images × images or images × reflections matrix.  Measured
-    figures: ``benchmarks/bench_ambiguity.py``.
+    Cost: time O(observations × settings) per iteration of the start (≤ 40 per
+    character, on at most :data:`START_OBSERVATIONS` observations) and per refinement
+    round (typically 2–20), plus one sort of the observations; ``validate`` about doubles
+    it.  Memory about 60 bytes per observation while it works and 100 at its peak (the
+    store is read in blocks of :data:`GATHER_OBSERVATIONS`), never an images × images or
+    images × reflections matrix.  Measured on 2 busy CPU cores with ``validate``
+    (``benchmarks/bench_ambiguity.py``): 2,000 stills of ~110 reflections in 2–4 s,
+    20,000 in ~8 s; 2,000 of ~400 reflections in ~5 s.
 
-    Reliability: each image is placed by its agreement with all the others, so what counts
-    is how many of its reflections the rest of the data recorded (many) and how well its
-    intensities measure the structure (photons, partiality), not pairwise overlaps (one or
-    two reflections on sparse patterns).  An image is only as resolvable as its own data
-    allow: even against the true structure factors a few percent of weak, sparse stills
-    cannot be placed.  ``confidence`` estimates the share placed right (it tracks the
-    measured share within a few percent on the simulator); read values below ~0.9 as
-    "not resolved".  Twin laws that leave the intensities almost unchanged (a structure
-    close to the twin symmetry) give no signal.
+    Reliability: an image is placed by its agreement with the consensus of all others,
+    so what counts is how much of the structure the other images recorded and how well
+    its own intensities measure it (photons, partiality), not pairwise overlaps (one or
+    two reflections per pair on sparse patterns).  Each image is only as resolvable as
+    its own data: even against the true structure factors 3–9 % of weak sparse stills
+    (~100 reflections, the simulator's default flux) fall in the wrong setting, and the
+    share placed right approaches that limit as images are added (P 4₃: 95.5 % of 1,000,
+    96 % of 2,000, 97 % of 20,000, against 97.1 % with the truth).  Read the figures
+    ``confidence`` (a lower estimate of the share placed right, from the split halves):
+    above 0.97 it was ≥ 98 % right in every case measured; near 1/n_ops the data carry no
+    usable signal and the assignment is arbitrary (then ``margin_z`` still reads high: it
+    measures agreement with a consensus the image helped to shape).  Twin laws that leave the intensities
+    almost unchanged (a structure close to the twin symmetry) give no signal.
     """
     previous = torch.get_num_threads()
     if threads is not None:
@@ -567,10 +619,10 @@ def _consensus(store: "ReflectionStore", max_images: int | None, seed: int, roun
 
     scores, consensus = _scores(data, group, ops, lam)
     z = _margins(data, group, ops, scores, consensus)
-    phi = 0.5 * np.vectorize(math.erfc)(-z / math.sqrt(2.0))
     split = _split_agreement(data, group, rng, rounds, max_images) if validate else math.nan
     ops = _align(ops, store.image_op[:n], group.mul)
-    out = SettingAssignment(ops, z, float(phi.mean()), float(np.mean(z > 3.0)), split,
+    out = SettingAssignment(ops, z, _accuracy(split, group.mul.shape[0]), split,
+                            float(np.mean(z > 3.0)),
                             int(data.x.shape[0]), n_rounds, time.perf_counter() - t0)
     log.info("consensus settings of %d images: estimated share %.3f, halves agree on %.3f, "
              "%.1f %% with z > 3, %d rounds, %.1f s", n, out.confidence, split,
@@ -633,6 +685,14 @@ def _split_agreement(data: _Data, group: _Group, rng: np.random.Generator, round
         agree.append(max(float(np.mean(group.mul[g][placed] == own[k][h]))
                          for g in range(group.mul.shape[0])))
     return float(np.mean(agree))
+
+
+def _accuracy(agreement: float, m: int) -> float:
+    """p with ``agreement = p² + (1 − p)²/(m − 1)`` (clamped to chance, 1/m)."""
+    if not math.isfinite(agreement):
+        return math.nan
+    c = 1.0 / (m - 1)
+    return (c + math.sqrt(max(agreement * (1.0 + c) - c, 0.0))) / (1.0 + c)
 
 
 def _align(ops: np.ndarray, current: np.ndarray, mul: np.ndarray) -> np.ndarray:

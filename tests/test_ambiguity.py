@@ -78,7 +78,7 @@ def test_sparse_p43_one_setting(sparse_p43):
           f"{res.split_agreement:.3f}, {res.rounds} rounds, {res.seconds:.2f} s")
     assert share >= 0.98
     assert res.ops.shape == (store.n_images,) and res.ops.dtype == np.int64
-    assert res.confidence > 0.9 and res.split_agreement > 0.9
+    assert res.confidence > 0.95 and res.split_agreement > 0.9
     assert res.margin_z.shape == (store.n_images,) and np.all(np.isfinite(res.margin_z))
     # the global law is the one that moves the fewest images (all start at operator 0)
     assert np.mean(res.ops == 0) >= 0.5
@@ -89,7 +89,7 @@ def test_sparse_p43_one_setting(sparse_p43):
 def test_start_on_a_subsample_still_places_every_image(sparse_p43):
     _, _, store, settings, _ = sparse_p43
     res = consensus_settings(store, max_images=120, seed=1, validate=False)
-    assert np.isnan(res.split_agreement)
+    assert np.isnan(res.split_agreement) and np.isnan(res.confidence)
     assert _share(res.ops, settings, store.space) >= 0.98
 
 
@@ -101,9 +101,9 @@ def test_dense_p43(sparse_p43):
     assert store.n_reflections / store.n_images > 300
     res = consensus_settings(store, validate=False)
     share = _share(res.ops, settings, store.space)
-    print(f"dense P 43: share {share:.4f}, confidence {res.confidence:.3f}")
+    print(f"dense P 43: share {share:.4f}")
     assert share >= 0.98
-    assert res.confidence > 0.95
+    assert np.median(res.margin_z) > 2
 
 
 def test_p3_four_settings():
@@ -115,12 +115,13 @@ def test_p3_four_settings():
     print(f"P 3: share {share:.4f}, confidence {res.confidence:.3f}, split "
           f"{res.split_agreement:.3f}, {res.seconds:.2f} s")
     assert share >= 0.97
-    assert res.split_agreement > 0.9
+    assert res.split_agreement > 0.9 and res.confidence > 0.95
 
 
 def test_data_without_signal_are_flagged(sparse_p43):
     """Intensities shuffled among all observations: no setting is better than another,
-    and the split-half figure says so (a self-consistent assignment is still found)."""
+    and the split-half figures say so, though a self-consistent assignment is found and
+    every image leads against the consensus it helped to shape."""
     _, _, store0, settings, msgs = sparse_p43
     rng = np.random.default_rng(0)
     pool = np.concatenate([m.I for m in msgs])
@@ -131,8 +132,9 @@ def test_data_without_signal_are_flagged(sparse_p43):
     store = ReflectionStore(store0.space)
     store.add_many(shuffled)
     res = consensus_settings(store)
-    assert res.split_agreement < 0.75
-    assert _share(res.ops, settings, store.space) < 0.75
+    assert res.split_agreement < 0.7 and res.confidence < 0.75
+    assert _share(res.ops, settings, store.space) < 0.7
+    assert np.median(res.margin_z) > 0
 
 
 def test_applying_the_assignment_to_the_store(sparse_p43):
