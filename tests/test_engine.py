@@ -272,7 +272,7 @@ def test_refresh_restarts_rows_at_their_merge_and_keeps_bijvoet_ratios():
     post = engine.trainer.model.posterior
     before = post.moments(0)[0].numpy()
     j_hat, var_j, _ = engine.row_estimates()
-    restarted = engine.refresh_rows(min_observations=1, min_snr=-np.inf)
+    restarted = engine.refresh_rows(min_observations=1, min_z=-np.inf)
     after = post.moments(0)[0].numpy()
     n = space.n_unique
     seen = np.isfinite(var_j[:n].numpy())
