@@ -1,4 +1,4 @@
-"""Consensus indexing-ambiguity assignment (:func:`streamvi.ambiguity.consensus_settings`).
+"""Consensus indexing-ambiguity assignment (:func:`streamvi.merging.ambiguity.consensus_settings`).
 
 Simulates stills reported in random merohedral settings (P 4₃: two, P 3: four) with the
 project's simulator, stores them, and times the assignment.  One JSON line per case:
@@ -38,8 +38,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine_name  # noqa: E402 - shared with the other benchmarks
 
-from streamvi.ambiguity import consensus_settings  # noqa: E402
-from streamvi.store import ReflectionStore  # noqa: E402
+from streamvi.merging.ambiguity import consensus_settings  # noqa: E402
+from streamvi.merging.store import ReflectionStore  # noqa: E402
 from streamvi.symmetry import ReciprocalSpace  # noqa: E402
 
 GROUPS = {"P43": ("P 43", (79.1, 79.1, 37.9, 90.0, 90.0, 90.0)),
@@ -76,7 +76,7 @@ def simulate(group: str, case: str, n_images: int, seed: int
 
 def consistent_share(ops: np.ndarray, settings: np.ndarray, store: ReflectionStore) -> float:
     """Largest share of images whose operator composed with the true setting is one law."""
-    from streamvi.ambiguity import _group
+    from streamvi.merging.ambiguity import _group
 
     mul = _group(store.space).mul
     rel = mul[ops, settings]

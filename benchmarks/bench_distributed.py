@@ -5,7 +5,7 @@ splits them image by image between the ranks, and times ``--steps`` optimiser st
 CPU model of ``streamvi merge``/``serve`` (d 32, L 4, 8 Monte Carlo samples) after a short
 warm-up.  The ranks run in fresh processes:
 
-- ``1 rank``: a plain :class:`~streamvi.engine.MergeEngine` in this process,
+- ``1 rank``: a plain :class:`~streamvi.merging.engine.MergeEngine` in this process,
   ``--batch-images`` per step, with every core, and again with one thread (the baselines:
   the speed-up is against the faster of the two — on a busy host, two OpenMP threads on two
   shared cores can be far slower than one);
@@ -45,10 +45,10 @@ def _worker(rank: int, world: int, port: int, payloads: list[bytes], space: dict
             out: str) -> None:
     import torch.distributed as dist
 
-    from streamvi.distributed import DistributedEngine, init_process_group
-    from streamvi.engine import EngineConfig, MergeEngine
+    from streamvi.merging.distributed import DistributedEngine, init_process_group
+    from streamvi.merging.engine import EngineConfig, MergeEngine
     from streamvi.symmetry import ReciprocalSpace
-    from streamvi.trainer import TrainerConfig
+    from streamvi.merging.trainer import TrainerConfig
     from streamvi.wire import decode_crystal
 
     if device == "cuda":
@@ -93,7 +93,7 @@ def _worker(rank: int, world: int, port: int, payloads: list[bytes], space: dict
 def run_case(world: int, batch_images: int, threads: int, payloads: list[bytes], space: dict,
              *, steps: int, warmup: int, device: str, timeout_s: float = 1800) -> dict:
     """Train in ``world`` fresh processes (1: in this one); reflections/s over all ranks."""
-    from streamvi.distributed import free_port
+    from streamvi.merging.distributed import free_port
 
     with tempfile.TemporaryDirectory(prefix="bench_distributed_") as tmp:
         if world == 1:

@@ -2,7 +2,7 @@
 
 A producer process simulates ``--images`` still shots (DESIGN.md section 9 defaults, ~800
 reflections each), then PUSHes them over loopback TCP at ``--rate`` images per second to a
-:class:`~streamvi.service.Service` running in this process (ingest, spool, store, training,
+:class:`~streamvi.service.service.Service` running in this process (ingest, spool, store, training,
 MTZ snapshots every ``--publish-interval`` s).  When the stream has been absorbed the service
 trains on for at most ``--catch-up-s`` seconds (until every image has been visited), publishes
 once more and stops.  Prints one JSON line per figure:
@@ -47,7 +47,7 @@ import numpy as np
 
 def produce(endpoint: str, images: int, rate: float, seed: int, dmin: float) -> None:
     """The producer process: simulate everything first, then send at a fixed pace."""
-    from streamvi.send import send_messages
+    from streamvi.producers.send import send_messages
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
     sim = SimulationConfig(n_images=images, seed=seed, dmin=dmin)
@@ -97,7 +97,7 @@ def run(*, images: int, rate: float, device: str, publish_interval: float, catch
         dmin: float, seed: int = 0, threads: int | None = None,
         model: dict | None = None) -> dict:
     from streamvi.config import load_config
-    from streamvi.service import Service
+    from streamvi.service.service import Service
     from streamvi_sim import SimulationConfig
 
     sim = SimulationConfig(n_images=images, seed=seed, dmin=dmin)

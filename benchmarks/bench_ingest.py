@@ -26,9 +26,9 @@ import time
 import numpy as np
 import zmq
 
-from streamvi.counters import IngestCounters
-from streamvi.ingest import Ingestor
-from streamvi.spool import Spool
+from streamvi.ingest.counters import IngestCounters
+from streamvi.ingest.receiver import Ingestor
+from streamvi.ingest.spool import Spool
 from streamvi.wire import CrystalMessage, encode_crystal
 
 
@@ -62,7 +62,7 @@ def run(n_messages: int, n_reflections: int, fsync: str, store: bool = False) ->
     counters = IngestCounters()
     the_store = None
     if store:
-        from streamvi.store import ReflectionStore
+        from streamvi.merging.store import ReflectionStore
         from streamvi.symmetry import ReciprocalSpace
 
         the_store = ReflectionStore(ReciprocalSpace("P 43 21 2", (79.1, 79.1, 38.0, 90, 90, 90),

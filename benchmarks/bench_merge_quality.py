@@ -4,12 +4,12 @@ Simulates ``--images`` still shots (default 2,000: P 4₃2₁2 lysozyme-like, 1.
 reflections per image, S and I anomalous scatterers, 2 % misindexed, outliers), then merges
 them three ways in anomalous mode:
 
-- ``streamvi``: :func:`streamvi.merge.merge_crystals` with the CPU defaults of
-  ``streamvi merge`` (:class:`~streamvi.trainer.TrainerConfig` with 8 Monte Carlo samples and
-  one torch thread, :class:`~streamvi.engine.EngineConfig`, ``--epochs`` passes, 10 by
+- ``streamvi``: :func:`streamvi.merging.offline.merge_crystals` with the CPU defaults of
+  ``streamvi merge`` (:class:`~streamvi.merging.trainer.TrainerConfig` with 8 Monte Carlo samples and
+  one torch thread, :class:`~streamvi.merging.engine.EngineConfig`, ``--epochs`` passes, 10 by
   default) — the wall time of the merge is reported;
 - ``inverse_variance`` and ``mean``: the plain averages of
-  :func:`streamvi.evaluate.average_merge`.
+  :func:`streamvi.quality.evaluate.average_merge`.
 
 For each merge prints JSON lines with CC(F, truth) overall (``merge_cc_F``) and in the top
 resolution shell (``merge_cc_F_top_shell``), CCanom against the true Bijvoet differences
@@ -42,7 +42,7 @@ import numpy as np
 
 def judge(merged, truth_ds, sites: np.ndarray) -> dict:
     """CC figures and iodide peak heights of one merged ``rs.DataSet``."""
-    from streamvi.evaluate import anomalous_peak_heights, compare_to_truth
+    from streamvi.quality.evaluate import anomalous_peak_heights, compare_to_truth
 
     cmp = compare_to_truth(merged, truth_ds)
     peaks = anomalous_peak_heights(merged, truth_ds, sites)
@@ -63,13 +63,13 @@ def run(*, images: int, epochs: float, seed: int, device: str, dmin: float = 1.8
     """Simulate, merge three ways, judge; figures per method."""
     import torch
 
-    from streamvi.engine import EngineConfig
-    from streamvi.evaluate import average_merge
-    from streamvi.merge import merge_crystals
+    from streamvi.merging.engine import EngineConfig
+    from streamvi.quality.evaluate import average_merge
+    from streamvi.merging.offline import merge_crystals
     from streamvi.publish.mtz import snapshot_to_dataset
     from streamvi.symmetry import ReciprocalSpace
-    from streamvi.trainer import TrainerConfig
-    from streamvi.reference import ReferenceData
+    from streamvi.merging.trainer import TrainerConfig
+    from streamvi.merging.reference import ReferenceData
     from streamvi_sim import SimulationConfig, Simulator, simulate_structure
 
     extra: dict = {}

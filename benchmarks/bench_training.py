@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from streamvi.features import N_METADATA
-from streamvi.model.batch import Batch
-from streamvi.model.geometry import STATE_WIDTH, lattice_axes
-from streamvi.trainer import Trainer, TrainerConfig, resolve_device
+from streamvi.merging.features import N_METADATA
+from streamvi.merging.model.batch import Batch
+from streamvi.merging.model.geometry import STATE_WIDTH, lattice_axes
+from streamvi.merging.trainer import Trainer, TrainerConfig, resolve_device
 
 
 
@@ -97,7 +97,7 @@ def synthetic_batches(n_batches: int, images_per_batch: int, reflections_per_ima
 
 
 def _metadata(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Random features in :data:`streamvi.features.METADATA_COLUMNS`' layout, with a unit
+    """Random features in :data:`streamvi.merging.features.METADATA_COLUMNS`' layout, with a unit
     scattered-beam direction so the geometry corrections have Ewald offsets to move."""
     meta = rng.normal(size=(n, N_METADATA))
     meta[:, 3] = 9.5                                      # photon energy, keV

@@ -1,8 +1,8 @@
 """How good are the "when to stop" forecasts?  Replay a simulated run and check them.
 
-The images of a simulated beamtime are fed in order to a :class:`~streamvi.engine.MergeEngine`
+The images of a simulated beamtime are fed in order to a :class:`~streamvi.merging.engine.MergeEngine`
 with training steps between (as the service interleaves them), a snapshot is taken every
-``--every`` images and given to :class:`~streamvi.feedback.LiveFeedback`, exactly as the
+``--every`` images and given to :class:`~streamvi.quality.feedback.LiveFeedback`, exactly as the
 service does.  For each target the script records the forecast made at 10 %, 25 % and 50 %
 of the run and compares it with the snapshot at which the target was really reached.
 
@@ -80,11 +80,11 @@ def replay(case: str, cfg, messages, *, every: int = 50, chunk: int = 10,
     rate
         The indexed rate the forecasts convert images into seconds with, images/s.
     """
-    from streamvi.engine import EngineConfig, MergeEngine
-    from streamvi.feedback import LiveFeedback
-    from streamvi.forecast import parse_target
+    from streamvi.merging.engine import EngineConfig, MergeEngine
+    from streamvi.quality.feedback import LiveFeedback
+    from streamvi.quality.forecast import parse_target
     from streamvi.symmetry import ReciprocalSpace
-    from streamvi.trainer import TrainerConfig
+    from streamvi.merging.trainer import TrainerConfig
 
     specs = targets if targets is not None else CASES[case][1]
     goals = [parse_target(kind, spec) for kind, spec in specs.items()]

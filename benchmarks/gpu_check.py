@@ -22,8 +22,8 @@ def emit(name: str, value: float, unit: str, **extra) -> None:
 
 def throughput(space, crystals, *, d_model, n_layers, mc, batch_images, amp, compile_, seconds,
                sync_free=None, refine_geometry=True):
-    from streamvi.engine import EngineConfig, MergeEngine
-    from streamvi.trainer import TrainerConfig
+    from streamvi.merging.engine import EngineConfig, MergeEngine
+    from streamvi.merging.trainer import TrainerConfig
 
     eng = MergeEngine(space, TrainerConfig(device="cuda", d_model=d_model, n_layers=n_layers,
                                            mc_samples=mc, amp_bf16=amp, compile=compile_,
@@ -47,8 +47,8 @@ def throughput(space, crystals, *, d_model, n_layers, mc, batch_images, amp, com
 
 
 def _engine(space, crystals, *, sync_free, batch_images=64, n=512):
-    from streamvi.engine import EngineConfig, MergeEngine
-    from streamvi.trainer import TrainerConfig
+    from streamvi.merging.engine import EngineConfig, MergeEngine
+    from streamvi.merging.trainer import TrainerConfig
 
     # warm-up of 1 reflection: the standardiser is frozen (no more reads of its count)
     eng = MergeEngine(space, TrainerConfig(device="cuda", mc_samples=8, sync_free=sync_free,
@@ -122,12 +122,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=20)
     args = ap.parse_args()
 
-    from streamvi.engine import EngineConfig
-    from streamvi.evaluate import average_merge, compare_to_truth
-    from streamvi.merge import merge_crystals
+    from streamvi.merging.engine import EngineConfig
+    from streamvi.quality.evaluate import average_merge, compare_to_truth
+    from streamvi.merging.offline import merge_crystals
     from streamvi.publish.mtz import snapshot_to_dataset
     from streamvi.symmetry import ReciprocalSpace
-    from streamvi.trainer import TrainerConfig
+    from streamvi.merging.trainer import TrainerConfig
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ Each trial runs the real command line in a subprocess::
         --mc-samples 2 --metrics-port -1 --publish-endpoint '' \\
         --checkpoint-interval 1 --publish-interval 1
 
-and streams a simulated beamtime into it with :func:`streamvi.send.send_messages`.  At a
+and streams a simulated beamtime into it with :func:`streamvi.producers.send.send_messages`.  At a
 random moment (while crystals stream in, while they are trained on, while a checkpoint or a
 snapshot is written) the service gets SIGKILL; it is restarted on the same directory and
 port, and the producer resends everything from the start, as producers do after a restart
@@ -191,7 +191,7 @@ class Producer:
             yield msg
 
     def _run(self) -> None:
-        from streamvi.send import send_messages
+        from streamvi.producers.send import send_messages
 
         try:
             self.report = send_messages(self._items(), self.url, rate=self.rate,
@@ -274,7 +274,7 @@ def recover(out_dir: Path) -> Recovered:
     """Open ``out_dir`` in-process as a restarted service would (start, then stop at once,
     writing nothing) and report what it found."""
     from streamvi.config import load_config
-    from streamvi.service import Service
+    from streamvi.service.service import Service
 
     cfg = load_config(env={}, overrides={
         "listen": ["tcp://127.0.0.1:*"], "out_dir": out_dir, "space_group": SPACE_GROUP,
@@ -307,7 +307,7 @@ def continue_training(out_dir: Path, steps: int) -> dict[tuple[int, int, int], f
     Runs that stopped at different points of the online schedule are compared after the
     same amount of further, deterministic training."""
     from streamvi.config import load_config
-    from streamvi.service import Service
+    from streamvi.service.service import Service
 
     cfg = load_config(env={}, overrides={
         "listen": ["tcp://127.0.0.1:*"], "out_dir": out_dir, "space_group": SPACE_GROUP,
@@ -430,7 +430,7 @@ def run_trial(work: Path, messages: list, *, kills: int, rng: random.Random, ste
             producer.stop()
             kill_at.append({"after_s": round(t_kill, 2), "yielded": producer.yielded})
             serve.start()
-        from streamvi.send import send_messages
+        from streamvi.producers.send import send_messages
 
         report = send_messages(messages, serve.url, timeout_s=30)
         assert report.sent == len(messages), report

@@ -468,8 +468,8 @@ def judge(merged: rs.DataSet, truth: Truth, ops: list[np.ndarray]) -> dict:
         ``cc_F_other_settings`` (when there are several), ``cc_anom`` (when both have
         Bijvoet pairs).
     """
-    from streamvi.evaluate import compare_to_truth
-    from streamvi.stats import pearson_by_group
+    from streamvi.quality.evaluate import compare_to_truth
+    from streamvi.quality.stats import pearson_by_group
     from streamvi.symmetry import dhkl, hkl_to_asu, op_triplet, reindex
 
     f_all = merged["F"].to_numpy(np.float64)

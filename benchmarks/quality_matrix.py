@@ -5,20 +5,20 @@ contrast, the partiality profile, unmodelled errors, multiplicity, resolution, o
 scale spread, symmetry, cell size, the indexing ambiguity; ``--list`` names them), or a real
 stream from ``../shared/data``.  Each case is merged by each *method*:
 
-- ``merge``: :func:`streamvi.merge.merge_crystals` with exactly the settings ``streamvi merge
+- ``merge``: :func:`streamvi.merging.offline.merge_crystals` with exactly the settings ``streamvi merge
   --anomalous`` builds from its command line (the CLI's own parser and trainer settings), the
   truth as ``--reference`` (which only matters with an indexing ambiguity);
 - ``service``: the online service emulated without threads, as ``streamvi demo`` runs it: a
-  :class:`~streamvi.engine.MergeEngine` with the ``streamvi serve`` configuration, images
+  :class:`~streamvi.merging.engine.MergeEngine` with the ``streamvi serve`` configuration, images
   arriving at ``rate`` (200/s) against ``steps_per_s`` (35) training steps per second (so
   each step first stores the images that arrived since the last; the first step sees one
   still), a snapshot every ``publish_interval`` (2 s) of steps, then training on until every
   image has had ``visits`` (8) visits or ``max_catch_up_s`` (120 s) of steps have passed;
 - ``mean``, ``ivar``: unweighted and inverse-variance averages
-  (:func:`streamvi.evaluate.average_merge`);
+  (:func:`streamvi.quality.evaluate.average_merge`);
 - ``pcorr``: the upper bound, an inverse-variance average of every observation divided by
   the simulator's *true* scale × B × partiality, misindexed images left out
-  (:func:`streamvi.evaluate.partiality_corrected_merge`).
+  (:func:`streamvi.quality.evaluate.partiality_corrected_merge`).
 
 One JSON line per (case, method): CC(F, truth) overall and per shell (10 shells of equal
 reciprocal volume, low → high), lowest and top shell, CC after one fitted B, CCanom overall
@@ -33,8 +33,8 @@ streams have no truth: CC½ and completeness only.
         [--methods merge,service,mean,ivar,pcorr] [--set KEY=VALUE ...] [--label NAME]
     python benchmarks/quality_matrix.py --table results.jsonl [baseline.jsonl]
 
-``--set KEY=VALUE`` (repeatable) overrides a field of :class:`~streamvi.trainer.TrainerConfig`
-or :class:`~streamvi.engine.EngineConfig` for both streamvi methods, or with a ``merge.`` /
+``--set KEY=VALUE`` (repeatable) overrides a field of :class:`~streamvi.merging.trainer.TrainerConfig`
+or :class:`~streamvi.merging.engine.EngineConfig` for both streamvi methods, or with a ``merge.`` /
 ``service.`` prefix for one of them; ``merge.epochs``, ``merge.steps``, ``merge.anneal``, ``merge.refresh_epochs`` and
 ``service.visits``, ``service.rate``, ``service.steps_per_s``, ``service.publish_interval``,
 ``service.max_catch_up_s`` set the runs themselves.  Values are JSON (``0.5``, ``true``,
@@ -206,8 +206,8 @@ RUN_KEYS = {"merge": {"epochs": None, "steps": None, "anneal": None, "refresh_ep
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
     """``--set`` items → overrides per streamvi method (``{"merge": {...}, "service": {...}}``)."""
-    from streamvi.engine import EngineConfig
-    from streamvi.trainer import TrainerConfig
+    from streamvi.merging.engine import EngineConfig
+    from streamvi.merging.trainer import TrainerConfig
 
     known = ({f.name for f in dataclasses.fields(TrainerConfig)}
              | {f.name for f in dataclasses.fields(EngineConfig)})
@@ -253,11 +253,11 @@ def merge_configs(device: str, overrides: dict[str, Any]):
     """TrainerConfig, EngineConfig and run settings of ``streamvi merge --anomalous``.
 
     Built with the CLI's own parser and trainer settings, and its EngineConfig the way
-    ``streamvi.cli._run_merge`` builds it, so a changed CLI default changes this too.
+    ``streamvi.cli.main._run_merge`` builds it, so a changed CLI default changes this too.
     """
-    from streamvi.cli import _trainer_config, build_parser
-    from streamvi.engine import EngineConfig
-    from streamvi.merge import ANNEAL_FRACTION
+    from streamvi.cli.main import _trainer_config, build_parser
+    from streamvi.merging.engine import EngineConfig
+    from streamvi.merging.offline import ANNEAL_FRACTION
 
     args = build_parser().parse_args(["merge", "in.stream", "-o", "out.mtz", "--anomalous",
                                       "--device", device])
@@ -274,11 +274,11 @@ def merge_configs(device: str, overrides: dict[str, Any]):
 def service_configs(space, device: str, seed: int, overrides: dict[str, Any]):
     """TrainerConfig, EngineConfig and run settings of ``streamvi serve`` as the demo runs it.
 
-    A :class:`~streamvi.service.Service` is built (never started: no socket is bound) with
+    A :class:`~streamvi.service.service.Service` is built (never started: no socket is bound) with
     the options ``streamvi demo`` gives it, and its own trainer and engine settings are used.
     """
     from streamvi.config import load_config
-    from streamvi.service import Service
+    from streamvi.service.service import Service
 
     run = dict(RUN_KEYS["service"])
     run.update({k: v for k, v in overrides.items() if k in RUN_KEYS["service"]})
@@ -378,7 +378,7 @@ def load_case(name: str, quick: bool, cache_dir: str) -> CaseData:
 
     case = CASES[name]
     if case.sim is None:
-        from streamvi.merge import load_files, resolve_space
+        from streamvi.merging.offline import load_files, resolve_space
 
         shared = Path(os.environ.get("STREAMVI_SHARED_DATA", SHARED_DATA))
         paths = [shared / f for f in case.files]
@@ -432,7 +432,7 @@ def _reference(data: CaseData):
     """The truth as ``--reference`` (puts an ambiguous merge in the truth's setting)."""
     if data.truth_ds is None:
         return None
-    from streamvi.reference import ReferenceData
+    from streamvi.merging.reference import ReferenceData
 
     ds = data.truth_ds
     return ReferenceData("truth", ds.get_hkls(), ds["FMODEL"].to_numpy(), ds.spacegroup,
@@ -441,7 +441,7 @@ def _reference(data: CaseData):
 
 def run_merge(data: CaseData, device: str, overrides: dict[str, Any]):
     """``streamvi merge``; returns (rs.DataSet, engine, snapshot, settings)."""
-    from streamvi.merge import merge_crystals
+    from streamvi.merging.offline import merge_crystals
     from streamvi.publish.mtz import snapshot_to_dataset
 
     tcfg, ecfg, run = merge_configs(device, overrides)
@@ -455,9 +455,9 @@ def run_merge(data: CaseData, device: str, overrides: dict[str, Any]):
 
 def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
     """The service emulated (see the module docstring); returns as :func:`run_merge`."""
-    from streamvi.engine import MergeEngine
+    from streamvi.merging.engine import MergeEngine
     from streamvi.publish.mtz import snapshot_to_dataset
-    from streamvi.reference import ReferenceSetting
+    from streamvi.merging.reference import ReferenceSetting
 
     tcfg, ecfg, run = service_configs(data.space, device, 0, overrides)
     engine = MergeEngine(data.space, tcfg, ecfg)
@@ -496,7 +496,7 @@ def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
 
 def _half_cc(crystals, space, weighting: str) -> float:
     """CC½ of an average: odd against even images, on I over the rows both hold."""
-    from streamvi.evaluate import average_merge
+    from streamvi.quality.evaluate import average_merge
 
     a = average_merge(crystals[0::2], space, weighting=weighting)
     b = average_merge(crystals[1::2], space, weighting=weighting)
@@ -517,7 +517,7 @@ def _completeness(merged, space) -> float:
 
 def judge(merged, data: CaseData) -> dict[str, Any]:
     """Every figure of one merge against the truth (the fields of a JSON line)."""
-    from streamvi.evaluate import (anomalous_peak_heights, compare_to_truth,
+    from streamvi.quality.evaluate import (anomalous_peak_heights, compare_to_truth,
                                    fitted_b_correlation, strong_reflection_ratios)
 
     out: dict[str, Any] = {"completeness": _completeness(merged, data.space)}
@@ -585,7 +585,7 @@ def run_task(name: str, method: str, data: CaseData, quick: bool, device: str,
                 np.bincount(chosen[data.settings == k], minlength=data.space.n_ops).max()
                 for k in range(data.space.n_ops) if (data.settings == k).any()) / len(chosen))
     elif method in ("mean", "ivar"):
-        from streamvi.evaluate import average_merge
+        from streamvi.quality.evaluate import average_merge
 
         weighting = "mean" if method == "mean" else "inverse_variance"
         merged = average_merge(data.crystals, data.space, weighting=weighting)
@@ -596,7 +596,7 @@ def run_task(name: str, method: str, data: CaseData, quick: bool, device: str,
         if data.image_truths is None:
             line.update(skipped="no truth: the partiality-corrected mean needs a simulation")
             return line
-        from streamvi.evaluate import partiality_corrected_merge
+        from streamvi.quality.evaluate import partiality_corrected_merge
 
         merged = partiality_corrected_merge(data.crystals, data.image_truths, data.space)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -177,7 +177,7 @@ def store_bench(n_messages: int, device: str) -> None:
     import torch
 
     from bench_wire import CELL, make_messages
-    from streamvi.store import ReflectionStore
+    from streamvi.merging.store import ReflectionStore
     from streamvi.symmetry import ReciprocalSpace
     from streamvi.wire import decode_crystal
 

@@ -3,7 +3,7 @@
 The service runs as a subprocess (the flags of benchmarks/kill9_trials.py, with the status
 page on a free port and production-like intervals); this process streams simulated images
 (:mod:`streamvi_sim`, image i depends only on (seed, i)) at ``--rate`` images/s with
-:func:`streamvi.send.send_messages` for ``--minutes``, and every ``--interval`` seconds
+:func:`streamvi.producers.send.send_messages` for ``--minutes``, and every ``--interval`` seconds
 prints one JSON line::
 
     {"t_s": 60.0, "rss_mb": 612.3, "sent": 1200, "received": 1200, "merged": 1200,
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                    "directory (default: a temporary one, removed at the end)")
     args = p.parse_args(argv)
 
-    from streamvi.send import send_messages
+    from streamvi.producers.send import send_messages
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
     work = args.work or Path(tempfile.mkdtemp(prefix="soak-"))

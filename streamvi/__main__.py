@@ -1,3 +1,3 @@
-from streamvi.cli import main
+from streamvi.cli.main import main
 
 raise SystemExit(main())

@@ -247,7 +247,7 @@ def check_device(name: str, *, key: str = "device") -> None:
     """
     import torch
 
-    from streamvi.trainer import resolve_device
+    from streamvi.merging.trainer import resolve_device
 
     try:
         device = resolve_device(str(name))

@@ -26,7 +26,7 @@ from streamvi.errors import (
     ShapeMismatchError,
     ValueRangeError,
 )
-from streamvi.ratelimit import clip, clip_repr
+from streamvi.ingest.ratelimit import clip, clip_repr
 
 SCHEMA = "streamvi.crystal"
 VERSION = 1

@@ -1,4 +1,4 @@
-"""Consensus indexing-ambiguity assignment before the merge (streamvi.ambiguity)."""
+"""Consensus indexing-ambiguity assignment before the merge (streamvi.merging.ambiguity)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamvi.ambiguity import _group, consensus_settings
-from streamvi.store import ReflectionStore
+from streamvi.merging.ambiguity import _group, consensus_settings
+from streamvi.merging.store import ReflectionStore
 from streamvi.symmetry import ReciprocalSpace
 
 P43_CELL = (79.1, 79.1, 37.9, 90.0, 90.0, 90.0)

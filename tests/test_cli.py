@@ -6,8 +6,8 @@ import numpy as np
 import reciprocalspaceship as rs
 from conftest import PAL_STREAM
 
-from streamvi.cli import main
-from streamvi.evaluate import compare_to_truth
+from streamvi.cli.main import main
+from streamvi.quality.evaluate import compare_to_truth
 
 
 def test_simulate_inspect_merge(tmp_path, capsys):

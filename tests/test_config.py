@@ -2,7 +2,7 @@ import tomllib
 
 import pytest
 
-from streamvi.cli import main
+from streamvi.cli.main import main
 from streamvi.config import OPTIONS, example_toml, load_config
 from streamvi.errors import ConfigError
 

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from streamvi.cli import COMMANDS, build_parser
+from streamvi.cli.main import COMMANDS, build_parser
 from streamvi.config import OPTIONS, ServiceConfig, _toml_value, load_config
-from streamvi.service import CHECKPOINT_NAME
+from streamvi.service.service import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -18,7 +18,7 @@ import pytest
 from conftest import DIALS_EXPT, DIALS_REFL
 
 from streamvi.errors import ConfigError, InputError
-from streamvi.features import METADATA_COLUMNS, reflection_metadata
+from streamvi.merging.features import METADATA_COLUMNS, reflection_metadata
 from streamvi.sources import Rejected, load_source
 from streamvi.wire import ROW_REASONS, CrystalMessage, decode_crystal, encode_crystal
 from streamvi_dials import (

@@ -4,7 +4,7 @@
   batch: parameters and optimiser states bit-identical across ranks, the combined gradients
   equal to the reflection-weighted mean of the ranks' own, global store statistics equal to
   the single process's, and merged amplitudes that agree with the single process's;
-- a producer's PUSH fan-out into 2 ranks (:func:`streamvi.distributed.run_rank`): every
+- a producer's PUSH fan-out into 2 ranks (:func:`streamvi.merging.distributed.run_rank`): every
   crystal lands on exactly one rank, the ranks train together, rank 0 publishes an MTZ
   holding everybody's observations and a checkpoint that a restart resumes from.
 """
@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from streamvi.distributed import (DistributedEngine, FanOut, free_port, init_process_group,
+from streamvi.merging.distributed import (DistributedEngine, FanOut, free_port, init_process_group,
                                   run_rank)
-from streamvi.engine import EngineConfig, MergeEngine
+from streamvi.merging.engine import EngineConfig, MergeEngine
 from streamvi.symmetry import ReciprocalSpace
-from streamvi.trainer import TrainerConfig
+from streamvi.merging.trainer import TrainerConfig
 from streamvi.wire import decode_crystal, encode_crystal
 
 WORLD = 2

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from streamvi.engine import EngineConfig, MergeEngine
-from streamvi.merge import merge_crystals
+from streamvi.merging.engine import EngineConfig, MergeEngine
+from streamvi.merging.offline import merge_crystals
 from streamvi.symmetry import ReciprocalSpace
-from streamvi.trainer import TrainerConfig
+from streamvi.merging.trainer import TrainerConfig
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_geometry_state_survives_a_checkpoint(stills):
 def test_falloff_correction_moves_the_scales_trend_onto_the_amplitudes(stills):
     """With the record of the scales set by hand to a line in 1/d², the published table is
     the uncorrected one times exp(β (1/d² − mean)); the record's fit returns that β."""
-    from streamvi.engine import FALLOFF_BINS
+    from streamvi.merging.engine import FALLOFF_BINS
 
     crystals, space = stills
     engines = []
@@ -247,7 +247,7 @@ def test_row_estimates_are_robust_scaled_weighted_means_of_each_table(stills):
 def test_wilson_posterior_amplitude_is_the_truncated_normal_mean():
     from scipy import stats
 
-    from streamvi.engine import _wilson_posterior_amplitude
+    from streamvi.merging.engine import _wilson_posterior_amplitude
 
     j = torch.tensor([50.0, 2.0, -3.0, 0.0], dtype=torch.float64)
     var = torch.tensor([4.0, 1.0, 1.0, 9.0], dtype=torch.float64)
@@ -287,7 +287,7 @@ def test_refresh_restarts_rows_at_their_merge_and_keeps_bijvoet_ratios():
     np.testing.assert_allclose((loc[plus] / loc[minus])[both],
                                (before[plus] / before[minus])[both], rtol=1e-4)
     # a pair restarts at the Wilson posterior of the weighted mean of its two estimates
-    from streamvi.engine import _wilson_posterior_amplitude
+    from streamvi.merging.engine import _wilson_posterior_amplitude
 
     i_plus, i_minus = j_hat[plus].numpy()[both], j_hat[minus].numpy()[both]
     v_plus, v_minus = var_j[plus].numpy()[both], var_j[minus].numpy()[both]

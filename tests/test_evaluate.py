@@ -1,4 +1,4 @@
-"""Judging merges against the truth (streamvi.evaluate): every figure against numpy."""
+"""Judging merges against the truth (streamvi.quality.evaluate): every figure against numpy."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import pytest
 import reciprocalspaceship as rs
 
 from conftest import make_crystal
-from streamvi.evaluate import (average_merge, compare_to_truth, fitted_b_correlation,
+from streamvi.quality.evaluate import (average_merge, compare_to_truth, fitted_b_correlation,
                                partiality_corrected_merge, strong_reflection_ratios)
 from streamvi.symmetry import ReciprocalSpace
 from streamvi.wire import CrystalMessage

@@ -3,10 +3,10 @@ that disappears.
 
 The kill -9 test runs the real command line (``python -m streamvi serve``) in a subprocess
 with the machinery of benchmarks/kill9_trials.py (which runs 20 and more such trials); the
-others run a real :class:`~streamvi.service.Service` in-process on loopback sockets, so
+others run a real :class:`~streamvi.service.service.Service` in-process on loopback sockets, so
 their logs can be read with ``caplog``.  Counts are exact.
 
-The counting rules checked (streamvi/counters.py, streamvi/service.py):
+The counting rules checked (streamvi/ingest/counters.py, streamvi/service/service.py):
 
 - every accepted message is spooled, then counted in ``crystals_received``, except a crystal
   already stored, which is counted as a duplicate without being spooled: across restarts
@@ -40,8 +40,8 @@ from conftest import REPO, make_crystal
 
 from streamvi.config import load_config
 from streamvi.errors import ConfigError
-from streamvi.send import send_messages
-from streamvi.service import Service
+from streamvi.producers.send import send_messages
+from streamvi.service.service import Service
 from streamvi.wire import encode_crystal
 
 
@@ -273,7 +273,7 @@ def full_output_directory(tmp_path: Path, kind: str, monkeypatch
     full = {"on": True}
 
     import streamvi.publish.snapshots as snapshots
-    import streamvi.service as service_module
+    import streamvi.service.service as service_module
 
     real_mtz = snapshots.write_snapshot_mtz
     real_save = service_module.torch.save
@@ -391,7 +391,7 @@ def test_a_checkpoint_without_its_spool_is_refused_not_overwritten(tmp_path):
     assert "\n" not in text
     assert (out / "checkpoint.pt").read_bytes() == before
     # and the command line says it in one line, exit status 2
-    from streamvi.cli import main
+    from streamvi.cli.main import main
 
     assert main(["serve", "--out-dir", str(out), "--space-group", "P 43 21 2", "--cell", CELL,
                  "--listen", "tcp://127.0.0.1:*", "--metrics-port", "-1",

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from streamvi.feedback import LiveFeedback, decision_lines
-from streamvi.forecast import parse_target
-from streamvi.stats import ResolutionFit
+from streamvi.quality.feedback import LiveFeedback, decision_lines
+from streamvi.quality.forecast import parse_target
+from streamvi.quality.stats import ResolutionFit
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +17,9 @@ def trained_engine():
     """A small engine on 160 simulated images (2.5 Å), trained a little."""
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
-    from streamvi.engine import EngineConfig, MergeEngine
+    from streamvi.merging.engine import EngineConfig, MergeEngine
     from streamvi.symmetry import ReciprocalSpace
-    from streamvi.trainer import TrainerConfig
+    from streamvi.merging.trainer import TrainerConfig
 
     cfg = SimulationConfig(n_images=160, seed=3, dmin=2.5)
     messages = list(simulate_images(cfg, simulate_structure(cfg)))

@@ -20,11 +20,11 @@ from typing import Callable, Iterable
 
 import pytest
 
-from streamvi.cli import main
+from streamvi.cli.main import main
 from conftest import DIALS_REFL, LCLS_STREAM, PAL_STREAM, PullSocket, requires_lcls
 from streamvi.errors import ConfigError
-from streamvi.follow import PositionFile, StreamFollower, StreamPosition, follow_stream
-from streamvi.send import send_files
+from streamvi.producers.follow import PositionFile, StreamFollower, StreamPosition, follow_stream
+from streamvi.producers.send import send_files
 from streamvi.sources import Rejected
 from streamvi.wire import CrystalMessage, decode_crystal
 from streamvi_crystfel import read_stream
@@ -467,7 +467,7 @@ def test_cli_inspect_dials(capsys):
 @requires_lcls
 def test_appended_crystal_reaches_the_store_within_a_second(tmp_path):
     from streamvi.config import load_config
-    from streamvi.service import Service
+    from streamvi.service.service import Service
 
     cell = "61.4 122.6 168.0 90 90 90"   # the stream's target cell (5HT2B.cell)
     # The store takes new crystals between training steps; a small model keeps the steps

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from streamvi.errors import ConfigError
-from streamvi.forecast import (CompletenessLaw, PairLaw, Target, cc_forecast,
+from streamvi.quality.forecast import (CompletenessLaw, PairLaw, Target, cc_forecast,
                                mean_inverse_count, parse_target, targets_from_config)
-from streamvi.stats import fisher_interval
+from streamvi.quality.stats import fisher_interval
 
 REPO = Path(__file__).resolve().parents[1]
 

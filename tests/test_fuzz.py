@@ -12,7 +12,7 @@ What every case asserts:
 - no case hangs: each runs under a time bound (an interval timer for Python code, a
   faulthandler watchdog that ends the process for a hang inside C code);
 - end to end, good messages interleaved with every kind of bad one, sent over a real PUSH
-  socket into a real :class:`~streamvi.ingest.Ingestor`, give exactly the good ones in the
+  socket into a real :class:`~streamvi.ingest.receiver.Ingestor`, give exactly the good ones in the
   spool (byte for byte, in order) and every bad one counted under its reason, in the
   counters and in the dead-letter file.
 
@@ -45,12 +45,12 @@ from conftest import DIALS_EXPT, DIALS_REFL, LCLS_STREAM, PAL_STREAM, REPO, make
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamvi.counters import IngestCounters
-from streamvi.deadletter import DeadLetter, read_dead_letters
+from streamvi.ingest.counters import IngestCounters
+from streamvi.ingest.deadletter import DeadLetter, read_dead_letters
 from streamvi.errors import InputError, WireError
-from streamvi.ingest import Ingestor
+from streamvi.ingest.receiver import Ingestor
 from streamvi.sources import Rejected
-from streamvi.spool import Spool
+from streamvi.ingest.spool import Spool
 from streamvi.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MILLER,
@@ -497,7 +497,7 @@ def _feature_case(name: str, buf: bytes):
 def test_accepted_messages_give_finite_model_features(name, buf):
     """What the decoder accepts must not poison the scale model (one NaN feature makes the
     loss and every F NaN, for good: the checkpoint keeps it and the spool replays it)."""
-    from streamvi.features import reflection_metadata
+    from streamvi.merging.features import reflection_metadata
 
     with time_bound("wire: feature safety"):
         verdict = decode_or_reason(buf)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamvi.features import reflection_metadata
-from streamvi.model.geometry import (N_GEOMETRY, STATE_WIDTH, adam_update, corrected_metadata,
+from streamvi.merging.features import reflection_metadata
+from streamvi.merging.model.geometry import (N_GEOMETRY, STATE_WIDTH, adam_update, corrected_metadata,
                                      lattice_axes)
 
 ROT, DIL = math.radians(0.05), 0.002

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import zmq
 
-from streamvi.counters import IngestCounters
-from streamvi.deadletter import DeadLetter, read_dead_letters
+from streamvi.ingest.counters import IngestCounters
+from streamvi.ingest.deadletter import DeadLetter, read_dead_letters
 from streamvi.errors import ConfigError
-from streamvi.ingest import Ingestor, replay_spool
-from streamvi.ratelimit import RateLimitedLog, clip
-from streamvi.send import send_messages
-from streamvi.spool import Spool
+from streamvi.ingest.receiver import Ingestor, replay_spool
+from streamvi.ingest.ratelimit import RateLimitedLog, clip
+from streamvi.producers.send import send_messages
+from streamvi.ingest.spool import Spool
 from streamvi.wire import CrystalMessage, encode_crystal, to_wire_dict
 
 TIMEOUT_MS = 2000
@@ -279,7 +279,7 @@ def test_bind_errors_and_exposure_warning(caplog) -> None:
     try:
         with pytest.raises(ConfigError, match="cannot bind"):
             Ingestor([ing.bound_endpoints[0]]).start()
-        with caplog.at_level(logging.WARNING, logger="streamvi.ingest"):
+        with caplog.at_level(logging.WARNING, logger="streamvi.ingest.receiver"):
             wide = Ingestor(["tcp://0.0.0.0:*"])
             wide.start()
             stop_quickly(wide)
@@ -347,7 +347,7 @@ def test_dead_letter_truncates_rotates_and_never_raises(tmp_path: Path, caplog) 
     blocked = tmp_path / "file"
     blocked.write_text("")
     broken = DeadLetter(blocked / "dead.jsonl")       # parent is a file: every write fails
-    with caplog.at_level(logging.ERROR, logger="streamvi.deadletter"):
+    with caplog.at_level(logging.ERROR, logger="streamvi.ingest.deadletter"):
         assert broken.write(source="tcp://b", reason="r", detail="d", payload=b"x") is False
     assert broken.write_errors == 1 and "tcp://b" in caplog.text
 
@@ -382,7 +382,7 @@ def test_a_frame_over_the_limit_is_refused_unread_and_its_producer_cut_off(
     ctx = zmq.Context()
     try:
         url = ing.bound_endpoints[0]
-        with caplog.at_level(logging.INFO, logger="streamvi.ingest"):
+        with caplog.at_level(logging.INFO, logger="streamvi.ingest.receiver"):
             big = push_socket(ctx, url)
             big.send(b"\x00" * 40_000)
             assert wait_for(lambda: ing.producer_disconnects == 1)
@@ -463,7 +463,7 @@ def test_a_flood_of_bad_messages_is_counted_exactly_and_logged_sparingly(tmp_pat
     bad = [b"\xc1 not msgpack"] * 500 + [msgpack.packb(
         {**to_wire_dict(crystal(1)), "h": {"dtype": huge, "shape": [20], "data": b"\0" * 80}})]
     try:
-        with caplog.at_level(logging.WARNING, logger="streamvi.ingest"):
+        with caplog.at_level(logging.WARNING, logger="streamvi.ingest.receiver"):
             sock = push_socket(ctx, ing.bound_endpoints[0])
             for frame in bad:
                 sock.send(frame)
@@ -495,7 +495,7 @@ def test_a_refused_curve_producer_that_keeps_trying_is_logged_sparingly(caplog) 
                    curve_allowed_clients=[client_public])
     ctx = zmq.Context()
     socks = []
-    with caplog.at_level(logging.WARNING, logger="streamvi.ingest"):
+    with caplog.at_level(logging.WARNING, logger="streamvi.ingest.receiver"):
         ing.start()
         try:
             for _ in range(200):

@@ -17,7 +17,7 @@ import zmq
 from test_http import chromium, read_png
 from test_metrics import get, make_service, parse_exposition, push
 
-from streamvi.cli import main
+from streamvi.cli.main import main
 from streamvi.wire import encode_crystal
 
 N_IMAGES = 240

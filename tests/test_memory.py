@@ -43,9 +43,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
 
 CHILD = r"""
 import json, re, sys
-from streamvi.counters import IngestCounters
-from streamvi.deadletter import DeadLetter
-from streamvi.ingest import Ingestor
+from streamvi.ingest.counters import IngestCounters
+from streamvi.ingest.deadletter import DeadLetter
+from streamvi.ingest.receiver import Ingestor
 
 def status(key):
     return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -68,7 +68,7 @@ ing.stop()
 
 
 class IngestChild:
-    """An :class:`~streamvi.ingest.Ingestor` in a subprocess that reports its memory."""
+    """An :class:`~streamvi.ingest.receiver.Ingestor` in a subprocess that reports its memory."""
 
     def __init__(self, work: Path, limit: int = LIMIT):
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(work / "dead.jsonl"),

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamvi.engine import EngineConfig
-from streamvi.merge import merge_crystals
+from streamvi.merging.engine import EngineConfig
+from streamvi.merging.offline import merge_crystals
 from streamvi.symmetry import ReciprocalSpace
-from streamvi.trainer import TrainerConfig
+from streamvi.merging.trainer import TrainerConfig
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_misindexed_images_are_left_out_and_good_ones_kept(beamtime):
 
 
 def test_annealing_ends_at_the_final_learning_rate(beamtime):
-    from streamvi.merge import FINAL_LR_FACTOR
+    from streamvi.merging.offline import FINAL_LR_FACTOR
 
     crystals, space = beamtime
     tcfg = TrainerConfig(device="cpu", mc_samples=2, lr=2e-3, posterior_lr=1e-2)

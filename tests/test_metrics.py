@@ -1,6 +1,6 @@
 """Prometheus metrics of a real running service: exact counts, isolation, promtool, Prometheus.
 
-Every test runs a real :class:`~streamvi.service.Service` (ingest on a loopback ZeroMQ PULL
+Every test runs a real :class:`~streamvi.service.service.Service` (ingest on a loopback ZeroMQ PULL
 socket, training thread, HTTP server on a free port) and feeds it crystals over a real PUSH
 socket.  The helpers here are also used by test_http.py and test_grafana.py.
 """
@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamvi.config import load_config
 from streamvi.publish.metrics import ServiceMetrics, relative_f_change
-from streamvi.service import Service
+from streamvi.service.service import Service
 from streamvi.wire import encode_crystal, to_wire_dict
 
 CELL = (79.1, 79.1, 37.9, 90.0, 90.0, 90.0)
@@ -469,7 +469,7 @@ def test_images_by_setting_follows_the_trainers_choices_at_each_snapshot(tmp_pat
 def test_geometry_refinement_summary(tmp_path):
     """The geometry gauges summarise the store's per-image refinement state; images never
     updated do not count."""
-    from streamvi.model.geometry import STATE_WIDTH
+    from streamvi.merging.model.geometry import STATE_WIDTH
 
     feed = Feed()
     with running_service(tmp_path) as svc:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from streamvi.model import (
+from streamvi.merging.model import (
     Batch,
     FoldedNormalPosterior,
     ImageScaleModel,
@@ -400,7 +400,7 @@ def test_merged_table_is_in_original_units():
 def test_prior_set_sigma_and_posterior_reset_rows():
     import torch as _t
 
-    from streamvi.model import FoldedNormalPosterior, WilsonPrior
+    from streamvi.merging.model import FoldedNormalPosterior, WilsonPrior
     centric = _t.tensor([False, True, False])
     eps = _t.tensor([1.0, 2.0, 1.0])
     prior = WilsonPrior(centric, eps)
@@ -416,7 +416,7 @@ def test_prior_set_sigma_and_posterior_reset_rows():
 
 
 def test_first_occurrence_is_unique_with_fixed_shapes():
-    from streamvi.model.merging import _first_occurrence
+    from streamvi.merging.model.merging import _first_occurrence
 
     flat = torch.randint(0, 40, (300,), generator=torch.Generator().manual_seed(3))
     inverse, first = _first_occurrence(flat, 120)
@@ -555,7 +555,7 @@ def test_posterior_unit_rescales_and_set_unit_keeps_values():
 
 
 def test_error_model_widens_sigma_with_the_prediction():
-    from streamvi.model.likelihood import ErrorModel
+    from streamvi.merging.model.likelihood import ErrorModel
 
     em = ErrorModel(a=1.5, b=0.1)
     ipred = torch.tensor([[0.0, 10.0, 100.0]])

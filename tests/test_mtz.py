@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import reciprocalspaceship as rs
 
-from streamvi.engine import MergeSnapshot
+from streamvi.merging.engine import MergeSnapshot
 from streamvi.publish.mtz import MtzInfo, snapshot_to_dataset, write_snapshot_mtz
 from streamvi.publish.snapshots import MtzSnapshots
-from streamvi.stats import shell_statistics
+from streamvi.quality.stats import shell_statistics
 from streamvi.symmetry import ReciprocalSpace
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from streamvi.counters import IngestCounters
+from streamvi.ingest.counters import IngestCounters
 from streamvi.errors import ConfigError
 
 try:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from streamvi.optim import RowSparseAdam
+from streamvi.merging.optim import RowSparseAdam
 
 
 def _run(opt_cls, steps, *, lr=1e-2, maximize=False, seed=0):

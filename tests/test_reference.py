@@ -7,12 +7,12 @@ import pytest
 import reciprocalspaceship as rs
 
 from streamvi.errors import ConfigError
-from streamvi.merge import merge_crystals
+from streamvi.merging.offline import merge_crystals
 from streamvi.publish.mtz import snapshot_to_dataset
-from streamvi.reference import (ReferenceData, ReferenceSetting, align_snapshot,
+from streamvi.merging.reference import (ReferenceData, ReferenceSetting, align_snapshot,
                                 read_reference, reindex_snapshot)
 from streamvi.symmetry import ReciprocalSpace, op_triplet
-from streamvi.trainer import TrainerConfig
+from streamvi.merging.trainer import TrainerConfig
 
 P43_CELL = (79.1, 79.1, 37.9, 90.0, 90.0, 90.0)
 P3_CELL = (60.0, 60.0, 45.0, 90.0, 90.0, 120.0)
@@ -57,7 +57,7 @@ def test_reindex_rows_refuses_an_operator_that_is_not_a_twin_law():
 
 def _snapshot_like(space, f_rows):
     """The parts of a MergeSnapshot that the reference code reads."""
-    from streamvi.engine import MergeSnapshot
+    from streamvi.merging.engine import MergeSnapshot
 
     n = space.n_unique
     table = {"F": f_rows.astype(np.float32), "SIGF": np.ones(n, np.float32),
@@ -159,7 +159,7 @@ def ambiguous_beamtime():
 def test_simulated_settings_keep_every_spots_geometry(ambiguous_beamtime):
     import dataclasses
 
-    from streamvi.features import reflection_metadata
+    from streamvi.merging.features import reflection_metadata
     from streamvi.symmetry import reindex
     from streamvi_sim.beamtime import Simulator
 
@@ -182,7 +182,7 @@ def test_merge_resolves_the_ambiguity_and_the_reference_fixes_the_setting(ambigu
                                                                           tmp_path):
     import dataclasses
 
-    from streamvi.evaluate import average_merge, compare_to_truth
+    from streamvi.quality.evaluate import average_merge, compare_to_truth
     from streamvi_sim.beamtime import Simulator
 
     sim, truth, pairs = ambiguous_beamtime
@@ -229,7 +229,7 @@ def test_checkpoint_keeps_each_images_setting(ambiguous_beamtime):
 
     import torch
 
-    from streamvi.engine import MergeEngine
+    from streamvi.merging.engine import MergeEngine
 
     sim, truth, pairs = ambiguous_beamtime
     space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamvi.schedule import ImageScheduler
+from streamvi.merging.schedule import ImageScheduler
 
 
 def test_new_images_are_handed_out_in_arrival_order():

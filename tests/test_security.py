@@ -1,7 +1,7 @@
 """Security: loopback by default, loud warnings otherwise, CURVE keeps strangers out, no
 pickle on the wire, output paths confined to out_dir, HTTP endpoints read-only.
 
-Every test runs a real :class:`~streamvi.service.Service` on real sockets.
+Every test runs a real :class:`~streamvi.service.service.Service` on real sockets.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import zmq
 from conftest import REPO, make_crystal
 
 from streamvi.config import OPTION_BY_NAME, load_config
-from streamvi.deadletter import read_dead_letters
-from streamvi.keys import generate_keypair, load_public_key, load_secret_key
-from streamvi.send import send_messages
-from streamvi.service import Service
+from streamvi.ingest.deadletter import read_dead_letters
+from streamvi.ingest.keys import generate_keypair, load_public_key, load_secret_key
+from streamvi.producers.send import send_messages
+from streamvi.service.service import Service
 from streamvi.wire import encode_crystal
 
 CELL = "79.1 79.1 37.9 90 90 90"

@@ -17,7 +17,7 @@ import zmq
 
 from conftest import PAL_STREAM, PullSocket
 from streamvi.errors import ConfigError
-from streamvi.send import send_file, send_files, send_messages
+from streamvi.producers.send import send_file, send_files, send_messages
 from streamvi.sources import Rejected
 from streamvi.wire import CrystalMessage, decode_crystal, encode_crystal
 

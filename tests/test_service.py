@@ -8,9 +8,9 @@ import reciprocalspaceship as rs
 
 from streamvi.config import load_config
 from streamvi.errors import ConfigError
-from streamvi.evaluate import average_merge, compare_to_truth
-from streamvi.send import send_messages
-from streamvi.service import Service
+from streamvi.quality.evaluate import average_merge, compare_to_truth
+from streamvi.producers.send import send_messages
+from streamvi.service.service import Service
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
 SIM = SimulationConfig(n_images=120, seed=3, dmin=3.0)
@@ -148,8 +148,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np   # noqa: E402
 
 from conftest import SHARED_DATA, make_crystal  # noqa: E402
-from streamvi.cli import main as cli_main  # noqa: E402
-from streamvi.deadletter import read_dead_letters  # noqa: E402
+from streamvi.cli.main import main as cli_main  # noqa: E402
+from streamvi.ingest.deadletter import read_dead_letters  # noqa: E402
 from streamvi.wire import encode_crystal  # noqa: E402
 
 LCLS = SHARED_DATA / "crystfel" / "5ht2b_lcls_32crystals.stream"
@@ -231,7 +231,7 @@ def test_5ht2b_without_a_cell_merges_all_32_crystals_from_the_command_line(tmp_p
         assert status["status"]["state"] == "merging" and status["status"]["failure"] is None
         assert status["status"]["counters"]["crystals_rejected"] == {}
         cell = status["merge"]["cell"]
-        from streamvi.merge import load_files
+        from streamvi.merging.offline import load_files
         first = np.array([m.cell for m in load_files([LCLS]).crystals[:16]])
         # the median of the first 16 crystals; orthorhombic: the angles become 90°
         expected = list(np.median(first, axis=0)[:3]) + [90.0, 90.0, 90.0]

@@ -437,7 +437,7 @@ def test_default_images_are_unchanged(name: str) -> None:
 
 def _max_e_per_shell(truth: Truth, n_shells: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Largest normalised amplitude E per resolution shell, and how many exceed 3."""
-    from streamvi.stats import shell_edges, shell_index
+    from streamvi.quality.stats import shell_edges, shell_index
 
     shell = shell_index(truth.d, shell_edges(truth.d, n_shells))
     f, eps = truth.F_model, truth.epsilon
@@ -601,7 +601,7 @@ def test_sigma_scale_misreports_sigmas_only(truth: Truth) -> None:
 
 
 def test_flat_intensities_are_wilson_with_no_falloff() -> None:
-    from streamvi.stats import shell_edges, shell_index
+    from streamvi.quality.stats import shell_edges, shell_index
     from streamvi_sim.config import FLAT_SIGMA
 
     cfg = dataclasses.replace(SMALL, flat_intensities=True, dmin=2.0)

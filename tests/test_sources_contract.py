@@ -21,7 +21,7 @@ import pytest
 import zmq
 from conftest import DIALS_EXPT, DIALS_REFL, LCLS_STREAM, requires_lcls
 
-from streamvi.send import send_files
+from streamvi.producers.send import send_files
 from streamvi.sources import Rejected, available_sources, load_source
 from streamvi.wire import CrystalMessage, decode_crystal, encode_crystal
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamvi.errors import ConfigError
-from streamvi.spool import HEADER_BYTES, MAGIC, Spool, segment_name
+from streamvi.ingest.spool import HEADER_BYTES, MAGIC, Spool, segment_name
 
 
 def payloads(n: int, *, seed: int = 0, lo: int = 0, hi: int = 400) -> list[bytes]:
@@ -67,7 +67,7 @@ def test_torn_tail_is_truncated(tmp_path: Path, cut: int, caplog) -> None:
     offsets = fill(tmp_path, items)
     seg = tmp_path / segment_name(1)
     os.truncate(seg, offsets[-1] + cut)
-    with caplog.at_level(logging.WARNING, logger="streamvi.spool"):
+    with caplog.at_level(logging.WARNING, logger="streamvi.ingest.spool"):
         with Spool(tmp_path) as spool:
             assert spool.n_records == 4
             assert spool.torn_records == 1
@@ -109,7 +109,7 @@ def test_flipped_byte_mid_file_skips_exactly_that_record(tmp_path: Path, where: 
     data = bytearray(seg.read_bytes())
     data[offsets[2] + where] ^= 0x5A
     seg.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="streamvi.spool"):
+    with caplog.at_level(logging.WARNING, logger="streamvi.ingest.spool"):
         with Spool(tmp_path) as spool:
             assert spool.n_records == 5
             assert spool.torn_records == 0
@@ -229,7 +229,7 @@ def test_kill_9_while_appending_loses_no_acknowledged_record(tmp_path: Path) -> 
 
     code = (
         "import sys\n"
-        "from streamvi.spool import Spool\n"
+        "from streamvi.ingest.spool import Spool\n"
         "s = Spool(sys.argv[1], segment_bytes=20000)\n"
         "i = 0\n"
         "while True:\n"

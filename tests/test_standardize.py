@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamvi.model.standardize import Standardizer
+from streamvi.merging.model.standardize import Standardizer
 
 
 def crystals(rng: np.random.Generator, n: int = 40, size: int = 60) -> list[np.ndarray]:

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from streamvi.stats import (MIN_PAIRS, ShellTable, attach_halfset_statistics, cc_star,
+from streamvi.quality.stats import (MIN_PAIRS, ShellTable, attach_halfset_statistics, cc_star,
                             correlation_by_shell, fisher_interval, fit_resolution,
                             halfset_statistics, pearson_by_group, resolution_at_cc, shell_edges,
                             shell_index, shell_statistics)

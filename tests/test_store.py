@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import make_crystal
-from streamvi.features import N_METADATA
-from streamvi.store import ReflectionStore, _ranges, image_half
+from streamvi.merging.features import N_METADATA
+from streamvi.merging.store import ReflectionStore, _ranges, image_half
 from streamvi.symmetry import ReciprocalSpace
 
 
@@ -176,7 +176,7 @@ def test_first_visit_lags_cover_visited_images_only(space):
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_arrays_reach_the_device_in_their_shapes_packed_or_not(pack):
-    from streamvi.store import _to_device
+    from streamvi.merging.store import _to_device
 
     arrays = [np.arange(6).reshape(2, 3), np.array([7, 8]), np.zeros(0, np.int32),
               np.array([[1.5], [2.5]])]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamvi.model.batch import Batch
-from streamvi.trainer import StepReport, Trainer, TrainerConfig, resolve_device
+from streamvi.merging.model.batch import Batch
+from streamvi.merging.trainer import StepReport, Trainer, TrainerConfig, resolve_device
 
 N_META = 3
 
@@ -225,8 +225,8 @@ def test_non_finite_batch_is_skipped_and_parameters_stay_finite():
     import numpy as _np
     import torch as _t
 
-    from streamvi.model.batch import Batch
-    from streamvi.trainer import Trainer, TrainerConfig
+    from streamvi.merging.model.batch import Batch
+    from streamvi.merging.trainer import Trainer, TrainerConfig
 
     tr = Trainer(TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
                  centric=_np.zeros(10, bool), epsilon=_np.ones(10, _np.float32), n_metadata=3)
@@ -249,7 +249,7 @@ def test_non_finite_batch_is_skipped_and_parameters_stay_finite():
 
 
 def test_finiteness_check_flags_nan_and_inf_but_not_large_values():
-    from streamvi.trainer import _all_finite
+    from streamvi.merging.trainer import _all_finite
 
     big = torch.full((1000,), 1e30)       # its 2-norm would overflow float32
     assert _all_finite([big, torch.zeros(3, 2)])
@@ -342,7 +342,7 @@ def test_sync_free_steps_merge_as_well_and_never_read_the_device(data, monkeypat
 def test_sync_free_step_skips_non_finite_gradients_on_the_device(data, monkeypatch):
     import warnings
 
-    import streamvi.trainer as trainer_module
+    import streamvi.merging.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "SKIP_CHECK_STEPS", 2)
     trainer = make_trainer(data, sync_free=True, posterior_average_decay=0.9,

@@ -2,7 +2,7 @@
 training-free figures, the resolution estimate, targets and forecasts, anomalous peaks.
 
 :func:`feedback_families` reads the service's latest snapshot table and
-:class:`~streamvi.feedback.Feedback` at scrape time; every family is announced from the first
+:class:`~streamvi.quality.feedback.Feedback` at scrape time; every family is announced from the first
 scrape on, with samples only where a value exists (no NaN in the exposition).  The metrics
 are described in docs/metrics.md.
 """
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from streamvi.service import Service
+    from streamvi.service.service import Service
 
 #: (metric, ShellTable attribute, help) of the per-shell evidence gauges.
 EVIDENCE_GAUGES = (

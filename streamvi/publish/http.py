@@ -34,10 +34,10 @@ import streamvi
 from streamvi.errors import ConfigError
 from streamvi.jsonsafe import jsonable
 from streamvi.publish.metrics import ServiceMetrics
-from streamvi.stats import CC_HALF_CUT
+from streamvi.quality.stats import CC_HALF_CUT
 
 if TYPE_CHECKING:
-    from streamvi.service import Service
+    from streamvi.service.service import Service
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import streamvi
 from streamvi.publish.feedback_metrics import feedback_families
 
 if TYPE_CHECKING:
-    from streamvi.service import Service
+    from streamvi.service.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ServiceMetrics:
     Parameters
     ----------
     service
-        The running :class:`~streamvi.service.Service` whose state is exported.
+        The running :class:`~streamvi.service.service.Service` whose state is exported.
     """
 
     def __init__(self, service: "Service"):

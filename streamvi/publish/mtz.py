@@ -97,7 +97,7 @@ def stale_temp_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def snapshot_to_dataset(snapshot) -> rs.DataSet:
-    """The merge of a :class:`~streamvi.engine.MergeSnapshot` as an ``rs.DataSet``.
+    """The merge of a :class:`~streamvi.merging.engine.MergeSnapshot` as an ``rs.DataSet``.
 
     Indexed by ``H, K, L`` in the reciprocal ASU of the snapshot's space group.
     """

@@ -9,7 +9,7 @@ dropped here with the same reason labels and counted in
 :attr:`~streamvi.wire.CrystalMessage.rows_rejected`, so per-row metadata stays aligned.
 
 Frames.  DIALS' lab frame has the beam travelling along −z (s0 = −z/λ); streamvi's wire
-format, like CrystFEL, has it along +z (k0 = (0, 0, 1/λ), see :mod:`streamvi.features`).
+format, like CrystFEL, has it along +z (k0 = (0, 0, 1/λ), see :mod:`streamvi.merging.features`).
 Messages carry a*, b*, c* in that frame: DIALS' vectors rotated by :func:`beam_frame_rotation`,
 which for a beam along −z is the 180° turn about y, (x, y, z) → (−x, y, −z) (y stays up).
 Rotations keep lengths, so |q|, d and the Ewald offset |s0 + q| − 1/λ are those of DIALS.

@@ -22,7 +22,7 @@ def attach_om(service: Any, *, url: str | None = None, allow_pickle: bool | None
     Parameters
     ----------
     service
-        The :class:`~streamvi.service.Service`.
+        The :class:`~streamvi.service.service.Service`.
     url, allow_pickle
         Override ``service.config.om_url`` / ``om_allow_pickle``.
 

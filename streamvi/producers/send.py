@@ -13,7 +13,7 @@ message counts only once it left every queue (see :class:`_Ledger`); what was st
 when the connection dropped or the final flush ran out is reported as ``unconfirmed``.
 
 :func:`send_files` sends several inputs at once (one reader thread each, crystals interleaved
-as they come), tails growing CrystFEL streams (``follow``, see :mod:`streamvi.follow`) and
+as they come), tails growing CrystFEL streams (``follow``, see :mod:`streamvi.producers.follow`) and
 records in a position file what was sent, so that a restart sends nothing twice.
 """
 from __future__ import annotations
@@ -34,14 +34,14 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from streamvi.errors import ConfigError
-from streamvi.follow import (
+from streamvi.producers.follow import (
     STDIN,
     PositionFile,
     StreamFollower,
     StreamPosition,
     whole_file_positions,
 )
-from streamvi.ratelimit import RateLimitedLog, clip
+from streamvi.ingest.ratelimit import RateLimitedLog, clip
 from streamvi.sources import Rejected, SourceItem
 from streamvi.wire import DEFAULT_MAX_MESSAGE_BYTES, CrystalMessage, encode_crystal
 
@@ -874,7 +874,7 @@ def send_files(paths: Sequence[str | os.PathLike[str]], url: str, *, follow: boo
         their start.  Without it each input is read to its current end.  Pipes are read until
         their writer closes them either way; DIALS files are finished files, read once.
     position_file
-        JSON file of where each input stands (see :class:`~streamvi.follow.PositionFile`):
+        JSON file of where each input stands (see :class:`~streamvi.producers.follow.PositionFile`):
         read at the start to resume after the last crystal sent, written (atomically) after
         each batch sent and at the end.  Pipes are not recorded.
     run

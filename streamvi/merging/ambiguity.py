@@ -3,7 +3,7 @@
 In a space group whose lattice has more symmetry than its point group (P 4₃: two settings
 related by a twin law; P 3: four), each still is reported in an arbitrary setting.  The
 merge's own per-visit choice
-(:meth:`~streamvi.model.merging.VariationalMergingModel.choose_ops`) starts from a
+(:meth:`~streamvi.merging.model.merging.VariationalMergingModel.choose_ops`) starts from a
 posterior in which no setting is preferred, and on sparse patterns (~100 reflections per
 still) it may never leave the 50/50 mixture.  This module assigns every image a setting
 from the data alone, as Brehm & Diederichs (2014, Acta Cryst. D70, 101) do, in a form that
@@ -59,7 +59,7 @@ import torch
 from streamvi.symmetry import ReciprocalSpace
 
 if TYPE_CHECKING:
-    from streamvi.store import ReflectionStore
+    from streamvi.merging.store import ReflectionStore
 
 log = logging.getLogger(__name__)
 

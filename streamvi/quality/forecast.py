@@ -34,7 +34,7 @@ import numpy as np
 
 from streamvi.errors import ConfigError
 from streamvi.jsonsafe import jsonable
-from streamvi.stats import Z95, ShellTable, fisher_interval, shell_edges, shell_index
+from streamvi.quality.stats import Z95, ShellTable, fisher_interval, shell_edges, shell_index
 
 #: The kinds of target, in the order they are shown; also the ``target`` label of metrics.
 KINDS = ("cc_half", "cc_anom", "completeness", "multiplicity")
@@ -508,7 +508,7 @@ class ForecastInputs:
     hkl, d, centric, epsilon, friedel
         The table's rows.
     table
-        The snapshot's :class:`~streamvi.stats.ShellTable`, data estimate attached.
+        The snapshot's :class:`~streamvi.quality.stats.ShellTable`, data estimate attached.
     model_provisional
         Whether the model's figures are provisional now (they moved with training).
     """

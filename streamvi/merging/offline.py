@@ -14,13 +14,13 @@ from typing import Callable, Iterable, Sequence
 import gemmi
 import numpy as np
 
-from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
+from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
-from streamvi.reference import ReferenceData, ReferenceSetting
+from streamvi.merging.reference import ReferenceData, ReferenceSetting
 from streamvi.sources import Rejected
 from streamvi.symmetry import (ReciprocalSpace, consensus_cell, format_cell, parse_cell,
                                parse_space_group, require_metric_symmetry, symmetrize_cell)
-from streamvi.trainer import StepReport, TrainerConfig
+from streamvi.merging.trainer import StepReport, TrainerConfig
 from streamvi.wire import CrystalMessage
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
 
     The learning rates decay linearly to :data:`FINAL_LR_FACTOR` of their values over the
     last ``anneal`` of the steps (0: constant rates, as the online service trains).  With a
-    ``reference`` (:func:`streamvi.reference.read_reference`), the snapshot is put in its
-    indexing setting (merohedral space groups; see :mod:`streamvi.reference`).
+    ``reference`` (:func:`streamvi.merging.reference.read_reference`), the snapshot is put in its
+    indexing setting (merohedral space groups; see :mod:`streamvi.merging.reference`).
 
     Returns
     -------

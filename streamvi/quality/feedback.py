@@ -4,7 +4,7 @@ target and the anomalous peak heights.
 
 :class:`LiveFeedback` keeps what one snapshot needs of the previous ones (the published
 resolution, the last figures, a history against the number of images);
-:meth:`LiveFeedback.observe` turns a :class:`~streamvi.engine.MergeSnapshot` and the store's
+:meth:`LiveFeedback.observe` turns a :class:`~streamvi.merging.engine.MergeSnapshot` and the store's
 half-set sums into a :class:`Feedback`, which the publishers read (status page,
 ``/api/status``, ``/metrics``, the PUB ``stats`` topic, ``streamvi status``).
 
@@ -12,15 +12,15 @@ What is published, and why:
 
 - CC½ and CCanom of the plain half-set averages (``cc_half_data``; training-free, so they
   change only when data arrive) beside the model's (``cc_half``), each with its pairs and
-  95 % interval (:mod:`streamvi.stats`);
+  95 % interval (:mod:`streamvi.quality.stats`);
 - the model's figures are *provisional* while they move more between two snapshots than
   the new data explain: by more than the data figure moved plus half the model figure's
   interval (the optimiser at work, not the data);
-- the resolution estimate is the fit of the data CC½ (:func:`~streamvi.stats.fit_resolution`)
+- the resolution estimate is the fit of the data CC½ (:func:`~streamvi.quality.stats.fit_resolution`)
   and is replaced only by one outside its interval (or whose interval excludes it); a change
   of kind ("beyond dmin" ↔ a value) must be seen in two snapshots in a row;
-- targets and forecasts (:mod:`streamvi.forecast`), and with a model the anomalous peak
-  heights (:mod:`streamvi.anomalous`).
+- targets and forecasts (:mod:`streamvi.quality.forecast`), and with a model the anomalous peak
+  heights (:mod:`streamvi.quality.anomalous`).
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from streamvi.anomalous import PeakReport, PhasingModel, snapshot_peaks
-from streamvi.forecast import Forecast, ForecastInputs, Target, forecast_targets
+from streamvi.quality.anomalous import PeakReport, PhasingModel, snapshot_peaks
+from streamvi.quality.forecast import Forecast, ForecastInputs, Target, forecast_targets
 from streamvi.jsonsafe import jsonable
-from streamvi.stats import ResolutionFit, ShellTable, attach_halfset_statistics
+from streamvi.quality.stats import ResolutionFit, ShellTable, attach_halfset_statistics
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ MAX_HISTORY = 2000
 def attach_data_estimate(table: ShellTable, space: Any, obs_count: np.ndarray,
                          sum_i_half: np.ndarray, wilson_sigma: np.ndarray | None) -> ShellTable:
     """Fill the training-free half-set figures of ``table`` (see
-    :func:`~streamvi.stats.attach_halfset_statistics`).
+    :func:`~streamvi.quality.stats.attach_halfset_statistics`).
 
     Parameters
     ----------
@@ -61,7 +61,7 @@ def attach_data_estimate(table: ShellTable, space: Any, obs_count: np.ndarray,
     sum_i_half
         ``(2, n_rows)`` Σ I per row and half (the store's, read with ``obs_count``).
     wilson_sigma
-        The data's Σ(d) per row (:meth:`~streamvi.store.ReflectionStore.wilson_sigma`), by
+        The data's Σ(d) per row (:meth:`~streamvi.merging.store.ReflectionStore.wilson_sigma`), by
         which intensities are normalised; None: not normalised.
     """
     expected = None if wilson_sigma is None else wilson_sigma * space.epsilon
@@ -100,9 +100,9 @@ class Feedback:
     snapshot_id, time, n_images, rate
         Of the snapshot; ``rate`` is indexed images per second when it was taken.
     forecasts
-        One per target, in :data:`~streamvi.forecast.KINDS` order.
+        One per target, in :data:`~streamvi.quality.forecast.KINDS` order.
     resolution
-        The published estimate (:class:`~streamvi.stats.ResolutionFit` of the data CC½,
+        The published estimate (:class:`~streamvi.quality.stats.ResolutionFit` of the data CC½,
         changed only beyond its interval).
     resolution_model
         The fit of the model's CC½ (provisional while ``provisional["cc_half"]``).
@@ -188,7 +188,7 @@ class LiveFeedback:
     Parameters
     ----------
     targets
-        What to forecast (:func:`~streamvi.forecast.targets_from_config`).
+        What to forecast (:func:`~streamvi.quality.forecast.targets_from_config`).
     model
         A structure for anomalous peak heights (None: none).
     """

@@ -2,7 +2,7 @@
 
 Threads:
 
-- the ingest thread (:class:`~streamvi.ingest.Ingestor`) receives, validates and spools
+- the ingest thread (:class:`~streamvi.ingest.receiver.Ingestor`) receives, validates and spools
   messages and puts accepted crystals on a bounded queue;
 - the training thread (:meth:`Service._train_loop`) drains that queue into the store without
   waiting, takes one optimiser step whenever there are data, and publishes snapshots and
@@ -41,20 +41,20 @@ import numpy as np
 import torch
 
 from streamvi.config import ServiceConfig, check_device
-from streamvi.counters import IngestCounters
-from streamvi.deadletter import DeadLetter
-from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
+from streamvi.ingest.counters import IngestCounters
+from streamvi.ingest.deadletter import DeadLetter
+from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
-from streamvi.feedback import Feedback, LiveFeedback, store_sums
-from streamvi.ingest import Ingestor, replay_spool
+from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
+from streamvi.ingest.receiver import Ingestor, replay_spool
 from streamvi.publish.mtz import MtzInfo, sibling_temp_path, stale_temp_files
 from streamvi.publish.snapshots import MtzSnapshots
-from streamvi.ratelimit import RateLimitedLog, clip
-from streamvi.reference import ReferenceSetting, check_same_lattice, read_reference
-from streamvi.spool import Spool
+from streamvi.ingest.ratelimit import RateLimitedLog, clip
+from streamvi.merging.reference import ReferenceSetting, check_same_lattice, read_reference
+from streamvi.ingest.spool import Spool
 from streamvi.symmetry import (ReciprocalSpace, consensus_cell, format_cell, parse_cell,
                                parse_space_group, require_metric_symmetry)
-from streamvi.trainer import TrainerConfig
+from streamvi.merging.trainer import TrainerConfig
 from streamvi.wire import CrystalMessage, encode_crystal
 
 log = logging.getLogger(__name__)
@@ -217,8 +217,8 @@ class Service:
 
     def _make_feedback(self) -> LiveFeedback:
         """Targets and the model of the anomalous peaks, checked before anything starts."""
-        from streamvi.anomalous import PhasingModel
-        from streamvi.forecast import targets_from_config
+        from streamvi.quality.anomalous import PhasingModel
+        from streamvi.quality.forecast import targets_from_config
 
         c = self.config
         targets = targets_from_config(c, dmin=c.dmin, anomalous=c.anomalous)
@@ -253,7 +253,7 @@ class Service:
     def _curve_options(self) -> dict[str, Any]:
         if not self.config.curve_secret_key:
             return {}
-        from streamvi.keys import load_allowed_clients, load_secret_key
+        from streamvi.ingest.keys import load_allowed_clients, load_secret_key
 
         return {"curve_server_secret": load_secret_key(self.config.curve_secret_key)[1],
                 "curve_allowed_clients": load_allowed_clients(self.config.curve_allowed_clients)}

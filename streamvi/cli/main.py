@@ -75,7 +75,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
                          space_group=cfg.space_group, geometry=geometry,
                          command_line=_simulate_command(cfg))
     if args.to:
-        from streamvi.send import send_messages
+        from streamvi.producers.send import send_messages
 
         send_messages(simulate_images(cfg, truth), args.to, rate=args.rate)
     print(json.dumps({"images": cfg.n_images, "written": n,
@@ -130,7 +130,7 @@ def _add_trainer_options(p: argparse.ArgumentParser) -> None:
 
 
 def _trainer_config(args: argparse.Namespace):
-    from streamvi.trainer import TrainerConfig
+    from streamvi.merging.trainer import TrainerConfig
 
     # 8 Monte Carlo samples: the CPU default (abismal's 32 costs ~25 % more time per step
     # for no measurable gain in CC at 2,000 images); raise it on a GPU
@@ -174,11 +174,11 @@ def _run_merge(args: argparse.Namespace) -> int:
     import torch
 
     from streamvi.config import check_device
-    from streamvi.engine import EngineConfig
-    from streamvi.merge import (Progress, check_output_path, load_files, merge_crystals,
+    from streamvi.merging.engine import EngineConfig
+    from streamvi.merging.offline import (Progress, check_output_path, load_files, merge_crystals,
                                 resolve_space)
     from streamvi.publish.mtz import MtzInfo, write_snapshot_mtz
-    from streamvi.reference import read_reference
+    from streamvi.merging.reference import read_reference
 
     # mistakes that need no data are refused before anything is read or trained
     check_device(args.device, key="--device")
@@ -209,7 +209,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     store = engine.store
     # the training-free half-set figures beside the model's (docs/metrics.md)
-    from streamvi.feedback import attach_data_estimate, store_sums
+    from streamvi.quality.feedback import attach_data_estimate, store_sums
 
     sum_i_half, wilson = store_sums(engine)
     attach_data_estimate(snapshot.stats, snapshot.space, snapshot.obs_count, sum_i_half, wilson)
@@ -286,7 +286,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import threading
 
     from streamvi.config import OPTIONS, load_config
-    from streamvi.service import Service
+    from streamvi.service.service import Service
 
     overrides = {o.name: getattr(args, o.name) for o in OPTIONS}
     cfg = load_config(args.config, overrides=overrides)
@@ -343,7 +343,7 @@ def _run_send(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from streamvi.send import send_files
+    from streamvi.producers.send import send_files
 
     stop = threading.Event()
     previous = {}
@@ -388,7 +388,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from streamvi.demo import run_demo
+    from streamvi.cli.demo import run_demo
 
     run_demo(images=args.images, rate=args.rate, out_dir=args.out_dir, seed=args.seed,
              device=args.device, anomalous=not args.no_anomalous, metrics_port=args.metrics_port)
@@ -414,7 +414,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from streamvi.feedback import decision_lines
+    from streamvi.quality.feedback import decision_lines
 
     url = args.url if "://" in args.url else f"http://{args.url}"
     url = url.rstrip("/") + "/api/status"
@@ -476,7 +476,7 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_keys(args: argparse.Namespace) -> int:
-    from streamvi.keys import generate_keypair
+    from streamvi.ingest.keys import generate_keypair
 
     for name in args.name:
         public, secret = generate_keypair(args.out, name)

@@ -6,7 +6,7 @@ part in a thousand, which at 1.8 Å moves a reflection by about as much as the w
 partiality profile (DESIGN.md §9; partialator refines the same quantities).  Each image
 therefore carries six parameters: a small rotation (three components, radians) and a
 relative dilation of each reciprocal axis (a*, b*, c*).  They move the scattering vectors
-``q`` that the Ewald offsets of the metadata (:data:`streamvi.features.METADATA_COLUMNS`)
+``q`` that the Ewald offsets of the metadata (:data:`streamvi.merging.features.METADATA_COLUMNS`)
 were computed from, and the scale network sees the corrected offsets, so the gradient of the
 likelihood reaches them through the network's learnt partiality.
 
@@ -28,7 +28,7 @@ STATE_WIDTH = 3 * N_GEOMETRY + 1
 #: photon energy × wavelength, keV·Å
 HC_KEV_A = 12.398419843320026
 
-# metadata columns (streamvi.features.METADATA_COLUMNS) this module reads and rewrites
+# metadata columns (streamvi.merging.features.METADATA_COLUMNS) this module reads and rewrites
 _ENERGY, _OFFSET, _RADIUS, _RATIO, _S1 = 3, 4, 5, 6, slice(7, 10)
 
 
@@ -66,7 +66,7 @@ def offset_jacobian(metadata: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     metadata
-        ``(n, n_metadata)`` raw features (:func:`streamvi.features.reflection_metadata`).
+        ``(n, n_metadata)`` raw features (:func:`streamvi.merging.features.reflection_metadata`).
     axes
         ``(n, 2, 3, 3)`` each reflection's copy of its image's :func:`lattice_axes`.
 
@@ -96,7 +96,7 @@ def corrected_metadata(metadata: torch.Tensor, image_index: torch.Tensor,
     Parameters
     ----------
     metadata
-        ``(n, n_metadata)`` raw features (:func:`streamvi.features.reflection_metadata`).
+        ``(n, n_metadata)`` raw features (:func:`streamvi.merging.features.reflection_metadata`).
     image_index
         ``(n,)`` image of each reflection.
     params

@@ -1,7 +1,7 @@
 """Data-parallel merging over ``torch.distributed`` (DESIGN.md section 8).
 
 N ranks (one device each: NCCL between GPUs, gloo between CPU processes) train one model.
-Each rank owns an :class:`~streamvi.ingest.Ingestor` whose PULL socket takes its share of a
+Each rank owns an :class:`~streamvi.ingest.receiver.Ingestor` whose PULL socket takes its share of a
 producer's PUSH fan-out (ZeroMQ hands each message to one peer, round robin), a store of the
 crystals it received and its own scheduler.  Every step the ranks move in lock-step:
 
@@ -47,12 +47,12 @@ import torch.distributed as dist
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streamvi.counters import IngestCounters
-from streamvi.engine import EngineConfig, MergeEngine, MergeSnapshot
+from streamvi.ingest.counters import IngestCounters
+from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
-from streamvi.model.standardize import Standardizer
+from streamvi.merging.model.standardize import Standardizer
 from streamvi.symmetry import ReciprocalSpace
-from streamvi.trainer import StepReport, Trainer, TrainerConfig
+from streamvi.merging.trainer import StepReport, Trainer, TrainerConfig
 from streamvi.wire import CrystalMessage, encode_crystal
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def init_process_group(rank: int, world_size: int, *, init_method: str | None = 
 def _require_group() -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("data-parallel training needs torch.distributed initialised first: "
-                          "call streamvi.distributed.init_process_group(rank, world_size, ...) "
+                          "call streamvi.merging.distributed.init_process_group(rank, world_size, ...) "
                           "or start the ranks with torchrun")
     return dist.get_rank(), dist.get_world_size()
 
@@ -172,7 +172,7 @@ class RankStandardizer(Standardizer):
 
 
 class DistributedTrainer(Trainer):
-    """A :class:`~streamvi.trainer.Trainer` for one rank of a data-parallel job.
+    """A :class:`~streamvi.merging.trainer.Trainer` for one rank of a data-parallel job.
 
     Same constructor as :class:`Trainer`; the default process group must be initialised
     (:func:`init_process_group`).  Parameters and buffers start from rank 0's, the
@@ -316,7 +316,7 @@ class SyncState:
 
 
 class DistributedEngine(MergeEngine):
-    """A :class:`~streamvi.engine.MergeEngine` for one rank of a data-parallel job.
+    """A :class:`~streamvi.merging.engine.MergeEngine` for one rank of a data-parallel job.
 
     Crystals are added locally (:meth:`add`); :meth:`step` is a collective: it synchronises
     the store statistics, then trains on this rank's minibatch.  No rank trains before every
@@ -565,10 +565,10 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     A SIGTERM to any rank stops all of them at the next step, with a final snapshot and
     checkpoint.
     """
-    from streamvi.deadletter import DeadLetter
-    from streamvi.ingest import Ingestor, replay_spool
+    from streamvi.ingest.deadletter import DeadLetter
+    from streamvi.ingest.receiver import Ingestor, replay_spool
     from streamvi.publish.snapshots import MtzSnapshots
-    from streamvi.spool import Spool
+    from streamvi.ingest.spool import Spool
 
     t_start = time.monotonic()
     tcfg = trainer_config or TrainerConfig()
@@ -689,7 +689,7 @@ def _save_checkpoint(engine: DistributedEngine, path: Path) -> None:
 
 
 def main_from_env(argv: Sequence[str] | None = None) -> None:
-    """``python -m streamvi.distributed CONFIG.json``: one rank started by ``torchrun``.
+    """``python -m streamvi.merging.distributed CONFIG.json``: one rank started by ``torchrun``.
 
     Reads ``RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``) from the environment
     and the job from a JSON file: ``endpoints``, ``space`` (``space_group``, ``cell``,
@@ -701,7 +701,7 @@ def main_from_env(argv: Sequence[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: torchrun --nproc-per-node N -m streamvi.distributed JOB.json")
+        raise SystemExit("usage: torchrun --nproc-per-node N -m streamvi.merging.distributed JOB.json")
     job = json.loads(Path(args[0]).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     tcfg = TrainerConfig(**job.pop("trainer", {}))

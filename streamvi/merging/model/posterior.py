@@ -2,7 +2,7 @@
 
 Table 0 merges all images; tables 1 and 2 merge the two half datasets (for CC1/2 and CCanom
 while streaming).  The parameters live in one ``(n_tables * n_rows, 2)`` matrix looked up
-with a sparse embedding, so a sparse Adam step (:class:`streamvi.optim.RowSparseAdam`)
+with a sparse embedding, so a sparse Adam step (:class:`streamvi.merging.optim.RowSparseAdam`)
 touches only the rows of the current minibatch and every other row stays bit-identical.
 
 Each row's location and scale are expressed in a unit of its own, :attr:`FoldedNormalPosterior.unit`
@@ -124,9 +124,9 @@ class FoldedNormalPosterior(nn.Module):
         """Constrained ``(loc, scale)`` of rows ``flat_ids`` of :attr:`weight`.
 
         The gradient of :attr:`weight` is sparse (one entry per lookup, for
-        :class:`~streamvi.optim.RowSparseAdam`) unless ``dense_grad``: then it is a dense
+        :class:`~streamvi.merging.optim.RowSparseAdam`) unless ``dense_grad``: then it is a dense
         ``index_add_`` of the lookups, whose shape does not depend on the data (the
-        synchronisation-free step of :class:`~streamvi.trainer.Trainer`).
+        synchronisation-free step of :class:`~streamvi.merging.trainer.Trainer`).
         """
         if dense_grad:
             raw = self.weight.index_select(0, flat_ids.reshape(-1)).reshape(

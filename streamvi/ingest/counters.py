@@ -19,7 +19,7 @@ Counting rules
   (:meth:`IngestCounters.record_duplicate`): counted as received, never spooled, so a flood
   of resends cannot fill the disk.
 - ``crystals_rejected[reason]``: accepted (spooled) crystals the store refused
-  (``cell_mismatch``, ``intensity_outlier``, ``outside_table``; streamvi/store.py), so that
+  (``cell_mismatch``, ``intensity_outlier``, ``outside_table``; streamvi/merging/store.py), so that
   ``crystals_received == crystals_merged + duplicates + Σ crystals_rejected``.
 - ``last_seq``: the highest spool sequence number already counted, so that replaying the
   spool after a restart counts only what the checkpoint had not (nothing counted twice).

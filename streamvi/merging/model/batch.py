@@ -25,7 +25,7 @@ class Batch:
         ``(n,)`` float32 intensities and their uncertainties, as measured (not standardised).
     metadata
         ``(n, n_metadata)`` float32 raw per-reflection features (see
-        :data:`streamvi.features.METADATA_COLUMNS`), not standardised.
+        :data:`streamvi.merging.features.METADATA_COLUMNS`), not standardised.
     image_index
         ``(n,)`` int64 position of each reflection's image within this batch, ``0..n_images-1``.
     image_offsets
@@ -45,12 +45,12 @@ class Batch:
         last visit (0 before the first), with several operators.
     geometry
         Optional ``(n_images, k)`` float32 per-image geometry corrections: the first
-        :data:`~streamvi.model.geometry.N_GEOMETRY` columns are the parameters the scale
+        :data:`~streamvi.merging.model.geometry.N_GEOMETRY` columns are the parameters the scale
         model applies to the metadata (the store hands the whole refinement state, ``k =
         STATE_WIDTH``; the trainer passes the parameters alone while it refines them).
     axes
         Optional ``(n_images, 2, 3, 3)`` float32
-        :func:`~streamvi.model.geometry.lattice_axes` of each image: its reciprocal basis
+        :func:`~streamvi.merging.model.geometry.lattice_axes` of each image: its reciprocal basis
         and the inverse (zeros without an orientation); required with ``geometry``.
     """
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from streamvi.features import N_METADATA
-from streamvi.reference import ReferenceSetting, SettingChoice, align_snapshot
-from streamvi.schedule import ImageScheduler
-from streamvi.stats import ShellTable, shell_statistics
-from streamvi.store import AddResult, ReflectionStore
+from streamvi.merging.features import N_METADATA
+from streamvi.merging.reference import ReferenceSetting, SettingChoice, align_snapshot
+from streamvi.merging.schedule import ImageScheduler
+from streamvi.quality.stats import ShellTable, shell_statistics
+from streamvi.merging.store import AddResult, ReflectionStore
 from streamvi.symmetry import ReciprocalSpace
-from streamvi.trainer import StepReport, Trainer, TrainerConfig
+from streamvi.merging.trainer import StepReport, Trainer, TrainerConfig
 from streamvi.wire import CrystalMessage
 
 log = logging.getLogger(__name__)

@@ -111,7 +111,7 @@ class Standardizer(nn.Module):
             ``(n,)`` intensities.
         image_index
             ``(n,)`` the crystal (``0 .. n_images - 1``) of each reflection, as in a
-            :class:`~streamvi.model.batch.Batch`; None: all of them are one crystal.
+            :class:`~streamvi.merging.model.batch.Batch`; None: all of them are one crystal.
         n_images
             Number of crystals with ``image_index`` (known on the host, so no wait).
         """

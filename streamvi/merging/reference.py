@@ -218,7 +218,7 @@ def check_same_lattice(reference: ReferenceData, space_group, cell) -> None:
 
 
 def reindex_snapshot(snapshot, perm: np.ndarray, notes: list[str]):
-    """A copy of a :class:`~streamvi.engine.MergeSnapshot` with its rows moved by ``perm``.
+    """A copy of a :class:`~streamvi.merging.engine.MergeSnapshot` with its rows moved by ``perm``.
 
     Row ``r`` of every table and of ``obs_count`` becomes row ``perm[r]``; the shell
     statistics do not change (twin laws keep resolution, centricity and Bijvoet pairs).

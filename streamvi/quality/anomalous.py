@@ -5,7 +5,7 @@ of the structure's (non-anomalous) structure factor: the classical way to see an
 scatterers once phases are known.  Heights are in σ of the map (its r.m.s. about the mean).
 
 - :func:`difference_map` and :func:`heights_at` build a map and read it, for any phases
-  (:func:`streamvi.evaluate.anomalous_peak_heights` uses the simulation's true ones);
+  (:func:`streamvi.quality.evaluate.anomalous_peak_heights` uses the simulation's true ones);
 - :class:`PhasingModel` reads a PDB or mmCIF file once, computes its phases for the rows of
   a merge and knows which of its atoms are heavy;
 - :func:`snapshot_peaks` is what the service publishes for each snapshot: the height at each

@@ -53,9 +53,9 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     import reciprocalspaceship as rs
 
     from streamvi.config import check_device
-    from streamvi.evaluate import compare_to_truth
-    from streamvi.send import send_messages
-    from streamvi.service import Service
+    from streamvi.quality.evaluate import compare_to_truth
+    from streamvi.producers.send import send_messages
+    from streamvi.service.service import Service
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
     # mistakes that need no data are refused before the beamtime is simulated
@@ -170,7 +170,7 @@ def _iodide_peaks(mtz: Path, truth) -> dict | None:
     import numpy as np
     import reciprocalspaceship as rs
 
-    from streamvi.evaluate import anomalous_peak_heights
+    from streamvi.quality.evaluate import anomalous_peak_heights
 
     frac = truth.site_frac("I")
     if frac.shape[0] == 0:

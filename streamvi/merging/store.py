@@ -28,9 +28,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from streamvi.features import N_METADATA, reflection_metadata
-from streamvi.model.geometry import N_GEOMETRY, STATE_WIDTH, lattice_axes
-from streamvi.model.batch import Batch
+from streamvi.merging.features import N_METADATA, reflection_metadata
+from streamvi.merging.model.geometry import N_GEOMETRY, STATE_WIDTH, lattice_axes
+from streamvi.merging.model.batch import Batch
 from streamvi.symmetry import (CELL_ANGLE_TOLERANCE_DEG, CELL_LENGTH_TOLERANCE,
                                ReciprocalSpace, cell_mismatch)
 from streamvi.wire import CrystalMessage
@@ -212,11 +212,11 @@ class ReflectionStore:
                                        device=self.device)
         self.image_op = np.zeros(n0 if self.n_ops > 1 else 0, np.int64)
         #: each image's geometry refinement state (parameters, Adam moments, update count;
-        #: :mod:`streamvi.model.geometry`), on the training device
+        #: :mod:`streamvi.merging.model.geometry`), on the training device
         self._geometry_t = torch.zeros((n0, STATE_WIDTH), dtype=torch.float32,
                                        device=self.device)
         #: each image's reciprocal basis and its inverse
-        #: (:func:`~streamvi.model.geometry.lattice_axes`; zeros when the message has no
+        #: (:func:`~streamvi.merging.model.geometry.lattice_axes`; zeros when the message has no
         #: orientation), which the axial dilations act through
         self._axes_t = torch.zeros((n0, 2, 3, 3), dtype=torch.float32, device=self.device)
         self.n_images = 0
@@ -251,7 +251,7 @@ class ReflectionStore:
         #: Σ I per row (unweighted): the Wilson plot of the data
         self.sum_i = np.zeros(space.n_unique, np.float64)
         #: Σ I per row and half dataset: the half-set averages behind the training-free
-        #: CC½ (:func:`streamvi.stats.halfset_statistics`), which move only with the data
+        #: CC½ (:func:`streamvi.quality.stats.halfset_statistics`), which move only with the data
         self.sum_i_half = np.zeros((2, space.n_unique), np.float64)
 
     # ------------------------------------------------------------------ adding
@@ -748,7 +748,7 @@ class ReflectionStore:
 
     def set_geometry(self, image_ids: torch.Tensor, state: torch.Tensor) -> None:
         """Record each image's geometry refinement state after a step (``image_ids`` and
-        ``state`` as in a :class:`Batch` and its :class:`~streamvi.trainer.StepReport`)."""
+        ``state`` as in a :class:`Batch` and its :class:`~streamvi.merging.trainer.StepReport`)."""
         self._geometry_t[image_ids.to(self.device)] = state.to(self.device, torch.float32)
 
     @property

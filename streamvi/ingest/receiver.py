@@ -5,7 +5,7 @@ together.  For each frame:
 
 1. :func:`streamvi.wire.decode_crystal`; a refused message is counted by ``reason`` and
    written to the dead-letter file -- never an exception.
-2. An accepted message is appended to the :class:`~streamvi.spool.Spool` *first*, byte for
+2. An accepted message is appended to the :class:`~streamvi.ingest.spool.Spool` *first*, byte for
    byte, then counted, then queued as ``(seq, msg, arrival_time)``.
 3. When the queue is full the thread waits instead of reading: the socket's receive
    high-water mark fills, then the producer's send high-water mark, and a PUSH producer
@@ -29,11 +29,11 @@ from urllib.parse import urlsplit
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streamvi.counters import IngestCounters
-from streamvi.deadletter import DeadLetter
+from streamvi.ingest.counters import IngestCounters
+from streamvi.ingest.deadletter import DeadLetter
 from streamvi.errors import ConfigError, StreamviError, WireError
-from streamvi.ratelimit import RateLimitedLog, clip
-from streamvi.spool import Spool
+from streamvi.ingest.ratelimit import RateLimitedLog, clip
+from streamvi.ingest.spool import Spool
 from streamvi.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_REFLECTIONS,
@@ -145,7 +145,7 @@ class _AllowedKeys:
     """ZAP credentials provider: a fixed set of z85 client public keys.
 
     A refused producer reconnects every 100 ms or faster, so refusals are logged through a
-    :class:`~streamvi.ratelimit.RateLimitedLog` and counted in :attr:`refused`.
+    :class:`~streamvi.ingest.ratelimit.RateLimitedLog` and counted in :attr:`refused`.
     """
 
     def __init__(self, keys: Iterable[bytes | str], notices: RateLimitedLog):

@@ -14,16 +14,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from streamvi.features import N_METADATA
-from streamvi.model.batch import Batch
-from streamvi.model.geometry import N_GEOMETRY, adam_update
-from streamvi.model.likelihood import NormalLikelihood, StudentTLikelihood
-from streamvi.model.merging import VariationalMergingModel
-from streamvi.model.posterior import FoldedNormalPosterior
-from streamvi.model.prior import WilsonPrior
-from streamvi.model.scale import ImageScaleModel
-from streamvi.model.standardize import Standardizer
-from streamvi.optim import RowSparseAdam
+from streamvi.merging.features import N_METADATA
+from streamvi.merging.model.batch import Batch
+from streamvi.merging.model.geometry import N_GEOMETRY, adam_update
+from streamvi.merging.model.likelihood import NormalLikelihood, StudentTLikelihood
+from streamvi.merging.model.merging import VariationalMergingModel
+from streamvi.merging.model.posterior import FoldedNormalPosterior
+from streamvi.merging.model.prior import WilsonPrior
+from streamvi.merging.model.scale import ImageScaleModel
+from streamvi.merging.model.standardize import Standardizer
+from streamvi.merging.optim import RowSparseAdam
 
 LIKELIHOODS = ("student_t", "normal")
 
@@ -82,7 +82,7 @@ class TrainerConfig:
     pooled_merge_ratio: bool = True
     #: refine each image's orientation (a small rotation) and reciprocal-lattice scale at
     #: every visit, through the scale network's learnt partiality (docs/model.md change 9;
-    #: :mod:`streamvi.model.geometry`).  Priors: σ ``geometry_rotation_deg`` per rotation
+    #: :mod:`streamvi.merging.model.geometry`).  Priors: σ ``geometry_rotation_deg`` per rotation
     #: component and ``geometry_dilation`` (relative); ``geometry_lr`` is the per-image Adam
     #: step in units of those σ.
     refine_geometry: bool = True
@@ -91,7 +91,7 @@ class TrainerConfig:
     #: row's expected size, and strong low-resolution amplitudes reach their value
     posterior_wilson_units: bool = False
     #: learn an error model σ' = √((a σ)² + (b Ipred)²) in the likelihood (docs/model.md
-    #: change 12; :class:`streamvi.model.likelihood.ErrorModel`)
+    #: change 12; :class:`streamvi.merging.model.likelihood.ErrorModel`)
     error_model: bool = False
     geometry_rotation_deg: float = 0.05
     geometry_dilation: float = 0.002
@@ -140,7 +140,7 @@ class StepReport:
     #: a skipped step reports NaN losses
     taken: torch.Tensor | bool = True
     #: per image of the batch (batch order), on the training device: the refined geometry
-    #: state after this step (:mod:`streamvi.model.geometry`; None when not refined)
+    #: state after this step (:mod:`streamvi.merging.model.geometry`; None when not refined)
     geometry: torch.Tensor | None = None
     #: per reflection of the batch, on the training device: the location (log scale) of its
     #: scale distribution in this step
@@ -290,7 +290,7 @@ class Trainer:
             self._reset_average()
         self.model.sync_free = (self.device.type == "cuda" if config.sync_free is None
                                 else bool(config.sync_free))
-        # the corrections rewrite the Ewald columns of streamvi.features' layout: a model
+        # the corrections rewrite the Ewald columns of streamvi.merging.features' layout: a model
         # fed other metadata (tests, synthetic benchmarks of other widths) has none to refine
         if config.refine_geometry and n_metadata == N_METADATA:
             self.model.geometry_sigma = (math.radians(config.geometry_rotation_deg),
@@ -521,7 +521,7 @@ class Trainer:
         """Hook between ``backward`` and the optimiser steps; a no-op for one process.
 
         Data-parallel ranks override it to combine their gradients so that every rank takes
-        the same step (:class:`streamvi.distributed.DistributedTrainer`).
+        the same step (:class:`streamvi.merging.distributed.DistributedTrainer`).
         """
 
     def set_wilson_sigma(self, sigma: np.ndarray, *, reset: np.ndarray | None = None) -> None:

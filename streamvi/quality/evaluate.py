@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import reciprocalspaceship as rs
 
-from streamvi.stats import pearson_by_group, shell_edges, shell_index
+from streamvi.quality.stats import pearson_by_group, shell_edges, shell_index
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -34,7 +34,7 @@ def compare_to_truth(merged: rs.DataSet, truth: rs.DataSet, *, n_shells: int = 1
     -------
     dict
         ``cc_F`` overall, ``cc_F_shells`` (low → high resolution; shells of equal volume in
-        reciprocal space, :func:`streamvi.stats.shell_edges`), ``cc_F_lowest_shell`` and
+        reciprocal space, :func:`streamvi.quality.stats.shell_edges`), ``cc_F_lowest_shell`` and
         ``cc_F_top_shell``, ``d_min_shells`` (Å, the high-resolution edge of each shell) and
         ``d_max`` (Å, the low edge of the first), ``cc_anom`` (merged ΔF vs true ΔF over
         acentric pairs, NaN without both columns) and ``cc_anom_shells``, ``n_common``.
@@ -219,7 +219,7 @@ def strong_reflection_ratios(merged: rs.DataSet, truth: rs.DataSet, *, fraction:
     """F_merged / F_true of the strongest true reflections, after a scale per shell.
 
     The common reflections are cut into ``n_shells`` resolution shells of equal volume
-    (:func:`streamvi.stats.shell_edges`).  In each shell the merge is put on the truth's
+    (:func:`streamvi.quality.stats.shell_edges`).  In each shell the merge is put on the truth's
     scale by least squares, ``k = Σ F_m F_t / Σ F_m²``; the ``fraction`` strongest
     reflections are chosen by the *true* normalised amplitude within their shell, ``E =
     F_t / √(ε ⟨F_t²/ε⟩_shell)`` (by E rather than F so that every resolution can contribute,
@@ -236,7 +236,7 @@ def strong_reflection_ratios(merged: rs.DataSet, truth: rs.DataSet, *, fraction:
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction = {fraction}: must lie in (0, 1]")
     hkl, d, fm, ft = _common_amplitudes(merged, truth, f_col, truth_f)
-    from streamvi.stats import shell_edges, shell_index
+    from streamvi.quality.stats import shell_edges, shell_index
 
     shell = shell_index(d, shell_edges(d, n_shells))
     eps = merged.spacegroup.operations().epsilon_factor_array(hkl).astype(np.float64)
@@ -270,7 +270,7 @@ def anomalous_peak_heights(merged: rs.DataSet, truth: rs.DataSet, sites_frac: np
         ``site_sigma`` per site, ``top_peaks_sigma`` (the highest map peaks), and
         ``sites_are_top`` (all sites higher than every grid point farther than 2 Å from them).
     """
-    from streamvi.anomalous import difference_map, heights_at
+    from streamvi.quality.anomalous import difference_map, heights_at
 
     common = merged.index.intersection(truth.index)
     m = merged.loc[common]

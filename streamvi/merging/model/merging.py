@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamvi.model.batch import Batch
-from streamvi.model.geometry import N_GEOMETRY, corrected_metadata, prior_nll
-from streamvi.model.posterior import FoldedNormalPosterior
-from streamvi.model.prior import WilsonPrior
-from streamvi.model.scale import ImageScaleModel
-from streamvi.model.standardize import Standardizer
+from streamvi.merging.model.batch import Batch
+from streamvi.merging.model.geometry import N_GEOMETRY, corrected_metadata, prior_nll
+from streamvi.merging.model.posterior import FoldedNormalPosterior
+from streamvi.merging.model.prior import WilsonPrior
+from streamvi.merging.model.scale import ImageScaleModel
+from streamvi.merging.model.standardize import Standardizer
 
 ScaleForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -137,10 +137,10 @@ class VariationalMergingModel(nn.Module):
         self.reject_images = False
         #: evaluate the objective with shapes that do not depend on the data (no
         #: ``torch.unique``) and a dense gradient for the posterior: nothing in the step
-        #: waits on the device (:class:`~streamvi.trainer.Trainer`, ``sync_free``)
+        #: waits on the device (:class:`~streamvi.merging.trainer.Trainer`, ``sync_free``)
         self.sync_free = False
         #: prior σ of the per-image geometry corrections, ``(rotation rad, dilation)``;
-        #: None: a batch's ``geometry`` is ignored (:mod:`streamvi.model.geometry`)
+        #: None: a batch's ``geometry`` is ignored (:mod:`streamvi.merging.model.geometry`)
         self.geometry_sigma: tuple[float, float] | None = None
         self._scale_forward: ScaleForward | None = None
 

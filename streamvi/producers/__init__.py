@@ -1,0 +1,1 @@
+"""Producers: sending files and growing streams to a service (docs/architecture.md)."""
