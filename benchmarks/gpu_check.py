@@ -65,12 +65,17 @@ def sync_points(space, crystals, *, steps: int = 3) -> None:
     """Host-device synchronisations of a training step, by torch's own count.
 
     ``torch.cuda.set_sync_debug_mode("warn")`` warns at every synchronising call; the lines
-    name the call sites (docs/performance.md).  ``streamvi.syncprobe`` counts the operations
+    name the call sites (docs/performance.md).  ``tests/syncprobe.py`` counts the operations
     behind them as the CPU tests do, for comparison.
     """
     import warnings
 
-    from streamvi.syncprobe import HostReadProbe
+    import sys
+    from pathlib import Path
+
+    # a test helper, not part of the package: the tests' own copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from syncprobe import HostReadProbe
 
     for sync_free in (False, True):
         eng = _engine(space, crystals, sync_free=sync_free)

@@ -287,9 +287,4 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def option_fields() -> list[str]:
-    """Names of all options (for docs and the CLI)."""
-    return [o.name for o in OPTIONS]
-
-
 __all__ = ["OPTIONS", "Option", "ServiceConfig", "load_config", "example_toml", "check_device"]

@@ -76,9 +76,3 @@ class ValueRangeError(WireError):
     """A value is outside what is physically sensible (cell, energy, …)."""
 
     reason = "out_of_range"
-
-
-class StreamFormatError(InputError):
-    """A CrystFEL stream (or other upstream file) chunk could not be parsed."""
-
-    reason = "malformed_chunk"

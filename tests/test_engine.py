@@ -58,7 +58,7 @@ def test_offline_merge_takes_sigma_from_all_data_at_once(stills):
 def test_sync_free_engine_step_never_waits_for_the_device():
     """Scheduler, store gather, twin-law and misfit bookkeeping and the step itself queue
     their work without a host read (the CUDA default, run here on the CPU)."""
-    from streamvi.syncprobe import HostReadProbe
+    from syncprobe import HostReadProbe
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
     sim = SimulationConfig(n_images=24, seed=5, dmin=3.0, space_group="P 43",

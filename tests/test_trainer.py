@@ -312,7 +312,7 @@ def test_posterior_average_follows_each_rows_updates(data):
 def test_sync_free_steps_merge_as_well_and_never_read_the_device(data, monkeypatch):
     """The CUDA step, run on the CPU: same merge, and nothing in a step (after the
     standardiser's warm-up) that makes the host wait for the device."""
-    from streamvi.syncprobe import HostReadProbe
+    from syncprobe import HostReadProbe
 
     assert make_trainer(data).sync_free is False          # CPU default: sparse rows
     trainer = make_trainer(data, sync_free=True, posterior_average_decay=0.9)

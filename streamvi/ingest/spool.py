@@ -68,11 +68,6 @@ def segment_name(number: int) -> str:
     return f"spool-{number:06d}.svs"
 
 
-def encode_record(payload: bytes | bytearray | memoryview) -> bytes:
-    """One framed record (header + payload), as :meth:`Spool.append` writes it."""
-    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + bytes(payload)
-
-
 @dataclass
 class _Segment:
     number: int
