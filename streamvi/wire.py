@@ -12,6 +12,7 @@ bad on their own (non-finite intensity, σ ≤ 0, hkl = 000) are dropped and cou
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -26,7 +27,6 @@ from streamvi.errors import (
     ShapeMismatchError,
     ValueRangeError,
 )
-from streamvi.ingest.ratelimit import clip, clip_repr
 
 SCHEMA = "streamvi.crystal"
 VERSION = 1
@@ -56,6 +56,61 @@ MAX_RECIPROCAL_LENGTH = 10.0
 
 #: Largest |h|, |k|, |l| accepted: beyond this the indices are not physical for any cell.
 MAX_MILLER = 1024
+
+# ------------------------------------------------------------------ echoing a peer's values
+# Error messages, log lines and dead-letter records quote what a peer sent; these keep the
+# quotes short whatever it sent.
+
+#: Longest piece of a peer's text put into a log line or a record, characters.
+MAX_ECHO_CHARS = 200
+
+
+def clip(text: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``str(text)`` cut to ``limit`` characters, with a marker that gives its full length.
+
+    Parameters
+    ----------
+    text
+        Anything; values from a message (names, reprs) may be megabytes long.
+    limit
+        Characters kept.
+
+    Returns
+    -------
+    str
+        ``text`` itself when short enough, else its first ``limit`` characters followed by
+        ``"… [N characters in all]"``.
+    """
+    s = text if isinstance(text, str) else str(text)
+    if len(s) <= limit:
+        return s
+    return f"{s[:limit]}… [{len(s):,} characters in all]"
+
+
+def clip_repr(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)`` of at most about ``limit`` characters, built without first making a
+    huge repr (a 20 MiB string, a list of a million items).
+
+    Strings and bytes are cut and followed by ``"… [N characters in all]"``; containers
+    show their first few items (``reprlib``) and their length.
+    """
+    if isinstance(value, (str, bytes, bytearray)):
+        if len(value) <= limit:
+            return repr(value)
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{repr(value[:limit])[:limit]}… [{len(value):,} {unit} in all]"
+    text = clip(_REPR.repr(value), limit)
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > _REPR.maxlist:
+        text += f" [{len(value):,} items in all]"
+    return text
+
+
+#: Bounded reprs: a few items per container, short strings, shallow nesting.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
 
 INT_DTYPES = ("<i2", "<i4", "<i8")
 FLOAT_DTYPES = ("<f4", "<f8")

@@ -14,10 +14,10 @@ from streamvi.ingest.counters import IngestCounters
 from streamvi.ingest.deadletter import DeadLetter, read_dead_letters
 from streamvi.errors import ConfigError
 from streamvi.ingest.receiver import Ingestor, replay_spool
-from streamvi.ingest.ratelimit import RateLimitedLog, clip
+from streamvi.ingest.ratelimit import RateLimitedLog
 from streamvi.producers.send import send_messages
 from streamvi.ingest.spool import Spool
-from streamvi.wire import CrystalMessage, encode_crystal, to_wire_dict
+from streamvi.wire import CrystalMessage, clip, encode_crystal, to_wire_dict
 
 TIMEOUT_MS = 2000
 LOCAL = "tcp://127.0.0.1:*"

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from streamvi.ingest.ratelimit import clip
+from streamvi.wire import clip
 
 log = logging.getLogger(__name__)
 

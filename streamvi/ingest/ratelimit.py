@@ -9,62 +9,10 @@ next line of that kind (or :meth:`RateLimitedLog.flush`) says how many were supp
 from __future__ import annotations
 
 import logging
-import reprlib
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
-
-#: Longest piece of a peer's text put into a log line or a record, characters.
-MAX_ECHO_CHARS = 200
-
-
-def clip(text: object, limit: int = MAX_ECHO_CHARS) -> str:
-    """``str(text)`` cut to ``limit`` characters, with a marker that gives its full length.
-
-    Parameters
-    ----------
-    text
-        Anything; values from a message (names, reprs) may be megabytes long.
-    limit
-        Characters kept.
-
-    Returns
-    -------
-    str
-        ``text`` itself when short enough, else its first ``limit`` characters followed by
-        ``"… [N characters in all]"``.
-    """
-    s = text if isinstance(text, str) else str(text)
-    if len(s) <= limit:
-        return s
-    return f"{s[:limit]}… [{len(s):,} characters in all]"
-
-
-def clip_repr(value: object, limit: int = MAX_ECHO_CHARS) -> str:
-    """``repr(value)`` of at most about ``limit`` characters, built without first making a
-    huge repr (a 20 MiB string, a list of a million items).
-
-    Strings and bytes are cut and followed by ``"… [N characters in all]"``; containers
-    show their first few items (``reprlib``) and their length.
-    """
-    if isinstance(value, (str, bytes, bytearray)):
-        if len(value) <= limit:
-            return repr(value)
-        unit = "characters" if isinstance(value, str) else "bytes"
-        return f"{repr(value[:limit])[:limit]}… [{len(value):,} {unit} in all]"
-    text = clip(_REPR.repr(value), limit)
-    if isinstance(value, (list, tuple, dict, set)) and len(value) > _REPR.maxlist:
-        text += f" [{len(value):,} items in all]"
-    return text
-
-
-#: Bounded reprs: a few items per container, short strings, shallow nesting.
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
-_REPR.maxlevel = 3
-
 
 @dataclass
 class _Bucket:
@@ -121,7 +69,7 @@ class RateLimitedLog:
             The kind of line (e.g. ``"curve_refused"``, ``"rejected:malformed_msgpack"``).
         msg, args
             As for :meth:`logging.Logger.log`; format only bounded text into them
-            (:func:`clip`).
+            (:func:`streamvi.wire.clip`).
 
         Returns
         -------

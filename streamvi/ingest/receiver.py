@@ -32,12 +32,13 @@ from zmq.utils.monitor import recv_monitor_message
 from streamvi.ingest.counters import IngestCounters
 from streamvi.ingest.deadletter import DeadLetter
 from streamvi.errors import ConfigError, StreamviError, WireError
-from streamvi.ingest.ratelimit import RateLimitedLog, clip
+from streamvi.ingest.ratelimit import RateLimitedLog
 from streamvi.ingest.spool import Spool
 from streamvi.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_REFLECTIONS,
     CrystalMessage,
+    clip,
     decode_crystal,
 )
 

@@ -41,9 +41,9 @@ from streamvi.producers.follow import (
     StreamPosition,
     whole_file_positions,
 )
-from streamvi.ingest.ratelimit import RateLimitedLog, clip
+from streamvi.ingest.ratelimit import RateLimitedLog
 from streamvi.sources import Rejected, SourceItem
-from streamvi.wire import DEFAULT_MAX_MESSAGE_BYTES, CrystalMessage, encode_crystal
+from streamvi.wire import DEFAULT_MAX_MESSAGE_BYTES, CrystalMessage, clip, encode_crystal
 
 log = logging.getLogger(__name__)
 

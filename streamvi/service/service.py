@@ -49,13 +49,13 @@ from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.ingest.receiver import Ingestor, replay_spool
 from streamvi.publish.mtz import MtzInfo, sibling_temp_path, stale_temp_files
 from streamvi.publish.snapshots import MtzSnapshots
-from streamvi.ingest.ratelimit import RateLimitedLog, clip
+from streamvi.ingest.ratelimit import RateLimitedLog
 from streamvi.merging.reference import ReferenceSetting, check_same_lattice, read_reference
 from streamvi.ingest.spool import Spool
 from streamvi.symmetry import (ReciprocalSpace, consensus_cell, format_cell, parse_cell,
                                parse_space_group, require_metric_symmetry)
 from streamvi.merging.trainer import TrainerConfig
-from streamvi.wire import CrystalMessage, encode_crystal
+from streamvi.wire import CrystalMessage, clip, encode_crystal
 
 log = logging.getLogger(__name__)
 
