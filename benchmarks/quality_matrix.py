@@ -33,6 +33,8 @@ streams have no truth: CC½ and completeness only.
         [--methods merge,service,mean,ivar,pcorr] [--set KEY=VALUE ...] [--label NAME]
     python benchmarks/quality_matrix.py --table results.jsonl [baseline.jsonl]
 
+``--mtz-dir DIR`` keeps every merge as ``CASE_METHOD[_LABEL].mtz``, to judge it again later.
+
 ``--set KEY=VALUE`` (repeatable) overrides a field of :class:`~streamvi.merging.trainer.TrainerConfig`
 or :class:`~streamvi.merging.engine.EngineConfig` for both streamvi methods, or with a ``merge.`` /
 ``service.`` prefix for one of them; ``merge.epochs``, ``merge.steps``, ``merge.anneal``, ``merge.refresh_epochs`` and
@@ -168,7 +170,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("ambiguity_sparse", "P 4₃, ambiguity, ~110 reflections per image (narrow "
          "profiles), 2.5 Å, 2,000 images",
          {"n_images": 2000, "seed": _SEED, "space_group": "P 43", "indexing_ambiguity": True,
-          "dmin": 2.5, "profile_radius": [0.00012, 0.00022], "mosaicity_deg": 0.005,
+          "dmin": 2.5, "profile_radius": [0.00022, 0.0004], "mosaicity_deg": 0.005,
           "bandwidth": 0.001}, cost=0.8),
     Case("real_hewl", "real: HEWL at PAL-XFEL, 3 crystals (CrystFEL stream)",
          files=("crystfel/hewl_palxfel_3crystals.stream",), space_group="P 43 21 2",
@@ -549,7 +551,7 @@ def judge(merged, data: CaseData) -> dict[str, Any]:
 
 def run_tasks(name: str, methods: list[str], quick: bool, cache_dir: str, device: str,
               sets: dict[str, dict[str, Any]], label: str | None,
-              meta: dict[str, Any]) -> list[dict[str, Any]]:
+              meta: dict[str, Any], mtz_dir: str | None = None) -> list[dict[str, Any]]:
     """Some methods of one case (the case loaded once); their JSON lines as dicts."""
     import torch
 
@@ -561,13 +563,14 @@ def run_tasks(name: str, methods: list[str], quick: bool, cache_dir: str, device
                  "what": CASES[name].what,
                  "skipped": f"data absent: {exc} (../shared/data is not in every clone)"}
                 for m in methods]
-    return [run_task(name, m, data, quick, device, sets, label, meta) for m in methods]
+    return [run_task(name, m, data, quick, device, sets, label, meta, mtz_dir) for m in methods]
 
 
 def run_task(name: str, method: str, data: CaseData, quick: bool, device: str,
              sets: dict[str, dict[str, Any]], label: str | None,
-             meta: dict[str, Any]) -> dict[str, Any]:
-    """One (case, method): merge, judge, and the JSON line as a dict."""
+             meta: dict[str, Any], mtz_dir: str | None = None) -> dict[str, Any]:
+    """One (case, method): merge, judge, and the JSON line as a dict (and the MTZ kept in
+    ``mtz_dir`` when given, to judge again without merging)."""
     line: dict[str, Any] = {"case": name, "method": method, "label": label, **meta,
                             "quick": quick, "what": CASES[name].what, **data.info}
     t0, c0 = time.perf_counter(), time.process_time()
@@ -590,7 +593,9 @@ def run_task(name: str, method: str, data: CaseData, quick: bool, device: str,
         weighting = "mean" if method == "mean" else "inverse_variance"
         merged = average_merge(data.crystals, data.space, weighting=weighting)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        line.update(cc_half=_half_cc(data.crystals, data.space, weighting),
+        with np.errstate(invalid="ignore", divide="ignore"):
+            half = _half_cc(data.crystals, data.space, weighting)
+        line.update(cc_half=half,
                     settings={"weighting": weighting}, device="cpu")
     elif method == "pcorr":
         if data.image_truths is None:
@@ -603,9 +608,15 @@ def run_task(name: str, method: str, data: CaseData, quick: bool, device: str,
         line.update(settings={"weighting": "inverse_variance"}, device="cpu")
     else:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    line.update(judge(merged, data))
+    with np.errstate(invalid="ignore", divide="ignore"):   # a CC of a constant is NaN
+        line.update(judge(merged, data))
     # wall time depends on what else runs on the machine; CPU time much less so
     line.update(seconds=seconds, cpu_seconds=cpu)
+    if mtz_dir:
+        path = Path(mtz_dir) / f"{name}_{method}{'_' + label if label else ''}.mtz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged.write_mtz(str(path))
+        line["mtz"] = str(path)
     return _round(line)
 
 
@@ -642,7 +653,8 @@ def git_state() -> dict[str, Any]:
 
 def run_matrix(cases: list[str], methods: list[str], *, jobs: int, quick: bool,
                cache_dir: Path, device: str, sets: dict[str, dict[str, Any]],
-               label: str | None, out: Path | None) -> list[dict[str, Any]]:
+               label: str | None, out: Path | None,
+               mtz_dir: Path | None = None) -> list[dict[str, Any]]:
     """Prepare every case, run every (case, method), print and write one line each."""
     meta = {"machine": machine_name(), **git_state(),
             "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "date": time.strftime("%F")}
@@ -660,6 +672,7 @@ def run_matrix(cases: list[str], methods: list[str], *, jobs: int, quick: bool,
     # longest first, so that the last task to start is a short one; the averages of a
     # case share one task (they take seconds, loading the case takes as long)
     order = sorted(cases, key=lambda c: CASES[c].cost, reverse=True)
+    mtz = str(mtz_dir) if mtz_dir else None
     groups = [[m] for m in ("merge", "service") if m in methods]
     averages = [m for m in ("pcorr", "ivar", "mean") if m in methods]
     groups += [averages] if averages else []
@@ -670,7 +683,7 @@ def run_matrix(cases: list[str], methods: list[str], *, jobs: int, quick: bool,
                 prepare_case(name, quick, str(cache_dir))
                 for group in groups:
                     for line in run_tasks(name, group, quick, str(cache_dir), device, sets,
-                                          label, meta):
+                                          label, meta, mtz):
                         emit(line)
         else:
             with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
@@ -688,7 +701,7 @@ def run_matrix(cases: list[str], methods: list[str], *, jobs: int, quick: bool,
                                       file=sys.stderr, flush=True)
                             for g in groups:
                                 pending[pool.submit(run_tasks, name, g, quick, str(cache_dir),
-                                                    device, sets, label, meta)] = (name, g)
+                                                    device, sets, label, meta, mtz)] = (name, g)
                         else:
                             for line in result:
                                 emit(line)
@@ -806,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                     help=f"where simulated cases are kept (default {DEFAULT_CACHE})")
     ap.add_argument("--device", default="cpu", help="cpu (the reference), cuda or auto")
+    ap.add_argument("--mtz-dir", type=Path, default=None,
+                    help="also write each merge as CASE_METHOD[_LABEL].mtz here")
     ap.add_argument("--table", type=Path, nargs="+", metavar="FILE.jsonl",
                     help="print the markdown table of a results file, or of FILE − BASELINE")
     ap.add_argument("--list", action="store_true", help="name every case and exit")
@@ -832,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in STREAMVI_METHODS:
             sets[m] = {**quick_sets[m], **sets[m]}
     run_matrix(cases, methods, jobs=args.jobs, quick=args.quick, cache_dir=args.cache_dir,
-               device=args.device, sets=sets, label=args.label, out=args.out)
+               device=args.device, sets=sets, label=args.label, out=args.out,
+               mtz_dir=args.mtz_dir)
     return 0
 
 

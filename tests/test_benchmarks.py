@@ -104,7 +104,8 @@ def test_quality_matrix_quick_end_to_end(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "quality_matrix.py"), "--quick",
            "--cases", "default,partial_sim", "--jobs", "2", "--out", str(out),
            "--cache-dir", str(tmp_path / "cache"), "--label", "quick-test",
-           "--set", "merge.steps=16", "--set", "service.scale_kl_weight=0.05"]
+           "--set", "merge.steps=16", "--set", "service.scale_kl_weight=0.05",
+           "--mtz-dir", str(tmp_path / "mtz")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
@@ -122,6 +123,12 @@ def test_quality_matrix_quick_end_to_end(tmp_path):
         strong = x["strong"]
         assert strong["n"] >= 1 and strong["min"] <= strong["median"] <= strong["max"]
         assert strong["worst"] in (strong["min"], strong["max"])
+    # every merge kept as an MTZ, which reads back with the figures' amplitudes
+    import reciprocalspaceship as rs
+
+    kept = rs.read_mtz(by[("default", "merge")]["mtz"])
+    assert kept.spacegroup.hm == "P 43 21 2" and {"F", "F(+)", "F(-)"} <= set(kept.columns)
+    assert len(list((tmp_path / "mtz").glob("*_quick-test.mtz"))) == 10
     # the streamvi methods ran with the settings asked for, and record them
     merge, service = by[("default", "merge")], by[("default", "service")]
     assert merge["steps"] == 16 and merge["settings"]["run"]["steps"] == 16
