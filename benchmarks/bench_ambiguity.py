@@ -1,11 +1,12 @@
-"""Consensus indexing-ambiguity assignment (:func:`streamvi.merging.ambiguity.consensus_settings`).
+"""Consensus indexing-ambiguity assignment
+(:func:`streamvi.merging.ambiguity.consensus_settings`).
 
 Simulates stills reported in random merohedral settings (P 4₃: two, P 3: four) with the
 project's simulator, stores them, and times the assignment.  One JSON line per case:
 the share of images put in one consistent setting (up to a global relabelling, against the
 simulator's truth; over all images and over the correctly indexed ones, the simulator
-misindexes 2 %), the function's own reliability figures (``confidence``, a lower estimate
-of the share from ``split_agreement``), the time (the assignment only, not the simulation),
+misindexes 2 %), the function's own reliability figures (``confidence``, its lower
+estimate of the share, and the two figures it is the smaller of), the time (the assignment only, not the simulation),
 images and reflections per image, and the machine.
 
 Cases (``--cases``, any of):
@@ -113,6 +114,7 @@ def main() -> None:
                         consistent_share(res.ops[ok], settings[ok], store), 4),
                     "confidence": round(res.confidence, 4),
                     "split_agreement": round(res.split_agreement, 4),
+                    "lead_estimate": round(res.lead_estimate, 4),
                     "share_margin_z_above_3": round(res.share_confident, 4),
                     "seconds": round(seconds, 2),
                     "space_group": GROUPS[group][0], "settings": store.n_ops, "case": case,

@@ -78,7 +78,7 @@ def test_sparse_p43_one_setting(sparse_p43):
           f"{res.split_agreement:.3f}, {res.rounds} rounds, {res.seconds:.2f} s")
     assert share >= 0.98
     assert res.ops.shape == (store.n_images,) and res.ops.dtype == np.int64
-    assert res.confidence > 0.95 and res.split_agreement > 0.9
+    assert res.confidence > 0.9 and res.split_agreement > 0.9
     assert res.margin_z.shape == (store.n_images,) and np.all(np.isfinite(res.margin_z))
     # the global law is the one that moves the fewest images (all start at operator 0)
     assert np.mean(res.ops == 0) >= 0.5
@@ -115,7 +115,7 @@ def test_p3_four_settings():
     print(f"P 3: share {share:.4f}, confidence {res.confidence:.3f}, split "
           f"{res.split_agreement:.3f}, {res.seconds:.2f} s")
     assert share >= 0.97
-    assert res.split_agreement > 0.9 and res.confidence > 0.95
+    assert res.split_agreement > 0.9 and res.confidence > 0.9
 
 
 def test_data_without_signal_are_flagged(sparse_p43):
@@ -132,7 +132,7 @@ def test_data_without_signal_are_flagged(sparse_p43):
     store = ReflectionStore(store0.space)
     store.add_many(shuffled)
     res = consensus_settings(store)
-    assert res.split_agreement < 0.7 and res.confidence < 0.75
+    assert res.split_agreement < 0.7 and res.confidence < 0.75 < res.lead_estimate
     assert _share(res.ops, settings, store.space) < 0.7
     assert np.median(res.margin_z) > 0
 
