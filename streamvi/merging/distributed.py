@@ -400,10 +400,9 @@ class DistributedEngine(MergeEngine):
         return max(1, int(np.ceil(self.global_images / per_step)))
 
     def snapshot(self, history: list[str] | None = None) -> MergeSnapshot:
-        snap = super().snapshot(history)
-        snap.n_images = self.global_images
-        snap.n_reflections = self.global_reflections
-        return snap
+        # the counts of the last sync: every rank's images, not this rank's
+        return replace(super().snapshot(history), n_images=self.global_images,
+                       n_reflections=self.global_reflections)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

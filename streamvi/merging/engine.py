@@ -3,7 +3,8 @@
 ``streamvi merge`` (offline, over files) and ``streamvi serve`` (online, over ZeroMQ) drive the
 same engine: crystals go in with :meth:`MergeEngine.add`, training happens one minibatch at a
 time with :meth:`MergeEngine.step`, and :meth:`MergeEngine.snapshot` freezes the current
-posterior into a :class:`MergeSnapshot` that the publishers (MTZ, ZeroMQ, metrics) read.
+posterior into a :class:`~streamvi.snapshot.MergeSnapshot` that the publishers (MTZ, ZeroMQ,
+metrics) read.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import math
 import time
 from typing import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,8 +20,9 @@ import torch
 from streamvi.merging.features import N_METADATA
 from streamvi.merging.reference import ReferenceSetting, SettingChoice, align_snapshot
 from streamvi.merging.schedule import ImageScheduler
-from streamvi.quality.stats import ShellTable, shell_statistics
+from streamvi.quality.stats import shell_statistics
 from streamvi.merging.store import AddResult, ReflectionStore
+from streamvi.snapshot import MergeSnapshot
 from streamvi.symmetry import ReciprocalSpace
 from streamvi.merging.trainer import StepReport, Trainer, TrainerConfig
 from streamvi.wire import CrystalMessage
@@ -92,34 +94,6 @@ class EngineConfig:
     recentre_falloff: bool = True
     refresh_growth: float = 0.0
     refresh_idle_steps: int = 0
-
-
-@dataclass
-class MergeSnapshot:
-    """A frozen copy of the merge: what every publisher reads.
-
-    ``tables[name]`` holds numpy arrays F, SIGF, I, SIGI per row of ``space`` for the tables
-    ``all``, ``half1`` and ``half2``; ``obs_count`` is ``(3, n_rows)``.
-    """
-
-    snapshot_id: int
-    time: float
-    space: ReciprocalSpace
-    tables: dict[str, dict[str, np.ndarray]]
-    obs_count: np.ndarray
-    n_images: int
-    n_reflections: int
-    step: int
-    stats: ShellTable
-    history: list[str] = field(default_factory=list)
-    #: the relative B (Å²) given to the amplitudes from the image scales' resolution trend
-    #: (None: not applied; :meth:`MergeEngine.falloff_correction`)
-    falloff_b: float | None = None
-
-    @property
-    def observed(self) -> np.ndarray:
-        """Rows with at least one observation."""
-        return self.obs_count[0] > 0
 
 
 def _wilson_posterior_amplitude(j_hat: torch.Tensor, var_j: torch.Tensor,
