@@ -29,7 +29,7 @@ import yaml
 
 from streamvi.cli.main import COMMANDS, build_parser
 from streamvi.config import OPTIONS, ServiceConfig, _toml_value, load_config
-from streamvi.service.service import CHECKPOINT_NAME
+from streamvi.service.lifecycle import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -4,7 +4,7 @@
   batch: parameters and optimiser states bit-identical across ranks, the combined gradients
   equal to the reflection-weighted mean of the ranks' own, global store statistics equal to
   the single process's, and merged amplitudes that agree with the single process's;
-- a producer's PUSH fan-out into 2 ranks (:func:`streamvi.merging.distributed.run_rank`): every
+- a producer's PUSH fan-out into 2 ranks (:func:`streamvi.service.rank.run_rank`): every
   crystal lands on exactly one rank, the ranks train together, rank 0 publishes an MTZ
   holding everybody's observations and a checkpoint that a restart resumes from.
 """
@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from streamvi.merging.distributed import (DistributedEngine, FanOut, free_port, init_process_group,
-                                  run_rank)
+from streamvi.merging.distributed import DistributedEngine, free_port, init_process_group
+from streamvi.producers.fanout import FanOut
+from streamvi.service.rank import run_rank
 from streamvi.merging.engine import EngineConfig, MergeEngine
 from streamvi.symmetry import ReciprocalSpace
 from streamvi.merging.trainer import TrainerConfig
@@ -233,3 +234,15 @@ def test_fan_out_to_two_ranks(simulated, tmp_path):
     assert [set(r["keys"]) for r in again] == keys
     assert again[0]["steps"] == again[1]["steps"] > res[0]["steps"]
     assert all(r["global_images"] == len(payloads) for r in again)
+
+    # the ranks share the service's checkpoint handling: an unreadable checkpoint is set
+    # aside by rank 0 and every rank starts afresh from its spool (not a crash)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    _spawn(_serve_rank, (free_port(), fan.endpoint, space, str(tmp_path), len(payloads)),
+           timeout_s=120)
+    fresh = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
+    assert (tmp_path / "checkpoint.corrupt").read_bytes() == b"not a checkpoint"
+    assert [set(r["keys"]) for r in fresh] == keys
+    assert fresh[0]["steps"] == fresh[1]["steps"] > 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["engine"]["trainer"][
+        "step"] == fresh[0]["steps"]

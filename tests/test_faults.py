@@ -35,6 +35,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
 import zmq
 from conftest import REPO, make_crystal
 
@@ -273,10 +274,9 @@ def full_output_directory(tmp_path: Path, kind: str, monkeypatch
     full = {"on": True}
 
     import streamvi.publish.snapshots as snapshots
-    import streamvi.service.service as service_module
 
     real_mtz = snapshots.write_snapshot_mtz
-    real_save = service_module.torch.save
+    real_save = torch.save          # what the checkpoints (streamvi.service.lifecycle) call
 
     def mtz_no_space(*args, **kwargs):
         if full["on"]:
@@ -289,7 +289,7 @@ def full_output_directory(tmp_path: Path, kind: str, monkeypatch
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(snapshots, "write_snapshot_mtz", mtz_no_space)
-    monkeypatch.setattr(service_module.torch, "save", save_no_space)
+    monkeypatch.setattr(torch, "save", save_no_space)
     yield out, lambda: full.update(on=False)
 
 

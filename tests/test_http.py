@@ -103,7 +103,7 @@ def test_port_in_use_is_a_config_error(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError) as err:
-            start_http_server(svc, "127.0.0.1", port)
+            start_http_server(svc.snapshot, "127.0.0.1", port)
     svc.spool.close()
     message = str(err.value)
     assert str(port) in message and "metrics_port" in message and "--metrics-port" in message
@@ -112,7 +112,7 @@ def test_port_in_use_is_a_config_error(tmp_path):
 def test_non_loopback_host_warns(tmp_path, caplog):
     svc = make_service(tmp_path)
     with caplog.at_level(logging.WARNING, logger="streamvi.publish.http"):
-        server = start_http_server(svc, "0.0.0.0", 0)
+        server = start_http_server(svc.snapshot, "0.0.0.0", 0)
     try:
         assert any("reachable from other machines" in r.getMessage() for r in caplog.records)
         assert server.url == f"http://127.0.0.1:{server.port}/"
@@ -122,7 +122,7 @@ def test_non_loopback_host_warns(tmp_path, caplog):
         svc.spool.close()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="streamvi.publish.http"):
-        start_http_server(svc, "127.0.0.1", 0).shutdown()
+        start_http_server(svc.snapshot, "127.0.0.1", 0).shutdown()
     assert not caplog.records
 
 

@@ -361,7 +361,7 @@ def test_two_services_do_not_collide(tmp_path):
         assert a.metrics_server.port != b.metrics_server.port
         assert a.metrics_server.registry is not b.metrics_server.registry
         # a third registry for the same service is independent, too
-        ServiceMetrics(a).exposition()
+        ServiceMetrics(a.snapshot).exposition()
     assert not [m for m in REGISTRY.collect() if m.name.startswith("streamvi")]
 
 

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from streamvi.ingest.counters import IngestCounters
 from streamvi.errors import ConfigError
+from streamvi.ingest.counters import IngestCounters
+from streamvi.publish.metrics import om_families
+from streamvi.sources import plugin_module
 
 try:
     import streamvi_om
@@ -25,7 +27,7 @@ except ImportError:  # plugins/om not yet installed as a package: use the source
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "om"))
     import streamvi_om
 
-from streamvi_om import OmBridge, attach_om, detach_om, new_events, om_metric_families, om_status
+from streamvi_om import OmBridge, new_events, om_status
 
 TIMEOUT_S = 5.0
 WINDOW = 20            # OM's running_average_window_size
@@ -174,11 +176,14 @@ def wait_until(predicate, timeout: float) -> bool:
 
 
 class Collector:
-    def __init__(self, service):
-        self.service = service
+    """The service's OM families, as its collector builds them from the status."""
+
+    def __init__(self, bridge, counters):
+        self.bridge, self.counters = bridge, counters
 
     def collect(self):
-        return om_metric_families(self.service)
+        return om_families(om_status(self.bridge,
+                                     self.counters.snapshot()["crystals_received"]))
 
 
 def test_counts_and_figures_match_om(om, monitor_and_bridge):
@@ -229,9 +234,9 @@ def test_refuses_pickle_unless_allowed():
         OmBridge("tcp://127.0.0.1:12321")
     text = str(err.value)
     assert "pickle" in text and "om_allow_pickle" in text and "allow_pickle=True" in text
+    # the service finds the bridge through the entry point and refuses the same way
     with pytest.raises(ConfigError, match="om_allow_pickle"):
-        attach_om(SimpleNamespace(config=SimpleNamespace(om_url="tcp://127.0.0.1:12321",
-                                                         om_allow_pickle=False)))
+        plugin_module("om").OmBridge("tcp://127.0.0.1:12321", allow_pickle=False)
 
 
 def test_warns_when_pickle_is_allowed(caplog):
@@ -272,18 +277,15 @@ def test_service_wiring(om):
     url = free_url()
     monitor = OmMonitor(om, url)
     counters = IngestCounters()
-    service = SimpleNamespace(config=SimpleNamespace(om_url=url, om_allow_pickle=True),
-                              counters=counters)
-    bridge = attach_om(service)
+    bridge = plugin_module("om").OmBridge(url, allow_pickle=True).start()
     try:
-        assert service.om_bridge is bridge
         registry = CollectorRegistry()
-        registry.register(Collector(service))
+        registry.register(Collector(bridge, counters))
         text = generate_latest(registry).decode()
         assert "# TYPE streamvi_om_hit_rate gauge" in text
         assert "streamvi_om_events_total 0.0" in text
         send_all(monitor, bridge, run_events(monitor, 200, seed=2))
-        status = om_status(service)
+        status = om_status(bridge, counters.snapshot()["crystals_received"])
         assert status["events"] == 200 and status["crystals_received"] == 0
         assert status["indexing_yield"] == 0.0
         text = generate_latest(registry).decode()
@@ -292,12 +294,9 @@ def test_service_wiring(om):
         assert "streamvi_indexing_yield 0.0" in text
         assert f"streamvi_om_messages_total {float(status['messages'])!r}" in text
     finally:
-        detach_om(service)
+        bridge.stop()
         monitor.close()
-    assert service.om_bridge is None and om_status(service) is None
-    assert om_metric_families(service) == []
-    off = SimpleNamespace(config=SimpleNamespace(), counters=counters)
-    assert attach_om(off) is None and om_status(off) is None
+    assert om_families(None) == []          # no bridge: no OM families
 
 
 def test_history_overlap_rules():

@@ -23,44 +23,36 @@ crystals it received and its own scheduler.  Every step the ranks move in lock-s
    rows, so rows outside every rank's minibatch stay bit-identical (lazy updates);
 5. every rank takes the same optimiser step on the same gradient: parameters stay identical.
 
-Rank 0 writes the MTZ snapshots and checkpoints (:func:`run_rank`).
+Rank 0 writes the MTZ snapshots and checkpoints (:func:`streamvi.service.rank.run_rank`, the
+rank's life cycle; :mod:`streamvi.cli.rank` is its command line, and
+:class:`streamvi.producers.fanout.FanOut` a producer's fan-out to the ranks).
 
 Each rank draws its own Monte Carlo noise (generator seeded ``seed + rank × 1000003``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import socket
-import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from streamvi.ingest.counters import IngestCounters
-from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
+from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.merging.model.standardize import Standardizer
-from streamvi.symmetry import ReciprocalSpace
 from streamvi.merging.trainer import StepReport, Trainer, TrainerConfig
-from streamvi.wire import CrystalMessage, encode_crystal
+from streamvi.symmetry import ReciprocalSpace
 
 log = logging.getLogger(__name__)
 
 #: Store arrays that are summed over ranks (per posterior row).
 STORE_STATISTICS = ("obs_count", "sum_w", "sum_wi", "sum_i", "sum_i_half")
 _RANK_SEED_STRIDE = 1_000_003
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 # ---------------------------------------------------------------------- process group
@@ -415,302 +407,3 @@ class DistributedEngine(MergeEngine):
         self.trainer.load_state_dict(state["trainer"])
         self._snapshot_id = int(state["snapshot_id"])
         self.sigma_stage = int(state.get("sigma_stage", 0))
-
-
-# ---------------------------------------------------------------------- producer side
-
-
-class FanOut:
-    """A producer's PUSH socket that deals messages round robin to the ranks' PULL sockets.
-
-    Binds ``url`` (``tcp://127.0.0.1:*`` picks a port: see :attr:`endpoint`); the ranks
-    connect to it.  ZeroMQ gives each message to exactly one connected peer, in turn, and
-    blocks (backpressure) when every peer's high-water mark is reached.  Call
-    :meth:`wait_for_peers` before sending so that early messages are not all dealt to the
-    first rank to connect.
-    """
-
-    def __init__(self, url: str = "tcp://127.0.0.1:*", *, sndhwm: int = 1000,
-                 context: zmq.Context | None = None):
-        self._own = context is None
-        self.context = context or zmq.Context()
-        self.socket = self.context.socket(zmq.PUSH)
-        self.socket.setsockopt(zmq.SNDHWM, int(sndhwm))
-        self._monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self.socket.bind(url)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.peers = 0
-        self.sent = 0
-
-    def wait_for_peers(self, n_peers: int, timeout_s: float = 60.0) -> None:
-        """Block until ``n_peers`` PULL sockets have completed their handshake."""
-        deadline = time.monotonic() + timeout_s
-        while self.peers < n_peers:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._monitor.poll(int(left * 1000)):
-                raise TimeoutError(f"fan-out {self.endpoint}: {self.peers} of {n_peers} "
-                                   f"ranks connected after {timeout_s:g} s")
-            event = recv_monitor_message(self._monitor)["event"]
-            self.peers += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
-
-    def send(self, message: bytes | CrystalMessage) -> None:
-        payload = encode_crystal(message) if isinstance(message, CrystalMessage) else message
-        self.socket.send(payload)
-        self.sent += 1
-
-    def send_all(self, messages: Iterable[bytes | CrystalMessage], *,
-                 rate: float | None = None) -> int:
-        """Send every message, ``rate`` per second if given (fixed schedule); returns count."""
-        t0 = time.monotonic()
-        n = 0
-        for n, message in enumerate(messages, 1):
-            if rate is not None:
-                delay = t0 + (n - 1) / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            self.send(message)
-        return n
-
-    def close(self, linger_s: float = 30.0) -> None:
-        self.socket.disable_monitor()
-        self._monitor.close(linger=0)
-        self.socket.close(linger=int(linger_s * 1000))
-        if self._own:
-            self.context.term()
-
-    def __enter__(self) -> "FanOut":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# ---------------------------------------------------------------------- one rank
-
-
-@dataclass
-class RankResult:
-    """What :func:`run_rank` did on one rank (JSON-able with :meth:`to_dict`)."""
-
-    rank: int
-    world_size: int
-    crystals_received: int
-    images_stored: int
-    reflections_stored: int
-    global_images: int
-    steps: int
-    seconds: float
-    train_seconds: float
-    comm_seconds: float
-    sync_seconds: float
-    visits_min: int
-    visits_median: float
-    snapshots: int
-    keys: list[str] = field(default_factory=list)
-    mtz: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
-             space: ReciprocalSpace | dict, out_dir: str | os.PathLike,
-             init_method: str | None = None, backend: str = "auto",
-             trainer_config: TrainerConfig | None = None,
-             engine_config: EngineConfig | None = None, bind: bool = False,
-             expected_crystals: int | None = None, min_visits: int = 1,
-             idle_timeout_s: float | None = None, max_seconds: float | None = None,
-             publish_interval: float = 10.0, checkpoint_interval: float = 60.0,
-             threads: int | None = None, spool: bool = True, resume: bool = True,
-             queue_max_messages: int = 2000, rcvhwm: int = 1000,
-             keep_keys: bool = False) -> RankResult:
-    """Run one rank of a data-parallel merge until the ranks agree to stop.
-
-    Parameters
-    ----------
-    rank, world_size
-        This process's place in the job.
-    endpoints
-        ZeroMQ addresses to PULL from: by default each rank *connects* to a producer's bound
-        PUSH socket (:class:`FanOut`), which deals messages round robin; with ``bind=True``
-        each rank binds its own address and the producer connects to all of them.
-    space
-        The unique-reflection table (or its :meth:`~ReciprocalSpace.to_dict`).
-    out_dir
-        Rank 0 writes ``latest.mtz``, numbered snapshots and ``checkpoint.pt`` there; each
-        rank keeps its spool and dead-letter file in ``out_dir/rank<N>/``.
-    init_method
-        torch.distributed rendezvous (default ``env://``: ``MASTER_ADDR``/``MASTER_PORT``).
-    backend
-        ``auto`` (NCCL on CUDA, else gloo), ``nccl`` or ``gloo``.
-    expected_crystals
-        Stop once this many crystals were received over all ranks (those replayed from the
-        spools included) and every stored image has had ``min_visits`` visits.
-    idle_timeout_s
-        Stop when no rank received anything for this long and every image has had
-        ``min_visits`` visits.
-    max_seconds
-        Stop after this long whatever else (measured on each rank; the first decides).
-    threads
-        torch CPU threads per rank on the CPU (default: CPU cores / world size, at least 1;
-        it replaces ``trainer_config.cpu_threads``).
-    spool, resume
-        Spool accepted messages per rank; on start, replay the spool and load rank 0's
-        checkpoint (model, optimisers) when they exist.
-    keep_keys
-        Return the ``run/image/crystal`` keys this rank stored (tests).
-
-    A SIGTERM to any rank stops all of them at the next step, with a final snapshot and
-    checkpoint.
-    """
-    from streamvi.ingest.deadletter import DeadLetter
-    from streamvi.ingest.receiver import Ingestor, replay_spool
-    from streamvi.publish.snapshots import MtzSnapshots
-    from streamvi.ingest.spool import Spool
-
-    t_start = time.monotonic()
-    tcfg = trainer_config or TrainerConfig()
-    if threads is None and default_backend(tcfg.device) == "gloo":
-        threads = max(1, (os.cpu_count() or 1) // world_size)
-    if threads is not None:
-        tcfg = replace(tcfg, cpu_threads=threads)      # the trainer sets it on the CPU
-    init_process_group(rank, world_size, init_method=init_method, backend=backend,
-                       device=tcfg.device)
-    if not isinstance(space, ReciprocalSpace):
-        space = ReciprocalSpace.from_dict(space)
-    out = Path(out_dir)
-    rank_dir = out / f"rank{rank}"
-    rank_dir.mkdir(parents=True, exist_ok=True)
-    engine = DistributedEngine(space, tcfg, engine_config)
-    the_spool = Spool(rank_dir / "spool") if spool else None
-    counters = IngestCounters()
-    received = 0                  # crystals this rank took in, replayed ones included
-    if the_spool is not None and resume:
-        for _seq, msg, arrival in replay_spool(the_spool, counters=counters):
-            engine.add(msg, arrival_time=arrival)
-            received += 1
-    checkpoint = out / CHECKPOINT_NAME
-    if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state.get("space") != space.to_dict():
-            raise ConfigError(f"{checkpoint} was made for {state.get('space')}, not "
-                              f"{space.to_dict()}; use another out_dir")
-        engine.load_state_dict(state["engine"])
-    ingestor = Ingestor(list(endpoints), bind=bind, spool=the_spool,
-                        dead_letter=DeadLetter(rank_dir / "dead-letter.jsonl"),
-                        counters=counters, queue_max_messages=queue_max_messages,
-                        rcvhwm=rcvhwm)
-    ingestor.start()
-    stop_requested = threading.Event()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-    mtz = MtzSnapshots(out) if rank == 0 else None
-    last_arrival = time.monotonic()
-    next_publish = time.monotonic() + publish_interval
-    next_checkpoint = time.monotonic() + checkpoint_interval
-    train_seconds = 0.0
-    snapshots = 0
-    try:
-        while True:
-            have_data = engine.store.n_images > 0
-            items = ingestor.get_batch(512, timeout=0 if have_data else 0.02)
-            engine.add_many([it[1] for it in items], [it[2] for it in items])
-            received += len(items)
-            now = time.monotonic()
-            if items:
-                last_arrival = now
-            st = engine.store
-            visited = bool((st.visits[:st.n_images] >= min_visits).all()) \
-                and ingestor.queue_depth == 0
-            idle = idle_timeout_s is not None and now - last_arrival >= idle_timeout_s
-            timed_out = max_seconds is not None and now - t_start >= max_seconds
-            state = engine.sync([received, visited, idle, timed_out, stop_requested.is_set()])
-            g_received, n_visited, n_idle, n_timed_out, n_stop = state.flags
-            all_visited = n_visited == world_size and state.min_images > 0
-            if (n_timed_out or n_stop
-                    or (expected_crystals is not None and g_received >= expected_crystals
-                        and all_visited)
-                    or (n_idle == world_size and all_visited)):
-                break
-            t0 = time.perf_counter()
-            report = engine.step_after_sync(state)
-            if report is not None:
-                train_seconds += time.perf_counter() - t0
-            else:
-                time.sleep(0.005)     # some rank holds no crystal yet: do not spin
-            if rank == 0 and engine.store.n_images and now >= next_publish:
-                mtz.write(engine.snapshot(history=[f"streamvi data-parallel, {world_size} "
-                                                   "ranks"]))
-                snapshots += 1
-                next_publish = now + publish_interval
-            if rank == 0 and now >= next_checkpoint:
-                _save_checkpoint(engine, checkpoint)
-                next_checkpoint = now + checkpoint_interval
-        if rank == 0 and engine.global_images:
-            mtz.write(engine.snapshot(history=[f"streamvi data-parallel, {world_size} ranks"]))
-            snapshots += 1
-            _save_checkpoint(engine, checkpoint)
-        dist.barrier()
-    finally:
-        ingestor.stop()
-        if the_spool is not None:
-            the_spool.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    st = engine.store
-    visits = st.visits[:st.n_images]
-    result = RankResult(
-        rank=rank, world_size=world_size, crystals_received=received,
-        images_stored=st.n_images, reflections_stored=st.n_reflections,
-        global_images=engine.global_images, steps=engine.trainer.step,
-        seconds=time.monotonic() - t_start, train_seconds=train_seconds,
-        comm_seconds=engine.trainer.comm_seconds, sync_seconds=engine.sync_seconds,
-        visits_min=int(visits.min()) if visits.size else 0,
-        visits_median=float(np.median(visits)) if visits.size else 0.0,
-        snapshots=snapshots,
-        keys=[f"{k[0]}/{k[1]}/{k[2]}" for k in st.keys] if keep_keys else [],
-        mtz=str(mtz.latest) if mtz is not None and snapshots else None)
-    return result
-
-
-def _save_checkpoint(engine: DistributedEngine, path: Path) -> None:
-    state = {"engine": engine.state_dict(), "space": engine.space.to_dict(), "time": time.time()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.error("checkpoint %s failed: %s", path, exc)
-        Path(tmp).unlink(missing_ok=True)
-
-
-def main_from_env(argv: Sequence[str] | None = None) -> None:
-    """``python -m streamvi.merging.distributed CONFIG.json``: one rank started by ``torchrun``.
-
-    Reads ``RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``) from the environment
-    and the job from a JSON file: ``endpoints``, ``space`` (``space_group``, ``cell``,
-    ``dmin``, ``anomalous``), ``out_dir`` and optionally ``trainer`` and ``engine`` (fields of
-    :class:`TrainerConfig`/:class:`EngineConfig`) and any keyword of :func:`run_rank`.
-    Prints the rank's :class:`RankResult` as one JSON line.
-    """
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        raise SystemExit("usage: torchrun --nproc-per-node N -m streamvi.merging.distributed JOB.json")
-    job = json.loads(Path(args[0]).read_text())
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    tcfg = TrainerConfig(**job.pop("trainer", {}))
-    if tcfg.device in ("auto", "cuda") and torch.cuda.is_available():
-        tcfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    ecfg = EngineConfig(**job.pop("engine", {}))
-    result = run_rank(rank, world, trainer_config=tcfg, engine_config=ecfg, **job)
-    print(json.dumps(result.to_dict()), flush=True)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main_from_env()

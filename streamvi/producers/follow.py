@@ -26,15 +26,15 @@ import os
 import select
 import stat
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator, Iterable, Iterator, Sequence
 
+from streamvi.atomic import atomic_write
 from streamvi.errors import ConfigError
-from streamvi.sources import Rejected, SourceItem
+from streamvi.sources import Rejected, SourceItem, plugin_module
 from streamvi.wire import CrystalMessage
 
 if TYPE_CHECKING:
@@ -102,12 +102,8 @@ class StreamPosition:
 
 
 def _crystfel():
-    try:
-        import streamvi_crystfel
-    except ImportError as exc:
-        raise ConfigError("following CrystFEL streams needs the plugin streamvi_crystfel, which "
-                          f"is not installed ({exc}); install streamvi with its plugins") from exc
-    return streamvi_crystfel
+    """The CrystFEL plugin (its stream parser), found through the entry points."""
+    return plugin_module("crystfel")
 
 
 def _tail_hash(fd: int, offset: int) -> str:
@@ -565,14 +561,9 @@ class PositionFile:
     def save(self) -> None:
         """Write every entry: temporary file, fsync, rename over the old file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w") as fh:
                 json.dump(self.entries, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(self.path, write)

@@ -18,7 +18,6 @@ records in a position file what was sent, so that a restart sends nothing twice.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import queue
@@ -42,7 +41,7 @@ from streamvi.producers.follow import (
     whole_file_positions,
 )
 from streamvi.ingest.ratelimit import RateLimitedLog
-from streamvi.sources import Rejected, SourceItem
+from streamvi.sources import Rejected, SourceItem, open_file, source_name_for
 from streamvi.wire import DEFAULT_MAX_MESSAGE_BYTES, CrystalMessage, clip, encode_crystal
 
 log = logging.getLogger(__name__)
@@ -577,10 +576,6 @@ def _timeout_message(link: _Link, url: str, timeout_s: float | None, handed: int
             "service queue holds producers back; raise --timeout to wait longer)")
 
 
-#: File suffixes send_file knows, and the plugin (module, class) that reads them.
-FILE_SOURCES = {".stream": ("streamvi_crystfel", "CrystfelSource"),
-                ".refl": ("streamvi_dials", "DialsSource"),
-                ".expt": ("streamvi_dials", "DialsSource")}
 #: Suffixes of growing CrystFEL streams: tailed with ``follow``, resumed by byte offset.
 #: Named pipes and standard input are read as CrystFEL streams whatever their name.
 STREAM_SUFFIXES = (".stream",)
@@ -589,27 +584,18 @@ POSITION_SAVE_INTERVAL_S = 0.2
 
 
 def open_file_source(path: str | os.PathLike[str]) -> Iterable[SourceItem]:
-    """The source plugin that reads ``path``, chosen by its suffix.
+    """The source plugin that reads ``path``, chosen by its suffix (found through the
+    entry points, :func:`streamvi.sources.open_file`).
 
     Raises
     ------
     ConfigError
         No such file, an unknown suffix, or the plugin is not installed.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"send: {path}: no such file")
-    if path.suffix not in FILE_SOURCES:
-        raise ConfigError(f"send: {path}: unknown file type {path.suffix!r}; known: "
-                          + ", ".join(FILE_SOURCES) + ", a named pipe, or '-' for standard "
-                          "input (both read as CrystFEL streams)")
-    module_name, class_name = FILE_SOURCES[path.suffix]
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"send: {path}: reading {path.suffix} files needs the plugin "
-                          f"{module_name}, which is not installed ({exc})") from exc
-    return getattr(module, class_name)(path)
+        return open_file(path)
+    except ConfigError as exc:
+        raise ConfigError(f"send: {exc}") from exc.__cause__
 
 
 def send_file(path: str | os.PathLike[str], url: str, *, rate: float | None = None,
@@ -660,9 +646,10 @@ def _input_kind(path: str, follow: bool) -> str:
                           "waited for)") from None
     if stat.S_ISFIFO(mode):
         return "stream"
-    if suffix not in FILE_SOURCES:
-        raise ConfigError(f"send: {path}: unknown file type {suffix!r}; known: "
-                          + ", ".join(FILE_SOURCES) + ", a named pipe, or '-' for standard input")
+    try:
+        source_name_for(path)
+    except ConfigError as exc:
+        raise ConfigError(f"send: {exc}") from None
     return "stream" if suffix in STREAM_SUFFIXES else "whole"
 
 

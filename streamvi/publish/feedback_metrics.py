@@ -1,20 +1,19 @@
 """Prometheus families of the live feedback: evidence behind each correlation, the
 training-free figures, the resolution estimate, targets and forecasts, anomalous peaks.
 
-:func:`feedback_families` reads the service's latest snapshot table and
-:class:`~streamvi.quality.feedback.Feedback` at scrape time; every family is announced from the first
-scrape on, with samples only where a value exists (no NaN in the exposition).  The metrics
-are described in docs/metrics.md.
+:func:`feedback_families` reads the latest posterior snapshot's table and its
+:class:`~streamvi.quality.feedback.Feedback` from the service's snapshot at scrape time;
+every family is announced from the first scrape on, with samples only where a value exists
+(no NaN in the exposition).  The metrics are described in docs/metrics.md.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-if TYPE_CHECKING:
-    from streamvi.service.service import Service
+from streamvi.snapshot import ServiceSnapshot
 
 #: (metric, ShellTable attribute, help) of the per-shell evidence gauges.
 EVIDENCE_GAUGES = (
@@ -50,12 +49,11 @@ EVIDENCE_GAUGES = (
 )
 
 
-def feedback_families(service: "Service") -> Iterator[Metric]:
-    """Every family of this module, filled from ``service.latest`` and
-    ``service.latest_feedback`` (both may be None)."""
-    snap = getattr(service, "latest", None)
-    table = None if snap is None else snap.stats
-    fb = getattr(service, "latest_feedback", None)
+def feedback_families(state: ServiceSnapshot) -> Iterator[Metric]:
+    """Every family of this module, filled from the state's posterior snapshot and its
+    feedback (both may be None)."""
+    table = None if state.merge is None else state.merge.stats
+    fb = state.feedback
     yield from _evidence(table)
     yield from _resolution(fb)
     yield from _targets(fb)

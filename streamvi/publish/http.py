@@ -5,11 +5,14 @@ Every endpoint is read-only: GET (and HEAD) are answered, other methods get 405.
 =================  ==========================================================================
 ``/``              the status page (``static/index.html``; plots drawn by ``static/app.js``)
 ``/static/<file>`` the page's script and style sheet (only files shipped in the package)
-``/api/status``    JSON: ``service.status()``, the latest shell table, history for the plots
+``/api/status``    JSON: the service's status, the latest shell table, history for the plots
 ``/metrics``       Prometheus exposition from the service's own registry
 ``/healthz``       ``ok`` while the service works; 503 ``failed: <why>`` when it is failed
                    (a training loop that keeps failing, a merge that cannot start)
 =================  ==========================================================================
+
+Every answer is built from one :class:`~streamvi.snapshot.ServiceSnapshot` the service hands
+out per request; nothing here touches the service itself.
 """
 from __future__ import annotations
 
@@ -19,12 +22,11 @@ import json
 import logging
 import socket
 import threading
-import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -34,10 +36,7 @@ import streamvi
 from streamvi.errors import ConfigError
 from streamvi.jsonsafe import jsonable
 from streamvi.publish.metrics import ServiceMetrics
-from streamvi.quality.stats import CC_HALF_CUT
-
-if TYPE_CHECKING:
-    from streamvi.service.service import Service
+from streamvi.snapshot import ServiceSnapshot, SnapshotSource
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +101,14 @@ class HttpServer:
         return f"HttpServer({self.url})"
 
 
-def start_http_server(service: "Service", host: str, port: int) -> HttpServer:
-    """Serve the status page and ``/metrics`` of ``service`` from a daemon thread.
+def start_http_server(source: SnapshotSource, host: str, port: int) -> HttpServer:
+    """Serve the status page and ``/metrics`` of a service from a daemon thread.
 
     Parameters
     ----------
-    service
-        The service to report on.
+    source
+        Gives the service's state at each request
+        (:meth:`streamvi.service.service.Service.snapshot`).
     host
         Address to bind (``metrics_host``); anything but loopback logs a warning.
     port
@@ -127,7 +127,7 @@ def start_http_server(service: "Service", host: str, port: int) -> HttpServer:
                           "--metrics-host to an address of this machine, e.g. 127.0.0.1") \
             from None
     try:
-        httpd = _Server((host, port), family, ServiceMetrics(service), service)
+        httpd = _Server((host, port), family, ServiceMetrics(source), source)
     except OSError as exc:
         raise _bind_error(exc, host, port) from None
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
@@ -160,10 +160,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
-                 metrics: ServiceMetrics, service: "Service"):
+                 metrics: ServiceMetrics, source: SnapshotSource):
         self.address_family = family        # read by the base class when it makes the socket
         self.metrics = metrics
-        self.service = service
+        self.source = source
         self.static = load_static()
         super().__init__(address, _Handler)
 
@@ -206,11 +206,11 @@ class _Handler(BaseHTTPRequestHandler):
             encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
             return HTTPStatus.OK, encoder(self.server.metrics.registry), ctype, no_store
         if path == "/api/status":
-            body = json.dumps(status_payload(self.server.service), allow_nan=False,
+            body = json.dumps(status_payload(self.server.source()), allow_nan=False,
                               separators=(",", ":")).encode()
             return HTTPStatus.OK, body, "application/json", no_store
         if path == "/healthz":
-            failure = getattr(self.server.service, "failure", None)
+            failure = self.server.source().failure
             if failure is not None:
                 return (HTTPStatus.SERVICE_UNAVAILABLE, f"failed: {failure}\n".encode(),
                         "text/plain; charset=utf-8", no_store)
@@ -241,32 +241,21 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------- /api/status
 
 
-def status_payload(service: "Service") -> dict[str, Any]:
+def status_payload(state: ServiceSnapshot) -> dict[str, Any]:
     """What ``/api/status`` returns (JSON-able; NaN and infinities become null)."""
-    snap = service.latest
-    history = service.history.copy()
-    config = service.config
+    snap = state.merge
     payload: dict[str, Any] = {
-        "version": streamvi.__version__,
-        "time": time.time(),
-        "merge": {"space_group": service.space_group.hm, "cell": service.merge_cell(),
-                  "cell_source": service.cell_source,
-                  "dmin": config.dmin, "anomalous": config.anomalous,
-                  "n_shells": config.n_shells, "cc_half_cut": CC_HALF_CUT},
-        "status": service.status(),
+        "version": state.version,
+        "time": state.time,
+        "merge": dict(state.merge_info),
+        "status": dict(state.status),
         "snapshot": None,
         "shells": None,
-        "history": thin(list(history), MAX_HISTORY_POINTS),
+        "history": thin(list(state.history), MAX_HISTORY_POINTS),
         # targets, forecasts, resolution, peaks, and their history against images
-        "feedback": None,
-        "feedback_history": [],
+        "feedback": None if state.feedback is None else state.feedback.to_dict(),
+        "feedback_history": state.feedback_history,
     }
-    feedback = getattr(service, "latest_feedback", None)
-    if feedback is not None:
-        payload["feedback"] = feedback.to_dict()
-    live = getattr(service, "feedback", None)
-    if live is not None:
-        payload["feedback_history"] = live.history_payload(MAX_HISTORY_POINTS)
     if snap is not None:
         payload["snapshot"] = {"id": snap.snapshot_id, "time": snap.time,
                                "n_images": snap.n_images, "n_reflections": snap.n_reflections,

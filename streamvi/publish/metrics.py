@@ -1,9 +1,11 @@
-"""Prometheus metrics of one service, read from its state at scrape time.
+"""Prometheus metrics of one service, read from its snapshot at scrape time.
 
 Each :class:`ServiceMetrics` owns its own :class:`~prometheus_client.CollectorRegistry`
 (never the process-wide ``REGISTRY``), so two services in one process do not collide.  The
-registry holds one custom collector that reads the service's plain attributes and snapshots
-when Prometheus scrapes; nothing here is called from the ingest or training threads.
+registry holds one custom collector that asks the service for a
+:class:`~streamvi.snapshot.ServiceSnapshot` when Prometheus scrapes and reads only its
+fields; nothing here is called from the ingest or training threads, and nothing here touches
+the trainer, the store or the optimiser.
 
 Names follow Prometheus conventions: base units (seconds, bytes, ratios 0–1), ``_total`` on
 counters, and labels with few, stable values (``reason``, ``term``, ``kind``, ``quantile``
@@ -14,13 +16,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import resource
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
@@ -32,11 +31,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-import streamvi
 from streamvi.publish.feedback_metrics import feedback_families
-
-if TYPE_CHECKING:
-    from streamvi.service.service import Service
+from streamvi.snapshot import ServiceSnapshot, SnapshotSource, StoreFigures
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +44,6 @@ LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 60
 VISIT_QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 #: Window (s) of ``streamvi_reflections_trained_per_second``.
 RATE_WINDOW_S = 30.0
-#: Longest wait (s) for the service lock; the training thread holds it for one step.
-LOCK_TIMEOUT_S = 5.0
 
 #: (metric, ShellTable attribute, overall key, help) of the per-shell gauges.
 SHELL_GAUGES = (
@@ -79,14 +73,15 @@ class ServiceMetrics:
 
     Parameters
     ----------
-    service
-        The running :class:`~streamvi.service.service.Service` whose state is exported.
+    source
+        Gives the service's state at each scrape
+        (:meth:`streamvi.service.service.Service.snapshot`).
     """
 
-    def __init__(self, service: "Service"):
-        self.service = service
+    def __init__(self, source: SnapshotSource):
+        self.source = source
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = ServiceCollector(service)
+        self.collector = ServiceCollector(source)
         self.registry.register(self.collector)
 
     def exposition(self) -> bytes:
@@ -142,42 +137,22 @@ def relative_f_change(f_old: np.ndarray, f_new: np.ndarray, observed: np.ndarray
     return float(np.sqrt(np.sum((b[ok] - a[ok]) ** 2))) / norm
 
 
-def process_rss_bytes() -> int:
-    """Resident memory of this process, bytes (peak RSS where /proc is absent)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak) * (1 if os.uname().sysname == "Darwin" else 1024)
-
-
-@contextmanager
-def _holding(lock: Any, timeout: float) -> Iterator[bool]:
-    """Acquire ``lock`` for at most ``timeout`` s; yields whether it was acquired."""
-    got = lock.acquire(timeout=timeout)
-    try:
-        yield got
-    finally:
-        if got:
-            lock.release()
-
-
 class ServiceCollector(Collector):
-    """Reads a service's counters, store, trainer and latest snapshot at each scrape.
+    """Reads one :class:`~streamvi.snapshot.ServiceSnapshot` of the service at each scrape.
 
     The state it keeps between scrapes (step durations already observed, trained-reflection
     samples of the rate window, the previous snapshot's amplitudes) is guarded by its own
     lock, because the HTTP server answers concurrent scrapes on several threads.
     """
 
-    def __init__(self, service: "Service"):
-        self.service = service
+    def __init__(self, source: SnapshotSource):
+        self.source = source
         self._lock = threading.Lock()
         self._steps = _Histogram(STEP_BUCKETS)
         self._observed_step: int | None = None
         self._trained: deque[tuple[float, int]] = deque()
-        self._trained.append((time.monotonic(), int(service.trained_reflections)))
+        self._trained.append((time.monotonic(),
+                              int(source().status["reflections_trained"])))
         self._snap_id: int | None = None
         self._snap_f: np.ndarray | None = None
         self._snap_observed: np.ndarray | None = None
@@ -189,22 +164,18 @@ class ServiceCollector(Collector):
         return []
 
     def collect(self) -> list[Metric]:
+        # one snapshot per scrape, taken under this collector's lock: concurrent scrapes see
+        # states in the order they were taken, so the shared histogram never runs ahead
         with self._lock:
-            return [*self._ingest(), *self._training(), *self._store(), *self._quality(),
-                    *feedback_families(self.service), *self._process(), *self._om()]
-
-    def _om(self) -> list[Metric]:
-        if getattr(self.service, "om_bridge", None) is None:
-            return []
-        from streamvi_om import om_metric_families
-
-        return om_metric_families(self.service)
+            state = self.source(store=True)
+            return [*self._ingest(state), *self._training(state), *self._store(state.store),
+                    *self._quality(state), *feedback_families(state), *self._process(state),
+                    *om_families(state.status.get("om"))]
 
     # ------------------------------------------------------------------ ingest
 
-    def _ingest(self) -> Iterator[Metric]:
-        svc = self.service
-        c = svc.counters.snapshot()
+    def _ingest(self, state: ServiceSnapshot) -> Iterator[Metric]:
+        c = state.status["counters"]
         for name, key, doc in (
                 ("streamvi_messages_received", "messages_received",
                  "Frames received on the ingest sockets, accepted or not"),
@@ -242,35 +213,34 @@ class ServiceCollector(Collector):
             value=c.get("spool_write_errors", 0))
         yield GaugeMetricFamily("streamvi_queue_depth",
                                 "Decoded crystals waiting for the trainer",
-                                value=svc.ingestor.queue_depth)
+                                value=state.status["queue_depth"])
         yield GaugeMetricFamily("streamvi_spool_bytes", "Bytes of accepted messages spooled",
-                                value=svc.spool.bytes_total)
+                                value=state.spool_bytes)
 
     # ------------------------------------------------------------------ training
 
-    def _training(self) -> Iterator[Metric]:
-        svc = self.service
-        engine = svc.engine
-        # before the step counter is read, so that a scrape never shows more timed steps
-        # than steps taken
-        self._observe_steps()
+    def _training(self, state: ServiceSnapshot) -> Iterator[Metric]:
+        status = state.status
+        # the snapshot read the step durations before the step counter, so that a scrape
+        # never shows more timed steps than steps taken
+        self._observe_steps(state)
         yield CounterMetricFamily("streamvi_crystals_merged",
                                   "Crystals added to the reflection store",
-                                  value=svc.crystals_merged)
+                                  value=status["crystals_merged"])
         yield CounterMetricFamily(
             "streamvi_reflections_outside",
             "Reflections of stored crystals outside the table (beyond dmin, absences)",
-            value=svc.reflections_outside)
+            value=status["reflections_outside"])
         yield CounterMetricFamily("streamvi_training_steps", "Optimiser steps taken",
-                                  value=0 if engine is None else engine.trainer.step)
+                                  value=status["steps"])
         yield CounterMetricFamily(
             "streamvi_training_steps_skipped",
             "Steps whose update was skipped for non-finite gradients",
-            value=0 if engine is None else engine.trainer.skipped_steps)
+            value=status["skipped_steps"])
         yield GaugeMetricFamily(
             "streamvi_failed", "1 while the service is failed (see /healthz for why), else 0",
-            value=int(svc.failure is not None))
-        trained = int(svc.trained_reflections)
+            value=int(state.failure is not None))
+        trained = int(status["reflections_trained"])
         yield CounterMetricFamily("streamvi_reflections_trained",
                                   "Reflections in the minibatches of every step",
                                   value=trained)
@@ -280,7 +250,7 @@ class ServiceCollector(Collector):
             value=self._trained_rate(trained))
         yield self._steps.family("streamvi_step_duration_seconds",
                                  "Wall time of one optimiser step, s")
-        report = svc.last_step_report
+        report = state.last_step
         fam = GaugeMetricFamily(
             "streamvi_loss", "Loss terms of the last step, per observation", labels=["term"])
         if report is not None:
@@ -299,11 +269,10 @@ class ServiceCollector(Collector):
         t0, n0 = samples[0]
         return (trained - n0) / (now - t0) if now > t0 else 0.0
 
-    def _observe_steps(self) -> None:
+    def _observe_steps(self, state: ServiceSnapshot) -> None:
         """Feed the step durations appended since the last scrape into the histogram."""
-        svc = self.service
-        report = svc.last_step_report          # set after its duration is appended
-        durations = svc.step_seconds.copy()
+        report = state.last_step               # set after its duration is appended
+        durations = state.step_seconds
         if report is None or not durations:
             return
         end = len(durations)
@@ -323,25 +292,11 @@ class ServiceCollector(Collector):
 
     # ------------------------------------------------------------------ store
 
-    def _store(self) -> Iterator[Metric]:
-        engine = self.service.engine
-        n, n_refl, visits, lag, n_rejected = 0, 0, np.zeros(0, np.int64), np.zeros(0), 0
-        settings: dict[str, int] = {}
-        geometry: dict | None = None
-        if engine is not None:
-            st = engine.store
-            with _holding(self.service.lock, LOCK_TIMEOUT_S) as got:
-                if not got:
-                    log.warning("metrics: service lock busy for %.0f s; store metrics skipped "
-                                "in this scrape", LOCK_TIMEOUT_S)
-                    return
-                n = int(st.n_images)
-                visits = st.visits[:n].copy()
-                lag = st.first_visit_time[:n] - st.arrival_time[:n]
-                n_refl = int(st.n_reflections)
-                n_rejected = st.n_rejected
-                settings = st.setting_counts()
-                geometry = engine.geometry_summary()
+    def _store(self, store: StoreFigures | None) -> Iterator[Metric]:
+        if store is None:            # the store was busy: its families wait for the next scrape
+            return
+        n, n_refl, n_rejected = store.n_images, store.n_reflections, store.n_rejected
+        visits, lag, settings, geometry = store.visits, store.lags, store.settings, store.geometry
         yield GaugeMetricFamily("streamvi_images_stored", "Images in the reflection store",
                                 value=n)
         yield GaugeMetricFamily("streamvi_reflections_stored",
@@ -382,10 +337,10 @@ class ServiceCollector(Collector):
 
     # ------------------------------------------------------------------ quality
 
-    def _quality(self) -> Iterator[Metric]:
+    def _quality(self, state: ServiceSnapshot) -> Iterator[Metric]:
         # every family is announced even before the first snapshot, so that the set of names
         # a scrape shows does not depend on the state of the merge
-        snap = self.service.latest
+        snap = state.merge
         st = None if snap is None else snap.stats
         shells = [] if st is None else [str(i + 1) for i in range(len(st.d_min))]
         for name, attr, key, doc in SHELL_GAUGES:
@@ -424,23 +379,22 @@ class ServiceCollector(Collector):
 
     # ------------------------------------------------------------------ process
 
-    def _process(self) -> Iterator[Metric]:
-        svc = self.service
+    def _process(self, state: ServiceSnapshot) -> Iterator[Metric]:
         yield CounterMetricFamily("streamvi_mtz_written", "MTZ snapshots written",
-                                  value=svc.mtz.n_written)
+                                  value=state.status["mtz_written"])
         yield CounterMetricFamily("streamvi_mtz_errors", "MTZ snapshots that failed to write",
-                                  value=svc.mtz.n_errors)
+                                  value=state.status["mtz_errors"])
         fam = GaugeMetricFamily("streamvi_device_memory_bytes",
                                 "Memory in use, bytes: process RSS, CUDA allocator, store tiers",
                                 labels=["kind"])
-        for kind, value in memory_by_kind(svc).items():
+        for kind, value in state.memory.items():
             fam.add_metric([kind], value)
         yield fam
         yield GaugeMetricFamily("streamvi_uptime_seconds", "Seconds since the service started",
-                                value=time.time() - svc.started_at)
+                                value=state.time - state.started_at)
         info = GaugeMetricFamily("streamvi_build_info", "streamvi version (value is always 1)",
                                  labels=["version"])
-        info.add_metric([streamvi.__version__], 1)
+        info.add_metric([state.version], 1)
         yield info
 
 
@@ -472,19 +426,39 @@ def _add_finite(fam: GaugeMetricFamily, labels: list[str], value: float | None) 
         fam.add_metric(labels, float(value))
 
 
-def memory_by_kind(service: "Service") -> dict[str, int]:
-    """Bytes per ``kind``: process_rss, cuda_allocated/cuda_reserved, store_device/store_host."""
-    out = {"process_rss": process_rss_bytes()}
-    engine = service.engine
-    if engine is None:
-        return out
-    device = engine.device
-    if device.type == "cuda":
-        import torch
+def om_families(status: Mapping[str, Any] | None) -> list[Metric]:
+    """The OM bridge's metrics from its status (the snapshot's ``status["om"]``); an empty
+    list while no bridge runs.
 
-        out["cuda_allocated"] = int(torch.cuda.memory_allocated(device))
-        out["cuda_reserved"] = int(torch.cuda.memory_reserved(device))
-    used = engine.store.bytes_used()
-    out["store_device"] = int(used.get("device", 0))
-    out["store_host"] = int(used.get("host", 0))
-    return out
+    ``streamvi_om_hit_rate`` (ratio 0–1, OM's running average at its latest event),
+    ``streamvi_om_events_total``, ``streamvi_om_hits_total`` (estimated),
+    ``streamvi_om_messages_total``, ``streamvi_om_last_message_timestamp_seconds`` and
+    ``streamvi_indexing_yield`` (crystals received per OM hit).  Every family is announced
+    once the bridge runs, with a sample once there is a value.
+    """
+    if status is None:
+        return []
+    hit_rate = GaugeMetricFamily("streamvi_om_hit_rate",
+                                 "OM's running-average hit rate at its latest event (ratio 0-1)")
+    if status["hit_rate"] is not None:
+        hit_rate.add_metric([], status["hit_rate"])
+    last = GaugeMetricFamily("streamvi_om_last_message_timestamp_seconds",
+                             "Unix time the latest OM message arrived, s")
+    if status["received_at"] is not None:
+        last.add_metric([], status["received_at"])
+    indexing = GaugeMetricFamily("streamvi_indexing_yield",
+                                 "Crystals received per OM hit (can exceed 1 with several "
+                                 "crystals per image)")
+    if status["indexing_yield"] is not None:
+        indexing.add_metric([], status["indexing_yield"])
+    return [
+        hit_rate,
+        CounterMetricFamily("streamvi_om_events", "Events OM processed, seen through its "
+                            "broadcasts", value=status["events"]),
+        CounterMetricFamily("streamvi_om_hits", "Hits OM found (estimated from its "
+                            "running-average hit rate)", value=status["hits"]),
+        CounterMetricFamily("streamvi_om_messages", "OM broadcasts received",
+                            value=status["messages"]),
+        last,
+        indexing,
+    ]

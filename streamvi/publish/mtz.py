@@ -9,8 +9,8 @@ Columns (only reflections with at least one observation are written):
 - half datasets: ``F_half1 SIGF_half1 F_half2 SIGF_half2`` (and ``I_half…``), so CC½ can be
   recomputed by any program.
 
-The file is written to a temporary name in the target directory and renamed over the target
-(``os.replace``), so a reader never sees a partial file.  It gets the permissions the umask
+The file is written atomically (:func:`streamvi.atomic.atomic_write`: a temporary name in the
+target directory, fsync, renamed over the target), so a reader never sees a partial file.  It gets the permissions the umask
 allows (0644 under umask 022), like any file the user writes: the shift crew's group can
 read it.  The MTZ's project, crystal and dataset names and its wavelength come from the
 merged run (:class:`MtzInfo`).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -28,6 +27,7 @@ import numpy as np
 import reciprocalspaceship as rs
 
 from streamvi import __version__
+from streamvi.atomic import atomic_write
 
 
 #: Longest project, crystal or dataset name written (CCP4 programs show 64 characters).
@@ -70,30 +70,6 @@ def safe_name(text: str, limit: int = MAX_NAME) -> str:
     most ``limit`` characters; ``streamvi`` when nothing is left."""
     name = _UNSAFE.sub("_", str(text)).strip("_.")[:limit]
     return name or "streamvi"
-
-
-def sibling_temp_path(path: str | os.PathLike) -> Path:
-    """A fresh temporary name beside ``path``: ``.<name>.<pid>.<random>.tmp``.
-
-    The file is created by whoever writes it, with the permissions the umask allows
-    (``tempfile.mkstemp`` makes 0600, which locked the shift crew out of the MTZ files).
-    :func:`stale_temp_files` finds these names again after a crash.
-    """
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-#: Temporary names the service and the MTZ writer leave behind when killed mid-write.
-_STALE = re.compile(r"^\.(checkpoint\.pt|checkpoint|latest\.mtz|snapshot-\d{6}\.mtz)\."
-                    r".*\.(tmp|link)$|^\.write-test")
-
-
-def stale_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Temporary files of ours in ``directory`` (a kill -9 mid-write leaves them)."""
-    try:
-        return sorted(p for p in Path(directory).iterdir() if _STALE.match(p.name))
-    except FileNotFoundError:
-        return []
 
 
 def snapshot_to_dataset(snapshot) -> rs.DataSet:
@@ -229,16 +205,7 @@ def write_mtz(ds: rs.DataSet, path: str | os.PathLike, *, history: list[str] | N
         dataset.wavelength = float(info.wavelength_A or 0.0)
     lines = [f"streamvi {__version__}"] + list(history or [])
     mtz.history = [line[:80] for line in lines][:30]
-    tmp = sibling_temp_path(path)
-    try:
-        mtz.write_to_file(str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: mtz.write_to_file(str(tmp)))
 
 
 def write_snapshot_mtz(snapshot, path: str | os.PathLike, *, info: MtzInfo | None = None

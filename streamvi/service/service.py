@@ -38,28 +38,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from streamvi.config import ServiceConfig, check_device
+from streamvi.errors import ConfigError
 from streamvi.ingest.counters import IngestCounters
 from streamvi.ingest.deadletter import DeadLetter
-from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
-from streamvi.errors import ConfigError
-from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
-from streamvi.ingest.receiver import Ingestor, replay_spool
-from streamvi.publish.mtz import MtzInfo, sibling_temp_path, stale_temp_files
-from streamvi.publish.snapshots import MtzSnapshots
 from streamvi.ingest.ratelimit import RateLimitedLog
-from streamvi.merging.reference import ReferenceSetting, check_same_lattice, read_reference
+from streamvi.ingest.receiver import Ingestor, replay_spool
 from streamvi.ingest.spool import Spool
+from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
+from streamvi.merging.reference import ReferenceSetting, check_same_lattice, read_reference
+from streamvi.merging.trainer import TrainerConfig
+from streamvi.publish.mtz import MtzInfo
+from streamvi.publish.snapshots import MtzSnapshots
+from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
+from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
+                                        remove_stale_temp_files)
+from streamvi.service.status import images_per_second, service_snapshot, service_status
+from streamvi.snapshot import ServiceSnapshot
+from streamvi.sources import plugin_module
 from streamvi.symmetry import (ReciprocalSpace, consensus_cell, format_cell, parse_cell,
                                parse_space_group, require_metric_symmetry)
-from streamvi.merging.trainer import TrainerConfig
 from streamvi.wire import CrystalMessage, clip, encode_crystal
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
 #: consecutive training-loop errors after which the service is *failed*
 FAIL_AFTER_ERRORS = 3
 #: longest pause between retries of a failing training loop, s
@@ -127,13 +130,14 @@ class Service:
                                           recentre_falloff=config.recentre_falloff)
         self.engine: MergeEngine | None = None
         self.counters = IngestCounters()
+        self.checkpoints = Checkpoints(self.out_dir / CHECKPOINT_NAME)
         self.spool = Spool(self.out_dir / "spool", fsync=config.spool_fsync)
         try:        # the spool's lock is ours now: no other service writes in out_dir
             self._check_spool_beside_checkpoint()
         except ConfigError:
             self.spool.close()
             raise
-        self._remove_stale_temp_files()
+        remove_stale_temp_files(self.out_dir)
         self.dead_letter = DeadLetter(self.out_dir / "dead-letter.jsonl")
         self.mtz = MtzSnapshots(self.out_dir, keep=config.keep_snapshots, info=self._mtz_info)
         self.ingestor = Ingestor(
@@ -188,7 +192,9 @@ class Service:
         self.last_step_report = None
         self.recovered_from_checkpoint = False
         self.metrics_server = None
+        #: the OM bridge (plugin ``om``) while om_url is set
         self.om_bridge = None
+        self._om = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -241,15 +247,6 @@ class Service:
                 f"Restore the spool directory, or move the checkpoint aside (mv {ckpt} "
                 f"{ckpt}.old) to start afresh")
 
-    def _remove_stale_temp_files(self) -> None:
-        """Temporary files that a kill -9 mid-write left (checkpoints, MTZ files)."""
-        for path in stale_temp_files(self.out_dir):
-            try:
-                path.unlink()
-                log.info("removed %s, left by an interrupted write", path)
-            except OSError as exc:
-                log.warning("could not remove %s, left by an interrupted write: %s", path, exc)
-
     def _curve_options(self) -> dict[str, Any]:
         if not self.config.curve_secret_key:
             return {}
@@ -285,9 +282,11 @@ class Service:
     def start(self) -> "Service":
         """Recover (checkpoint + spool), then start ingest and training threads."""
         if self.config.om_url:
-            from streamvi_om import attach_om
-
-            attach_om(self)       # refuses pickle unless om_allow_pickle: before anything runs
+            # the OM bridge plugin, found through the entry points; it refuses pickle unless
+            # om_allow_pickle, before anything runs
+            self._om = plugin_module("om")
+            self.om_bridge = self._om.OmBridge(self.config.om_url,
+                                               allow_pickle=self.config.om_allow_pickle).start()
         self._recover()
         self.ingestor.start()
         self._thread = threading.Thread(target=self._train_loop, name="streamvi-train",
@@ -296,7 +295,7 @@ class Service:
         if self.config.metrics_port >= 0:
             from streamvi.publish.http import start_http_server
 
-            self.metrics_server = start_http_server(self, self.config.metrics_host,
+            self.metrics_server = start_http_server(self.snapshot, self.config.metrics_host,
                                                     self.config.metrics_port)
         log.info("listening on %s; output in %s", ", ".join(self.ingestor.bound_endpoints),
                  self.out_dir)
@@ -305,9 +304,8 @@ class Service:
     def stop(self, *, checkpoint: bool = True, publish: bool = True) -> None:
         """Stop ingest, finish the current step, publish and checkpoint."""
         if self.om_bridge is not None:
-            from streamvi_om import detach_om
-
-            detach_om(self)
+            self.om_bridge.stop()
+            self.om_bridge = None
         self.ingestor.stop()
         self._drain_queue()
         self._stop.set()
@@ -469,8 +467,8 @@ class Service:
         return n
 
     def _train_loop(self) -> None:
-        next_publish = time.monotonic() + self.config.publish_interval
-        next_checkpoint = time.monotonic() + self.config.checkpoint_interval
+        publishing = Every(self.config.publish_interval)
+        checkpointing = Every(self.config.checkpoint_interval)
         while not self._stop.is_set():
             try:
                 have_data = self.engine is not None and self.engine.n_images > 0
@@ -486,13 +484,11 @@ class Service:
                         self.trained_reflections += report.n_reflections
                         self.last_step_report = report
                 now = time.monotonic()
-                if now >= next_publish or self._publish_request.is_set():
+                if publishing.due(now, force=self._publish_request.is_set()):
                     self._publish_request.clear()
                     self.publish_now()
-                    next_publish = now + self.config.publish_interval
-                if now >= next_checkpoint:
+                if checkpointing.due(now):
                     self.checkpoint()
-                    next_checkpoint = now + self.config.checkpoint_interval
                 if self._loop_errors:
                     self._recovered()
             except Exception as exc:  # keep the service alive; say so once, then fail
@@ -596,57 +592,11 @@ class Service:
 
     def images_per_second(self, window_s: float = 30.0) -> float:
         """Arrival rate of crystals over the last ``window_s`` seconds."""
-        if self.engine is None or self.engine.n_images == 0:
-            return 0.0
-        st = self.engine.store
-        t = st.arrival_time[: st.n_images]
-        now = time.time()
-        recent = int((t > now - window_s).sum())
-        span = min(window_s, max(now - float(t.min()), 1e-3))
-        return recent / span
+        return images_per_second(self.engine, window_s)
 
     def status(self) -> dict[str, Any]:
         """Current figures for the stats topic, status page and terminal (JSON-able)."""
-        c = self.counters.snapshot()
-        st = self.engine.store if self.engine is not None else None
-        # read without the lock (the status page must answer while a step runs): the
-        # ingest side may add images meanwhile, so every per-image array is cut at one n
-        visits, lags = np.zeros(0), np.zeros(0)
-        if st is not None:
-            n = st.n_images
-            visits = st.visits[:n].copy()
-            lags = st.first_visit_lags(n)
-        engine = self.engine
-        return {
-            "uptime_s": time.time() - self.started_at,
-            "state": self.state, "failure": self.failure,
-            "counters": c,
-            "crystals_merged": self.crystals_merged, "duplicates": self.duplicates,
-            "duplicates_by_content": (self._content_duplicates
-                                      + self._content_duplicates_unspooled),
-            "crystals_rejected": dict(self.crystals_rejected),
-            "crystals_waiting": len(self._pending),
-            "cell": self.merge_cell(), "cell_source": self.cell_source,
-            "skipped_steps": 0 if engine is None else engine.trainer.skipped_steps,
-            "reflections_stored": 0 if st is None else st.n_reflections,
-            "reflections_outside": self.reflections_outside,
-            "queue_depth": self.ingestor.queue_depth,
-            "images_per_s": self.images_per_second(),
-            "steps": 0 if self.engine is None else self.engine.trainer.step,
-            "reflections_trained": self.trained_reflections,
-            "unvisited_images": int((visits == 0).sum()),
-            "images_rejected": 0 if st is None else st.n_rejected,
-            # per twin law, in space groups with an indexing ambiguity (as of the last snapshot)
-            "images_by_setting": {} if st is None else st.setting_counts(),
-            # the relative B the last snapshot gave the amplitudes (docs/model.md change 10)
-            "falloff_b": None if self.latest is None else self.latest.falloff_b,
-            "visits_median": float(np.median(visits)) if visits.size else 0.0,
-            "lag_p50_s": float(np.percentile(lags, 50)) if lags.size else None,
-            "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,
-            "mtz_written": self.mtz.n_written, "mtz_errors": self.mtz.n_errors,
-            "device": str(self.engine.device) if self.engine is not None else None,
-            "om": self._om_status(),
-        }
+        return service_status(self)
 
     def _mtz_info(self) -> MtzInfo:
         """Names and wavelength for the MTZ files: the runs merged, their mean wavelength."""
@@ -655,18 +605,33 @@ class Service:
             return MtzInfo()
         return MtzInfo.from_runs(dict(store.runs), store.mean_wavelength())
 
-    def _om_status(self) -> dict[str, Any] | None:
+    @property
+    def duplicates_by_content(self) -> int:
+        """Crystals recognised as duplicates by their content, by the store and by ingest."""
+        return self._content_duplicates + self._content_duplicates_unspooled
+
+    @property
+    def crystals_waiting(self) -> int:
+        """Crystals waiting for the merge to start."""
+        return len(self._pending)
+
+    def om_status(self) -> dict[str, Any] | None:
+        """The OM bridge's figures with the crystals received per OM hit; None if off."""
         if self.om_bridge is None:
             return None
-        from streamvi_om import om_status
+        return self._om.om_status(self.om_bridge,
+                                  int(self.counters.snapshot()["crystals_received"]))
 
-        return om_status(self)
+    def snapshot(self, *, store: bool = False) -> ServiceSnapshot:
+        """Everything the publishers show, copied now (:mod:`streamvi.service.status`);
+        ``store``: with the store's figures and the memory in use (``/metrics``)."""
+        return service_snapshot(self, store=store)
 
     # ------------------------------------------------------------------ checkpoints
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT_NAME
+        return self.checkpoints.path
 
     def checkpoint(self) -> Path | None:
         """Save trainer, scheduler and counters atomically; None if nothing to save."""
@@ -678,18 +643,7 @@ class Service:
                      "crystals_merged": self.crystals_merged,
                      "spool_records": self.spool.n_records, "time": time.time(),
                      "space": self.engine.space.to_dict()}
-        tmp = sibling_temp_path(self.checkpoint_path)
-        try:
-            torch.save(state, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.checkpoint_path)
-        except (OSError, RuntimeError) as exc:   # torch.save reports a full disk as RuntimeError
-            log.error("checkpoint %s failed: %s (disk full? will retry at the next interval)",
-                      self.checkpoint_path, exc)
-            tmp.unlink(missing_ok=True)
-            return None
-        return self.checkpoint_path
+        return self.checkpoints.save(state)
 
     def _recover(self) -> None:
         """Rebuild the store from the spool and load the last checkpoint, if any.
@@ -718,7 +672,7 @@ class Service:
         try:
             self.engine.load_state_dict(state["engine"])
         except Exception as exc:         # readable by torch, but not a model of ours
-            self._set_checkpoint_aside(exc)
+            self.checkpoints.set_aside(exc)
             self._restart_from_spool()
             return
         self.recovered_from_checkpoint = True
@@ -727,24 +681,9 @@ class Service:
 
     def _load_checkpoint(self) -> dict | None:
         """The checkpoint's state, or None (none, or set aside as corrupt)."""
-        if not self.checkpoint_path.exists():
-            return None
-        try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-            problem = _checkpoint_problem(state)
-            if problem is not None:
-                raise ValueError(problem)
-            IngestCounters().load_state_dict(state["counters"])   # before anything uses it
-        except Exception as exc:
-            self._set_checkpoint_aside(exc)
-            return None
-        return state
-
-    def _set_checkpoint_aside(self, exc: Exception) -> None:
-        bad = self.checkpoint_path.with_suffix(".corrupt")
-        os.replace(self.checkpoint_path, bad)
-        log.error("checkpoint %s unreadable (%s): moved to %s; training restarts from the "
-                  "spooled data", self.checkpoint_path, exc, bad)
+        # the counters are checked before anything uses them
+        return self.checkpoints.load(
+            check=lambda state: IngestCounters().load_state_dict(state["counters"]))
 
     def _check_checkpoint_space(self, space: dict) -> None:
         """Refuse a checkpoint made for another merge before anything is replayed."""
@@ -815,21 +754,3 @@ class Service:
         return self.ingestor.queue_depth == 0 and bool(
             (st.visits[: st.n_images] >= min_visits).all())
 
-
-def _checkpoint_problem(state: Any) -> str | None:
-    """What is wrong with the shape of a loaded checkpoint (None: nothing)."""
-    if not isinstance(state, dict):
-        return f"a {type(state).__name__}, not a streamvi checkpoint"
-    for key, kind in (("engine", dict), ("counters", dict), ("space", dict),
-                      ("time", (int, float))):
-        if not isinstance(state.get(key), kind):
-            return f"no {key!r} of the right kind"
-    space = state["space"]
-    cell = space.get("cell")
-    if not (isinstance(cell, (list, tuple)) and len(cell) == 6
-            and all(isinstance(x, (int, float)) for x in cell)):
-        return "its space has no cell of six numbers"
-    if not isinstance(space.get("space_group"), str) or \
-            not isinstance(space.get("dmin"), (int, float)):
-        return "its space lacks the space group or dmin"
-    return None

@@ -1,0 +1,182 @@
+"""The service's state as publishers see it: :class:`~streamvi.snapshot.ServiceSnapshot`.
+
+The status page, ``/metrics`` and the ``stats`` topic read one immutable record built here,
+at each request, from the service's counters, its latest posterior snapshot and — for
+``/metrics`` — the store's figures, read under the service's lock for a moment.  Nothing
+outside the service reaches into the trainer, the store or the optimiser.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+import streamvi
+from streamvi.publish.http import MAX_HISTORY_POINTS
+from streamvi.quality.stats import CC_HALF_CUT
+from streamvi.snapshot import ServiceSnapshot, StepFigures, StoreFigures
+
+if TYPE_CHECKING:
+    from streamvi.service.service import Service
+
+log = logging.getLogger(__name__)
+
+#: Longest wait (s) for the service lock; the training thread holds it for one step.
+LOCK_TIMEOUT_S = 5.0
+
+
+def service_snapshot(service: "Service", *, store: bool = False) -> ServiceSnapshot:
+    """Everything a publisher shows of ``service``, copied now.
+
+    Parameters
+    ----------
+    service
+        The running service.
+    store
+        Also read the store's figures (under the service's lock, at most
+        :data:`LOCK_TIMEOUT_S`; None when it stays busy) and the memory in use.
+    """
+    # the last step before the durations, and both before the status (which counts the
+    # steps): a scrape then never shows more timed steps than steps taken
+    report = service.last_step_report
+    durations = tuple(service.step_seconds)
+    last = None if report is None else StepFigures(
+        step=int(report.step), seconds=float(report.seconds), loss=report.loss,
+        nll=report.nll, kl_F=report.kl_F, kl_scale=report.kl_scale)
+    status = service.status()
+    config = service.config
+    merge_info = {"space_group": service.space_group.hm, "cell": service.merge_cell(),
+                  "cell_source": service.cell_source, "dmin": config.dmin,
+                  "anomalous": config.anomalous, "n_shells": config.n_shells,
+                  "cc_half_cut": CC_HALF_CUT}
+    live = service.feedback
+    return ServiceSnapshot(
+        time=time.time(), started_at=service.started_at, status=status,
+        merge_info=merge_info, merge=service.latest, feedback=service.latest_feedback,
+        feedback_history=[] if live is None else live.history_payload(MAX_HISTORY_POINTS),
+        history=tuple(service.history.copy()), step_seconds=durations, last_step=last,
+        store=store_figures(service) if store else None,
+        memory=memory_by_kind(service.engine) if store else {},
+        spool_bytes=int(service.spool.bytes_total), version=streamvi.__version__)
+
+
+@contextmanager
+def _holding(lock: Any, timeout: float) -> Iterator[bool]:
+    """Acquire ``lock`` for at most ``timeout`` s; yields whether it was acquired."""
+    got = lock.acquire(timeout=timeout)
+    try:
+        yield got
+    finally:
+        if got:
+            lock.release()
+
+
+def store_figures(service: "Service") -> StoreFigures | None:
+    """The store's figures, read under the service's lock; None when it stays busy."""
+    engine = service.engine
+    if engine is None:
+        return StoreFigures()
+    st = engine.store
+    with _holding(service.lock, LOCK_TIMEOUT_S) as got:
+        if not got:
+            log.warning("metrics: service lock busy for %.0f s; store metrics skipped in this "
+                        "scrape", LOCK_TIMEOUT_S)
+            return None
+        n = int(st.n_images)
+        return StoreFigures(
+            n_images=n, n_reflections=int(st.n_reflections), n_rejected=int(st.n_rejected),
+            visits=st.visits[:n].copy(),
+            lags=st.first_visit_time[:n] - st.arrival_time[:n],
+            settings=dict(st.setting_counts()), geometry=engine.geometry_summary())
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this process, bytes (peak RSS where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if os.uname().sysname == "Darwin" else 1024)
+
+
+def memory_by_kind(engine: Any) -> dict[str, int]:
+    """Bytes per ``kind``: process_rss, cuda_allocated/cuda_reserved, store_device/store_host."""
+    out = {"process_rss": process_rss_bytes()}
+    if engine is None:
+        return out
+    device = engine.device
+    if device.type == "cuda":
+        import torch
+
+        out["cuda_allocated"] = int(torch.cuda.memory_allocated(device))
+        out["cuda_reserved"] = int(torch.cuda.memory_reserved(device))
+    used = engine.store.bytes_used()
+    out["store_device"] = int(used.get("device", 0))
+    out["store_host"] = int(used.get("host", 0))
+    return out
+
+
+def service_status(service: "Service") -> dict[str, Any]:
+    """The service's figures for the stats topic, the status page and the terminal
+    (JSON-able), read without the lock: the status page must answer while a step runs."""
+    engine = service.engine
+    st = engine.store if engine is not None else None
+    visits, lags = visit_figures(engine)
+    return {
+        "uptime_s": time.time() - service.started_at,
+        "state": service.state, "failure": service.failure,
+        "counters": service.counters.snapshot(),
+        "crystals_merged": service.crystals_merged, "duplicates": service.duplicates,
+        "duplicates_by_content": service.duplicates_by_content,
+        "crystals_rejected": dict(service.crystals_rejected),
+        "crystals_waiting": service.crystals_waiting,
+        "cell": service.merge_cell(), "cell_source": service.cell_source,
+        "skipped_steps": 0 if engine is None else engine.trainer.skipped_steps,
+        "reflections_stored": 0 if st is None else st.n_reflections,
+        "reflections_outside": service.reflections_outside,
+        "queue_depth": service.ingestor.queue_depth,
+        "images_per_s": images_per_second(engine),
+        "steps": 0 if engine is None else engine.trainer.step,
+        "reflections_trained": service.trained_reflections,
+        "unvisited_images": int((visits == 0).sum()),
+        "images_rejected": 0 if st is None else st.n_rejected,
+        # per twin law, in space groups with an indexing ambiguity (as of the last snapshot)
+        "images_by_setting": {} if st is None else st.setting_counts(),
+        # the relative B the last snapshot gave the amplitudes (docs/model.md)
+        "falloff_b": None if service.latest is None else service.latest.falloff_b,
+        "visits_median": float(np.median(visits)) if visits.size else 0.0,
+        "lag_p50_s": float(np.percentile(lags, 50)) if lags.size else None,
+        "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,
+        "mtz_written": service.mtz.n_written, "mtz_errors": service.mtz.n_errors,
+        "device": str(engine.device) if engine is not None else None,
+        "om": service.om_status(),
+    }
+
+
+def images_per_second(engine: Any, window_s: float = 30.0) -> float:
+    """Arrival rate of crystals over the last ``window_s`` seconds."""
+    if engine is None or engine.n_images == 0:
+        return 0.0
+    st = engine.store
+    t = st.arrival_time[: st.n_images]
+    now = time.time()
+    recent = int((t > now - window_s).sum())
+    span = min(window_s, max(now - float(t.min()), 1e-3))
+    return recent / span
+
+
+def visit_figures(engine: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Visits per stored image and the arrival → first-visit lags (s) of the visited ones,
+    read without the lock: the ingest side may add images meanwhile, so every per-image
+    array is cut at one ``n``."""
+    if engine is None:
+        return np.zeros(0), np.zeros(0)
+    st = engine.store
+    n = st.n_images
+    return st.visits[:n].copy(), st.first_visit_lags(n)
