@@ -176,3 +176,22 @@ def test_no_ambiguity_no_work():
     store = ReflectionStore(space)
     res = consensus_settings(store)
     assert res.ops.shape == (0,) and res.confidence == 1.0
+
+
+def test_offline_merge_keeps_the_consensus_and_merges_in_one_setting(sparse_p43):
+    """The merge assigns the consensus before its first step and its per-visit choice keeps
+    it: without the hysteresis a posterior still at its Wilson start ties every setting and
+    the first visit sends every image to the identity."""
+    from streamvi.merging.offline import merge_crystals
+    from streamvi.merging.trainer import TrainerConfig
+
+    cfg, truth, store, settings, msgs = sparse_p43
+    space = ReciprocalSpace(cfg.space_group, cfg.cell, cfg.dmin, anomalous=True)
+    snap, engine = merge_crystals(msgs, space, steps=60,
+                                  trainer_config=TrainerConfig(device="cpu", mc_samples=2))
+    ops = engine.store.image_op[: engine.n_images]
+    assert _share(ops, settings, space) >= 0.98
+    assert any(line.startswith("indexing settings by consensus") for line in snap.history)
+    _, off = merge_crystals(msgs, space, steps=60, assign_settings=False,
+                            trainer_config=TrainerConfig(device="cpu", mc_samples=2))
+    assert _share(off.store.image_op[: off.n_images], settings, space) < 0.9

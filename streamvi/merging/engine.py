@@ -290,6 +290,34 @@ class MergeEngine:
         # the misfit test compares with the Wilson prior: meaningful once Σ is final
         self.trainer.model.reject_images = self.config.reject_misfit_images and final
 
+    def assign_settings(self) -> float | None:
+        """Put every stored image in one indexing setting by consensus of the data alone
+        (:func:`~streamvi.merging.ambiguity.consensus_settings`), before the model decides.
+
+        In a space group with twin laws the merge's own per-visit choice starts from a
+        posterior that prefers no setting; on sparse patterns it may never leave the 50/50
+        mixture.  The trainer keeps each image's assigned setting unless the merge explains
+        another one clearly better (:data:`~streamvi.merging.model.merging.SETTING_HYSTERESIS`).
+
+        Returns
+        -------
+        float or None
+            The assignment's confidence (estimated share of images placed right), None in a
+            group without an ambiguity or with no image stored.
+        """
+        if self.space.n_ops == 1 or self.store.n_images == 0:
+            return None
+        from streamvi.merging.ambiguity import consensus_settings
+
+        result = consensus_settings(self.store, seed=self.trainer_config.seed)
+        n = self.store.n_images
+        self.store.set_ops(torch.arange(n), torch.from_numpy(result.ops[:n]).to(torch.int64))
+        self.store.apply_settings()
+        log.info("indexing settings by consensus: %d images, confidence %.3f (split halves "
+                 "agree on %.3f), %.1f s", n, result.confidence, result.split_agreement,
+                 result.seconds)
+        return float(result.confidence)
+
     @torch.no_grad()
     def row_estimates(self, *, iterations: int = 3, dof: float = 32.0
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -231,7 +231,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                    history: list[str] | None = None,
                    anneal: float = ANNEAL_FRACTION,
                    reference: ReferenceData | None = None,
-                   refresh_epochs: Sequence[float] = ()) -> tuple[MergeSnapshot, MergeEngine]:
+                   refresh_epochs: Sequence[float] = (),
+                   assign_settings: bool = True) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
 
     With neither, :data:`DEFAULT_EPOCHS` passes and at least :data:`DEFAULT_MIN_STEPS` steps.
@@ -239,7 +240,11 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     The learning rates decay linearly to :data:`FINAL_LR_FACTOR` of their values over the
     last ``anneal`` of the steps (0: constant rates, as the online service trains).  With a
     ``reference`` (:func:`streamvi.merging.reference.read_reference`), the snapshot is put in its
-    indexing setting (merohedral space groups; see :mod:`streamvi.merging.reference`).
+    indexing setting (merohedral space groups; see :mod:`streamvi.merging.reference`).  In such
+    groups every image is first put in one setting by consensus of the data
+    (``assign_settings``, :meth:`MergeEngine.assign_settings`).  The rows are restarted at
+    their merge given the current scales after ``refresh_epochs`` passes
+    (:meth:`MergeEngine.refresh_rows`).
 
     Returns
     -------
@@ -261,6 +266,7 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                           "--space-group and --cell)")
     # offline there is no arrival order to favour: every step draws from the passes (epochs)
     engine.scheduler.cursor = engine.n_images
+    confidence = engine.assign_settings() if assign_settings else None
     if steps is None and epochs is None:
         steps = max(DEFAULT_MIN_STEPS,
                     int(math.ceil(DEFAULT_EPOCHS * engine.steps_per_epoch())))
@@ -278,6 +284,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
         if engine.train(1, cb) is None:
             break
     hist = list(history or [])
+    if confidence is not None:
+        hist.append(f"indexing settings by consensus, confidence {confidence:.3f}")
     if n_outside:
         hist.append(f"{n_outside} reflections outside the table (beyond dmin) not merged")
     return engine.snapshot(history=hist), engine

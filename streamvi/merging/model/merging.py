@@ -28,6 +28,10 @@ from streamvi.merging.model.standardize import Standardizer
 
 ScaleForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
+#: lead, in nats of an image's log-likelihood, that its current indexing setting keeps over
+#: the others when the trainer re-chooses (:meth:`VariationalMergingModel.choose_ops`)
+SETTING_HYSTERESIS = 2.0
+
 
 @dataclass
 class LossTerms:
@@ -229,11 +233,20 @@ class VariationalMergingModel(nn.Module):
         """Per image, the twin-law operator whose rows best explain its intensities.
 
         Scores each operator by the image's summed log-likelihood with ``Ipred = E[scale] ·
-        E[F²]`` under the current table-0 posterior; ties go to the lowest operator.
+        E[F²]`` under the current table-0 posterior.  The setting the image has now
+        (``batch.image_op``: its last choice, or a consensus assigned before the merge)
+        keeps a lead of :data:`SETTING_HYSTERESIS` nats, so exact ties (a posterior still at
+        its Wilson start prefers no setting) and the noise of a sparse pattern leave it in
+        place; remaining ties go to the lowest operator.
         """
         e_scale, e_intensity = self._expected_scale_and_intensity(batch.asu_id, scale_loc,
                                                                   scale_scale)
         per_image = self._image_log_likelihood(batch, e_scale * e_intensity, iobs, sigiobs)
+        if batch.image_op is not None:
+            per_image = per_image.scatter_add(
+                0, batch.image_op.unsqueeze(0),
+                torch.full((1, batch.n_images), SETTING_HYSTERESIS, dtype=per_image.dtype,
+                           device=per_image.device))
         return torch.argmax(per_image, dim=0)
 
     def _table_terms(self, table: int | torch.Tensor, row_ids: torch.Tensor,
