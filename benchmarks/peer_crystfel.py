@@ -49,7 +49,9 @@ Command lines (2 CPU cores; the partialator runs dominate, about 2 min per 1,000
 directory, removed at the end), and with ``--resume`` a rerun reuses every simulation and
 merge already there with its recorded seconds (``"reused": true``); ``--mergers`` picks a
 subset, ``--anomalous-mergers`` those that also merge Bijvoet mates apart; ``--threads`` is
-CrystFEL's ``-j`` (default: every core, as ``streamvi merge`` uses them).
+CrystFEL's ``-j`` (default: every core, as ``streamvi merge`` uses them).  To measure a fixed
+commit of streamvi while the checkout moves: ``git archive C | tar -x -C DIR``, then run with
+``PYTHONPATH=DIR:DIR/plugins/sim STREAMVI_COMMIT=C`` (the lines carry ``streamvi_commit``).
 """
 from __future__ import annotations
 
@@ -766,11 +768,21 @@ def merge_all(case: Case, bin_dir: Path, work: Path, *, mergers: list[str], thre
 
 
 def _commit() -> str:
+    """The commit of the streamvi being measured (the package imported, not this script).
+
+    ``$STREAMVI_COMMIT`` where that package is not in a git checkout (e.g. a ``git archive``
+    snapshot put first on ``PYTHONPATH`` so a merge runs on a fixed commit).
+    """
+    import streamvi
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(streamvi.__file__).parent, check=False)
     except OSError:
-        return ""
+        out = None
+    if out is not None and out.returncode == 0:
+        return out.stdout.strip()
+    return os.environ.get("STREAMVI_COMMIT", "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -827,6 +839,7 @@ def main(argv: list[str] | None = None) -> None:
                           "machine": machine_name()}), flush=True)
         return
     version = crystfel_version(bin_dir)
+    commit = _commit()          # before the runs: a checkout may move while they go
     load = os.getloadavg()[0]
     tmp = None
     if args.workdir:
@@ -863,7 +876,7 @@ def main(argv: list[str] | None = None) -> None:
               "anomalous": [m for m in args.anomalous_mergers if anomalous],
               "data": case.data, "machine": machine_name(), "cores": os.cpu_count(),
               "crystfel_version": version, "streamvi_version": streamvi.__version__,
-              "streamvi_commit": _commit(), "load_avg_1m_before": round(load, 2),
+              "streamvi_commit": commit, "load_avg_1m_before": round(load, 2),
               "date": time.strftime("%Y-%m-%d")}
     for fig in results:
         line = {"merger": fig.pop("merger")}
