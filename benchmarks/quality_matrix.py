@@ -254,19 +254,15 @@ def _settings_dict(obj) -> dict[str, Any]:
 def merge_configs(device: str, overrides: dict[str, Any]):
     """TrainerConfig, EngineConfig and run settings of ``streamvi merge --anomalous``.
 
-    Built with the CLI's own parser and trainer settings, and its EngineConfig the way
-    ``streamvi.cli.main._run_merge`` builds it, so a changed CLI default changes this too.
+    Built from the command's own option declarations and derivation
+    (:func:`streamvi.cli.merge.merge_config`, :func:`streamvi.cli.merge.model_configs`), so
+    a changed CLI default changes this too.
     """
-    from streamvi.cli.main import _trainer_config, build_parser
-    from streamvi.merging.engine import EngineConfig
+    from streamvi.cli.merge import merge_config, model_configs
     from streamvi.merging.offline import ANNEAL_FRACTION
 
-    args = build_parser().parse_args(["merge", "in.stream", "-o", "out.mtz", "--anomalous",
-                                      "--device", device])
-    tcfg = _trainer_config(args)
-    ecfg = EngineConfig(n_shells=args.shells, recentre_falloff=args.recentre_falloff)
-    if args.batch_images:
-        ecfg.batch_images = args.batch_images
+    args = merge_config(["in.stream", "-o", "out.mtz", "--anomalous", "--device", device])
+    tcfg, ecfg = model_configs(args)
     run = {"epochs": args.epochs, "steps": args.steps, "anneal": ANNEAL_FRACTION,
            "refresh_epochs": None}
     run.update({k: v for k, v in overrides.items() if k in RUN_KEYS["merge"]})

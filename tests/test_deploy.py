@@ -28,7 +28,8 @@ import pytest
 import yaml
 
 from streamvi.cli.main import COMMANDS, build_parser
-from streamvi.config import OPTIONS, ServiceConfig, _toml_value, load_config
+from streamvi.config import SERVICE_OPTIONS, ServiceConfig, load_config
+from streamvi.config.render import toml_value
 from streamvi.service.lifecycle import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,7 +377,7 @@ def test_image_install_recipe_and_entry_point_work_in_a_plain_venv(tmp_path):
                            text=True, timeout=60)
     assert serve.returncode == 0, serve.stderr
     assert serve.stdout.startswith("usage: streamvi serve")
-    assert all("--" + o.name.replace("_", "-") in serve.stdout for o in OPTIONS)
+    assert all("--" + o.name.replace("_", "-") in serve.stdout for o in SERVICE_OPTIONS)
     # the package, its plugins and its data files come from the venv, not from this checkout
     probe = ("import json, importlib.resources as r\n"
              "import streamvi, streamvi_sim, streamvi_crystfel, streamvi_dials\n"
@@ -428,7 +429,7 @@ def test_compose_streamvi_service_matches_the_image_and_config():
         assert published[ports[name]][0] == "127.0.0.1", name
     assert svc["stop_signal"] == "SIGTERM" and svc["stop_grace_period"] == f"{STOP_GRACE_S}s"
     for env_name in svc.get("environment", {}):
-        assert env_name.removeprefix("STREAMVI_").lower() in {o.name for o in OPTIONS}
+        assert env_name.removeprefix("STREAMVI_").lower() in {o.name for o in SERVICE_OPTIONS}
 
 
 def test_compose_prometheus_scrapes_streamvi_by_service_name():
@@ -627,7 +628,7 @@ def test_systemd_unit_runs_the_service_from_the_venv():
 
 def test_systemd_unit_environment_moves_out_dir_to_the_writable_state_dir():
     env = unit_environment()
-    known = {"STREAMVI_" + o.name.upper() for o in OPTIONS}
+    known = {"STREAMVI_" + o.name.upper() for o in SERVICE_OPTIONS}
     assert {k for k in env if k.startswith("STREAMVI_")} <= known
     cfg = load_config(EXAMPLE_TOML, env=env)
     writable = [Path(p) for v in unit()["Service"]["ReadWritePaths"] for p in v.split()]
@@ -672,16 +673,16 @@ def _option_rows() -> dict[str, str]:
 
 def test_configuration_doc_names_every_option_with_env_flag_and_default():
     rows = _option_rows()
-    names = {o.name for o in OPTIONS}
+    names = {o.name for o in SERVICE_OPTIONS}
     assert set(rows) == names, (f"docs/configuration.md is out of date: no row for "
                                 f"{sorted(names - set(rows))}, rows for unknown options "
                                 f"{sorted(set(rows) - names)}")
-    for o in OPTIONS:
+    for o in SERVICE_OPTIONS:
         row = rows[o.name]
         assert f"`STREAMVI_{o.name.upper()}`" in row, o.name
         assert f"`--{o.name.replace('_', '-')}`" in row, o.name
-        assert f"`{_toml_value(o.default)}`" in row, \
-            f"{o.name}: default {_toml_value(o.default)} not in its row of docs/configuration.md"
+        assert f"`{toml_value(o.default)}`" in row, \
+            f"{o.name}: default {toml_value(o.default)} not in its row of docs/configuration.md"
 
 
 def test_deploy_doc_names_the_files_and_ports_the_service_uses():

@@ -7,6 +7,7 @@ merged amplitudes with the true ones are printed.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import threading
@@ -15,7 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from streamvi.cli.options import add_options, resolved
 from streamvi.config import load_config
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="simulated beamtime → ZeroMQ → service → MTZ, in one go")
+    add_options(p, "demo")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = resolved(args, "demo")
+    run_demo(images=opts.images, rate=opts.rate, out_dir=opts.out_dir, seed=opts.seed,
+             device=opts.device, anomalous=opts.anomalous, metrics_port=opts.metrics_port)
+    return 0
 
 
 @dataclass
@@ -34,7 +48,7 @@ class DemoResult:
 def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "streamvi-demo",
              seed: int = 0, device: str = "auto", anomalous: bool = True,
              publish_interval: float = 2.0, catch_up_visits: int = 8, max_catch_up_s: float = 120.0,
-             metrics_port: int = 0, stream: TextIO = sys.stdout, live_every_s: float = 1.0,
+             metrics_port: int = 0, stream: TextIO | None = None, live_every_s: float = 1.0,
              overrides: dict | None = None) -> DemoResult:
     """Run the embedded default end to end and return its figures.
 
@@ -52,7 +66,9 @@ def run_demo(*, images: int = 2000, rate: float = 200.0, out_dir: str | Path = "
     """
     import reciprocalspaceship as rs
 
-    from streamvi.config import check_device
+    stream = sys.stdout if stream is None else stream    # the stdout of the moment (tests)
+
+    from streamvi.merging.device import check_device
     from streamvi.quality.evaluate import compare_to_truth
     from streamvi.producers.send import send_messages
     from streamvi.service.service import Service

@@ -39,13 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from streamvi.config import ServiceConfig, check_device
+from streamvi.config import ServiceConfig
 from streamvi.errors import ConfigError
 from streamvi.ingest.counters import IngestCounters
 from streamvi.ingest.deadletter import DeadLetter
 from streamvi.ingest.ratelimit import RateLimitedLog
 from streamvi.ingest.receiver import Ingestor, replay_spool
 from streamvi.ingest.spool import Spool
+from streamvi.merging.device import check_device
 from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.merging.reference import ReferenceSetting, check_same_lattice, read_reference
 from streamvi.merging.trainer import TrainerConfig
@@ -92,9 +93,6 @@ class Service:
             raise ConfigError("space_group is required: set it in the config file, "
                               "STREAMVI_SPACE_GROUP or --space-group (e.g. 'P 43 21 2')")
         self.space_group = parse_space_group(config.space_group)
-        if not config.dmin > 0:
-            raise ConfigError(f"dmin = {config.dmin}: must be a positive resolution in Å")
-        self._check_merge_options()
         check_device(config.device)
         #: targets, forecasts and anomalous peaks per snapshot (docs/metrics.md)
         self.feedback = self._make_feedback()
@@ -106,28 +104,14 @@ class Service:
             require_metric_symmetry(self.cell, self.space_group, key="cell")
             self._space = ReciprocalSpace(self.space_group, self.cell, config.dmin,
                                           anomalous=config.anomalous)
-        sync_free_modes = {"auto": None, "on": True, "off": False}
-        if config.sync_free_steps.lower() not in sync_free_modes:
-            raise ConfigError(f"sync_free_steps = {config.sync_free_steps!r}: must be auto, on "
-                              "or off")
-        sync_free = sync_free_modes[config.sync_free_steps.lower()]
         self.reference = None
         if config.reference:
             self.reference = read_reference(config.reference, config.reference_column or None)
             if self.cell is not None:
                 check_same_lattice(self.reference, self.space_group, self.cell)
-        self.trainer_config = TrainerConfig(
-            d_model=config.d_model, n_layers=config.n_layers, mc_samples=config.mc_samples,
-            device=config.device, seed=config.seed, cpu_threads=config.cpu_threads,
-            scale_kl_weight=config.scale_kl_weight,
-            posterior_average_decay=config.posterior_average,
-            pooled_merge_ratio=config.pooled_merge_ratio, sync_free=sync_free,
-            refine_geometry=config.refine_geometry)
-        budget = int(config.device_budget_mb * 2**20) if config.device_budget_mb > 0 else None
-        self.engine_config = EngineConfig(batch_images=config.batch_images,
-                                          new_share=config.new_share, n_shells=config.n_shells,
-                                          device_budget_bytes=budget,
-                                          recentre_falloff=config.recentre_falloff)
+        # the model's and the engine's settings, derived from the declared options
+        self.trainer_config = TrainerConfig(**config.settings("trainer"))
+        self.engine_config = EngineConfig(**config.settings("engine"))
         self.engine: MergeEngine | None = None
         self.counters = IngestCounters()
         self.checkpoints = Checkpoints(self.out_dir / CHECKPOINT_NAME)
@@ -207,19 +191,6 @@ class Service:
         except OSError as exc:
             raise ConfigError(f"out_dir {self.out_dir}: not writable ({exc.strerror}); choose a "
                               "directory you can write with --out-dir") from None
-
-    def _check_merge_options(self) -> None:
-        c = self.config
-        for key, value in (("cell_length_tolerance", c.cell_length_tolerance),
-                           ("cell_angle_tolerance", c.cell_angle_tolerance)):
-            if not value > 0:
-                raise ConfigError(f"{key} = {value}: must be positive (defaults 0.05 and 5°)")
-        if c.consensus_crystals < 1 or c.consensus_wait < 0:
-            raise ConfigError(f"consensus_crystals = {c.consensus_crystals}, consensus_wait = "
-                              f"{c.consensus_wait}: need at least 1 crystal and a wait >= 0 s")
-        if c.intensity_outlier_ratio < 0 or 0 < c.intensity_outlier_ratio <= 1:
-            raise ConfigError(f"intensity_outlier_ratio = {c.intensity_outlier_ratio}: must be "
-                              "above 1 (default 1000), or 0 to turn the check off")
 
     def _make_feedback(self) -> LiveFeedback:
         """Targets and the model of the anomalous peaks, checked before anything starts."""

@@ -1,0 +1,122 @@
+"""``streamvi merge``: the engine offline over files, with a progress bar and the shell table."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any, Sequence
+
+from streamvi.cli.options import add_options, resolved
+from streamvi.config import Config
+
+log = logging.getLogger("streamvi")
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge CrystFEL streams offline with the streamvi model")
+    add_options(p, "merge")
+
+
+def merge_config(argv: Sequence[str]) -> Config:
+    """``streamvi merge``'s options from its arguments (``argv`` without ``merge``), as the
+    command resolves them (benchmarks build their merges from it)."""
+    parser = argparse.ArgumentParser(prog="streamvi merge")
+    add_options(parser, "merge")
+    return resolved(parser.parse_args(list(argv)), "merge")
+
+
+def model_configs(opts: Config) -> tuple[Any, Any]:
+    """The :class:`TrainerConfig` and :class:`EngineConfig` of a merge, derived from its
+    options (fields no option sets keep the classes' defaults)."""
+    from streamvi.merging.engine import EngineConfig
+    from streamvi.merging.trainer import TrainerConfig
+
+    return TrainerConfig(**opts.settings("trainer")), EngineConfig(**opts.settings("engine"))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamvi.merging.device import check_device
+    from streamvi.merging.offline import (Progress, check_output_path, load_files,
+                                          merge_crystals, resolve_space)
+    from streamvi.merging.reference import read_reference
+    from streamvi.publish.mtz import MtzInfo, write_snapshot_mtz
+
+    opts = resolved(args, "merge")
+    # mistakes that need no data are refused before anything is read or trained
+    check_device(opts.device, key="--device")
+    check_output_path(opts.output, flag="-o")
+    reference = (read_reference(opts.reference, opts.reference_column)
+                 if opts.reference else None)
+    data = load_files(opts.files)
+    for r in data.rejected[:20]:
+        log.warning("skipped: %s", r)
+    if len(data.rejected) > 20:
+        log.warning("… and %d more skipped pieces", len(data.rejected) - 20)
+    space = resolve_space(data, space_group=opts.space_group, cell=opts.cell, dmin=opts.dmin,
+                          anomalous=opts.anomalous)
+    tcfg, ecfg = model_configs(opts)
+    print(f"streamvi merge: {len(data.crystals)} crystals, {len(data.rejected)} skipped; "
+          f"{space.space_group.hm}, cell {tuple(round(x, 2) for x in space.cell.parameters)}, "
+          f"dmin {space.dmin:.2f} Å, {space.n_unique} unique rows, anomalous={space.anomalous}, "
+          f"torch threads {torch.get_num_threads()}", file=sys.stderr)
+    t0 = time.perf_counter()
+    snapshot, engine = merge_crystals(
+        data.crystals, space, trainer_config=tcfg, engine_config=ecfg, epochs=opts.epochs,
+        steps=opts.steps, progress=None if opts.quiet else Progress,
+        history=[f"merge of {', '.join(p.name for p in opts.files)}"[:80]],
+        reference=reference)
+    seconds = time.perf_counter() - t0
+    store = engine.store
+    # the training-free half-set figures beside the model's (docs/metrics.md)
+    from streamvi.quality.feedback import attach_data_estimate, store_sums
+
+    sum_i_half, wilson = store_sums(engine)
+    attach_data_estimate(snapshot.stats, snapshot.space, snapshot.obs_count, sum_i_half, wilson)
+    write_snapshot_mtz(snapshot, opts.output,
+                       info=MtzInfo.from_runs(dict(store.runs), store.mean_wavelength()))
+    if store.rejected_counts or store.duplicate_counts:
+        print("not merged: " + ", ".join(
+            [f"{n} {reason}" for reason, n in sorted(store.rejected_counts.items())]
+            + [f"{n} duplicates by {kind}" for kind, n in
+               sorted(store.duplicate_counts.items())]), file=sys.stderr)
+    print(snapshot.stats.format())
+    settings = engine.store.setting_counts()
+    if settings:
+        print("images per indexing setting (the twin law that puts each in the merge's): "
+              + ", ".join(f"{op} {n}" for op, n in settings.items()))
+    if reference is not None:
+        print(setting_line(engine, reference.name))
+    # what the file holds: one row per hkl (Friedel mates side by side in anomalous mode)
+    import gemmi
+
+    rows = gemmi.read_mtz_file(str(opts.output)).nreflections
+    print(f"wrote {opts.output} ({rows} reflections) in {seconds:.1f} s on {engine.device}")
+    if opts.json:
+        from streamvi.jsonsafe import jsonable
+
+        # valid JSON: a figure that is not defined is null, never NaN
+        print(json.dumps(jsonable({"stats": snapshot.stats.to_dict(), "seconds": seconds,
+                                   "mtz": str(opts.output), "mtz_reflections": rows}),
+                         allow_nan=False))
+    return 0
+
+
+def setting_line(engine, name: str) -> str:
+    """What the --reference did, for the end of a merge."""
+    import numpy as np
+
+    from streamvi.symmetry import op_triplet
+
+    choice = engine.setting_choice
+    if engine.space.n_ops == 1:
+        return f"{engine.space.space_group.hm} has no indexing ambiguity: {name} was not needed"
+    if choice is None or not np.isfinite(choice.cc[choice.op_index]):
+        return f"too few reflections in common with {name} to choose a setting"
+    ccs = ", ".join(f"{op_triplet(op)} {cc:.3f}" for op, cc in zip(engine.space.twin_ops,
+                                                                    choice.cc))
+    return (f"setting of {name}: reindexed by {choice.op} (CC(F) per operator: {ccs}; "
+            f"{choice.n_common} reflections in common)")
