@@ -214,6 +214,36 @@ class CrystalMessage:
         """Whether the reciprocal basis (astar, bstar, cstar) is known."""
         return self.astar is not None and self.bstar is not None and self.cstar is not None
 
+    def reciprocal_basis(self) -> np.ndarray:
+        """Rows a*, b*, c* (Å⁻¹): the crystal's own, in the lab frame, when the message
+        carries them, else those of its cell in the standard orientation
+        (:func:`reciprocal_basis`; the lengths of the scattering vectors are the same)."""
+        if self.has_orientation():
+            return np.array([self.astar, self.bstar, self.cstar], dtype=np.float64)
+        return reciprocal_basis(self.cell)
+
+    def d(self) -> np.ndarray:
+        """Resolution d = 1/|h a* + k b* + l c*| (Å) of each reflection, float64."""
+        q = self.hkl().astype(np.float64) @ self.reciprocal_basis()
+        with np.errstate(divide="ignore"):
+            return 1.0 / np.sqrt(np.einsum("ij,ij->i", q, q))
+
+
+def reciprocal_basis(cell: tuple[float, ...]) -> np.ndarray:
+    """Rows a*, b*, c* (Å⁻¹) of a cell ``(a, b, c, α, β, γ)`` (Å, degrees) in the standard
+    orientation: a along x, b in the xy plane (the PDB convention).
+
+    The one cell → basis conversion of the package and its plugins.
+    """
+    a, b, c = cell[:3]
+    al, be, ga = np.radians(cell[3:6])
+    ca, cb, cg, sg = np.cos(al), np.cos(be), np.cos(ga), np.sin(ga)
+    v = a * b * c * np.sqrt(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg)
+    avec = np.array([a, 0.0, 0.0])
+    bvec = np.array([b * cg, b * sg, 0.0])
+    cvec = np.array([c * cb, c * (ca - cb * cg) / sg, v / (a * b * sg)])
+    return np.stack([np.cross(bvec, cvec), np.cross(cvec, avec), np.cross(avec, bvec)]) / v
+
 
 def array_map(a: np.ndarray, dtype: str) -> dict[str, Any]:
     """A 1-D array as a wire array map ``{dtype, shape, data}``.

@@ -28,22 +28,6 @@ METADATA_COLUMNS: tuple[str, ...] = (
 N_METADATA = len(METADATA_COLUMNS)
 
 
-def reciprocal_basis_from_cell(cell: tuple[float, ...]) -> np.ndarray:
-    """Reciprocal basis (rows a*, b*, c*) of a cell in a standard orientation, Å⁻¹.
-
-    Only the metric matters for |q|, so any orientation will do when none is given.
-    """
-    a, b, c = cell[:3]
-    al, be, ga = np.radians(cell[3:6])
-    ca, cb, cg, sg = np.cos(al), np.cos(be), np.cos(ga), np.sin(ga)
-    v = a * b * c * np.sqrt(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg)
-    # direct basis: a along x, b in xy plane (PDB convention)
-    avec = np.array([a, 0.0, 0.0])
-    bvec = np.array([b * cg, b * sg, 0.0])
-    cvec = np.array([c * cb, c * (ca - cb * cg) / sg, v / (a * b * sg)])
-    return np.stack([np.cross(bvec, cvec), np.cross(cvec, avec), np.cross(avec, bvec)]) / v
-
-
 def reflection_metadata(msg: CrystalMessage) -> np.ndarray:
     """The ``(n, N_METADATA)`` float32 feature matrix of one crystal's reflections.
 
@@ -61,11 +45,7 @@ def reflection_metadata(msg: CrystalMessage) -> np.ndarray:
     out = np.zeros((n, N_METADATA), dtype=np.float32)
     hkl = msg.hkl().astype(np.float64)
     wavelength = msg.wavelength_A
-    if msg.has_orientation():
-        basis = np.array([msg.astar, msg.bstar, msg.cstar], dtype=np.float64)
-    else:
-        basis = reciprocal_basis_from_cell(msg.cell)
-    q = hkl @ basis                           # (n, 3) Å⁻¹, lab frame when oriented
+    q = hkl @ msg.reciprocal_basis()          # (n, 3) Å⁻¹, lab frame when oriented
     out[:, 0] = np.einsum("ij,ij->i", q, q)   # 1/d²
     if msg.fs is not None:
         out[:, 1] = msg.fs

@@ -6,7 +6,7 @@ for bytes that arrive piecemeal, and :func:`inspect_stream` for a summary.
 """
 from streamvi_crystfel.chunk import ChunkError, ChunkRecord, CrystalRecord, parse_chunk
 from streamvi_crystfel.header import StreamHeader, parse_header
-from streamvi_crystfel.inspect import inspect_stream, reflection_d
+from streamvi_crystfel.inspect import inspect_stream
 from streamvi_crystfel.panels import PanelIndex
 from streamvi_crystfel.reader import CHUNK_REASONS, REASONS, ParserCounts, StreamParser
 from streamvi_crystfel.source import (
@@ -23,5 +23,5 @@ __all__ = [
     "CrystalRecord", "CrystfelSource", "PanelIndex", "ParserCounts", "ReflectionTable",
     "StreamHeader", "StreamParser", "TableError", "default_run", "inspect_stream",
     "parse_chunk", "parse_header", "parse_table", "parse_tables", "read_header",
-    "read_stream", "reflection_d",
+    "read_stream",
 ]

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from streamvi.sources import Rejected
-from streamvi.wire import CrystalMessage
 from streamvi_crystfel.reader import StreamParser
 from streamvi_crystfel.source import default_run, read_stream
 
@@ -36,32 +35,6 @@ class _Range:
         if not self.n:
             return None
         return {"min": self.low, "max": self.high, "mean": self.total / self.n}
-
-
-def reflection_d(msg: CrystalMessage) -> np.ndarray:
-    """Resolution d (Å) of each reflection of a crystal.
-
-    Uses the crystal's own reciprocal basis (``d = 1/|h a* + k b* + l c*|``) when the
-    message carries it, else the metric of its cell.
-    """
-    hkl = msg.hkl().astype(np.float64)
-    if msg.has_orientation():
-        basis = np.array([msg.astar, msg.bstar, msg.cstar], dtype=np.float64)
-    else:
-        basis = np.linalg.inv(_direct_basis(msg.cell)).T
-    q = hkl @ basis
-    with np.errstate(divide="ignore"):
-        return 1.0 / np.sqrt(np.einsum("ij,ij->i", q, q))
-
-
-def _direct_basis(cell: tuple[float, ...]) -> np.ndarray:
-    """Rows a, b, c of a direct basis (Å) with a along x and b in the xy plane."""
-    a, b, c = cell[:3]
-    al, be, ga = (math.radians(x) for x in cell[3:])
-    cx = c * math.cos(be)
-    cy = c * (math.cos(al) - math.cos(be) * math.cos(ga)) / math.sin(ga)
-    cz = math.sqrt(max(c * c - cx * cx - cy * cy, 0.0))
-    return np.array([[a, 0.0, 0.0], [b * math.cos(ga), b * math.sin(ga), 0.0], [cx, cy, cz]])
 
 
 def inspect_stream(path: str | os.PathLike[str], *, run: str | None = None,
@@ -105,7 +78,7 @@ def inspect_stream(path: str | os.PathLike[str], *, run: str | None = None,
         energy.add(item.photon_energy_eV)
         if item.resolution_limit is not None:
             limit.add(item.resolution_limit)
-        d = reflection_d(item)
+        d = item.d()        # from the crystal's own basis, else its cell
         d = d[np.isfinite(d)]
         if d.size:
             d_range.add(float(d.min()), float(d.max()), total=float(d.sum()), n=int(d.size))

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 
 from streamvi.sources import Rejected
-from streamvi.wire import CrystalMessage
 from streamvi_dials.source import MALFORMED_REASONS, DialsSource
 
 CELL_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
@@ -17,12 +16,6 @@ def _stats(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
-
-
-def message_d(msg: CrystalMessage) -> np.ndarray:
-    """Resolution d = 1/|h a* + k b* + l c*| (Å) of each reflection of an oriented crystal."""
-    q = msg.hkl().astype(np.float64) @ np.array([msg.astar, msg.bstar, msg.cstar])
-    return 1.0 / np.sqrt(np.einsum("ij,ij->i", q, q))
 
 
 def inspect_dials(path: str | os.PathLike[str], expt_path: str | os.PathLike[str] | None = None,
@@ -63,7 +56,7 @@ def inspect_dials(path: str | os.PathLike[str], expt_path: str | os.PathLike[str
             continue
         cells.append(item.cell)
         energies.append(item.photon_energy_eV)
-        d = message_d(item)
+        d = item.d()
         d_low.append(float(d.min()))
         d_high.append(float(d.max()))
     counts = source.counts

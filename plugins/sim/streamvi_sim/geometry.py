@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamvi.wire import reciprocal_basis as wire_reciprocal_basis
+
 HC_EV_A = 12398.419843320026  # eV·Å
 
 
@@ -44,18 +46,9 @@ def reciprocal_basis(cell: tuple[float, ...]) -> np.ndarray:
     """B: columns are a*, b*, c* (Å⁻¹) in the standard crystal Cartesian frame.
 
     The frame is the PDB/gemmi one (a along x, b in the xy plane), so ``B`` is the transpose
-    of the fractionalisation matrix.
+    of the fractionalisation matrix; :func:`streamvi.wire.reciprocal_basis` gives its rows.
     """
-    a, b, c, al, be, ga = cell
-    ca, cb, cg = (math.cos(math.radians(x)) for x in (al, be, ga))
-    sg = math.sin(math.radians(ga))
-    vol = a * b * c * math.sqrt(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg)
-    orth = np.array([
-        [a, b * cg, c * cb],
-        [0.0, b * sg, c * (ca - cb * cg) / sg],
-        [0.0, 0.0, vol / (a * b * sg)],
-    ])
-    return np.linalg.inv(orth).T
+    return wire_reciprocal_basis(cell).T
 
 
 def cell_of_reciprocal_basis(basis: np.ndarray) -> tuple[float, ...]:
