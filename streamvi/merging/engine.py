@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from streamvi.merging.features import N_METADATA
+from streamvi.merging.model.metadata import Column
 from streamvi.merging.reference import ReferenceSetting, SettingChoice, align_snapshot
 from streamvi.merging.schedule import ImageScheduler
 from streamvi.quality.stats import shell_statistics
@@ -227,7 +228,7 @@ class MergeEngine:
     def _track_falloff(self, batch, report: StepReport) -> None:
         """Add the step's scale locations to the per-resolution record (no host wait)."""
         loc = report.scale_loc
-        inv_d2 = batch.metadata[:, 0].to(loc.device)
+        inv_d2 = batch.metadata[:, Column.INV_D2].to(loc.device)
         bins = (inv_d2 * (FALLOFF_BINS / self._inv_d2_max)).long().clamp_(0, FALLOFF_BINS - 1)
         weight = torch.isfinite(loc).to(loc.dtype)
         if report.rejected is not None:

@@ -25,7 +25,7 @@ class Batch:
         ``(n,)`` float32 intensities and their uncertainties, as measured (not standardised).
     metadata
         ``(n, n_metadata)`` float32 raw per-reflection features (see
-        :data:`streamvi.merging.features.METADATA_COLUMNS`), not standardised.
+        :class:`streamvi.merging.model.metadata.Column`), not standardised.
     image_index
         ``(n,)`` int64 position of each reflection's image within this batch, ``0..n_images-1``.
     image_offsets

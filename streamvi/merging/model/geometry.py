@@ -6,7 +6,7 @@ part in a thousand, which at 1.8 Å moves a reflection by about as much as the w
 partiality profile (DESIGN.md §9; partialator refines the same quantities).  Each image
 therefore carries six parameters: a small rotation (three components, radians) and a
 relative dilation of each reciprocal axis (a*, b*, c*).  They move the scattering vectors
-``q`` that the Ewald offsets of the metadata (:data:`streamvi.merging.features.METADATA_COLUMNS`)
+``q`` that the Ewald offsets of the metadata (:class:`streamvi.merging.model.metadata.Column`)
 were computed from, and the scale network sees the corrected offsets, so the gradient of the
 likelihood reaches them through the network's learnt partiality.
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from streamvi.merging.model.metadata import S1, Column
+
 #: refined parameters per image: rotation about x, y, z (lab frame) and the relative
 #: dilations of a*, b*, c*
 N_GEOMETRY = 6
@@ -28,8 +30,9 @@ STATE_WIDTH = 3 * N_GEOMETRY + 1
 #: photon energy × wavelength, keV·Å
 HC_KEV_A = 12.398419843320026
 
-# metadata columns (streamvi.merging.features.METADATA_COLUMNS) this module reads and rewrites
-_ENERGY, _OFFSET, _RADIUS, _RATIO, _S1 = 3, 4, 5, 6, slice(7, 10)
+# the metadata columns this module reads and rewrites, by name
+_ENERGY, _OFFSET = Column.PHOTON_ENERGY_KEV, Column.EWALD_OFFSET
+_RADIUS, _RATIO = Column.PROFILE_RADIUS, Column.EWALD_RATIO
 
 
 def lattice_axes(bases: np.ndarray) -> np.ndarray:
@@ -78,7 +81,7 @@ def offset_jacobian(metadata: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
     ``ε_j h_j (b*_j · ŝ1)`` for dilations ``ε_j``.  Reflections without an orientation (zero
     direction) get zeros.
     """
-    direction = metadata[:, _S1]
+    direction = metadata[:, S1]
     k = metadata[:, _ENERGY] / HC_KEV_A
     q = (k + metadata[:, _OFFSET]).unsqueeze(1) * direction
     q[:, 2] -= k
@@ -125,9 +128,10 @@ def corrected_metadata(metadata: torch.Tensor, image_index: torch.Tensor,
     radius = metadata[:, _RADIUS]
     d_ratio = torch.where(radius > 0, d_offset / radius.clamp_min(1e-12),
                           torch.zeros_like(d_offset))
-    return torch.cat([metadata[:, :_OFFSET], (metadata[:, _OFFSET] + d_offset).unsqueeze(1),
-                      metadata[:, _RADIUS:_RATIO], (metadata[:, _RATIO] + d_ratio).unsqueeze(1),
-                      metadata[:, _RATIO + 1:]], dim=1)
+    out = metadata.clone()
+    out[:, _OFFSET] = metadata[:, _OFFSET] + d_offset
+    out[:, _RATIO] = metadata[:, _RATIO] + d_ratio
+    return out
 
 
 def prior_nll(params: torch.Tensor) -> torch.Tensor:
