@@ -536,6 +536,39 @@ def dhkl(hkl: np.ndarray, cell: CellLike) -> np.ndarray:
     return np.asarray(d, dtype=np.float32)
 
 
+def shell_edges(d_max: float, d_min: float, n_shells: int) -> np.ndarray:
+    """Boundaries of ``n_shells`` resolution shells from ``d_max`` down to ``d_min``, Å.
+
+    Shells have equal reciprocal-space volume (equal steps in 1/d³), so they hold about
+    equal numbers of reflections.  The one shell binning of the package: the shell tables,
+    forecasts, comparisons with a truth and :meth:`ReciprocalSpace.shell_edges` use it.
+
+    Returns
+    -------
+    np.ndarray
+        ``(n_shells + 1,)`` float64, from low to high resolution.
+
+    Raises
+    ------
+    ConfigError
+        ``n_shells`` is not an integer >= 1.
+    """
+    if isinstance(n_shells, bool) or not isinstance(n_shells, (int, np.integer)) \
+            or n_shells < 1:
+        raise ConfigError(f"n_shells {n_shells!r}: expected an integer >= 1, e.g. 10")
+    lo, hi = 1.0 / float(d_max) ** 3, 1.0 / float(d_min) ** 3
+    return np.cbrt(1.0 / np.linspace(lo, hi, int(n_shells) + 1))
+
+
+def shell_index(d: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Index of the shell (0 = lowest resolution) among ``edges`` (:func:`shell_edges`)
+    holding each d (Å); a d beyond the edges counts in the first or last shell."""
+    with np.errstate(divide="ignore"):
+        s3 = 1.0 / np.asarray(d, dtype=np.float64) ** 3
+    e = 1.0 / np.asarray(edges, dtype=np.float64) ** 3
+    return np.clip(np.searchsorted(e, s3, side="right") - 1, 0, len(edges) - 2)
+
+
 def enumerate_asu(cell: CellLike, sg: SpaceGroupLike, dmin: float,
                   anomalous: bool = False) -> np.ndarray:
     """All symmetry-unique, not systematically absent reflections with d >= dmin.
@@ -676,8 +709,10 @@ def op_triplet(op: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- the table
 
 
-def _encode(hkl: np.ndarray) -> np.ndarray:
-    """Pack (h, k, l), each within ±2**19, into an int64 that sorts like (h, k, l)."""
+def hkl_key(hkl: np.ndarray) -> np.ndarray:
+    """Pack each (h, k, l), every index within ±2**19, into one int64 that sorts like
+    (h, k, l): the key to group, match or look up reflections by index (one packing for
+    the whole package)."""
     a = hkl.astype(np.int64) + _KEY_OFFSET
     return (a[:, 0] << (2 * _KEY_BITS)) | (a[:, 1] << _KEY_BITS) | a[:, 2]
 
@@ -747,7 +782,7 @@ class ReciprocalSpace:
             hkl = np.concatenate([hkl, hkl[~centric]])
             friedel = np.concatenate([friedel, -friedel[~centric]])
             centric = np.concatenate([centric, centric[~centric]])
-        row_keys = (_encode(hkl) << 1) | (friedel < 0)
+        row_keys = (hkl_key(hkl) << 1) | (friedel < 0)
         order = np.argsort(row_keys)  # (h, k, l), then F(+) before F(-)
         self.hkl = np.ascontiguousarray(hkl[order])
         self.friedel = friedel[order]
@@ -851,7 +886,7 @@ class ReciprocalSpace:
         if not valid.all():
             a = np.where(valid[:, None], a, 0)
         asu, isym = self._mapper.to_asu(a.astype(np.int32, copy=False))
-        key = _encode(asu) << 1
+        key = hkl_key(asu) << 1
         if self.anomalous:
             key |= (~isym & 1).astype(np.int64)
         pos = np.searchsorted(self._keys, key)
@@ -903,10 +938,8 @@ class ReciprocalSpace:
     # -- resolution shells
 
     def shell_edges(self, n_shells: int) -> np.ndarray:
-        """Shell boundaries in d, Å, from the table's largest d down to dmin.
-
-        Shells have equal reciprocal-space volume (equal steps in 1/d³), so they hold about
-        equal numbers of reflections.
+        """Shell boundaries in d, Å, from the table's largest d down to dmin
+        (:func:`shell_edges`).
 
         Returns
         -------
@@ -914,11 +947,7 @@ class ReciprocalSpace:
             ``(n_shells + 1,)`` float64, decreasing; ``edges[0] = max(d)``,
             ``edges[-1] = dmin``.
         """
-        if isinstance(n_shells, bool) or not isinstance(n_shells, (int, np.integer)) \
-                or n_shells < 1:
-            raise ConfigError(f"n_shells {n_shells!r}: expected an integer >= 1, e.g. 10")
-        s = np.linspace(self._dmax ** -3, self.dmin ** -3, int(n_shells) + 1)
-        edges = s ** (-1.0 / 3.0)
+        edges = shell_edges(self._dmax, self.dmin, n_shells)
         edges[0], edges[-1] = self._dmax, self.dmin
         return edges
 
@@ -932,14 +961,11 @@ class ReciprocalSpace:
             outside ``[dmin, max(d)]`` (beyond a relative 1e-6, which absorbs float32
             rounding of d).
         """
-        self.shell_edges(n_shells)  # validates n_shells
+        edges = self.shell_edges(n_shells)
         d = np.asarray(d, dtype=np.float64)
-        s0, s1 = self._dmax ** -3, self.dmin ** -3
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frac = (d ** -3 - s0) / (s1 - s0)
-            idx = np.floor(frac * n_shells).astype(np.int64)
-        inside = (d >= self.dmin * (1 - 1e-6)) & (d <= self._dmax * (1 + 1e-6))
-        return np.where(inside, np.clip(idx, 0, n_shells - 1), -1)
+        with np.errstate(invalid="ignore"):
+            inside = (d >= self.dmin * (1 - 1e-6)) & (d <= self._dmax * (1 + 1e-6))
+        return np.where(inside, shell_index(np.where(inside, d, self.dmin), edges), -1)
 
     @property
     def _dmax(self) -> float:

@@ -437,9 +437,9 @@ def test_default_images_are_unchanged(name: str) -> None:
 
 def _max_e_per_shell(truth: Truth, n_shells: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Largest normalised amplitude E per resolution shell, and how many exceed 3."""
-    from streamvi.quality.stats import shell_edges, shell_index
+    from streamvi.symmetry import shell_edges, shell_index
 
-    shell = shell_index(truth.d, shell_edges(truth.d, n_shells))
+    shell = shell_index(truth.d, shell_edges(truth.d.max(), truth.d.min(), n_shells))
     f, eps = truth.F_model, truth.epsilon
     e_max, n_over = np.zeros(n_shells), np.zeros(n_shells, dtype=int)
     for s in range(n_shells):
@@ -601,7 +601,7 @@ def test_sigma_scale_misreports_sigmas_only(truth: Truth) -> None:
 
 
 def test_flat_intensities_are_wilson_with_no_falloff() -> None:
-    from streamvi.quality.stats import shell_edges, shell_index
+    from streamvi.symmetry import shell_edges, shell_index
     from streamvi_sim.config import FLAT_SIGMA
 
     cfg = dataclasses.replace(SMALL, flat_intensities=True, dmin=2.0)
@@ -614,7 +614,7 @@ def test_flat_intensities_are_wilson_with_no_falloff() -> None:
     # exponential: mean 1, variance 1; χ²₁: mean 1, variance 2
     assert abs(acentric.mean() - 1) < 0.05 and abs(acentric.var() - 1) < 0.15
     assert abs(centric.mean() - 1) < 0.15 and abs(centric.var() - 2) < 0.6
-    shell = shell_index(flat.d, shell_edges(flat.d, 5))
+    shell = shell_index(flat.d, shell_edges(flat.d.max(), flat.d.min(), 5))
     means = np.array([z[shell == s].mean() for s in range(5)])
     assert np.abs(means - 1).max() < 0.1                           # no resolution fall-off
     # images are simulated from it as from any truth

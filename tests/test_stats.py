@@ -3,11 +3,26 @@ import json
 import numpy as np
 import pytest
 
-from streamvi.quality.stats import (MIN_PAIRS, ShellTable, attach_halfset_statistics, cc_star,
-                            correlation_by_shell, fisher_interval, fit_resolution,
-                            halfset_statistics, pearson_by_group, resolution_at_cc, shell_edges,
-                            shell_index, shell_statistics)
-from streamvi.symmetry import ReciprocalSpace
+from streamvi.quality.stats import (MIN_PAIRS, ShellTable, attach_halfset_statistics,
+                                    cc_star, correlation_by_shell, fisher_interval,
+                                    fit_resolution, halfset_statistics, pearson,
+                                    pearson_by_group, resolution_at_cc, shell_statistics)
+from streamvi.symmetry import ReciprocalSpace, hkl_key, shell_edges, shell_index
+
+
+def test_pearson_takes_the_finite_pairs_and_needs_three_with_spread():
+    x = np.array([1.0, 2.0, np.nan, 4.0, 5.0])
+    y = np.array([2.0, 4.1, 1.0, np.inf, 9.8])
+    assert pearson(x, y) == pytest.approx(np.corrcoef([1, 2, 5], [2, 4.1, 9.8])[0, 1])
+    assert np.isnan(pearson(x[:2], y[:2])) and np.isnan(pearson(np.ones(5), y))
+
+
+def test_hkl_keys_sort_and_group_like_the_indices():
+    hkl = np.array([[1, -2, 3], [-300000, 5, 0], [1, -2, 3], [0, 0, -1]])
+    key = hkl_key(hkl)
+    assert key[0] == key[2] and len(set(key.tolist())) == 3
+    np.testing.assert_array_equal(np.argsort(key, kind="stable"),
+                                  np.lexsort(hkl.T[::-1]))
 
 
 def test_pearson_by_group_matches_numpy():
@@ -24,7 +39,7 @@ def test_pearson_by_group_matches_numpy():
 
 def test_shells_have_equal_reciprocal_volume():
     d = np.linspace(1.8, 30, 1000)
-    edges = shell_edges(d, 8)
+    edges = shell_edges(d.max(), d.min(), 8)
     s3 = 1 / edges ** 3
     np.testing.assert_allclose(np.diff(s3), np.diff(s3)[0])
     assert edges[0] == 30 and np.isclose(edges[-1], 1.8)
@@ -207,7 +222,7 @@ def test_halfset_statistics_are_the_correlation_of_the_half_averages():
                                     anomalous=True, n_shells=4)
     both = (obs[1] > 0) & (obs[2] > 0)
     means = sums / np.maximum(obs[1:], 1)
-    shell = shell_index(sp.d, shell_edges(sp.d, 4))
+    shell = shell_index(sp.d, shell_edges(sp.d.max(), sp.d.min(), 4))
     for k in range(4):
         sel = both & (shell == k)
         np.testing.assert_allclose(half.cc[k], np.corrcoef(means[0][sel], means[1][sel])[0, 1])

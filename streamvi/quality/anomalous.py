@@ -20,6 +20,7 @@ import gemmi
 import numpy as np
 
 from streamvi.errors import ConfigError
+from streamvi.symmetry import hkl_key
 
 #: Atoms from this atomic number up count as heavy (sulfur and everything heavier): the
 #: anomalous scatterers of a typical SAD experiment.
@@ -235,8 +236,7 @@ def snapshot_dano(snapshot) -> tuple[np.ndarray, np.ndarray]:
     sp = snapshot.space
     obs = snapshot.obs_count[0]
     f = snapshot.tables["all"]["F"].astype(np.float64)
-    key = (sp.hkl.astype(np.int64) + 2048)
-    key = (key[:, 0] << 24) | (key[:, 1] << 12) | key[:, 2]
+    key = hkl_key(sp.hkl)
     use = ~sp.centric & (obs > 0)
     plus = np.nonzero(use & (sp.friedel > 0))[0]
     minus = np.nonzero(use & (sp.friedel < 0))[0]

@@ -9,14 +9,9 @@ from __future__ import annotations
 import numpy as np
 import reciprocalspaceship as rs
 
-from streamvi.quality.stats import pearson_by_group, shell_edges, shell_index
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
-        return float("nan")
-    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+from streamvi.quality.stats import pearson, pearson_by_group
+from streamvi.snapshot import snapshot_to_dataset
+from streamvi.symmetry import shell_edges, shell_index
 
 
 def compare_to_truth(merged: rs.DataSet, truth: rs.DataSet, *, n_shells: int = 10,
@@ -34,7 +29,7 @@ def compare_to_truth(merged: rs.DataSet, truth: rs.DataSet, *, n_shells: int = 1
     -------
     dict
         ``cc_F`` overall, ``cc_F_shells`` (low → high resolution; shells of equal volume in
-        reciprocal space, :func:`streamvi.quality.stats.shell_edges`), ``cc_F_lowest_shell`` and
+        reciprocal space, :func:`streamvi.symmetry.shell_edges`), ``cc_F_lowest_shell`` and
         ``cc_F_top_shell``, ``d_min_shells`` (Å, the high-resolution edge of each shell) and
         ``d_max`` (Å, the low edge of the first), ``cc_anom`` (merged ΔF vs true ΔF over
         acentric pairs, NaN without both columns) and ``cc_anom_shells``, ``n_common``.
@@ -48,10 +43,10 @@ def compare_to_truth(merged: rs.DataSet, truth: rs.DataSet, *, n_shells: int = 1
     hkl = np.array(common.tolist(), dtype=np.int32)
     cell = merged.cell
     d = cell.calculate_d_array(hkl)
-    edges = shell_edges(d, n_shells)
+    edges = shell_edges(float(np.max(d)), float(np.min(d)), n_shells)
     shell = shell_index(d, edges)
     cc_shells, _ = pearson_by_group(fm[ok], ft[ok], shell[ok], n_shells)
-    out = {"cc_F": _pearson(fm, ft), "cc_F_shells": [float(x) for x in cc_shells],
+    out = {"cc_F": pearson(fm, ft), "cc_F_shells": [float(x) for x in cc_shells],
            "cc_F_lowest_shell": float(cc_shells[0]), "cc_F_top_shell": float(cc_shells[-1]),
            "d_min_shells": [float(x) for x in edges[1:]], "d_max": float(edges[0]),
            "n_common": int(ok.sum()), "cc_anom": float("nan"),
@@ -61,7 +56,7 @@ def compare_to_truth(merged: rs.DataSet, truth: rs.DataSet, *, n_shells: int = 1
         dm = m["F(+)"].to_numpy(np.float64) - m["F(-)"].to_numpy(np.float64)
         dt = t["F(+)"].to_numpy(np.float64) - t["F(-)"].to_numpy(np.float64)
         sel = ~centric
-        out["cc_anom"] = _pearson(dm[sel], dt[sel])
+        out["cc_anom"] = pearson(dm[sel], dt[sel])
         okanom = sel & np.isfinite(dm) & np.isfinite(dt)
         cc_a, _ = pearson_by_group(dm[okanom], dt[okanom], shell[okanom], n_shells)
         out["cc_anom_shells"] = [float(x) for x in cc_a]
@@ -165,8 +160,6 @@ class _Averager:
         sigf = sig / (2 * np.maximum(f, 1e-3))
         from types import SimpleNamespace
 
-        from streamvi.publish.mtz import snapshot_to_dataset
-
         # the publisher reads only space, tables and obs_count: the same columns as the model's
         table = {"F": f, "SIGF": sigf, "I": imean, "SIGI": sig}
         zeros = np.zeros_like(cnt)
@@ -212,7 +205,7 @@ def fitted_b_correlation(merged: rs.DataSet, truth: rs.DataSet, *, f_col: str = 
         return {"b": float("nan"), "cc_F": float("nan"), "cc_F_unfitted": float("nan")}
 
     def cc(b: float) -> float:
-        value = _pearson(fm * np.exp(b * s2), ft)
+        value = pearson(fm * np.exp(b * s2), ft)
         return value if np.isfinite(value) else -2.0
 
     grid = np.arange(-b_range, b_range + 0.5, 1.0)
@@ -240,7 +233,7 @@ def strong_reflection_ratios(merged: rs.DataSet, truth: rs.DataSet, *, fraction:
     """F_merged / F_true of the strongest true reflections, after a scale per shell.
 
     The common reflections are cut into ``n_shells`` resolution shells of equal volume
-    (:func:`streamvi.quality.stats.shell_edges`).  In each shell the merge is put on the truth's
+    (:func:`streamvi.symmetry.shell_edges`).  In each shell the merge is put on the truth's
     scale by least squares, ``k = Σ F_m F_t / Σ F_m²``; the ``fraction`` strongest
     reflections are chosen by the *true* normalised amplitude within their shell, ``E =
     F_t / √(ε ⟨F_t²/ε⟩_shell)`` (by E rather than F so that every resolution can contribute,
@@ -257,9 +250,7 @@ def strong_reflection_ratios(merged: rs.DataSet, truth: rs.DataSet, *, fraction:
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction = {fraction}: must lie in (0, 1]")
     hkl, d, fm, ft = _common_amplitudes(merged, truth, f_col, truth_f)
-    from streamvi.quality.stats import shell_edges, shell_index
-
-    shell = shell_index(d, shell_edges(d, n_shells))
+    shell = shell_index(d, shell_edges(float(np.max(d)), float(np.min(d)), n_shells))
     eps = merged.spacegroup.operations().epsilon_factor_array(hkl).astype(np.float64)
     s_mt = np.bincount(shell, fm * ft, n_shells)
     s_mm = np.bincount(shell, fm * fm, n_shells)

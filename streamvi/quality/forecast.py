@@ -34,7 +34,8 @@ import numpy as np
 
 from streamvi.errors import ConfigError
 from streamvi.jsonsafe import jsonable
-from streamvi.quality.stats import Z95, ShellTable, fisher_interval, shell_edges, shell_index
+from streamvi.quality.stats import Z95, ShellTable, fisher_interval
+from streamvi.symmetry import hkl_key, shell_edges, shell_index
 
 #: The kinds of target, in the order they are shown; also the ``target`` label of metrics.
 KINDS = ("cc_half", "cc_anom", "completeness", "multiplicity")
@@ -322,7 +323,7 @@ def reflection_classes(counts: np.ndarray, d: np.ndarray, centric: np.ndarray,
     reflections after the first images) slows the forecast instead of making it impossible.
     """
     counts = np.asarray(counts, dtype=np.float64)
-    edges = shell_edges(d, RATE_BINS)
+    edges = shell_edges(float(np.max(d)), float(np.min(d)), RATE_BINS)
     b = shell_index(d, edges)
     eps_code = np.unique(np.asarray(epsilon), return_inverse=True)[1].reshape(-1)
     key = (b * 2 + np.asarray(centric, dtype=np.int64)) * (int(eps_code.max()) + 1) + eps_code
@@ -529,9 +530,8 @@ class ForecastInputs:
     def hkl_index(self) -> np.ndarray:
         """Row → index of its hkl (Friedel mates share one)."""
         if self._hkl_index is None:
-            key = (self.hkl.astype(np.int64) + 2048)
-            key = (key[:, 0] << 24) | (key[:, 1] << 12) | key[:, 2]
-            self._hkl_index = np.unique(key, return_inverse=True)[1].reshape(-1)
+            self._hkl_index = np.unique(hkl_key(self.hkl),
+                                        return_inverse=True)[1].reshape(-1)
         return self._hkl_index
 
 
@@ -623,7 +623,7 @@ def _correlation_forecast(target: Target, inputs: ForecastInputs) -> Forecast:
 
 def _shell_pair_law(target: Target, inputs: ForecastInputs, shell: int) -> PairLaw:
     table = inputs.table
-    edges = shell_edges(inputs.d, len(table.d_min))
+    edges = shell_edges(float(np.max(inputs.d)), float(np.min(inputs.d)), len(table.d_min))
     in_shell = shell_index(inputs.d, edges) == shell
     halves = inputs.obs_count[1:3]
     if target.kind == "cc_half":

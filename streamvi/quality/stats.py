@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from streamvi.jsonsafe import jsonable
+from streamvi.symmetry import hkl_key, shell_edges, shell_index
 
 CC_HALF_CUT = 0.3
 #: Fewest pairs for a shell's correlation to be reported.  With 20 pairs the 95 % interval
@@ -40,21 +41,6 @@ Z95 = 1.959963984540054
 #: Misfit floor (in CC) added to each shell's variance in the resolution fit, so that the
 #: many pairs of the low-resolution shells do not pin a curve whose shape is only a model.
 FIT_FLOOR = 0.03
-
-
-def shell_edges(d: np.ndarray, n_shells: int) -> np.ndarray:
-    """Shell boundaries in Å, from low to high resolution (``n_shells + 1`` values)."""
-    s3 = 1.0 / np.asarray(d, dtype=np.float64) ** 3
-    lo, hi = float(s3.min()), float(s3.max())
-    edges_s3 = np.linspace(lo, hi, n_shells + 1)
-    return np.cbrt(1.0 / edges_s3)
-
-
-def shell_index(d: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Index of the shell (0 = lowest resolution) holding each d (Å)."""
-    s3 = 1.0 / np.asarray(d, dtype=np.float64) ** 3
-    e = 1.0 / np.asarray(edges, dtype=np.float64) ** 3
-    return np.clip(np.searchsorted(e, s3, side="right") - 1, 0, len(edges) - 2)
 
 
 def pearson_by_group(x: np.ndarray, y: np.ndarray, group: np.ndarray, n_groups: int,
@@ -164,7 +150,7 @@ def correlation_by_shell(x: np.ndarray, y: np.ndarray, shell: np.ndarray, s: np.
     with np.errstate(invalid="ignore", divide="ignore"):
         s_mean = np.bincount(shell, s, n_shells) / n
     total = int(x.size)
-    overall = _pearson(x, y) if total >= max(min_pairs, 3) else float("nan")
+    overall = pearson(x, y) if total >= max(min_pairs, 3) else float("nan")
     o_low, o_high = fisher_interval(overall, total)
     return ShellCorrelation(cc=cc, pairs=n.astype(np.int64), low=low, high=high,
                             s_mean=s_mean, overall=overall, overall_pairs=total,
@@ -605,11 +591,11 @@ def shell_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
     min_pairs
         Fewest pairs for a shell's CC½ or CCanom (:data:`MIN_PAIRS`).
     """
-    edges = shell_edges(d, n_shells)
+    edges = shell_edges(float(np.max(d)), float(np.min(d)), n_shells)
     shell = shell_index(d, edges)
     s = 1.0 / np.square(np.asarray(d, dtype=np.float64))
     # reflections are counted per hkl (a Friedel pair is one reflection for completeness)
-    key = _hkl_key(hkl)
+    key = hkl_key(hkl)
     uniq_key, row_to_hkl = np.unique(key, return_inverse=True)
     row_to_hkl = row_to_hkl.reshape(-1)
     n_hkl = uniq_key.shape[0]
@@ -699,7 +685,7 @@ def halfset_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
     (ShellCorrelation, ShellCorrelation)
         CC½ and CCanom (all NaN outside anomalous mode).
     """
-    edges = shell_edges(d, n_shells)
+    edges = shell_edges(float(np.max(d)), float(np.min(d)), n_shells)
     shell = shell_index(d, edges)
     s = 1.0 / np.square(np.asarray(d, dtype=np.float64))
     counts = np.asarray(obs_count[1:3], dtype=np.float64)
@@ -712,7 +698,7 @@ def halfset_statistics(*, hkl: np.ndarray, d: np.ndarray, centric: np.ndarray,
                                 min_pairs)
     anom = ShellCorrelation.empty(n_shells)
     if anomalous:
-        key = _hkl_key(hkl)
+        key = hkl_key(hkl)
         _, row_to_hkl = np.unique(key, return_inverse=True)
         amp = means / np.sqrt(scale)
         da, db, sh, rows = _anomalous_differences(row_to_hkl.reshape(-1), friedel, centric,
@@ -742,15 +728,15 @@ def attach_halfset_statistics(table: ShellTable, *, hkl: np.ndarray, d: np.ndarr
     return table
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of the pairs where both are finite; NaN with fewer than 3 such
+    pairs or no spread (the one correlation helper of the package)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
     if x.size < 3 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
-
-
-def _hkl_key(hkl: np.ndarray) -> np.ndarray:
-    h = hkl.astype(np.int64) + 2048
-    return (h[:, 0] << 24) | (h[:, 1] << 12) | h[:, 2]
 
 
 def _anomalous_differences(row_to_hkl: np.ndarray, friedel: np.ndarray, centric: np.ndarray,
