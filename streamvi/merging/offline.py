@@ -17,7 +17,7 @@ import numpy as np
 from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.errors import ConfigError
 from streamvi.merging.reference import ReferenceData, ReferenceSetting
-from streamvi.sources import Rejected
+from streamvi.sources import Rejected, load_plugin
 from streamvi.symmetry import (ReciprocalSpace, consensus_cell, format_cell, parse_cell,
                                parse_space_group, require_metric_symmetry, symmetrize_cell)
 from streamvi.merging.trainer import StepReport, TrainerConfig
@@ -49,18 +49,11 @@ class LoadedData:
     space_group: str | None = None
 
 
-def open_source(path: str | Path, run: str | None = None) -> Iterable:
-    """The source that reads ``path`` (chosen by its suffix)."""
+def open_source(path: str | Path) -> Iterable:
+    """The source that reads ``path``: DIALS files (``.refl``, ``.expt``) by their plugin,
+    anything else as a CrystFEL stream; plugins are found through the entry points."""
     p = Path(path)
-    if p.suffix in (".refl", ".expt"):
-        try:
-            from streamvi_dials import DialsSource  # type: ignore[import-not-found]
-        except ImportError as exc:  # pragma: no cover - plugin shipped with streamvi
-            raise ConfigError(f"{p}: reading DIALS files needs the streamvi_dials plugin") from exc
-        return DialsSource(p)
-    from streamvi_crystfel import CrystfelSource
-
-    return CrystfelSource(p, run=run)
+    return load_plugin("dials" if p.suffix in (".refl", ".expt") else "crystfel")(p)
 
 
 def load_files(paths: Sequence[str | Path]) -> LoadedData:
