@@ -75,7 +75,8 @@ class EngineConfig:
     recentre_falloff
         Publish the amplitudes with the resolution dependence that the image scales' geometric
         mean had moved onto them (the likelihood cannot tell the two apart): one relative B
-        per snapshot, :meth:`MergeEngine.falloff_correction` (docs/model.md change 10).
+        per snapshot, :meth:`MergeEngine.falloff_correction` (docs/model.md, "The scales'
+        resolution trend is given to the amplitudes").
     refresh_growth, refresh_idle_steps
         When to restart the rows at their merge given the current scales
         (:meth:`MergeEngine.refresh_rows`) while training goes on: each time the store has
@@ -399,7 +400,7 @@ class MergeEngine:
         Wilson prior (French & Wilson's treatment of intensities, acentric form).  A row
         moves by about one learning rate per update; this puts every row within its error
         of where the objective will take it, so the rest of the merge refines instead of
-        travelling (docs/model.md change 11).  Bijvoet mates are re-estimated together and
+        travelling (docs/model.md).  Bijvoet mates are re-estimated together and
         keep the ratio F(+)/F(−) the merge had learnt: a difference estimated from each
         mate's data alone carries their full noise, which the prior had been shrinking.
         Rows with fewer than ``min_observations`` (per table, the mates together) keep their
@@ -498,7 +499,8 @@ class MergeEngine:
             not refined yet; NaN with none stored), ``rotation_rms_deg``: RMS rotation angle,
             degrees, and ``axis_change_rms``: RMS relative change of the lengths of a*, b*,
             c*.  (Their mean is not given: a bias common to every image's cell does not show
-            in it, the network absorbs it; docs/model.md change 9.)
+            in it, the network absorbs it; docs/model.md, "Each image's orientation and cell
+            are refined".)
         """
         sigma = self.trainer.model.geometry_sigma
         if sigma is None:
@@ -550,7 +552,7 @@ class MergeEngine:
                 [] if falloff_b is None else
                 # MTZ history lines hold 80 characters
                 [f"scales' resolution trend moved to F: B {falloff_b:+.2f} A^2 "
-                 "(docs/model.md, change 10)"]))
+                 "(docs/model.md)"]))
         if self.reference is not None:
             snap, choice = align_snapshot(snap, self.reference)
             if choice is not None and (self.setting_choice is None

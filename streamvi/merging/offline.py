@@ -209,10 +209,8 @@ ANNEAL_FRACTION = 0.5
 FINAL_LR_FACTOR = 0.02
 #: passes over the data when neither epochs nor steps are given
 DEFAULT_EPOCHS = 10.0
-#: fewest steps when neither is given: small data sets need more passes.  Simulated P 4₃ at
-#: 3 Å, 240 images: CC(F, truth) 0.739 after 10 epochs (300 steps), 0.826 after 1,500 steps,
-#: 0.825 after 3,000; with the indexing ambiguity 0.641 (78 % of images in one setting)
-#: after 10 epochs, 0.824 (99 %) after 1,500 steps.  600 images: 0.896 → 0.906.
+#: fewest steps when neither is given: small data sets need more passes than 10 epochs give
+#: them (docs/model.md has the measurements)
 DEFAULT_MIN_STEPS = 1500
 
 

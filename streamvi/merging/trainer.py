@@ -54,7 +54,7 @@ class TrainerConfig:
     #: weight of the scale KL against the likelihood.  At 1 the Exponential(1) prior holds
     #: every reflection's E[scale] near 1, which the likelihood of weak partial reflections
     #: cannot overrule: partialities and per-image B were learnt poorly and amplitudes came
-    #: out flattened (2,000-image benchmark: CC top shell 0.869 → 0.945 at 0.03).
+    #: out flattened (docs/model.md, "A weak scale prior").
     scale_kl_weight: float = 0.03
     warmup_reflections: int = 200_000
     device: str = "auto"
@@ -65,33 +65,35 @@ class TrainerConfig:
     #: instead of the current ones (0: off).  The decay per update of a row is
     #: ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so young rows follow the
     #: iterate.  At a constant learning rate (the service) the iterate keeps a step-sized
-    #: jitter as large as weak Bijvoet differences; the average reduces it (demo stream:
-    #: CCanom 0.616 → 0.623).  Offline merges anneal instead.
+    #: jitter as large as weak Bijvoet differences; the average reduces it (docs/model.md,
+    #: "Online, the published posterior is averaged").  Offline merges anneal instead.
     posterior_average_decay: float = 0.0
     #: torch intra-op threads on the CPU (None: leave torch's setting).  One is the default:
     #: with minibatches of a few thousand reflections and ingest/publishing threads beside
-    #: it, two threads on two shared cores made a step 15× slower (791 ms against 51 ms).
+    #: it, two threads on two shared cores made a step many times slower
+    #: (docs/performance.md).
     cpu_threads: int | None = 1
     sync_free: bool | None = None
     #: the scale network's encoder (pooled per image, not seen by the per-reflection head)
     #: also takes each observation against the current merge, ``asinh(I / E_q[F²])``: an
     #: image's pattern of too-strong and too-weak reflections tells where its reported
     #: orientation misplaces the Ewald sphere, which partiality depends on (amortised
-    #: post-refinement; docs/model.md change 8).  DESIGN.md §9 set, 10 epochs, two seeds:
-    #: top shell +0.003 and +0.005, CCanom +0.005 and +0.013, overall CC ±0.0002.
+    #: post-refinement; docs/model.md, "The scale encoder sees each observation against the
+    #: merge", with what it gains).
     pooled_merge_ratio: bool = True
     #: refine each image's orientation (a small rotation) and reciprocal-lattice scale at
-    #: every visit, through the scale network's learnt partiality (docs/model.md change 9;
+    #: every visit, through the scale network's learnt partiality (docs/model.md, "Each
+    #: image's orientation and cell are refined";
     #: :mod:`streamvi.merging.model.geometry`).  Priors: σ ``geometry_rotation_deg`` per rotation
     #: component and ``geometry_dilation`` (relative); ``geometry_lr`` is the per-image Adam
     #: step in units of those σ.
     refine_geometry: bool = True
     #: express each posterior row in units of its Wilson r.m.s. amplitude √(εΣ) once Σ is
-    #: known (docs/model.md change 11): Adam's steps are then the same fraction of every
+    #: known (docs/model.md): Adam's steps are then the same fraction of every
     #: row's expected size, and strong low-resolution amplitudes reach their value
     posterior_wilson_units: bool = False
-    #: learn an error model σ' = √((a σ)² + (b Ipred)²) in the likelihood (docs/model.md
-    #: change 12; :class:`streamvi.merging.model.likelihood.ErrorModel`)
+    #: learn an error model σ' = √((a σ)² + (b Ipred)²) in the likelihood (docs/model.md;
+    #: :class:`streamvi.merging.model.likelihood.ErrorModel`)
     error_model: bool = False
     geometry_rotation_deg: float = 0.05
     geometry_dilation: float = 0.002

@@ -10,7 +10,7 @@ are not the whole error of a still's intensity: partiality, the spot's spectrum 
 detector's gain add an error proportional to the intensity, which σ(I) from integration
 often leaves out.  Without it a strong reflection's observations are each "too precise",
 disagree with one another by many σ, and the robust likelihood treats most of them as
-outliers (docs/model.md change 12).
+outliers (docs/model.md).
 """
 from __future__ import annotations
 

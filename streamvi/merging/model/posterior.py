@@ -10,7 +10,7 @@ Each row's location and scale are expressed in a unit of its own, :attr:`FoldedN
 moves a parameter by about one learning rate per update whatever its gradient, so in absolute
 units every row travelled at the same speed: a strong low-resolution amplitude, tens of times
 the r.m.s. amplitude of a high-resolution one, needed thousands of updates to leave its Wilson
-start and was still shrunk when a merge ended (issue #16; docs/model.md change 11).
+start and was still shrunk when a merge ended (issue #16; docs/model.md).
 """
 from __future__ import annotations
 
