@@ -273,7 +273,7 @@ def full_output_directory(tmp_path: Path, kind: str, monkeypatch
         return
     full = {"on": True}
 
-    import streamvi.publish.snapshots as snapshots
+    import streamvi.publish.mtz_files as snapshots
 
     real_mtz = snapshots.write_snapshot_mtz
     real_save = torch.save          # what the checkpoints (streamvi.service.lifecycle) call

@@ -8,7 +8,7 @@ import reciprocalspaceship as rs
 
 from streamvi.merging.engine import MergeSnapshot
 from streamvi.publish.mtz import MtzInfo, snapshot_to_dataset, write_snapshot_mtz
-from streamvi.publish.snapshots import MtzSnapshots
+from streamvi.publish.mtz_files import MtzSnapshots
 from streamvi.quality.stats import shell_statistics
 from streamvi.symmetry import ReciprocalSpace
 

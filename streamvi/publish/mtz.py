@@ -117,5 +117,5 @@ def write_snapshot_mtz(snapshot, path: str | os.PathLike, *, info: MtzInfo | Non
                      history=hist + list(snapshot.history) + lines, info=info)
 
 
-#: What :class:`~streamvi.publish.snapshots.MtzSnapshots` asks for each file's info.
+#: What :class:`~streamvi.publish.mtz_files.MtzSnapshots` asks for each file's info.
 InfoSource = Callable[[], MtzInfo | None]

@@ -29,7 +29,7 @@ from streamvi.ingest.spool import Spool
 from streamvi.merging.distributed import DistributedEngine, default_backend, init_process_group
 from streamvi.merging.engine import EngineConfig
 from streamvi.merging.trainer import TrainerConfig
-from streamvi.publish.snapshots import MtzSnapshots
+from streamvi.publish.mtz_files import MtzSnapshots
 from streamvi.service.lifecycle import CHECKPOINT_NAME, RANK_KEYS, Checkpoints, Every
 from streamvi.symmetry import ReciprocalSpace
 

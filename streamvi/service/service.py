@@ -51,7 +51,7 @@ from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.merging.reference import ReferenceSetting, check_same_lattice, read_reference
 from streamvi.merging.trainer import TrainerConfig
 from streamvi.publish.mtz import MtzInfo
-from streamvi.publish.snapshots import MtzSnapshots
+from streamvi.publish.mtz_files import MtzSnapshots
 from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
                                         remove_stale_temp_files)
