@@ -142,6 +142,10 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("frac_error", "5 % unmodelled multiplicative error, σ(I) reported at half its size",
          {"n_images": 1000, "seed": _SEED, "fractional_error": 0.05, "sigma_scale": 0.5},
          cost=1.6),
+    Case("counting_sigma", "σ(I) from photon counting alone while every spot carries an "
+         "unmodelled 8 % error; bright, bulk solvent: strong low orders disagree by many σ",
+         {"n_images": 1000, "seed": _SEED, "solvent_fraction": 0.45, "min_atom_distance": 1.8,
+          "gain_error": 0.0, "fractional_error": 0.08, "top_shell_photons": 10.0}, cost=1.6),
     Case("mult_5", "multiplicity ~5: 140 images", {"n_images": 140, "seed": _SEED}, cost=1.0),
     Case("mult_300", "multiplicity ~300: 5,200 images at 3 Å",
          {"n_images": 5200, "seed": _SEED, "dmin": 3.0}, cost=2.5),
