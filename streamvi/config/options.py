@@ -306,6 +306,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("indexing_ambiguity", bool, False, "report each image in a random one of the space "
            "group's merohedral settings, as an indexer does in P 4, P 3, P 63, …", "run",
            commands=("simulate",)),
+    Option("conditions", str, None, "pump–probe conditions, comma-separated, the dark state "
+           "first, e.g. `dark,light`: shots interleave by `--condition-ratio`, each message "
+           "carries its `condition` and the stream a copied header `header/int//sim/pump_code` "
+           "(the condition's index, like an event code; docs/time-resolved.md). Unset: none",
+           "run", commands=("simulate",), metavar="NAMES"),
+    Option("condition_ratio", str, None, "shots of each condition per cycle, "
+           "comma-separated integers, e.g. `1,3` (one dark, three light); unset: one each",
+           "run", commands=("simulate",), metavar="N,N"),
+    Option("light_change", str, None, "what the pump does to the structure in every condition "
+           "after the first: `move=N,shift=Å,fraction=F` moves N atoms by that distance at "
+           "occupancy F, `occupancy=N,delta=D` changes N others' occupancy by D, e.g. "
+           "`move=5,shift=1.5,fraction=0.3`. With `--truth T.mtz` the truths "
+           "`T-<condition>.mtz` and `T-<light>-minus-<dark>.mtz` (column `DF`) are written too",
+           "run", commands=("simulate",), metavar="SPEC"),
     Option("to", str, None, "the service's endpoint, `tcp://…`", "run",
            commands=("simulate", "send"), metavar="URL", required=("send",),
            helps={"simulate": "stream the images live to a service (`tcp://…`)",

@@ -371,6 +371,12 @@ class StreamWriter:
                f"beam_bandwidth = {(first.beam_bandwidth or 0.0):.2e} (fraction)"]
         if first.detector_distance_m is not None:
             out.append(f"average_camera_length = {first.detector_distance_m:f} m")
+        # copied image headers (indexamajig --copy-header; an event code, a pump flag) go
+        # back where the reader found them, so a stream written from messages keeps them
+        for key, value in (first.metadata or {}).items():
+            if (isinstance(key, str) and key.startswith(("hdf5/", "header/"))
+                    and isinstance(value, (int, float, str)) and _header_safe(key, value)):
+                out.append(f"{key} = {value}")
         out += ["num_peaks = 0", "peak_resolution = 0.000000 nm^-1 or inf A",
                 "Peaks from peak search",
                 "  fs/px   ss/px (1/d)/nm^-1   Intensity  Panel",
@@ -447,6 +453,13 @@ class StreamWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _header_safe(key: str, value: object) -> bool:
+    """Whether a copied header can be written as one ASCII line (anything else is left out:
+    it came from a producer and must not break the stream)."""
+    text = f"{key} = {value}"
+    return text.isascii() and text.isprintable() and len(text) < 1024
 
 
 def _last_serial(path: str) -> int:

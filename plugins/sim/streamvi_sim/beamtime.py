@@ -22,6 +22,7 @@ import numpy as np
 
 from streamvi.symmetry import reindex, twin_operators
 from streamvi.wire import CrystalMessage
+from streamvi_sim.conditions import condition_truths, image_condition
 from streamvi_sim.config import SimulationConfig
 from streamvi_sim.geometry import (Detector, HC_EV_A, cell_of_reciprocal_basis,
                                    excitation_error, profile_partiality, profile_reach,
@@ -90,6 +91,13 @@ class ImageTruth:
     outlier: np.ndarray
     setting: int = 0
     intensity_factor: np.ndarray | None = None
+    #: index into ``SimulationConfig.conditions`` of the image's condition (0 without them)
+    condition: int = 0
+
+
+#: the copied image header that carries a simulated image's condition index, as
+#: indexamajig's ``--copy-header`` writes an event code (``streamvi send --condition-field``)
+PUMP_CODE_HEADER = "header/int//sim/pump_code"
 
 
 @dataclass
@@ -138,6 +146,9 @@ class Simulator:
         self.config = config
         self.truth = truth if truth is not None else simulate_structure(config)
         self.detector = detector_of(config)
+        #: the structure of each condition, by name (empty without conditions; the first
+        #: is :attr:`truth`)
+        self.condition_truths = condition_truths(config, self.truth)
         self._p1_lattice()
         #: Reindexing operators an indexer may report an image in (identity first).
         self.settings = (twin_operators(config.space_group, config.cell)
@@ -166,8 +177,14 @@ class Simulator:
         self._hkl_f = hkl.astype(np.float64)
         h, k, l = self._hkl_f.T  # noqa: E741
         self._products = np.stack([h * h, k * k, l * l, h * k, h * l, k * l])
-        self._intensity = np.where(self.friedel > 0, self.truth.I_plus[self.asu_index],
-                                   self.truth.I_minus[self.asu_index])
+        self._intensity = self._p1_intensity(self.truth)
+        #: the P1 intensities of each condition (the light ones differ from the dark)
+        self._condition_intensity = [self._p1_intensity(t)
+                                     for t in self.condition_truths.values()]
+
+    def _p1_intensity(self, truth: Truth) -> np.ndarray:
+        return np.where(self.friedel > 0, truth.I_plus[self.asu_index],
+                        truth.I_minus[self.asu_index])
 
     def _near_ewald(self, a_star: np.ndarray, b_star: np.ndarray, wavelength: float,
                     cut: float) -> np.ndarray:
@@ -213,7 +230,10 @@ class Simulator:
         stol2 = 0.25 * q_norm ** 2
         # photons per electron² of |F|², then the signal (the same products in the same order)
         factor = self.flux * scale * np.exp(-2.0 * (c.b_overall + b_image) * stol2) * p
-        signal = factor * self._intensity[rows]
+        condition = image_condition(c, index)
+        intensity = (self._condition_intensity[condition] if self._condition_intensity
+                     else self._intensity)
+        signal = factor * intensity[rows]
         ring = c.water_ring_strength * np.exp(-0.5 * ((q_norm - 1.0 / c.water_ring_A)
                                                       / 0.012) ** 2)
         bg_px = c.background_photons * (1.0 + ring)
@@ -259,6 +279,9 @@ class Simulator:
             msg.metadata = {"sim_scale": scale, "sim_b_image": b_image,
                             "sim_misindexed": shot.misindexed,
                             "sim_profile_radius": radius}
+        if c.conditions:
+            msg.condition = c.conditions[condition]
+            msg.metadata = {**(msg.metadata or {}), PUMP_CODE_HEADER: condition}
         truth = ImageTruth(
             index=index, U=U, cell=cell, photon_energy_eV=float(energy),
             profile_radius=radius, scale=scale, b_image=b_image,
@@ -267,7 +290,7 @@ class Simulator:
             asu_index=self.asu_index[rows][ok], friedel=self.friedel[rows][ok],
             excitation=e[ok], partiality=p[ok], expected_photons=signal[ok],
             outlier=outlier[ok], setting=shot.setting,
-            intensity_factor=gain * factor[ok])
+            intensity_factor=gain * factor[ok], condition=condition)
         return msg, truth
 
     def _partialities(self, a_true: np.ndarray, b_true: np.ndarray, lam: float, radius: float,

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streamvi_sim.conditions import LightChange
 
 #: Shapes of the partiality against the Ewald offset (see :class:`SimulationConfig`).
 PARTIALITY_PROFILES = ("gaussian", "lorentzian", "tophat", "xsphere")
@@ -148,6 +151,20 @@ class SimulationConfig:
     sigma_scale
         Multiplies every reported σ(I) (mis-estimated errors: 0.5 reports them half as large
         as they are).
+    conditions
+        Pump–probe conditions, e.g. ``("dark", "light")``: each image belongs to one
+        (:mod:`streamvi_sim.conditions`) and its message carries it (``condition``, and a
+        copied header ``header/int//sim/pump_code`` with the condition's index, as
+        indexamajig's ``--copy-header`` writes an event code).  The first is the dark state
+        (the structure simulated); every later one the light state, ``light_change`` applied.
+        Empty: no conditions (the images of before).
+    condition_ratio
+        Shots of each condition per cycle of the interleaving (integers ≥ 1, one per
+        condition; empty: one each, so dark and light alternate).
+    light_change
+        What the pump does, :meth:`streamvi_sim.conditions.LightChange.parse`'s text, e.g.
+        ``"move=5,shift=1.5,fraction=0.3"`` (5 atoms moved by 1.5 Å at 30 % occupancy) or
+        ``"occupancy=4,delta=-0.5"``; empty: none (light = dark).
     flat_intensities
         The truth of CrystFEL's ``partial_sim``: random intensities with no atoms, no
         resolution fall-off and no anomalous signal (F(+) = F(−)); I = ε·Σ·x with x
@@ -207,6 +224,9 @@ class SimulationConfig:
     fractional_error: float = 0.0
     sigma_scale: float = 1.0
     flat_intensities: bool = False
+    conditions: tuple[str, ...] = ()
+    condition_ratio: tuple[int, ...] = ()
+    light_change: str = ""
 
     def __post_init__(self) -> None:
         if self.partiality_profile not in PARTIALITY_PROFILES:
@@ -220,6 +240,28 @@ class SimulationConfig:
                              f"sigma_scale = {self.sigma_scale} > 0")
         if not 0.0 < self.partiality_min < 1.0:
             raise ValueError(f"partiality_min = {self.partiality_min}: must lie in (0, 1)")
+        self.conditions = tuple(str(c) for c in self.conditions)
+        self.condition_ratio = tuple(self.condition_ratio)
+        if any(not c.strip() for c in self.conditions) or \
+                len(set(self.conditions)) != len(self.conditions):
+            raise ValueError(f"conditions = {self.conditions}: names must be distinct and "
+                             "non-empty, e.g. ('dark', 'light')")
+        if self.condition_ratio and (
+                len(self.condition_ratio) != len(self.conditions)
+                or any(int(r) != r or r < 1 for r in self.condition_ratio)):
+            raise ValueError(f"condition_ratio = {self.condition_ratio}: give one integer ≥ 1 "
+                             f"per condition ({len(self.conditions)}), e.g. (1, 3), or none")
+        if self.light_change and not self.conditions:
+            raise ValueError(f"light_change = {self.light_change!r} needs conditions, e.g. "
+                             "('dark', 'light')")
+        self.light_change_parsed      # refuses a spec it cannot read, naming the key
+
+    @property
+    def light_change_parsed(self) -> "LightChange":
+        """:attr:`light_change` as a :class:`~streamvi_sim.conditions.LightChange`."""
+        from streamvi_sim.conditions import LightChange
+
+        return LightChange.parse(self.light_change)
 
     @property
     def wavelength_A(self) -> float:
