@@ -325,3 +325,32 @@ def test_refresh_policy_follows_growth_and_idle_steps(stills):
     for _ in range(5):                              # nothing new: nothing to refresh
         engine.step()
     assert engine.refreshes == 2
+
+
+def test_falloff_record_keeps_only_near_full_observations(stills):
+    """The scales' record takes the observations within FALLOFF_FULL_RATIO profile radii of
+    the Bragg condition (their scale carries no partiality trend), and every observation of
+    a crystal without an orientation (ratio 0)."""
+    from types import SimpleNamespace
+
+    from streamvi.merging.engine import FALLOFF_FULL_RATIO
+    from streamvi.merging.model.metadata import Column
+
+    crystals, space = stills
+    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
+                         EngineConfig(batch_images=4))
+    engine.add_many(crystals)
+    batch = engine.store.batch(np.arange(4))
+    ratio = batch.metadata[:, Column.EWALD_RATIO].abs()
+    near = int((ratio <= FALLOFF_FULL_RATIO).sum())
+    assert 0 < near < batch.n_reflections          # the stills have partials on both sides
+    report = SimpleNamespace(scale_loc=torch.full((batch.n_reflections,), 0.25),
+                             rejected=None)
+    engine._falloff.zero_()
+    engine._track_falloff(batch, report)
+    assert float(engine._falloff[1].sum()) == pytest.approx(near)
+    assert float(engine._falloff[0].sum()) == pytest.approx(0.25 * near)
+    batch.metadata[:, Column.EWALD_RATIO] = 0.0
+    engine._falloff.zero_()
+    engine._track_falloff(batch, report)
+    assert float(engine._falloff[1].sum()) == pytest.approx(batch.n_reflections)

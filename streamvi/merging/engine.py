@@ -42,6 +42,10 @@ FALLOFF_DECAY = 0.998
 #: fewest (decayed) observations in a bin for it to count, and bins for a fit
 FALLOFF_MIN_COUNT = 50.0
 FALLOFF_MIN_BINS = 5
+#: only observations within this many profile radii of the Bragg condition enter the record:
+#: near-full reflections, whose scale carries the image's scale and B but not the
+#: partialities' resolution trend (docs/model.md, change 10)
+FALLOFF_FULL_RATIO = 1.0
 
 
 @dataclass
@@ -231,7 +235,9 @@ class MergeEngine:
         loc = report.scale_loc
         inv_d2 = batch.metadata[:, Column.INV_D2].to(loc.device)
         bins = (inv_d2 * (FALLOFF_BINS / self._inv_d2_max)).long().clamp_(0, FALLOFF_BINS - 1)
-        weight = torch.isfinite(loc).to(loc.dtype)
+        # (without an orientation the ratio is 0: every observation counts)
+        near_full = batch.metadata[:, Column.EWALD_RATIO].to(loc.device).abs() <= FALLOFF_FULL_RATIO
+        weight = (torch.isfinite(loc) & near_full).to(loc.dtype)
         if report.rejected is not None:
             weight = weight * (~report.rejected).to(loc.dtype)[batch.image_index.to(loc.device)]
         self._falloff.mul_(FALLOFF_DECAY)
@@ -245,9 +251,11 @@ class MergeEngine:
         image's scale and given to every amplitude changes nothing it can measure, and the
         priors (the Wilson Σ from the observed intensities, the weak scale prior) settle the
         split.  The convention used here, as in scaling programs that fix the mean relative B
-        at zero, is that the scales' geometric mean over observations does not depend on
-        resolution.  (In the simulator it is flat to ±0.007 in the log, partialities
-        included, while the merge's scales had moved ~0.2 across the resolution range.)
+        at zero, is that the scales' geometric mean over near-full observations (within
+        :data:`FALLOFF_FULL_RATIO` profile radii of the Bragg condition) does not depend on
+        resolution.  Over all recorded observations it would: their mean partiality has a
+        resolution trend of its own wherever the bandwidth or mosaicity widens the reflections
+        with resolution (CrystFEL's ``partial_sim``: B −15 to −18 Å² given to the amplitudes).
         β is the slope in 1/d² of the mean log scale location, by weighted least squares over
         the bins of the record; amplitudes are published with ``I × exp(β (1/d² − s²_ref))``,
         ``s²_ref`` the observations' mean 1/d², so their overall level stays.  None while
