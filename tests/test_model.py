@@ -203,6 +203,34 @@ def test_scale_model_outputs_positive_with_finite_gradients():
                                rtol=1e-4, atol=1e-4)
 
 
+def test_image_b_term_is_linear_in_inverse_d2_per_image():
+    """The per-image B term starts at zero (the model equals one without it) and, once
+    trained, adds b_i · x to each reflection's log-scale location, b_i one number per image
+    read from its pooled vector, x the reflection's 1/d² column."""
+    torch.manual_seed(8)
+    with_b = ImageScaleModel(N_META, d_model=16, n_layers=2, b_column=0)
+    without = ImageScaleModel(N_META, d_model=16, n_layers=2)
+    without.load_state_dict({k: v for k, v in with_b.state_dict().items()
+                             if not k.startswith("image_b")})
+    torch.nn.init.normal_(with_b.out.weight, std=0.3)
+    torch.nn.init.normal_(without.out.weight, std=0.3)
+    without.out.weight.data.copy_(with_b.out.weight.data)
+    batch = make_batch([6, 9, 4], 20, seed=9)
+    args = (batch.metadata, batch.iobs / 50, batch.sigiobs / 50, batch.image_index, 3)
+    loc0, scale0 = without(*args)
+    loc1, scale1 = with_b(*args)
+    assert torch.equal(loc0, loc1) and torch.equal(scale0, scale1)
+    torch.nn.init.normal_(with_b.image_b.weight, std=0.5)
+    loc2, scale2 = with_b(*args)
+    torch.testing.assert_close(scale2, scale0)
+    slope = (loc2 - loc0) / batch.metadata[:, 0]
+    for i in range(3):
+        per_image = slope[batch.image_index == i]
+        torch.testing.assert_close(per_image, per_image[:1].expand_as(per_image),
+                                   rtol=1e-4, atol=1e-5)
+    assert slope.std() > 1e-3                  # the images got different B
+
+
 # --- likelihoods -----------------------------------------------------------------------------
 
 def test_student_t_and_normal_match_scipy_and_broadcast():

@@ -201,9 +201,25 @@ OPTIONS: tuple[Option, ...] = (
            "that the image scales' geometric mean had taken: the likelihood cannot tell a "
            "factor in 1/d² on the scales from one on the amplitudes, and the convention (as in "
            "scaling programs that fix the mean relative B at zero) is that the scales' "
-           "geometric mean is flat in resolution. One relative B per snapshot, written to the "
+           "geometric mean over near-full reflections (within one profile radius of the Bragg "
+           "condition) is flat in resolution. One relative B per snapshot, written to the "
            "MTZ history (docs/model.md). Training is not affected", "model", commands=TRAINING,
            target="engine.recentre_falloff"),
+    Option("posterior_wilson_units", bool, False, "express each reflection's surrogate "
+           "location and scale in units of its Wilson r.m.s. amplitude √(εΣ), so every row "
+           "travels from its Wilson start at the same relative speed (docs/model.md, change "
+           "11). Off by default: the quality matrix did not show a gain that passes the "
+           "rule for a default", "model", commands=TRAINING,
+           target="trainer.posterior_wilson_units"),
+    Option("error_model", bool, False, "learn an error model of the aimless/XDS kind, "
+           "σ'² = (aσ)² + (b·I_pred)², inside the likelihood (docs/model.md, change 12). Off "
+           "by default: neutral on the quality matrix", "model", commands=TRAINING,
+           target="trainer.error_model"),
+    Option("image_b_term", bool, False, "give the image-scale network an explicit relative B "
+           "per image: each reflection's log-scale gains b_i · 1/d² (standardised), b_i read "
+           "from the image's pooled vector (docs/model.md, change 13). A checkpoint resumes "
+           "only with the setting it was written with", "model", commands=TRAINING,
+           target="trainer.image_b_term"),
     Option("sync_free_steps", str, "auto", "`auto` (on with CUDA, off on the CPU), `on` or "
            "`off`: training steps in which the host never waits for the GPU (dense masked "
            "posterior update, skips and losses kept on the device; docs/performance.md). `off` "

@@ -19,6 +19,7 @@ from streamvi.merging.model.batch import Batch
 from streamvi.merging.model.geometry import N_GEOMETRY, adam_update
 from streamvi.merging.model.likelihood import NormalLikelihood, StudentTLikelihood
 from streamvi.merging.model.merging import VariationalMergingModel
+from streamvi.merging.model.metadata import Column
 from streamvi.merging.model.posterior import FoldedNormalPosterior
 from streamvi.merging.model.prior import WilsonPrior
 from streamvi.merging.model.scale import ImageScaleModel
@@ -95,6 +96,9 @@ class TrainerConfig:
     #: learn an error model σ' = √((a σ)² + (b Ipred)²) in the likelihood (docs/model.md;
     #: :class:`streamvi.merging.model.likelihood.ErrorModel`)
     error_model: bool = False
+    #: a per-image relative B in the scale model's output, ``log scale += b_i · 1/d²``
+    #: (standardised), ``b_i`` from the image vector (docs/model.md, change 13)
+    image_b_term: bool = False
     geometry_rotation_deg: float = 0.05
     geometry_dilation: float = 0.002
     geometry_lr: float = 0.15
@@ -266,8 +270,11 @@ class Trainer:
             torch.manual_seed(config.seed)
             prior = WilsonPrior(centric_t, epsilon_t)
             posterior = FoldedNormalPosterior(prior.n_rows, 3, init_loc=prior.mean())
-            scale_model = ImageScaleModel(n_metadata, config.d_model, config.n_layers,
-                                          n_pooled_extra=int(config.pooled_merge_ratio))
+            scale_model = ImageScaleModel(
+                n_metadata, config.d_model, config.n_layers,
+                n_pooled_extra=int(config.pooled_merge_ratio),
+                b_column=(int(Column.INV_D2) if config.image_b_term and n_metadata > Column.INV_D2
+                          else None))
         likelihood = (StudentTLikelihood(config.dof, error_model=config.error_model)
                       if config.likelihood == "student_t"
                       else NormalLikelihood(config.error_model))
@@ -595,8 +602,10 @@ class Trainer:
         """Restore a :meth:`state_dict`; the model's shape settings must match this trainer's."""
         saved = state["config"]
         # checkpoints from before pooled_merge_ratio existed were written without it
-        for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio", "error_model"):
-            value = (saved.get(name, False) if name in ("pooled_merge_ratio", "error_model")
+        for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio", "error_model",
+                     "image_b_term"):
+            value = (saved.get(name, False)
+                     if name in ("pooled_merge_ratio", "error_model", "image_b_term")
                      else saved[name])
             if value != getattr(self.config, name):
                 raise ValueError(f"checkpoint has {name}={value!r}, trainer has "

@@ -71,11 +71,17 @@ class ImageScaleModel(nn.Module):
         Rate λ of the weak exponential prior on the scale.
     min_scale
         Floor on the log-normal's σ, so the KL and samples stay finite.
+    n_pooled_extra
+        Extra per-reflection inputs of the pooled encoder only.
+    b_column
+        Metadata column holding 1/d² (standardised): adds a per-image B term, ``b_i · x``, to
+        each reflection's log-scale location, ``b_i`` read linearly from the image vector.
+        None: no such term.
     """
 
     def __init__(self, n_metadata: int, d_model: int = 32, n_layers: int = 4, *,
-                 prior_rate: float = 1.0, min_scale: float = 1e-3, n_pooled_extra: int = 0
-                 ) -> None:
+                 prior_rate: float = 1.0, min_scale: float = 1e-3, n_pooled_extra: int = 0,
+                 b_column: int | None = None) -> None:
         super().__init__()
         self.n_metadata = int(n_metadata)
         self.d_model = int(d_model)
@@ -97,6 +103,16 @@ class ImageScaleModel(nn.Module):
         with torch.no_grad():
             self.out.bias[0] = 0.0
             self.out.bias[1] = math.log(math.expm1(0.1 - self.min_scale))
+        #: metadata column of 1/d² for the per-image B term (None: no such term)
+        self.b_column = b_column
+        if b_column is not None:
+            # one relative B per image, read from the image vector: log scale gains
+            # b_i · (standardised 1/d²).  The head could only build this product of an image
+            # feature and a reflection feature from its ReLUs; a per-image B of ±15 Å² moves
+            # a 1.8 Å intensity tenfold.  Zero at the start.
+            self.image_b = nn.Linear(self.d_model, 1)
+            nn.init.zeros_(self.image_b.weight)
+            nn.init.zeros_(self.image_b.bias)
 
     def forward(self, metadata: torch.Tensor, iobs: torch.Tensor, sigiobs: torch.Tensor,
                 image_index: torch.Tensor, n_images: int,
@@ -122,7 +138,11 @@ class ImageScaleModel(nn.Module):
         image_vector = segment_mean(h, image_index, n_images).to(h.dtype)
         x = self.metadata_embed(metadata) + image_vector[image_index]
         out = self.out(self.out_norm(self.head(x))).float()
-        return out[:, 0], F_nn.softplus(out[:, 1]) + self.min_scale
+        loc = out[:, 0]
+        if self.b_column is not None:
+            b = self.image_b(image_vector).float()[:, 0]
+            loc = loc + b[image_index] * metadata[:, self.b_column].float()
+        return loc, F_nn.softplus(out[:, 1]) + self.min_scale
 
     def kl(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Elementwise KL of the scale distribution from the exponential prior."""
