@@ -328,9 +328,9 @@ def test_refresh_policy_follows_growth_and_idle_steps(stills):
 
 
 def test_falloff_record_keeps_only_near_full_observations(stills):
-    """The scales' record takes the observations within FALLOFF_FULL_RATIO profile radii of
-    the Bragg condition (their scale carries no partiality trend), and every observation of
-    a crystal without an orientation (ratio 0)."""
+    """With falloff_near_full the scales' record takes the observations within
+    FALLOFF_FULL_RATIO profile radii of the Bragg condition, and every observation of a
+    crystal without an orientation (ratio 0); by default it takes them all."""
     from types import SimpleNamespace
 
     from streamvi.merging.engine import FALLOFF_FULL_RATIO
@@ -338,7 +338,7 @@ def test_falloff_record_keeps_only_near_full_observations(stills):
 
     crystals, space = stills
     engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
-                         EngineConfig(batch_images=4))
+                         EngineConfig(batch_images=4, falloff_near_full=True))
     engine.add_many(crystals)
     batch = engine.store.batch(np.arange(4))
     ratio = batch.metadata[:, Column.EWALD_RATIO].abs()
@@ -350,6 +350,12 @@ def test_falloff_record_keeps_only_near_full_observations(stills):
     engine._track_falloff(batch, report)
     assert float(engine._falloff[1].sum()) == pytest.approx(near)
     assert float(engine._falloff[0].sum()) == pytest.approx(0.25 * near)
+    # the default record takes every observation
+    every = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
+                        EngineConfig(batch_images=4))
+    every._falloff.zero_()
+    every._track_falloff(batch, report)
+    assert float(every._falloff[1].sum()) == pytest.approx(batch.n_reflections)
     batch.metadata[:, Column.EWALD_RATIO] = 0.0
     engine._falloff.zero_()
     engine._track_falloff(batch, report)

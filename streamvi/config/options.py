@@ -201,10 +201,15 @@ OPTIONS: tuple[Option, ...] = (
            "that the image scales' geometric mean had taken: the likelihood cannot tell a "
            "factor in 1/d² on the scales from one on the amplitudes, and the convention (as in "
            "scaling programs that fix the mean relative B at zero) is that the scales' "
-           "geometric mean over near-full reflections (within one profile radius of the Bragg "
-           "condition) is flat in resolution. One relative B per snapshot, written to the "
-           "MTZ history (docs/model.md). Training is not affected", "model", commands=TRAINING,
-           target="engine.recentre_falloff"),
+           "geometric mean over the recorded reflections is flat in resolution. One relative "
+           "B per snapshot, written to the MTZ history (docs/model.md). Training is not "
+           "affected", "model", commands=TRAINING, target="engine.recentre_falloff"),
+    Option("falloff_near_full", bool, False, "take that geometric mean over near-full "
+           "reflections only (within one profile radius of the Bragg condition): right where "
+           "the partialities have a resolution trend of their own (CrystFEL partial_sim: "
+           "overall CC 0.894 against 0.719), wrong by 2-4 A^2 on the project's simulator "
+           "(docs/model.md, change 10)", "model", commands=TRAINING,
+           target="engine.falloff_near_full"),
     Option("posterior_wilson_units", bool, False, "express each reflection's surrogate "
            "location and scale in units of its Wilson r.m.s. amplitude √(εΣ), so every row "
            "travels from its Wilson start at the same relative speed (docs/model.md, change "

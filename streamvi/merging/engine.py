@@ -42,9 +42,8 @@ FALLOFF_DECAY = 0.998
 #: fewest (decayed) observations in a bin for it to count, and bins for a fit
 FALLOFF_MIN_COUNT = 50.0
 FALLOFF_MIN_BINS = 5
-#: only observations within this many profile radii of the Bragg condition enter the record:
-#: near-full reflections, whose scale carries the image's scale and B but not the
-#: partialities' resolution trend (docs/model.md, change 10)
+#: with ``EngineConfig.falloff_near_full``, only observations within this many profile radii
+#: of the Bragg condition enter the record (docs/model.md, change 10)
 FALLOFF_FULL_RATIO = 1.0
 
 
@@ -81,6 +80,11 @@ class EngineConfig:
         mean had moved onto them (the likelihood cannot tell the two apart): one relative B
         per snapshot, :meth:`MergeEngine.falloff_correction` (docs/model.md, "The scales'
         resolution trend is given to the amplitudes").
+    falloff_near_full
+        Keep that record over near-full observations only (within
+        :data:`FALLOFF_FULL_RATIO` profile radii of the Bragg condition) instead of all
+        recorded ones: right where the partialities have a resolution trend of their own
+        (CrystFEL ``partial_sim``), wrong by 2-4 Å² on the project's simulator (docs/model.md).
     refresh_growth, refresh_idle_steps
         When to restart the rows at their merge given the current scales
         (:meth:`MergeEngine.refresh_rows`) while training goes on: each time the store has
@@ -98,6 +102,7 @@ class EngineConfig:
     reject_misfit_images: bool = True
     wilson_min_images: int = 32
     recentre_falloff: bool = True
+    falloff_near_full: bool = False
     refresh_growth: float = 0.0
     refresh_idle_steps: int = 0
 
@@ -235,9 +240,12 @@ class MergeEngine:
         loc = report.scale_loc
         inv_d2 = batch.metadata[:, Column.INV_D2].to(loc.device)
         bins = (inv_d2 * (FALLOFF_BINS / self._inv_d2_max)).long().clamp_(0, FALLOFF_BINS - 1)
-        # (without an orientation the ratio is 0: every observation counts)
-        near_full = batch.metadata[:, Column.EWALD_RATIO].to(loc.device).abs() <= FALLOFF_FULL_RATIO
-        weight = (torch.isfinite(loc) & near_full).to(loc.dtype)
+        weight = torch.isfinite(loc)
+        if self.config.falloff_near_full:
+            # (without an orientation the ratio is 0: every observation counts)
+            weight &= (batch.metadata[:, Column.EWALD_RATIO].to(loc.device).abs()
+                       <= FALLOFF_FULL_RATIO)
+        weight = weight.to(loc.dtype)
         if report.rejected is not None:
             weight = weight * (~report.rejected).to(loc.dtype)[batch.image_index.to(loc.device)]
         self._falloff.mul_(FALLOFF_DECAY)
@@ -251,11 +259,10 @@ class MergeEngine:
         image's scale and given to every amplitude changes nothing it can measure, and the
         priors (the Wilson Σ from the observed intensities, the weak scale prior) settle the
         split.  The convention used here, as in scaling programs that fix the mean relative B
-        at zero, is that the scales' geometric mean over near-full observations (within
-        :data:`FALLOFF_FULL_RATIO` profile radii of the Bragg condition) does not depend on
-        resolution.  Over all recorded observations it would: their mean partiality has a
-        resolution trend of its own wherever the bandwidth or mosaicity widens the reflections
-        with resolution (CrystFEL's ``partial_sim``: B −15 to −18 Å² given to the amplitudes).
+        at zero, is that the scales' geometric mean over the recorded observations (or, with
+        ``falloff_near_full``, over the near-full ones) does not depend on resolution.  Over
+        all recorded observations that also moves the partialities' own resolution trend,
+        where they have one, onto the amplitudes (CrystFEL's ``partial_sim``: B −15 Å²).
         β is the slope in 1/d² of the mean log scale location, by weighted least squares over
         the bins of the record; amplitudes are published with ``I × exp(β (1/d² − s²_ref))``,
         ``s²_ref`` the observations' mean 1/d², so their overall level stays.  None while
