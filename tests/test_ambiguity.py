@@ -195,3 +195,8 @@ def test_offline_merge_keeps_the_consensus_and_merges_in_one_setting(sparse_p43)
     _, off = merge_crystals(msgs, space, steps=60, assign_settings=False,
                             trainer_config=TrainerConfig(device="cpu", mc_samples=2))
     assert _share(off.store.image_op[: off.n_images], settings, space) < 0.9
+    # the hysteresis comes with the consensus only: without it (the service) an image's first
+    # choice, made against a young posterior, stays free to change
+    from streamvi.merging.model.merging import SETTING_HYSTERESIS
+    assert engine.trainer.model.setting_hysteresis == SETTING_HYSTERESIS
+    assert off.trainer.model.setting_hysteresis == 0.0

@@ -19,6 +19,7 @@ import torch
 
 from streamvi.merging.features import N_METADATA
 from streamvi.merging.model.metadata import Column
+from streamvi.merging.model.merging import SETTING_HYSTERESIS
 from streamvi.merging.reference import ReferenceSetting, SettingChoice, align_snapshot
 from streamvi.merging.schedule import ImageScheduler
 from streamvi.quality.stats import shell_statistics
@@ -330,6 +331,7 @@ class MergeEngine:
         n = self.store.n_images
         self.store.set_ops(torch.arange(n), torch.from_numpy(result.ops[:n]).to(torch.int64))
         self.store.apply_settings()
+        self.trainer.model.setting_hysteresis = SETTING_HYSTERESIS
         log.info("indexing settings by consensus: %d images, confidence %.3f (split halves "
                  "agree on %.3f), %.1f s", n, result.confidence, result.split_agreement,
                  result.seconds)
