@@ -421,3 +421,11 @@ def test_two_conditions_share_the_scales_and_keep_their_own_tables(pump_probe):
         engine.refresh_rows()
     with pytest.raises(ValueError, match="checkpoints of a merge of several conditions"):
         engine.state_dict()
+
+
+def test_a_merge_whose_crystals_all_lack_the_condition_says_so(stills):
+    from streamvi.errors import ConfigError
+
+    crystals, space = stills            # no crystal carries a condition
+    with pytest.raises(ConfigError, match="12 had no condition among dark, light"):
+        _merge(crystals, space, conditions=("dark", "light"))

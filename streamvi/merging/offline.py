@@ -261,6 +261,11 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     while chunk := list(itertools.islice(remaining, 256)):
         n_outside += sum(r.n_outside for r in engine.add_many(chunk))
     if engine.n_images == 0:
+        refused = engine.store.rejected_counts
+        if refused.get("unknown_condition"):
+            raise ConfigError(f"no crystal was merged: {refused['unknown_condition']} had no "
+                              f"condition among {', '.join(conditions or ())} (check "
+                              "--condition-field and --condition-map)")
         raise ConfigError("no crystal had reflections inside the table (check --dmin, "
                           "--space-group and --cell)")
     # offline there is no arrival order to favour: every step draws from the passes (epochs)
