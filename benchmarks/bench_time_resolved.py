@@ -21,7 +21,7 @@ with the true dark phases at the moved atoms' light sites (positive peaks expect
 their dark sites (negative), means over atoms.
 
     python benchmarks/bench_time_resolved.py [--images N] [--dmin D] [--light-change SPEC]
-        [--steps S] [--out results.jsonl]
+        [--steps S] [--methods joint,inverse_variance,separate,truth] [--out results.jsonl]
 """
 from __future__ import annotations
 
@@ -96,8 +96,11 @@ def _delta_from(light, dark, *, rescale: bool):
     return ds, k
 
 
+METHODS = ("joint", "inverse_variance", "separate", "truth")
+
+
 def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | None,
-        epochs: float | None) -> list[dict]:
+        epochs: float | None, methods: tuple[str, ...] = METHODS) -> list[dict]:
     import torch
 
     from streamvi.cli.merge import merge_config, model_configs
@@ -138,30 +141,30 @@ def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | 
                                       steps=steps, epochs=epochs, conditions=conditions)
         return snap, engine, time.perf_counter() - t
 
-    # (b) one joint merge with conditions
-    _, engine, seconds = merge(crystals, ("dark", "light"))
-    snaps = engine.condition_snapshots()
-    fig = judge(difference_dataset(snaps["light"], snaps["dark"]), truth_delta, light_sites,
-                dark_sites)
-    lines.append({"method": "joint", "seconds": seconds, "steps": engine.trainer.step,
-                  "light_scale": 1.0, **fig})
-    # (c) two inverse-variance averages subtracted
-    t = time.perf_counter()
-    delta, k = _delta_from(average_merge(light, space), average_merge(dark, space),
-                           rescale=True)
-    lines.append({"method": "inverse_variance", "seconds": time.perf_counter() - t,
-                  "light_scale": k, **judge(delta, truth_delta, light_sites, dark_sites)})
-    # (d) two separate streamvi merges subtracted
-    snap_d, eng_d, s_d = merge(dark)
-    snap_l, eng_l, s_l = merge(light)
-    delta, k = _delta_from(snapshot_to_dataset(snap_l), snapshot_to_dataset(snap_d),
-                           rescale=True)
-    lines.append({"method": "separate", "seconds": s_d + s_l,
-                  "steps": eng_d.trainer.step + eng_l.trainer.step, "light_scale": k,
-                  **judge(delta, truth_delta, light_sites, dark_sites)})
-    # the true ΔF through the same judge: the ceiling of the map heights
-    lines.append({"method": "truth", **judge(truth_delta.assign(WDF=truth_delta["DF"]),
-                                             truth_delta, light_sites, dark_sites)})
+    if "joint" in methods:          # (b) one joint merge with conditions
+        _, engine, seconds = merge(crystals, ("dark", "light"))
+        snaps = engine.condition_snapshots()
+        fig = judge(difference_dataset(snaps["light"], snaps["dark"]), truth_delta,
+                    light_sites, dark_sites)
+        lines.append({"method": "joint", "seconds": seconds, "steps": engine.trainer.step,
+                      "light_scale": 1.0, **fig})
+    if "inverse_variance" in methods:   # (c) two inverse-variance averages subtracted
+        t = time.perf_counter()
+        delta, k = _delta_from(average_merge(light, space), average_merge(dark, space),
+                               rescale=True)
+        lines.append({"method": "inverse_variance", "seconds": time.perf_counter() - t,
+                      "light_scale": k, **judge(delta, truth_delta, light_sites, dark_sites)})
+    if "separate" in methods:       # (d) two separate streamvi merges subtracted
+        snap_d, eng_d, s_d = merge(dark)
+        snap_l, eng_l, s_l = merge(light)
+        delta, k = _delta_from(snapshot_to_dataset(snap_l), snapshot_to_dataset(snap_d),
+                               rescale=True)
+        lines.append({"method": "separate", "seconds": s_d + s_l,
+                      "steps": eng_d.trainer.step + eng_l.trainer.step, "light_scale": k,
+                      **judge(delta, truth_delta, light_sites, dark_sites)})
+    if "truth" in methods:          # the true ΔF through the same judge: the ceiling
+        lines.append({"method": "truth", **judge(truth_delta.assign(WDF=truth_delta["DF"]),
+                                                 truth_delta, light_sites, dark_sites)})
     return [{"benchmark": "time_resolved", **line, **common} for line in lines]
 
 
@@ -174,10 +177,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None,
                     help="optimiser steps per merge; unset: streamvi merge's default")
     ap.add_argument("--epochs", type=float, default=None)
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"--methods: {', '.join(sorted(unknown))} unknown; choose from "
+                 f"{', '.join(METHODS)}")
     lines = run(images=args.images, dmin=args.dmin, light_change=args.light_change,
-                seed=args.seed, steps=args.steps, epochs=args.epochs)
+                seed=args.seed, steps=args.steps, epochs=args.epochs, methods=methods)
     for line in lines:
         text = json.dumps(line)
         print(text, flush=True)
