@@ -360,3 +360,78 @@ def test_falloff_record_keeps_only_near_full_observations(stills):
     engine._falloff.zero_()
     engine._track_falloff(batch, report)
     assert float(engine._falloff[1].sum()) == pytest.approx(batch.n_reflections)
+
+
+# --- pump-probe conditions ----------------------------------------------------------------
+
+def _merge(crystals, space, conditions=None, steps=30):
+    return merge_crystals(crystals, space, trainer_config=TrainerConfig(
+        device="cpu", mc_samples=2, d_model=8, n_layers=1),
+        engine_config=EngineConfig(batch_images=4), steps=steps, conditions=conditions)
+
+
+def test_one_named_condition_merges_exactly_as_no_condition(stills):
+    import copy
+
+    crystals, space = stills
+    plain, _ = _merge(crystals, space)
+    labelled = copy.deepcopy(crystals)
+    for m in labelled:
+        m.condition = "dark"
+    named, engine = _merge(labelled, space, conditions=("dark",))
+    assert engine.trainer.model.posterior.n_tables == 3
+    for table in ("all", "half1", "half2"):
+        for col in ("F", "SIGF", "I", "SIGI"):
+            np.testing.assert_array_equal(plain.tables[table][col], named.tables[table][col])
+    np.testing.assert_array_equal(plain.obs_count, named.obs_count)
+
+
+@pytest.fixture(scope="module")
+def pump_probe():
+    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+
+    sim = SimulationConfig(n_images=16, seed=4, dmin=3.0, conditions=("dark", "light"),
+                           condition_ratio=(1, 1), light_change="move=4,shift=1.5,fraction=0.3")
+    crystals = list(simulate_images(sim, simulate_structure(sim)))
+    return crystals, ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=False)
+
+
+def test_two_conditions_share_the_scales_and_keep_their_own_tables(pump_probe):
+    crystals, space = pump_probe
+    _, engine = _merge(crystals, space, conditions=("dark", "light"), steps=40)
+    post = engine.trainer.model.posterior
+    assert post.n_tables == 6
+    snaps = engine.condition_snapshots()
+    assert list(snaps) == ["dark", "light"]
+    assert [s.n_images for s in snaps.values()] == [8, 8]
+    ratios = []
+    for c, (name, snap) in enumerate(snaps.items()):
+        np.testing.assert_array_equal(snap.obs_count, engine.store.condition_obs_count[c])
+        ratios.append(snap.tables["all"]["F"] / engine.trainer.posterior_table(3 * c)["F"])
+        assert f"condition {name} of dark, light" in snap.history
+    # one resolution-trend correction, the shared scales', for both conditions
+    np.testing.assert_allclose(ratios[0], ratios[1], rtol=1e-6)
+    dark, light = (s.obs_count[0] > 0 for s in snaps.values())
+    only_dark = np.nonzero(dark & ~light)[0]
+    assert only_dark.size > 0
+    # more steps move a row only the dark images saw in the dark table, never in the light one
+    before = post.weight.detach().clone()
+    engine.train(10)
+    after = post.weight.detach()
+    n = post.n_rows
+    assert torch.equal(after[3 * n + only_dark], before[3 * n + only_dark])
+    assert not torch.equal(after[only_dark], before[only_dark])
+    with pytest.raises(ValueError, match="name one"):
+        engine.snapshot()
+    with pytest.raises(ValueError, match="not supported with several conditions"):
+        engine.refresh_rows()
+    with pytest.raises(ValueError, match="checkpoints of a merge of several conditions"):
+        engine.state_dict()
+
+
+def test_a_merge_whose_crystals_all_lack_the_condition_says_so(stills):
+    from streamvi.errors import ConfigError
+
+    crystals, space = stills            # no crystal carries a condition
+    with pytest.raises(ConfigError, match="12 had no condition among dark, light"):
+        _merge(crystals, space, conditions=("dark", "light"))

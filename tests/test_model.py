@@ -597,3 +597,31 @@ def test_error_model_widens_sigma_with_the_prediction():
     np.testing.assert_allclose(lp.detach().numpy(), ref, rtol=1e-5)
     lp.sum().backward()
     assert lik.error_model.log_a.grad is not None and lik.error_model.raw_b.grad is not None
+
+
+def test_conditions_route_each_image_to_its_own_tables():
+    n_rows = 40
+    torch.manual_seed(0)
+    prior = WilsonPrior(torch.zeros(n_rows, dtype=torch.bool), torch.ones(n_rows))
+    posterior = FoldedNormalPosterior(n_rows, 6, init_loc=prior.mean())
+    model = VariationalMergingModel(prior, posterior, ImageScaleModel(N_META, 16, 2),
+                                    StudentTLikelihood(32.0), mc_samples=4)
+    batch = make_batch([20, 30, 25], n_rows, seed=3)
+    batch.condition = torch.tensor([1, 0, 1])          # image 1 is dark, images 0 and 2 light
+    terms = model(batch, torch.Generator().manual_seed(0))
+    terms.loss.backward()
+    grad = posterior.weight.grad.coalesce()
+    touched = set(grad.indices()[0].tolist())
+    index, rows = batch.image_index, batch.asu_id[0]
+    want = set()
+    for i in range(3):
+        r = rows[index == i]
+        c, h = int(batch.condition[i]), int(batch.half[i])
+        want |= set((3 * c * n_rows + r).tolist()) | set(((3 * c + 1 + h) * n_rows + r).tolist())
+    assert touched == want
+    assert {t.item() // n_rows for t in terms.flat_rows[0]} == {0, 3}
+    # without a condition the same images use tables 0-2 alone
+    batch.condition = None
+    posterior.weight.grad = None
+    model(batch, torch.Generator().manual_seed(0)).loss.backward()
+    assert int(posterior.weight.grad.coalesce().indices().max()) < 3 * n_rows

@@ -4,7 +4,7 @@ import torch
 
 from conftest import make_crystal
 from streamvi.merging.features import N_METADATA
-from streamvi.merging.store import ReflectionStore, _ranges, image_half
+from streamvi.merging.store import REJECT_REASONS, ReflectionStore, _ranges, image_half
 from streamvi.symmetry import ReciprocalSpace
 
 
@@ -346,3 +346,66 @@ def test_half_sums_follow_adds_and_reindexing():
     assert store.apply_settings() == 3
     ops = [1 if j in (0, 5, 7) else 0 for j in range(12)]
     np.testing.assert_allclose(store.sum_i_half, expected(ops), rtol=1e-6, atol=1e-6)
+
+
+# --- pump-probe conditions ----------------------------------------------------------------
+
+def test_conditions_are_counted_per_condition_and_unknown_ones_refused(space):
+    rng = np.random.default_rng(5)
+    store = ReflectionStore(space, conditions=("dark", "light"))
+    msgs = [make_crystal(rng, n=40, image=f"i{j}") for j in range(7)]
+    for m, c in zip(msgs, ["dark", "light", "light", "dark", "light", "pumped", None]):
+        m.condition = c
+    results = store.add_many(msgs)
+    assert [r.rejected for r in results[5:]] == ["unknown_condition"] * 2
+    assert "'pumped', not one of this merge's conditions (dark, light)" in results[5].detail
+    assert "no condition" in results[6].detail
+    assert store.rejected_counts == {"unknown_condition": 2}
+    assert "unknown_condition" in REJECT_REASONS
+    assert store.image_condition[:5].tolist() == [0, 1, 1, 0, 1]
+    np.testing.assert_array_equal(store.condition_images(), [2, 3])
+    per = store.condition_obs_count
+    assert per.shape == (2, 3, space.n_unique)
+    # the conditions' counts add up to the pooled ones, table by table
+    np.testing.assert_array_equal(per.sum(axis=0), store.obs_count)
+    for c in range(2):
+        np.testing.assert_array_equal(per[c, 1] + per[c, 2], per[c, 0])
+    dark_rows = np.concatenate([space.lookup(msgs[k].hkl()) for k in (0, 3)])
+    want = np.bincount(dark_rows[dark_rows >= 0], minlength=space.n_unique)
+    np.testing.assert_array_equal(per[0, 0], want)
+    # ⟨I/σ⟩ of one condition is the inverse-variance average of its own observations
+    row = int(dark_rows[dark_rows >= 0][0])
+    i, s = [], []
+    for k in (0, 3):
+        rows = space.lookup(msgs[k].hkl())
+        i += list(msgs[k].I[rows == row]); s += list(msgs[k].sigI[rows == row])
+    w = 1 / np.square(np.asarray(s, np.float64))
+    assert store.condition_i_over_sigma(0)[row] == pytest.approx(
+        np.sum(w * np.asarray(i, np.float64)) / np.sqrt(w.sum()))
+
+
+def test_batches_carry_conditions_and_per_condition_kl_weights(space):
+    rng = np.random.default_rng(6)
+    store = ReflectionStore(space, conditions=("dark", "light"), initial_capacity=8)
+    msgs = [make_crystal(rng, n=30, image=f"i{j}") for j in range(1200)]
+    for j, m in enumerate(msgs):
+        m.condition = ("dark", "light")[j % 2]
+    store.add_many(msgs)            # past the first 1024 images: the per-image arrays grew
+    ids = np.array([1, 1100, 0, 1199])
+    batch = store.batch(ids)
+    assert batch.condition.tolist() == [1, 0, 0, 1]
+    rows = batch.asu_id[0].numpy()
+    cond = batch.condition.numpy()[batch.image_index.numpy()]
+    half = batch.half.numpy()[batch.image_index.numpy()]
+    counts = store.condition_obs_count
+    np.testing.assert_allclose(batch.obs_weight[0].numpy(), 1.0 / counts[cond, 0, rows])
+    np.testing.assert_allclose(batch.obs_weight[1].numpy(),
+                               1.0 / counts[cond, 1 + half, rows])
+    # one named condition is the merge without conditions: no per-image condition
+    one = ReflectionStore(space, conditions=("dark",))
+    m = make_crystal(rng, n=30)
+    m.condition = "dark"
+    one.add(m)
+    assert one.batch(np.array([0])).condition is None
+    with pytest.raises(ValueError, match="distinct"):
+        ReflectionStore(space, conditions=("dark", "dark"))

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from streamvi.cli.options import add_options, resolved
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("skipped: %s", r)
     if len(data.rejected) > 20:
         log.warning("… and %d more skipped pieces", len(data.rejected) - 20)
+    conditions = label_conditions(opts, data)
     space = resolve_space(data, space_group=opts.space_group, cell=opts.cell, dmin=opts.dmin,
                           anomalous=opts.anomalous)
     tcfg, ecfg = model_configs(opts)
@@ -68,9 +70,11 @@ def run(args: argparse.Namespace) -> int:
         data.crystals, space, trainer_config=tcfg, engine_config=ecfg, epochs=opts.epochs,
         steps=opts.steps, progress=None if opts.quiet else Progress,
         history=[f"merge of {', '.join(p.name for p in opts.files)}"[:80]],
-        reference=reference)
+        reference=reference, conditions=conditions)
     seconds = time.perf_counter() - t0
     store = engine.store
+    if conditions is not None:
+        return _write_conditions(opts, engine, seconds, reference)
     # the training-free half-set figures beside the model's (docs/metrics.md)
     from streamvi.quality.feedback import attach_data_estimate, store_sums
 
@@ -102,6 +106,107 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(jsonable({"stats": snapshot.stats.to_dict(), "seconds": seconds,
                                    "mtz": str(opts.output), "mtz_reflections": rows}),
                          allow_nan=False))
+    return 0
+
+
+def label_conditions(opts: Config, data: Any) -> tuple[str, ...] | None:
+    """Set each loaded crystal's condition from ``--condition`` or ``--condition-field``
+    with ``--condition-map``; the conditions in table order (the reference first), or None
+    when no condition option is given."""
+    from streamvi.errors import ConfigError
+    from streamvi.producers.conditions import (condition_order, label_all, label_by_field,
+                                               parse_condition_map, per_input_names)
+
+    if opts.condition:
+        names = per_input_names(opts.condition, len(data.file_starts))
+        ends = data.file_starts[1:] + [len(data.crystals)]
+        for name, lo, hi in zip(names, data.file_starts, ends):
+            label_all(data.crystals[lo:hi], name)
+    elif opts.condition_field:
+        if not opts.condition_map:
+            raise ConfigError("--condition-field needs --condition-map, the conditions of its "
+                              "values, e.g. --condition-map '0=dark,1=light'")
+        label_by_field(data.crystals, opts.condition_field,
+                       parse_condition_map(opts.condition_map))
+    elif opts.condition_map or opts.reference_condition:
+        flag = "--condition-map" if opts.condition_map else "--reference-condition"
+        raise ConfigError(f"{flag} needs the crystals' conditions: give --condition NAME or "
+                          "--condition-field KEY as well")
+    else:
+        return None
+    conditions = condition_order(data.crystals, opts.reference_condition)
+    if not conditions:
+        raise ConfigError(f"no crystal has a condition: --condition-field "
+                          f"{opts.condition_field!r} with --condition-map "
+                          f"{opts.condition_map!r} named none (is the header copied into "
+                          "the stream, with these values?)")
+    return conditions
+
+
+def condition_paths(output: Path, conditions: Sequence[str]) -> tuple[dict[str, Path],
+                                                                      dict[str, Path]]:
+    """``OUT-<condition>.mtz`` per condition and ``OUT-<condition>-minus-<reference>.mtz``
+    per condition after the first (the reference), beside ``output``."""
+    from streamvi.publish.mtz import safe_name
+
+    def beside(tag: str) -> Path:
+        return output.with_name(f"{output.stem}-{tag}{output.suffix or '.mtz'}")
+
+    ref = safe_name(conditions[0])
+    merged = {c: beside(safe_name(c)) for c in conditions}
+    diffs = {c: beside(f"{safe_name(c)}-minus-{ref}") for c in conditions[1:]}
+    return merged, diffs
+
+
+def _write_conditions(opts: Config, engine: Any, seconds: float, reference: Any) -> int:
+    """Outputs of a merge with conditions: an MTZ per condition and a difference MTZ per
+    condition against the reference, with their tables on stdout."""
+    import gemmi
+    import numpy as np
+
+    from streamvi.publish.mtz import MtzInfo, difference_dataset, write_difference_mtz, \
+        write_snapshot_mtz
+
+    store = engine.store
+    conditions = engine.conditions
+    info = MtzInfo.from_runs(dict(store.runs), store.mean_wavelength())
+    history = [f"merge of {', '.join(p.name for p in opts.files)}"[:80]]
+    snaps = engine.condition_snapshots(history)
+    merged, diffs = condition_paths(Path(opts.output), conditions)
+    report: dict[str, Any] = {"seconds": seconds, "conditions": {}, "differences": {}}
+    if store.rejected_counts or store.duplicate_counts:
+        print("not merged: " + ", ".join(
+            [f"{n} {reason}" for reason, n in sorted(store.rejected_counts.items())]
+            + [f"{n} duplicates by {kind}" for kind, n in
+               sorted(store.duplicate_counts.items())]), file=sys.stderr)
+    for name, snap in snaps.items():
+        write_snapshot_mtz(snap, merged[name], info=info)
+        rows = gemmi.read_mtz_file(str(merged[name])).nreflections
+        print(f"condition {name}: {snap.n_images} images")
+        print(snap.stats.format())
+        print(f"wrote {merged[name]} ({rows} reflections)")
+        report["conditions"][name] = {"stats": snap.stats.to_dict(), "mtz": str(merged[name]),
+                                      "images": snap.n_images, "mtz_reflections": rows}
+    ref = conditions[0]
+    for name, path in diffs.items():
+        write_difference_mtz(snaps[name], snaps[ref], path, names=(name, ref), info=info)
+        ds = difference_dataset(snaps[name], snaps[ref])
+        z = (ds["DF"] / ds["SIGDF"]).to_numpy(np.float64)
+        ok = np.isfinite(z)
+        n_sig = int((np.abs(z[ok]) > 3).sum())
+        rms = float(np.sqrt(np.nanmean(np.square(ds["DF"].to_numpy(np.float64)))))
+        print(f"wrote {path}: {name} - {ref}, {int(ok.sum())} reflections, r.m.s. DF "
+              f"{rms:.4g}, {n_sig} with |DF|/SIGDF > 3")
+        report["differences"][f"{name}-minus-{ref}"] = {
+            "mtz": str(path), "reflections": int(ok.sum()), "rms_df": rms,
+            "significant": n_sig}
+    if reference is not None:
+        print(setting_line(engine, reference.name))
+    print(f"merged {len(conditions)} conditions in {seconds:.1f} s on {engine.device}")
+    if opts.json:
+        from streamvi.jsonsafe import jsonable
+
+        print(json.dumps(jsonable(report), allow_nan=False))
     return 0
 
 

@@ -154,6 +154,23 @@ OPTIONS: tuple[Option, ...] = (
            "then any F or J column, then any G or K column (one Bijvoet mate is enough to "
            "choose a setting)", "merge", commands=TRAINING, defaults={"merge": None},
            metavar="COL"),
+    Option("condition", str, None, "pump–probe: the condition (e.g. `dark`) of every crystal "
+           "of the inputs; repeat it once per input, in the inputs' order, to give each its "
+           "own. With a condition option the merge keeps one set of tables per condition "
+           "(one shared scale model) and `-o OUT.mtz` writes `OUT-<condition>.mtz` and "
+           "`OUT-<condition>-minus-<reference>.mtz` (docs/time-resolved.md)", "merge",
+           commands=("merge",), multiple=True, metavar="NAME", exclusive="condition"),
+    Option("condition_field", str, None, "pump–probe: a per-chunk header value that names each "
+           "crystal's condition through `condition_map`, e.g. an event code copied by "
+           "`indexamajig --copy-header` (`header/int//sim/pump_code` in simulated streams). "
+           "A crystal without the field, or with a value the map does not name, is not merged "
+           "(`unknown_condition`)", "merge", commands=("merge",), metavar="KEY",
+           exclusive="condition"),
+    Option("condition_map", str, None, "values of `condition_field` and their conditions, "
+           "e.g. `'0=dark,1=light'`", "merge", commands=("merge",), metavar="V=NAME,…"),
+    Option("reference_condition", str, None, "the condition the others are differenced "
+           "against (`DF = F(condition) − F(reference)`); unset: `dark` when present, else "
+           "the first condition seen", "merge", commands=("merge",), metavar="NAME"),
     # ------------------------------------------------------------------ model and training
     Option("device", str, "auto", "`auto` (CUDA when available, else CPU), `cpu`, `cuda` or "
            "`cuda:N`. `cuda` (or a `cuda:N` this machine does not have) fails at start-up, in "

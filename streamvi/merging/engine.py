@@ -137,18 +137,32 @@ class MergeEngine:
         Model and optimiser settings.
     config
         Batching and statistics settings.
+    conditions
+        Names of the conditions merged side by side (pump–probe, docs/time-resolved.md):
+        one shared scale network and Wilson prior, three posterior tables per condition; a
+        crystal of another condition is refused (``unknown_condition``).  None (the
+        default): one unlabelled condition, exactly the merge without conditions.  With
+        more than one, :meth:`refresh_rows`, checkpoints and the data-parallel engine are
+        refused for now.
     """
 
     #: Trainer class the engine builds (data-parallel engines substitute their own).
     trainer_class: type[Trainer] = Trainer
 
     def __init__(self, space: ReciprocalSpace, trainer_config: TrainerConfig | None = None,
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, *,
+                 conditions: Sequence[str] | None = None):
         self.space = space
         self.config = config or EngineConfig()
         self.trainer_config = trainer_config or TrainerConfig()
+        n_conditions = 1 if conditions is None else len(conditions)
+        if n_conditions > 1 and self.trainer_class is not Trainer:
+            raise ValueError("several conditions are not supported by the data-parallel "
+                             "engine yet: merge them on one device (docs/time-resolved.md)")
+        kwargs = {"n_conditions": n_conditions} if n_conditions > 1 else {}
         self.trainer = self.trainer_class(self.trainer_config, centric=space.centric,
-                                          epsilon=space.epsilon, n_metadata=N_METADATA)
+                                          epsilon=space.epsilon, n_metadata=N_METADATA,
+                                          **kwargs)
         self.device = self.trainer.device
         #: put snapshots in the indexing setting of this reference (merohedral groups only)
         self.reference: ReferenceSetting | None = None
@@ -156,7 +170,8 @@ class MergeEngine:
         self.setting_choice: SettingChoice | None = None
         self.store = ReflectionStore(space, device=self.device,
                                      device_budget_bytes=self.config.device_budget_bytes,
-                                     kl_per_pass=self.config.kl_per_pass)
+                                     kl_per_pass=self.config.kl_per_pass,
+                                     conditions=conditions)
         self.scheduler = ImageScheduler(batch_images=self.config.batch_images,
                                         new_share=self.config.new_share,
                                         seed=self.trainer_config.seed)
@@ -190,6 +205,19 @@ class MergeEngine:
     @property
     def n_images(self) -> int:
         return self.store.n_images
+
+    @property
+    def conditions(self) -> tuple[str, ...] | None:
+        """The conditions' names in table order (None: one unlabelled condition)."""
+        return self.store.conditions
+
+    def _one_condition(self, what: str) -> None:
+        """Refuse ``what`` (a feature that assumes three posterior tables) with several
+        conditions."""
+        if self.store.n_conditions > 1:
+            raise ValueError(f"{what} is not supported with several conditions yet "
+                             f"({', '.join(self.store.conditions or ())}); see "
+                             "docs/time-resolved.md")
 
     # ------------------------------------------------------------------ training
 
@@ -356,6 +384,7 @@ class MergeEngine:
             where a row has no observation) and the number of observations, on the training
             device.
         """
+        self._one_condition("row_estimates")
         model = self.trainer.model
         post = model.posterior
         n_rows, n_tables = post.n_rows, post.n_tables
@@ -434,6 +463,7 @@ class MergeEngine:
         int
             Rows restarted (counted once over the tables).
         """
+        self._one_condition("refresh_rows (refresh_growth, refresh_idle_steps)")
         model = self.trainer.model
         post = model.posterior
         n_rows, n_tables = post.n_rows, post.n_tables
@@ -533,11 +563,19 @@ class MergeEngine:
 
     # ------------------------------------------------------------------ output
 
-    def snapshot(self, history: list[str] | None = None) -> MergeSnapshot:
-        """Freeze the current posterior and compute the shell statistics."""
+    def snapshot(self, history: list[str] | None = None, *,
+                 condition: str | None = None) -> MergeSnapshot:
+        """Freeze the current posterior and compute the shell statistics.
+
+        With several conditions, of ``condition`` (required): its three tables, its
+        observation counts and its ⟨I/σ⟩; the resolution-trend correction is the shared
+        scales' and applies to every condition alike.
+        """
         self.store.apply_settings()
-        tables = {name: self.trainer.posterior_table(i) for i, name in enumerate(TABLE_NAMES)}
-        obs = self.store.obs_count.copy()
+        c = self._condition_index(condition)
+        tables = {name: self.trainer.posterior_table(3 * c + i)
+                  for i, name in enumerate(TABLE_NAMES)}
+        obs = self.store.condition_obs_count[c].copy()
         sp = self.space
         expected_i = self.trainer.model.prior.variance.double().cpu().numpy()
         correction = self.falloff_correction() if self.config.recentre_falloff else None
@@ -558,14 +596,21 @@ class MergeEngine:
             i_half=(tables["half1"]["I"], tables["half2"]["I"]),
             f_half=(tables["half1"]["F"], tables["half2"]["F"]),
             anomalous=sp.anomalous, n_shells=self.config.n_shells,
-            i_over_sigma=self.store.merged_i_over_sigma(),
+            i_over_sigma=self.store.condition_i_over_sigma(c),
             expected_i=expected_i)
         self._snapshot_id += 1
+        n_images, n_reflections = self.store.n_images, self.store.n_reflections
+        history = list(history or [])
+        if self.store.n_conditions > 1:
+            n_images = int(self.store.condition_images()[c])
+            n_reflections = int(obs[0].sum())
+            history.append(f"condition {self.store.conditions[c]} of "
+                           f"{', '.join(self.store.conditions)}")
         snap = MergeSnapshot(
             snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,
-            obs_count=obs, n_images=self.store.n_images,
-            n_reflections=self.store.n_reflections, step=self.trainer.step,
-            stats=stats, falloff_b=falloff_b, history=list(history or []) + (
+            obs_count=obs, n_images=n_images,
+            n_reflections=n_reflections, step=self.trainer.step,
+            stats=stats, falloff_b=falloff_b, history=history + (
                 [] if falloff_b is None else
                 # MTZ history lines hold 80 characters
                 [f"scales' resolution trend moved to F: B {falloff_b:+.2f} A^2 "
@@ -579,6 +624,27 @@ class MergeEngine:
                          ", ".join(f"{c:.3f}" for c in choice.cc), choice.n_common)
             self.setting_choice = choice
         return snap
+
+    def _condition_index(self, condition: str | None) -> int:
+        """Table-set index of ``condition`` (0 with one condition)."""
+        names = self.store.conditions
+        if condition is None:
+            if self.store.n_conditions > 1:
+                raise ValueError(f"this merge has conditions {', '.join(names)}: name one "
+                                 "(snapshot(condition=...), or condition_snapshots())")
+            return 0
+        if names is None or condition not in names:
+            raise ValueError(f"condition {condition!r} is not one of this merge's "
+                             f"({', '.join(names or ('none: one unlabelled condition',))})")
+        return names.index(condition)
+
+    def condition_snapshots(self, history: list[str] | None = None
+                            ) -> dict[str, MergeSnapshot]:
+        """A :meth:`snapshot` of every condition, by name, in table order."""
+        if self.store.conditions is None:
+            raise ValueError("this merge has no named conditions: use snapshot()")
+        return {name: self.snapshot(history, condition=name)
+                for name in self.store.conditions}
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -47,6 +47,8 @@ class LoadedData:
     lattice: tuple[str, str] | None = None
     #: a space group the input states (DIALS experiments carry one; CrystFEL streams do not)
     space_group: str | None = None
+    #: index into ``crystals`` of each input file's first crystal, in the order read
+    file_starts: list[int] = field(default_factory=list)
 
 
 def open_source(path: str | Path) -> Iterable:
@@ -63,6 +65,7 @@ def load_files(paths: Sequence[str | Path]) -> LoadedData:
         if not Path(path).exists():
             raise ConfigError(f"{path}: no such file")
         src = open_source(path)
+        out.file_starts.append(len(out.crystals))
         for item in src:
             if isinstance(item, Rejected):
                 out.rejected.append(item)
@@ -223,7 +226,9 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                    anneal: float = ANNEAL_FRACTION,
                    reference: ReferenceData | None = None,
                    refresh_epochs: Sequence[float] = (),
-                   assign_settings: bool = True) -> tuple[MergeSnapshot, MergeEngine]:
+                   assign_settings: bool = True,
+                   conditions: Sequence[str] | None = None
+                   ) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
 
     With neither, :data:`DEFAULT_EPOCHS` passes and at least :data:`DEFAULT_MIN_STEPS` steps.
@@ -235,7 +240,9 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     groups every image is first put in one setting by consensus of the data
     (``assign_settings``, :meth:`MergeEngine.assign_settings`).  The rows are restarted at
     their merge given the current scales after ``refresh_epochs`` passes
-    (:meth:`MergeEngine.refresh_rows`).
+    (:meth:`MergeEngine.refresh_rows`).  With ``conditions`` (pump–probe), every crystal's
+    ``condition`` must be one of them; the snapshot returned is the first condition's
+    (:meth:`MergeEngine.condition_snapshots` gives them all).
 
     Returns
     -------
@@ -245,7 +252,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     # (and the rows are refreshed at ``refresh_epochs``, not by the service's policy)
     engine = MergeEngine(space, trainer_config,
                          replace(engine_config or EngineConfig(), wilson_min_images=0,
-                                 refresh_growth=0.0, refresh_idle_steps=0))
+                                 refresh_growth=0.0, refresh_idle_steps=0),
+                         conditions=conditions)
     if reference is not None:
         engine.reference = ReferenceSetting(space, reference)
     n_outside = 0
@@ -253,6 +261,11 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     while chunk := list(itertools.islice(remaining, 256)):
         n_outside += sum(r.n_outside for r in engine.add_many(chunk))
     if engine.n_images == 0:
+        refused = engine.store.rejected_counts
+        if refused.get("unknown_condition"):
+            raise ConfigError(f"no crystal was merged: {refused['unknown_condition']} had no "
+                              f"condition among {', '.join(conditions or ())} (check "
+                              "--condition-field and --condition-map)")
         raise ConfigError("no crystal had reflections inside the table (check --dmin, "
                           "--space-group and --cell)")
     # offline there is no arrival order to favour: every step draws from the passes (epochs)
@@ -279,4 +292,5 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
         hist.append(f"indexing settings by consensus, confidence {confidence:.3f}")
     if n_outside:
         hist.append(f"{n_outside} reflections outside the table (beyond dmin) not merged")
-    return engine.snapshot(history=hist), engine
+    first = None if conditions is None else conditions[0]
+    return engine.snapshot(history=hist, condition=first), engine

@@ -16,7 +16,16 @@ merged:
   (:func:`streamvi.symmetry.cell_mismatch`: 5 % in a length, 5° in an angle);
 - ``intensity_outlier``: its intensities are absurd against the crystals stored so far
   (:meth:`ReflectionStore.intensity_verdicts`);
-- ``outside_table``: none of its reflections is in the table (beyond dmin, absences).
+- ``outside_table``: none of its reflections is in the table (beyond dmin, absences);
+- ``unknown_condition``: the store merges named conditions (pump–probe: ``dark``,
+  ``light``, …) and the crystal's ``condition`` is not one of them.
+
+Conditions (docs/time-resolved.md) are fixed when the store is made.  Each image keeps the
+index of its condition, and the observation counts and the inverse-variance sums are kept
+per condition as well (the posterior has three tables per condition; the KL weights and N
+are per condition).  The pooled row statistics (``obs_count``, Σ I for the Wilson plot, the
+half-set sums) describe the data of all conditions together, as the shared scale model and
+Wilson prior do.  Without conditions (the default) a message's ``condition`` is ignored.
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ from streamvi.wire import CrystalMessage
 
 #: Reasons a crystal is not stored (besides being a duplicate); the service counts them as
 #: ``crystals_rejected{reason}``.
-REJECT_REASONS = ("cell_mismatch", "intensity_outlier", "outside_table")
+REJECT_REASONS = ("cell_mismatch", "intensity_outlier", "outside_table", "unknown_condition")
 #: A crystal whose median |I| exceeds this many times the reference (the median of that
 #: figure over the crystals stored recently) is refused.  Crystal sizes and partialities
 #: spread real crystals over one to two decades (simulated beamtime: 3.0-6.9; 5-HT2B at
@@ -182,12 +191,25 @@ class ReflectionStore:
     device_budget_bytes
         Bytes of reflection data kept on ``device`` before further images go to host
         memory.  ``None``: no limit.
+    conditions
+        Names of the conditions merged side by side (e.g. ``("dark", "light")``); a crystal
+        whose message names another (or none) is refused (``unknown_condition``).  None: one
+        unlabelled condition, every crystal's ``condition`` ignored.
     """
 
     def __init__(self, space: ReciprocalSpace, *, device: torch.device | str = "cpu",
                  device_budget_bytes: int | None = None, initial_capacity: int = 1 << 16,
-                 kl_per_pass: bool = True):
+                 kl_per_pass: bool = True, conditions: Sequence[str] | None = None):
         self.space = space
+        if conditions is not None and (len(conditions) == 0
+                                       or len(set(conditions)) != len(conditions)
+                                       or not all(isinstance(c, str) and c for c in conditions)):
+            raise ValueError(f"conditions {tuple(conditions)!r} must be distinct non-empty "
+                             "names, at least one (or None: one unlabelled condition)")
+        #: the conditions' names in table order (None: one unlabelled condition)
+        self.conditions: tuple[str, ...] | None = (None if conditions is None
+                                                   else tuple(conditions))
+        self.n_conditions = 1 if conditions is None else len(conditions)
         self.kl_per_pass = kl_per_pass
         self.device = torch.device(device)
         self.n_ops = int(space.n_ops)
@@ -199,6 +221,11 @@ class ReflectionStore:
         self.image_start = np.zeros(n0, np.int64)
         self.image_length = np.zeros(n0, np.int64)
         self.image_half = np.zeros(n0, np.int8)
+        #: index into :attr:`conditions` of each image's condition
+        self.image_condition = np.zeros(n0, np.int16)
+        #: the same on the training device, for the batches (several conditions only)
+        self._condition_t = (torch.zeros(n0, dtype=torch.int64, device=self.device)
+                             if self.n_conditions > 1 else None)
         self.arrival_time = np.zeros(n0, np.float64)
         self.first_visit_time = np.full(n0, np.nan)
         self.visits = np.zeros(n0, np.int64)
@@ -253,18 +280,31 @@ class ReflectionStore:
         #: Σ I per row and half dataset: the half-set averages behind the training-free
         #: CC½ (:func:`streamvi.quality.stats.halfset_statistics`), which move only with the data
         self.sum_i_half = np.zeros((2, space.n_unique), np.float64)
+        #: with several conditions, ``obs_count``, ``sum_w`` and ``sum_wi`` per condition
+        #: (``(C, 3, n)``, ``(C, n)``; :attr:`condition_obs_count`), and the counts mirrored
+        #: on the device as ``(3C, n)`` (the rows of the posterior's tables)
+        self._cond_obs = self._cond_obs_t = self._cond_w = self._cond_wi = None
+        if self.n_conditions > 1:
+            shape = (self.n_conditions, space.n_unique)
+            self._cond_obs = np.zeros((self.n_conditions, 3, space.n_unique), np.int64)
+            self._cond_obs_t = torch.zeros((3 * self.n_conditions, space.n_unique),
+                                           dtype=torch.float32, device=self.device)
+            self._cond_w = np.zeros(shape, np.float64)
+            self._cond_wi = np.zeros(shape, np.float64)
 
     # ------------------------------------------------------------------ adding
 
     def _grow_images(self) -> None:
         for name in ("image_tier", "image_start", "image_length", "image_half",
-                     "arrival_time", "first_visit_time", "visits"):
+                     "image_condition", "arrival_time", "first_visit_time", "visits"):
             old = getattr(self, name)
             new = np.full(old.shape[0] * 2, np.nan) if name == "first_visit_time" else \
                 np.zeros(old.shape[0] * 2, old.dtype)
             new[: old.shape[0]] = old
             setattr(self, name, new)
         self._rejected_t = _doubled(self._rejected_t)
+        if self._condition_t is not None:
+            self._condition_t = _doubled(self._condition_t)
         self._geometry_t = _doubled(self._geometry_t)
         self._axes_t = _doubled(self._axes_t)
         if self.n_ops > 1:
@@ -363,8 +403,21 @@ class ReflectionStore:
 
     def _screen(self, msgs: Sequence[CrystalMessage], fresh: list[int],
                 results: list[AddResult | None], levels: dict[int, float]) -> list[int]:
-        """``fresh`` without the crystals refused for their cell or intensities (their
-        results are set here); ``levels`` gets the median |I| of those kept."""
+        """``fresh`` without the crystals refused for their condition, cell or intensities
+        (their results are set here); ``levels`` gets the median |I| of those kept."""
+        if self.conditions is not None:
+            kept = []
+            for k in fresh:
+                name = msgs[k].condition
+                if name in self.conditions:
+                    kept.append(k)
+                    continue
+                what = "no condition" if not name else f"condition {name!r}"
+                results[k] = AddResult(None, 0, 0, rejected="unknown_condition", detail=(
+                    f"{what}, not one of this merge's conditions "
+                    f"({', '.join(self.conditions)}); label every crystal with one of them "
+                    "(--condition, or --condition-field with --condition-map)"))
+            fresh = kept
         if self.cell_length_tolerance is not None and self.cell_angle_tolerance_deg is not None:
             kept = []
             for k in fresh:
@@ -485,6 +538,12 @@ class ReflectionStore:
             self._grow_images()
         image_ids = np.arange(self.n_images, self.n_images + n_new)
         halves = np.array([image_half(msgs[c.k].run, msgs[c.k].image) for c in kept], np.int8)
+        conds = (np.zeros(n_new, np.int64) if self.conditions is None else
+                 np.array([self.conditions.index(msgs[c.k].condition) for c in kept], np.int64))
+        self.image_condition[image_ids] = conds
+        if self._condition_t is not None:
+            (conds_t,) = _to_device([conds], torch.int64, self.device)
+            self._condition_t[self.n_images:self.n_images + n_new] = conds_t
         self.image_tier[image_ids] = tiers
         self.image_start[image_ids] = starts
         self.image_length[image_ids] = lengths
@@ -518,6 +577,44 @@ class ReflectionStore:
         np.add.at(self.sum_i, rows, iobs.astype(np.float64))
         np.add.at(self.sum_i_half.reshape(-1), half_of * self.space.n_unique + rows,
                   iobs.astype(np.float64))
+        if self._cond_obs is not None:
+            self._count_conditions(rows, half_of, np.repeat(conds, lengths), w, iobs, 1)
+
+    def _count_conditions(self, rows: np.ndarray, half: np.ndarray, cond: np.ndarray,
+                          w: np.ndarray, iobs: np.ndarray, sign: int) -> None:
+        """Add (``sign`` 1) or take away (−1) observations from the per-condition counts
+        and inverse-variance sums (``rows``, ``half``, ``cond``, ``w`` = 1/σ², ``iobs`` per
+        observation)."""
+        n_u = self.space.n_unique
+        flat = np.concatenate([(3 * cond) * n_u + rows, (3 * cond + 1 + half) * n_u + rows])
+        np.add.at(self._cond_obs.reshape(-1), flat, sign)
+        (flat_t,) = _to_device([flat], torch.int64, self.device)
+        self._cond_obs_t.view(-1).index_add_(0, flat_t, torch.full(
+            (flat.shape[0],), float(sign), dtype=torch.float32, device=self.device))
+        np.add.at(self._cond_w.reshape(-1), cond * n_u + rows, sign * w)
+        np.add.at(self._cond_wi.reshape(-1), cond * n_u + rows,
+                  sign * w * np.asarray(iobs, np.float64))
+
+    @property
+    def condition_obs_count(self) -> np.ndarray:
+        """``(n_conditions, 3, n_rows)`` observations per row of each condition (all
+        images, half 1, half 2); ``obs_count[None]`` with one condition."""
+        return self.obs_count[None] if self._cond_obs is None else self._cond_obs
+
+    def condition_images(self) -> np.ndarray:
+        """``(n_conditions,)`` images stored per condition."""
+        return np.bincount(self.image_condition[: self.n_images].astype(np.int64),
+                           minlength=self.n_conditions)
+
+    def condition_i_over_sigma(self, condition: int) -> np.ndarray:
+        """Per row I/σ(I) of the inverse-variance average of one condition's observations
+        (0 if unseen); :meth:`merged_i_over_sigma` with one condition."""
+        if self._cond_w is None:
+            return self.merged_i_over_sigma()
+        sw, swi = self._cond_w[condition], self._cond_wi[condition]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = swi / np.sqrt(sw)
+        return np.where(sw > 0, out, 0.0)
 
     def _remember(self, msg: CrystalMessage, level: float) -> None:
         """Keep what the intensity reference (``level``: median |I|) and the MTZ header need
@@ -597,11 +694,20 @@ class ReflectionStore:
         else:
             cols = {k: torch.cat([p[k] for p in parts], dim=1 if k == "asu_id" else 0)
                     for k in parts[0]}
+        condition_t = None
+        if self._condition_t is not None:
+            condition_t = self._condition_t.index_select(0, perm_ids_t.to(self.device)).to(device)
         obs_weight = None
         if self.kl_per_pass:
-            counts = self._obs_count_t.to(device)
             rows = cols["asu_id"][0]
-            m = torch.stack([counts[0, rows], counts[1 + half_t[image_index_t], rows]])
+            if condition_t is None:
+                counts = self._obs_count_t.to(device)
+                m = torch.stack([counts[0, rows], counts[1 + half_t[image_index_t], rows]])
+            else:
+                counts = self._cond_obs_t.to(device)
+                full = 3 * condition_t[image_index_t]
+                m = torch.stack([counts[full, rows],
+                                 counts[full + 1 + half_t[image_index_t], rows]])
             obs_weight = 1.0 / m.clamp_min(1.0)
         return Batch(
             asu_id=cols["asu_id"], iobs=cols["iobs"], sigiobs=cols["sigiobs"],
@@ -611,6 +717,7 @@ class ReflectionStore:
             half=half_t,
             image_id=perm_ids_t,
             obs_weight=obs_weight,
+            condition=condition_t,
             image_op=(self._image_op_t.index_select(0, perm_ids_t.to(self.device)).to(device)
                       if self.n_ops > 1 else None),
             geometry=self._geometry_t.index_select(0, perm_ids_t.to(self.device)).to(device),
@@ -732,6 +839,9 @@ class ReflectionStore:
                 val = torch.full((rows.shape[0],), float(sign), device=self.device)
                 self._obs_count_t[0].index_add_(0, rows_t, val)
                 self._obs_count_t.index_put_((half_t, rows_t), val, accumulate=True)
+                if self._cond_obs is not None:
+                    cond = np.repeat(self.image_condition[ids].astype(np.int64), lengths)
+                    self._count_conditions(rows, half, cond, w, iobs, sign)
         self.image_op[:n] = ops
         return int(changed.size)
 

@@ -255,11 +255,22 @@ class Trainer:
         ``(n_rows,)`` multiplicity factor ε of every unique reflection.
     n_metadata
         Number of metadata columns in the batches.
+    n_conditions
+        Conditions merged side by side (pump–probe; docs/time-resolved.md): the posterior
+        holds three tables (all images, half 1, half 2) per condition, condition ``c`` in
+        tables ``3c..3c+2``; one scale network and one Wilson prior serve them all.  With
+        more than one, posterior averaging and checkpoints are refused for now.
     """
 
     def __init__(self, config: TrainerConfig, *, centric: np.ndarray, epsilon: np.ndarray,
-                 n_metadata: int) -> None:
+                 n_metadata: int, n_conditions: int = 1) -> None:
+        if n_conditions < 1:
+            raise ValueError(f"n_conditions must be at least 1, got {n_conditions}")
+        if n_conditions > 1 and config.posterior_average_decay > 0:
+            raise ValueError("posterior_average_decay is not supported with several "
+                             "conditions yet: set it to 0 for a pump-probe merge")
         self.config = config
+        self.n_conditions = int(n_conditions)
         self.device = resolve_device(config.device)
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(int(config.cpu_threads))
@@ -269,7 +280,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             prior = WilsonPrior(centric_t, epsilon_t)
-            posterior = FoldedNormalPosterior(prior.n_rows, 3, init_loc=prior.mean())
+            posterior = FoldedNormalPosterior(prior.n_rows, 3 * self.n_conditions,
+                                              init_loc=prior.mean())
             scale_model = ImageScaleModel(
                 n_metadata, config.d_model, config.n_layers,
                 n_pooled_extra=int(config.pooled_merge_ratio),
@@ -586,6 +598,10 @@ class Trainer:
         (and ``CUBLAS_WORKSPACE_CONFIG``): otherwise atomic adds in the sparse-gradient and
         pooling kernels differ in the last bits from run to run, checkpoint or not.
         """
+        if self.n_conditions > 1:
+            raise ValueError("checkpoints of a merge of several conditions are not supported "
+                             "yet (docs/time-resolved.md): merge them offline with "
+                             "streamvi merge")
         return {
             "config": asdict(self.config),
             "model": self.model.state_dict(),

@@ -9,6 +9,10 @@ Columns (only reflections with at least one observation are written):
 - half datasets: ``F_half1 SIGF_half1 F_half2 SIGF_half2`` (and ``I_half…``), so CC½ can be
   recomputed by any program.
 
+A merge of several conditions (pump–probe) writes one such file per condition and, per
+condition against the reference, a difference file (:func:`write_difference_mtz`): ``DF
+SIGDF`` (F/Q), the q-weight ``W`` (W), ``WDF`` (F) and the reference's ``F_DARK SIGF_DARK``.
+
 The file is written atomically (:func:`streamvi.atomic.atomic_write`: a temporary name in the
 target directory, fsync, renamed over the target), so a reader never sees a partial file.  It gets the permissions the umask
 allows (0644 under umask 022), like any file the user writes: the shift crew's group can
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+import numpy as np
 import reciprocalspaceship as rs
 
 from streamvi import __version__
@@ -119,3 +124,45 @@ def write_snapshot_mtz(snapshot, path: str | os.PathLike, *, info: MtzInfo | Non
 
 #: What :class:`~streamvi.publish.mtz_files.MtzSnapshots` asks for each file's info.
 InfoSource = Callable[[], MtzInfo | None]
+
+
+def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet:
+    """``light − dark`` of two snapshots of one merge (conditions) as an ``rs.DataSet``.
+
+    Reflections observed in both: ``DF``, ``SIGDF`` (``√(σ_light² + σ_dark²)``: the mean-field
+    posterior keeps the conditions independent), the q-weight ``W`` and ``WDF = W·DF``
+    (:mod:`streamvi.quality.difference`), and ``F_DARK`` ``SIGF_DARK`` (the reference
+    condition's amplitudes, for maps with its phases).  In anomalous mode the Bijvoet means
+    are differenced.
+    """
+    from streamvi.quality.difference import DEFAULT_ALPHA, difference_coefficients
+
+    a, b = snapshot_to_dataset(light), snapshot_to_dataset(dark)
+    both = a.index.intersection(b.index)
+    a, b = a.loc[both], b.loc[both]
+    d = a.compute_dHKL()["dHKL"].to_numpy(np.float64)
+    diff = difference_coefficients(
+        a["F"].to_numpy(np.float64), a["SIGF"].to_numpy(np.float64),
+        b["F"].to_numpy(np.float64), b["SIGF"].to_numpy(np.float64), d,
+        alpha=DEFAULT_ALPHA if alpha is None else alpha)
+    out = rs.DataSet({"DF": diff.DF, "SIGDF": diff.SIGDF, "W": diff.W, "WDF": diff.WDF,
+                      "F_DARK": b["F"].to_numpy(np.float64),
+                      "SIGF_DARK": b["SIGF"].to_numpy(np.float64)},
+                     index=both, cell=a.cell, spacegroup=a.spacegroup, merged=True)
+    return out.astype({"DF": "SFAmplitude", "SIGDF": "Stddev", "W": "Weight",
+                       "WDF": "SFAmplitude", "F_DARK": "SFAmplitude", "SIGF_DARK": "Stddev"})
+
+
+def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[str, str],
+                         info: MtzInfo | None = None, alpha: float | None = None) -> Path:
+    """Write :func:`difference_dataset` of two snapshots to ``path`` atomically;
+    ``names`` are the two conditions' names (``(light, dark)``) for the history."""
+    from streamvi.quality.difference import DEFAULT_ALPHA
+
+    a = DEFAULT_ALPHA if alpha is None else alpha
+    hist = [f"DF = F({names[0]}) - F({names[1]}), step {light.step}",
+            f"images {light.n_images} {names[0]}, {dark.n_images} {names[1]}",
+            f"WDF = W*DF, W = 1/(1 + s2/<s2> + {a:g} DF2/<DF2>) per shell",
+            "(Ursby & Bourgeois 1997; Ren et al. 2001); SIGDF: q independent"]
+    return write_mtz(difference_dataset(light, dark, alpha=alpha), path, history=hist,
+                     info=info)

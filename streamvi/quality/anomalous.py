@@ -37,8 +37,10 @@ NEW_PEAK_MIN_SIGMA = 3.0
 
 def difference_map(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, hkl: np.ndarray,
                    dano: np.ndarray, phi_deg: np.ndarray, *,
-                   sample_rate: float = SAMPLE_RATE) -> gemmi.FloatGrid:
-    """The anomalous difference map, in σ units.
+                   sample_rate: float = SAMPLE_RATE,
+                   phase_shift_deg: float = -90.0) -> gemmi.FloatGrid:
+    """The anomalous difference map, in σ units (with ``phase_shift_deg`` 0, any difference
+    map: light-minus-dark ΔF with the dark phases).
 
     Parameters
     ----------
@@ -52,6 +54,8 @@ def difference_map(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, hkl: np.
         Phase of the structure factor per index, degrees (NaN: left out).
     sample_rate
         Grid points per dmin.
+    phase_shift_deg
+        Added to ``phi_deg``: −90° for anomalous differences, 0 for isomorphous ones.
 
     Returns
     -------
@@ -61,7 +65,7 @@ def difference_map(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, hkl: np.
     dano = np.asarray(dano, dtype=np.float64)
     phi = np.asarray(phi_deg, dtype=np.float64)
     ok = np.isfinite(dano) & np.isfinite(phi)
-    coeff = dano[ok] * np.exp(1j * np.radians(phi[ok] - 90.0))
+    coeff = dano[ok] * np.exp(1j * np.radians(phi[ok] + phase_shift_deg))
     asu = gemmi.ComplexAsuData(cell, space_group, np.asarray(hkl, dtype=np.int32)[ok],
                                coeff.astype(np.complex64))
     grid = asu.transform_f_phi_to_map(sample_rate=sample_rate)

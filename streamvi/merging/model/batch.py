@@ -36,10 +36,15 @@ class Batch:
         ``(n_images,)`` int64 store-wide id of each image (for visit counters, twin choice).
     obs_weight
         Optional ``(2, n)`` float32: 1 / (observations of the reflection's row) in the whole
-        store, for the full table (row 0) and for the image's half table (row 1).  With it the
+        store, for the full table (row 0) and for the image's half table (row 1), those of
+        the image's condition when there are several.  With it the
         KL of each row counts once per pass over the data, as in the true ELBO; without it,
         once per minibatch the row appears in (abismal's choice, which weights the prior by
         the multiplicity).
+    condition
+        Optional ``(n_images,)`` int64 condition of each image (pump–probe: 0 dark, 1 light,
+        …): its amplitudes are those of tables ``3c`` (all images of the condition),
+        ``3c + 1`` and ``3c + 2`` (its halves).  None: one condition, tables 0, 1, 2.
     image_op
         Optional ``(n_images,)`` int64: the twin-law operator chosen for each image at its
         last visit (0 before the first), with several operators.
@@ -63,6 +68,7 @@ class Batch:
     half: torch.Tensor
     image_id: torch.Tensor
     obs_weight: torch.Tensor | None = None
+    condition: torch.Tensor | None = None
     image_op: torch.Tensor | None = None
     geometry: torch.Tensor | None = None
     axes: torch.Tensor | None = None

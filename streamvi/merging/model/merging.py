@@ -9,6 +9,10 @@ each image's half-dataset table, and the two are summed.  The scale KL is weight
 engine has switched the test on) add nothing to the likelihood.  While a batch's per-image
 geometry corrections are refined (they require grad), their standard-normal prior joins the
 objective once per image, per observation like the rest.
+
+With several conditions (pump–probe: a batch's ``condition``), the posterior holds three
+tables per condition and each image's reflections enter its own condition's full and half
+tables; the scale network, the Wilson prior and the standardiser are shared by all.
 """
 from __future__ import annotations
 
@@ -186,6 +190,14 @@ class VariationalMergingModel(nn.Module):
                                   batch.geometry[:, :N_GEOMETRY], batch.axes,
                                   rotation_sigma=rotation, dilation_sigma=dilation)
 
+    @staticmethod
+    def full_table(batch: Batch) -> int | torch.Tensor:
+        """Table of all images of each reflection's condition: 0 with one condition, else
+        ``(n,)`` ``3 · condition`` of the reflection's image."""
+        if batch.condition is None:
+            return 0
+        return 3 * batch.condition.index_select(0, batch.image_index)
+
     @torch.no_grad()
     def _merge_ratio(self, batch: Batch, iobs: torch.Tensor) -> torch.Tensor:
         """Each observation against the current merge: ``asinh(I / E_q[F²])`` of its row,
@@ -194,14 +206,16 @@ class VariationalMergingModel(nn.Module):
         rows = batch.asu_id[0]
         if batch.image_op is not None and batch.n_ops > 1:
             rows = batch.asu_id.gather(0, batch.image_op[batch.image_index].unsqueeze(0))[0]
-        loc, scale = self.posterior.loc_scale(rows)
+        loc, scale = self.posterior.loc_scale(self.posterior.flat_index(self.full_table(batch),
+                                                                        rows))
         return torch.asinh(iobs / (loc * loc + scale * scale).clamp_min(1e-6))
 
     def _expected_scale_and_intensity(self, row_ids: torch.Tensor, scale_loc: torch.Tensor,
-                                      scale_scale: torch.Tensor
+                                      scale_scale: torch.Tensor, table: int | torch.Tensor = 0
                                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``E[scale]`` per reflection and ``E_q[F²]`` of rows ``row_ids`` (table 0)."""
-        loc, scale = self.posterior.loc_scale(self.posterior.flat_index(0, row_ids))
+        """``E[scale]`` per reflection and ``E_q[F²]`` of rows ``row_ids`` (in ``table``:
+        0, or per reflection its condition's full table)."""
+        loc, scale = self.posterior.loc_scale(self.posterior.flat_index(table, row_ids))
         return torch.exp(scale_loc + 0.5 * scale_scale ** 2), loc * loc + scale * scale
 
     def _image_log_likelihood(self, batch: Batch, ipred: torch.Tensor, iobs: torch.Tensor,
@@ -227,7 +241,8 @@ class VariationalMergingModel(nn.Module):
         the 2,000-image benchmark no good image was flagged, on 600 images at 2.5 Å 0.2 %.
         """
         e_scale, e_intensity = self._expected_scale_and_intensity(row_ids, scale_loc,
-                                                                  scale_scale)
+                                                                  scale_scale,
+                                                                  self.full_table(batch))
         by_merge = self._image_log_likelihood(batch, e_scale * e_intensity, iobs, sigiobs)
         by_null = self._image_log_likelihood(batch, e_scale * self.prior.variance[row_ids],
                                              iobs, sigiobs)
@@ -247,7 +262,8 @@ class VariationalMergingModel(nn.Module):
         remaining ties go to the lowest operator.
         """
         e_scale, e_intensity = self._expected_scale_and_intensity(batch.asu_id, scale_loc,
-                                                                  scale_scale)
+                                                                  scale_scale,
+                                                                  self.full_table(batch))
         per_image = self._image_log_likelihood(batch, e_scale * e_intensity, iobs, sigiobs)
         if batch.image_op is not None and self.setting_hysteresis:
             per_image = per_image.scatter_add(
@@ -321,9 +337,10 @@ class VariationalMergingModel(nn.Module):
         scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
 
         w = batch.obs_weight
-        nll, kl_F, flat0 = self._table_terms(0, row_ids, scale_sample, iobs, sigiobs, generator,
-                                      None if w is None else w[0], obs_keep)
-        half_table = 1 + batch.half[batch.image_index]
+        full = self.full_table(batch)
+        nll, kl_F, flat0 = self._table_terms(full, row_ids, scale_sample, iobs, sigiobs,
+                                             generator, None if w is None else w[0], obs_keep)
+        half_table = 1 + batch.half[batch.image_index] + full
         nll_half, kl_F_half, flat_half = self._table_terms(half_table, row_ids, scale_sample.detach(),
                                                 iobs, sigiobs, generator,
                                                 None if w is None else w[1], obs_keep)

@@ -1,0 +1,200 @@
+"""Time-resolved (pump–probe) differences on a simulated set with known truth (issue #19).
+
+Simulates ``--images`` stills (default 1,200: P 4₃2₁2 lysozyme-like, 2.0 Å), dark and light
+interleaved 1:1, the light state with ``--light-change`` (default: 5 atoms moved by 1.5 Å at
+30 % occupancy), then estimates ΔF = F_light − F_dark three ways:
+
+- ``joint``: (b) one streamvi merge with conditions ``dark, light`` (one shared scale model,
+  independent Wilson priors per condition; :meth:`MergeEngine.condition_snapshots`);
+- ``inverse_variance``: (c) two inverse-variance averages (one per condition) subtracted;
+- ``separate``: (d) two separate streamvi merges (one per condition) subtracted.
+
+(c) and (d) put the light amplitudes on the dark ones' scale by one factor (the ratio of
+the mean amplitudes over the common reflections), as a crew would (two separate merges have independent overall
+scales); (b) is not rescaled (its conditions share the scales).  Every streamvi merge uses
+``streamvi merge``'s CPU settings and its default length (10 epochs, at least 1,500 steps).
+
+Figures per method, one JSON line each: CC(ΔF, ΔF_true) overall and per resolution shell
+(6 shells of equal reciprocal volume; ``cc_shells`` low to high resolution), the same for the
+q-weighted WDF, and the heights (σ of the map) of the ΔF and WDF difference maps computed
+with the true dark phases at the moved atoms' light sites (positive peaks expected) and at
+their dark sites (negative), means over atoms.
+
+    python benchmarks/bench_time_resolved.py [--images N] [--dmin D] [--light-change SPEC]
+        [--steps S] [--methods joint,inverse_variance,separate,truth] [--out results.jsonl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os as _os
+import sys as _sys
+import time
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _machine import machine_name  # noqa: E402 - shared with the other benchmarks
+
+import numpy as np  # noqa: E402
+
+N_SHELLS = 6
+
+
+def judge(delta, truth_delta, light_sites: np.ndarray, dark_sites: np.ndarray) -> dict:
+    """CC of ``delta``'s ``DF`` and ``WDF`` with the true ΔF, and their map heights."""
+    from streamvi.quality.anomalous import difference_map, heights_at
+    from streamvi.quality.stats import pearson, pearson_by_group
+    from streamvi.symmetry import shell_edges, shell_index
+
+    common = delta.index.intersection(truth_delta.index)
+    d = delta.loc[common]
+    t = truth_delta.loc[common]
+    true_df = t["DF"].to_numpy(np.float64)
+    res = d.compute_dHKL()["dHKL"].to_numpy(np.float64)
+    shell = shell_index(res, shell_edges(res.max(), res.min(), N_SHELLS))
+    hkl = np.array(common.tolist(), dtype=np.int32)
+    out: dict = {"n_common": int(len(common))}
+    for col, tag in (("DF", ""), ("WDF", "_wdf")):
+        x = d[col].to_numpy(np.float64)
+        ok = np.isfinite(x)
+        out[f"cc{tag}"] = float(pearson(x[ok], true_df[ok]))
+        cc, _ = pearson_by_group(x[ok], true_df[ok], shell[ok], N_SHELLS)
+        out[f"cc{tag}_shells"] = [round(float(c), 4) for c in cc]
+        grid = difference_map(delta.cell, delta.spacegroup, hkl[ok], x[ok],
+                              t["PHIDARK"].to_numpy(np.float64)[ok], phase_shift_deg=0.0,
+                              sample_rate=3.0)
+        out[f"peak{tag}_light_sites"] = float(np.mean(heights_at(grid, light_sites)))
+        out[f"peak{tag}_dark_sites"] = float(np.mean(heights_at(grid, dark_sites)))
+        out[f"map{tag}_max"] = float(np.asarray(grid).max())
+    d_edges = shell_edges(res.max(), res.min(), N_SHELLS)
+    out["d_shells"] = [round(float(x), 2) for x in d_edges[1:]]
+    return out
+
+
+def _scaled(light_f: np.ndarray, dark_f: np.ndarray) -> float:
+    """Factor putting ``light_f`` on ``dark_f``'s scale: the ratio of their means (a least-
+    squares fit of noisy amplitudes would be biased low by their noise)."""
+    ok = np.isfinite(light_f) & np.isfinite(dark_f)
+    return float(np.sum(dark_f[ok]) / np.sum(light_f[ok]))
+
+
+def _delta_from(light, dark, *, rescale: bool):
+    """A ``DF SIGDF W WDF`` data set of two ``F SIGF`` data sets (light optionally rescaled)."""
+    import reciprocalspaceship as rs
+
+    from streamvi.quality.difference import difference_coefficients
+
+    common = light.index.intersection(dark.index)
+    l, dk = light.loc[common], dark.loc[common]
+    k = _scaled(l["F"].to_numpy(np.float64), dk["F"].to_numpy(np.float64)) if rescale else 1.0
+    res = l.compute_dHKL()["dHKL"].to_numpy(np.float64)
+    diff = difference_coefficients(k * l["F"].to_numpy(np.float64),
+                                   k * l["SIGF"].to_numpy(np.float64),
+                                   dk["F"].to_numpy(np.float64),
+                                   dk["SIGF"].to_numpy(np.float64), res)
+    ds = rs.DataSet({"DF": diff.DF, "SIGDF": diff.SIGDF, "W": diff.W, "WDF": diff.WDF},
+                    index=common, cell=light.cell, spacegroup=light.spacegroup, merged=True)
+    return ds, k
+
+
+METHODS = ("joint", "inverse_variance", "separate", "truth")
+
+
+def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | None,
+        epochs: float | None, methods: tuple[str, ...] = METHODS) -> list[dict]:
+    import torch
+
+    from streamvi.cli.merge import merge_config, model_configs
+    from streamvi.merging.offline import merge_crystals
+    from streamvi.publish.mtz import difference_dataset
+    from streamvi.quality.evaluate import average_merge
+    from streamvi.snapshot import snapshot_to_dataset
+    from streamvi.symmetry import ReciprocalSpace
+    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+    from streamvi_sim.conditions import changed_atoms, condition_truths, delta_dataset
+
+    sim = SimulationConfig(n_images=images, seed=seed, dmin=dmin, conditions=("dark", "light"),
+                           condition_ratio=(1, 1), light_change=light_change)
+    t0 = time.perf_counter()
+    dark_truth = simulate_structure(sim)
+    crystals = list(simulate_images(sim, dark_truth))
+    simulate_s = time.perf_counter() - t0
+    truths = condition_truths(sim, dark_truth)
+    truth_delta = delta_dataset(truths["dark"], truths["light"])
+    picked = changed_atoms(sim, dark_truth.atoms, dark_truth.gemmi_cell)
+    light_sites = picked.moved_to
+    dark_sites = dark_truth.atoms.frac[picked.moved]
+    rel = float(np.sqrt(np.mean(truth_delta["DF"].to_numpy() ** 2)
+                        / np.mean(truth_delta["FDARK"].to_numpy() ** 2)))
+    space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=False)
+    tcfg, ecfg = model_configs(merge_config(["x.stream", "-o", "x.mtz", "--device", "cpu"]))
+    common = {"images": images, "dmin": dmin, "light_change": light_change, "seed": seed,
+              "rms_dF_over_F": rel, "simulate_seconds": simulate_s, "device": "cpu",
+              "threads": torch.get_num_threads(), "machine": machine_name(),
+              "d_model": tcfg.d_model, "mc_samples": tcfg.mc_samples}
+    dark = [c for c in crystals if c.condition == "dark"]
+    light = [c for c in crystals if c.condition == "light"]
+    lines = []
+
+    def merge(msgs, conditions=None):
+        t = time.perf_counter()
+        snap, engine = merge_crystals(msgs, space, trainer_config=tcfg, engine_config=ecfg,
+                                      steps=steps, epochs=epochs, conditions=conditions)
+        return snap, engine, time.perf_counter() - t
+
+    if "joint" in methods:          # (b) one joint merge with conditions
+        _, engine, seconds = merge(crystals, ("dark", "light"))
+        snaps = engine.condition_snapshots()
+        fig = judge(difference_dataset(snaps["light"], snaps["dark"]), truth_delta,
+                    light_sites, dark_sites)
+        lines.append({"method": "joint", "seconds": seconds, "steps": engine.trainer.step,
+                      "light_scale": 1.0, **fig})
+    if "inverse_variance" in methods:   # (c) two inverse-variance averages subtracted
+        t = time.perf_counter()
+        delta, k = _delta_from(average_merge(light, space), average_merge(dark, space),
+                               rescale=True)
+        lines.append({"method": "inverse_variance", "seconds": time.perf_counter() - t,
+                      "light_scale": k, **judge(delta, truth_delta, light_sites, dark_sites)})
+    if "separate" in methods:       # (d) two separate streamvi merges subtracted
+        snap_d, eng_d, s_d = merge(dark)
+        snap_l, eng_l, s_l = merge(light)
+        delta, k = _delta_from(snapshot_to_dataset(snap_l), snapshot_to_dataset(snap_d),
+                               rescale=True)
+        lines.append({"method": "separate", "seconds": s_d + s_l,
+                      "steps": eng_d.trainer.step + eng_l.trainer.step, "light_scale": k,
+                      **judge(delta, truth_delta, light_sites, dark_sites)})
+    if "truth" in methods:          # the true ΔF through the same judge: the ceiling
+        lines.append({"method": "truth", **judge(truth_delta.assign(WDF=truth_delta["DF"]),
+                                                 truth_delta, light_sites, dark_sites)})
+    return [{"benchmark": "time_resolved", **line, **common} for line in lines]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1200)
+    ap.add_argument("--dmin", type=float, default=2.0)
+    ap.add_argument("--light-change", default="move=5,shift=1.5,fraction=0.3")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimiser steps per merge; unset: streamvi merge's default")
+    ap.add_argument("--epochs", type=float, default=None)
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"--methods: {', '.join(sorted(unknown))} unknown; choose from "
+                 f"{', '.join(METHODS)}")
+    lines = run(images=args.images, dmin=args.dmin, light_change=args.light_change,
+                seed=args.seed, steps=args.steps, epochs=args.epochs, methods=methods)
+    for line in lines:
+        text = json.dumps(line)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Which condition (pump–probe: ``dark``, ``light``, …) each crystal belongs to.
+
+A crystal's condition is its wire message's ``condition``.  Files do not carry one; it comes
+from the user (docs/time-resolved.md):
+
+- ``--condition NAME``: every crystal of an input (one name for all inputs, or one per input);
+- ``--condition-field KEY --condition-map '0=dark,1=light'``: a per-chunk value the indexer
+  copied into the stream (``indexamajig --copy-header``; the CrystFEL reader exposes it in
+  ``msg.metadata[KEY]``, e.g. ``header/int//sim/pump_code``), mapped to names.
+
+A crystal whose field is missing, or whose value the map does not name, keeps no condition;
+the merge then refuses it as ``unknown_condition`` and counts it.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+from streamvi.errors import ConfigError
+from streamvi.wire import CrystalMessage
+
+
+def parse_condition_map(text: str, *, key: str = "--condition-map") -> dict[str, str]:
+    """``'0=dark,1=light'`` → ``{"0": "dark", "1": "light"}``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``key`` and the piece that is not ``VALUE=NAME``, or a value given twice.
+    """
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        value, sep, name = (s.strip() for s in part.partition("="))
+        if not sep or not value or not name:
+            raise ConfigError(f"{key} {text!r}: {part!r} is not VALUE=NAME; give e.g. "
+                              "'0=dark,1=light'")
+        if value in out:
+            raise ConfigError(f"{key} {text!r}: value {value!r} is mapped twice")
+        out[value] = name
+    if not out:
+        raise ConfigError(f"{key} is empty; give e.g. '0=dark,1=light'")
+    return out
+
+
+def field_key(value: object) -> str:
+    """The text a header value is looked up by in a condition map: integers (and floats
+    that are whole numbers, as ``header/float`` fields are) without a decimal point."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+def label_by_field(msgs: Iterable[CrystalMessage], field: str,
+                   mapping: Mapping[str, str]) -> list[CrystalMessage]:
+    """Set each message's ``condition`` from ``msg.metadata[field]`` through ``mapping``
+    (:func:`field_key` of the value); None where the field is missing or not mapped."""
+    out = []
+    for msg in msgs:
+        value = (msg.metadata or {}).get(field)
+        msg.condition = None if value is None else mapping.get(field_key(value))
+        out.append(msg)
+    return out
+
+
+def label_all(msgs: Iterable[CrystalMessage], name: str) -> list[CrystalMessage]:
+    """Set every message's ``condition`` to ``name``."""
+    out = []
+    for msg in msgs:
+        msg.condition = name
+        out.append(msg)
+    return out
+
+
+def condition_order(msgs: Iterable[CrystalMessage], reference: str | None = None
+                    ) -> tuple[str, ...]:
+    """The conditions present, the reference first (``reference``, else ``dark`` when
+    present, else the first seen), then the others in the order first seen."""
+    seen: list[str] = []
+    for msg in msgs:
+        if msg.condition and msg.condition not in seen:
+            seen.append(msg.condition)
+    if reference is None:
+        reference = "dark" if "dark" in seen else (seen[0] if seen else None)
+    if reference is None:
+        return ()
+    if reference not in seen:
+        raise ConfigError(f"--reference-condition {reference!r}: no crystal has that "
+                          f"condition (present: {', '.join(seen) or 'none'}); name one of "
+                          "them")
+    return (reference,) + tuple(c for c in seen if c != reference)
+
+
+def per_input_names(names: Sequence[str], n_inputs: int, *,
+                    key: str = "--condition") -> list[str]:
+    """One condition name per input from ``names`` (one for all, or one per input)."""
+    names = [n.strip() for n in names]
+    if any(not n for n in names):
+        raise ConfigError(f"{key}: an empty name; give e.g. {key} dark")
+    if len(names) == 1:
+        return names * n_inputs
+    if len(names) != n_inputs:
+        raise ConfigError(f"{key} given {len(names)} times for {n_inputs} inputs: give it "
+                          "once (every input) or once per input, in the inputs' order")
+    return list(names)

@@ -1,0 +1,80 @@
+"""Light-minus-dark differences: the q-weighted coefficients (streamvi/quality/difference.py)
+and the difference MTZ (streamvi/publish/mtz.py), read back with gemmi and reciprocalspaceship."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gemmi
+import numpy as np
+import pytest
+import reciprocalspaceship as rs
+
+from streamvi.publish.mtz import difference_dataset, write_difference_mtz
+from streamvi.quality.difference import difference_coefficients
+from streamvi.symmetry import ReciprocalSpace
+
+
+def test_weights_follow_the_ursby_bourgeois_ren_form():
+    rng = np.random.default_rng(0)
+    n = 400
+    d = np.full(n, 3.0)                         # one shell: the means are over everything
+    f_dark = rng.uniform(50, 100, n)
+    f_light = f_dark + rng.normal(0, 5, n)
+    s_l, s_d = rng.uniform(1, 4, n), rng.uniform(1, 4, n)
+    out = difference_coefficients(f_light, s_l, f_dark, s_d, d, alpha=0.05)
+    df = f_light - f_dark
+    var = s_l ** 2 + s_d ** 2
+    w = 1.0 / (1.0 + var / var.mean() + 0.05 * df ** 2 / np.mean(df ** 2))
+    np.testing.assert_allclose(out.DF, df)
+    np.testing.assert_allclose(out.SIGDF, np.sqrt(var))
+    np.testing.assert_allclose(out.W, w)
+    np.testing.assert_allclose(out.WDF, w * df)
+    assert np.all((out.W > 0) & (out.W < 1))
+    # a noisy difference counts less than an equal precise one
+    f_light[:2], f_dark[:2], s_l[:2], s_d[:2] = 110.0, 100.0, (1.0, 20.0), (1.0, 20.0)
+    noisy = difference_coefficients(f_light, s_l, f_dark, s_d, d)
+    assert noisy.W[1] < noisy.W[0]
+    # a missing amplitude gives NaN, not a wrong number
+    f_light[5] = np.nan
+    assert np.isnan(difference_coefficients(f_light, s_l, f_dark, s_d, d).WDF[5])
+    with pytest.raises(ValueError, match="alpha"):
+        difference_coefficients(f_light, s_l, f_dark, s_d, d, alpha=-1)
+
+
+def _snapshot(space, f, sigf, observed, step=7, n_images=10):
+    n = space.n_unique
+    table = {"F": f, "SIGF": sigf, "I": f ** 2, "SIGI": 2 * f * sigf}
+    obs = np.zeros((3, n), np.int64)
+    obs[0, observed] = 2
+    obs[1, observed] = obs[2, observed] = 1
+    return SimpleNamespace(space=space, tables={"all": table, "half1": table, "half2": table},
+                           obs_count=obs, step=step, n_images=n_images, history=[])
+
+
+def test_difference_mtz_round_trip(tmp_path):
+    space = ReciprocalSpace("P 43 21 2", (79.1, 79.1, 37.9, 90, 90, 90), 4.0)
+    n = space.n_unique
+    rng = np.random.default_rng(1)
+    f_dark = rng.uniform(10, 20, n)
+    f_light = f_dark + rng.normal(0, 1, n)
+    sig = np.full(n, 0.5)
+    seen_dark = np.arange(n) % 7 != 0
+    seen_light = np.arange(n) % 5 != 0
+    light = _snapshot(space, f_light, sig, seen_light)
+    dark = _snapshot(space, f_dark, sig, seen_dark)
+    path = write_difference_mtz(light, dark, tmp_path / "x-light-minus-dark.mtz",
+                                names=("light", "dark"))
+    mtz = gemmi.read_mtz_file(str(path))
+    assert mtz.column_labels() == ["H", "K", "L", "DF", "SIGDF", "W", "WDF", "F_DARK",
+                                   "SIGF_DARK"]
+    assert [c.type for c in mtz.columns][3:] == ["F", "Q", "W", "F", "F", "Q"]
+    assert any("Ursby & Bourgeois 1997" in h for h in mtz.history)
+    back = rs.read_mtz(str(path))
+    both = seen_dark & seen_light
+    assert len(back) == int(both.sum())        # reflections observed in both conditions
+    rows = space.lookup(back.get_hkls())
+    np.testing.assert_allclose(back["DF"].to_numpy(), (f_light - f_dark)[rows], atol=1e-5)
+    np.testing.assert_allclose(back["SIGDF"].to_numpy(), np.sqrt(0.5), rtol=1e-6)
+    np.testing.assert_allclose(back["F_DARK"].to_numpy(), f_dark[rows], rtol=1e-6)
+    ds = difference_dataset(light, dark)
+    np.testing.assert_allclose(back["WDF"].to_numpy(), ds["WDF"].to_numpy(), rtol=1e-6)

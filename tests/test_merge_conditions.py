@@ -1,0 +1,90 @@
+"""``streamvi merge`` with pump–probe conditions, over real files: a simulated stream with a
+copied pump-code header, MTZ files per condition and for the difference (streamvi/cli/merge.py)."""
+from __future__ import annotations
+
+import json
+
+import gemmi
+import numpy as np
+import pytest
+import reciprocalspaceship as rs
+
+from streamvi.cli.main import main
+
+FAST = ["--steps", "30", "--quiet", "--d-model", "8", "--mc-samples", "2", "--device", "cpu"]
+FIELD = ["--condition-field", "header/int//sim/pump_code"]
+
+
+@pytest.fixture(scope="module")
+def pumped(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pp")
+    stream = tmp / "pp.stream"
+    assert main(["simulate", "--images", "24", "--seed", "2", "--dmin", "3.0", "-o",
+                 str(stream), "--truth", str(tmp / "T.mtz"), "--conditions", "dark,light",
+                 "--light-change", "move=4,shift=1.5,fraction=0.3"]) == 0
+    return stream
+
+
+def test_a_header_field_names_the_conditions_and_both_mtzs_are_written(pumped, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "m.mtz"
+    assert main(["merge", str(pumped), "-o", str(out), *FIELD,
+                 "--condition-map", "0=dark,1=light", "--json", *FAST]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text.strip().splitlines()[-1])
+    assert set(report["conditions"]) == {"dark", "light"}
+    assert [report["conditions"][c]["images"] for c in ("dark", "light")] == [12, 12]
+    assert list(report["differences"]) == ["light-minus-dark"]
+    dark, light = (rs.read_mtz(str(tmp_path / f"m-{c}.mtz")) for c in ("dark", "light"))
+    plain_cols = ["F", "SIGF", "I", "SIGI", "N", "F_half1", "SIGF_half1", "I_half1",
+                  "SIGI_half1", "F_half2", "SIGF_half2", "I_half2", "SIGI_half2"]
+    assert list(dark.columns) == plain_cols and list(light.columns) == plain_cols
+    delta = rs.read_mtz(str(tmp_path / "m-light-minus-dark.mtz"))
+    common = dark.index.intersection(light.index)
+    assert len(delta) == len(common)
+    np.testing.assert_allclose(delta["DF"].to_numpy(),
+                               (light.loc[delta.index, "F"] - dark.loc[delta.index, "F"]
+                                ).to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        delta["SIGDF"].to_numpy(),
+        np.hypot(light.loc[delta.index, "SIGF"], dark.loc[delta.index, "SIGF"]).to_numpy(),
+        rtol=1e-5)
+    # N per condition: together they are the observations of a plain merge
+    assert not (tmp_path / "m.mtz").exists()
+    assert main(["merge", str(pumped), "-o", str(out), *FAST]) == 0
+    plain = rs.read_mtz(str(out))
+    n = dark["N"].reindex(plain.index, fill_value=0).astype(int) \
+        + light["N"].reindex(plain.index, fill_value=0).astype(int)
+    np.testing.assert_array_equal(n.to_numpy(), plain["N"].to_numpy())
+
+
+def test_one_condition_is_the_plain_merge_and_unmapped_crystals_are_counted(pumped, tmp_path,
+                                                                           capsys):
+    plain = tmp_path / "plain.mtz"
+    assert main(["merge", str(pumped), "-o", str(plain), *FAST]) == 0
+    # --condition for the whole input: the same merge, bit for bit, in m-dark.mtz
+    assert main(["merge", str(pumped), "-o", str(tmp_path / "m.mtz"), "--condition", "dark",
+                 *FAST]) == 0
+    a, b = gemmi.read_mtz_file(str(plain)), gemmi.read_mtz_file(str(tmp_path / "m-dark.mtz"))
+    np.testing.assert_array_equal(np.array(a, copy=False), np.array(b, copy=False))
+    capsys.readouterr()
+    # a map that names only the dark code: the light crystals are refused and counted
+    assert main(["merge", str(pumped), "-o", str(tmp_path / "d.mtz"), *FIELD,
+                 "--condition-map", "0=dark", *FAST]) == 0
+    got = capsys.readouterr()
+    assert "not merged: 12 unknown_condition" in got.err
+    assert "condition dark: 12 images" in got.out
+    assert (tmp_path / "d-dark.mtz").is_file() and not list(tmp_path.glob("d-*-minus-*"))
+
+
+def test_condition_options_are_refused_by_name(pumped, tmp_path, capsys):
+    out = ["-o", str(tmp_path / "x.mtz")]
+    assert main(["merge", str(pumped), *out, *FIELD, *FAST]) != 0
+    assert "--condition-field needs --condition-map" in capsys.readouterr().err
+    assert main(["merge", str(pumped), *out, "--condition-map", "0=dark", *FAST]) != 0
+    assert "--condition-map needs" in capsys.readouterr().err
+    assert main(["merge", str(pumped), *out, *FIELD, "--condition-map", "5=x", *FAST]) != 0
+    assert "no crystal has a condition" in capsys.readouterr().err
+    assert main(["merge", str(pumped), str(pumped), *out, "--condition", "a",
+                 "--condition", "b", "--condition", "c", *FAST]) != 0
+    assert "--condition given 3 times for 2 inputs" in capsys.readouterr().err
