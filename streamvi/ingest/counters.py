@@ -76,14 +76,18 @@ class IngestCounters:
             Its spool sequence number, if spooled; raises ``last_seq`` to it.
         """
         with self._lock:
-            self.messages_received += 1
-            self.bytes_received += int(nbytes)
-            self.crystals_received += 1
-            self.reflections_received += len(msg)
-            for reason, n in msg.rows_rejected.items():
-                self.reflections_rejected[reason] = self.reflections_rejected.get(reason, 0) + n
+            self._count_crystal(msg, nbytes)
             if seq is not None and seq > self.last_seq:
                 self.last_seq = seq
+
+    def _count_crystal(self, msg: CrystalMessage, nbytes: int) -> None:
+        """A valid crystal message received (the caller holds the lock)."""
+        self.messages_received += 1
+        self.bytes_received += int(nbytes)
+        self.crystals_received += 1
+        self.reflections_received += len(msg)
+        for reason, n in msg.rows_rejected.items():
+            self.reflections_rejected[reason] = self.reflections_rejected.get(reason, 0) + n
 
     def record_rejected(self, reason: str, *, nbytes: int) -> None:
         """A whole message of ``nbytes`` bytes was refused for ``reason`` (snake_case)."""
@@ -96,12 +100,7 @@ class IngestCounters:
         """A valid message whose crystal is stored already, recognised before spooling: it
         counts as received and as a duplicate, and is neither spooled nor queued."""
         with self._lock:
-            self.messages_received += 1
-            self.bytes_received += int(nbytes)
-            self.crystals_received += 1
-            self.reflections_received += len(msg)
-            for reason, n in msg.rows_rejected.items():
-                self.reflections_rejected[reason] = self.reflections_rejected.get(reason, 0) + n
+            self._count_crystal(msg, nbytes)
             self.duplicates += 1
             self.duplicates_not_spooled += 1
 
