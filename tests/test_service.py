@@ -483,3 +483,24 @@ def test_skipped_training_steps_are_exported(tmp_path):
         assert svc.status()["skipped_steps"] == 2
     finally:
         svc.stop()
+
+
+def test_crystals_with_a_condition_are_merged_with_one_warning_per_condition(tmp_path, caplog):
+    """The service does not separate pump-probe conditions yet: it merges them all and says
+    so once per condition name, naming the offline way (nothing dropped, nothing silent)."""
+    caplog.set_level(logging.INFO)
+    rng = np.random.default_rng(11)
+    msgs = [make_crystal(rng, n=60, image=f"img{i}", hmax=9) for i in range(18)]
+    for i, msg in enumerate(msgs):
+        msg.condition = ("dark", "light")[i % 2] if i < 16 else None
+    svc = Service(small(tmp_path, cell="79.1 79.1 37.9 90 90 90")).start()
+    try:
+        send_messages(msgs, svc.ingestor.bound_endpoints[0])
+        assert svc.wait_until(lambda s: settled(s, 18), 60), svc.status()
+        assert svc.crystals_merged == 18
+        lines = [r.getMessage() for r in caplog.records if "carries condition" in r.getMessage()]
+        assert len(lines) == 2
+        assert {"'dark'" in line or "'light'" in line for line in lines} == {True}
+        assert all("--condition-field" in line for line in lines)
+    finally:
+        svc.stop()

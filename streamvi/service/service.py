@@ -157,6 +157,9 @@ class Service:
         self.crystals_rejected: dict[str, int] = {}
         #: ten lines per reason at once, then one per 10 s with a count of the others
         self._reject_log = RateLimitedLog(log, burst=10, interval_s=10.0)
+        #: pump-probe conditions seen on merged crystals, each warned about once (the service
+        #: merges every condition into one table for now; docs/time-resolved.md)
+        self._conditions_seen: set[str] = set()
         #: crystals waiting for the merge to start (see the module docstring)
         self._pending: list[tuple[Any, CrystalMessage, float]] = []
         self._pending_since = 0.0
@@ -373,6 +376,19 @@ class Service:
                         self.config.cell_angle_tolerance)
         return cons.cell
 
+    def _note_condition(self, msg: CrystalMessage) -> None:
+        """Warn, once per condition name, that a crystal labelled with a pump-probe condition
+        was merged with all the others: the service does not separate conditions yet."""
+        name = msg.condition
+        if not name or name in self._conditions_seen or len(self._conditions_seen) >= 32:
+            return
+        self._conditions_seen.add(name)
+        log.warning("crystal %s/%s carries condition %r: the service merges every condition "
+                    "into one table (it does not separate pump-probe conditions yet); for "
+                    "light-minus-dark, merge the stream offline with `streamvi merge "
+                    "--condition-field KEY --condition-map ...` (docs/time-resolved.md)",
+                    msg.run, msg.image, name)
+
     def _store(self, items: list[tuple[Any, CrystalMessage, float]], *, replay: bool) -> None:
         """Add items to the store and count what it did with each."""
         results = self.engine.add_many([it[1] for it in items], [it[2] for it in items])
@@ -393,6 +409,7 @@ class Service:
                     self._note_mismatch(item[1])
             elif res.image_id is not None:
                 self.crystals_merged += 1
+                self._note_condition(item[1])
             self.reflections_outside += res.n_outside
         if self.crystals_merged and self._failure_kind == "cell":
             log.warning("crystals of the merge's cell arrive now: the service is running again")
