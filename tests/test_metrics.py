@@ -495,3 +495,23 @@ def test_geometry_refinement_summary(tmp_path):
         v = dilation * np.array(values + [0.0] * 22)
         assert sample(s, "streamvi_geometry_axis_change_rms", axis=axis) == pytest.approx(
             np.sqrt(np.mean(v ** 2)))
+
+
+def test_producer_disconnects_are_counted_on_the_metrics_endpoint(tmp_path):
+    """A producer that sends a frame over max_message_bytes is cut off by ZeroMQ before
+    anything is read: /metrics counts the closed connection, and a good producer after it
+    still gets its crystals in."""
+    with running_service(tmp_path, max_message_bytes=20_000) as svc:
+        before = scrape(svc)
+        assert sample(before, "streamvi_producer_disconnects_total") == 0
+        assert sample(before, "streamvi_handshake_failures_total") == 0
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.connect(svc.ingestor.bound_endpoints[0])
+        sock.send(b"\x00" * 40_000)
+        deadline = time.time() + 20
+        while time.time() < deadline and svc.ingestor.producer_disconnects < 1:
+            time.sleep(0.05)
+        sock.close(linger=0)
+        after = scrape(svc)
+        assert sample(after, "streamvi_producer_disconnects_total") == 1
+        assert sample(after, "streamvi_handshake_failures_total") == 0

@@ -211,6 +211,16 @@ class ServiceCollector(Collector):
         yield CounterMetricFamily(
             "streamvi_spool_write_errors", "Spool appends that failed and were retried",
             value=c.get("spool_write_errors", 0))
+        yield CounterMetricFamily(
+            "streamvi_producer_disconnects",
+            "Producer connections that closed (a producer that finished, or one that sent a "
+            "frame over max_message_bytes; one that reconnects over and over does the latter)",
+            value=state.status.get("producer_disconnects", 0))
+        yield CounterMetricFamily(
+            "streamvi_handshake_failures",
+            "Connections refused at the ZeroMQ handshake (not a ZeroMQ peer, CURVE on one "
+            "side only, or a CURVE key not authorised)",
+            value=state.status.get("handshake_failures", 0))
         yield GaugeMetricFamily("streamvi_queue_depth",
                                 "Decoded crystals waiting for the trainer",
                                 value=state.status["queue_depth"])

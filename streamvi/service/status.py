@@ -141,6 +141,10 @@ def service_status(service: "Service") -> dict[str, Any]:
         "reflections_stored": 0 if st is None else st.n_reflections,
         "reflections_outside": service.reflections_outside,
         "queue_depth": service.ingestor.queue_depth,
+        # connections, not messages: producers gone, and peers refused at the handshake
+        # (not ZeroMQ, CURVE on one side only, an unauthorised CURVE key)
+        "producer_disconnects": service.ingestor.producer_disconnects,
+        "handshake_failures": service.ingestor.handshake_failures,
         "images_per_s": images_per_second(engine),
         "steps": 0 if engine is None else engine.trainer.step,
         "reflections_trained": service.trained_reflections,
