@@ -24,7 +24,8 @@ REQUIRED = ("streamvi_crystals_received_total", "streamvi_messages_rejected_tota
             "streamvi_reflections_rejected_total", "streamvi_queue_depth",
             "streamvi_ingest_lag_seconds_bucket", "streamvi_reflections_trained_per_second",
             "streamvi_loss", "streamvi_cc_half", "streamvi_completeness", "streamvi_cc_anom",
-            "streamvi_resolution_cc_half_angstrom", "streamvi_device_memory_bytes")
+            "streamvi_resolution_cc_half_angstrom", "streamvi_device_memory_bytes",
+            "streamvi_producer_disconnects_total", "streamvi_handshake_failures_total")
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
             "summary": ("", "_sum", "_count"), "gauge": ("",), "info": ("_info",),
             "unknown": ("",)}
