@@ -281,3 +281,28 @@ def test_merge_json_is_valid_and_counts_the_rows_the_mtz_holds(tmp_path, capsys)
     assert report["stats"]["cc_half"] == [None] * 10
     assert all(n < report["stats"]["min_pairs"] for n in report["stats"]["cc_half_pairs"])
     assert "few" in "\n".join(lines)
+
+
+def test_the_dashboards_decision_panels_have_data_from_a_service_with_targets_and_a_model(live):
+    """The "When to stop" panels of deploy/grafana query series this service (targets and a
+    model) exports with samples, with the labels their legends name."""
+    import re
+
+    from conftest import REPO
+    from prometheus_client.parser import text_string_to_metric_families
+
+    svc, _, _ = live
+    dashboard = json.loads((REPO / "deploy/grafana/dashboards/streamvi.json").read_text())
+    titles = {"Images still needed, per target", "Anomalous peaks at the model's heavy atoms"}
+    targets = [t for p in dashboard["panels"] if p.get("title") in titles for t in p["targets"]]
+    assert len(targets) == 4
+    text = get(svc.metrics_server.url + "metrics").decode()
+    labels: dict[str, set[str]] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    for target in targets:
+        (name,) = re.findall(r"streamvi_[a-z_]+", target["expr"])
+        assert name in labels, f"{name}: no sample"
+        for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"]):
+            assert label in labels[name], (name, label)
