@@ -56,9 +56,11 @@ def live(tmp_path_factory):
     svc.start()
     try:
         # in two halves, with snapshots after each: the plots have a history against images
-        for part in (frames[: N_IMAGES // 2], frames[N_IMAGES // 2:]):
-            push(svc, part)
-            n = N_IMAGES // 2 if part is not frames[N_IMAGES // 2:] else N_IMAGES
+        for n in (N_IMAGES // 2, N_IMAGES):
+            push(svc, frames[n - N_IMAGES // 2:n])
+            # n counts the images sent so far: the wait ends only once all of them are in
+            # (a slice compared by identity here once let the second wait end at the first
+            # half's count, or never)
             assert svc.wait_until(lambda s: s.crystals_merged == n and s.all_visited(4),
                                   240), svc.status()
             for _ in range(2):           # two snapshots each: provisional flags, history
