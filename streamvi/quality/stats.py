@@ -266,14 +266,7 @@ def fit_resolution(s: np.ndarray, cc: np.ndarray, pairs: np.ndarray, *, s_min: f
         return (cc - _logistic(s, p)) * w
 
     def jacobian(p: np.ndarray) -> np.ndarray:
-        cols = []
-        for k in np.nonzero(free)[0]:
-            h = 1e-6 * max(1.0, abs(p[k]))
-            up, down = p.copy(), p.copy()
-            up[k] += h
-            down[k] -= h
-            cols.append((residuals(up) - residuals(down)) / (2 * h))
-        return np.stack(cols, axis=1)
+        return np.stack(_central_differences(residuals, p, free), axis=1)
 
     params, cost = _levenberg_marquardt(residuals, jacobian, params, free)
     j = jacobian(params)
@@ -294,14 +287,7 @@ def fit_resolution(s: np.ndarray, cc: np.ndarray, pairs: np.ndarray, *, s_min: f
     if _logistic(np.array([s_max]), params)[0] >= cut:
         return ResolutionFit(None, None, None, "beyond_dmin", cut)
     s_cut = _crossing(params, cut)
-    grad = []
-    for k in np.nonzero(free)[0]:
-        h = 1e-6 * max(1.0, abs(params[k]))
-        up, down = params.copy(), params.copy()
-        up[k] += h
-        down[k] -= h
-        grad.append((_crossing(up, cut) - _crossing(down, cut)) / (2 * h))
-    g = np.asarray(grad)
+    g = np.asarray(_central_differences(lambda p: _crossing(p, cut), params, free))
     var_cut = float(g @ cov @ g) if np.all(np.isfinite(cov)) and np.all(np.isfinite(g)) \
         else math.inf
     sd = math.sqrt(max(var_cut, 0.0))
@@ -309,6 +295,18 @@ def fit_resolution(s: np.ndarray, cc: np.ndarray, pairs: np.ndarray, *, s_min: f
     hi_s = min(max(s_cut + Z95 * sd, s_min), s_max)
     return ResolutionFit(d=1.0 / math.sqrt(s_cut), low=1.0 / math.sqrt(hi_s),
                          high=1.0 / math.sqrt(lo_s), state="fit", cut=cut)
+
+
+def _central_differences(f, p: np.ndarray, free: np.ndarray) -> list:
+    """``∂f/∂p_k`` for every free ``k``, by central differences (step 10⁻⁶ relative)."""
+    out = []
+    for k in np.nonzero(free)[0]:
+        h = 1e-6 * max(1.0, abs(p[k]))
+        up, down = p.copy(), p.copy()
+        up[k] += h
+        down[k] -= h
+        out.append((np.asarray(f(up)) - np.asarray(f(down))) / (2 * h))
+    return out
 
 
 def _initial_logistic(s: np.ndarray, cc: np.ndarray) -> np.ndarray:
