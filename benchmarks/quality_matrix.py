@@ -232,6 +232,13 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        if key == "refresh_epochs" and not isinstance(value, list):
+            # "1,3" as well as "[1, 3]"; a lone number is one epoch
+            try:
+                value = [float(x) for x in str(value).split(",") if x.strip()]
+            except ValueError:
+                raise SystemExit(f"--set {item!r}: refresh_epochs is a list of epochs, "
+                                 "e.g. merge.refresh_epochs=1,3") from None
         for method in targets:
             if key not in known and key not in RUN_KEYS[method]:
                 raise SystemExit(

@@ -173,6 +173,13 @@ def test_quality_matrix_set_names_what_it_overrides():
         quality_matrix.parse_sets(["service.epochs=3"])      # a merge-only setting
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         quality_matrix.parse_sets(["d_model"])
+    # refresh epochs as a comma list or JSON; anything else is refused, not passed on
+    assert quality_matrix.parse_sets(["merge.refresh_epochs=1,3"])["merge"] == {
+        "refresh_epochs": [1.0, 3.0]}
+    assert quality_matrix.parse_sets(["merge.refresh_epochs=[1, 2.5]"])["merge"] == {
+        "refresh_epochs": [1, 2.5]}
+    with pytest.raises(SystemExit, match="list of epochs"):
+        quality_matrix.parse_sets(["merge.refresh_epochs=early"])
     # the merge gets `streamvi merge`'s own settings, with the overrides on top
     tcfg, ecfg, run = quality_matrix.merge_configs("cpu", sets["merge"])
     assert tcfg.d_model == 24 and tcfg.mc_samples == 8 and tcfg.likelihood == "normal"
