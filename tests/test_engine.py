@@ -425,8 +425,48 @@ def test_two_conditions_share_the_scales_and_keep_their_own_tables(pump_probe):
         engine.snapshot()
     with pytest.raises(ValueError, match="not supported with several conditions"):
         engine.refresh_rows()
-    with pytest.raises(ValueError, match="checkpoints of a merge of several conditions"):
-        engine.state_dict()
+    # a checkpoint round trip keeps both conditions' tables; another layout is refused
+    state = engine.state_dict()
+    _, again = _merge(crystals, space, conditions=("dark", "light"), steps=1)
+    again.load_state_dict(state)
+    assert torch.equal(again.trainer.model.posterior.weight, post.weight)
+    _, single = _merge(crystals[:4], space, steps=1)
+    with pytest.raises(ValueError, match="checkpoint is of a merge of 2 condition"):
+        single.load_state_dict(state)
+
+
+def test_a_coupled_prior_ties_each_condition_to_the_reference(pump_probe):
+    crystals, space = pump_probe
+    tcfg = TrainerConfig(device="cpu", mc_samples=2, d_model=8, n_layers=1)
+    _, engine = merge_crystals(crystals, space, trainer_config=tcfg,
+                               engine_config=EngineConfig(batch_images=4, n_shells=4), steps=40,
+                               conditions=("dark", "light"), coupled_reference="dark")
+    coupling = engine.trainer.model.coupling
+    assert coupling is not None and coupling.reference == 0
+    r = engine.coupled_correlations()
+    assert list(r) == ["light"] and len(r["light"]) == 4
+    # learnt from the data: every shell's r moved from where it started
+    assert all(abs(x - 0.95) > 1e-4 and 0.0 < x < 1.0 for x in r["light"])
+    snaps = engine.condition_snapshots()
+    assert any(line.startswith("prior given dark, r by shell: ") for line in
+               snaps["light"].history)
+    assert not any("r by shell" in line for line in snaps["dark"].history)
+    # a row only light images saw: its dark row moves through the coupling, not without it
+    post = engine.trainer.model.posterior
+    dark, light = (s.obs_count[0] > 0 for s in snaps.values())
+    only_light = torch.from_numpy(np.nonzero(light & ~dark)[0])
+    assert only_light.numel() > 0
+    before = post.weight.detach().clone()
+    engine.train(10)
+    assert not torch.equal(post.weight.detach()[only_light], before[only_light])
+    _, plain = _merge(crystals, space, conditions=("dark", "light"), steps=40)
+    before = plain.trainer.model.posterior.weight.detach().clone()
+    plain.train(10)
+    assert torch.equal(plain.trainer.model.posterior.weight.detach()[only_light],
+                       before[only_light])
+    with pytest.raises(ValueError, match="coupled_reference 'pump' must be one of"):
+        merge_crystals(crystals, space, trainer_config=tcfg, steps=1,
+                       conditions=("dark", "light"), coupled_reference="pump")
 
 
 def test_a_merge_whose_crystals_all_lack_the_condition_says_so(stills):

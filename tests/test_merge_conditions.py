@@ -49,6 +49,11 @@ def test_a_header_field_names_the_conditions_and_both_mtzs_are_written(pumped, t
         delta["SIGDF"].to_numpy(),
         np.hypot(light.loc[delta.index, "SIGF"], dark.loc[delta.index, "SIGF"]).to_numpy(),
         rtol=1e-5)
+    # the light condition is merged under the coupled prior given the dark one (default)
+    light_history = [h.strip() for h in gemmi.read_mtz_file(str(tmp_path / "m-light.mtz")).history]
+    assert any(h.startswith("prior given dark, r by shell: ") for h in light_history)
+    assert not any("r by shell" in h.strip()
+                   for h in gemmi.read_mtz_file(str(tmp_path / "m-dark.mtz")).history)
     # N per condition: together they are the observations of a plain merge
     assert not (tmp_path / "m.mtz").exists()
     assert main(["merge", str(pumped), "-o", str(out), *FAST]) == 0
@@ -75,6 +80,18 @@ def test_one_condition_is_the_plain_merge_and_unmapped_crystals_are_counted(pump
     assert "not merged: 12 unknown_condition" in got.err
     assert "condition dark: 12 images" in got.out
     assert (tmp_path / "d-dark.mtz").is_file() and not list(tmp_path.glob("d-*-minus-*"))
+
+
+def test_no_coupled_prior_merges_the_conditions_independently(pumped, tmp_path):
+    args = [*FIELD, "--condition-map", "0=dark,1=light", *FAST]
+    assert main(["merge", str(pumped), "-o", str(tmp_path / "c.mtz"), *args]) == 0
+    assert main(["merge", str(pumped), "-o", str(tmp_path / "i.mtz"), "--no-coupled-prior",
+                 *args]) == 0
+    light = gemmi.read_mtz_file(str(tmp_path / "i-light.mtz"))
+    assert not any("r by shell" in h for h in light.history)
+    coupled, independent = (rs.read_mtz(str(tmp_path / f"{x}-light.mtz")) for x in "ci")
+    assert coupled.index.equals(independent.index)
+    assert not np.allclose(coupled["F"].to_numpy(), independent["F"].to_numpy())
 
 
 def test_condition_options_are_refused_by_name(pumped, tmp_path, capsys):

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from streamvi.cli.options import add_options, resolved
 from streamvi.config import Config
+from streamvi.errors import ConfigError
 
 log = logging.getLogger("streamvi")
 
@@ -52,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(opts.output, flag="-o")
     reference = (read_reference(opts.reference, opts.reference_column)
                  if opts.reference else None)
+    prior = (read_reference(opts.prior_mtz, opts.prior_column, flag="--prior-mtz")
+             if opts.prior_mtz else None)
+    if opts.prior_model and not Path(opts.prior_model).is_file():
+        raise ConfigError(f"--prior-model {opts.prior_model}: no such file; give the PDB or "
+                          "mmCIF model of the merged crystal")
     data = load_files(opts.files)
     for r in data.rejected[:20]:
         log.warning("skipped: %s", r)
@@ -60,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     conditions = label_conditions(opts, data)
     space = resolve_space(data, space_group=opts.space_group, cell=opts.cell, dmin=opts.dmin,
                           anomalous=opts.anomalous)
+    if opts.prior_model:
+        from streamvi.merging.reference import model_amplitudes
+
+        prior = model_amplitudes(opts.prior_model, space.dmin)
     tcfg, ecfg = model_configs(opts)
     print(f"streamvi merge: {len(data.crystals)} crystals, {len(data.rejected)} skipped; "
           f"{space.space_group.hm}, cell {tuple(round(x, 2) for x in space.cell.parameters)}, "
@@ -70,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         data.crystals, space, trainer_config=tcfg, engine_config=ecfg, epochs=opts.epochs,
         steps=opts.steps, progress=None if opts.quiet else Progress,
         history=[f"merge of {', '.join(p.name for p in opts.files)}"[:80]],
-        reference=reference, conditions=conditions)
+        reference=reference, conditions=conditions,
+        coupled_reference=(conditions[0] if conditions is not None and len(conditions) > 1
+                           and opts.coupled_prior else None),
+        prior=prior)
     seconds = time.perf_counter() - t0
     store = engine.store
     if conditions is not None:
@@ -113,7 +126,6 @@ def label_conditions(opts: Config, data: Any) -> tuple[str, ...] | None:
     """Set each loaded crystal's condition from ``--condition`` or ``--condition-field``
     with ``--condition-map``; the conditions in table order (the reference first), or None
     when no condition option is given."""
-    from streamvi.errors import ConfigError
     from streamvi.producers.conditions import (condition_order, label_all, label_by_field,
                                                parse_condition_map, per_input_names)
 

@@ -20,7 +20,9 @@ import torch
 from streamvi.merging.features import N_METADATA
 from streamvi.merging.model.metadata import Column
 from streamvi.merging.model.merging import SETTING_HYSTERESIS
-from streamvi.merging.reference import ReferenceSetting, SettingChoice, align_snapshot
+from streamvi.merging.model.coupling import normalised_amplitudes
+from streamvi.merging.reference import (ReferenceData, ReferenceSetting, SettingChoice,
+                                        align_snapshot)
 from streamvi.merging.schedule import ImageScheduler
 from streamvi.quality.stats import shell_statistics
 from streamvi.merging.store import AddResult, ReflectionStore
@@ -142,8 +144,18 @@ class MergeEngine:
         one shared scale network and Wilson prior, three posterior tables per condition; a
         crystal of another condition is refused (``unknown_condition``).  None (the
         default): one unlabelled condition, exactly the merge without conditions.  With
-        more than one, :meth:`refresh_rows`, checkpoints and the data-parallel engine are
-        refused for now.
+        more than one, :meth:`refresh_rows` and the data-parallel engine are refused for
+        now.
+    coupled_reference
+        With several conditions, the name of the reference condition (e.g. ``dark``) every
+        other condition is coupled to by the double-Wilson prior, with one correlation per
+        condition and resolution shell (``config.n_shells``) learnt from the data
+        (:mod:`streamvi.merging.model.coupling`).  None: independent Wilson priors.
+    prior
+        Amplitudes of an independent data set of the same crystal (``--prior-mtz``): the
+        reference condition (the only one, without conditions) takes the double-Wilson
+        prior given them, one correlation per shell learnt; rows they lack keep the Wilson
+        prior.
     """
 
     #: Trainer class the engine builds (data-parallel engines substitute their own).
@@ -151,7 +163,9 @@ class MergeEngine:
 
     def __init__(self, space: ReciprocalSpace, trainer_config: TrainerConfig | None = None,
                  config: EngineConfig | None = None, *,
-                 conditions: Sequence[str] | None = None):
+                 conditions: Sequence[str] | None = None,
+                 coupled_reference: str | None = None,
+                 prior: ReferenceData | None = None):
         self.space = space
         self.config = config or EngineConfig()
         self.trainer_config = trainer_config or TrainerConfig()
@@ -159,7 +173,24 @@ class MergeEngine:
         if n_conditions > 1 and self.trainer_class is not Trainer:
             raise ValueError("several conditions are not supported by the data-parallel "
                              "engine yet: merge them on one device (docs/time-resolved.md)")
-        kwargs = {"n_conditions": n_conditions} if n_conditions > 1 else {}
+        kwargs: dict = {"n_conditions": n_conditions} if n_conditions > 1 else {}
+        if coupled_reference is not None:
+            if n_conditions < 2 or coupled_reference not in conditions:
+                raise ValueError(f"coupled_reference {coupled_reference!r} must be one of "
+                                 f"two or more conditions (got "
+                                 f"{', '.join(conditions or ()) or 'none'})")
+            kwargs["reference_condition"] = list(conditions).index(coupled_reference)
+        if prior is not None and self.trainer_class is not Trainer:
+            raise ValueError("a prior data set is not supported by the data-parallel engine "
+                             "yet: merge on one device")
+        if coupled_reference is not None or prior is not None:
+            kwargs["row_shell"] = space.shell_index(space.d, self.config.n_shells).clip(0)
+        #: the prior data set's name (``file:column``), or None
+        self.prior_name = None if prior is None else prior.name
+        if prior is not None:
+            kwargs["fixed_prior"] = normalised_amplitudes(
+                ReferenceSetting(space, prior).f_rows, space.epsilon, kwargs["row_shell"],
+                self.config.n_shells)
         self.trainer = self.trainer_class(self.trainer_config, centric=space.centric,
                                           epsilon=space.epsilon, n_metadata=N_METADATA,
                                           **kwargs)
@@ -606,6 +637,16 @@ class MergeEngine:
             n_reflections = int(obs[0].sum())
             history.append(f"condition {self.store.conditions[c]} of "
                            f"{', '.join(self.store.conditions)}")
+            coupling = self.trainer.model.coupling
+            if coupling is not None and c != coupling.reference:
+                # MTZ history lines hold 80 characters: two decimals per shell
+                r = self.coupled_correlations()[self.store.conditions[c]]
+                history.append(f"prior given {self.store.conditions[coupling.reference]}, "
+                               "r by shell: " + " ".join(f"{x:.2f}" for x in r)[:50])
+        prior_r = self.prior_correlation()
+        if prior_r is not None and c == self.trainer.model.coupling.reference:
+            history.append(f"prior {self.prior_name}"[:80])
+            history.append("prior r by shell: " + " ".join(f"{x:.2f}" for x in prior_r)[:60])
         snap = MergeSnapshot(
             snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,
             obs_count=obs, n_images=n_images,
@@ -637,6 +678,26 @@ class MergeEngine:
             raise ValueError(f"condition {condition!r} is not one of this merge's "
                              f"({', '.join(names or ('none: one unlabelled condition',))})")
         return names.index(condition)
+
+    def coupled_correlations(self) -> dict[str, list[float]]:
+        """The coupled prior's learnt correlation ``r`` per resolution shell (low to high),
+        for every condition but the reference; empty without a coupling."""
+        coupling = self.trainer.model.coupling
+        if coupling is None or coupling.n_conditions < 2:
+            return {}
+        r = coupling.correlation().detach().cpu().numpy()
+        return {name: [float(x) for x in r[i]] for i, name in enumerate(self.store.conditions)
+                if i != coupling.reference}
+
+    def prior_correlation(self) -> list[float] | None:
+        """The learnt correlation ``r`` per resolution shell (low to high) between the
+        reference condition (the only one, without conditions) and the prior data set;
+        None without one."""
+        coupling = self.trainer.model.coupling
+        if coupling is None or coupling.fixed is None:
+            return None
+        r = coupling.correlation().detach().cpu().numpy()[coupling.reference]
+        return [float(x) for x in r]
 
     def condition_snapshots(self, history: list[str] | None = None
                             ) -> dict[str, MergeSnapshot]:

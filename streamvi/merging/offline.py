@@ -227,7 +227,9 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                    reference: ReferenceData | None = None,
                    refresh_epochs: Sequence[float] = (),
                    assign_settings: bool = True,
-                   conditions: Sequence[str] | None = None
+                   conditions: Sequence[str] | None = None,
+                   coupled_reference: str | None = None,
+                   prior: ReferenceData | None = None
                    ) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
 
@@ -242,7 +244,10 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     their merge given the current scales after ``refresh_epochs`` passes
     (:meth:`MergeEngine.refresh_rows`).  With ``conditions`` (pump–probe), every crystal's
     ``condition`` must be one of them; the snapshot returned is the first condition's
-    (:meth:`MergeEngine.condition_snapshots` gives them all).
+    (:meth:`MergeEngine.condition_snapshots` gives them all), and with ``coupled_reference``
+    every other condition is merged under the double-Wilson prior given that one.  With a
+    ``prior`` data set (``--prior-mtz``), the reference condition (the only one, without
+    conditions) is merged under the double-Wilson prior given its amplitudes.
 
     Returns
     -------
@@ -253,7 +258,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     engine = MergeEngine(space, trainer_config,
                          replace(engine_config or EngineConfig(), wilson_min_images=0,
                                  refresh_growth=0.0, refresh_idle_steps=0),
-                         conditions=conditions)
+                         conditions=conditions, coupled_reference=coupled_reference,
+                         prior=prior)
     if reference is not None:
         engine.reference = ReferenceSetting(space, reference)
     n_outside = 0

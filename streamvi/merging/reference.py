@@ -78,7 +78,8 @@ class ReferenceData:
     cell: object = None
 
 
-def read_reference(path: str | Path, column: str | None = None) -> ReferenceData:
+def read_reference(path: str | Path, column: str | None = None, *,
+                   flag: str = "--reference") -> ReferenceData:
     """Read a reference MTZ: an amplitude column, or an intensity column's square roots.
 
     Parameters
@@ -89,6 +90,9 @@ def read_reference(path: str | Path, column: str | None = None) -> ReferenceData
         Amplitude or intensity column; by default the first of :data:`AMPLITUDE_COLUMNS`,
         then :data:`INTENSITY_COLUMNS`, then any column of MTZ type F or J, then of type G
         or K (one Bijvoet mate, e.g. ``F(+)``: a twin law's choice does not need both).
+    flag
+        The option that named the file (``--reference``, ``--prior-mtz``): errors name it,
+        and its ``-column`` companion.
 
     Raises
     ------
@@ -101,7 +105,7 @@ def read_reference(path: str | Path, column: str | None = None) -> ReferenceData
     try:
         ds = rs.read_mtz(str(path))
     except (OSError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"reference {path}: cannot read it as MTZ ({exc})") from exc
+        raise ConfigError(f"{flag} {path}: cannot read it as MTZ ({exc})") from exc
     dtypes = {c: ds[c].dtype.mtztype for c in ds.columns}
     name = column
     if name is None:
@@ -112,10 +116,10 @@ def read_reference(path: str | Path, column: str | None = None) -> ReferenceData
         name = next((c for c, t in dtypes.items() if t in ("G", "K")), None)
     if name is None or name not in dtypes:
         wanted = column or "of amplitudes (F) or intensities (J)"
-        raise ConfigError(f"reference {path}: no column {wanted}; it has {sorted(dtypes)}; "
-                          "name one with --reference-column")
+        raise ConfigError(f"{flag} {path}: no column {wanted}; it has {sorted(dtypes)}; "
+                          f"name one with {flag}-column")
     if dtypes[name] not in ("F", "J", "G", "K"):
-        raise ConfigError(f"reference {path}: column {name} has MTZ type {dtypes[name]}, "
+        raise ConfigError(f"{flag} {path}: column {name} has MTZ type {dtypes[name]}, "
                           "not an amplitude (F, G) or an intensity (J, K)")
     values = ds[name].to_numpy(np.float64)
     if dtypes[name] in ("J", "K"):
@@ -123,6 +127,51 @@ def read_reference(path: str | Path, column: str | None = None) -> ReferenceData
     log.info("reference %s: column %s, %d reflections", path, name, len(values))
     return ReferenceData(name=f"{path.name}:{name}", hkl=ds.get_hkls().astype(np.int32),
                          amplitudes=values, space_group=ds.spacegroup, cell=ds.cell)
+
+
+def model_amplitudes(path: str | Path, dmin: float, *, flag: str = "--prior-model"
+                     ) -> ReferenceData:
+    """|F_calc| of a coordinate model to ``dmin`` Å, as a reference data set.
+
+    The model's density (X-ray form factors, its B factors, a Refmac-compatible blur that
+    is taken out again in reciprocal space) is put on a grid in the model's own cell and
+    space group and transformed; no bulk solvent, so the lowest orders are the model's
+    weakest point (a coupled prior learns a lower correlation there).
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read as PDB or mmCIF, or has no atoms, cell or space group.
+    """
+    import gemmi
+
+    path = Path(path)
+    try:
+        st = gemmi.read_structure(str(path))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it as PDB or mmCIF ({exc})") from None
+    if len(st) == 0 or not any(True for _ in st[0].all()):
+        raise ConfigError(f"{flag} {path}: no atoms; give a model of the merged crystal")
+    sg = st.find_spacegroup()
+    if sg is None or st.cell.volume <= 1.0:
+        raise ConfigError(f"{flag} {path}: no cell or space group (CRYST1); give a model in "
+                          "the merged crystal's cell")
+    st.setup_entities()
+    dc = gemmi.DensityCalculatorX()
+    dc.d_min = float(dmin)
+    dc.grid.setup_from(st)
+    dc.set_refmac_compatible_blur(st[0])
+    dc.put_model_density_on_grid(st[0])
+    f = np.array(gemmi.transform_map_to_f_phi(dc.grid, half_l=False), copy=False)
+    hkl = gemmi.make_miller_array(st.cell, sg, float(dmin), unique=True).astype(np.int32)
+    nu, nv, nw = f.shape
+    values = f[hkl[:, 0] % nu, hkl[:, 1] % nv, hkl[:, 2] % nw]
+    inv_d2 = 1.0 / np.square(st.cell.calculate_d_array(hkl))
+    amplitudes = np.abs(values) * np.array([dc.reciprocal_space_multiplier(x) for x in inv_d2])
+    log.info("%s %s: |F_calc| of %d atoms at %d reflections to %.2f A", flag, path,
+             st[0].count_atom_sites(), len(hkl), dmin)
+    return ReferenceData(name=f"{path.name}:Fcalc", hkl=hkl, amplitudes=amplitudes,
+                         space_group=sg, cell=st.cell)
 
 
 class ReferenceSetting:

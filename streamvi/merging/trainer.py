@@ -16,6 +16,7 @@ import torch
 
 from streamvi.merging.features import N_METADATA
 from streamvi.merging.model.batch import Batch
+from streamvi.merging.model.coupling import DoubleWilsonCoupling
 from streamvi.merging.model.geometry import N_GEOMETRY, adam_update
 from streamvi.merging.model.likelihood import NormalLikelihood, StudentTLikelihood
 from streamvi.merging.model.merging import VariationalMergingModel
@@ -258,17 +259,28 @@ class Trainer:
     n_conditions
         Conditions merged side by side (pump–probe; docs/time-resolved.md): the posterior
         holds three tables (all images, half 1, half 2) per condition, condition ``c`` in
-        tables ``3c..3c+2``; one scale network and one Wilson prior serve them all.  With
-        more than one, posterior averaging and checkpoints are refused for now.
+        tables ``3c..3c+2``; one scale network and one Wilson prior serve them all.
+    reference_condition
+        With several conditions, the index of the reference (e.g. dark): every other
+        condition's amplitudes take the double-Wilson prior given the reference's
+        (:mod:`streamvi.merging.model.coupling`).  None: independent Wilson priors.
+    row_shell
+        ``(n_rows,)`` resolution shell of every row: the coupling learns one correlation per
+        condition and shell.  Required with ``reference_condition`` or ``fixed_prior``.
+    fixed_prior
+        ``(n_rows,)`` normalised amplitudes ``E`` of a prior data set
+        (:func:`~streamvi.merging.model.coupling.normalised_amplitudes`, NaN where it has
+        none): the reference condition (the only one, without conditions) takes the
+        double-Wilson prior given them.
     """
 
     def __init__(self, config: TrainerConfig, *, centric: np.ndarray, epsilon: np.ndarray,
-                 n_metadata: int, n_conditions: int = 1) -> None:
+                 n_metadata: int, n_conditions: int = 1,
+                 reference_condition: int | None = None,
+                 row_shell: np.ndarray | None = None,
+                 fixed_prior: np.ndarray | None = None) -> None:
         if n_conditions < 1:
             raise ValueError(f"n_conditions must be at least 1, got {n_conditions}")
-        if n_conditions > 1 and config.posterior_average_decay > 0:
-            raise ValueError("posterior_average_decay is not supported with several "
-                             "conditions yet: set it to 0 for a pump-probe merge")
         self.config = config
         self.n_conditions = int(n_conditions)
         self.device = resolve_device(config.device)
@@ -298,6 +310,22 @@ class Trainer:
         self.scale_optimizer = _adam(list(self.model.scale_model.parameters())
                                      + list(self.model.likelihood.parameters()), lr=config.lr,
                                      betas=config.betas, eps=config.eps)
+        coupled = reference_condition is not None and self.n_conditions > 1
+        if coupled or fixed_prior is not None:
+            if row_shell is None:
+                raise ValueError("a coupled prior needs row_shell (each row's resolution shell)")
+            shells = torch.from_numpy(np.asarray(row_shell, dtype=np.int64))
+            fixed = (None if fixed_prior is None
+                     else torch.from_numpy(np.asarray(fixed_prior, dtype=np.float32)))
+            coupling = DoubleWilsonCoupling(shells, int(shells.max()) + 1 if shells.numel() else 1,
+                                            self.n_conditions,
+                                            int(reference_condition or 0) if coupled else 0,
+                                            fixed)
+            self.model.set_coupling(coupling.to(self.device))
+            # the correlations learn at the posterior's rate (a few hundred steps to settle)
+            self.scale_optimizer.add_param_group({"params": list(coupling.parameters()),
+                                                  "lr": config.posterior_lr,
+                                                  "base_lr": config.posterior_lr})
         self.posterior_optimizer = RowSparseAdam(
             list(self.model.posterior.parameters()), lr=config.posterior_lr, betas=config.betas,
             eps=config.eps)
@@ -521,7 +549,7 @@ class Trainer:
         for opt, base in ((self.scale_optimizer, self.config.lr),
                           (self.posterior_optimizer, self.config.posterior_lr)):
             for group in opt.param_groups:
-                group["lr"] = base * float(factor)
+                group["lr"] = group.get("base_lr", base) * float(factor)
 
     def _coalesce_sparse_gradients(self) -> None:
         """Coalesce the posterior's sparse gradient once (its two lookups leave duplicates);
@@ -598,11 +626,9 @@ class Trainer:
         (and ``CUBLAS_WORKSPACE_CONFIG``): otherwise atomic adds in the sparse-gradient and
         pooling kernels differ in the last bits from run to run, checkpoint or not.
         """
-        if self.n_conditions > 1:
-            raise ValueError("checkpoints of a merge of several conditions are not supported "
-                             "yet (docs/time-resolved.md): merge them offline with "
-                             "streamvi merge")
         return {
+            "n_conditions": self.n_conditions,
+            "coupled": self.model.coupling is not None,
             "config": asdict(self.config),
             "model": self.model.state_dict(),
             "scale_optimizer": self.scale_optimizer.state_dict(),
@@ -617,6 +643,14 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the model's shape settings must match this trainer's."""
         saved = state["config"]
+        mine = (self.n_conditions, self.model.coupling is not None)
+        theirs = (int(state.get("n_conditions", 1)), bool(state.get("coupled", False)))
+        if theirs != mine:
+            raise ValueError(f"the checkpoint is of a merge of {theirs[0]} condition(s)"
+                             f"{' under a coupled prior' if theirs[1] else ''}; this one has "
+                             f"{mine[0]}{' under a coupled prior' if mine[1] else ''}: "
+                             "start with the conditions (and coupled_prior) it was written "
+                             "with, or in a fresh out_dir")
         # checkpoints from before pooled_merge_ratio existed were written without it
         for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio", "error_model",
                      "image_b_term"):

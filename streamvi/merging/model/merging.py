@@ -12,7 +12,10 @@ objective once per image, per observation like the rest.
 
 With several conditions (pump–probe: a batch's ``condition``), the posterior holds three
 tables per condition and each image's reflections enter its own condition's full and half
-tables; the scale network, the Wilson prior and the standardiser are shared by all.
+tables; the scale network, the Wilson prior and the standardiser are shared by all.  With a
+coupling (:meth:`VariationalMergingModel.set_coupling`), every condition but the reference
+takes the double-Wilson conditional given the reference's amplitudes as its prior
+(:mod:`streamvi.merging.model.coupling`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from streamvi.merging.model.batch import Batch
+from streamvi.merging.model.coupling import DoubleWilsonCoupling
 from streamvi.merging.model.geometry import N_GEOMETRY, corrected_metadata, prior_nll
 from streamvi.merging.model.posterior import FoldedNormalPosterior
 from streamvi.merging.model.prior import WilsonPrior
@@ -157,6 +161,21 @@ class VariationalMergingModel(nn.Module):
         #: None: a batch's ``geometry`` is ignored (:mod:`streamvi.merging.model.geometry`)
         self.geometry_sigma: tuple[float, float] | None = None
         self._scale_forward: ScaleForward | None = None
+        #: the double-Wilson prior between conditions (pump–probe), or None: every table
+        #: under the Wilson prior (:meth:`set_coupling`)
+        self.coupling: DoubleWilsonCoupling | None = None
+
+    def set_coupling(self, coupling: DoubleWilsonCoupling | None) -> None:
+        """Put the amplitudes of every condition but ``coupling.reference`` under the
+        coupled prior (:mod:`streamvi.merging.model.coupling`); None: independent Wilson
+        priors."""
+        if coupling is not None:
+            n_conditions = self.posterior.n_tables // 3
+            if coupling.n_rows != self.posterior.n_rows or coupling.n_conditions != n_conditions:
+                raise ValueError(f"the coupling covers {coupling.n_conditions} conditions × "
+                                 f"{coupling.n_rows} rows; the posterior has {n_conditions} × "
+                                 f"{self.posterior.n_rows}")
+        self.coupling = coupling
 
     def set_scale_forward(self, fn: ScaleForward | None) -> None:
         """Run the scale network through ``fn`` (e.g. compiled or autocast); None resets.
@@ -302,6 +321,9 @@ class VariationalMergingModel(nn.Module):
         rows = torch.remainder(unique_flat, post.n_rows)
         log_q = post.log_prob_with(F, loc, scale)
         log_p = self.prior.log_prob(F, rows)
+        ref_flat = None
+        if self.coupling is not None:
+            log_p, ref_flat = self._coupled_log_prior(F, log_p, unique_flat, rows, generator)
         kl_rows = (log_q - log_p).mean(dim=0)
         if obs_weight is not None:
             # each observation carries 1/multiplicity of its row's KL: summed over a pass
@@ -311,7 +333,38 @@ class VariationalMergingModel(nn.Module):
         if first is not None:
             kl_rows = kl_rows * first        # each row's KL once, at its first observation
         kl = kl_rows.sum() / row_ids.shape[0]
+        if ref_flat is not None:       # the reference's rows moved too
+            flat = torch.cat([flat, ref_flat])
         return nll, kl, flat
+
+    def _coupled_log_prior(self, F: torch.Tensor, log_wilson: torch.Tensor,
+                           unique_flat: torch.Tensor, rows: torch.Tensor,
+                           generator: torch.Generator | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prior term of rows ``unique_flat`` under :attr:`coupling`: the conditional
+        given a draw of the reference condition's amplitude of the same reflection (same
+        table kind: all images or the same half) where the row belongs to another condition,
+        the Wilson ``log_wilson`` where it belongs to the reference.  Returns the log-prior
+        and the reference's rows it looked up."""
+        post, coupling = self.posterior, self.coupling
+        table = torch.div(unique_flat, post.n_rows, rounding_mode="floor")
+        condition = torch.div(table, 3, rounding_mode="floor")
+        variance, centric = self.prior.variance[rows], self.prior.centric[rows]
+        log_p, ref_flat = log_wilson, None
+        if coupling.n_conditions > 1:
+            ref_flat = (3 * coupling.reference + torch.remainder(table, 3)) * post.n_rows + rows
+            loc_r, scale_r = post.loc_scale(ref_flat, dense_grad=self.sync_free)
+            F_ref = post.sample_with(loc_r, scale_r, self.mc_samples, generator)
+            conditional = coupling.log_prob(F, F_ref, condition, rows, variance, centric)
+            log_p = torch.where(condition != coupling.reference, conditional, log_p)
+        if coupling.fixed is not None:
+            e = coupling.fixed[rows]
+            has = torch.isfinite(e)
+            F_fix = torch.where(has, e, 0.0) * torch.sqrt(variance)
+            given_fixed = coupling.log_prob(F, F_fix.expand_as(F), condition, rows, variance,
+                                            centric)
+            log_p = torch.where((condition == coupling.reference) & has, given_fixed, log_p)
+        return log_p, ref_flat
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> LossTerms:
         """Objective terms for one minibatch (see the module docstring)."""
