@@ -22,9 +22,12 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from streamvi.producers.conditions import condition_labeller
     from streamvi.producers.send import send_files
 
     opts = resolved(args, "send")
+    label = condition_labeller(condition=opts.condition, field=opts.condition_field,
+                               condition_map=opts.condition_map, n_inputs=len(opts.files))
     stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         report = send_files([str(f) for f in opts.files], opts.to, follow=opts.follow,
                             position_file=opts.position_file, rate=opts.rate, run=opts.run,
                             poll_s=opts.poll, idle_timeout_s=opts.idle_timeout,
-                            stop_event=stop, timeout_s=opts.timeout)
+                            stop_event=stop, timeout_s=opts.timeout, label=label)
     except TimeoutError as exc:     # SendTimeout: no service took anything (exit status 2)
         print_report(exc.report)
         raise StreamviError(str(exc)) from None

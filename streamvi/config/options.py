@@ -159,18 +159,53 @@ OPTIONS: tuple[Option, ...] = (
            "own. With a condition option the merge keeps one set of tables per condition "
            "(one shared scale model) and `-o OUT.mtz` writes `OUT-<condition>.mtz` and "
            "`OUT-<condition>-minus-<reference>.mtz` (docs/time-resolved.md)", "merge",
-           commands=("merge",), multiple=True, metavar="NAME", exclusive="condition"),
+           commands=("merge", "send"), multiple=True, metavar="NAME", exclusive="condition",
+           helps={"send": "pump–probe: the wire condition (e.g. `dark`) of every crystal of "
+                          "the inputs; repeat it once per input, in the inputs' order, to "
+                          "give each its own (a service with `conditions` merges them side "
+                          "by side; docs/time-resolved.md)"}),
     Option("condition_field", str, None, "pump–probe: a per-chunk header value that names each "
            "crystal's condition through `condition_map`, e.g. an event code copied by "
            "`indexamajig --copy-header` (`header/int//sim/pump_code` in simulated streams). "
            "A crystal without the field, or with a value the map does not name, is not merged "
-           "(`unknown_condition`)", "merge", commands=("merge",), metavar="KEY",
+           "(`unknown_condition`)", "merge", commands=("merge", "send"), metavar="KEY",
            exclusive="condition"),
     Option("condition_map", str, None, "values of `condition_field` and their conditions, "
-           "e.g. `'0=dark,1=light'`", "merge", commands=("merge",), metavar="V=NAME,…"),
-    Option("reference_condition", str, None, "the condition the others are differenced "
-           "against (`DF = F(condition) − F(reference)`); unset: `dark` when present, else "
-           "the first condition seen", "merge", commands=("merge",), metavar="NAME"),
+           "e.g. `'0=dark,1=light'`", "merge", commands=("merge", "send"),
+           metavar="V=NAME,…"),
+    Option("conditions", str, "", "pump–probe, live: the conditions this run interleaves, "
+           "comma-separated (e.g. `dark,light`), named by each crystal's wire `condition` "
+           "(`send --condition…`). The service keeps one set of tables per condition (one "
+           "shared scale model) and writes `latest-<condition>.mtz` and "
+           "`latest-<condition>-minus-<reference>.mtz`; a crystal of another condition, or "
+           "of none, is refused (`unknown_condition`). Empty: every crystal into one merge "
+           "(docs/time-resolved.md)", "merge", metavar="A,B,…"),
+    Option("reference_condition", str, "", "the condition the others are differenced "
+           "against (`DF = F(condition) − F(reference)`); empty: `dark` when present, else "
+           "the first condition seen (`serve`: the first of `conditions`)", "merge",
+           commands=TRAINING, defaults={"merge": None}, metavar="NAME"),
+    Option("prior_mtz", str, None, "amplitudes (or intensities) of an independent data set of "
+           "the same crystal, taken as prior knowledge: the merge (with conditions, the "
+           "reference condition) takes the double-Wilson prior given them, one correlation "
+           "per resolution shell learnt from the data, so few images go further where the "
+           "structure agrees and a real difference is kept; rows the file lacks keep the "
+           "Wilson prior. The column is chosen as for `reference` (`prior_column`). In space "
+           "groups with an indexing ambiguity give the same file as `--reference` "
+           "(docs/time-resolved.md)", "merge", commands=("merge",), metavar="MTZ",
+           exclusive="prior"),
+    Option("prior_model", str, None, "a coordinate model (PDB or mmCIF, in the merged "
+           "crystal's cell and space group) whose |F_calc| serve as `prior_mtz` would; the "
+           "learnt correlation per shell plays the part of σA. No bulk solvent: the lowest "
+           "orders are the model's weakest (docs/time-resolved.md)", "merge",
+           commands=("merge",), metavar="PDB", exclusive="prior"),
+    Option("prior_column", str, None, "column of `prior_mtz`; unset: chosen as for "
+           "`reference_column`", "merge", commands=("merge",), metavar="COL"),
+    Option("coupled_prior", bool, True, "pump–probe: every condition but the reference takes "
+           "the double-Wilson prior given the reference's amplitudes (one correlation per "
+           "condition and resolution shell, learnt from the data), so the conditions borrow "
+           "precision where they agree and stay free where they differ; "
+           "`--no-coupled-prior`: independent Wilson priors (docs/time-resolved.md)", "merge",
+           commands=TRAINING),
     # ------------------------------------------------------------------ model and training
     Option("device", str, "auto", "`auto` (CUDA when available, else CPU), `cpu`, `cuda` or "
            "`cuda:N`. `cuda` (or a `cuda:N` this machine does not have) fails at start-up, in "

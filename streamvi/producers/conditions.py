@@ -13,7 +13,7 @@ the merge then refuses it as ``unknown_condition`` and counts it.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from streamvi.errors import ConfigError
 from streamvi.wire import CrystalMessage
@@ -110,3 +110,36 @@ def per_input_names(names: Sequence[str], n_inputs: int, *,
         raise ConfigError(f"{key} given {len(names)} times for {n_inputs} inputs: give it "
                           "once (every input) or once per input, in the inputs' order")
     return list(names)
+
+
+def condition_labeller(*, condition: Sequence[str] | None, field: str | None,
+                       condition_map: str | None, n_inputs: int
+                       ) -> Callable[[CrystalMessage, int], None] | None:
+    """What ``send`` does to each crystal of input ``i`` before it goes on the wire: set its
+    ``condition`` from ``--condition`` (one name, or one per input) or from
+    ``--condition-field`` through ``--condition-map``; None without a condition option.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`per_input_names` and :func:`parse_condition_map`; a field without a map,
+        or a map without a field.
+    """
+    if condition:
+        names = per_input_names(condition, n_inputs)
+
+        def by_input(msg: CrystalMessage, index: int) -> None:
+            msg.condition = names[index]
+        return by_input
+    if field:
+        if not condition_map:
+            raise ConfigError("--condition-field needs --condition-map, the conditions of its "
+                              "values, e.g. --condition-map '0=dark,1=light'")
+        mapping = parse_condition_map(condition_map)
+
+        def by_field(msg: CrystalMessage, index: int) -> None:
+            label_by_field((msg,), field, mapping)
+        return by_field
+    if condition_map:
+        raise ConfigError("--condition-map needs --condition-field, the header value it maps")
+    return None

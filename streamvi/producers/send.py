@@ -630,6 +630,7 @@ class _Input:
     rejected: int = 0
     durable_sent: int = 0              # of ``sent``, those the saved position covers
     durable: dict[str, Any] | None = None
+    position: int = 0                  # index of the path among those given
 
 
 def _input_kind(path: str, follow: bool) -> str:
@@ -658,7 +659,7 @@ def _make_inputs(paths: Sequence[str | os.PathLike[str]], positions: PositionFil
                  idle_timeout_s: float | None) -> list[_Input]:
     inputs: list[_Input] = []
     seen: set[str] = set()
-    for p in paths:
+    for position, p in enumerate(paths):
         name = os.fspath(p)
         kind = _input_kind(name, follow)
         if kind == "stream":
@@ -690,7 +691,8 @@ def _make_inputs(paths: Sequence[str | os.PathLike[str]], positions: PositionFil
             continue
         seen.add(key)
         inputs.append(_Input(name=name, key=key, items=items,
-                             sent_before=int(saved.get("sent", 0)) if saved else 0))
+                             sent_before=int(saved.get("sent", 0)) if saved else 0,
+                             position=position))
     return inputs
 
 
@@ -708,8 +710,11 @@ class _Merger:
     """
 
     def __init__(self, inputs: list[_Input], positions: PositionFile | None, *,
-                 poll_s: float, stop_event: threading.Event | None, queue_size: int = 256):
+                 poll_s: float, stop_event: threading.Event | None, queue_size: int = 256,
+                 label: Callable[[CrystalMessage, int], None] | None = None):
         self.inputs = inputs
+        #: sets each crystal's fields from its input's index before it is sent (conditions)
+        self.label = label
         self.positions = positions
         self.poll_s = poll_s
         self.stop_event = stop_event
@@ -778,6 +783,8 @@ class _Merger:
             inp = self.inputs[index]
             is_crystal = isinstance(item, CrystalMessage)
             if item is not None:
+                if is_crystal and self.label is not None:
+                    self.label(item, inp.position)
                 yield item
                 # send_messages asks for the next item only once this one was dealt with
                 self._yielded += 1
@@ -844,7 +851,9 @@ class _Merger:
 def send_files(paths: Sequence[str | os.PathLike[str]], url: str, *, follow: bool = False,
                position_file: str | os.PathLike[str] | None = None, rate: float | None = None,
                run: str | None = None, poll_s: float = 0.1, idle_timeout_s: float | None = None,
-               stop_event: threading.Event | None = None, **kwargs: Any) -> SendReport:
+               stop_event: threading.Event | None = None,
+               label: Callable[[CrystalMessage, int], None] | None = None,
+               **kwargs: Any) -> SendReport:
     """Send the crystals of several inputs at once, tailing streams that grow.
 
     Parameters
@@ -871,6 +880,10 @@ def send_files(paths: Sequence[str | os.PathLike[str]], url: str, *, follow: boo
         Wait at the end of a growing file between polls, s.
     idle_timeout_s
         With ``follow``: stop following a stream after this many seconds without new bytes.
+    label
+        ``label(msg, i)`` is called on every crystal of input ``i`` (``paths[i]``) before
+        it is sent, e.g. to set its pump–probe ``condition``
+        (:func:`streamvi.producers.conditions.condition_labeller`).
     stop_event
         Set it to stop (within ``poll_s``, or 0.1 s when a send waits for the service);
         queued messages get up to :data:`STOP_FLUSH_S` to leave, and what the service took
@@ -903,7 +916,7 @@ def send_files(paths: Sequence[str | os.PathLike[str]], url: str, *, follow: boo
     positions = PositionFile(position_file) if position_file is not None else None
     inputs = _make_inputs(paths, positions, follow=follow, run=run, poll_s=poll_s,
                           idle_timeout_s=idle_timeout_s)
-    merger = _Merger(inputs, positions, poll_s=poll_s, stop_event=stop_event)
+    merger = _Merger(inputs, positions, poll_s=poll_s, stop_event=stop_event, label=label)
     merger.start()
     try:
         report = send_messages(merger.items(), url, rate=rate, stop_event=stop_event,

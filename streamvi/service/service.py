@@ -50,7 +50,7 @@ from streamvi.merging.device import check_device
 from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.merging.reference import ReferenceSetting, check_same_lattice, read_reference
 from streamvi.merging.trainer import TrainerConfig
-from streamvi.publish.mtz import MtzInfo
+from streamvi.publish.mtz import MtzInfo, write_difference_mtz
 from streamvi.publish.mtz_files import MtzSnapshots
 from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
@@ -68,6 +68,37 @@ log = logging.getLogger(__name__)
 FAIL_AFTER_ERRORS = 3
 #: longest pause between retries of a failing training loop, s
 MAX_RETRY_DELAY_S = 5.0
+
+
+def service_conditions(text: str | None, reference: str | None = None
+                       ) -> tuple[str, ...] | None:
+    """The ``conditions`` option of ``serve`` (``'dark,light'``) in table order: the
+    reference first (``reference``, else ``dark`` when listed, else the first listed), then
+    the others as listed; None when empty.
+
+    Raises
+    ------
+    ConfigError
+        An empty or repeated name, or a ``reference_condition`` not among them.
+    """
+    reference = reference or None
+    if not text or not text.strip():
+        if reference:
+            raise ConfigError(f"reference_condition = {reference!r} needs `conditions` "
+                              "(e.g. conditions = \"dark,light\")")
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if any(not n for n in names):
+        raise ConfigError(f"conditions = {text!r}: an empty name; give them comma-separated, "
+                          "e.g. conditions = \"dark,light\"")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"conditions = {text!r}: a name given twice; give each once")
+    if reference is None:
+        reference = "dark" if "dark" in names else names[0]
+    if reference not in names:
+        raise ConfigError(f"reference_condition = {reference!r} is not one of conditions "
+                          f"({', '.join(names)}); name one of them")
+    return (reference,) + tuple(n for n in names if n != reference)
 
 
 class Service:
@@ -109,6 +140,8 @@ class Service:
             self.reference = read_reference(config.reference, config.reference_column or None)
             if self.cell is not None:
                 check_same_lattice(self.reference, self.space_group, self.cell)
+        #: pump-probe conditions merged side by side (reference first), or None
+        self.conditions = service_conditions(config.conditions, config.reference_condition)
         # the model's and the engine's settings, derived from the declared options
         self.trainer_config = TrainerConfig(**config.settings("trainer"))
         self.engine_config = EngineConfig(**config.settings("engine"))
@@ -124,6 +157,17 @@ class Service:
         remove_stale_temp_files(self.out_dir)
         self.dead_letter = DeadLetter(self.out_dir / "dead-letter.jsonl")
         self.mtz = MtzSnapshots(self.out_dir, keep=config.keep_snapshots, info=self._mtz_info)
+        #: with conditions: ``latest-<condition>.mtz`` per condition and
+        #: ``latest-<condition>-minus-<reference>.mtz`` per other condition
+        self.condition_mtz: dict[str, MtzSnapshots] = {}
+        self.difference_mtz: dict[str, MtzSnapshots] = {}
+        for i, name in enumerate(self.conditions or ()):
+            self.condition_mtz[name] = MtzSnapshots(self.out_dir, keep=config.keep_snapshots,
+                                                    info=self._mtz_info, tag=name)
+            if i:
+                self.difference_mtz[name] = MtzSnapshots(
+                    self.out_dir, keep=config.keep_snapshots, info=self._mtz_info,
+                    tag=f"{name}-minus-{self.conditions[0]}")
         self.ingestor = Ingestor(
             list(config.listen), mode=config.listen_mode, topic=config.sub_topic.encode(),
             queue_max_messages=config.queue_max_messages, rcvhwm=config.rcvhwm,
@@ -235,7 +279,10 @@ class Service:
         else:
             space = ReciprocalSpace(self.space_group, cell, self.config.dmin,
                                     anomalous=self.config.anomalous)
-        engine = MergeEngine(space, self.trainer_config, self.engine_config)
+        coupled = (self.conditions[0] if self.conditions and len(self.conditions) > 1
+                   and self.config.coupled_prior else None)
+        engine = MergeEngine(space, self.trainer_config, self.engine_config,
+                             conditions=self.conditions, coupled_reference=coupled)
         store = engine.store
         store.cell_length_tolerance = self.config.cell_length_tolerance
         store.cell_angle_tolerance_deg = self.config.cell_angle_tolerance
@@ -380,7 +427,8 @@ class Service:
         """Warn, once per condition name, that a crystal labelled with a pump-probe condition
         was merged with all the others: the service does not separate conditions yet."""
         name = msg.condition
-        if not name or name in self._conditions_seen or len(self._conditions_seen) >= 32:
+        if (self.conditions or not name or name in self._conditions_seen
+                or len(self._conditions_seen) >= 32):
             return
         self._conditions_seen.add(name)
         log.warning("crystal %s/%s carries condition %r: the service merges every condition "
@@ -541,12 +589,21 @@ class Service:
         with self.lock:
             if self.engine is None or self.engine.n_images == 0:
                 return None
-            snap = self.engine.snapshot(history=[f"streamvi serve, {self.crystals_merged} "
-                                                 "crystals"])
+            history = [f"streamvi serve, {self.crystals_merged} crystals"]
+            snaps = None
+            if self.conditions:
+                # the reference condition's merge is the one the feedback, the metrics and
+                # latest.mtz follow; every condition has its own files
+                snaps = self.engine.condition_snapshots(history)
+                snap = snaps[self.conditions[0]]
+            else:
+                snap = self.engine.snapshot(history=history)
             # the half-set sums as they were when the snapshot's counts were taken
             sum_i_half, wilson = store_sums(self.engine)
         feedback = self._observe(snap, sum_i_half, wilson)
         self.mtz.write(snap)
+        if snaps is not None:
+            self._write_conditions(snaps)
         self._reject_log.flush()       # how many refusals the log left out lately
         self.latest_feedback = feedback
         self.latest = snap
@@ -557,6 +614,21 @@ class Service:
                 extra["feedback"] = feedback.to_dict()
             self.publisher.publish(snap, extra_stats=extra)
         return snap
+
+    def _write_conditions(self, snaps: dict[str, MergeSnapshot]) -> None:
+        """``latest-<condition>.mtz`` per condition and the differences against the
+        reference (DF, SIGDF, W, WDF; docs/time-resolved.md), each replaced atomically."""
+        ref = self.conditions[0]
+        for name, snap in snaps.items():
+            self.condition_mtz[name].write(snap)
+            if name == ref:
+                continue
+
+            def difference(path, *, info, light=snap, name=name):
+                return write_difference_mtz(light, snaps[ref], path, names=(name, ref),
+                                            info=info)
+
+            self.difference_mtz[name].write(snap, writer=difference)
 
     def _observe(self, snap: MergeSnapshot, sum_i_half: np.ndarray,
                  wilson: np.ndarray | None) -> Feedback | None:

@@ -1,0 +1,143 @@
+"""``serve`` with pump–probe conditions (issue #19, the live path): crystals sent over a real
+ZeroMQ socket with their wire ``condition``, one merge with tables per condition under the
+coupled prior, ``latest-<condition>.mtz`` and ``latest-light-minus-dark.mtz`` written while it
+runs, a checkpoint that restarts with both conditions (streamvi/service/service.py)."""
+from __future__ import annotations
+
+import logging
+
+import gemmi
+import numpy as np
+import pytest
+import reciprocalspaceship as rs
+
+from streamvi.config import load_config
+from streamvi.errors import ConfigError
+from streamvi.producers.send import send_messages
+from streamvi.service.service import Service, service_conditions
+from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+
+SIM = SimulationConfig(n_images=60, seed=4, dmin=3.0, conditions=("dark", "light"),
+                       condition_ratio=(1, 1), light_change="move=4,shift=1.5,fraction=0.3")
+
+
+@pytest.fixture(scope="module")
+def pump_probe():
+    truth = simulate_structure(SIM)
+    # three more images, of a condition the service was not given, or of none
+    stray = list(simulate_images(SIM, truth, start=SIM.n_images, stop=SIM.n_images + 3))
+    for msg, name in zip(stray, ("pump", None, "pump")):
+        msg.condition = name
+    return list(simulate_images(SIM, truth)), stray
+
+
+def config(tmp_path, **kw):
+    base = {"listen": ["tcp://127.0.0.1:*"], "publish_endpoint": "", "metrics_port": -1,
+            "out_dir": str(tmp_path), "space_group": SIM.space_group,
+            "cell": " ".join(map(str, SIM.cell)), "dmin": SIM.dmin, "anomalous": False,
+            "device": "cpu", "mc_samples": 2, "d_model": 8, "publish_interval": 0.5,
+            "checkpoint_interval": 1000.0, "conditions": "light,dark"}
+    base.update(kw)
+    return load_config(env={}, overrides=base)
+
+
+def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_probe,
+                                                                caplog):
+    pump_probe, stray = pump_probe
+    service = Service(config(tmp_path)).start()
+    try:
+        # the reference (dark, listed second) comes first in the tables
+        assert service.conditions == ("dark", "light")
+        send_messages(pump_probe + stray, service.ingestor.bound_endpoints[0])
+        assert service.wait_until(
+            lambda s: s.crystals_merged == len(pump_probe) and s.engine.trainer.step >= 60,
+            timeout=120)
+        service.publish_now()
+    finally:
+        service.stop()
+    assert service.crystals_rejected == {"unknown_condition": 3}
+    assert service.engine.store.condition_images().tolist() == [30, 30]
+    dark, light = (rs.read_mtz(str(tmp_path / f"latest-{c}.mtz")) for c in ("dark", "light"))
+    delta = rs.read_mtz(str(tmp_path / "latest-light-minus-dark.mtz"))
+    assert {"DF", "SIGDF", "W", "WDF", "F_DARK"} <= set(delta.columns)
+    common = delta.index
+    np.testing.assert_allclose(delta["DF"].to_numpy(),
+                               (light.loc[common, "F"] - dark.loc[common, "F"]).to_numpy(),
+                               atol=1e-4)
+    history = {c: [h.strip() for h in gemmi.read_mtz_file(str(tmp_path / f"latest-{c}.mtz")
+                                                          ).history] for c in ("dark", "light")}
+    assert "condition light of dark, light" in history["light"]
+    assert any(h.startswith("prior given dark, r by shell: ") for h in history["light"])
+    # latest.mtz is the reference condition's merge, as the metrics and the feedback are
+    plain = rs.read_mtz(str(tmp_path / "latest.mtz"))
+    np.testing.assert_allclose(plain["F"].to_numpy(), dark.loc[plain.index, "F"].to_numpy())
+    # numbered snapshots per condition and per difference beside the plain ones
+    for tag in ("dark", "light", "light-minus-dark"):
+        assert list(tmp_path.glob(f"snapshot-{tag}-*.mtz"))
+
+    # a restart resumes the merge of both conditions from its checkpoint
+    steps = service.engine.trainer.step
+    again = Service(config(tmp_path)).start()
+    try:
+        assert again.recovered_from_checkpoint
+        assert again.engine.trainer.step == steps
+        assert again.engine.store.condition_images().tolist() == [30, 30]
+    finally:
+        again.stop()
+    # ... but not as a merge without them: that checkpoint is set aside, saying why, and
+    # the merge starts again from the spooled crystals
+    with caplog.at_level(logging.ERROR):
+        third = Service(config(tmp_path, conditions="")).start()
+        third.stop()
+    assert not third.recovered_from_checkpoint
+    assert (tmp_path / "checkpoint.corrupt").exists()
+    assert "the checkpoint is of a merge of 2 condition(s) under a coupled prior" in caplog.text
+
+
+@pytest.mark.parametrize("text, reference, wanted", [
+    ("dark,light", None, ("dark", "light")),
+    ("light, dark ,light2", None, ("dark", "light", "light2")),
+    ("on,off", None, ("on", "off")),
+    ("on,off", "off", ("off", "on")),
+    ("", None, None),
+])
+def test_the_conditions_option_is_read_with_the_reference_first(text, reference, wanted):
+    assert service_conditions(text, reference) == wanted
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"conditions": "dark,,light"}, "an empty name"),
+    ({"conditions": "dark,dark"}, "a name given twice"),
+    ({"conditions": "dark,light", "reference_condition": "pump"},
+     "reference_condition = 'pump' is not one of conditions"),
+    ({"conditions": "", "reference_condition": "dark"}, "needs `conditions`"),
+])
+def test_bad_conditions_stop_the_start_naming_the_key(tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        Service(config(tmp_path, **kw))
+
+
+def test_send_labels_a_streams_crystals_by_their_pump_code(tmp_path):
+    from streamvi.cli.main import main
+
+    stream = tmp_path / "pp.stream"
+    assert main(["simulate", "--images", "20", "--seed", "2", "--dmin", "3.0", "-o",
+                 str(stream), "--conditions", "dark,light",
+                 "--light-change", "move=4,shift=1.5,fraction=0.3"]) == 0
+    out = tmp_path / "out"
+    # the stream's own cell (simulate's default crystal), not the module's pump-probe one
+    service = Service(config(out, cell="", conditions="dark,light")).start()
+    try:
+        url = service.ingestor.bound_endpoints[0]
+        assert main(["send", str(stream), "--to", url, "--condition-field",
+                     "header/int//sim/pump_code", "--condition-map", "0=dark,1=light"]) == 0
+        assert service.wait_until(lambda s: s.crystals_merged == 20
+                                  and s.engine.trainer.step >= 10, timeout=120)
+        service.publish_now()
+    finally:
+        service.stop()
+    assert service.engine.store.condition_images().tolist() == [10, 10]
+    assert (out / "latest-light-minus-dark.mtz").is_file()
+    # a map without its field is refused before anything is sent
+    assert main(["send", str(stream), "--to", "tcp://127.0.0.1:9", "--condition-map",
+                 "0=dark"]) != 0
