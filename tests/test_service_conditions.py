@@ -5,6 +5,7 @@ runs, a checkpoint that restarts with both conditions (streamvi/service/service.
 from __future__ import annotations
 
 import logging
+import urllib.request
 
 import gemmi
 import numpy as np
@@ -44,7 +45,7 @@ def config(tmp_path, **kw):
 def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_probe,
                                                                 caplog):
     pump_probe, stray = pump_probe
-    service = Service(config(tmp_path)).start()
+    service = Service(config(tmp_path, metrics_port=0)).start()
     try:
         # the reference (dark, listed second) comes first in the tables
         assert service.conditions == ("dark", "light")
@@ -53,9 +54,27 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
             lambda s: s.crystals_merged == len(pump_probe) and s.engine.trainer.step >= 60,
             timeout=120)
         service.publish_now()
+        with urllib.request.urlopen(service.metrics_server.url + "metrics", timeout=10) as r:
+            metrics = r.read().decode()
     finally:
         service.stop()
+    assert 'streamvi_condition_images{condition="light"} 30.0' in metrics
+    assert 'streamvi_delta_cc_half{pair="light-minus-dark",shell="overall"}' in metrics
+    assert 'streamvi_delta_significant{pair="light-minus-dark"}' in metrics
     assert service.crystals_rejected == {"unknown_condition": 3}
+    status = service.status()
+    assert status["condition_images"] == {"dark": 30, "light": 30}
+    fig = status["differences"]["light-minus-dark"]
+    assert len(fig["delta_cc_half"]) == 10 and fig["reflections"] > 0
+    assert 0 <= fig["significant"] <= fig["reflections"]
+    # the half-set CC of ΔF, recomputed from the written files' half columns
+    dark_h, light_h = (rs.read_mtz(str(tmp_path / f"latest-{c}.mtz")) for c in ("dark", "light"))
+    both = dark_h.index.intersection(light_h.index)
+    x = (light_h.loc[both, "F_half1"] - dark_h.loc[both, "F_half1"]).to_numpy(np.float64)
+    y = (light_h.loc[both, "F_half2"] - dark_h.loc[both, "F_half2"]).to_numpy(np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    assert fig["delta_cc_half_overall"] == pytest.approx(np.corrcoef(x[ok], y[ok])[0, 1],
+                                                         abs=0.02)
     assert service.engine.store.condition_images().tolist() == [30, 30]
     dark, light = (rs.read_mtz(str(tmp_path / f"latest-{c}.mtz")) for c in ("dark", "light"))
     delta = rs.read_mtz(str(tmp_path / "latest-light-minus-dark.mtz"))

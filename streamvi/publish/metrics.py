@@ -169,7 +169,8 @@ class ServiceCollector(Collector):
         with self._lock:
             state = self.source(store=True)
             return [*self._ingest(state), *self._training(state), *self._store(state.store),
-                    *self._quality(state), *feedback_families(state), *self._process(state),
+                    *self._quality(state), *difference_families(state.status),
+                    *feedback_families(state), *self._process(state),
                     *om_families(state.status.get("om"))]
 
     # ------------------------------------------------------------------ ingest
@@ -406,6 +407,33 @@ class ServiceCollector(Collector):
                                  labels=["version"])
         info.add_metric([state.version], 1)
         yield info
+
+
+def difference_families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """Pump–probe figures (``serve --conditions``): images per condition, and per
+    light-minus-dark pair the half-set CC of ΔF per shell and the significant differences.
+    Announced, without samples, when the service has no conditions."""
+    fam = GaugeMetricFamily("streamvi_condition_images",
+                            "Images merged per pump-probe condition", labels=["condition"])
+    for name, n in (status.get("condition_images") or {}).items():
+        fam.add_metric([name], float(n))
+    yield fam
+    cc = GaugeMetricFamily(
+        "streamvi_delta_cc_half",
+        "Correlation of the two half-datasets' light-minus-dark differences (the CC1/2 of "
+        "Delta F), per resolution shell (1 = lowest) and overall", labels=["pair", "shell"])
+    sig = GaugeMetricFamily(
+        "streamvi_delta_significant",
+        "Reflections with |Delta F| / sigma(Delta F) > 3 (sigma mean-field: a relative "
+        "figure)", labels=["pair"])
+    for pair, fig in (status.get("differences") or {}).items():
+        shells = [str(i + 1) for i in range(len(fig["delta_cc_half"]))]
+        for label, value in zip(shells + ["overall"],
+                                list(fig["delta_cc_half"]) + [fig["delta_cc_half_overall"]]):
+            _add_finite(cc, [pair, label], value)
+        sig.add_metric([pair], float(fig["significant"]))
+    yield cc
+    yield sig
 
 
 def _geometry_families(summary: dict | None) -> Iterator[Metric]:

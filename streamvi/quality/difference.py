@@ -90,3 +90,44 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
                      + alpha * np.square(df) / mean_df2[shell])
         w = np.where(ok & np.isfinite(denom) & (denom > 0), 1.0 / denom, np.nan)
     return Differences(DF=df, SIGDF=np.sqrt(var), W=w, WDF=w * df)
+
+
+def difference_figures(light, dark, *, n_shells: int = DEFAULT_SHELLS,
+                       significant_z: float = 3.0) -> dict:
+    """What a crew watches of one light-minus-dark difference, live.
+
+    ``delta_cc_half``: per resolution shell (low to high, equal reciprocal volume) and
+    overall, the correlation of the two half-datasets' ΔF (``F_light,half1 − F_dark,half1``
+    against the same of half 2) over the reflections both conditions observed in both
+    halves: the ΔF analogue of CC½, near 0 while the difference is noise.  ``significant``:
+    reflections with ``|ΔF| / σ(ΔF) > significant_z`` (σ mean-field, over-confident: a
+    relative figure).
+
+    Parameters
+    ----------
+    light, dark
+        :class:`~streamvi.snapshot.MergeSnapshot` of the two conditions (same table).
+    """
+    from streamvi.quality.stats import pearson, pearson_by_group
+
+    space = light.space
+    ok = [(s.obs_count[k] > 0) for s in (light, dark) for k in (1, 2)]
+    both = ok[0] & ok[1] & ok[2] & ok[3]
+    d = space.d.astype(np.float64)
+    edges = shell_edges(float(d.max()), float(d.min()), n_shells)
+    shell = shell_index(d, edges)
+    x = light.tables["half1"]["F"] - dark.tables["half1"]["F"]
+    y = light.tables["half2"]["F"] - dark.tables["half2"]["F"]
+    sel = both & np.isfinite(x) & np.isfinite(y)
+    cc, n = pearson_by_group(x[sel], y[sel], shell[sel], n_shells)
+    seen = (light.obs_count[0] > 0) & (dark.obs_count[0] > 0)
+    df = light.tables["all"]["F"][seen] - dark.tables["all"]["F"][seen]
+    sigdf = np.hypot(light.tables["all"]["SIGF"][seen], dark.tables["all"]["SIGF"][seen])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.abs(df) / sigdf
+    return {"delta_cc_half": [float(c) for c in cc],
+            "delta_cc_half_overall": float(pearson(x[sel], y[sel])) if sel.sum() >= 3
+            else float("nan"),
+            "pairs": [int(v) for v in n], "d_min": [float(e) for e in edges[1:]],
+            "reflections": int(seen.sum()),
+            "significant": int(np.sum(np.isfinite(z) & (z > significant_z)))}

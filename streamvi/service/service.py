@@ -52,6 +52,7 @@ from streamvi.merging.reference import ReferenceSetting, check_same_lattice, rea
 from streamvi.merging.trainer import TrainerConfig
 from streamvi.publish.mtz import MtzInfo, write_difference_mtz
 from streamvi.publish.mtz_files import MtzSnapshots
+from streamvi.quality.difference import difference_figures
 from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
                                         remove_stale_temp_files)
@@ -160,6 +161,9 @@ class Service:
         #: with conditions: ``latest-<condition>.mtz`` per condition and
         #: ``latest-<condition>-minus-<reference>.mtz`` per other condition
         self.condition_mtz: dict[str, MtzSnapshots] = {}
+        #: per light-minus-dark pair, the figures of the latest publish
+        #: (:func:`streamvi.quality.difference.difference_figures`)
+        self.latest_differences: dict[str, dict] = {}
         self.difference_mtz: dict[str, MtzSnapshots] = {}
         for i, name in enumerate(self.conditions or ()):
             self.condition_mtz[name] = MtzSnapshots(self.out_dir, keep=config.keep_snapshots,
@@ -619,16 +623,23 @@ class Service:
         """``latest-<condition>.mtz`` per condition and the differences against the
         reference (DF, SIGDF, W, WDF; docs/time-resolved.md), each replaced atomically."""
         ref = self.conditions[0]
+        figures = {}
         for name, snap in snaps.items():
             self.condition_mtz[name].write(snap)
             if name == ref:
                 continue
+            try:
+                figures[f"{name}-minus-{ref}"] = difference_figures(
+                    snap, snaps[ref], n_shells=self.config.n_shells)
+            except Exception:  # noqa: BLE001 - the files are written all the same
+                log.exception("difference figures of %s minus %s failed", name, ref)
 
             def difference(path, *, info, light=snap, name=name):
                 return write_difference_mtz(light, snaps[ref], path, names=(name, ref),
                                             info=info)
 
             self.difference_mtz[name].write(snap, writer=difference)
+        self.latest_differences = figures
 
     def _observe(self, snap: MergeSnapshot, sum_i_half: np.ndarray,
                  wilson: np.ndarray | None) -> Feedback | None:

@@ -160,6 +160,12 @@ def service_status(service: "Service") -> dict[str, Any]:
         "mtz_written": service.mtz.n_written, "mtz_errors": service.mtz.n_errors,
         "device": str(engine.device) if engine is not None else None,
         "om": service.om_status(),
+        # pump-probe: images per condition and, per light-minus-dark pair, the latest
+        # publish's half-set CC of ΔF and significant differences (docs/time-resolved.md)
+        "condition_images": ({} if st is None or not service.conditions else
+                             dict(zip(service.conditions,
+                                      (int(n) for n in st.condition_images())))),
+        "differences": dict(service.latest_differences),
     }
 
 
