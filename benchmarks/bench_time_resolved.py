@@ -2,9 +2,12 @@
 
 Simulates ``--images`` stills (default 1,200: P 4₃2₁2 lysozyme-like, 2.0 Å), dark and light
 interleaved 1:1, the light state with ``--light-change`` (default: 5 atoms moved by 1.5 Å at
-30 % occupancy), then estimates ΔF = F_light − F_dark four ways:
+30 % occupancy), then estimates ΔF = F_light − F_dark five ways:
 
-- ``coupled``: (a) one streamvi merge with conditions, the light amplitudes under the
+- ``online``: (a) live: ``serve --conditions dark,light`` (coupled prior), the crystals sent
+  over loopback ZeroMQ at 200 images/s, trained until every image had 8 visits, its
+  ``latest-light-minus-dark.mtz`` judged;
+- ``coupled``: (a) offline: one streamvi merge with conditions, the light amplitudes under the
   double-Wilson prior given the dark ones (``streamvi merge``'s default with conditions);
 - ``joint``: (b) one streamvi merge with conditions ``dark, light`` (one shared scale model,
   independent Wilson priors per condition, ``--no-coupled-prior``;
@@ -26,7 +29,7 @@ of DF on the true ΔF over the 10 % largest true changes (1: the change kept at 
 a prior that hid changes would lower it).
 
     python benchmarks/bench_time_resolved.py [--images N] [--dmin D] [--light-change SPEC]
-        [--steps S] [--methods coupled,joint,inverse_variance,separate,truth] [--out results.jsonl]
+        [--steps S] [--methods online,coupled,joint,inverse_variance,separate,truth] [--out results.jsonl]
 """
 from __future__ import annotations
 
@@ -84,6 +87,44 @@ def judge(delta, truth_delta, light_sites: np.ndarray, dark_sites: np.ndarray) -
     return out
 
 
+def _online(crystals, sim, truth_delta, light_sites, dark_sites, *, rate: float = 200.0,
+            visits: int = 8, timeout_s: float = 900.0) -> dict:
+    """(a) online: a ``serve --conditions dark,light`` service in this process (its
+    defaults: d_model 16, constant learning rates, averaged posterior), the crystals sent to
+    it over loopback ZeroMQ at ``rate`` images/s, trained until every image had ``visits``
+    visits (as ``streamvi demo`` does), then its ``latest-light-minus-dark.mtz`` judged."""
+    import tempfile
+
+    import reciprocalspaceship as rs
+
+    from streamvi.config import load_config
+    from streamvi.producers.send import send_messages
+    from streamvi.service.service import Service
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(env={}, overrides={
+            "listen": ["tcp://127.0.0.1:*"], "publish_endpoint": "", "metrics_port": -1,
+            "out_dir": out, "space_group": sim.space_group, "cell": " ".join(map(str, sim.cell)),
+            "dmin": sim.dmin, "anomalous": False, "device": "cpu", "conditions": "dark,light",
+            "publish_interval": 30.0, "checkpoint_interval": 1e6})
+        t = time.perf_counter()
+        service = Service(cfg).start()
+        try:
+            send_messages(crystals, service.ingestor.bound_endpoints[0], rate=rate)
+            sent_s = time.perf_counter() - t
+            service.wait_until(lambda s: s.crystals_merged == len(crystals)
+                               and s.all_visited(visits), timeout=timeout_s)
+            service.publish_now()
+            steps = service.engine.trainer.step
+        finally:
+            service.stop()
+        seconds = time.perf_counter() - t
+        delta = rs.read_mtz(_os.path.join(out, "latest-light-minus-dark.mtz"))
+    return {"seconds": seconds, "stream_seconds": sent_s, "rate": rate, "visits": visits,
+            "steps": steps, "light_scale": 1.0, **judge(delta, truth_delta, light_sites,
+                                                          dark_sites)}
+
+
 def _scaled(light_f: np.ndarray, dark_f: np.ndarray) -> float:
     """Factor putting ``light_f`` on ``dark_f``'s scale: the ratio of their means (a least-
     squares fit of noisy amplitudes would be biased low by their noise)."""
@@ -111,7 +152,7 @@ def _delta_from(light, dark, *, rescale: bool):
     return ds, k
 
 
-METHODS = ("coupled", "joint", "inverse_variance", "separate", "truth")
+METHODS = ("online", "coupled", "joint", "inverse_variance", "separate", "truth")
 
 
 def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | None,
@@ -166,6 +207,9 @@ def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | 
                       "light_scale": 1.0,
                       "r_shells": [round(x, 4) for x in engine.coupled_correlations()["light"]],
                       **fig})
+    if "online" in methods:         # (a) live: serve --conditions dark,light over loopback
+        lines.append({"method": "online", **_online(crystals, sim, truth_delta, light_sites,
+                                                     dark_sites)})
     if "joint" in methods:          # (b) one joint merge with conditions
         _, engine, seconds = merge(crystals, ("dark", "light"))
         snaps = engine.condition_snapshots()
