@@ -126,6 +126,35 @@ def test_posterior_moments_match_monte_carlo():
     np.testing.assert_allclose(i_std.numpy(), (F ** 2).std(0).numpy(), rtol=2e-2)
 
 
+def test_rice_rows_match_scipys_rice_and_their_moments_their_draws():
+    loc = torch.tensor([1e-3, 0.3, 1.0, 5.0, 0.5, 2.0])
+    scale = torch.tensor([1.0, 0.8, 0.2, 0.05, 0.4, 0.3])
+    post = FoldedNormalPosterior(6, 1, init_loc=loc, init_scale=scale)
+    rice = torch.tensor([True, True, True, True, False, False])
+    post.use_rice(rice)
+    rows = torch.arange(6)
+    F = torch.tensor([[0.01, 0.4, 1.1, 4.98, 0.3, 2.2], [1.5, 0.05, 0.7, 5.1, 0.9, 1.6]])
+    lp = post.log_prob(F, 0, rows).detach().numpy()
+    want = np.where(rice.numpy(),
+                    stats.rice(b=(loc / scale).numpy(), scale=scale.numpy()).logpdf(F.numpy()),
+                    stats.foldnorm(c=(loc / scale).numpy(), scale=scale.numpy()).logpdf(F.numpy()))
+    np.testing.assert_allclose(lp, want, rtol=2e-4, atol=2e-4)
+    with torch.no_grad():
+        draws = post.rsample(0, rows, 400_000).double()
+    mean, std = post.moments(0)
+    i_mean, i_std = post.intensity_moments(0)
+    np.testing.assert_allclose(mean.numpy(), draws.mean(0).numpy(), rtol=5e-3, atol=2e-3)
+    np.testing.assert_allclose(std.numpy(), draws.std(0).numpy(), rtol=1e-2)
+    np.testing.assert_allclose(i_mean.numpy(), (draws ** 2).mean(0).numpy(), rtol=1e-2)
+    np.testing.assert_allclose(i_std.numpy(), (draws ** 2).std(0).numpy(), rtol=2e-2)
+    # the closed form against scipy's (which overflows at ν/σ = 100)
+    np.testing.assert_allclose(mean.numpy()[:3], stats.rice(b=(loc / scale).numpy()[:3],
+                                                            scale=scale.numpy()[:3]).mean(),
+                               rtol=1e-5)
+    second = post.second_moment(loc, scale, rows)
+    np.testing.assert_allclose(second.numpy(), i_mean.numpy(), rtol=1e-6)
+
+
 def test_posterior_gradients_are_sparse_and_finite():
     post = FoldedNormalPosterior(10, 3, init_loc=torch.ones(10))
     F = post.rsample(torch.tensor([0, 2, 1]), torch.tensor([3, 3, 7]), 5)
@@ -470,7 +499,7 @@ def test_sync_free_objective_equals_the_unique_one(n_ops, weighted):
         model.sync_free = sync_free
         model.standardizer.update(batch.metadata, batch.iobs)
         # a draw per row that does not depend on how the rows were gathered
-        model.posterior.sample_with = lambda loc, scale, mc, generator: torch.stack(
+        model.posterior.sample_with = lambda loc, scale, mc, generator, rows=None: torch.stack(
             [torch.abs(loc + scale * z) for z in (-1.0, 0.3, 1.2)][:mc])
         terms = model(batch, generator=torch.Generator().manual_seed(0))
         terms.loss.backward()

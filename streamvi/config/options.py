@@ -228,6 +228,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("likelihood", str, "student_t", "the likelihood of each observed intensity: "
            "`student_t` (32 degrees of freedom, robust to outliers) or `normal`", "model",
            commands=("merge",), choices=("student_t", "normal"), target="trainer.likelihood"),
+    Option("surrogate", str, "folded_normal", "surrogate posterior of the acentric "
+           "amplitudes: `folded_normal` or `rice` (a Rice distribution, whose density falls to "
+           "0 at F = 0 as the acentric Wilson prior's does; docs/model.md, change 14). Centric "
+           "amplitudes keep the folded normal", "model", commands=TRAINING,
+           choices=("folded_normal", "rice"), target="trainer.surrogate"),
     Option("scale_kl_weight", float, 0.03, "weight of the image-scale prior against the data "
            "(see docs/model.md)", "model", commands=TRAINING, target="trainer.scale_kl_weight"),
     Option("posterior_average", float, 0.99, "publish each merged reflection's exponential "

@@ -28,6 +28,8 @@ from streamvi.merging.model.standardize import Standardizer
 from streamvi.merging.optim import RowSparseAdam
 
 LIKELIHOODS = ("student_t", "normal")
+#: surrogate posteriors of the acentric rows (centric rows keep the folded normal)
+SURROGATES = ("folded_normal", "rice")
 
 
 @dataclass
@@ -100,6 +102,9 @@ class TrainerConfig:
     #: a per-image relative B in the scale model's output, ``log scale += b_i · 1/d²``
     #: (standardised), ``b_i`` from the image vector (docs/model.md, change 13)
     image_b_term: bool = False
+    #: surrogate of the acentric rows: ``folded_normal`` or ``rice`` (docs/model.md,
+    #: change 14; centric rows keep the folded normal)
+    surrogate: str = "folded_normal"
     geometry_rotation_deg: float = 0.05
     geometry_dilation: float = 0.002
     geometry_lr: float = 0.15
@@ -110,6 +115,8 @@ class TrainerConfig:
                              f"{self.posterior_average_decay}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.refine_geometry and not (self.geometry_rotation_deg > 0
                                          and self.geometry_dilation > 0
@@ -306,6 +313,8 @@ class Trainer:
             prior, posterior, scale_model, likelihood, mc_samples=config.mc_samples,
             kl_weight=config.kl_weight, standardizer=Standardizer(n_metadata),
             scale_kl_weight=config.scale_kl_weight).to(self.device)
+        if config.surrogate == "rice":
+            self.model.posterior.use_rice(~self.model.prior.centric)
         self._configure_scale_forward()
         self.scale_optimizer = _adam(list(self.model.scale_model.parameters())
                                      + list(self.model.likelihood.parameters()), lr=config.lr,
@@ -653,9 +662,10 @@ class Trainer:
                              "with, or in a fresh out_dir")
         # checkpoints from before pooled_merge_ratio existed were written without it
         for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio", "error_model",
-                     "image_b_term"):
+                     "image_b_term", "surrogate"):
             value = (saved.get(name, False)
                      if name in ("pooled_merge_ratio", "error_model", "image_b_term")
+                     else saved.get(name, "folded_normal") if name == "surrogate"
                      else saved[name])
             if value != getattr(self.config, name):
                 raise ValueError(f"checkpoint has {name}={value!r}, trainer has "

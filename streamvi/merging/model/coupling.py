@@ -116,10 +116,10 @@ class DoubleWilsonCoupling(nn.Module):
         Fc = F.clamp_min(_F_FLOOR)
         Fr = F_ref.clamp_min(0.0)
         x = 2.0 * r * Fc * Fr / v
-        # log I0(x) = x + log(i0e(x)) keeps large arguments finite
+        # I0(x) = e^x i0e(x): the exponent is then −(F − r F_ref)²/v, no large terms that
+        # cancel where the reference is strong
         acentric = (math.log(2.0) + torch.log(Fc) - torch.log(v)
-                    - (Fc * Fc + r * r * Fr * Fr) / v
-                    + x + torch.log(torch.special.i0e(x)))
+                    - (Fc - r * Fr) ** 2 / v + torch.log(torch.special.i0e(x)))
         mu = r * Fr
         a = -0.5 * (F - mu) ** 2 / v
         b = -0.5 * (F + mu) ** 2 / v

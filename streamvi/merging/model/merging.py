@@ -227,7 +227,7 @@ class VariationalMergingModel(nn.Module):
             rows = batch.asu_id.gather(0, batch.image_op[batch.image_index].unsqueeze(0))[0]
         loc, scale = self.posterior.loc_scale(self.posterior.flat_index(self.full_table(batch),
                                                                         rows))
-        return torch.asinh(iobs / (loc * loc + scale * scale).clamp_min(1e-6))
+        return torch.asinh(iobs / self.posterior.second_moment(loc, scale, rows).clamp_min(1e-6))
 
     def _expected_scale_and_intensity(self, row_ids: torch.Tensor, scale_loc: torch.Tensor,
                                       scale_scale: torch.Tensor, table: int | torch.Tensor = 0
@@ -235,7 +235,8 @@ class VariationalMergingModel(nn.Module):
         """``E[scale]`` per reflection and ``E_q[F²]`` of rows ``row_ids`` (in ``table``:
         0, or per reflection its condition's full table)."""
         loc, scale = self.posterior.loc_scale(self.posterior.flat_index(table, row_ids))
-        return torch.exp(scale_loc + 0.5 * scale_scale ** 2), loc * loc + scale * scale
+        return (torch.exp(scale_loc + 0.5 * scale_scale ** 2),
+                self.posterior.second_moment(loc, scale, row_ids))
 
     def _image_log_likelihood(self, batch: Batch, ipred: torch.Tensor, iobs: torch.Tensor,
                               sigiobs: torch.Tensor) -> torch.Tensor:
@@ -309,7 +310,8 @@ class VariationalMergingModel(nn.Module):
             unique_flat, inverse = torch.unique(flat, return_inverse=True)
             first = None
             loc, scale = post.loc_scale(unique_flat)
-        F = post.sample_with(loc, scale, self.mc_samples, generator)  # (mc, u)
+        rows = torch.remainder(unique_flat, post.n_rows)
+        F = post.sample_with(loc, scale, self.mc_samples, generator, rows=rows)  # (mc, u)
         F_obs = torch.index_select(F, 1, inverse)  # backward is index_add_, cheaper than index_put_
         ipred = scale_sample * F_obs * F_obs
         ll = self.likelihood.log_prob(ipred, iobs, sigiobs)
@@ -318,8 +320,7 @@ class VariationalMergingModel(nn.Module):
         else:
             # rejected images add nothing; the mean stays per observation of the batch
             nll = -(ll * obs_keep).sum() / (ll.shape[0] * ll.shape[1])
-        rows = torch.remainder(unique_flat, post.n_rows)
-        log_q = post.log_prob_with(F, loc, scale)
+        log_q = post.log_prob_with(F, loc, scale, rows=rows)
         log_p = self.prior.log_prob(F, rows)
         ref_flat = None
         if self.coupling is not None:
@@ -354,7 +355,7 @@ class VariationalMergingModel(nn.Module):
         if coupling.n_conditions > 1:
             ref_flat = (3 * coupling.reference + torch.remainder(table, 3)) * post.n_rows + rows
             loc_r, scale_r = post.loc_scale(ref_flat, dense_grad=self.sync_free)
-            F_ref = post.sample_with(loc_r, scale_r, self.mc_samples, generator)
+            F_ref = post.sample_with(loc_r, scale_r, self.mc_samples, generator, rows=rows)
             conditional = coupling.log_prob(F, F_ref, condition, rows, variance, centric)
             log_p = torch.where(condition != coupling.reference, conditional, log_p)
         if coupling.fixed is not None:

@@ -69,6 +69,26 @@ class FoldedNormalPosterior(nn.Module):
         #: ``(n_rows,)`` the unit of each row's location and scale (see the module docstring)
         self.register_buffer("unit", torch.ones(self.n_rows, dtype=torch.float32))
         self.weight = nn.Parameter(self._raw(init_loc, init_scale).repeat(self.n_tables, 1))
+        #: ``(n_rows,)`` bool where the row's surrogate is a Rice distribution instead of a
+        #: folded normal (:meth:`use_rice`), or None: folded normals everywhere
+        self.rice: torch.Tensor | None = None
+
+    def use_rice(self, rows: torch.Tensor) -> None:
+        """Make the surrogate of the rows where ``rows`` (``(n_rows,)`` bool, e.g. the
+        acentric ones) a Rice distribution ``|ν + σ·(z₁ + i z₂)|`` with the same two
+        parameters: its density falls to 0 at F = 0 as the acentric Wilson prior's does,
+        where a folded normal keeps a finite density and pushes weak amplitudes up
+        (docs/model.md, change 14).  Not a module buffer: checkpoints keep their keys."""
+        self.rice = torch.as_tensor(rows, dtype=torch.bool, device=self.weight.device
+                                    ).reshape(-1).clone()
+        if self.rice.shape[0] != self.n_rows:
+            raise ValueError(f"rows has {self.rice.shape[0]} entries, expected {self.n_rows}")
+
+    def _rice_of(self, rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """The Rice flag of ``rows`` broadcast like ``like`` (None: no Rice rows)."""
+        if self.rice is None or rows is None:
+            return None
+        return self.rice.index_select(0, rows.reshape(-1)).reshape(rows.shape)
 
     @staticmethod
     def _raw(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -138,16 +158,43 @@ class FoldedNormalPosterior(nn.Module):
         return (unit * F_nn.softplus(raw[..., 0]),
                 unit * (F_nn.softplus(raw[..., 1]) + _SCALE_FLOOR))
 
-    @staticmethod
-    def sample_with(loc: torch.Tensor, scale: torch.Tensor, mc: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised ``(mc, n)`` draws of ``|loc + scale * z|``."""
+    def sample_with(self, loc: torch.Tensor, scale: torch.Tensor, mc: int,
+                    generator: torch.Generator | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Reparameterised ``(mc, n)`` draws of ``|loc + scale * z|`` (Rice rows among
+        ``rows``: ``|loc + scale * (z₁ + i z₂)|``)."""
         z = torch.randn((mc,) + tuple(loc.shape), generator=generator, device=loc.device,
                         dtype=loc.dtype)
-        return torch.abs(loc + scale * z)
+        folded = torch.abs(loc + scale * z)
+        rice = self._rice_of(rows, loc)
+        if rice is None:
+            return folded
+        z2 = torch.randn((mc,) + tuple(loc.shape), generator=generator, device=loc.device,
+                         dtype=loc.dtype)
+        return torch.where(rice, torch.hypot(loc + scale * z, scale * z2), folded)
+
+    def log_prob_with(self, F: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-density of ``F`` under each row's surrogate (see :meth:`folded_log_prob`;
+        Rice rows among ``rows``: :meth:`rice_log_prob`)."""
+        folded = self.folded_log_prob(F, loc, scale)
+        rice = self._rice_of(rows, loc)
+        if rice is None:
+            return folded
+        return torch.where(rice, self.rice_log_prob(F, loc, scale), folded)
 
     @staticmethod
-    def log_prob_with(F: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def rice_log_prob(F: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Rice log-density ``F/σ² · exp(−(F² + ν²)/2σ²) · I₀(Fν/σ²)``, ``ν = loc``,
+        ``σ = scale``, written with ``I₀(x) = eˣ i0e(x)`` as ``F/σ² · exp(−(F − ν)²/2σ²) ·
+        i0e(Fν/σ²)``: no large terms that cancel for sharp posteriors."""
+        s2 = scale * scale
+        Fc = F.clamp_min(1e-30)
+        return (torch.log(Fc) - torch.log(s2) - (Fc - loc) ** 2 / (2.0 * s2)
+                + torch.log(torch.special.i0e(Fc * loc / s2)))
+
+    @staticmethod
+    def folded_log_prob(F: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Folded-normal log-density of ``F`` (``(..., n)``) given ``loc``, ``scale`` ``(n,)``.
 
         ``log(e^a + e^b) = max(a, b) + log1p(e^-|a-b|)`` with ``|a-b| = 2|F·loc|/scale²``
@@ -166,13 +213,22 @@ class FoldedNormalPosterior(nn.Module):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """``(mc, n)`` reparameterised amplitude samples of ``row_ids`` in ``table``."""
         loc, scale = self.loc_scale(self.flat_index(table, row_ids))
-        return self.sample_with(loc, scale, mc, generator)
+        return self.sample_with(loc, scale, mc, generator, row_ids)
 
     def log_prob(self, F: torch.Tensor, table: int | torch.Tensor,
                  row_ids: torch.Tensor) -> torch.Tensor:
         """Log-density of amplitudes ``F`` (``(..., n)``) of ``row_ids`` in ``table``."""
         loc, scale = self.loc_scale(self.flat_index(table, row_ids))
-        return self.log_prob_with(F, loc, scale)
+        return self.log_prob_with(F, loc, scale, row_ids)
+
+    def second_moment(self, loc: torch.Tensor, scale: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``E[F²]``: ``loc² + scale²`` (folded normal), ``loc² + 2 scale²`` (Rice rows)."""
+        rice = self._rice_of(rows, loc)
+        s2 = scale * scale
+        if rice is None:
+            return loc * loc + s2
+        return loc * loc + torch.where(rice, 2.0 * s2, s2)
 
     @torch.no_grad()
     def _table_params(self, table: int, weight: torch.Tensor | None = None
@@ -193,7 +249,18 @@ class FoldedNormalPosterior(nn.Module):
         mu, sigma = self._table_params(table, weight)
         mean = (sigma * math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * (mu / sigma) ** 2)
                 + mu * torch.erf(mu / (sigma * math.sqrt(2.0))))
-        var = (mu * mu + sigma * sigma - mean * mean).clamp_min(0.0)
+        second = mu * mu + sigma * sigma
+        if self.rice is not None:
+            # Rice: E[F] = σ √(π/2) L½(−ν²/2σ²), L½(−2a) = (1 + 2a) i0e(a) + 2a i1e(a),
+            # a = ν²/4σ²; E[F²] = ν² + 2σ²
+            a = (mu / sigma) ** 2 / 4.0
+            rice_mean = (sigma * math.sqrt(math.pi / 2.0)
+                         * ((1.0 + 2.0 * a) * torch.special.i0e(a)
+                            + 2.0 * a * torch.special.i1e(a)))
+            rice = self.rice.to(mu.device)
+            mean = torch.where(rice, rice_mean, mean)
+            second = torch.where(rice, mu * mu + 2.0 * sigma * sigma, second)
+        var = (second - mean * mean).clamp_min(0.0)
         return mean, torch.sqrt(var)
 
     @torch.no_grad()
@@ -206,4 +273,9 @@ class FoldedNormalPosterior(nn.Module):
         """
         mu, sigma = self._table_params(table, weight)
         s2 = sigma * sigma
-        return mu * mu + s2, torch.sqrt(4.0 * mu * mu * s2 + 2.0 * s2 * s2)
+        if self.rice is None:
+            return mu * mu + s2, torch.sqrt(4.0 * mu * mu * s2 + 2.0 * s2 * s2)
+        # Rice: F² = X² + Y², X ~ N(ν, σ²), Y ~ N(0, σ²): E = ν² + 2σ², Var = 4ν²σ² + 4σ⁴
+        rice = self.rice.to(mu.device)
+        return (mu * mu + torch.where(rice, 2.0 * s2, s2),
+                torch.sqrt(4.0 * mu * mu * s2 + torch.where(rice, 4.0, 2.0) * s2 * s2))
