@@ -5,6 +5,7 @@ runs, a checkpoint that restarts with both conditions (streamvi/service/service.
 from __future__ import annotations
 
 import logging
+import re
 import urllib.request
 
 import gemmi
@@ -17,6 +18,7 @@ from streamvi.errors import ConfigError
 from streamvi.producers.send import send_messages
 from streamvi.service.service import Service, service_conditions
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+from test_http import chromium
 
 SIM = SimulationConfig(n_images=60, seed=4, dmin=3.0, conditions=("dark", "light"),
                        condition_ratio=(1, 1), light_change="move=4,shift=1.5,fraction=0.3")
@@ -56,8 +58,17 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
         service.publish_now()
         with urllib.request.urlopen(service.metrics_server.url + "metrics", timeout=10) as r:
             metrics = r.read().decode()
+        dom = chromium(service.metrics_server.url, tmp_path / "page", "--dump-dom"
+                       ).stdout.decode()
     finally:
         service.stop()
+    # the status page's difference panel: shown, ten shells and the overall line
+    panel = re.search(r'<section class="panel" id="differences"( hidden)?', dom)
+    assert panel is not None and panel.group(1) is None
+    body = re.search(r'<tbody id="diff-rows">(.*?)</tbody>', dom, re.S).group(1)
+    assert body.count("<tr") == 11 and "light-minus-dark" in body
+    assert re.search(r"light-minus-dark: overall.*?significant", dom, re.S)
+    assert "dark 30 · light 30" in dom
     assert 'streamvi_condition_images{condition="light"} 30.0' in metrics
     assert 'streamvi_delta_cc_half{pair="light-minus-dark",shell="overall"}' in metrics
     assert 'streamvi_delta_significant{pair="light-minus-dark"}' in metrics

@@ -509,6 +509,35 @@ function markLive() {
   el.classList.toggle("stale", age > STALE_S);
 }
 
+function renderDifferences(d) {
+  const s = d.status || {};
+  const pairs = Object.entries(s.differences || {});
+  $("differences").hidden = pairs.length === 0;
+  if (!pairs.length) return;
+  const images = Object.entries(s.condition_images || {})
+    .map(([c, n]) => `${c} ${fmtInt(n)}`).join(" · ");
+  setText("diff-info", `images: ${images}`);
+  const rows = [], foot = [];
+  for (const [pair, f] of pairs) {
+    const head = document.createElement("tr");
+    head.append(cell(pair), cell(""), cell(""), cell(""));
+    head.className = "pair";
+    rows.push(head);
+    f.delta_cc_half.forEach((cc, i) => {
+      const tr = document.createElement("tr");
+      tr.append(cell(String(i + 1)), cell(fmt(f.d_min[i], 2)), cell(fmtInt(f.pairs[i])),
+                cell(fmt(cc, 3)));
+      rows.push(tr);
+    });
+    const tr = document.createElement("tr");
+    tr.append(cell(`${pair}: overall`), cell(`${fmtInt(f.reflections)} reflections`),
+              cell(`${fmtInt(f.significant)} significant`), cell(fmt(f.delta_cc_half_overall, 3)));
+    foot.push(tr);
+  }
+  $("diff-rows").replaceChildren(...rows);
+  $("diff-overall").replaceChildren(...foot);
+}
+
 async function tick() {
   try {
     const r = await fetch("/api/status", { cache: "no-store" });
@@ -518,6 +547,7 @@ async function tick() {
     renderTiles(d);
     renderTargets(d);
     renderTable(d);
+    renderDifferences(d);
     renderPlots(d);
     lastOk = Date.now();
     document.body.dataset.updated = String(lastOk);
