@@ -362,6 +362,47 @@ def test_falloff_record_keeps_only_near_full_observations(stills):
     assert float(engine._falloff[1].sum()) == pytest.approx(batch.n_reflections)
 
 
+def test_falloff_at_bragg_reads_the_scales_on_the_bragg_condition(stills):
+    """With falloff_at_bragg the record is read at the snapshot from the network with every
+    reflection's Ewald offset and ratio at 0 (the image vectors pooled as observed): its
+    sums are those of scale_distribution(at_bragg=True), not of the observations' own."""
+    from streamvi.merging.engine import FALLOFF_BINS
+    from streamvi.merging.model.metadata import Column
+
+    crystals, space = stills
+    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
+                         EngineConfig(batch_images=4, falloff_at_bragg=True))
+    engine.add_many(crystals)
+    engine.train(20)
+    sums, counts = engine._falloff_at_bragg()
+    assert counts.sum() == engine.store.n_reflections      # 12 stills: every one read
+    model = engine.trainer.model
+    batch = engine.store.batch(np.arange(engine.n_images))
+    with torch.no_grad():
+        at = model.scale_distribution(batch, at_bragg=True)[2].double().numpy()
+        seen = model.scale_distribution(batch)[2].double().numpy()
+        moved = batch.metadata.clone()
+        moved[:, Column.EWALD_OFFSET] = 0.0
+        moved[:, Column.EWALD_RATIO] = 0.0
+        # the same as a batch whose observations lay on their Bragg condition, but for
+        # the image vectors, which still pool the observations as they are
+        std = model.standardizer
+        head = std.standardize_metadata(moved)
+        iobs = std.standardize_intensity(batch.iobs)
+        sig = std.standardize_intensity(batch.sigiobs)
+        extra = model._merge_ratio(batch, iobs)
+        direct = model.scale_model(std.standardize_metadata(batch.metadata), iobs, sig,
+                                   batch.image_index, batch.n_images, extra,
+                                   head_metadata=head)[0].double().numpy()
+    np.testing.assert_allclose(at, direct, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(at, seen)
+    inv_d2 = batch.metadata[:, Column.INV_D2].double().numpy()
+    bins = np.clip((inv_d2 * FALLOFF_BINS * space.dmin ** 2).astype(int), 0, FALLOFF_BINS - 1)
+    np.testing.assert_allclose(sums, np.bincount(bins, at, FALLOFF_BINS), rtol=1e-6, atol=1e-6)
+    snap = engine.snapshot()
+    assert snap.falloff_b is None or np.isfinite(snap.falloff_b)
+
+
 # --- pump-probe conditions ----------------------------------------------------------------
 
 def _merge(crystals, space, conditions=None, steps=30):

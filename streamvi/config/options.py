@@ -267,6 +267,11 @@ OPTIONS: tuple[Option, ...] = (
            "overall CC 0.894 against 0.719), wrong by 2-4 A^2 on the project's simulator "
            "(docs/model.md, change 10)", "model", commands=TRAINING,
            target="engine.falloff_near_full"),
+    Option("falloff_at_bragg", bool, False, "take that geometric mean instead from the "
+           "image-scale network read with every reflection on its Bragg condition, over a "
+           "sample of the stored images at each snapshot: the images' scales free of "
+           "partiality, whatever trend the partialities have (docs/model.md, change 15)",
+           "model", commands=TRAINING, target="engine.falloff_at_bragg"),
     Option("posterior_wilson_units", bool, False, "express each reflection's surrogate "
            "location and scale in units of its Wilson r.m.s. amplitude √(εΣ), so every row "
            "travels from its Wilson start at the same relative speed (docs/model.md, change "

@@ -48,6 +48,8 @@ FALLOFF_MIN_BINS = 5
 #: with ``EngineConfig.falloff_near_full``, only observations within this many profile radii
 #: of the Bragg condition enter the record (docs/model.md, change 10)
 FALLOFF_FULL_RATIO = 1.0
+#: with ``EngineConfig.falloff_at_bragg``, images read for the record at each snapshot
+FALLOFF_BRAGG_IMAGES = 256
 
 
 @dataclass
@@ -88,6 +90,10 @@ class EngineConfig:
         :data:`FALLOFF_FULL_RATIO` profile radii of the Bragg condition) instead of all
         recorded ones: right where the partialities have a resolution trend of their own
         (CrystFEL ``partial_sim``), wrong by 2-4 Å² on the project's simulator (docs/model.md).
+    falloff_at_bragg
+        Take the record instead, at each snapshot, from the scale network read with every
+        reflection on its Bragg condition (:meth:`_falloff_at_bragg`): the images' scales
+        free of partiality, whatever trend the partialities have (docs/model.md, change 15).
     refresh_growth, refresh_idle_steps
         When to restart the rows at their merge given the current scales
         (:meth:`MergeEngine.refresh_rows`) while training goes on: each time the store has
@@ -106,6 +112,7 @@ class EngineConfig:
     wilson_min_images: int = 32
     recentre_falloff: bool = True
     falloff_near_full: bool = False
+    falloff_at_bragg: bool = False
     refresh_growth: float = 0.0
     refresh_idle_steps: int = 0
 
@@ -328,7 +335,10 @@ class MergeEngine:
         ``s²_ref`` the observations' mean 1/d², so their overall level stays.  None while
         fewer than :data:`FALLOFF_MIN_BINS` bins have :data:`FALLOFF_MIN_COUNT` observations.
         """
-        sums, counts = self._falloff.double().cpu().numpy()
+        if self.config.falloff_at_bragg:
+            sums, counts = self._falloff_at_bragg()
+        else:
+            sums, counts = self._falloff.double().cpu().numpy()
         ok = counts >= FALLOFF_MIN_COUNT
         if ok.sum() < FALLOFF_MIN_BINS:
             return None
@@ -338,6 +348,38 @@ class MergeEngine:
         beta = float(np.sum(w * (x - x_ref) * (y - np.average(y, weights=w)))
                      / np.sum(w * (x - x_ref) ** 2))
         return beta, x_ref
+
+    @torch.no_grad()
+    def _falloff_at_bragg(self, max_images: int = FALLOFF_BRAGG_IMAGES
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """The fall-off record of ``falloff_at_bragg``: sums of the scale network's log
+        location with every reflection put on its Bragg condition
+        (:meth:`VariationalMergingModel.scale_distribution` ``at_bragg``), and their counts,
+        per resolution bin, over up to ``max_images`` stored images spread evenly through
+        the store (rejected ones left out).  Read at each snapshot, not while training."""
+        sums = np.zeros(FALLOFF_BINS)
+        counts = np.zeros(FALLOFF_BINS)
+        n = self.store.n_images
+        if n == 0:
+            return sums, counts
+        ids = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(np.int64))
+        ids = ids[~self.store.image_rejected[ids]]
+        model = self.trainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            for lo in range(0, ids.size, 64):
+                b = self.store.batch(ids[lo:lo + 64])
+                loc = model.scale_distribution(b, at_bragg=True)[2].double().cpu().numpy()
+                inv_d2 = b.metadata[:, Column.INV_D2].double().cpu().numpy()
+                bins = np.clip((inv_d2 * (FALLOFF_BINS / self._inv_d2_max)).astype(np.int64),
+                               0, FALLOFF_BINS - 1)
+                ok = np.isfinite(loc)
+                sums += np.bincount(bins[ok], loc[ok], FALLOFF_BINS)
+                counts += np.bincount(bins[ok], minlength=FALLOFF_BINS)
+        finally:
+            model.train(was_training)
+        return sums, counts
 
     def _wilson_due(self, frozen: bool) -> bool:
         """Whether Σ is to be (re)set now: provisional once enough is stored, final at freeze."""

@@ -29,6 +29,7 @@ from torch import nn
 from streamvi.merging.model.batch import Batch
 from streamvi.merging.model.coupling import DoubleWilsonCoupling
 from streamvi.merging.model.geometry import N_GEOMETRY, corrected_metadata, prior_nll
+from streamvi.merging.model.metadata import Column
 from streamvi.merging.model.posterior import FoldedNormalPosterior
 from streamvi.merging.model.prior import WilsonPrior
 from streamvi.merging.model.scale import ImageScaleModel
@@ -184,19 +185,33 @@ class VariationalMergingModel(nn.Module):
         """
         object.__setattr__(self, "_scale_forward", fn)
 
-    def scale_distribution(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor,
-                                                         torch.Tensor, torch.Tensor]:
-        """Standardised ``(iobs, sigiobs)`` and the log-normal ``(loc, scale)`` per reflection."""
+    def scale_distribution(self, batch: Batch, *, at_bragg: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Standardised ``(iobs, sigiobs)`` and the log-normal ``(loc, scale)`` per reflection.
+
+        ``at_bragg``: each reflection's scale as if it lay on its Bragg condition (Ewald
+        offset and its ratio to the profile radius 0 for the per-reflection head; the image
+        vectors still pooled from the observations as they are): the image's scale free of
+        partiality, for the fall-off record of ``EngineConfig.falloff_at_bragg``."""
         std = self.standardizer
         iobs = std.standardize_intensity(batch.iobs)
         sigiobs = std.standardize_intensity(batch.sigiobs)
-        metadata = std.standardize_metadata(self.corrected_metadata(batch))
+        raw = self.corrected_metadata(batch)
+        metadata = std.standardize_metadata(raw)
         fn = self._scale_forward if self._scale_forward is not None else self.scale_model
+        kwargs = {}
+        if at_bragg:
+            fn = self.scale_model
+            on_bragg = raw.clone()
+            on_bragg[:, Column.EWALD_OFFSET] = 0.0
+            on_bragg[:, Column.EWALD_RATIO] = 0.0
+            kwargs["head_metadata"] = std.standardize_metadata(on_bragg)
         if self.scale_model.n_pooled_extra:
             loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images,
-                            self._merge_ratio(batch, iobs))
+                            self._merge_ratio(batch, iobs), **kwargs)
         else:
-            loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images)
+            loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images,
+                            **kwargs)
         return iobs, sigiobs, loc, scale
 
     def corrected_metadata(self, batch: Batch) -> torch.Tensor:

@@ -116,7 +116,8 @@ class ImageScaleModel(nn.Module):
 
     def forward(self, metadata: torch.Tensor, iobs: torch.Tensor, sigiobs: torch.Tensor,
                 image_index: torch.Tensor, n_images: int,
-                extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                extra: torch.Tensor | None = None,
+                head_metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-normal ``(loc, scale)``, each ``(n,)``, for every reflection.
 
         Parameters
@@ -129,6 +130,10 @@ class ImageScaleModel(nn.Module):
             ``(n,)`` image of each reflection, ``0..n_images-1``.
         n_images
             Number of images in the batch.
+        head_metadata
+            What the per-reflection head sees instead of ``metadata`` (the image vectors are
+            still pooled from ``metadata``): e.g. every reflection put at its Bragg condition,
+            to read each image's scale free of partiality.
         """
         parts = [metadata, iobs.unsqueeze(1), sigiobs.unsqueeze(1)]
         if self.n_pooled_extra:
@@ -136,12 +141,13 @@ class ImageScaleModel(nn.Module):
         features = torch.cat(parts, dim=1)
         h = self.encoder(self.embed(features))
         image_vector = segment_mean(h, image_index, n_images).to(h.dtype)
-        x = self.metadata_embed(metadata) + image_vector[image_index]
+        head_in = metadata if head_metadata is None else head_metadata
+        x = self.metadata_embed(head_in) + image_vector[image_index]
         out = self.out(self.out_norm(self.head(x))).float()
         loc = out[:, 0]
         if self.b_column is not None:
             b = self.image_b(image_vector).float()[:, 0]
-            loc = loc + b[image_index] * metadata[:, self.b_column].float()
+            loc = loc + b[image_index] * head_in[:, self.b_column].float()
         return loc, F_nn.softplus(out[:, 1]) + self.min_scale
 
     def kl(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
