@@ -4,11 +4,11 @@ Simulates ``--images`` stills (default 1,200: P 4₃2₁2 lysozyme-like, 2.0 Å)
 interleaved 1:1, the light state with ``--light-change`` (default: 5 atoms moved by 1.5 Å at
 30 % occupancy), then estimates ΔF = F_light − F_dark five ways:
 
+- ``coupled``: (a) offline: one streamvi merge with conditions, the light amplitudes under the
+  double-Wilson prior given the dark ones (``streamvi merge``'s default with conditions);
 - ``online``: (a) live: ``serve --conditions dark,light`` (coupled prior), the crystals sent
   over loopback ZeroMQ at 200 images/s, trained until every image had 8 visits, its
   ``latest-light-minus-dark.mtz`` judged;
-- ``coupled``: (a) offline: one streamvi merge with conditions, the light amplitudes under the
-  double-Wilson prior given the dark ones (``streamvi merge``'s default with conditions);
 - ``joint``: (b) one streamvi merge with conditions ``dark, light`` (one shared scale model,
   independent Wilson priors per condition, ``--no-coupled-prior``;
   :meth:`MergeEngine.condition_snapshots`);
@@ -29,7 +29,7 @@ of DF on the true ΔF over the 10 % largest true changes (1: the change kept at 
 a prior that hid changes would lower it).
 
     python benchmarks/bench_time_resolved.py [--images N] [--dmin D] [--light-change SPEC]
-        [--steps S] [--methods online,coupled,joint,inverse_variance,separate,truth] [--out results.jsonl]
+        [--steps S] [--methods coupled,online,joint,inverse_variance,separate,truth] [--out results.jsonl]
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def _delta_from(light, dark, *, rescale: bool):
     return ds, k
 
 
-METHODS = ("online", "coupled", "joint", "inverse_variance", "separate", "truth")
+METHODS = ("coupled", "online", "joint", "inverse_variance", "separate", "truth")
 
 
 def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | None,

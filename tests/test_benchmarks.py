@@ -192,8 +192,8 @@ bench_time_resolved = _load("bench_time_resolved")
 def test_time_resolved_benchmark_judges_every_method():
     lines = bench_time_resolved.run(images=24, dmin=3.5, light_change="move=4,shift=1.5",
                                     seed=1, steps=10, epochs=None)
-    assert [line["method"] for line in lines] == ["joint", "inverse_variance", "separate",
-                                                  "truth"]
+    assert [line["method"] for line in lines] == ["coupled", "online", "joint",
+                                                  "inverse_variance", "separate", "truth"]
     for line in lines:
         assert line["benchmark"] == "time_resolved" and line["machine"] and line["device"]
         assert len(line["cc_shells"]) == len(line["d_shells"]) == 6
@@ -202,4 +202,8 @@ def test_time_resolved_benchmark_judges_every_method():
     # the true ΔF through the same judge: perfect correlation, and the map shows the move
     assert truth["cc"] == pytest.approx(1.0)
     assert truth["peak_light_sites"] > 3 and truth["peak_dark_sites"] < -3
-    assert lines[0]["light_scale"] == 1.0 and lines[1]["light_scale"] > 0
+    assert truth["df_gain_top10"] == pytest.approx(1.0)
+    by = {line["method"]: line for line in lines}
+    assert by["online"]["visits"] == 8 and by["online"]["steps"] > 0
+    assert len(by["coupled"]["r_shells"]) == 10 and all(0 < r < 1 for r in by["coupled"]["r_shells"])
+    assert by["joint"]["light_scale"] == 1.0 and by["inverse_variance"]["light_scale"] > 0
