@@ -25,6 +25,14 @@ SIM = SimulationConfig(n_images=60, seed=4, dmin=3.0, conditions=("dark", "light
 
 
 @pytest.fixture(scope="module")
+def dark_model(tmp_path_factory):
+    """The dark structure of SIM as coordinates (the model a crew would give)."""
+    path = tmp_path_factory.mktemp("model") / "dark.pdb"
+    simulate_structure(SIM).write_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def pump_probe():
     truth = simulate_structure(SIM)
     # three more images, of a condition the service was not given, or of none
@@ -45,9 +53,10 @@ def config(tmp_path, **kw):
 
 
 def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_probe,
-                                                                caplog):
+                                                                dark_model, caplog):
     pump_probe, stray = pump_probe
-    service = Service(config(tmp_path, metrics_port=0)).start()
+    # a non-anomalous merge with a model: it phases the difference maps
+    service = Service(config(tmp_path, metrics_port=0, model=str(dark_model))).start()
     try:
         # the reference (dark, listed second) comes first in the tables
         assert service.conditions == ("dark", "light")
@@ -69,15 +78,26 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert body.count("<tr") == 11 and "light-minus-dark" in body
     assert re.search(r"light-minus-dark: overall.*?significant", dom, re.S)
     assert "dark 30 · light 30" in dom
+    assert re.search(r'id="diff-peaks">light-minus-dark: \+\d+\.\d σ at A/', dom)
     assert 'streamvi_condition_images{condition="light"} 30.0' in metrics
     assert 'streamvi_delta_cc_half{pair="light-minus-dark",shell="overall"}' in metrics
     assert 'streamvi_delta_significant{pair="light-minus-dark"}' in metrics
+    assert 'streamvi_delta_peak_sigma{pair="light-minus-dark",sign="negative"} -' in metrics
     assert service.crystals_rejected == {"unknown_condition": 3}
     status = service.status()
     assert status["condition_images"] == {"dark": 30, "light": 30}
     fig = status["differences"]["light-minus-dark"]
     assert len(fig["delta_cc_half"]) == 10 and fig["reflections"] > 0
     assert 0 <= fig["significant"] <= fig["reflections"]
+    # the difference map's peaks and holes, named by the model's atoms (60 images: noise
+    # mostly; what is checked is that they are found, signed and named)
+    peaks = fig["peaks"]
+    assert peaks["n_reflections"] == fig["reflections"]
+    for sign, found in (("positive", peaks["positive"]), ("negative", peaks["negative"])):
+        assert found and all((p["sigma"] >= 3.0) if sign == "positive" else (p["sigma"] <= -3.0)
+                             for p in found)
+        assert all(p["nearest_atom"].startswith("A/") for p in found)
+    assert service.feedback.model is None       # no anomalous peaks without F(+)/F(-)
     # the half-set CC of ΔF, recomputed from the written files' half columns
     dark_h, light_h = (rs.read_mtz(str(tmp_path / f"latest-{c}.mtz")) for c in ("dark", "light"))
     both = dark_h.index.intersection(light_h.index)

@@ -344,7 +344,10 @@ OPTIONS: tuple[Option, ...] = (
            "merge's cell and space group. In anomalous mode each snapshot computes an anomalous "
            "difference map, ΔF·exp(i(φ − 90°)) with φ from the model (gemmi), and publishes "
            "the peak height (σ of the map) at each of the model's heavy atoms (S and heavier) "
-           "and the strongest peaks away from them. Empty: off", "targets"),
+           "and the strongest peaks away from them. With `conditions` (pump–probe) its phases "
+           "also make each light-minus-dark map (WDF), whose highest peaks and deepest holes "
+           "are published with the model's nearest atoms (heavy atoms or not, anomalous or "
+           "not). Empty: off", "targets"),
     # ------------------------------------------------------------------ reliability
     Option("checkpoint_interval", float, 60.0, "seconds between checkpoints (model, "
            "optimiser, standardisation, counters, spool position); also written on SIGTERM and "

@@ -426,14 +426,23 @@ def difference_families(status: Mapping[str, Any]) -> Iterator[Metric]:
         "streamvi_delta_significant",
         "Reflections with |Delta F| / sigma(Delta F) > 3 (sigma mean-field: a relative "
         "figure)", labels=["pair"])
+    peak = GaugeMetricFamily(
+        "streamvi_delta_peak_sigma",
+        "With a model: the light-minus-dark map's highest peak (sign=positive) and deepest "
+        "hole (sign=negative), sigma of the map; none under 3 sigma", labels=["pair", "sign"])
     for pair, fig in (status.get("differences") or {}).items():
         shells = [str(i + 1) for i in range(len(fig["delta_cc_half"]))]
         for label, value in zip(shells + ["overall"],
                                 list(fig["delta_cc_half"]) + [fig["delta_cc_half_overall"]]):
             _add_finite(cc, [pair, label], value)
         sig.add_metric([pair], float(fig["significant"]))
+        for sign in ("positive", "negative"):
+            found = (fig.get("peaks") or {}).get(sign) or []
+            if found:
+                peak.add_metric([pair, sign], float(found[0]["sigma"]))
     yield cc
     yield sig
+    yield peak
 
 
 def _geometry_families(summary: dict | None) -> Iterator[Metric]:

@@ -127,6 +127,9 @@ class PhasingModel:
         from the merge, so a model in another setting gives a meaningless map).
     heavy_z
         Atomic number from which an atom counts as heavy.
+    require_heavy
+        Refuse a model without a heavy atom (for anomalous maps); False for a model used
+        only for its phases and atoms (light-minus-dark maps).
 
     Raises
     ------
@@ -134,7 +137,7 @@ class PhasingModel:
         The file cannot be read, has no atoms, or no heavy atom.
     """
 
-    def __init__(self, path: str | Path, *, heavy_z: int = HEAVY_Z):
+    def __init__(self, path: str | Path, *, heavy_z: int = HEAVY_Z, require_heavy: bool = True):
         self.path = Path(path)
         try:
             st = gemmi.read_structure(str(self.path))
@@ -153,7 +156,7 @@ class PhasingModel:
                               f"/{cra.atom.name}")
                 elements.append(cra.atom.element.name)
                 positions.append(cra.atom.pos)
-        if not labels:
+        if not labels and require_heavy:
             raise ConfigError(f"model = {self.path}: no atom from sulfur (Z = {heavy_z}) up, so "
                               "no anomalous scatterer to follow; give a model with its heavy "
                               "atoms")
@@ -276,7 +279,18 @@ def new_peaks(grid: gemmi.FloatGrid, model: PhasingModel, space_group: gemmi.Spa
               min_distance: float = NEW_PEAK_DISTANCE) -> list[Peak]:
     """The strongest local maxima of ``grid`` farther than ``min_distance`` (Å) from every
     heavy atom of ``model`` (symmetry copies included), one per group of symmetry copies."""
-    arr = np.array(grid, copy=False)
+    return map_peaks(np.array(grid, copy=False), grid.unit_cell, model, space_group, n=n,
+                     min_sigma=min_sigma, away_from_heavy=min_distance)
+
+
+def map_peaks(arr: np.ndarray, cell: gemmi.UnitCell, model: PhasingModel,
+              space_group: gemmi.SpaceGroup, *, n: int = N_NEW_PEAKS,
+              min_sigma: float = NEW_PEAK_MIN_SIGMA,
+              away_from_heavy: float | None = None) -> list[Peak]:
+    """The ``n`` strongest local maxima of the map values ``arr`` (a grid over ``cell``, σ)
+    at or above ``min_sigma``, one per group of symmetry copies, each with the model's
+    nearest atom; with ``away_from_heavy`` (Å), only those farther than that from every
+    heavy atom.  Negate ``arr`` for the deepest minima."""
     # a local maximum over the six face neighbours (periodic), above the floor
     peak = arr >= min_sigma
     for axis in range(3):
@@ -286,19 +300,20 @@ def new_peaks(grid: gemmi.FloatGrid, model: PhasingModel, space_group: gemmi.Spa
     if idx.size == 0:
         return []
     order = np.argsort(-arr[peak])
-    cell = grid.unit_cell
     heavy, everyone = model.searches(cell, space_group)
     kept: list[Peak] = []
     shape = np.array(arr.shape, dtype=np.float64)
+    # two maxima closer than this are one peak (or symmetry copies of one)
+    apart = NEW_PEAK_DISTANCE if away_from_heavy is None else away_from_heavy
     for j in order:
         if len(kept) >= n:
             break
         f = idx[j] / shape
         pos = cell.orthogonalize(gemmi.Fractional(*map(float, f)))
-        if heavy.nearest(pos, min_distance)[0] is not None:
+        if away_from_heavy is not None and heavy.nearest(pos, away_from_heavy)[0] is not None:
             continue
-        if any(heavy.cell.find_nearest_image(gemmi.Position(*p.xyz), pos, gemmi.Asu.Any).dist()
-               < min_distance for p in kept):
+        if any(everyone.cell.find_nearest_image(gemmi.Position(*p.xyz), pos,
+                                                gemmi.Asu.Any).dist() < apart for p in kept):
             continue        # a symmetry copy of a peak already kept
         label, dist = everyone.nearest(pos, 12.0)
         kept.append(Peak(sigma=float(arr[tuple(idx[j])]), frac=[float(x) for x in f],

@@ -131,3 +131,41 @@ def difference_figures(light, dark, *, n_shells: int = DEFAULT_SHELLS,
             "pairs": [int(v) for v in n], "d_min": [float(e) for e in edges[1:]],
             "reflections": int(seen.sum()),
             "significant": int(np.sum(np.isfinite(z) & (z > significant_z)))}
+
+
+def difference_peaks(cell, space_group, hkl: np.ndarray, coefficients: np.ndarray, model, *,
+                     n: int = 5, min_sigma: float = 3.0) -> dict:
+    """Where the light-minus-dark map says something changed: its strongest positive peaks
+    and deepest negative ones (σ of the map), each with the model's nearest atom.
+
+    Parameters
+    ----------
+    cell, space_group
+        gemmi objects of the merge.
+    hkl, coefficients
+        ``(n, 3)`` indices and their map coefficients (``WDF``, or ``DF``; NaN: left out).
+    model
+        :class:`streamvi.quality.anomalous.PhasingModel` of the reference (dark) structure:
+        its phases make the map, its atoms name the peaks.
+
+    Returns
+    -------
+    dict
+        ``positive`` and ``negative``: lists of peaks (``sigma``, signed; ``frac``, ``xyz``
+        (Å), ``nearest_atom``, ``distance`` (Å)), strongest first; ``n_reflections``.
+    """
+    from dataclasses import asdict
+
+    from streamvi.quality.anomalous import difference_map, map_peaks
+
+    hkl = np.asarray(hkl, dtype=np.int32)
+    dmin = float(np.min(cell.calculate_d_array(hkl))) if len(hkl) else 1.0
+    phi = model.phases(cell, space_group, hkl, dmin)
+    grid = difference_map(cell, space_group, hkl, coefficients, phi, phase_shift_deg=0.0)
+    arr = np.array(grid, copy=False)
+    out: dict = {"n_reflections": int(np.isfinite(coefficients).sum())}
+    for sign, key in ((1.0, "positive"), (-1.0, "negative")):
+        peaks = map_peaks(sign * arr, grid.unit_cell, model, space_group, n=n,
+                          min_sigma=min_sigma)
+        out[key] = [{**asdict(p), "sigma": sign * p.sigma} for p in peaks]
+    return out

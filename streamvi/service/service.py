@@ -50,9 +50,9 @@ from streamvi.merging.device import check_device
 from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
 from streamvi.merging.reference import ReferenceSetting, check_same_lattice, read_reference
 from streamvi.merging.trainer import TrainerConfig
-from streamvi.publish.mtz import MtzInfo, write_difference_mtz
+from streamvi.publish.mtz import MtzInfo, difference_dataset, write_difference_mtz
 from streamvi.publish.mtz_files import MtzSnapshots
-from streamvi.quality.difference import difference_figures
+from streamvi.quality.difference import difference_figures, difference_peaks
 from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
                                         remove_stale_temp_files)
@@ -127,6 +127,10 @@ class Service:
         self.space_group = parse_space_group(config.space_group)
         check_device(config.device)
         #: targets, forecasts and anomalous peaks per snapshot (docs/metrics.md)
+        #: pump-probe conditions merged side by side (reference first), or None
+        self.conditions = service_conditions(config.conditions, config.reference_condition)
+        #: the ``model`` for the light-minus-dark maps' phases and atom names (conditions)
+        self.difference_model = None
         self.feedback = self._make_feedback()
         self.latest_feedback: Feedback | None = None
         self.cell = parse_cell(config.cell) if config.cell else None
@@ -141,8 +145,6 @@ class Service:
             self.reference = read_reference(config.reference, config.reference_column or None)
             if self.cell is not None:
                 check_same_lattice(self.reference, self.space_group, self.cell)
-        #: pump-probe conditions merged side by side (reference first), or None
-        self.conditions = service_conditions(config.conditions, config.reference_condition)
         # the model's and the engine's settings, derived from the declared options
         self.trainer_config = TrainerConfig(**config.settings("trainer"))
         self.engine_config = EngineConfig(**config.settings("engine"))
@@ -252,11 +254,20 @@ class Service:
         targets = targets_from_config(c, dmin=c.dmin, anomalous=c.anomalous)
         model = None
         if c.model:
-            if not c.anomalous:
+            pump_probe = bool(self.conditions) and len(self.conditions) > 1
+            if not c.anomalous and not pump_probe:
                 raise ConfigError(f"model = {c.model}: the anomalous difference map needs "
                                   "F(+) and F(-); set anomalous = true, or leave model empty")
-            model = PhasingModel(c.model)
-            log.info("anomalous peak heights from %s", model.describe())
+            # with conditions the model also phases the light-minus-dark maps, heavy atoms
+            # or not
+            model = PhasingModel(c.model, require_heavy=not pump_probe)
+            if pump_probe:
+                self.difference_model = model
+                log.info("light-minus-dark map peaks named by the atoms of %s", model.path.name)
+            if not (c.anomalous and model.labels):
+                model = None
+            else:
+                log.info("anomalous peak heights from %s", model.describe())
         return LiveFeedback(targets, model)
 
     def _check_spool_beside_checkpoint(self) -> None:
@@ -629,8 +640,13 @@ class Service:
             if name == ref:
                 continue
             try:
-                figures[f"{name}-minus-{ref}"] = difference_figures(
-                    snap, snaps[ref], n_shells=self.config.n_shells)
+                fig = difference_figures(snap, snaps[ref], n_shells=self.config.n_shells)
+                if self.difference_model is not None:
+                    ds = difference_dataset(snap, snaps[ref])
+                    fig["peaks"] = difference_peaks(
+                        ds.cell, ds.spacegroup, ds.get_hkls(), ds["WDF"].to_numpy(np.float64),
+                        self.difference_model)
+                figures[f"{name}-minus-{ref}"] = fig
             except Exception:  # noqa: BLE001 - the files are written all the same
                 log.exception("difference figures of %s minus %s failed", name, ref)
 

@@ -536,6 +536,15 @@ function renderDifferences(d) {
   }
   $("diff-rows").replaceChildren(...rows);
   $("diff-overall").replaceChildren(...foot);
+  const where = [];
+  for (const [pair, f] of pairs) {
+    const p = f.peaks || {};
+    const named = (p.positive || []).concat(p.negative || []).map(x =>
+      `${x.sigma >= 0 ? "+" : ""}${fmt(x.sigma, 1)} σ` +
+      (x.nearest_atom ? ` at ${x.nearest_atom} (${fmt(x.distance, 1)} Å)` : ""));
+    if (named.length) where.push(`${pair}: ${named.join(" · ")}`);
+  }
+  setText("diff-peaks", where.join("\n"));
 }
 
 async function tick() {
