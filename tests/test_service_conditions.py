@@ -9,9 +9,11 @@ import re
 import urllib.request
 
 import gemmi
+import msgpack
 import numpy as np
 import pytest
 import reciprocalspaceship as rs
+import zmq
 
 from streamvi.config import load_config
 from streamvi.errors import ConfigError
@@ -56,7 +58,8 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
                                                                 dark_model, caplog):
     pump_probe, stray = pump_probe
     # a non-anomalous merge with a model: it phases the difference maps
-    service = Service(config(tmp_path, metrics_port=0, model=str(dark_model))).start()
+    service = Service(config(tmp_path, metrics_port=0, model=str(dark_model),
+                             publish_endpoint="tcp://127.0.0.1:*")).start()
     try:
         # the reference (dark, listed second) comes first in the tables
         assert service.conditions == ("dark", "light")
@@ -65,6 +68,7 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
             lambda s: s.crystals_merged == len(pump_probe) and s.engine.trainer.step >= 60,
             timeout=120)
         service.publish_now()
+        merged = merged_topic(service)
         with urllib.request.urlopen(service.metrics_server.url + "metrics", timeout=10) as r:
             metrics = r.read().decode()
         dom = chromium(service.metrics_server.url, tmp_path / "page", "--dump-dom"
@@ -84,6 +88,9 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert 'streamvi_delta_significant{pair="light-minus-dark"}' in metrics
     assert 'streamvi_delta_peak_sigma{pair="light-minus-dark",sign="negative"} -' in metrics
     assert service.crystals_rejected == {"unknown_condition": 3}
+    # the PUB merged topic, read by a real SUB socket: one table per condition, named
+    assert [m["condition"] for m in merged] == ["dark", "light"]
+    assert all(m["n_images"] == 30 for m in merged)
     status = service.status()
     assert status["condition_images"] == {"dark": 30, "light": 30}
     fig = status["differences"]["light-minus-dark"]
@@ -142,6 +149,32 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert not third.recovered_from_checkpoint
     assert (tmp_path / "checkpoint.corrupt").exists()
     assert "the checkpoint is of a merge of 2 condition(s) under a coupled prior" in caplog.text
+
+
+def merged_topic(service: Service) -> list[dict]:
+    """The ``merged`` messages of one publish, through a real SUB socket (which misses what
+    was sent before it joined: publish until a whole set arrives)."""
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"merged")
+    sub.setsockopt(zmq.RCVTIMEO, 2000)
+    sub.setsockopt(zmq.LINGER, 0)
+    try:
+        sub.connect(service.publisher.endpoint)
+        for _ in range(20):
+            service.publish_now()
+            got = []
+            try:
+                while len(got) < 2:
+                    got.append(msgpack.unpackb(sub.recv_multipart()[1]))
+            except zmq.Again:
+                continue
+            # one publish: its conditions' snapshots are numbered one after the other
+            if got[0].get("condition") == "dark" and \
+                    got[1]["snapshot"] == got[0]["snapshot"] + 1:
+                return got
+        raise AssertionError("no merged messages on the PUB socket")
+    finally:
+        sub.close()
 
 
 @pytest.mark.parametrize("text, reference, wanted", [

@@ -23,12 +23,13 @@ STATS_SCHEMA = "streamvi.stats"
 VERSION = 1
 
 
-def merged_message(snapshot) -> dict[str, Any]:
-    """The ``merged`` map of a snapshot: one row per observed table row."""
+def merged_message(snapshot, condition: str | None = None) -> dict[str, Any]:
+    """The ``merged`` map of a snapshot: one row per observed table row (with
+    ``condition``, the pump–probe condition it is the merge of)."""
     sp = snapshot.space
     keep = snapshot.obs_count[0] > 0
     t = snapshot.tables["all"]
-    return {
+    out = {
         "schema": MERGED_SCHEMA, "version": VERSION,
         "snapshot": int(snapshot.snapshot_id), "time": float(snapshot.time),
         "space_group": sp.space_group.hm, "cell": [float(x) for x in sp.cell.parameters],
@@ -41,6 +42,9 @@ def merged_message(snapshot) -> dict[str, Any]:
         "I": array_map(t["I"][keep], "<f4"), "SIGI": array_map(t["SIGI"][keep], "<f4"),
         "N": array_map(snapshot.obs_count[0][keep], "<i4"),
     }
+    if condition is not None:
+        out["condition"] = condition
+    return out
 
 
 def stats_message(snapshot, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,15 +88,23 @@ class Publisher:
                               ) from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def publish(self, snapshot, extra_stats: dict[str, Any] | None = None) -> None:
-        """Send both topics for ``snapshot`` (never blocks)."""
-        for topic, body in ((b"merged", merged_message(snapshot)),
-                            (b"stats", stats_message(snapshot, extra_stats))):
-            try:
-                self.socket.send_multipart([topic, msgpack.packb(body, use_bin_type=True)],
-                                           flags=zmq.NOBLOCK)
-            except zmq.Again:
-                log.debug("PUB %s: subscriber queue full, topic %s skipped", self.endpoint, topic)
+    def publish(self, snapshot, extra_stats: dict[str, Any] | None = None, *,
+                condition: str | None = None) -> None:
+        """Send both topics for ``snapshot`` (never blocks); ``condition`` names the
+        pump–probe condition the merged table is of."""
+        self._send(b"merged", merged_message(snapshot, condition))
+        self._send(b"stats", stats_message(snapshot, extra_stats))
+
+    def publish_merged(self, snapshot, *, condition: str | None = None) -> None:
+        """Send the ``merged`` topic alone (the other conditions of a pump–probe merge)."""
+        self._send(b"merged", merged_message(snapshot, condition))
+
+    def _send(self, topic: bytes, body: dict[str, Any]) -> None:
+        try:
+            self.socket.send_multipart([topic, msgpack.packb(body, use_bin_type=True)],
+                                       flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("PUB %s: subscriber queue full, topic %s skipped", self.endpoint, topic)
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -627,7 +627,11 @@ class Service:
             extra = {"service": self.status()}
             if feedback is not None:
                 extra["feedback"] = feedback.to_dict()
-            self.publisher.publish(snap, extra_stats=extra)
+            ref = None if snaps is None else self.conditions[0]
+            self.publisher.publish(snap, extra_stats=extra, condition=ref)
+            for name, other in (snaps or {}).items():
+                if name != ref:
+                    self.publisher.publish_merged(other, condition=name)
         return snap
 
     def _write_conditions(self, snaps: dict[str, MergeSnapshot]) -> None:
