@@ -45,3 +45,22 @@ def test_one_name_per_input_or_one_for_all():
     assert per_input_names(["dark", "light"], 2) == ["dark", "light"]
     with pytest.raises(ConfigError, match="--condition given 2 times for 3 inputs"):
         per_input_names(["dark", "light"], 3)
+
+
+def test_send_labels_by_event_list_and_refuses_half_given_options(tmp_path):
+    from streamvi.producers.conditions import condition_labeller
+
+    events = tmp_path / "events.csv"
+    events.write_text("image,event,condition\nrun1.h5,//7,light\nrun1.h5,,dark\n")
+    label = condition_labeller(condition=None, field=None, condition_map=None, n_inputs=1,
+                               condition_file=str(events))
+    rng = np.random.default_rng(0)
+    msgs = [make_crystal(rng, image=image) for image in ("run1.h5////7", "run1.h5////8",
+                                                         "run2.h5")]
+    for msg in msgs:
+        label(msg, 0)
+    assert [m.condition for m in msgs] == ["light", "dark", None]
+    assert condition_labeller(condition=None, field=None, condition_map=None,
+                              n_inputs=2) is None
+    with pytest.raises(ConfigError, match="--condition-map needs --condition-field"):
+        condition_labeller(condition=None, field=None, condition_map="0=dark", n_inputs=1)

@@ -10,6 +10,7 @@ import pytest
 import reciprocalspaceship as rs
 
 from streamvi.cli.main import main
+from streamvi.errors import ConfigError
 
 FAST = ["--steps", "30", "--quiet", "--d-model", "8", "--mc-samples", "2", "--device", "cpu"]
 FIELD = ["--condition-field", "header/int//sim/pump_code"]
@@ -105,3 +106,46 @@ def test_condition_options_are_refused_by_name(pumped, tmp_path, capsys):
     assert main(["merge", str(pumped), str(pumped), *out, "--condition", "a",
                  "--condition", "b", "--condition", "c", *FAST]) != 0
     assert "--condition given 3 times for 2 inputs" in capsys.readouterr().err
+
+
+def test_an_event_list_names_the_conditions(pumped, tmp_path, capsys):
+    """--condition-file: the same split as the pump code gives, from a CSV of image files
+    (the simulator's images have no event, so rows without one cover their file)."""
+    from streamvi.producers.conditions import read_condition_file
+    from streamvi_crystfel import read_stream
+
+    crystals = list(read_stream(pumped))
+    events = tmp_path / "events.csv"
+    lines = ["image,event,condition"]
+    for c in crystals:
+        code = c.metadata["header/int//sim/pump_code"]
+        lines.append(f"{c.image},,{'light' if code else 'dark'}")
+    events.write_text("\n".join(lines[:-1]) + "\n")     # the last image not listed
+    capsys.readouterr()
+    assert main(["merge", str(pumped), "-o", str(tmp_path / "e.mtz"), "--condition-file",
+                 str(events), "--json", *FAST]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out.strip().splitlines()[-1])
+    n_light = sum(1 for c in crystals[:-1] if c.metadata["header/int//sim/pump_code"])
+    assert report["conditions"]["light"]["images"] == n_light
+    assert report["conditions"]["dark"]["images"] == len(crystals) - 1 - n_light
+    assert "not merged: 1 unknown_condition" in out.err
+    # events: a row with one covers that event only, and a file without rows names none
+    assert read_condition_file(_csv(tmp_path, "image,event,condition\na.h5,//3,light\n"
+                                              "a.h5,,dark\n")) == {"a.h5////3": "light",
+                                                                    "a.h5": "dark"}
+    for text, message in (("image,cond\na.h5,dark\n", "must name the columns image"),
+                          ("image,condition\na.h5,\n", "line 2: image and condition"),
+                          ("image,condition\na.h5,dark\na.h5,light\n", "line 3: a.h5 is "
+                                                                       "already 'dark'"),
+                          ("image,condition\n", "no rows")):
+        with pytest.raises(ConfigError, match=message):
+            read_condition_file(_csv(tmp_path, text))
+    with pytest.raises(ConfigError, match="cannot read it"):
+        read_condition_file(tmp_path / "missing.csv")
+
+
+def _csv(tmp_path, text: str):
+    path = tmp_path / "rows.csv"
+    path.write_text(text)
+    return path

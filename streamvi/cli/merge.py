@@ -127,7 +127,8 @@ def label_conditions(opts: Config, data: Any) -> tuple[str, ...] | None:
     with ``--condition-map``; the conditions in table order (the reference first), or None
     when no condition option is given."""
     from streamvi.producers.conditions import (condition_order, label_all, label_by_field,
-                                               parse_condition_map, per_input_names)
+                                               label_by_file, parse_condition_map,
+                                               per_input_names, read_condition_file)
 
     if opts.condition:
         names = per_input_names(opts.condition, len(data.file_starts))
@@ -140,14 +141,21 @@ def label_conditions(opts: Config, data: Any) -> tuple[str, ...] | None:
                               "values, e.g. --condition-map '0=dark,1=light'")
         label_by_field(data.crystals, opts.condition_field,
                        parse_condition_map(opts.condition_map))
+    elif opts.condition_file:
+        label_by_file(data.crystals, read_condition_file(opts.condition_file))
     elif opts.condition_map or opts.reference_condition:
         flag = "--condition-map" if opts.condition_map else "--reference-condition"
-        raise ConfigError(f"{flag} needs the crystals' conditions: give --condition NAME or "
-                          "--condition-field KEY as well")
+        raise ConfigError(f"{flag} needs the crystals' conditions: give --condition NAME, "
+                          "--condition-field KEY or --condition-file FILE as well")
     else:
         return None
     conditions = condition_order(data.crystals, opts.reference_condition)
     if not conditions:
+        if opts.condition_file:
+            example = data.crystals[0].image if data.crystals else "?"
+            raise ConfigError(f"no crystal has a condition: --condition-file "
+                              f"{opts.condition_file} names none of the images (the stream's "
+                              f"are like {example!r}: image file, then //event)")
         raise ConfigError(f"no crystal has a condition: --condition-field "
                           f"{opts.condition_field!r} with --condition-map "
                           f"{opts.condition_map!r} named none (is the header copied into "

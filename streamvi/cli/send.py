@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     opts = resolved(args, "send")
     label = condition_labeller(condition=opts.condition, field=opts.condition_field,
-                               condition_map=opts.condition_map, n_inputs=len(opts.files))
+                               condition_map=opts.condition_map, n_inputs=len(opts.files),
+                               condition_file=opts.condition_file)
     stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():

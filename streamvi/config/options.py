@@ -170,6 +170,12 @@ OPTIONS: tuple[Option, ...] = (
            "A crystal without the field, or with a value the map does not name, is not merged "
            "(`unknown_condition`)", "merge", commands=("merge", "send"), metavar="KEY",
            exclusive="condition"),
+    Option("condition_file", str, None, "pump–probe: an event list, a CSV file whose first "
+           "line names the columns `image` (the image file as in the stream's `Image "
+           "filename`), `condition` and optionally `event` (as in its `Event:` line); a row "
+           "without an event covers every event of its file. A crystal the list does not name "
+           "is not merged (`unknown_condition`)", "merge", commands=("merge", "send"),
+           metavar="CSV", exclusive="condition"),
     Option("condition_map", str, None, "values of `condition_field` and their conditions, "
            "e.g. `'0=dark,1=light'`", "merge", commands=("merge", "send"),
            metavar="V=NAME,…"),

@@ -6,13 +6,16 @@ from the user (docs/time-resolved.md):
 - ``--condition NAME``: every crystal of an input (one name for all inputs, or one per input);
 - ``--condition-field KEY --condition-map '0=dark,1=light'``: a per-chunk value the indexer
   copied into the stream (``indexamajig --copy-header``; the CrystFEL reader exposes it in
-  ``msg.metadata[KEY]``, e.g. ``header/int//sim/pump_code``), mapped to names.
+  ``msg.metadata[KEY]``, e.g. ``header/int//sim/pump_code``), mapped to names;
+- ``--condition-file events.csv``: an event list (image file, event, condition), as a
+  facility's event records give it.
 
 A crystal whose field is missing, or whose value the map does not name, keeps no condition;
 the merge then refuses it as ``unknown_condition`` and counts it.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Mapping, Sequence
 
 from streamvi.errors import ConfigError
@@ -112,8 +115,66 @@ def per_input_names(names: Sequence[str], n_inputs: int, *,
     return list(names)
 
 
+def read_condition_file(path: str | os.PathLike, *, key: str = "--condition-file"
+                        ) -> dict[str, str]:
+    """An event list: a CSV file with a header naming the columns ``image`` (the image file
+    as the indexer wrote it in ``Image filename``), ``condition``, and optionally ``event``
+    (as in the stream's ``Event:`` line, e.g. ``//12``).  Returns ``{image id: condition}``
+    with the ids of :func:`streamvi_crystfel.messages.image_id`: ``image//event``, or the
+    image alone (every event of that file).
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and line: unreadable, no ``image``/``condition`` column, an empty
+        field, or one image (and event) given two conditions.
+    """
+    import csv
+
+    out: dict[str, str] = {}
+    try:
+        with open(path, newline="") as fh:
+            rows = csv.DictReader(fh)
+            cols = [c.strip() for c in (rows.fieldnames or [])]
+            if "image" not in cols or "condition" not in cols:
+                raise ConfigError(f"{key} {path}: the first line must name the columns image, "
+                                  f"condition (and optionally event); it has {cols}")
+            for line, row in enumerate(rows, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+                image, name = row.get("image", ""), row.get("condition", "")
+                if not image or not name:
+                    raise ConfigError(f"{key} {path}, line {line}: image and condition "
+                                      "must both be given")
+                event = row.get("event", "")
+                ident = image if event.strip("/") == "" else f"{image}//{event}"
+                if out.get(ident, name) != name:
+                    raise ConfigError(f"{key} {path}, line {line}: {ident} is already "
+                                      f"{out[ident]!r}, here {name!r}")
+                out[ident] = name
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: cannot read it ({exc.strerror or exc})") from None
+    if not out:
+        raise ConfigError(f"{key} {path}: no rows; give one line per image (or event)")
+    return out
+
+
+def label_by_file(msgs: Iterable[CrystalMessage], mapping: Mapping[str, str]
+                  ) -> list[CrystalMessage]:
+    """Set each message's ``condition`` from an event list (:func:`read_condition_file`):
+    its image id, else its image file (the part before ``//``), else None."""
+    out = []
+    for msg in msgs:
+        name = mapping.get(msg.image)
+        if name is None and "//" in msg.image:
+            name = mapping.get(msg.image.split("//", 1)[0])
+        msg.condition = name
+        out.append(msg)
+    return out
+
+
 def condition_labeller(*, condition: Sequence[str] | None, field: str | None,
-                       condition_map: str | None, n_inputs: int
+                       condition_map: str | None, n_inputs: int,
+                       condition_file: str | None = None
                        ) -> Callable[[CrystalMessage, int], None] | None:
     """What ``send`` does to each crystal of input ``i`` before it goes on the wire: set its
     ``condition`` from ``--condition`` (one name, or one per input) or from
@@ -142,4 +203,10 @@ def condition_labeller(*, condition: Sequence[str] | None, field: str | None,
         return by_field
     if condition_map:
         raise ConfigError("--condition-map needs --condition-field, the header value it maps")
+    if condition_file:
+        events = read_condition_file(condition_file)
+
+        def by_file(msg: CrystalMessage, index: int) -> None:
+            label_by_file((msg,), events)
+        return by_file
     return None
