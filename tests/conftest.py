@@ -82,3 +82,15 @@ class PullSocket:
     def close(self) -> None:
         self.sock.close()
         self.ctx.term()
+
+
+def subscriber(endpoint: str, topic: bytes, *, timeout_ms: int = 10_000):
+    """A real ZeroMQ SUB socket connected to ``endpoint`` for ``topic`` (close it)."""
+    import zmq
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(endpoint)
+    return sub

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import reciprocalspaceship as rs
 import zmq
+from conftest import subscriber
 from test_http import chromium, read_png
 from test_metrics import get, make_service, parse_exposition, push
 
@@ -122,12 +123,8 @@ def test_api_status_and_stats_topic_are_valid_json_with_the_decision(live):
     shells = d["shells"]
     assert len(shells["cc_half_pairs"]) == len(shells["cc_half_data"]) == 6
     # the PUB stats topic, read by a real SUB socket, carries the same
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"stats")
-    sub.setsockopt(zmq.RCVTIMEO, 10000)
-    sub.setsockopt(zmq.LINGER, 0)
+    sub = subscriber(svc.publisher.endpoint, b"stats")
     try:
-        sub.connect(svc.publisher.endpoint)
         msg = None
         for _ in range(20):            # a SUB socket misses what is sent before it joins
             svc.publish_now()

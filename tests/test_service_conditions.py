@@ -20,6 +20,7 @@ from streamvi.errors import ConfigError
 from streamvi.producers.send import send_messages
 from streamvi.service.service import Service, service_conditions
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+from conftest import subscriber
 from test_http import chromium
 
 SIM = SimulationConfig(n_images=60, seed=4, dmin=3.0, conditions=("dark", "light"),
@@ -154,12 +155,8 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
 def merged_topic(service: Service) -> list[dict]:
     """The ``merged`` messages of one publish, through a real SUB socket (which misses what
     was sent before it joined: publish until a whole set arrives)."""
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"merged")
-    sub.setsockopt(zmq.RCVTIMEO, 2000)
-    sub.setsockopt(zmq.LINGER, 0)
+    sub = subscriber(service.publisher.endpoint, b"merged", timeout_ms=2000)
     try:
-        sub.connect(service.publisher.endpoint)
         for _ in range(20):
             service.publish_now()
             got = []
