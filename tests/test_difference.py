@@ -87,7 +87,7 @@ def test_the_true_difference_maps_peaks_sit_on_the_moved_atoms(tmp_path):
     from streamvi_sim import SimulationConfig, simulate_structure
     from streamvi_sim.conditions import changed_atoms, condition_truths, delta_dataset
 
-    from streamvi.quality.anomalous import PhasingModel
+    from streamvi.quality.anomalous import PHASE_CACHE_SIZE, PhasingModel
     from streamvi.quality.difference import difference_peaks
 
     sim = SimulationConfig(seed=4, dmin=2.5, conditions=("dark", "light"),
@@ -108,3 +108,9 @@ def test_the_true_difference_maps_peaks_sit_on_the_moved_atoms(tmp_path):
     assert all(p["sigma"] > 10 for p in peaks)
     # the rest of the map is noise-free but for the change: far weaker
     assert abs(out["negative"][3]["sigma"]) < 0.3 * abs(holes[-1]["sigma"])
+    # a live service asks for a growing table every publish: the model keeps a few phase
+    # sets, not one per call
+    hkl = delta.get_hkls()
+    for n in range(100, 1000, 100):
+        model.phases(delta.cell, delta.spacegroup, hkl[:n], 2.5)
+    assert len(model._phases) <= PHASE_CACHE_SIZE

@@ -30,6 +30,8 @@ HEAVY_Z = 16
 SAMPLE_RATE = 3.0
 #: A peak farther than this from every heavy atom of the model is reported as new, Å.
 NEW_PEAK_DISTANCE = 2.0
+#: Phase sets a model keeps (the oldest is dropped first).
+PHASE_CACHE_SIZE = 4
 #: New peaks reported (the strongest first), and the lowest height reported, σ.
 N_NEW_PEAKS = 5
 NEW_PEAK_MIN_SIGMA = 3.0
@@ -188,6 +190,10 @@ class PhasingModel:
             f = np.array(gemmi.transform_map_to_f_phi(dc.grid, half_l=False), copy=False)
             nu, nv, nw = f.shape
             values = f[hkl[:, 0] % nu, hkl[:, 1] % nv, hkl[:, 2] % nw]
+            # a live service asks every publish, for a table that grows (the difference
+            # maps' reflections change each time): keep the last few, not one per publish
+            while len(self._phases) >= PHASE_CACHE_SIZE:
+                self._phases.pop(next(iter(self._phases)))
             self._phases[key] = np.degrees(np.angle(values))
         return self._phases[key]
 
