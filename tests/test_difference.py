@@ -87,7 +87,7 @@ def test_the_true_difference_maps_peaks_sit_on_the_moved_atoms(tmp_path):
     from streamvi_sim import SimulationConfig, simulate_structure
     from streamvi_sim.conditions import changed_atoms, condition_truths, delta_dataset
 
-    from streamvi.quality.anomalous import PHASE_CACHE_SIZE, PhasingModel
+    from streamvi.quality.anomalous import PhasingModel
     from streamvi.quality.difference import difference_peaks
 
     sim = SimulationConfig(seed=4, dmin=2.5, conditions=("dark", "light"),
@@ -100,7 +100,7 @@ def test_the_true_difference_maps_peaks_sit_on_the_moved_atoms(tmp_path):
               for c in model.structure[0].all()]
     moved = {labels[i] for i in changed_atoms(sim, dark.atoms, dark.gemmi_cell).moved}
     out = difference_peaks(delta.cell, delta.spacegroup, delta.get_hkls(),
-                           delta["DF"].to_numpy(np.float64), model, n=5)
+                           delta["DF"].to_numpy(np.float64), model, dmin=2.5, n=5)
     assert out["n_reflections"] == len(delta)
     holes, peaks = out["negative"][:3], out["positive"][:3]
     assert {p["nearest_atom"] for p in holes} == moved
@@ -108,9 +108,12 @@ def test_the_true_difference_maps_peaks_sit_on_the_moved_atoms(tmp_path):
     assert all(p["sigma"] > 10 for p in peaks)
     # the rest of the map is noise-free but for the change: far weaker
     assert abs(out["negative"][3]["sigma"]) < 0.3 * abs(holes[-1]["sigma"])
-    # a live service asks for a growing table every publish: the model keeps a few phase
-    # sets, not one per call
+    # a live service asks for a growing table every publish: the structure factors are
+    # computed once for the merge's cell and dmin, and every subset reads the same phases
     hkl = delta.get_hkls()
+    every = model.phases(delta.cell, delta.spacegroup, hkl, 2.5)
+    factors = model._factors[1]
     for n in range(100, 1000, 100):
-        model.phases(delta.cell, delta.spacegroup, hkl[:n], 2.5)
-    assert len(model._phases) <= PHASE_CACHE_SIZE
+        np.testing.assert_array_equal(model.phases(delta.cell, delta.spacegroup, hkl[:n], 2.5),
+                                      every[:n])
+    assert model._factors[1] is factors

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from streamvi.errors import ConfigError
+from streamvi.quality.anomalous import CalculatedFactors
 from streamvi.symmetry import ReciprocalSpace, op_triplet
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,8 @@ def model_amplitudes(path: str | Path, dmin: float, *, flag: str = "--prior-mode
                      ) -> ReferenceData:
     """|F_calc| of a coordinate model to ``dmin`` Å, as a reference data set.
 
-    The model's density (X-ray form factors, its B factors, a Refmac-compatible blur that
-    is taken out again in reciprocal space) is put on a grid in the model's own cell and
-    space group and transformed; no bulk solvent, so the lowest orders are the model's
+    The model's structure factors in its own cell and space group
+    (:class:`streamvi.quality.anomalous.CalculatedFactors`); no bulk solvent, so the lowest orders are the model's
     weakest point (a coupled prior learns a lower correlation there).
 
     Raises
@@ -157,17 +157,8 @@ def model_amplitudes(path: str | Path, dmin: float, *, flag: str = "--prior-mode
         raise ConfigError(f"{flag} {path}: no cell or space group (CRYST1); give a model in "
                           "the merged crystal's cell")
     st.setup_entities()
-    dc = gemmi.DensityCalculatorX()
-    dc.d_min = float(dmin)
-    dc.grid.setup_from(st)
-    dc.set_refmac_compatible_blur(st[0])
-    dc.put_model_density_on_grid(st[0])
-    f = np.array(gemmi.transform_map_to_f_phi(dc.grid, half_l=False), copy=False)
     hkl = gemmi.make_miller_array(st.cell, sg, float(dmin), unique=True).astype(np.int32)
-    nu, nv, nw = f.shape
-    values = f[hkl[:, 0] % nu, hkl[:, 1] % nv, hkl[:, 2] % nw]
-    inv_d2 = 1.0 / np.square(st.cell.calculate_d_array(hkl))
-    amplitudes = np.abs(values) * np.array([dc.reciprocal_space_multiplier(x) for x in inv_d2])
+    amplitudes = np.abs(CalculatedFactors(st, dmin).at(hkl))
     log.info("%s %s: |F_calc| of %d atoms at %d reflections to %.2f A", flag, path,
              st[0].count_atom_sites(), len(hkl), dmin)
     return ReferenceData(name=f"{path.name}:Fcalc", hkl=hkl, amplitudes=amplitudes,

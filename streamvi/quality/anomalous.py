@@ -30,8 +30,6 @@ HEAVY_Z = 16
 SAMPLE_RATE = 3.0
 #: A peak farther than this from every heavy atom of the model is reported as new, Å.
 NEW_PEAK_DISTANCE = 2.0
-#: Phase sets a model keeps (the oldest is dropped first).
-PHASE_CACHE_SIZE = 4
 #: New peaks reported (the strongest first), and the lowest height reported, σ.
 N_NEW_PEAKS = 5
 NEW_PEAK_MIN_SIGMA = 3.0
@@ -163,7 +161,8 @@ class PhasingModel:
                               "no anomalous scatterer to follow; give a model with its heavy "
                               "atoms")
         self.labels, self.elements, self._positions = labels, elements, positions
-        self._phases: dict[tuple, np.ndarray] = {}
+        #: the model's structure factors in the last (cell, space group, dmin) asked for
+        self._factors: tuple[tuple, CalculatedFactors] | None = None
 
     def heavy_frac(self, cell: gemmi.UnitCell) -> np.ndarray:
         """Fractional coordinates ``(n, 3)`` of the heavy atoms in ``cell``."""
@@ -171,31 +170,20 @@ class PhasingModel:
 
     def phases(self, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, hkl: np.ndarray,
                dmin: float) -> np.ndarray:
-        """Phase (degrees) of the model's structure factor for each of ``hkl`` (cached).
+        """Phase (degrees) of the model's structure factor for each of ``hkl``.
 
-        The model's density (X-ray form factors, B factors) is put on a grid and
-        transformed; the blur gemmi adds scales amplitudes only, never phases.
+        The structure factors are computed once per (cell, space group, ``dmin``) — the
+        merge's, which a service keeps for its whole run — and read at any indices
+        (:class:`CalculatedFactors`), so the growing tables a live service asks about each
+        publish cost a lookup, not a transform.
         """
-        hkl = np.asarray(hkl, dtype=np.int32)
-        key = (tuple(cell.parameters), space_group.xhm(), hkl.shape[0], float(dmin),
-               hash(hkl.tobytes()))
-        if key not in self._phases:
+        key = (tuple(cell.parameters), space_group.xhm(), float(dmin))
+        if self._factors is None or self._factors[0] != key:
             st = self.structure.clone()
             st.cell = cell
             st.spacegroup_hm = space_group.xhm()
-            dc = gemmi.DensityCalculatorX()
-            dc.d_min = float(dmin)
-            dc.grid.setup_from(st)
-            dc.put_model_density_on_grid(st[0])
-            f = np.array(gemmi.transform_map_to_f_phi(dc.grid, half_l=False), copy=False)
-            nu, nv, nw = f.shape
-            values = f[hkl[:, 0] % nu, hkl[:, 1] % nv, hkl[:, 2] % nw]
-            # a live service asks every publish, for a table that grows (the difference
-            # maps' reflections change each time): keep the last few, not one per publish
-            while len(self._phases) >= PHASE_CACHE_SIZE:
-                self._phases.pop(next(iter(self._phases)))
-            self._phases[key] = np.degrees(np.angle(values))
-        return self._phases[key]
+            self._factors = (key, CalculatedFactors(st, dmin))
+        return np.degrees(np.angle(self._factors[1].at(hkl)))
 
     def describe(self) -> str:
         return f"{self.path.name}: {len(self.labels)} heavy atoms"
@@ -218,6 +206,42 @@ class PhasingModel:
                               _Search(self.structure.clone(), cell, space_group))
             self._search_key = key
         return self._searches
+
+
+class CalculatedFactors:
+    """Structure factors of a coordinate model, read at any Miller indices.
+
+    The model's density (X-ray form factors, its B factors and occupancies, a
+    Refmac-compatible blur) is put on gemmi's grid for ``dmin`` and transformed once; the
+    blur is taken out again per reflection (``exp(B_blur/4 · 1/d²)``).  Amplitudes agree
+    with a direct sum over the atoms to CC 0.9999+ (tests/test_merge_prior.py).
+
+    Parameters
+    ----------
+    structure
+        The model, in the cell and space group the indices refer to.
+    dmin
+        Resolution limit of the indices to be read, Å.
+    """
+
+    def __init__(self, structure: gemmi.Structure, dmin: float):
+        dc = gemmi.DensityCalculatorX()
+        dc.d_min = float(dmin)
+        dc.grid.setup_from(structure)
+        dc.set_refmac_compatible_blur(structure[0])
+        dc.put_model_density_on_grid(structure[0])
+        # a copy: the array must not outlive gemmi's grid as a view of it
+        self._grid = np.array(gemmi.transform_map_to_f_phi(dc.grid, half_l=False))
+        self._blur = float(dc.blur)
+        self.cell = structure.cell
+
+    def at(self, hkl: np.ndarray) -> np.ndarray:
+        """``(n,)`` complex F_calc of the indices ``hkl`` (``(n, 3)``, none of them 0 0 0)."""
+        hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
+        nu, nv, nw = self._grid.shape
+        values = self._grid[hkl[:, 0] % nu, hkl[:, 1] % nv, hkl[:, 2] % nw]
+        inv_d2 = 1.0 / np.square(self.cell.calculate_d_array(hkl.astype(np.int32)))
+        return values * np.exp(0.25 * self._blur * inv_d2)
 
 
 class _Search:

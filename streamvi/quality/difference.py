@@ -134,7 +134,7 @@ def difference_figures(light, dark, *, n_shells: int = DEFAULT_SHELLS,
 
 
 def difference_peaks(cell, space_group, hkl: np.ndarray, coefficients: np.ndarray, model, *,
-                     n: int = 5, min_sigma: float = 3.0) -> dict:
+                     dmin: float, n: int = 5, min_sigma: float = 3.0) -> dict:
     """Where the light-minus-dark map says something changed: its strongest positive peaks
     and deepest negative ones (σ of the map), each with the model's nearest atom.
 
@@ -147,6 +147,9 @@ def difference_peaks(cell, space_group, hkl: np.ndarray, coefficients: np.ndarra
     model
         :class:`streamvi.quality.anomalous.PhasingModel` of the reference (dark) structure:
         its phases make the map, its atoms name the peaks.
+    dmin
+        The merge's resolution limit, Å (the model's structure factors are computed once
+        for it and read at ``hkl``).
 
     Returns
     -------
@@ -159,7 +162,6 @@ def difference_peaks(cell, space_group, hkl: np.ndarray, coefficients: np.ndarra
     from streamvi.quality.anomalous import difference_map, map_peaks
 
     hkl = np.asarray(hkl, dtype=np.int32)
-    dmin = float(np.min(cell.calculate_d_array(hkl))) if len(hkl) else 1.0
     phi = model.phases(cell, space_group, hkl, dmin)
     grid = difference_map(cell, space_group, hkl, coefficients, phi, phase_shift_deg=0.0)
     arr = np.array(grid, copy=False)
