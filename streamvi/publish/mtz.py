@@ -154,9 +154,11 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
 
 
 def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[str, str],
-                         info: MtzInfo | None = None, alpha: float | None = None) -> Path:
+                         info: MtzInfo | None = None, alpha: float | None = None,
+                         dataset: rs.DataSet | None = None) -> Path:
     """Write :func:`difference_dataset` of two snapshots to ``path`` atomically;
-    ``names`` are the two conditions' names (``(light, dark)``) for the history."""
+    ``names`` are the two conditions' names (``(light, dark)``) for the history;
+    ``dataset``: that data set already made (with the same ``alpha``)."""
     from streamvi.quality.difference import DEFAULT_ALPHA
 
     a = DEFAULT_ALPHA if alpha is None else alpha
@@ -164,5 +166,6 @@ def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[s
             f"images {light.n_images} {names[0]}, {dark.n_images} {names[1]}",
             f"WDF = W*DF, W = 1/(1 + s2/<s2> + {a:g} DF2/<DF2>) per shell",
             "(Ursby & Bourgeois 1997; Ren et al. 2001); SIGDF: q independent"]
-    return write_mtz(difference_dataset(light, dark, alpha=alpha), path, history=hist,
-                     info=info)
+    if dataset is None:
+        dataset = difference_dataset(light, dark, alpha=alpha)
+    return write_mtz(dataset, path, history=hist, info=info)

@@ -643,20 +643,23 @@ class Service:
             self.condition_mtz[name].write(snap)
             if name == ref:
                 continue
+            # one ΔF table per pair and publish: the file and the map's peaks read it (made
+            # again by the writer, whose failures MtzSnapshots counts, if it fails here)
+            ds = None
             try:
+                ds = difference_dataset(snap, snaps[ref])
                 fig = difference_figures(snap, snaps[ref], n_shells=self.config.n_shells)
                 if self.difference_model is not None:
-                    ds = difference_dataset(snap, snaps[ref])
                     fig["peaks"] = difference_peaks(
                         ds.cell, ds.spacegroup, ds.get_hkls(), ds["WDF"].to_numpy(np.float64),
-                        self.difference_model)
+                        self.difference_model, dmin=snap.space.dmin)
                 figures[f"{name}-minus-{ref}"] = fig
             except Exception:  # noqa: BLE001 - the files are written all the same
                 log.exception("difference figures of %s minus %s failed", name, ref)
 
-            def difference(path, *, info, light=snap, name=name):
+            def difference(path, *, info, light=snap, name=name, ds=ds):
                 return write_difference_mtz(light, snaps[ref], path, names=(name, ref),
-                                            info=info)
+                                            info=info, dataset=ds)
 
             self.difference_mtz[name].write(snap, writer=difference)
         self.latest_differences = figures
