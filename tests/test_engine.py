@@ -472,7 +472,7 @@ def test_two_conditions_share_the_scales_and_keep_their_own_tables(pump_probe):
     again.load_state_dict(state)
     assert torch.equal(again.trainer.model.posterior.weight, post.weight)
     _, single = _merge(crystals[:4], space, steps=1)
-    with pytest.raises(ValueError, match="checkpoint is of a merge of 2 condition"):
+    with pytest.raises(ValueError, match="checkpoint is of a merge of the conditions dark, light; this one is without"):
         single.load_state_dict(state)
 
 

@@ -486,8 +486,9 @@ def test_skipped_training_steps_are_exported(tmp_path):
 
 
 def test_crystals_with_a_condition_are_merged_with_one_warning_per_condition(tmp_path, caplog):
-    """The service does not separate pump-probe conditions yet: it merges them all and says
-    so once per condition name, naming the offline way (nothing dropped, nothing silent)."""
+    """Without ``conditions`` the service merges labelled crystals all together and says so
+    once per condition name, naming the option that separates them (nothing dropped,
+    nothing silent)."""
     caplog.set_level(logging.INFO)
     rng = np.random.default_rng(11)
     msgs = [make_crystal(rng, n=60, image=f"img{i}", hmax=9) for i in range(18)]
@@ -501,6 +502,6 @@ def test_crystals_with_a_condition_are_merged_with_one_warning_per_condition(tmp
         lines = [r.getMessage() for r in caplog.records if "carries condition" in r.getMessage()]
         assert len(lines) == 2
         assert {"'dark'" in line or "'light'" in line for line in lines} == {True}
-        assert all("--condition-field" in line for line in lines)
+        assert all("--conditions dark,light" in line for line in lines)
     finally:
         svc.stop()

@@ -50,7 +50,7 @@ def config(tmp_path, **kw):
             "out_dir": str(tmp_path), "space_group": SIM.space_group,
             "cell": " ".join(map(str, SIM.cell)), "dmin": SIM.dmin, "anomalous": False,
             "device": "cpu", "mc_samples": 2, "d_model": 8, "publish_interval": 0.5,
-            "checkpoint_interval": 1000.0, "conditions": "light,dark"}
+            "checkpoint_interval": 1000.0, "conditions": "light,dark", "new_conditions": 0}
     base.update(kw)
     return load_config(env={}, overrides=base)
 
@@ -149,7 +149,67 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
         third.stop()
     assert not third.recovered_from_checkpoint
     assert (tmp_path / "checkpoint.corrupt").exists()
-    assert "the checkpoint is of a merge of 2 condition(s) under a coupled prior" in caplog.text
+    assert ("the checkpoint is of a merge of the conditions dark, light; this one is without "
+            "conditions") in caplog.text
+
+
+@pytest.fixture(scope="module")
+def later():
+    """Five more images of SIM: two of a condition that appears mid-run (``pump``), one of
+    none, two of yet another (``pump2``)."""
+    msgs = list(simulate_images(SIM, simulate_structure(SIM), start=SIM.n_images + 3,
+                                stop=SIM.n_images + 8))
+    for msg, name in zip(msgs, ("pump", None, "pump", "pump2", "pump2")):
+        msg.condition = name
+    return msgs
+
+
+def test_a_condition_that_appears_mid_run_gets_its_tables_and_files(tmp_path, pump_probe,
+                                                                     later, caplog):
+    """``new_conditions = 1``: the first new name after the run started takes the spare
+    tables (logged, its own files, its own images count, coupled to the reference); the
+    next new name is refused and counted; a restart binds the same names to the same
+    tables."""
+    pump_probe, _ = pump_probe
+    caplog.set_level(logging.WARNING)
+    service = Service(config(tmp_path, new_conditions=1)).start()
+    try:
+        send_messages(pump_probe, service.ingestor.bound_endpoints[0])
+        assert service.wait_until(lambda s: s.crystals_merged == len(pump_probe), timeout=120)
+        service.publish_now()
+        assert service.conditions == ("dark", "light")
+        assert not list(tmp_path.glob("latest-pump*.mtz"))
+        send_messages(later, service.ingestor.bound_endpoints[0])
+        assert service.wait_until(
+            lambda s: s.crystals_merged == len(pump_probe) + 2
+            and sum(s.crystals_rejected.values()) == 3, timeout=120)
+        steps = service.engine.trainer.step
+        assert service.wait_until(lambda s: s.engine.trainer.step >= steps + 20, timeout=120)
+        service.publish_now()
+        status = service.status()
+    finally:
+        service.stop()
+    assert service.conditions == ("dark", "light", "pump")
+    assert status["condition_images"] == {"dark": 30, "light": 30, "pump": 2}
+    assert service.crystals_rejected == {"unknown_condition": 3}
+    assert "new condition 'pump' merged from image 60 on, in table set 3 of 3" in caplog.text
+    assert "spare table sets for new conditions are taken" in \
+        (tmp_path / "dead-letter.jsonl").read_text()
+    pump = rs.read_mtz(str(tmp_path / "latest-pump.mtz"))
+    delta = rs.read_mtz(str(tmp_path / "latest-pump-minus-dark.mtz"))
+    assert len(pump) > 0 and {"DF", "SIGDF", "WDF"} <= set(delta.columns)
+    history = [h.strip() for h in gemmi.read_mtz_file(str(tmp_path / "latest-pump.mtz")).history]
+    assert "condition pump of dark, light, pump" in history
+    assert any(h.startswith("prior given dark, r by shell: ") for h in history)
+    assert "pump-minus-dark" in status["differences"]
+    # a restart rebuilds the store from the spool: the same names in the same table sets
+    again = Service(config(tmp_path, new_conditions=1)).start()
+    try:
+        assert again.recovered_from_checkpoint
+        assert again.conditions == ("dark", "light", "pump")
+        assert again.engine.store.condition_images().tolist() == [30, 30, 2]
+    finally:
+        again.stop()
 
 
 def merged_topic(service: Service) -> list[dict]:

@@ -186,6 +186,12 @@ OPTIONS: tuple[Option, ...] = (
            "`latest-<condition>-minus-<reference>.mtz`; a crystal of another condition, or "
            "of none, is refused (`unknown_condition`). Empty: every crystal into one merge "
            "(docs/time-resolved.md)", "merge", metavar="A,B,…"),
+    Option("new_conditions", int, 4, "pump–probe, live: how many conditions not listed in "
+           "`conditions` may appear mid-run (a new delay added during the beamtime): the "
+           "first crystal with a new name gives it its own tables and files, logged; once "
+           "they are all taken, further new names are refused (`unknown_condition`). Each "
+           "costs three posterior tables of memory until used; 0: only the listed conditions",
+           "merge", commands=("serve",), metavar="N"),
     Option("reference_condition", str, "", "the condition the others are differenced "
            "against (`DF = F(condition) − F(reference)`); empty: `dark` when present, else "
            "the first condition seen (`serve`: the first of `conditions`)", "merge",

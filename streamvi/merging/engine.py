@@ -153,6 +153,10 @@ class MergeEngine:
         default): one unlabelled condition, exactly the merge without conditions.  With
         more than one, :meth:`refresh_rows` and the data-parallel engine are refused for
         now.
+    spare_conditions
+        With ``conditions``, how many further conditions may appear mid-run (``serve
+        --new-conditions``): each new name takes a spare set of tables (and its own
+        correlations under the coupled prior) when its first crystal is stored.
     coupled_reference
         With several conditions, the name of the reference condition (e.g. ``dark``) every
         other condition is coupled to by the double-Wilson prior, with one correlation per
@@ -171,12 +175,13 @@ class MergeEngine:
     def __init__(self, space: ReciprocalSpace, trainer_config: TrainerConfig | None = None,
                  config: EngineConfig | None = None, *,
                  conditions: Sequence[str] | None = None,
+                 spare_conditions: int = 0,
                  coupled_reference: str | None = None,
                  prior: ReferenceData | None = None):
         self.space = space
         self.config = config or EngineConfig()
         self.trainer_config = trainer_config or TrainerConfig()
-        n_conditions = 1 if conditions is None else len(conditions)
+        n_conditions = 1 if conditions is None else len(conditions) + int(spare_conditions)
         if n_conditions > 1 and self.trainer_class is not Trainer:
             raise ValueError("several conditions are not supported by the data-parallel "
                              "engine yet: merge them on one device (docs/time-resolved.md)")
@@ -209,7 +214,8 @@ class MergeEngine:
         self.store = ReflectionStore(space, device=self.device,
                                      device_budget_bytes=self.config.device_budget_bytes,
                                      kl_per_pass=self.config.kl_per_pass,
-                                     conditions=conditions)
+                                     conditions=conditions,
+                                     spare_conditions=spare_conditions)
         self.scheduler = ImageScheduler(batch_images=self.config.batch_images,
                                         new_share=self.config.new_share,
                                         seed=self.trainer_config.seed)
@@ -759,7 +765,9 @@ class MergeEngine:
                  "sigma_stage": self.sigma_stage,
                  "image_geometry": self.store.geometry_state(),
                  "falloff": self._falloff.cpu().clone(),
-                 "refreshed_images": self.refreshed_images}
+                 "refreshed_images": self.refreshed_images,
+                 "conditions": (None if self.store.conditions is None
+                                else list(self.store.conditions))}
         if self.space.n_ops > 1:
             self.store.apply_settings()
             state["image_ops"] = torch.from_numpy(
@@ -767,6 +775,19 @@ class MergeEngine:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved, mine = state.get("conditions"), self.store.conditions
+        if "conditions" in state and (saved is None) != (mine is None):
+            def what(names):
+                return "without conditions" if names is None else \
+                    f"of the conditions {', '.join(names)}"
+            raise ValueError(f"the checkpoint is of a merge {what(saved)}; this one is "
+                             f"{what(mine)}: start with the conditions it was written with, or "
+                             "in a fresh out_dir")
+        if saved is not None and list(mine[:len(saved)]) != list(saved):
+            # the store was rebuilt from the spool, new conditions taking their table sets
+            # in order of arrival: they must be the sets the checkpoint trained
+            raise ValueError(f"the checkpoint's conditions are {', '.join(saved)} in table "
+                             f"order; the replayed spool gives {', '.join(mine)}")
         self.trainer.load_state_dict(state["trainer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._snapshot_id = int(state["snapshot_id"])

@@ -30,9 +30,10 @@ Wilson prior do.  Without conditions (the default) a message's ``condition`` is 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ from streamvi.merging.model.batch import Batch
 from streamvi.symmetry import (CELL_ANGLE_TOLERANCE_DEG, CELL_LENGTH_TOLERANCE,
                                ReciprocalSpace, cell_mismatch)
 from streamvi.wire import CrystalMessage
+
+log = logging.getLogger(__name__)
 
 #: Reasons a crystal is not stored (besides being a duplicate); the service counts them as
 #: ``crystals_rejected{reason}``.
@@ -195,21 +198,33 @@ class ReflectionStore:
         Names of the conditions merged side by side (e.g. ``("dark", "light")``); a crystal
         whose message names another (or none) is refused (``unknown_condition``).  None: one
         unlabelled condition, every crystal's ``condition`` ignored.
+    spare_conditions
+        With ``conditions``, how many further conditions may appear mid-run: the first
+        crystal stored with a name not yet known takes the next free table set (its name
+        joins :attr:`conditions`), until all are taken; later new names are refused
+        (``unknown_condition``).
     """
 
     def __init__(self, space: ReciprocalSpace, *, device: torch.device | str = "cpu",
                  device_budget_bytes: int | None = None, initial_capacity: int = 1 << 16,
-                 kl_per_pass: bool = True, conditions: Sequence[str] | None = None):
+                 kl_per_pass: bool = True, conditions: Sequence[str] | None = None,
+                 spare_conditions: int = 0):
         self.space = space
         if conditions is not None and (len(conditions) == 0
                                        or len(set(conditions)) != len(conditions)
                                        or not all(isinstance(c, str) and c for c in conditions)):
             raise ValueError(f"conditions {tuple(conditions)!r} must be distinct non-empty "
                              "names, at least one (or None: one unlabelled condition)")
-        #: the conditions' names in table order (None: one unlabelled condition)
+        if spare_conditions < 0 or (spare_conditions and conditions is None):
+            raise ValueError(f"spare_conditions = {spare_conditions}: must be 0, or positive "
+                             "with named conditions")
+        #: the conditions' names in table order (None: one unlabelled condition); grows as
+        #: new names take the spare table sets
         self.conditions: tuple[str, ...] | None = (None if conditions is None
                                                    else tuple(conditions))
-        self.n_conditions = 1 if conditions is None else len(conditions)
+        #: table sets: the named conditions and the spare ones
+        self.n_conditions = 1 if conditions is None else len(conditions) + int(spare_conditions)
+        self._declared: tuple[str, ...] = () if conditions is None else tuple(conditions)
         self.kl_per_pass = kl_per_pass
         self.device = torch.device(device)
         self.n_ops = int(space.n_ops)
@@ -407,16 +422,27 @@ class ReflectionStore:
         (their results are set here); ``levels`` gets the median |I| of those kept."""
         if self.conditions is not None:
             kept = []
+            # new names that may take a spare table set if their crystal is stored
+            new: list[str] = []
+            free = self.n_conditions - len(self.conditions)
             for k in fresh:
                 name = msgs[k].condition
-                if name in self.conditions:
+                if name in self.conditions or name in new:
+                    kept.append(k)
+                    continue
+                if name and isinstance(name, str) and len(new) < free:
+                    new.append(name)
                     kept.append(k)
                     continue
                 what = "no condition" if not name else f"condition {name!r}"
+                full = (f"; the {self.n_conditions - len(self.conditions_declared)} spare "
+                        "table sets for new conditions are taken" if name and
+                        self.n_conditions > len(self.conditions_declared) else "")
                 results[k] = AddResult(None, 0, 0, rejected="unknown_condition", detail=(
                     f"{what}, not one of this merge's conditions "
-                    f"({', '.join(self.conditions)}); label every crystal with one of them "
-                    "(--condition, or --condition-field with --condition-map)"))
+                    f"({', '.join(self.conditions)}){full}; label every crystal with one of "
+                    "them (--condition, or --condition-field with --condition-map), or allow "
+                    "more new ones (new_conditions)"))
             fresh = kept
         if self.cell_length_tolerance is not None and self.cell_angle_tolerance_deg is not None:
             kept = []
@@ -538,6 +564,8 @@ class ReflectionStore:
             self._grow_images()
         image_ids = np.arange(self.n_images, self.n_images + n_new)
         halves = np.array([image_half(msgs[c.k].run, msgs[c.k].image) for c in kept], np.int8)
+        if self.conditions is not None:
+            self._bind_conditions(msgs[c.k].condition for c in kept)
         conds = (np.zeros(n_new, np.int64) if self.conditions is None else
                  np.array([self.conditions.index(msgs[c.k].condition) for c in kept], np.int64))
         self.image_condition[image_ids] = conds
@@ -594,6 +622,23 @@ class ReflectionStore:
         np.add.at(self._cond_w.reshape(-1), cond * n_u + rows, sign * w)
         np.add.at(self._cond_wi.reshape(-1), cond * n_u + rows,
                   sign * w * np.asarray(iobs, np.float64))
+
+    def _bind_conditions(self, names: Iterable[str]) -> None:
+        """Give every name not known yet the next spare table set, in order (the screen
+        kept only as many new names as there are spare sets)."""
+        for name in names:
+            if name not in self.conditions:
+                if len(self.conditions) >= self.n_conditions:
+                    raise RuntimeError(f"no spare table set left for condition {name!r}")
+                self.conditions = (*self.conditions, name)
+                log.warning("new condition %r merged from image %d on, in table set %d of %d "
+                            "(%d spare left)", name, self.n_images, len(self.conditions),
+                            self.n_conditions, self.n_conditions - len(self.conditions))
+
+    @property
+    def conditions_declared(self) -> tuple[str, ...]:
+        """The conditions named when the store was made (empty without conditions)."""
+        return self._declared
 
     @property
     def condition_obs_count(self) -> np.ndarray:

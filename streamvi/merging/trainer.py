@@ -655,11 +655,12 @@ class Trainer:
         mine = (self.n_conditions, self.model.coupling is not None)
         theirs = (int(state.get("n_conditions", 1)), bool(state.get("coupled", False)))
         if theirs != mine:
-            raise ValueError(f"the checkpoint is of a merge of {theirs[0]} condition(s)"
+            raise ValueError(f"the checkpoint is of a merge with {theirs[0]} set(s) of "
+                             f"tables (conditions and spare ones, new_conditions)"
                              f"{' under a coupled prior' if theirs[1] else ''}; this one has "
                              f"{mine[0]}{' under a coupled prior' if mine[1] else ''}: "
-                             "start with the conditions (and coupled_prior) it was written "
-                             "with, or in a fresh out_dir")
+                             "start with the conditions (new_conditions, coupled_prior) it "
+                             "was written with, or in a fresh out_dir")
         # checkpoints from before pooled_merge_ratio existed were written without it
         for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio", "error_model",
                      "image_b_term", "surrogate"):

@@ -128,7 +128,10 @@ class Service:
         check_device(config.device)
         #: targets, forecasts and anomalous peaks per snapshot (docs/metrics.md)
         #: pump-probe conditions merged side by side (reference first), or None
-        self.conditions = service_conditions(config.conditions, config.reference_condition)
+        self._declared_conditions = service_conditions(config.conditions,
+                                                       config.reference_condition)
+        if config.new_conditions < 0:
+            raise ConfigError(f"new_conditions = {config.new_conditions}: give 0 or more")
         #: the ``model`` for the light-minus-dark maps' phases and atom names (conditions)
         self.difference_model = None
         self.feedback = self._make_feedback()
@@ -167,13 +170,8 @@ class Service:
         #: (:func:`streamvi.quality.difference.difference_figures`)
         self.latest_differences: dict[str, dict] = {}
         self.difference_mtz: dict[str, MtzSnapshots] = {}
-        for i, name in enumerate(self.conditions or ()):
-            self.condition_mtz[name] = MtzSnapshots(self.out_dir, keep=config.keep_snapshots,
-                                                    info=self._mtz_info, tag=name)
-            if i:
-                self.difference_mtz[name] = MtzSnapshots(
-                    self.out_dir, keep=config.keep_snapshots, info=self._mtz_info,
-                    tag=f"{name}-minus-{self.conditions[0]}")
+        for name in self.conditions or ():
+            self._condition_files(name)
         self.ingestor = Ingestor(
             list(config.listen), mode=config.listen_mode, topic=config.sub_topic.encode(),
             queue_max_messages=config.queue_max_messages, rcvhwm=config.rcvhwm,
@@ -254,7 +252,7 @@ class Service:
         targets = targets_from_config(c, dmin=c.dmin, anomalous=c.anomalous)
         model = None
         if c.model:
-            pump_probe = bool(self.conditions) and len(self.conditions) > 1
+            pump_probe = self._table_sets() > 1
             if not c.anomalous and not pump_probe:
                 raise ConfigError(f"model = {c.model}: the anomalous difference map needs "
                                   "F(+) and F(-); set anomalous = true, or leave model empty")
@@ -269,6 +267,32 @@ class Service:
             else:
                 log.info("anomalous peak heights from %s", model.describe())
         return LiveFeedback(targets, model)
+
+    @property
+    def conditions(self) -> tuple[str, ...] | None:
+        """The conditions merged, reference first: those configured, then those that
+        appeared mid-run (``new_conditions``) in order of arrival; None without."""
+        engine = getattr(self, "engine", None)
+        if engine is not None and self._declared_conditions:
+            return engine.conditions
+        return self._declared_conditions
+
+    def _table_sets(self) -> int:
+        """Conditions the merge can hold: those configured and the spare ones (0 without)."""
+        declared = self._declared_conditions
+        return len(declared) + self.config.new_conditions if declared else 0
+
+    def _condition_files(self, name: str) -> MtzSnapshots:
+        """``latest-<name>.mtz`` (and, but for the reference, ``latest-<name>-minus-<ref>
+        .mtz``): made on first use, so that conditions appearing mid-run get theirs."""
+        if name not in self.condition_mtz:
+            keep, ref = self.config.keep_snapshots, self._declared_conditions[0]
+            self.condition_mtz[name] = MtzSnapshots(self.out_dir, keep=keep,
+                                                    info=self._mtz_info, tag=name)
+            if name != ref:
+                self.difference_mtz[name] = MtzSnapshots(
+                    self.out_dir, keep=keep, info=self._mtz_info, tag=f"{name}-minus-{ref}")
+        return self.condition_mtz[name]
 
     def _check_spool_beside_checkpoint(self) -> None:
         """A checkpoint without its spool is a trained model without its data: refuse."""
@@ -294,10 +318,12 @@ class Service:
         else:
             space = ReciprocalSpace(self.space_group, cell, self.config.dmin,
                                     anomalous=self.config.anomalous)
-        coupled = (self.conditions[0] if self.conditions and len(self.conditions) > 1
-                   and self.config.coupled_prior else None)
+        coupled = (self.conditions[0] if self._table_sets() > 1 and self.config.coupled_prior
+                   else None)
         engine = MergeEngine(space, self.trainer_config, self.engine_config,
-                             conditions=self.conditions, coupled_reference=coupled)
+                             conditions=self.conditions, coupled_reference=coupled,
+                             spare_conditions=(self.config.new_conditions
+                                               if self.conditions else 0))
         store = engine.store
         store.cell_length_tolerance = self.config.cell_length_tolerance
         store.cell_angle_tolerance_deg = self.config.cell_angle_tolerance
@@ -440,17 +466,17 @@ class Service:
 
     def _note_condition(self, msg: CrystalMessage) -> None:
         """Warn, once per condition name, that a crystal labelled with a pump-probe condition
-        was merged with all the others: the service does not separate conditions yet."""
+        was merged with all the others: ``conditions`` is not set."""
         name = msg.condition
         if (self.conditions or not name or name in self._conditions_seen
                 or len(self._conditions_seen) >= 32):
             return
         self._conditions_seen.add(name)
-        log.warning("crystal %s/%s carries condition %r: the service merges every condition "
-                    "into one table (it does not separate pump-probe conditions yet); for "
-                    "light-minus-dark, merge the stream offline with `streamvi merge "
-                    "--condition-field KEY --condition-map ...` (docs/time-resolved.md)",
-                    msg.run, msg.image, name)
+        log.warning("crystal %s/%s carries condition %r: this service merges every "
+                    "condition into one table because `conditions` is not set; to merge "
+                    "them side by side with a live light-minus-dark, start it with "
+                    "--conditions (e.g. --conditions dark,%s; docs/time-resolved.md)",
+                    msg.run, msg.image, name, name if name != "dark" else "light")
 
     def _store(self, items: list[tuple[Any, CrystalMessage, float]], *, replay: bool) -> None:
         """Add items to the store and count what it did with each."""
@@ -640,7 +666,7 @@ class Service:
         ref = self.conditions[0]
         figures = {}
         for name, snap in snaps.items():
-            self.condition_mtz[name].write(snap)
+            self._condition_files(name).write(snap)
             if name == ref:
                 continue
             # one ΔF table per pair and publish: the file and the map's peaks read it (made
