@@ -124,6 +124,9 @@ class ServiceSnapshot:
         Bytes of accepted messages spooled.
     version
         streamvi's version.
+    conditions
+        With pump–probe conditions, the latest snapshot of every condition by name,
+        reference first (``merge`` is the reference's); empty without conditions.
     """
 
     time: float
@@ -140,6 +143,7 @@ class ServiceSnapshot:
     memory: Mapping[str, int] = field(default_factory=dict)
     spool_bytes: int = 0
     version: str = ""
+    conditions: Mapping[str, MergeSnapshot] = field(default_factory=dict)
 
     @property
     def failure(self) -> str | None:

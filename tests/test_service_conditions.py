@@ -85,6 +85,15 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert "dark 30 · light 30" in dom
     assert re.search(r'id="diff-peaks">light-minus-dark: \+\d+\.\d σ at A/', dom)
     assert 'streamvi_condition_images{condition="light"} 30.0' in metrics
+    # the per-shell families carry every condition's merge, labelled
+    for name in ("dark", "light"):
+        cc = re.search(r'streamvi_completeness\{condition="%s",shell="overall"\} (\S+)' % name,
+                       metrics)
+        assert cc is not None, name
+        snap = service.latest_conditions[name]
+        assert float(cc.group(1)) == pytest.approx(snap.stats.overall["completeness"])
+        assert len(re.findall(r'streamvi_cc_half\{condition="%s",shell="\d+"\}' % name,
+                              metrics)) == 10
     assert 'streamvi_delta_cc_half{pair="light-minus-dark",shell="overall"}' in metrics
     assert 'streamvi_delta_significant{pair="light-minus-dark"}' in metrics
     assert 'streamvi_delta_peak_sigma{pair="light-minus-dark",sign="negative"} -' in metrics

@@ -353,13 +353,18 @@ class ServiceCollector(Collector):
         # a scrape shows does not depend on the state of the merge
         snap = state.merge
         st = None if snap is None else snap.stats
-        shells = [] if st is None else [str(i + 1) for i in range(len(st.d_min))]
+        # with pump-probe conditions every condition's merge, labelled; else the one merge
+        by_condition = ({name: s.stats for name, s in state.conditions.items()}
+                        if state.conditions else {None: st} if st is not None else {})
         for name, attr, key, doc in SHELL_GAUGES:
-            fam = GaugeMetricFamily(name, doc, labels=["shell"])
-            if st is not None:
+            fam = GaugeMetricFamily(name, doc, labels=["shell", "condition"]
+                                    if state.conditions else ["shell"])
+            for condition, stats in by_condition.items():
+                extra = [] if condition is None else [condition]
+                shells = [str(i + 1) for i in range(len(stats.d_min))]
                 for label, value in zip(shells + ["overall"],
-                                        list(getattr(st, attr)) + [st.overall.get(key)]):
-                    _add_finite(fam, [label], value)
+                                        list(getattr(stats, attr)) + [stats.overall.get(key)]):
+                    _add_finite(fam, [label, *extra], value)
             yield fam
         fam = GaugeMetricFamily(
             "streamvi_resolution_cc_half_angstrom",

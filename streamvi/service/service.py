@@ -185,6 +185,8 @@ class Service:
 
             self.publisher = Publisher(config.publish_endpoint)
         self.latest: MergeSnapshot | None = None
+        #: with conditions, the latest snapshot of each, by name (reference first)
+        self.latest_conditions: dict[str, MergeSnapshot] = {}
         #: (time, figures) of every snapshot, for the status page's plots over time
         self.history: deque[dict[str, Any]] = deque(maxlen=2000)
         self.lock = threading.RLock()
@@ -648,6 +650,7 @@ class Service:
         self._reject_log.flush()       # how many refusals the log left out lately
         self.latest_feedback = feedback
         self.latest = snap
+        self.latest_conditions = snaps or {}
         self.history.append(self._figures(snap))
         if self.publisher is not None:
             extra = {"service": self.status()}

@@ -62,7 +62,8 @@ def service_snapshot(service: "Service", *, store: bool = False) -> ServiceSnaps
         history=tuple(service.history.copy()), step_seconds=durations, last_step=last,
         store=store_figures(service) if store else None,
         memory=memory_by_kind(service.engine) if store else {},
-        spool_bytes=int(service.spool.bytes_total), version=streamvi.__version__)
+        spool_bytes=int(service.spool.bytes_total), version=streamvi.__version__,
+        conditions=dict(service.latest_conditions))
 
 
 @contextmanager
