@@ -196,22 +196,23 @@ OPTIONS: tuple[Option, ...] = (
            "against (`DF = F(condition) − F(reference)`); empty: `dark` when present, else "
            "the first condition seen (`serve`: the first of `conditions`)", "merge",
            commands=TRAINING, defaults={"merge": None}, metavar="NAME"),
-    Option("prior_mtz", str, None, "amplitudes (or intensities) of an independent data set of "
+    Option("prior_mtz", str, "", "amplitudes (or intensities) of an independent data set of "
            "the same crystal, taken as prior knowledge: the merge (with conditions, the "
            "reference condition) takes the double-Wilson prior given them, one correlation "
            "per resolution shell learnt from the data, so few images go further where the "
            "structure agrees and a real difference is kept; rows the file lacks keep the "
            "Wilson prior. The column is chosen as for `reference` (`prior_column`). In space "
            "groups with an indexing ambiguity give the same file as `--reference` "
-           "(docs/time-resolved.md)", "merge", commands=("merge",), metavar="MTZ",
-           exclusive="prior"),
-    Option("prior_model", str, None, "a coordinate model (PDB or mmCIF, in the merged "
+           "(docs/time-resolved.md)", "merge", commands=TRAINING, metavar="MTZ",
+           exclusive="prior", defaults={"merge": None}),
+    Option("prior_model", str, "", "a coordinate model (PDB or mmCIF, in the merged "
            "crystal's cell and space group) whose |F_calc| serve as `prior_mtz` would; the "
            "learnt correlation per shell plays the part of σA. No bulk solvent: the lowest "
            "orders are the model's weakest (docs/time-resolved.md)", "merge",
-           commands=("merge",), metavar="PDB", exclusive="prior"),
-    Option("prior_column", str, None, "column of `prior_mtz`; unset: chosen as for "
-           "`reference_column`", "merge", commands=("merge",), metavar="COL"),
+           commands=TRAINING, metavar="PDB", exclusive="prior", defaults={"merge": None}),
+    Option("prior_column", str, "", "column of `prior_mtz`; unset: chosen as for "
+           "`reference_column`", "merge", commands=TRAINING, metavar="COL",
+           defaults={"merge": None}),
     Option("coupled_prior", bool, True, "pump–probe: every condition but the reference takes "
            "the double-Wilson prior given the reference's amplitudes (one correlation per "
            "condition and resolution shell, learnt from the data), so the conditions borrow "

@@ -148,6 +148,9 @@ class Service:
             self.reference = read_reference(config.reference, config.reference_column or None)
             if self.cell is not None:
                 check_same_lattice(self.reference, self.space_group, self.cell)
+        #: amplitudes of an independent data set (prior_mtz) or a model (prior_model) the
+        #: merge's reference condition takes the double-Wilson prior given, or None
+        self.prior = self._read_prior()
         # the model's and the engine's settings, derived from the declared options
         self.trainer_config = TrainerConfig(**config.settings("trainer"))
         self.engine_config = EngineConfig(**config.settings("engine"))
@@ -270,6 +273,29 @@ class Service:
                 log.info("anomalous peak heights from %s", model.describe())
         return LiveFeedback(targets, model)
 
+    def _read_prior(self):
+        """``prior_mtz`` or ``prior_model``, read before anything starts (their mistakes
+        stop the start, naming the key)."""
+        c = self.config
+        if c.prior_mtz and c.prior_model:
+            raise ConfigError("prior_mtz and prior_model are both set: give one of them")
+        if c.prior_mtz:
+            prior = read_reference(c.prior_mtz, c.prior_column or None, flag="prior_mtz")
+        elif c.prior_model:
+            from streamvi.merging.reference import model_amplitudes
+
+            if not Path(c.prior_model).is_file():
+                raise ConfigError(f"prior_model = {c.prior_model}: no such file; give the PDB "
+                                  "or mmCIF model of the merged crystal")
+            prior = model_amplitudes(c.prior_model, c.dmin, flag="prior_model")
+        else:
+            return None
+        if self.cell is not None:
+            check_same_lattice(prior, self.space_group, self.cell)
+        log.info("prior knowledge: %s (%d reflections); the merge takes the double-Wilson "
+                 "prior given it", prior.name, len(prior.hkl))
+        return prior
+
     @property
     def conditions(self) -> tuple[str, ...] | None:
         """The conditions merged, reference first: those configured, then those that
@@ -325,7 +351,8 @@ class Service:
         engine = MergeEngine(space, self.trainer_config, self.engine_config,
                              conditions=self.conditions, coupled_reference=coupled,
                              spare_conditions=(self.config.new_conditions
-                                               if self.conditions else 0))
+                                               if self.conditions else 0),
+                             prior=self.prior)
         store = engine.store
         store.cell_length_tolerance = self.config.cell_length_tolerance
         store.cell_angle_tolerance_deg = self.config.cell_angle_tolerance

@@ -167,6 +167,11 @@ def service_status(service: "Service") -> dict[str, Any]:
                              dict(zip(service.conditions,
                                       (int(n) for n in st.condition_images())))),
         "differences": dict(service.latest_differences),
+        # the learnt correlations per resolution shell of the coupled prior: of each
+        # condition with the reference, and of the merge with the prior data set
+        "coupling": {} if engine is None else engine.coupled_correlations(),
+        "prior": (None if engine is None or engine.prior_name is None else
+                  {"name": engine.prior_name, "r_shells": engine.prior_correlation()}),
     }
 
 
