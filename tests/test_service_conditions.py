@@ -96,6 +96,10 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
                               metrics)) == 10
     assert 'streamvi_delta_cc_half{pair="light-minus-dark",shell="overall"}' in metrics
     assert 'streamvi_delta_significant{pair="light-minus-dark"}' in metrics
+    r = [float(x) for x in re.findall(
+        r'streamvi_prior_correlation\{condition="light",given="dark",shell="\d+"\} (\S+)',
+        metrics)]
+    assert len(r) == 10 and all(0.0 < x < 1.0 for x in r)
     assert 'streamvi_delta_peak_sigma{pair="light-minus-dark",sign="negative"} -' in metrics
     assert service.crystals_rejected == {"unknown_condition": 3}
     # the PUB merged topic, read by a real SUB socket: one table per condition, named
@@ -104,6 +108,7 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     status = service.status()
     assert status["condition_images"] == {"dark": 30, "light": 30}
     fig = status["differences"]["light-minus-dark"]
+    assert list(status["coupling"]) == ["light"] and len(status["coupling"]["light"]) == 10
     assert len(fig["delta_cc_half"]) == 10 and fig["reflections"] > 0
     assert 0 <= fig["significant"] <= fig["reflections"]
     # the difference map's peaks and holes, named by the model's atoms (60 images: noise

@@ -448,6 +448,21 @@ def difference_families(status: Mapping[str, Any]) -> Iterator[Metric]:
     yield cc
     yield sig
     yield peak
+    # the learnt correlations of the coupled prior: low r in a shell is a large change
+    corr = GaugeMetricFamily(
+        "streamvi_prior_correlation",
+        "Learnt correlation r of the double-Wilson prior per resolution shell (1 = lowest): "
+        "of each condition with the reference condition (given=the reference's name), and of "
+        "the merge with the prior data set (given=prior)", labels=["condition", "given", "shell"])
+    reference = next(iter(status.get("condition_images") or {}), "")
+    for name, r in (status.get("coupling") or {}).items():
+        for i, value in enumerate(r):
+            _add_finite(corr, [name, reference, str(i + 1)], value)
+    prior = status.get("prior")
+    if prior:
+        for i, value in enumerate(prior["r_shells"]):
+            _add_finite(corr, [reference, "prior", str(i + 1)], value)
+    yield corr
 
 
 def _geometry_families(summary: dict | None) -> Iterator[Metric]:
