@@ -30,6 +30,11 @@ REQUIRED = ("streamvi_crystals_received_total", "streamvi_messages_rejected_tota
 #: checked against such a service in tests/test_live_feedback.py
 DECISION_METRICS = {"streamvi_forecast_images", "streamvi_target_reached",
                     "streamvi_anomalous_peak_sigma", "streamvi_anomalous_new_peak_sigma"}
+#: what only a service with pump-probe conditions exports samples of: the "Pump–probe" panels,
+#: checked against such a service in tests/test_service_conditions.py
+PUMP_PROBE_METRICS = {"streamvi_delta_cc_half", "streamvi_delta_significant",
+                      "streamvi_delta_peak_sigma", "streamvi_condition_images",
+                      "streamvi_prior_correlation"}
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
             "summary": ("", "_sum", "_count"), "gauge": ("",), "info": ("_info",),
             "unknown": ("",)}
@@ -95,8 +100,8 @@ def test_dashboard_names_only_exported_metrics(dashboard, exported):
         assert not missing, f"{where}: {sorted(missing)} not exported by a live service"
         used |= metrics
         # legend labels must exist on the series queried (or be kept by `by (...)`)
-        if metrics <= DECISION_METRICS:     # their labels: tests/test_live_feedback.py
-            continue
+        if metrics <= DECISION_METRICS | PUMP_PROBE_METRICS:
+            continue        # their labels: tests/test_live_feedback.py, test_service_conditions
         for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", legend):
             assert any(label in (exported[m] or ()) for m in metrics), \
                 f"{where}: no label {label!r}"
@@ -109,7 +114,7 @@ def test_live_scrape_has_samples_for_the_dashboard(dashboard, exported):
     # rather than faked (issue 17); it has samples on real data (test_feedback_service.py)
     empty = sorted(m for m in used if exported.get(m) is None
                    and m != "streamvi_resolution_cc_half_angstrom"
-                   and m not in DECISION_METRICS)
+                   and m not in DECISION_METRICS and m not in PUMP_PROBE_METRICS)
     # anomalous mode, bad rows and two snapshots: every panel has data to show
     assert not empty, f"announced without samples: {empty}"
     for name, label in (("streamvi_cc_half", "shell"), ("streamvi_cc_anom", "shell"),

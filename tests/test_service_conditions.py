@@ -4,6 +4,7 @@ coupled prior, ``latest-<condition>.mtz`` and ``latest-light-minus-dark.mtz`` wr
 runs, a checkpoint that restarts with both conditions (streamvi/service/service.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import urllib.request
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import reciprocalspaceship as rs
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 from streamvi.config import load_config
 from streamvi.errors import ConfigError
@@ -21,6 +23,7 @@ from streamvi.producers.send import send_messages
 from streamvi.service.service import Service, service_conditions
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 from conftest import subscriber
+from test_grafana import DASHBOARD, METRIC_NAME, PUMP_PROBE_METRICS, queries
 from test_http import chromium
 
 SIM = SimulationConfig(n_images=60, seed=4, dmin=3.0, conditions=("dark", "light"),
@@ -109,6 +112,22 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert status["condition_images"] == {"dark": 30, "light": 30}
     fig = status["differences"]["light-minus-dark"]
     assert list(status["coupling"]) == ["light"] and len(status["coupling"]["light"]) == 10
+    # the dashboard's pump-probe panels have samples here, with the labels they show
+    samples: dict[str, set[str]] = {}
+    for fam in text_string_to_metric_families(metrics):
+        for sample in fam.samples:
+            samples.setdefault(sample.name, set()).update(sample.labels)
+    shown = 0
+    for where, expr, legend in queries(json.loads(DASHBOARD.read_text())):
+        names = set(METRIC_NAME.findall(expr))
+        if not names <= PUMP_PROBE_METRICS:
+            continue
+        shown += 1
+        for name in names:
+            assert name in samples, f"{where}: no sample of {name}"
+        for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", legend):
+            assert any(label in samples[n] for n in names), f"{where}: no label {label!r}"
+    assert shown >= 4
     assert len(fig["delta_cc_half"]) == 10 and fig["reflections"] > 0
     assert 0 <= fig["significant"] <= fig["reflections"]
     # the difference map's peaks and holes, named by the model's atoms (60 images: noise
