@@ -246,6 +246,12 @@ OPTIONS: tuple[Option, ...] = (
            "0 at F = 0 as the acentric Wilson prior's does; docs/model.md, change 14). Centric "
            "amplitudes keep the folded normal", "model", commands=TRAINING,
            choices=("folded_normal", "rice"), target="trainer.surrogate"),
+    Option("posterior_lr", float, 0.01, "learning rate of the merged reflections' surrogate "
+           "posterior (Adam): a row moves by about this much (in its units, see "
+           "`posterior_wilson_units`) per update, so it sets how far a strong reflection seen "
+           "on few images can travel from its Wilson start in a merge (docs/model.md)",
+           "model", commands=TRAINING, target="trainer.posterior_lr",
+           check=positive("positive (default 0.01)")),
     Option("scale_kl_weight", float, 0.03, "weight of the image-scale prior against the data "
            "(see docs/model.md)", "model", commands=TRAINING, target="trainer.scale_kl_weight"),
     Option("posterior_average", float, 0.99, "publish each merged reflection's exponential "

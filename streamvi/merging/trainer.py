@@ -113,6 +113,9 @@ class TrainerConfig:
         if not 0.0 <= self.posterior_average_decay < 1.0:
             raise ValueError("posterior_average_decay must lie in [0, 1), got "
                              f"{self.posterior_average_decay}")
+        if not (self.posterior_lr > 0 and self.lr > 0):
+            raise ValueError(f"posterior_lr and lr must be positive, got {self.posterior_lr} "
+                             f"and {self.lr}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.surrogate not in SURROGATES:
