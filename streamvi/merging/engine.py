@@ -40,6 +40,9 @@ REFRESH_MIN_OBSERVATIONS = 10
 REFRESH_MIN_Z = 3.0
 #: resolution bins (uniform in 1/d² up to 1/dmin²) of the image scales' running record
 FALLOFF_BINS = 20
+#: observations' worth of the Wilson mean mixed into a row's data start
+#: (:attr:`EngineConfig.data_start`): it keeps a row seen once or twice near the prior
+DATA_START_WEIGHT = 2.0
 #: per-step decay of that record: it follows the scale network over its last ~500 steps
 FALLOFF_DECAY = 0.998
 #: fewest (decayed) observations in a bin for it to count, and bins for a fit
@@ -94,6 +97,14 @@ class EngineConfig:
         Take the record instead, at each snapshot, from the scale network read with every
         reflection on its Bragg condition (:meth:`_falloff_at_bragg`): the images' scales
         free of partiality, whatever trend the partialities have (docs/model.md, change 15).
+    data_start
+        Start every observed row, when the Wilson Σ is first set, at its own data rather
+        than at the Wilson mean: the mean of its raw intensities over the Wilson plot's
+        ``εΣ`` at its resolution, with :data:`DATA_START_WEIGHT` observations' worth of the
+        Wilson mean mixed in, each half-dataset table from its own half (one condition
+        only).  A row moves by about one learning rate per update, so a strong reflection
+        seen on few images could not leave its Wilson start within a merge (docs/model.md,
+        change 16).
     refresh_growth, refresh_idle_steps
         When to restart the rows at their merge given the current scales
         (:meth:`MergeEngine.refresh_rows`) while training goes on: each time the store has
@@ -115,6 +126,7 @@ class EngineConfig:
     falloff_at_bragg: bool = False
     refresh_growth: float = 0.0
     refresh_idle_steps: int = 0
+    data_start: bool = False
 
 
 def _wilson_posterior_amplitude(j_hat: torch.Tensor, var_j: torch.Tensor,
@@ -410,10 +422,29 @@ class MergeEngine:
             return
         scale = self.trainer.standardizer.intensity_scale()
         reset = self.store.obs_count[0] == 0 if self.sigma_stage else np.ones(sigma.shape, bool)
-        self.trainer.set_wilson_sigma(sigma / scale, reset=reset)
+        start = None
+        if self.config.data_start and self.store.n_conditions == 1 and np.any(reset):
+            start = self._data_start(sigma, np.nonzero(reset)[0])
+        self.trainer.set_wilson_sigma(sigma / scale, reset=reset, start=start)
         self.sigma_stage = 2 if final else 1
         # the misfit test compares with the Wilson prior: meaningful once Σ is final
         self.trainer.model.reject_images = self.config.reject_misfit_images and final
+
+    def _data_start(self, sigma: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``(3, len(rows))`` each row's start as a multiple of its Wilson mean amplitude,
+        per table (all images, half 1, half 2): ``√J`` with ``J = (n·Ê² + w)/(n + w)``,
+        ``Ê² = ⟨I⟩ / εΣ`` the mean of the row's ``n`` raw intensities in that table over the
+        Wilson plot at its resolution (``sigma``, raw units), negative means counted as 0,
+        and ``w`` = :data:`DATA_START_WEIGHT`.  Rows without observations get 1."""
+        st = self.store
+        eps = self.space.epsilon[rows].astype(np.float64)
+        wilson = eps * sigma[rows].astype(np.float64)
+        sums = np.stack([st.sum_i[rows], st.sum_i_half[0][rows], st.sum_i_half[1][rows]])
+        n = st.obs_count[:, rows].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            e2 = np.where(n > 0, sums / np.maximum(n, 1.0) / wilson, 0.0)
+        e2 = np.clip(np.nan_to_num(e2, nan=0.0, posinf=0.0), 0.0, None)
+        return np.sqrt((n * e2 + DATA_START_WEIGHT) / (n + DATA_START_WEIGHT))
 
     def assign_settings(self) -> float | None:
         """Put every stored image in one indexing setting by consensus of the data alone

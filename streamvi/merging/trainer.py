@@ -585,7 +585,8 @@ class Trainer:
         the same step (:class:`streamvi.merging.distributed.DistributedTrainer`).
         """
 
-    def set_wilson_sigma(self, sigma: np.ndarray, *, reset: np.ndarray | None = None) -> None:
+    def set_wilson_sigma(self, sigma: np.ndarray, *, reset: np.ndarray | None = None,
+                         start: np.ndarray | None = None) -> None:
         """Set the Wilson prior's Σ per row (standardised units) from a Wilson plot.
 
         Parameters
@@ -595,6 +596,10 @@ class Trainer:
         reset
             ``(n_rows,)`` bool: rows put back to the new Wilson mean (those not yet learnt
             from, so they start where the prior now says they should).
+        start
+            ``(3, n_reset)`` (or ``(n_reset,)``) multiples of the Wilson mean the reset rows
+            start at instead, per table kind (all images, half 1, half 2; every condition
+            alike): their data (:meth:`MergeEngine._data_start`).  None: 1.
 
         With ``posterior_wilson_units`` every row is re-expressed in units of its new
         √(εΣ) first, keeping the values of the rows not reset.
@@ -607,7 +612,12 @@ class Trainer:
             post.set_unit(torch.sqrt(prior.variance), *extra)
         if reset is not None and bool(np.any(reset)):
             rows = torch.from_numpy(np.nonzero(reset)[0]).to(self.device)
-            post.reset_rows(rows, prior.mean(rows))
+            loc = prior.mean(rows)
+            if start is not None:
+                factor = torch.from_numpy(np.asarray(start, dtype=np.float32)).to(self.device)
+                loc = loc * factor.reshape(-1, rows.shape[0]).repeat(
+                    post.n_tables // factor.reshape(-1, rows.shape[0]).shape[0], 1)
+            post.reset_rows(rows, loc)
             if self.posterior_average is not None:
                 self._reset_average(torch.cat([post.flat_index(t, rows)
                                                for t in range(post.n_tables)]))
