@@ -43,6 +43,9 @@ FALLOFF_BINS = 20
 #: observations' worth of the Wilson mean mixed into a row's data start
 #: (:attr:`EngineConfig.data_start`): it keeps a row seen once or twice near the prior
 DATA_START_WEIGHT = 2.0
+#: I/σ(I) of a row's raw inverse-variance mean at which its data start is half its data,
+#: half the Wilson mean
+DATA_START_Z = 3.0
 #: per-step decay of that record: it follows the scale network over its last ~500 steps
 FALLOFF_DECAY = 0.998
 #: fewest (decayed) observations in a bin for it to count, and bins for a fit
@@ -432,19 +435,36 @@ class MergeEngine:
 
     def _data_start(self, sigma: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``(3, len(rows))`` each row's start as a multiple of its Wilson mean amplitude,
-        per table (all images, half 1, half 2): ``√J`` with ``J = (n·Ê² + w)/(n + w)``,
-        ``Ê² = ⟨I⟩ / εΣ`` the mean of the row's ``n`` raw intensities in that table over the
-        Wilson plot at its resolution (``sigma``, raw units), negative means counted as 0,
-        and ``w`` = :data:`DATA_START_WEIGHT`.  Rows without observations get 1."""
+        per table (all images, half 1, half 2).
+
+        ``√J`` with ``J = k·(n·Ê² + w)/(n + w) + (1 − k)``: ``Ê² = ⟨I⟩ / εΣ``, the mean of
+        the ``n`` raw intensities of the row and its Bijvoet mate in that table over the
+        Wilson plot at their resolution (``sigma``, raw units; negative means count as 0),
+        ``w`` = :data:`DATA_START_WEIGHT`, and ``k = Z² / (Z² + Z₀²)`` with ``Z`` the
+        I/σ(I) of the pair's inverse-variance mean and ``Z₀`` = :data:`DATA_START_Z`: rows
+        their data pin down start there, rows the data barely see keep the Wilson start
+        (whose pull an unfinished merge keeps as a useful shrinkage).  The mates start
+        alike: their difference is left to the merge, as the prior leaves it.  Rows without
+        observations get 1."""
         st = self.store
+        pair = self._bijvoet_pairs()
+        n_pairs = int(pair.max()) + 1
+
+        def pooled(values: np.ndarray) -> np.ndarray:
+            return np.bincount(pair, weights=values, minlength=n_pairs)[pair][rows]
+
         eps = self.space.epsilon[rows].astype(np.float64)
         wilson = eps * sigma[rows].astype(np.float64)
-        sums = np.stack([st.sum_i[rows], st.sum_i_half[0][rows], st.sum_i_half[1][rows]])
-        n = st.obs_count[:, rows].astype(np.float64)
+        sums = np.stack([pooled(st.sum_i), pooled(st.sum_i_half[0]), pooled(st.sum_i_half[1])])
+        n = np.stack([pooled(st.obs_count[t].astype(np.float64)) for t in range(3)])
+        sw, swi = pooled(st.sum_w), pooled(st.sum_wi)
         with np.errstate(invalid="ignore", divide="ignore"):
             e2 = np.where(n > 0, sums / np.maximum(n, 1.0) / wilson, 0.0)
+            z2 = np.where(sw > 0, np.square(swi) / sw, 0.0)
         e2 = np.clip(np.nan_to_num(e2, nan=0.0, posinf=0.0), 0.0, None)
-        return np.sqrt((n * e2 + DATA_START_WEIGHT) / (n + DATA_START_WEIGHT))
+        k = z2 / (z2 + DATA_START_Z ** 2)
+        j = (n * e2 + DATA_START_WEIGHT) / (n + DATA_START_WEIGHT)
+        return np.sqrt(k * j + (1.0 - k))
 
     def assign_settings(self) -> float | None:
         """Put every stored image in one indexing setting by consensus of the data alone
