@@ -521,7 +521,8 @@ def test_a_merge_whose_crystals_all_lack_the_condition_says_so(stills):
 def test_data_start_puts_each_observed_row_at_its_own_data(stills):
     """``data_start``: when Σ is first set, every observed row of each table starts at
     √(k·(n·Ê² + 2)/(n + 2) + 1 − k) times its Wilson mean, Ê² its table's raw mean intensity
-    over εΣ, k = Z²/(Z² + 9) from the I/σ of its inverse-variance mean; unobserved rows at
+    over εΣ, k = Z²/(Z² + 9) from the I/σ of its inverse-variance mean (a half's Z² times its
+    share of the observations); unobserved rows at
     the Wilson mean (the formula recomputed here from the store's sums; no Bijvoet mates)."""
     crystals, space = stills
     engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, posterior_lr=1e-6),
@@ -535,8 +536,9 @@ def test_data_start_puts_each_observed_row_at_its_own_data(stills):
     n = st.obs_count.astype(np.float64)
     sums = np.stack([st.sum_i, st.sum_i_half[0], st.sum_i_half[1]])
     z2 = np.where(st.sum_w > 0, st.sum_wi ** 2 / np.where(st.sum_w > 0, st.sum_w, 1), 0.0)
-    k = z2 / (z2 + 9.0)
     for t in range(3):
+        share = np.where(n[0] > 0, n[t] / np.maximum(n[0], 1), 0.0)
+        k = z2 * share / (z2 * share + 9.0)
         e2 = np.where(n[t] > 0, sums[t] / np.maximum(n[t], 1) / (space.epsilon * sigma), 0.0)
         j = (n[t] * np.clip(e2, 0, None) + 2.0) / (n[t] + 2.0)
         want = wilson_mean * np.sqrt(k * j + 1.0 - k)
@@ -546,6 +548,7 @@ def test_data_start_puts_each_observed_row_at_its_own_data(stills):
     # the halves start from their own data: they differ where the data pin the row down
     loc_h1, loc_h2 = (post.loc_scale(post.flat_index(t, torch.arange(post.n_rows)))[0]
                       .detach().numpy() for t in (1, 2))
+    k = z2 / (z2 + 9.0)
     both = (n[1] > 0) & (n[2] > 0) & (k > 0.5)
     assert both.sum() >= 10
     assert np.mean(np.abs(loc_h1[both] - loc_h2[both]) > 1e-3 * wilson_mean[both]) > 0.9

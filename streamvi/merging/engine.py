@@ -441,7 +441,8 @@ class MergeEngine:
         the ``n`` raw intensities of the row and its Bijvoet mate in that table over the
         Wilson plot at their resolution (``sigma``, raw units; negative means count as 0),
         ``w`` = :data:`DATA_START_WEIGHT`, and ``k = Z² / (Z² + Z₀²)`` with ``Z`` the
-        I/σ(I) of the pair's inverse-variance mean and ``Z₀`` = :data:`DATA_START_Z`: rows
+        I/σ(I) of the pair's inverse-variance mean (a half's: ``Z²`` times its share of the
+        observations) and ``Z₀`` = :data:`DATA_START_Z`: rows
         their data pin down start there, rows the data barely see keep the Wilson start
         (whose pull an unfinished merge keeps as a useful shrinkage).  The mates start
         alike: their difference is left to the merge, as the prior leaves it.  Rows without
@@ -462,6 +463,9 @@ class MergeEngine:
             e2 = np.where(n > 0, sums / np.maximum(n, 1.0) / wilson, 0.0)
             z2 = np.where(sw > 0, np.square(swi) / sw, 0.0)
         e2 = np.clip(np.nan_to_num(e2, nan=0.0, posinf=0.0), 0.0, None)
+        # each table's own I/σ: a half holds its share of the observations
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z2 = z2 * np.where(n[0] > 0, n / np.maximum(n[0], 1.0), 0.0)
         k = z2 / (z2 + DATA_START_Z ** 2)
         j = (n * e2 + DATA_START_WEIGHT) / (n + DATA_START_WEIGHT)
         return np.sqrt(k * j + (1.0 - k))
