@@ -293,11 +293,13 @@ OPTIONS: tuple[Option, ...] = (
            "model", commands=TRAINING, target="engine.falloff_at_bragg"),
     Option("data_start", bool, False, "start every observed reflection, when the Wilson prior "
            "is first set from the data, at its own raw mean intensity over the Wilson plot "
-           "(two observations' worth of the Wilson mean mixed in; each half-dataset table from "
-           "its half) instead of at the Wilson mean, so that a strong reflection seen on few "
-           "images does not have to travel there one learning rate per update (docs/model.md, "
-           "change 16). One condition only", "model", commands=TRAINING,
-           target="engine.data_start"),
+           "(with its Bijvoet mate; two observations' worth of the Wilson mean mixed in, and "
+           "more where its I/σ is low; each half-dataset table from its half) instead of at "
+           "the Wilson mean, so that a strong reflection seen on few images does not have to "
+           "travel there one learning rate per update (docs/model.md, change 16). On for "
+           "`merge`, off for `serve` (whose rows mostly arrive after the Wilson prior is set). "
+           "One condition only", "model", commands=TRAINING, target="engine.data_start",
+           defaults={"merge": True}),
     Option("posterior_wilson_units", bool, False, "express each reflection's surrogate "
            "location and scale in units of its Wilson r.m.s. amplitude √(εΣ), so every row "
            "travels from its Wilson start at the same relative speed (docs/model.md, change "
