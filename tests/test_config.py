@@ -127,7 +127,8 @@ def test_the_model_and_engine_settings_are_derived_not_copied():
     assert tcfg == TrainerConfig(device="auto", seed=0, mc_samples=8, d_model=32, n_layers=2,
                                  likelihood="student_t", scale_kl_weight=0.03,
                                  refine_geometry=True)
-    assert ecfg == EngineConfig(n_shells=10, recentre_falloff=True, batch_images=8)
+    assert ecfg == EngineConfig(n_shells=10, recentre_falloff=True, batch_images=8,
+                                data_start=True)
     cfg = load_config(env={})
     assert TrainerConfig(**cfg.settings("trainer")) == TrainerConfig(
         d_model=16, n_layers=2, mc_samples=8, device="auto", seed=0, cpu_threads=1,
