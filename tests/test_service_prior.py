@@ -4,9 +4,7 @@ over a real ZeroMQ socket, the MTZ read back with reciprocalspaceship."""
 from __future__ import annotations
 
 import gemmi
-import numpy as np
 import pytest
-import reciprocalspaceship as rs
 
 from streamvi.cli.main import main
 from streamvi.config import load_config
@@ -14,6 +12,7 @@ from streamvi.errors import ConfigError
 from streamvi.producers.send import send_messages
 from streamvi.service.service import Service
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+from test_merge_prior import _cc as cc_with
 
 SIM = SimulationConfig(n_images=30, seed=3, dmin=3.0)
 
@@ -48,13 +47,6 @@ def serve(cfg, crystals, steps: int = 200) -> dict:
         return service.status()
     finally:
         service.stop()
-
-
-def cc_with(path, truth) -> float:
-    merged, true = rs.read_mtz(str(path)), rs.read_mtz(str(truth))
-    common = merged.index.intersection(true.index)
-    return float(np.corrcoef(merged.loc[common, "F"].to_numpy(np.float64),
-                             true.loc[common, "FMODEL"].to_numpy(np.float64))[0, 1])
 
 
 def test_a_prior_data_set_lifts_a_live_merge_and_is_reported(few, tmp_path):
