@@ -102,12 +102,12 @@ class EngineConfig:
         free of partiality, whatever trend the partialities have (docs/model.md, change 15).
     data_start
         Start every observed row, when the Wilson Σ is first set, at its own data rather
-        than at the Wilson mean: the mean of its raw intensities over the Wilson plot's
-        ``εΣ`` at its resolution, with :data:`DATA_START_WEIGHT` observations' worth of the
-        Wilson mean mixed in, each half-dataset table from its own half (one condition
-        only).  A row moves by about one learning rate per update, so a strong reflection
-        seen on few images could not leave its Wilson start within a merge (docs/model.md,
-        change 16).
+        than at the Wilson mean (:meth:`_data_start`: the raw mean intensity of it and its
+        Bijvoet mate over the Wilson plot's ``εΣ``, weighted by its I/σ; each half-dataset
+        table from its own half; one condition only).  A row moves by about one learning
+        rate per update, so a strong reflection seen on few images could not leave its
+        Wilson start within a merge (docs/model.md, change 16).  ``streamvi merge`` turns
+        it on.
     refresh_growth, refresh_idle_steps
         When to restart the rows at their merge given the current scales
         (:meth:`MergeEngine.refresh_rows`) while training goes on: each time the store has
@@ -461,11 +461,10 @@ class MergeEngine:
         sw, swi = pooled(st.sum_w), pooled(st.sum_wi)
         with np.errstate(invalid="ignore", divide="ignore"):
             e2 = np.where(n > 0, sums / np.maximum(n, 1.0) / wilson, 0.0)
-            z2 = np.where(sw > 0, np.square(swi) / sw, 0.0)
+            # each table's own I/σ: a half holds its share of the observations
+            z2 = (np.where(sw > 0, np.square(swi) / sw, 0.0)
+                  * np.where(n[0] > 0, n / np.maximum(n[0], 1.0), 0.0))
         e2 = np.clip(np.nan_to_num(e2, nan=0.0, posinf=0.0), 0.0, None)
-        # each table's own I/σ: a half holds its share of the observations
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z2 = z2 * np.where(n[0] > 0, n / np.maximum(n[0], 1.0), 0.0)
         k = z2 / (z2 + DATA_START_Z ** 2)
         j = (n * e2 + DATA_START_WEIGHT) / (n + DATA_START_WEIGHT)
         return np.sqrt(k * j + (1.0 - k))
