@@ -558,3 +558,39 @@ def test_data_start_puts_each_observed_row_at_its_own_data(stills):
     unseen = ~seen
     if unseen.any():
         np.testing.assert_allclose(loc_h1[unseen], wilson_mean[unseen], rtol=2e-3)
+
+
+def test_data_start_starts_rows_first_seen_after_sigma_at_their_data(stills):
+    """A service's rows mostly arrive after Σ is set: with ``data_start`` each starts at its
+    data when its first crystal is stored (the same formula), not at the Wilson mean."""
+    crystals, space = stills
+    def engine_with(data_start: bool) -> MergeEngine:
+        e = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, posterior_lr=1e-6),
+                        EngineConfig(wilson_min_images=3, data_start=data_start))
+        e.add_many(crystals[:3])
+        e.step()                        # Σ set from three stills
+        assert e.sigma_stage >= 1
+        return e
+
+    on, off = engine_with(True), engine_with(False)
+    before = on.store.obs_count[0] == 0
+    on.add_many(crystals[3:])
+    off.add_many(crystals[3:])
+    new = np.nonzero(before & (on.store.obs_count[0] > 0))[0]
+    assert new.size > 100
+    post, prior = on.trainer.model.posterior, on.trainer.model.prior
+    rows = torch.from_numpy(new)
+    got = post.loc_scale(post.flat_index(0, rows))[0].detach().numpy()
+    want = prior.mean(rows).numpy() * on._data_start(on._wilson_raw, new)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # without it they wait at the Wilson mean; with it the strong ones start well above it
+    plain = off.trainer.model.posterior.loc_scale(post.flat_index(0, rows))[0].detach().numpy()
+    np.testing.assert_allclose(plain, off.trainer.model.prior.mean(rows).numpy(), rtol=1e-5)
+    assert np.max(got / prior.mean(rows).numpy()) > 1.5
+    # the checkpoint keeps the Wilson plot the starts are made from
+    state = on.state_dict()
+    again = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
+                        EngineConfig(wilson_min_images=3, data_start=True))
+    again.add_many(crystals)
+    again.load_state_dict(state)
+    np.testing.assert_allclose(again._wilson_raw, on._wilson_raw)

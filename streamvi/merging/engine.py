@@ -241,6 +241,7 @@ class MergeEngine:
         self._inv_d2_max = float(1.0 / space.dmin ** 2)
         #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
         self.sigma_stage = 0
+        self._wilson_raw: np.ndarray | None = None
         self.last_report: StepReport | None = None
         #: images stored at the last refresh of the rows (None: not counting yet), and the
         #: step at which the store last grew
@@ -254,12 +255,25 @@ class MergeEngine:
 
     def add(self, msg: CrystalMessage, *, arrival_time: float | None = None) -> AddResult:
         """Store one crystal (see :meth:`ReflectionStore.add`)."""
-        return self.store.add(msg, arrival_time=arrival_time)
+        return self.add_many([msg], None if arrival_time is None else [arrival_time])[0]
 
     def add_many(self, msgs: Sequence[CrystalMessage],
                  arrival_times: Sequence[float] | None = None) -> list[AddResult]:
-        """Store several crystals at once (see :meth:`ReflectionStore.add_many`)."""
-        return self.store.add_many(msgs, arrival_times)
+        """Store several crystals at once (see :meth:`ReflectionStore.add_many`).
+
+        With ``data_start``, once the Wilson Σ is set, rows these crystals observe for the
+        first time start at their data (:meth:`_data_start`), as the rows observed before Σ
+        did: a service's rows mostly arrive after it."""
+        unseen = None
+        if (self.config.data_start and self.store.n_conditions == 1 and self.sigma_stage
+                and self._wilson_raw is not None):
+            unseen = self.store.obs_count[0] == 0
+        results = self.store.add_many(msgs, arrival_times)
+        if unseen is not None:
+            rows = np.nonzero(unseen & (self.store.obs_count[0] > 0))[0]
+            if rows.size:
+                self.trainer.start_rows(rows, self._data_start(self._wilson_raw, rows))
+        return results
 
     @property
     def n_images(self) -> int:
@@ -429,6 +443,8 @@ class MergeEngine:
         if self.config.data_start and self.store.n_conditions == 1 and np.any(reset):
             start = self._data_start(sigma, np.nonzero(reset)[0])
         self.trainer.set_wilson_sigma(sigma / scale, reset=reset, start=start)
+        #: the Wilson plot in the stored intensities' units, for rows' data starts
+        self._wilson_raw = sigma
         self.sigma_stage = 2 if final else 1
         # the misfit test compares with the Wilson prior: meaningful once Σ is final
         self.trainer.model.reject_images = self.config.reject_misfit_images and final
@@ -821,7 +837,9 @@ class MergeEngine:
                  "falloff": self._falloff.cpu().clone(),
                  "refreshed_images": self.refreshed_images,
                  "conditions": (None if self.store.conditions is None
-                                else list(self.store.conditions))}
+                                else list(self.store.conditions)),
+                 "wilson_raw": (None if self._wilson_raw is None
+                                else torch.from_numpy(np.asarray(self._wilson_raw).copy()))}
         if self.space.n_ops > 1:
             self.store.apply_settings()
             state["image_ops"] = torch.from_numpy(
@@ -846,6 +864,8 @@ class MergeEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         self._snapshot_id = int(state["snapshot_id"])
         self.sigma_stage = int(state.get("sigma_stage", 0))
+        raw = state.get("wilson_raw")
+        self._wilson_raw = None if raw is None else np.asarray(raw, dtype=np.float64)
         self.refreshed_images = state.get("refreshed_images")
         self.trainer.model.reject_images = (self.config.reject_misfit_images
                                             and self.sigma_stage == 2)

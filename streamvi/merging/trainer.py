@@ -611,16 +611,23 @@ class Trainer:
             extra = () if self.posterior_average is None else (self.posterior_average,)
             post.set_unit(torch.sqrt(prior.variance), *extra)
         if reset is not None and bool(np.any(reset)):
-            rows = torch.from_numpy(np.nonzero(reset)[0]).to(self.device)
-            loc = prior.mean(rows)
-            if start is not None:
-                factor = torch.from_numpy(np.asarray(start, dtype=np.float32)).to(self.device)
-                loc = loc * factor.reshape(-1, rows.shape[0]).repeat(
-                    post.n_tables // factor.reshape(-1, rows.shape[0]).shape[0], 1)
-            post.reset_rows(rows, loc)
-            if self.posterior_average is not None:
-                self._reset_average(torch.cat([post.flat_index(t, rows)
-                                               for t in range(post.n_tables)]))
+            self.start_rows(np.nonzero(reset)[0], start)
+
+    @torch.no_grad()
+    def start_rows(self, rows: np.ndarray, start: np.ndarray | None = None) -> None:
+        """Put ``rows`` of every table at ``start`` (``(3, k)`` per table kind, or ``(k,)``)
+        times their Wilson mean (1: at it), with their averages restarted there."""
+        post = self.model.posterior
+        rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+        loc = self.model.prior.mean(rows_t)
+        if start is not None:
+            factor = torch.from_numpy(np.asarray(start, dtype=np.float32)).to(self.device)
+            factor = factor.reshape(-1, rows_t.shape[0])
+            loc = loc * factor.repeat(post.n_tables // factor.shape[0], 1)
+        post.reset_rows(rows_t, loc)
+        if self.posterior_average is not None:
+            self._reset_average(torch.cat([post.flat_index(t, rows_t)
+                                           for t in range(post.n_tables)]))
 
     @torch.no_grad()
     def forget_rows(self, flat_rows: torch.Tensor) -> None:
