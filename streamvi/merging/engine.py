@@ -263,10 +263,13 @@ class MergeEngine:
 
         With ``data_start``, once the Wilson Σ is set, rows these crystals observe for the
         first time start at their data (:meth:`_data_start`), as the rows observed before Σ
-        did: a service's rows mostly arrive after it."""
+        did: a service's rows mostly arrive after it.  Not in space groups with twin laws: a
+        new image's indexing setting is not chosen yet, and rows started from it in the
+        wrong one undid the sparse ambiguity case of the quality matrix (docs/model.md,
+        change 16)."""
         unseen = None
         if (self.config.data_start and self.store.n_conditions == 1 and self.sigma_stage
-                and self._wilson_raw is not None):
+                and self._wilson_raw is not None and self.space.n_ops == 1):
             unseen = self.store.obs_count[0] == 0
         results = self.store.add_many(msgs, arrival_times)
         if unseen is not None:
