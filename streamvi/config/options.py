@@ -297,8 +297,9 @@ OPTIONS: tuple[Option, ...] = (
            "more where its I/σ is low; each half-dataset table from its half) instead of at "
            "the Wilson mean, so that a strong reflection seen on few images does not have to "
            "travel there one learning rate per update (docs/model.md, change 16). On for "
-           "`merge`, off for `serve` (whose rows mostly arrive after the Wilson prior is set). "
-           "One condition only", "model", commands=TRAINING, target="engine.data_start",
+           "`merge`; off for `serve`, where rows first seen later start at their first "
+           "crystals' data, which cost the weak top shells on the quality matrix. One "
+           "condition only", "model", commands=TRAINING, target="engine.data_start",
            defaults={"merge": True}),
     Option("posterior_wilson_units", bool, False, "express each reflection's surrogate "
            "location and scale in units of its Wilson r.m.s. amplitude √(εΣ), so every row "
