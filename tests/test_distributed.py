@@ -175,6 +175,40 @@ def test_two_ranks_match_one_process(simulated, tmp_path):
     assert cc >= CC_MIN
 
 
+def _stream_rank(rank: int, port: int, payloads: list[bytes], space: dict, out: str) -> None:
+    """Images arrive after the Wilson prior is set, with ``data_start`` on."""
+    torch.set_num_threads(1)
+    init_process_group(rank, WORLD, init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    try:
+        engine = DistributedEngine(ReciprocalSpace.from_dict(space), TrainerConfig(**TRAINER),
+                                   EngineConfig(batch_images=4, wilson_min_images=8,
+                                                data_start=True))
+        mine = payloads[rank::WORLD]
+        for raw in mine[:6]:
+            engine.add(decode_crystal(raw))
+        engine.train(4)                       # Σ is set from the first 12 images
+        for raw in mine[6:]:                  # each rank sees rows new to it
+            engine.add(decode_crystal(raw))
+        engine.train(4)
+        torch.save({"stage": engine.sigma_stage,
+                    "weight": engine.trainer.model.posterior.weight.detach().clone()},
+                   Path(out) / f"stream{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_keep_the_same_rows_when_new_ones_arrive_with_data_start(simulated, tmp_path):
+    """A rank must not start the rows its own new images reach from its own sums: every
+    rank holds the same posterior, and the others would not follow."""
+    payloads, space = simulated
+    _spawn(_stream_rank, (free_port(), payloads, space, str(tmp_path)), timeout_s=120)
+    r0 = torch.load(tmp_path / "stream0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "stream1.pt", weights_only=False)
+    assert r0["stage"] >= 1 and r1["stage"] >= 1
+    assert torch.equal(r0["weight"], r1["weight"])
+
+
 # ---------------------------------------------------------------------- ZeroMQ fan-out
 
 

@@ -317,6 +317,9 @@ class DistributedEngine(MergeEngine):
     """
 
     trainer_class = DistributedTrainer
+    # a rank's new rows would start from its own images' sums, unlike the other ranks'
+    # copies of the same rows; the starts when Σ is set read the synced (global) sums
+    starts_rows_on_add = False
 
     def __init__(self, space: ReciprocalSpace, trainer_config: TrainerConfig | None = None,
                  config: EngineConfig | None = None):

@@ -186,6 +186,9 @@ class MergeEngine:
 
     #: Trainer class the engine builds (data-parallel engines substitute their own).
     trainer_class: type[Trainer] = Trainer
+    #: whether :meth:`add_many` may start new rows at their data (``data_start``) from this
+    #: store's own sums: not where every rank must hold the same rows (data-parallel)
+    starts_rows_on_add: bool = True
 
     def __init__(self, space: ReciprocalSpace, trainer_config: TrainerConfig | None = None,
                  config: EngineConfig | None = None, *,
@@ -268,8 +271,9 @@ class MergeEngine:
         wrong one undid the sparse ambiguity case of the quality matrix (docs/model.md,
         change 16)."""
         unseen = None
-        if (self.config.data_start and self.store.n_conditions == 1 and self.sigma_stage
-                and self._wilson_raw is not None and self.space.n_ops == 1):
+        if (self.config.data_start and self.starts_rows_on_add and self.sigma_stage
+                and self.store.n_conditions == 1 and self._wilson_raw is not None
+                and self.space.n_ops == 1):
             unseen = self.store.obs_count[0] == 0
         results = self.store.add_many(msgs, arrival_times)
         if unseen is not None:
