@@ -26,7 +26,10 @@ q-weighted WDF, and the heights (σ of the map) of the ΔF and WDF difference ma
 with the true dark phases at the moved atoms' light sites (positive peaks expected) and at
 their dark sites (negative), means over atoms; and ``df_gain_top10``, the least-squares gain
 of DF on the true ΔF over the 10 % largest true changes (1: the change kept at full size;
-a prior that hid changes would lower it).
+a prior that hid changes would lower it); ``sigdf_scatter`` (per shell
+``sigdf_scatter_shells``), the r.m.s. of the noise in DF (what is left after each shell's
+shrunk true change) over SIGDF: 1 where SIGDF is the real error; ``significant_fraction``,
+the share of |DF|/SIGDF > 3 (0.27 % for pure unit-normal noise).
 
     python benchmarks/bench_time_resolved.py [--images N] [--dmin D] [--light-change SPEC]
         [--steps S] [--methods coupled,online,joint,inverse_variance,separate,truth] [--out results.jsonl]
@@ -82,6 +85,26 @@ def judge(delta, truth_delta, light_sites: np.ndarray, dark_sites: np.ndarray) -
     x = k * d["DF"].to_numpy(np.float64)
     big = np.isfinite(x) & (np.abs(true_df) >= np.quantile(np.abs(true_df), 0.9))
     out["df_gain_top10"] = float(np.sum(x[big] * true_df[big]) / np.sum(true_df[big] ** 2))
+    # is SIGDF the scatter of DF?  The noise left after each shell's shrunk true change
+    # (the least-squares gain of DF on the true ΔF per shell), in units of SIGDF: 1 when
+    # calibrated; and how many |DF|/SIGDF exceed 3 (0.27 % of pure unit-normal noise)
+    if "SIGDF" not in d.columns:           # the truth has no error
+        out.update(sigdf_scatter=None, sigdf_scatter_shells=None, significant_fraction=None,
+                   d_shells=[round(float(v), 2) for v in
+                             shell_edges(res.max(), res.min(), N_SHELLS)[1:]])
+        return out
+    sig = k * d["SIGDF"].to_numpy(np.float64)
+    ok = np.isfinite(x) & np.isfinite(sig) & (sig > 0)
+    noise = np.full(x.shape, np.nan)
+    for j in range(N_SHELLS):
+        m = ok & (shell == j)
+        t2 = float(np.sum(true_df[m] ** 2))
+        g = float(np.sum(x[m] * true_df[m]) / t2) if t2 > 0 else 0.0
+        noise[m] = (x[m] - g * true_df[m]) / sig[m]
+    out["sigdf_scatter"] = float(np.sqrt(np.mean(noise[ok] ** 2)))
+    out["sigdf_scatter_shells"] = [round(float(np.sqrt(np.mean(noise[ok & (shell == j)] ** 2))), 3)
+                                   for j in range(N_SHELLS)]
+    out["significant_fraction"] = float(np.mean(np.abs(x[ok]) / sig[ok] > 3.0))
     d_edges = shell_edges(res.max(), res.min(), N_SHELLS)
     out["d_shells"] = [round(float(x), 2) for x in d_edges[1:]]
     return out

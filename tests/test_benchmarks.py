@@ -207,3 +207,9 @@ def test_time_resolved_benchmark_judges_every_method():
     assert by["online"]["visits"] == 8 and by["online"]["steps"] > 0
     assert len(by["coupled"]["r_shells"]) == 10 and all(0 < r < 1 for r in by["coupled"]["r_shells"])
     assert by["joint"]["light_scale"] == 1.0 and by["inverse_variance"]["light_scale"] > 0
+    # SIGDF against the noise left in DF: judged for every estimate, not for the exact truth
+    assert truth["sigdf_scatter"] is None
+    for method in ("coupled", "online", "joint", "inverse_variance", "separate"):
+        line = by[method]
+        assert line["sigdf_scatter"] > 0 and len(line["sigdf_scatter_shells"]) == 6
+        assert 0.0 <= line["significant_fraction"] < 1.0

@@ -10,7 +10,7 @@ import pytest
 import reciprocalspaceship as rs
 
 from streamvi.publish.mtz import difference_dataset, write_difference_mtz
-from streamvi.quality.difference import difference_coefficients
+from streamvi.quality.difference import calibrate_sigma, difference_coefficients
 from streamvi.symmetry import ReciprocalSpace
 
 
@@ -39,6 +39,67 @@ def test_weights_follow_the_ursby_bourgeois_ren_form():
     assert np.isnan(difference_coefficients(f_light, s_l, f_dark, s_d, d).WDF[5])
     with pytest.raises(ValueError, match="alpha"):
         difference_coefficients(f_light, s_l, f_dark, s_d, d, alpha=-1)
+
+
+def _shrunk_differences(rng, n, *, signal_sd, gain, half_gain, wrong=3.0):
+    """ΔF of a merge that shrinks: the full-data ΔF = g·(Δ + noise), each half's
+    g½·(Δ + its own noise, twice the variance), the mean-field σ ``wrong`` times the real
+    noise's sd (right in shape).  Returns ΔF, σ_mf, the halves' ΔF, d and the real noise sd of
+    the full ΔF and the true Δ."""
+    d = 1.0 / np.cbrt(rng.uniform(1 / 40.0 ** 3, 1 / 2.0 ** 3, n))
+    noise_sd = rng.uniform(0.5, 2.0, n) * (1.0 + 2.0 / d)     # noisier at high resolution
+    true = rng.normal(0.0, signal_sd, n)
+    n1, n2 = (rng.normal(0.0, np.sqrt(2.0) * noise_sd) for _ in range(2))
+    df = gain * (true + 0.5 * (n1 + n2))
+    h1, h2 = half_gain * (true + n1), half_gain * (true + n2)
+    return df, wrong * noise_sd, h1, h2, d, gain * noise_sd, true
+
+
+@pytest.mark.parametrize("signal_sd, gain, half_gain", [
+    (0.0, 0.3, 0.18),       # no change, strong shrinkage (the coupled prior's kind)
+    (2.0, 0.3, 0.18),       # a change, strong shrinkage
+    (2.0, 1.0, 1.0),        # no shrinkage: the classic half-set estimate
+    (1.0, 0.8, 0.65)])
+def test_sigma_calibration_finds_the_scatter_of_a_shrunk_difference(signal_sd, gain, half_gain):
+    rng = np.random.default_rng(3)
+    df, sig, h1, h2, d, real, true = _shrunk_differences(rng, 20000, signal_sd=signal_sd, gain=gain,
+                                                   half_gain=half_gain)
+    cal = calibrate_sigma(df, sig, h1, h2, d, n_shells=8)
+    assert cal.calibrated and np.all(cal.pairs >= 2000)
+    # the mean-field σ is 3× the real sd: the factor is 1/3 of what no prior's gain hides
+    np.testing.assert_allclose(cal.shell_factor, gain / 3.0, rtol=0.06)   # real / sig
+    np.testing.assert_allclose(cal.pooled, gain / 3.0, rtol=0.03)
+    z = df / (sig * cal.factor)
+    if signal_sd == 0.0:
+        # no change: |ΔF|/σ beyond 3 as rare as for a unit normal (0.27 %)
+        assert 0.001 < np.mean(np.abs(z) > 3.0) < 0.006
+        # and before: none, the mean-field σ hid everything
+        assert np.mean(np.abs(df / sig) > 3.0) == 0.0
+    # the published ΔF's noise (what is left of it after its shrunk signal) in calibrated σ:
+    # unit variance
+    assert abs(np.std((df - gain * true) / (sig * cal.factor)) - 1.0) < 0.04
+
+
+def test_sigma_calibration_needs_halves_that_differ_and_enough_pairs():
+    rng = np.random.default_rng(4)
+    df, sig, h1, h2, d, _, _ = _shrunk_differences(rng, 500, signal_sd=1.0, gain=0.5,
+                                                   half_gain=0.4)
+    # halves identical to the full table (no half-datasets): nothing to measure the scatter by
+    same = calibrate_sigma(df, sig, df, df, d)
+    assert not same.calibrated and np.all(same.factor == 1.0)
+    # too few reflections in both halves: the mean-field σ is kept
+    few = h1.copy()
+    few[15:] = np.nan
+    sparse = calibrate_sigma(df, sig, few, h2, d)
+    assert not sparse.calibrated and np.all(sparse.factor == 1.0)
+    # shells short of pairs take the pooled factor; NaN ΔF keeps factor 1
+    some = calibrate_sigma(df, sig, h1, h2, d, n_shells=20, min_pairs_shell=30)
+    assert some.calibrated and np.any(np.isnan(some.shell_factor))
+    short = np.isnan(some.shell_factor)
+    assert np.all(np.isfinite(some.shell_factor[~short]))
+    df[0] = np.nan
+    again = calibrate_sigma(df, sig, h1, h2, d)
+    assert again.factor[0] == 1.0 and np.all(again.factor[1:] != 1.0)
 
 
 def _snapshot(space, f, sigf, observed, step=7, n_images=10):

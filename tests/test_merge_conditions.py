@@ -11,6 +11,7 @@ import reciprocalspaceship as rs
 
 from streamvi.cli.main import main
 from streamvi.errors import ConfigError
+from streamvi.quality.difference import calibrate_sigma
 
 FAST = ["--steps", "30", "--quiet", "--d-model", "8", "--mc-samples", "2", "--device", "cpu"]
 FIELD = ["--condition-field", "header/int//sim/pump_code"]
@@ -46,10 +47,19 @@ def test_a_header_field_names_the_conditions_and_both_mtzs_are_written(pumped, t
     np.testing.assert_allclose(delta["DF"].to_numpy(),
                                (light.loc[delta.index, "F"] - dark.loc[delta.index, "F"]
                                 ).to_numpy(), atol=1e-4)
-    np.testing.assert_allclose(
-        delta["SIGDF"].to_numpy(),
-        np.hypot(light.loc[delta.index, "SIGF"], dark.loc[delta.index, "SIGF"]).to_numpy(),
-        rtol=1e-5)
+    # SIGDF: the mean-field σ scaled to the half-datasets' scatter of ΔF, recomputed here
+    # from the two condition files
+    lt, dk = light.loc[delta.index], dark.loc[delta.index]
+    mean_field = np.hypot(lt["SIGF"], dk["SIGF"]).to_numpy()
+    cal = calibrate_sigma((lt["F"] - dk["F"]).to_numpy(), mean_field,
+                          (lt["F_half1"] - dk["F_half1"]).to_numpy(),
+                          (lt["F_half2"] - dk["F_half2"]).to_numpy(),
+                          delta.compute_dHKL()["dHKL"].to_numpy())
+    assert cal.calibrated
+    np.testing.assert_allclose(delta["SIGDF"].to_numpy(), mean_field * cal.factor, rtol=1e-4)
+    history = [h.strip() for h in
+               gemmi.read_mtz_file(str(tmp_path / "m-light-minus-dark.mtz")).history]
+    assert any(h.startswith("SIGDF: mean-field sigma x half-set scatter") for h in history)
     # the light condition is merged under the coupled prior given the dark one (default)
     light_history = [h.strip() for h in gemmi.read_mtz_file(str(tmp_path / "m-light.mtz")).history]
     assert any(h.startswith("prior given dark, r by shell: ") for h in light_history)

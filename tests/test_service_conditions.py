@@ -151,6 +151,11 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     dark, light = (rs.read_mtz(str(tmp_path / f"latest-{c}.mtz")) for c in ("dark", "light"))
     delta = rs.read_mtz(str(tmp_path / "latest-light-minus-dark.mtz"))
     assert {"DF", "SIGDF", "W", "WDF", "F_DARK"} <= set(delta.columns)
+    # the live count of significant differences is the file's, in its calibrated SIGDF
+    z = np.abs(delta["DF"] / delta["SIGDF"]).to_numpy(np.float64)
+    assert fig["significant"] == int(np.sum(z > 3.0))
+    assert fig["sigdf_calibrated"] is True and len(fig["sigdf_factor"]) == 10
+    assert all(np.isfinite(fig["sigdf_factor"])) and min(fig["sigdf_factor"]) > 0
     common = delta.index
     np.testing.assert_allclose(delta["DF"].to_numpy(),
                                (light.loc[common, "F"] - dark.loc[common, "F"]).to_numpy(),

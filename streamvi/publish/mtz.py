@@ -11,7 +11,7 @@ Columns (only reflections with at least one observation are written):
 
 A merge of several conditions (pump–probe) writes one such file per condition and, per
 condition against the reference, a difference file (:func:`write_difference_mtz`): ``DF
-SIGDF`` (F/Q), the q-weight ``W`` (W), ``WDF`` (F) and the reference's ``F_DARK SIGF_DARK``.
+SIGDF`` (F/Q; SIGDF calibrated on the half-datasets' scatter), the q-weight ``W`` (W), ``WDF`` (F) and the reference's ``F_DARK SIGF_DARK``.
 
 The file is written atomically (:func:`streamvi.atomic.atomic_write`: a temporary name in the
 target directory, fsync, renamed over the target), so a reader never sees a partial file.  It gets the permissions the umask
@@ -129,28 +129,51 @@ InfoSource = Callable[[], MtzInfo | None]
 def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet:
     """``light − dark`` of two snapshots of one merge (conditions) as an ``rs.DataSet``.
 
-    Reflections observed in both: ``DF``, ``SIGDF`` (``√(σ_light² + σ_dark²)``: the mean-field
-    posterior keeps the conditions independent), the q-weight ``W`` and ``WDF = W·DF``
+    Reflections observed in both: ``DF``, ``SIGDF`` (the mean-field ``√(σ_light² +
+    σ_dark²)`` scaled per resolution shell to the scatter of ΔF that the two half-datasets
+    show, :func:`streamvi.quality.difference.calibrate_sigma`; the mean-field value where
+    too few reflections are in both halves), the q-weight ``W`` and ``WDF = W·DF``
     (:mod:`streamvi.quality.difference`), and ``F_DARK`` ``SIGF_DARK`` (the reference
     condition's amplitudes, for maps with its phases).  In anomalous mode the Bijvoet means
-    are differenced.
+    are differenced.  The calibration is in ``attrs["sigma_calibration"]``.
     """
-    from streamvi.quality.difference import DEFAULT_ALPHA, difference_coefficients
+    from streamvi.quality.difference import (DEFAULT_ALPHA, calibrate_sigma,
+                                             difference_coefficients)
 
     a, b = snapshot_to_dataset(light), snapshot_to_dataset(dark)
     both = a.index.intersection(b.index)
     a, b = a.loc[both], b.loc[both]
     d = a.compute_dHKL()["dHKL"].to_numpy(np.float64)
+
+    def col(ds, name):
+        return ds[name].to_numpy(np.float64)
+
+    df = col(a, "F") - col(b, "F")
+    sig = np.hypot(col(a, "SIGF"), col(b, "SIGF"))
+    calibration = calibrate_sigma(df, sig, col(a, "F_half1") - col(b, "F_half1"),
+                                  col(a, "F_half2") - col(b, "F_half2"), d)
     diff = difference_coefficients(
-        a["F"].to_numpy(np.float64), a["SIGF"].to_numpy(np.float64),
-        b["F"].to_numpy(np.float64), b["SIGF"].to_numpy(np.float64), d,
-        alpha=DEFAULT_ALPHA if alpha is None else alpha)
+        col(a, "F"), col(a, "SIGF"), col(b, "F"), col(b, "SIGF"), d,
+        alpha=DEFAULT_ALPHA if alpha is None else alpha, sigma_factor=calibration.factor)
     out = rs.DataSet({"DF": diff.DF, "SIGDF": diff.SIGDF, "W": diff.W, "WDF": diff.WDF,
-                      "F_DARK": b["F"].to_numpy(np.float64),
-                      "SIGF_DARK": b["SIGF"].to_numpy(np.float64)},
+                      "F_DARK": col(b, "F"), "SIGF_DARK": col(b, "SIGF")},
                      index=both, cell=a.cell, spacegroup=a.spacegroup, merged=True)
-    return out.astype({"DF": "SFAmplitude", "SIGDF": "Stddev", "W": "Weight",
-                       "WDF": "SFAmplitude", "F_DARK": "SFAmplitude", "SIGF_DARK": "Stddev"})
+    out = out.astype({"DF": "SFAmplitude", "SIGDF": "Stddev", "W": "Weight",
+                      "WDF": "SFAmplitude", "F_DARK": "SFAmplitude", "SIGF_DARK": "Stddev"})
+    out.attrs["sigma_calibration"] = calibration
+    return out
+
+
+def _calibration_history(calibration) -> list[str]:
+    """MTZ history lines (80 characters at most) saying how SIGDF was scaled."""
+    if calibration is None:
+        return []
+    if not calibration.calibrated:
+        return ["SIGDF: mean-field sqrt(s2_light + s2_dark), too few half-set pairs"]
+    factors = np.where(np.isfinite(calibration.shell_factor), calibration.shell_factor,
+                       calibration.pooled)
+    return ["SIGDF: mean-field sigma x half-set scatter factor by shell, low to high:",
+            " ".join(f"{x:.2f}" for x in factors)[:80]]
 
 
 def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[str, str],
@@ -165,7 +188,8 @@ def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[s
     hist = [f"DF = F({names[0]}) - F({names[1]}), step {light.step}",
             f"images {light.n_images} {names[0]}, {dark.n_images} {names[1]}",
             f"WDF = W*DF, W = 1/(1 + s2/<s2> + {a:g} DF2/<DF2>) per shell",
-            "(Ursby & Bourgeois 1997; Ren et al. 2001); SIGDF: q independent"]
+            "(Ursby & Bourgeois 1997; Ren et al. 2001)"]
     if dataset is None:
         dataset = difference_dataset(light, dark, alpha=alpha)
+    hist += _calibration_history(dataset.attrs.get("sigma_calibration"))
     return write_mtz(dataset, path, history=hist, info=info)

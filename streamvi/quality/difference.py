@@ -1,11 +1,13 @@
 """Light-minus-dark structure-factor differences and their q-weighted map coefficients.
 
 Given the merged amplitudes of a condition (``light``) and of the reference condition
-(``dark``) on the same reflections, ``ΔF = F_light − F_dark`` and ``σ(ΔF) = √(σ_light² +
-σ_dark²)``.  With streamvi's joint merge both amplitudes come from one model (shared image
-scales), but the surrogate posterior is mean-field: the tables of different conditions are
-independent in q, so σ(ΔF) adds their variances and carries no covariance through the shared
-scales.
+(``dark``) on the same reflections, ``ΔF = F_light − F_dark``.  Its mean-field error
+``√(σ_light² + σ_dark²)`` adds the two surrogates' variances: the tables of different
+conditions are independent in q, so it carries no covariance, neither through the shared
+scales nor through the coupled prior, which ties the light amplitudes to the dark ones and
+shrinks ΔF (with it the mean-field error is 2–5 times the real one: no difference ever
+looks significant).  :func:`calibrate_sigma` puts it on the scale of the real scatter of the
+published ΔF, measured per resolution shell from the two half-datasets' ΔF.
 
 Weighted coefficients follow the q-weighting of Ursby & Bourgeois (1997, Acta Cryst. A53,
 564–575) in the form of Ren et al. (2001, Biochemistry 40, 13788–13801)::
@@ -32,6 +34,108 @@ DEFAULT_ALPHA = 0.05
 DEFAULT_SHELLS = 10
 
 
+#: pairs (reflections with ΔF in both halves) a shell needs for its own calibration factor;
+#: fewer: the factor of all shells pooled
+MIN_PAIRS_SHELL = 50
+#: pairs the pooled factor needs; fewer: no calibration (the mean-field σ is kept)
+MIN_PAIRS = 20
+
+
+class SigmaCalibration(NamedTuple):
+    """Factors that turn the mean-field σ(ΔF) into the published ΔF's real scatter."""
+
+    #: per reflection, the factor applied to its mean-field σ(ΔF) (1 where not calibrated)
+    factor: np.ndarray
+    #: per shell (low to high resolution), the factor (NaN: the shell took the pooled one)
+    shell_factor: np.ndarray
+    #: pairs per shell
+    pairs: np.ndarray
+    #: the factor of all shells pooled (NaN: too few pairs, nothing calibrated)
+    pooled: float
+    #: high-resolution limit of each shell, Å
+    d_min: np.ndarray
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(np.isfinite(self.pooled))
+
+
+def _noise_factor(df: np.ndarray, sig: np.ndarray, h1: np.ndarray, h2: np.ndarray) -> float:
+    """√(A·B / (A + C)) over one set of pairs (see :func:`calibrate_sigma`); NaN when the
+    halves do not differ."""
+    a = float(np.mean(np.square((h1 - h2) / (2.0 * sig))))
+    b = float(np.mean(np.square(df / sig)))
+    c = max(float(np.mean(h1 * h2 / np.square(sig))), 0.0)
+    if not (a > 0 and np.isfinite(a) and np.isfinite(b)):
+        return float("nan")
+    return float(np.sqrt(a * b / (a + c)))
+
+
+def calibrate_sigma(df: np.ndarray, sigdf: np.ndarray, df_half1: np.ndarray,
+                    df_half2: np.ndarray, d: np.ndarray, *, n_shells: int = DEFAULT_SHELLS,
+                    min_pairs_shell: int = MIN_PAIRS_SHELL,
+                    min_pairs: int = MIN_PAIRS) -> SigmaCalibration:
+    """Scale the mean-field σ(ΔF) to the scatter of the published ΔF, per resolution shell.
+
+    The merge shrinks ΔF towards 0 by a gain ``g`` (the coupled prior strongly, the Wilson
+    prior at high resolution), and each half-dataset's ΔF by a smaller gain ``g½`` (half the
+    data, the same prior).  In units of the mean-field σ, with ``S`` the true ΔF's variance
+    and ``v`` the noise's of an unshrunk full-data ΔF, over the reflections with ΔF in both
+    halves::
+
+        A = ⟨(ΔF½₁ − ΔF½₂)²⟩ / 4 = g½² v      (the halves' noise)
+        B = ⟨ΔF²⟩                = g² (S + v)  (the published ΔF)
+        C = ⟨ΔF½₁ · ΔF½₂⟩        = g½² S      (the signal both halves share)
+
+    so the published ΔF's noise variance is ``g² v = A·B / (A + C)`` whatever the gains
+    (``C`` is taken ≥ 0: no signal has no negative variance).  Without shrinkage it is
+    ``A``, the usual half-set estimate; with no signal it is all of ``B``.  The factor is
+    ``√(A·B / (A + C))``, second moments about zero (ΔF's significance is its distance from
+    0).  Checked against the truth of simulated pump–probe sets (docs/time-resolved.md).
+
+    Parameters
+    ----------
+    df, sigdf
+        ΔF and its mean-field σ per reflection.
+    df_half1, df_half2
+        The two half-datasets' ΔF per reflection (NaN where a half has none).
+    d
+        Resolution per reflection, Å.
+    n_shells
+        Shells of equal reciprocal volume between the data's extremes.
+    min_pairs_shell, min_pairs
+        Pairs a shell needs for its own factor, and all shells pooled for any.
+
+    Returns
+    -------
+    SigmaCalibration
+    """
+    df, sigdf, h1, h2, d = (np.asarray(a, np.float64) for a in (df, sigdf, df_half1,
+                                                                 df_half2, d))
+    ok = (np.isfinite(df) & np.isfinite(sigdf) & (sigdf > 0) & np.isfinite(d) & (d > 0))
+    pair = ok & np.isfinite(h1) & np.isfinite(h2)
+    n_shells = max(1, int(n_shells))
+    factor = np.ones(df.shape)
+    shell_factor = np.full(n_shells, np.nan)
+    pairs = np.zeros(n_shells, np.int64)
+    if not ok.any():
+        return SigmaCalibration(factor, shell_factor, pairs, float("nan"),
+                                np.full(n_shells, np.nan))
+    edges = shell_edges(float(d[ok].max()), float(d[ok].min()), n_shells)
+    shell = shell_index(d, edges)
+    pairs = np.bincount(shell[pair], minlength=n_shells)[:n_shells].astype(np.int64)
+    pooled = (_noise_factor(df[pair], sigdf[pair], h1[pair], h2[pair])
+              if pair.sum() >= min_pairs else float("nan"))
+    if np.isfinite(pooled):
+        for j in range(n_shells):
+            m = pair & (shell == j)
+            if m.sum() >= min_pairs_shell:
+                shell_factor[j] = _noise_factor(df[m], sigdf[m], h1[m], h2[m])
+        use = np.where(np.isfinite(shell_factor), shell_factor, pooled)
+        factor = np.where(ok, use[np.clip(shell, 0, n_shells - 1)], 1.0)
+    return SigmaCalibration(factor, shell_factor, pairs, pooled, np.asarray(edges[1:]))
+
+
 class Differences(NamedTuple):
     """ΔF per reflection and its weighting (float64 arrays of equal length)."""
 
@@ -46,7 +150,8 @@ class Differences(NamedTuple):
 def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark: np.ndarray,
                             sigf_dark: np.ndarray, d: np.ndarray, *,
                             alpha: float = DEFAULT_ALPHA,
-                            n_shells: int = DEFAULT_SHELLS) -> Differences:
+                            n_shells: int = DEFAULT_SHELLS,
+                            sigma_factor: np.ndarray | None = None) -> Differences:
     """ΔF, σ(ΔF) and the q-weighted coefficients (see the module docstring).
 
     Parameters
@@ -61,6 +166,9 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
     n_shells
         Resolution shells for the means (fewer when there are few reflections: at least
         about 20 per shell are kept).
+    sigma_factor
+        Per reflection, a factor for the mean-field σ(ΔF) (:func:`calibrate_sigma`'s);
+        None: σ(ΔF) is the mean-field one.
 
     Returns
     -------
@@ -72,6 +180,8 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
         f_light, sigf_light, f_dark, sigf_dark, d))
     df = f_light - f_dark
     var = np.square(sigf_light) + np.square(sigf_dark)
+    if sigma_factor is not None:
+        var = var * np.square(np.asarray(sigma_factor, np.float64))
     ok = np.isfinite(df) & np.isfinite(var) & np.isfinite(d) & (d > 0)
     df = np.where(ok, df, np.nan)
     var = np.where(ok, var, np.nan)
@@ -93,23 +203,31 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
 
 
 def difference_figures(light, dark, *, n_shells: int = DEFAULT_SHELLS,
-                       significant_z: float = 3.0) -> dict:
+                       significant_z: float = 3.0, dataset=None) -> dict:
     """What a crew watches of one light-minus-dark difference, live.
 
     ``delta_cc_half``: per resolution shell (low to high, equal reciprocal volume) and
     overall, the correlation of the two half-datasets' ΔF (``F_light,half1 − F_dark,half1``
     against the same of half 2) over the reflections both conditions observed in both
     halves: the ΔF analogue of CC½, near 0 while the difference is noise.  ``significant``:
-    reflections with ``|ΔF| / σ(ΔF) > significant_z`` (σ mean-field, over-confident: a
-    relative figure).
+    reflections with ``|ΔF| / σ(ΔF) > significant_z``, σ(ΔF) the difference table's
+    (calibrated on the half-datasets' scatter, :func:`calibrate_sigma`: on simulated data
+    with no change about 1 %, the noise's tails heavier than a normal's 0.27 %);
+    ``sigdf_factor``: that calibration's factor per shell of
+    the table's own binning (``sigdf_calibrated`` False: too few pairs, the mean-field σ).
 
     Parameters
     ----------
     light, dark
         :class:`~streamvi.snapshot.MergeSnapshot` of the two conditions (same table).
+    dataset
+        :func:`streamvi.publish.mtz.difference_dataset` of the two, when already made.
     """
     from streamvi.quality.stats import pearson, pearson_by_group
 
+    if dataset is None:
+        from streamvi.publish.mtz import difference_dataset
+        dataset = difference_dataset(light, dark)
     space = light.space
     ok = [(s.obs_count[k] > 0) for s in (light, dark) for k in (1, 2)]
     both = ok[0] & ok[1] & ok[2] & ok[3]
@@ -120,17 +238,21 @@ def difference_figures(light, dark, *, n_shells: int = DEFAULT_SHELLS,
     y = light.tables["half2"]["F"] - dark.tables["half2"]["F"]
     sel = both & np.isfinite(x) & np.isfinite(y)
     cc, n = pearson_by_group(x[sel], y[sel], shell[sel], n_shells)
-    seen = (light.obs_count[0] > 0) & (dark.obs_count[0] > 0)
-    df = light.tables["all"]["F"][seen] - dark.tables["all"]["F"][seen]
-    sigdf = np.hypot(light.tables["all"]["SIGF"][seen], dark.tables["all"]["SIGF"][seen])
+    df = dataset["DF"].to_numpy(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.abs(df) / sigdf
+        z = np.abs(df) / dataset["SIGDF"].to_numpy(np.float64)
+    calibration = dataset.attrs.get("sigma_calibration")
+    factor = ([] if calibration is None else
+              [float(v) for v in np.where(np.isfinite(calibration.shell_factor),
+                                          calibration.shell_factor, calibration.pooled)])
     return {"delta_cc_half": [float(c) for c in cc],
             "delta_cc_half_overall": float(pearson(x[sel], y[sel])) if sel.sum() >= 3
             else float("nan"),
             "pairs": [int(v) for v in n], "d_min": [float(e) for e in edges[1:]],
-            "reflections": int(seen.sum()),
-            "significant": int(np.sum(np.isfinite(z) & (z > significant_z)))}
+            "reflections": int(np.isfinite(df).sum()),
+            "significant": int(np.sum(np.isfinite(z) & (z > significant_z))),
+            "sigdf_calibrated": bool(calibration is not None and calibration.calibrated),
+            "sigdf_factor": factor}
 
 
 def difference_peaks(cell, space_group, hkl: np.ndarray, coefficients: np.ndarray, model, *,

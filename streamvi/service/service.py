@@ -704,7 +704,8 @@ class Service:
             ds = None
             try:
                 ds = difference_dataset(snap, snaps[ref])
-                fig = difference_figures(snap, snaps[ref], n_shells=self.config.n_shells)
+                fig = difference_figures(snap, snaps[ref], n_shells=self.config.n_shells,
+                                         dataset=ds)
                 if self.difference_model is not None:
                     fig["peaks"] = difference_peaks(
                         ds.cell, ds.spacegroup, ds.get_hkls(), ds["WDF"].to_numpy(np.float64),

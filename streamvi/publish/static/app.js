@@ -531,7 +531,9 @@ function renderDifferences(d) {
     });
     const tr = document.createElement("tr");
     tr.append(cell(`${pair}: overall`), cell(`${fmtInt(f.reflections)} reflections`),
-              cell(`${fmtInt(f.significant)} significant`), cell(fmt(f.delta_cc_half_overall, 3)));
+              cell(`${fmtInt(f.significant)} significant` +
+                   (f.sigdf_calibrated === false ? " (σ not calibrated yet)" : "")),
+              cell(fmt(f.delta_cc_half_overall, 3)));
     foot.push(tr);
   }
   $("diff-rows").replaceChildren(...rows);
