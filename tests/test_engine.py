@@ -88,7 +88,9 @@ def test_sync_free_engine_step_never_waits_for_the_device():
     snap = engine.snapshot()
     assert np.array_equal(engine.store.image_op[:24], engine.store._image_op_t[:24].numpy())
     assert sum(engine.store.setting_counts().values()) == 24
-    assert int(snap.obs_count[0].sum()) == engine.store.n_reflections
+    # N counts what the merge took: the observations of images left out as misfits do not
+    left_out = int(engine.store.image_length[:24][engine.store.image_rejected].sum())
+    assert int(snap.obs_count[0].sum()) == engine.store.n_reflections - left_out
     assert np.isfinite(snap.tables["all"]["F"][snap.observed]).all()
 
 
@@ -594,3 +596,35 @@ def test_data_start_starts_rows_first_seen_after_sigma_at_their_data(stills):
     again.add_many(crystals)
     again.load_state_dict(state)
     np.testing.assert_allclose(again._wilson_raw, on._wilson_raw)
+
+
+def test_rows_only_misfit_images_reached_are_not_published(stills):
+    """N counts the observations the merge took; a row whose every observation is an image
+    left out as a misfit is the prior alone and is not in the published table."""
+    from streamvi.snapshot import snapshot_to_dataset
+
+    crystals, space = stills
+    _, engine = _merge(crystals, space, steps=10)
+    per_image = [space.lookup(np.stack([c.h, c.k, c.l], 1)) for c in crystals]
+    # the store keeps every reflection in range; count rows per image the same way
+    kept = [r[r >= 0] for r in per_image]
+    left_out = np.array([1, 4, 7])
+    engine.store.set_rejected(torch.from_numpy(left_out), torch.ones(3, dtype=torch.bool))
+    snap = engine.snapshot()
+    taken = np.zeros(space.n_unique, np.int64)
+    reached = np.zeros(space.n_unique, np.int64)
+    for i, rows in enumerate(kept):
+        np.add.at(reached, rows, 1)
+        if i not in left_out:
+            np.add.at(taken, rows, 1)
+    np.testing.assert_array_equal(snap.obs_count[0], taken)
+    np.testing.assert_array_equal(snap.obs_count[1] + snap.obs_count[2], taken)
+    only_misfits = (reached > 0) & (taken == 0)
+    assert only_misfits.sum() > 0
+    published = space.lookup(snapshot_to_dataset(snap).get_hkls())
+    assert not np.isin(np.nonzero(only_misfits)[0], published).any()
+    assert set(published.tolist()) == set(np.nonzero(taken > 0)[0].tolist())
+    # the store itself still holds them: a later verdict may take the images back
+    np.testing.assert_array_equal(engine.store.obs_count[0], reached)
+    engine.store.set_rejected(torch.from_numpy(left_out), torch.zeros(3, dtype=torch.bool))
+    np.testing.assert_array_equal(engine.snapshot().obs_count[0], reached)

@@ -731,7 +731,7 @@ class MergeEngine:
         c = self._condition_index(condition)
         tables = {name: self.trainer.posterior_table(3 * c + i)
                   for i, name in enumerate(TABLE_NAMES)}
-        obs = self.store.condition_obs_count[c].copy()
+        obs = self._merged_obs_count(c)
         sp = self.space
         expected_i = self.trainer.model.prior.variance.double().cpu().numpy()
         correction = self.falloff_correction() if self.config.recentre_falloff else None
@@ -790,6 +790,17 @@ class MergeEngine:
                          ", ".join(f"{c:.3f}" for c in choice.cc), choice.n_common)
             self.setting_choice = choice
         return snap
+
+    def _merged_obs_count(self, condition: int) -> np.ndarray:
+        """``(3, n_rows)`` observations the merge takes, per row of one condition: the
+        store's counts less those of images now left out as misfits (the likelihood drops
+        them).  A row whose every observation is such an image's is the prior alone, not a
+        measurement: with no observation counted it is left out of the published tables
+        (the misindexed images' mislabelled reflections made such rows)."""
+        obs = self.store.condition_obs_count[condition].copy()
+        if self.store.n_rejected:
+            obs -= self.store.rejected_obs_count()[condition]
+        return obs
 
     def _condition_index(self, condition: str | None) -> int:
         """Table-set index of ``condition`` (0 with one condition)."""

@@ -901,6 +901,28 @@ class ReflectionStore:
         counts = np.bincount(self.image_op[: self.n_images], minlength=self.n_ops)
         return {op_triplet(op): int(c) for op, c in zip(self.space.twin_ops, counts)}
 
+    def rejected_obs_count(self) -> np.ndarray:
+        """``(n_conditions, 3, n_rows)`` observations of the images now left out as misfits
+        (all images, half 1, half 2; rows of each image's current indexing setting, as
+        :meth:`apply_settings` counted them): what :attr:`condition_obs_count` holds that
+        the likelihood does not.  Reads the rejected images' rows from the device."""
+        out = np.zeros((self.n_conditions, 3, self.space.n_unique), np.int64)
+        rejected = np.nonzero(self.image_rejected)[0]
+        for t, tier in enumerate(self._tiers):
+            ids = rejected[self.image_tier[rejected] == t]
+            if ids.size == 0:
+                continue
+            lengths = self.image_length[ids]
+            idx = _ranges(self.image_start[ids], lengths)
+            asu = tier.asu_id.index_select(1, torch.from_numpy(idx).to(tier.device)).cpu().numpy()
+            ops = self.image_op[ids] if self.n_ops > 1 else np.zeros(ids.size, np.int64)
+            rows = asu[np.repeat(ops, lengths), np.arange(idx.shape[0])]
+            half = np.repeat(self.image_half[ids].astype(np.int64), lengths)
+            cond = np.repeat(self.image_condition[ids].astype(np.int64), lengths)
+            np.add.at(out, (cond, 0, rows), 1)
+            np.add.at(out, (cond, 1 + half, rows), 1)
+        return out
+
     def set_geometry(self, image_ids: torch.Tensor, state: torch.Tensor) -> None:
         """Record each image's geometry refinement state after a step (``image_ids`` and
         ``state`` as in a :class:`Batch` and its :class:`~streamvi.merging.trainer.StepReport`)."""
