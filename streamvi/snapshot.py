@@ -44,6 +44,16 @@ class MergeSnapshot:
     #: the relative B (Å²) given to the amplitudes from the image scales' resolution trend
     #: (None: not applied; :meth:`~streamvi.merging.engine.MergeEngine.falloff_correction`)
     falloff_b: float | None = None
+    #: ``(3, n_rows)`` the store's counts, every stored image's observations (``obs_count``
+    #: leaves out those of images the merge now drops as misfits): what the store's sums
+    #: were made from, for figures that pair counts with them and must not move while only
+    #: the optimiser does (the training-free CC½, the forecasts); None: ``obs_count``
+    stored_obs_count: np.ndarray | None = None
+
+    @property
+    def store_counts(self) -> np.ndarray:
+        """:attr:`stored_obs_count`, or ``obs_count`` where the snapshot has none."""
+        return self.obs_count if self.stored_obs_count is None else self.stored_obs_count
 
     @property
     def observed(self) -> np.ndarray:

@@ -624,7 +624,9 @@ def test_rows_only_misfit_images_reached_are_not_published(stills):
     published = space.lookup(snapshot_to_dataset(snap).get_hkls())
     assert not np.isin(np.nonzero(only_misfits)[0], published).any()
     assert set(published.tolist()) == set(np.nonzero(taken > 0)[0].tolist())
-    # the store itself still holds them: a later verdict may take the images back
+    # the store itself still holds them (a later verdict may take the images back), and the
+    # snapshot carries its counts for the figures made from the store's sums
     np.testing.assert_array_equal(engine.store.obs_count[0], reached)
+    np.testing.assert_array_equal(snap.store_counts[0], reached)
     engine.store.set_rejected(torch.from_numpy(left_out), torch.zeros(3, dtype=torch.bool))
     np.testing.assert_array_equal(engine.snapshot().obs_count[0], reached)

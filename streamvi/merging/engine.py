@@ -731,6 +731,7 @@ class MergeEngine:
         c = self._condition_index(condition)
         tables = {name: self.trainer.posterior_table(3 * c + i)
                   for i, name in enumerate(TABLE_NAMES)}
+        stored = self.store.condition_obs_count[c].copy()
         obs = self._merged_obs_count(c)
         sp = self.space
         expected_i = self.trainer.model.prior.variance.double().cpu().numpy()
@@ -776,7 +777,7 @@ class MergeEngine:
             snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,
             obs_count=obs, n_images=n_images,
             n_reflections=n_reflections, step=self.trainer.step,
-            stats=stats, falloff_b=falloff_b, history=history + (
+            stats=stats, falloff_b=falloff_b, stored_obs_count=stored, history=history + (
                 [] if falloff_b is None else
                 # MTZ history lines hold 80 characters
                 [f"scales' resolution trend moved to F: B {falloff_b:+.2f} A^2 "

@@ -274,7 +274,11 @@ def reindex_snapshot(snapshot, perm: np.ndarray, notes: list[str]):
         tables[name] = moved
     obs = np.empty_like(snapshot.obs_count)
     obs[:, perm] = snapshot.obs_count
-    return replace(snapshot, tables=tables, obs_count=obs,
+    stored = snapshot.stored_obs_count
+    if stored is not None:
+        stored = np.empty_like(stored)
+        stored[:, perm] = snapshot.stored_obs_count
+    return replace(snapshot, tables=tables, obs_count=obs, stored_obs_count=stored,
                    history=list(snapshot.history) + list(notes))
 
 

@@ -202,8 +202,8 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
     return Differences(DF=df, SIGDF=np.sqrt(var), W=w, WDF=w * df)
 
 
-def difference_figures(light, dark, *, n_shells: int = DEFAULT_SHELLS,
-                       significant_z: float = 3.0, dataset=None) -> dict:
+def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
+                       significant_z: float = 3.0) -> dict:
     """What a crew watches of one light-minus-dark difference, live.
 
     ``delta_cc_half``: per resolution shell (low to high, equal reciprocal volume) and
@@ -221,13 +221,11 @@ def difference_figures(light, dark, *, n_shells: int = DEFAULT_SHELLS,
     light, dark
         :class:`~streamvi.snapshot.MergeSnapshot` of the two conditions (same table).
     dataset
-        :func:`streamvi.publish.mtz.difference_dataset` of the two, when already made.
+        :func:`streamvi.publish.mtz.difference_dataset` of the two (the difference file's
+        table: ``DF``, ``SIGDF`` and its calibration in ``attrs["sigma_calibration"]``).
     """
     from streamvi.quality.stats import pearson, pearson_by_group
 
-    if dataset is None:
-        from streamvi.publish.mtz import difference_dataset
-        dataset = difference_dataset(light, dark)
     space = light.space
     ok = [(s.obs_count[k] > 0) for s in (light, dark) for k in (1, 2)]
     both = ok[0] & ok[1] & ok[2] & ok[3]

@@ -213,12 +213,15 @@ class LiveFeedback:
         """
         table: ShellTable = snapshot.stats
         sp = snapshot.space
-        attach_data_estimate(table, sp, snapshot.obs_count, sum_i_half, wilson_sigma)
+        # the store's counts, with its sums: figures free of the training, misfit verdicts
+        # included
+        counts = getattr(snapshot, "store_counts", snapshot.obs_count)
+        attach_data_estimate(table, sp, counts, sum_i_half, wilson_sigma)
         provisional = self._provisional(table)
         resolution = self._publish_resolution(table.resolution_fit("data"))
         table.resolution_cc_half = resolution.d if resolution is not None else None
         inputs = ForecastInputs(n_images=int(snapshot.n_images), rate=float(rate),
-                                obs_count=snapshot.obs_count, hkl=sp.hkl, d=sp.d,
+                                obs_count=counts, hkl=sp.hkl, d=sp.d,
                                 centric=sp.centric, epsilon=sp.epsilon, friedel=sp.friedel,
                                 table=table, model_provisional=provisional["cc_anom"])
         forecasts = forecast_targets(self.targets, inputs)
