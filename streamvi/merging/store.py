@@ -857,17 +857,11 @@ class ReflectionStore:
         changed = np.nonzero(ops != self.image_op[:n])[0]
         if changed.size == 0:
             return 0
-        for t, tier in enumerate(self._tiers):
-            ids = changed[self.image_tier[changed] == t]
-            if ids.size == 0:
-                continue
-            lengths = self.image_length[ids]
-            idx = _ranges(self.image_start[ids], lengths)
-            idx_t = torch.from_numpy(idx).to(tier.device)
+        for tier, ids, lengths, idx_t in self._tier_parts(changed):
             asu = tier.asu_id.index_select(1, idx_t).cpu().numpy()
             iobs = tier.iobs.index_select(0, idx_t).cpu().numpy().astype(np.float64)
             sig = tier.sigiobs.index_select(0, idx_t).cpu().numpy().astype(np.float64)
-            cols = np.arange(idx.shape[0])
+            cols = np.arange(idx_t.shape[0])
             old = asu[np.repeat(self.image_op[ids], lengths), cols]
             new = asu[np.repeat(ops[ids], lengths), cols]
             half = np.repeat(self.image_half[ids].astype(np.int64), lengths)
@@ -901,22 +895,26 @@ class ReflectionStore:
         counts = np.bincount(self.image_op[: self.n_images], minlength=self.n_ops)
         return {op_triplet(op): int(c) for op, c in zip(self.space.twin_ops, counts)}
 
+    def _tier_parts(self, image_ids: np.ndarray):
+        """Per storage tier, the given images it holds: ``(tier, ids, lengths, idx)`` with
+        ``idx`` the positions of their observations in the tier (on its device)."""
+        for t, tier in enumerate(self._tiers):
+            ids = image_ids[self.image_tier[image_ids] == t]
+            if ids.size:
+                lengths = self.image_length[ids]
+                idx = _ranges(self.image_start[ids], lengths)
+                yield tier, ids, lengths, torch.from_numpy(idx).to(tier.device)
+
     def rejected_obs_count(self) -> np.ndarray:
         """``(n_conditions, 3, n_rows)`` observations of the images now left out as misfits
         (all images, half 1, half 2; rows of each image's current indexing setting, as
         :meth:`apply_settings` counted them): what :attr:`condition_obs_count` holds that
         the likelihood does not.  Reads the rejected images' rows from the device."""
         out = np.zeros((self.n_conditions, 3, self.space.n_unique), np.int64)
-        rejected = np.nonzero(self.image_rejected)[0]
-        for t, tier in enumerate(self._tiers):
-            ids = rejected[self.image_tier[rejected] == t]
-            if ids.size == 0:
-                continue
-            lengths = self.image_length[ids]
-            idx = _ranges(self.image_start[ids], lengths)
-            asu = tier.asu_id.index_select(1, torch.from_numpy(idx).to(tier.device)).cpu().numpy()
+        for tier, ids, lengths, idx_t in self._tier_parts(np.nonzero(self.image_rejected)[0]):
+            asu = tier.asu_id.index_select(1, idx_t).cpu().numpy()
             ops = self.image_op[ids] if self.n_ops > 1 else np.zeros(ids.size, np.int64)
-            rows = asu[np.repeat(ops, lengths), np.arange(idx.shape[0])]
+            rows = asu[np.repeat(ops, lengths), np.arange(idx_t.shape[0])]
             half = np.repeat(self.image_half[ids].astype(np.int64), lengths)
             cond = np.repeat(self.image_condition[ids].astype(np.int64), lengths)
             np.add.at(out, (cond, 0, rows), 1)
