@@ -10,7 +10,8 @@ import pytest
 import reciprocalspaceship as rs
 
 from streamvi.publish.mtz import difference_dataset, write_difference_mtz
-from streamvi.quality.difference import calibrate_sigma, difference_coefficients
+from streamvi.quality.difference import (calibrate_sigma, difference_coefficients,
+                                         difference_figures)
 from streamvi.symmetry import ReciprocalSpace
 
 
@@ -139,6 +140,12 @@ def test_difference_mtz_round_trip(tmp_path):
     np.testing.assert_allclose(back["F_DARK"].to_numpy(), f_dark[rows], rtol=1e-6)
     ds = difference_dataset(light, dark)
     np.testing.assert_allclose(back["WDF"].to_numpy(), ds["WDF"].to_numpy(), rtol=1e-6)
+    # half tables identical to the full one: nothing to calibrate σ(ΔF) by, and it says so
+    assert any("too few half-set pairs" in h for h in mtz.history)
+    fig = difference_figures(light, dark, dataset=ds)
+    assert fig["sigdf_calibrated"] is False and fig["sigdf_factor"] == []
+    z = np.abs(ds["DF"] / ds["SIGDF"]).to_numpy()
+    assert fig["significant"] == int(np.sum(z > 3.0)) and fig["reflections"] == len(ds)
 
 
 def test_the_true_difference_maps_peaks_sit_on_the_moved_atoms(tmp_path):

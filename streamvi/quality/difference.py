@@ -214,7 +214,8 @@ def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
     (calibrated on the half-datasets' scatter, :func:`calibrate_sigma`: on simulated data
     with no change about 1 %, the noise's tails heavier than a normal's 0.27 %);
     ``sigdf_factor``: that calibration's factor per shell of
-    the table's own binning (``sigdf_calibrated`` False: too few pairs, the mean-field σ).
+    the table's own binning (empty, and ``sigdf_calibrated`` False, while too few
+    reflections are in both halves: σ(ΔF) is then the mean-field one).
 
     Parameters
     ----------
@@ -240,7 +241,7 @@ def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.abs(df) / dataset["SIGDF"].to_numpy(np.float64)
     calibration = dataset.attrs.get("sigma_calibration")
-    factor = ([] if calibration is None else
+    factor = ([] if calibration is None or not calibration.calibrated else
               [float(v) for v in np.where(np.isfinite(calibration.shell_factor),
                                           calibration.shell_factor, calibration.pooled)])
     return {"delta_cc_half": [float(c) for c in cc],
