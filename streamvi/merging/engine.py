@@ -245,6 +245,9 @@ class MergeEngine:
         #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
         self.sigma_stage = 0
         self._wilson_raw: np.ndarray | None = None
+        #: (verdicts version, images) and the rejected images' counts then
+        #: (:meth:`_merged_obs_count`)
+        self._rejected_counts: tuple[tuple[int, int], np.ndarray] | None = None
         self.last_report: StepReport | None = None
         #: images stored at the last refresh of the rows (None: not counting yet), and the
         #: step at which the store last grew
@@ -800,7 +803,11 @@ class MergeEngine:
         (the misindexed images' mislabelled reflections made such rows)."""
         obs = self.store.condition_obs_count[condition].copy()
         if self.store.n_rejected:
-            obs -= self.store.rejected_obs_count()[condition]
+            # one count for every condition's snapshot of a publish
+            key = (self.store.verdicts_version, self.store.n_images)
+            if self._rejected_counts is None or self._rejected_counts[0] != key:
+                self._rejected_counts = (key, self.store.rejected_obs_count())
+            obs -= self._rejected_counts[1][condition]
         return obs
 
     def _condition_index(self, condition: str | None) -> int:
