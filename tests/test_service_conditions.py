@@ -160,6 +160,8 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     z = np.abs(delta["DF"] / delta["SIGDF"]).to_numpy(np.float64)
     assert fig["significant"] == int(np.sum(z > 3.0))
     assert fig["sigdf_calibrated"] is True and len(fig["sigdf_factor"]) == 10
+    assert len(fig["sigdf_d_min"]) == 10 and fig["sigdf_d_min"][-1] == pytest.approx(
+        delta.compute_dHKL()["dHKL"].min(), rel=1e-4)
     assert all(np.isfinite(fig["sigdf_factor"])) and min(fig["sigdf_factor"]) > 0
     common = delta.index
     np.testing.assert_allclose(delta["DF"].to_numpy(),

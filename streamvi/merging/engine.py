@@ -468,9 +468,9 @@ class MergeEngine:
         Wilson plot at their resolution (``sigma``, raw units; negative means count as 0),
         ``w`` = :data:`DATA_START_WEIGHT`, and ``k = Z² / (Z² + Z₀²)`` with ``Z`` the
         I/σ(I) of the pair's inverse-variance mean (a half's: ``Z²`` times its share of the
-        observations) and ``Z₀`` = :data:`DATA_START_Z`: rows
-        their data pin down start there, rows the data barely see keep the Wilson start
-        (whose pull an unfinished merge keeps as a useful shrinkage).  The mates start
+        observations) and ``Z₀`` = :data:`DATA_START_Z`: rows their data pin down start
+        there, rows the data barely see keep the Wilson start (whose pull an unfinished
+        merge keeps as a useful shrinkage).  The mates start
         alike: their difference is left to the merge, as the prior leaves it.  Rows without
         observations get 1."""
         st = self.store

@@ -137,8 +137,7 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
     condition's amplitudes, for maps with its phases).  In anomalous mode the Bijvoet means
     are differenced.  The calibration is in ``attrs["sigma_calibration"]``.
     """
-    from streamvi.quality.difference import (DEFAULT_ALPHA, calibrate_sigma,
-                                             difference_coefficients)
+    from streamvi.quality.difference import DEFAULT_ALPHA, difference_coefficients
 
     a, b = snapshot_to_dataset(light), snapshot_to_dataset(dark)
     both = a.index.intersection(b.index)
@@ -148,19 +147,17 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
     def col(ds, name):
         return ds[name].to_numpy(np.float64)
 
-    df = col(a, "F") - col(b, "F")
-    sig = np.hypot(col(a, "SIGF"), col(b, "SIGF"))
-    calibration = calibrate_sigma(df, sig, col(a, "F_half1") - col(b, "F_half1"),
-                                  col(a, "F_half2") - col(b, "F_half2"), d)
     diff = difference_coefficients(
         col(a, "F"), col(a, "SIGF"), col(b, "F"), col(b, "SIGF"), d,
-        alpha=DEFAULT_ALPHA if alpha is None else alpha, sigma_factor=calibration.factor)
+        alpha=DEFAULT_ALPHA if alpha is None else alpha,
+        half_differences=(col(a, "F_half1") - col(b, "F_half1"),
+                          col(a, "F_half2") - col(b, "F_half2")))
     out = rs.DataSet({"DF": diff.DF, "SIGDF": diff.SIGDF, "W": diff.W, "WDF": diff.WDF,
                       "F_DARK": col(b, "F"), "SIGF_DARK": col(b, "SIGF")},
                      index=both, cell=a.cell, spacegroup=a.spacegroup, merged=True)
     out = out.astype({"DF": "SFAmplitude", "SIGDF": "Stddev", "W": "Weight",
                       "WDF": "SFAmplitude", "F_DARK": "SFAmplitude", "SIGF_DARK": "Stddev"})
-    out.attrs["sigma_calibration"] = calibration
+    out.attrs["sigma_calibration"] = diff.calibration
     return out
 
 
@@ -170,10 +167,8 @@ def _calibration_history(calibration) -> list[str]:
         return []
     if not calibration.calibrated:
         return ["SIGDF: mean-field sqrt(s2_light + s2_dark), too few half-set pairs"]
-    factors = np.where(np.isfinite(calibration.shell_factor), calibration.shell_factor,
-                       calibration.pooled)
     return ["SIGDF: mean-field sigma x half-set scatter factor by shell, low to high:",
-            " ".join(f"{x:.2f}" for x in factors)[:80]]
+            " ".join(f"{x:.2f}" for x in calibration.factors)[:80]]
 
 
 def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[str, str],
