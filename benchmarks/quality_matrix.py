@@ -139,6 +139,16 @@ CASES: dict[str, Case] = {c.name: c for c in [
           "mosaicity_deg": 0.0, "orientation_error_deg": 0.0, "cell_error": 0.0,
           "b_image_sd": 0.0, "top_shell_photons": 100.0, "gain_error": 0.02,
           "outlier_fraction": 0.0, "misindexed_fraction": 0.0}, cost=1.1),
+    Case("overpredicted", "partial_sim's kind, every reflection within 2.5 profile widths "
+         "predicted and integrated: pure-background observations, 51 % of the lowest "
+         "resolution bin's and 9 % of the highest (CrystFEL's partial_sim: predicted with one "
+         "profile, integrated with another)",
+         {"n_images": 1000, "seed": _SEED, "partiality_profile": "xsphere",
+          "flat_intensities": True, "bandwidth": 0.01, "profile_radius": [0.0003, 0.0006],
+          "mosaicity_deg": 0.0, "orientation_error_deg": 0.0, "cell_error": 0.0,
+          "b_image_sd": 0.0, "top_shell_photons": 100.0, "gain_error": 0.02,
+          "outlier_fraction": 0.0, "misindexed_fraction": 0.0, "overprediction": 2.5},
+         cost=1.6),
     Case("frac_error", "5 % unmodelled multiplicative error, σ(I) reported at half its size",
          {"n_images": 1000, "seed": _SEED, "fractional_error": 0.05, "sigma_scale": 0.5},
          cost=1.6),

@@ -574,6 +574,37 @@ def test_xsphere_reflections_in_the_band_are_full(truth: Truth) -> None:
     assert (t.partiality > 0.999).mean() > 0.5 and (t.partiality < 0.5).mean() > 0.05
 
 
+def test_overprediction_integrates_reflections_the_band_does_not_reach(truth: Truth) -> None:
+    """With ``overprediction`` every reflection within that many prediction widths is
+    integrated, partiality 0 or not; those that reach ``partiality_min`` are there as before,
+    with the same partialities."""
+    cfg = dataclasses.replace(SMALL, partiality_profile="xsphere", bandwidth=0.01,
+                              profile_radius=(0.0003, 0.0006), mosaicity_deg=0.0)
+    plain, over = Simulator(cfg, truth), Simulator(dataclasses.replace(cfg, overprediction=2.5),
+                                                   truth)
+    zero_low, zero_high = [], []
+    for i in range(4):
+        (m0, t0), (m1, t1) = plain.image(i), over.image(i)
+        lam = 12398.419843320026 / t1.photon_energy_eV
+        q_norm = np.linalg.norm(t1.hkl @ (t1.U @ reciprocal_basis(t1.cell)).T, axis=1)
+        width = over.prediction_width(q_norm, lam, t1.profile_radius, 0.0)
+        assert (np.abs(t1.excitation) <= 2.5 * width).all()
+        assert len(m1) > len(m0)
+        # what reaches partiality_min is recorded in both, with the same partiality
+        both = {tuple(h): k for k, h in enumerate(m1.hkl())}
+        idx = np.array([both[tuple(h)] for h in m0.hkl()])
+        np.testing.assert_array_equal(t1.partiality[idx], t0.partiality)
+        zero = t1.partiality < 1e-9
+        assert (m1.sigI[zero] > 0).all() and np.isfinite(m1.I[zero]).all()
+        low = q_norm < np.median(q_norm)
+        zero_low.append(zero[low].mean())
+        zero_high.append(zero[~low].mean())
+    # the band widens the high-order reflections: fewer of them are pure background
+    assert np.mean(zero_low) > 0.3 and np.mean(zero_high) < np.mean(zero_low) - 0.1
+    with pytest.raises(ValueError, match="overprediction"):
+        dataclasses.replace(cfg, overprediction=-1.0)
+
+
 def test_fractional_error_widens_intensities_not_sigmas(truth: Truth) -> None:
     # bright spots and no gain error: the plain spread is a few % of counting noise
     bright = dataclasses.replace(SMALL, top_shell_photons=1000.0, gain_error=0.0)

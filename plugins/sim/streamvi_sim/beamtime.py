@@ -223,7 +223,11 @@ class Simulator:
         near, q, e, q_norm, p = self._partialities(a_true, b_true, lam, radius, mosaic)
         s1 = q + np.array([0.0, 0.0, 1.0 / lam])
         fs, ss, on = self.detector.project(s1)
-        keep = (p >= c.partiality_min) & on
+        if c.overprediction > 0:
+            width = self.prediction_width(q_norm, lam, radius, mosaic)
+            keep = (np.abs(e) <= c.overprediction * width) & on
+        else:
+            keep = (p >= c.partiality_min) & on
         rows = near[keep]
         q_norm, e, p, fs, ss = q_norm[keep], e[keep], p[keep], fs[keep], ss[keep]
 
@@ -305,12 +309,13 @@ class Simulator:
         """
         c = self.config
         qmax = np.array([1.0 / c.dmin])
+        predicted = c.overprediction * float(self.prediction_width(qmax, lam, radius, mosaic)[0])
         if c.partiality_profile == "xsphere":
             lam_short, lam_long = lam * (1.0 - 0.5 * c.bandwidth), lam * (1.0 + 0.5 * c.bandwidth)
             r_max = radius + float(qmax[0]) * mosaic
             # the band's thickness in offset at |q|: (1/λ_short − 1/λ_long)·|q|²λ/2
             band = (1.0 / lam_short - 1.0 / lam_long) * float(qmax[0]) ** 2 * lam / 2.0
-            near = self._near_ewald(a_true, b_true, lam, 1.05 * (r_max + band))
+            near = self._near_ewald(a_true, b_true, lam, 1.05 * max(r_max + band, predicted))
             q = self._hkl_f[near] @ a_true.T
             e = excitation_error(q, lam)
             q_norm = np.sqrt(np.einsum("ij,ij->i", q, q))
@@ -320,7 +325,7 @@ class Simulator:
         reach = profile_reach(c.partiality_profile, c.partiality_min)
         widest = float(profile_width(qmax, profile_radius=radius, wavelength=lam,
                                      bandwidth=c.bandwidth, mosaicity_rad=mosaic)[0])
-        near = self._near_ewald(a_true, b_true, lam, 1.001 * reach * widest)
+        near = self._near_ewald(a_true, b_true, lam, 1.001 * max(reach * widest, predicted))
         q = self._hkl_f[near] @ a_true.T
         e = excitation_error(q, lam)
         q_norm = np.sqrt(np.einsum("ij,ij->i", q, q))
@@ -328,6 +333,21 @@ class Simulator:
                                profile_width(q_norm, profile_radius=radius, wavelength=lam,
                                              bandwidth=c.bandwidth, mosaicity_rad=mosaic))
         return near, q, e, q_norm, p
+
+    def prediction_width(self, q_norm: np.ndarray, lam: float, radius: float,
+                         mosaic: float) -> np.ndarray:
+        """Width (Å⁻¹) in Ewald offset within which ``overprediction`` counts a reflection
+        predicted: the profile width of :func:`~streamvi_sim.geometry.profile_width`, or for
+        the ``xsphere`` profile the reflection's radius and the standard deviation of the
+        band's top hat at ``|q|`` (its thickness / √12) in quadrature, as a Gaussian
+        predictor would see them."""
+        c = self.config
+        if c.partiality_profile != "xsphere":
+            return profile_width(q_norm, profile_radius=radius, wavelength=lam,
+                                 bandwidth=c.bandwidth, mosaicity_rad=mosaic)
+        lam_short, lam_long = lam * (1.0 - 0.5 * c.bandwidth), lam * (1.0 + 0.5 * c.bandwidth)
+        band = (1.0 / lam_short - 1.0 / lam_long) * q_norm ** 2 * lam / 2.0
+        return np.sqrt((radius + q_norm * mosaic) ** 2 + band ** 2 / 12.0)
 
     def _draw_shot(self, rng: np.random.Generator) -> _Shot:
         """The per-image random draws, always in the same order (so images are stable)."""

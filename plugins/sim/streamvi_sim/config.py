@@ -1,6 +1,7 @@
 """Every knob of the simulated beamtime, in one dataclass with physical units."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,15 @@ class SimulationConfig:
         Mosaic spread (σ, degrees): adds ``|q|·η`` to the profile width.
     partiality_min
         Reflections predicted with a partiality below this are not integrated.
+    overprediction
+        0 (default): integrate the reflections whose partiality reaches ``partiality_min``.
+        Above 0: the indexer predicts, and integrates, every reflection within this many
+        profile widths of the Ewald sphere (the width :meth:`Simulator.prediction_width`
+        gives: profile and band together), whatever its true partiality, as indexamajig
+        integrates every spot it predicts: the stream then carries observations of pure
+        background (partiality 0), in a share that changes with resolution where the band
+        widens the reflections (CrystFEL's ``partial_sim`` predicts with one profile and
+        integrates with another).
     scale_sigma
         σ of the log-normal per-image scale (median 1).
     b_overall
@@ -195,6 +205,7 @@ class SimulationConfig:
     profile_radius: tuple[float, float] = (0.0007, 0.0015)
     mosaicity_deg: float = 0.02
     partiality_min: float = 0.01
+    overprediction: float = 0.0
     scale_sigma: float = 0.5
     b_overall: float = 0.0
     b_image_sd: float = 5.0
@@ -240,6 +251,9 @@ class SimulationConfig:
                              f"sigma_scale = {self.sigma_scale} > 0")
         if not 0.0 < self.partiality_min < 1.0:
             raise ValueError(f"partiality_min = {self.partiality_min}: must lie in (0, 1)")
+        if not (math.isfinite(self.overprediction) and self.overprediction >= 0.0):
+            raise ValueError(f"overprediction = {self.overprediction}: must be ≥ 0 (profile "
+                             "widths; 0 integrates what reaches partiality_min)")
         self.conditions = tuple(str(c) for c in self.conditions)
         self.condition_ratio = tuple(self.condition_ratio)
         if any(not c.strip() for c in self.conditions) or \
