@@ -316,6 +316,14 @@ OPTIONS: tuple[Option, ...] = (
            "from the image's pooled vector (docs/model.md, change 13). A checkpoint resumes "
            "only with the setting it was written with", "model", commands=TRAINING,
            target="trainer.image_b_term"),
+    Option("geometric_partiality", bool, False, "multiply each observation's learnt scale "
+           "by a partiality from its reported geometry: a Gaussian in the Ewald offset, "
+           "peak 1 on the Bragg condition, its width the profile radius and the pulse's "
+           "bandwidth projected at the reflection's resolution, each with one learnt factor; "
+           "the scales' fall-off convention then reads the network's part over the "
+           "observations near their Bragg condition (docs/model.md, change 18). A checkpoint "
+           "resumes only with the setting it was written with", "model", commands=TRAINING,
+           target="trainer.geometric_partiality"),
     Option("sync_free_steps", str, "auto", "`auto` (on with CUDA, off on the CPU), `on` or "
            "`off`: training steps in which the host never waits for the GPU (dense masked "
            "posterior update, skips and losses kept on the device; docs/performance.md). `off` "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from streamvi.merging.features import N_METADATA
+from streamvi.merging.model.metadata import N_NETWORK_METADATA
 from streamvi.merging.model.metadata import Column
 from streamvi.merging.model.merging import SETTING_HYSTERESIS
 from streamvi.merging.model.coupling import normalised_amplitudes
@@ -222,7 +222,7 @@ class MergeEngine:
                 ReferenceSetting(space, prior).f_rows, space.epsilon, kwargs["row_shell"],
                 self.config.n_shells)
         self.trainer = self.trainer_class(self.trainer_config, centric=space.centric,
-                                          epsilon=space.epsilon, n_metadata=N_METADATA,
+                                          epsilon=space.epsilon, n_metadata=N_NETWORK_METADATA,
                                           **kwargs)
         self.device = self.trainer.device
         #: put snapshots in the indexing setting of this reference (merohedral groups only)
@@ -772,6 +772,11 @@ class MergeEngine:
                 r = self.coupled_correlations()[self.store.conditions[c]]
                 history.append(f"prior given {self.store.conditions[coupling.reference]}, "
                                "r by shell: " + " ".join(f"{x:.2f}" for x in r)[:50])
+        partiality = self.trainer.model.partiality
+        if partiality is not None:
+            a, b, eta = partiality.factors
+            history.append(f"geometric partiality: profile radius x {a:.3f}, bandwidth "
+                           f"x {b:.3f}, mosaic {eta:.4f} deg"[:80])
         prior_r = self.prior_correlation()
         if prior_r is not None and c == self.trainer.model.coupling.reference:
             history.append(f"prior {self.prior_name}"[:80])

@@ -3,10 +3,14 @@
 The scale model sees, for every reflection, what drives its measured intensity apart from
 |F|²: resolution (per-image B factor), detector position (absorption, polarisation, panel
 gain), photon energy, and -- when the crystal orientation is known -- the Ewald offset and the
-profile radius, which set the partiality of a still shot.  Missing quantities are 0 and the
+profile radius, which set the partiality of a still shot.  The pulse's relative bandwidth
+rides along for the geometric partiality (:mod:`streamvi.merging.model.partiality`); the
+network does not see it.  Missing quantities are 0 and the
 standardiser leaves a zero-variance column at 0.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -52,4 +56,6 @@ def reflection_metadata(msg: CrystalMessage) -> np.ndarray:
             out[:, Column.EWALD_RATIO] = offset / msg.profile_radius
     if msg.profile_radius:
         out[:, Column.PROFILE_RADIUS] = msg.profile_radius
+    if msg.beam_bandwidth and math.isfinite(msg.beam_bandwidth) and msg.beam_bandwidth > 0:
+        out[:, Column.BANDWIDTH] = msg.beam_bandwidth
     return out

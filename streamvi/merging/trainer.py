@@ -14,13 +14,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from streamvi.merging.features import N_METADATA
 from streamvi.merging.model.batch import Batch
 from streamvi.merging.model.coupling import DoubleWilsonCoupling
 from streamvi.merging.model.geometry import N_GEOMETRY, adam_update
 from streamvi.merging.model.likelihood import NormalLikelihood, StudentTLikelihood
 from streamvi.merging.model.merging import VariationalMergingModel
-from streamvi.merging.model.metadata import Column
+from streamvi.merging.model.metadata import N_METADATA, N_NETWORK_METADATA, Column
+from streamvi.merging.model.partiality import GeometricPartiality
 from streamvi.merging.model.posterior import FoldedNormalPosterior
 from streamvi.merging.model.prior import WilsonPrior
 from streamvi.merging.model.scale import ImageScaleModel
@@ -102,6 +102,10 @@ class TrainerConfig:
     #: a per-image relative B in the scale model's output, ``log scale += b_i · 1/d²``
     #: (standardised), ``b_i`` from the image vector (docs/model.md, change 13)
     image_b_term: bool = False
+    #: multiply each observation's learnt scale by a peak-normalised partiality from its
+    #: reported geometry (Ewald offset, profile radius, bandwidth; two learnt factors):
+    #: :class:`streamvi.merging.model.partiality.GeometricPartiality`, docs/model.md change 18
+    geometric_partiality: bool = False
     #: surrogate of the acentric rows: ``folded_normal`` or ``rice`` (docs/model.md,
     #: change 14; centric rows keep the folded normal)
     surrogate: str = "folded_normal"
@@ -315,12 +319,18 @@ class Trainer:
         self.model = VariationalMergingModel(
             prior, posterior, scale_model, likelihood, mc_samples=config.mc_samples,
             kl_weight=config.kl_weight, standardizer=Standardizer(n_metadata),
-            scale_kl_weight=config.scale_kl_weight).to(self.device)
+            scale_kl_weight=config.scale_kl_weight)
+        if config.geometric_partiality:
+            self.model.set_partiality(GeometricPartiality())
+        self.model.to(self.device)
         if config.surrogate == "rice":
             self.model.posterior.use_rice(~self.model.prior.centric)
         self._configure_scale_forward()
         self.scale_optimizer = _adam(list(self.model.scale_model.parameters())
-                                     + list(self.model.likelihood.parameters()), lr=config.lr,
+                                     + list(self.model.likelihood.parameters())
+                                     + ([] if self.model.partiality is None
+                                        else list(self.model.partiality.parameters())),
+                                     lr=config.lr,
                                      betas=config.betas, eps=config.eps)
         coupled = reference_condition is not None and self.n_conditions > 1
         if coupled or fixed_prior is not None:
@@ -353,7 +363,7 @@ class Trainer:
                                 else bool(config.sync_free))
         # the corrections rewrite the Ewald columns of streamvi.merging.features' layout: a model
         # fed other metadata (tests, synthetic benchmarks of other widths) has none to refine
-        if config.refine_geometry and n_metadata == N_METADATA:
+        if config.refine_geometry and n_metadata in (N_NETWORK_METADATA, N_METADATA):
             self.model.geometry_sigma = (math.radians(config.geometry_rotation_deg),
                                          float(config.geometry_dilation))
         self.step = 0
@@ -683,9 +693,10 @@ class Trainer:
                              "was written with, or in a fresh out_dir")
         # checkpoints from before pooled_merge_ratio existed were written without it
         for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio", "error_model",
-                     "image_b_term", "surrogate"):
+                     "image_b_term", "geometric_partiality", "surrogate"):
             value = (saved.get(name, False)
-                     if name in ("pooled_merge_ratio", "error_model", "image_b_term")
+                     if name in ("pooled_merge_ratio", "error_model", "image_b_term",
+                                 "geometric_partiality")
                      else saved.get(name, "folded_normal") if name == "surrogate"
                      else saved[name])
             if value != getattr(self.config, name):

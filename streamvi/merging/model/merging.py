@@ -30,6 +30,7 @@ from streamvi.merging.model.batch import Batch
 from streamvi.merging.model.coupling import DoubleWilsonCoupling
 from streamvi.merging.model.geometry import N_GEOMETRY, corrected_metadata, prior_nll
 from streamvi.merging.model.metadata import Column
+from streamvi.merging.model.partiality import NEAR_BRAGG_LOG_P, GeometricPartiality
 from streamvi.merging.model.posterior import FoldedNormalPosterior
 from streamvi.merging.model.prior import WilsonPrior
 from streamvi.merging.model.scale import ImageScaleModel
@@ -66,7 +67,8 @@ class LossTerms:
     #: term (with repeats): the rows a lazy optimiser step may move
     flat_rows: tuple[torch.Tensor, ...] = ()
     #: ``(n,)`` the log-normal scale's location per observation (detached): the engine's
-    #: record of the scales' resolution dependence (:meth:`MergeEngine.falloff_correction`)
+    #: record of the scales' resolution dependence (:meth:`MergeEngine.falloff_correction`);
+    #: with a geometric partiality its network part near the Bragg condition, NaN elsewhere
     scale_loc: torch.Tensor | None = None
 
 
@@ -165,6 +167,9 @@ class VariationalMergingModel(nn.Module):
         #: the double-Wilson prior between conditions (pump–probe), or None: every table
         #: under the Wilson prior (:meth:`set_coupling`)
         self.coupling: DoubleWilsonCoupling | None = None
+        #: the partiality from the reported geometry under the learnt scale, or None: the
+        #: network learns all of it (:meth:`set_partiality`)
+        self.partiality: GeometricPartiality | None = None
 
     def set_coupling(self, coupling: DoubleWilsonCoupling | None) -> None:
         """Put the amplitudes of every condition but ``coupling.reference`` under the
@@ -177,6 +182,12 @@ class VariationalMergingModel(nn.Module):
                                  f"{coupling.n_rows} rows; the posterior has {n_conditions} × "
                                  f"{self.posterior.n_rows}")
         self.coupling = coupling
+
+    def set_partiality(self, partiality: GeometricPartiality | None) -> None:
+        """Multiply every observation's scale by ``partiality``'s P from its geometry (the
+        network's log-scale is added to ``log P``); None: the network's scale alone.  A
+        submodule when set, so its two parameters travel in the ``state_dict``."""
+        self.partiality = partiality
 
     def set_scale_forward(self, fn: ScaleForward | None) -> None:
         """Run the scale network through ``fn`` (e.g. compiled or autocast); None resets.
@@ -192,7 +203,10 @@ class VariationalMergingModel(nn.Module):
         ``at_bragg``: each reflection's scale as if it lay on its Bragg condition (Ewald
         offset and its ratio to the profile radius 0 for the per-reflection head; the image
         vectors still pooled from the observations as they are): the image's scale free of
-        partiality, for the fall-off record of ``EngineConfig.falloff_at_bragg``."""
+        partiality, for the fall-off record of ``EngineConfig.falloff_at_bragg``.
+
+        With :attr:`partiality` set, ``loc`` includes its ``log P`` (0 on the Bragg
+        condition)."""
         std = self.standardizer
         iobs = std.standardize_intensity(batch.iobs)
         sigiobs = std.standardize_intensity(batch.sigiobs)
@@ -212,7 +226,29 @@ class VariationalMergingModel(nn.Module):
         else:
             loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images,
                             **kwargs)
+        if self.partiality is not None and not at_bragg:
+            loc = loc + self.partiality(raw).to(loc.dtype)
         return iobs, sigiobs, loc, scale
+
+    @torch.no_grad()
+    def _log_partiality(self, batch: Batch) -> torch.Tensor | None:
+        """``log P`` of :attr:`partiality` per observation (detached), None without one."""
+        if self.partiality is None:
+            return None
+        return self.partiality(self.corrected_metadata(batch)).detach()
+
+    @staticmethod
+    def _falloff_locations(network_loc: torch.Tensor, log_p: torch.Tensor | None
+                           ) -> torch.Tensor:
+        """The scale locations the fall-off record of change 10 reads (detached): the
+        network's part of each observation's scale location, and with a geometric
+        partiality (``log_p``) only where ``P ≥ NEAR_BRAGG_P``, NaN (left out of the
+        record) elsewhere."""
+        if log_p is None:
+            return network_loc
+        log_p = log_p.to(network_loc.dtype)
+        return torch.where(log_p >= NEAR_BRAGG_LOG_P, network_loc,
+                           torch.full_like(network_loc, float("nan")))
 
     def corrected_metadata(self, batch: Batch) -> torch.Tensor:
         """The batch's raw metadata with each image's geometry corrections applied (as given
@@ -400,6 +436,9 @@ class VariationalMergingModel(nn.Module):
             rejected = self.misfit_images(batch, row_ids, iobs, sigiobs, s_loc.detach(),
                                           s_scale.detach())
             obs_keep = (~rejected)[batch.image_index].to(iobs.dtype)
+        # the network's part of the scale: the whole of it without a geometric partiality
+        log_p = self._log_partiality(batch)
+        network_loc = s_loc.detach() if log_p is None else s_loc.detach() - log_p
 
         z = torch.randn((self.mc_samples, batch.n_reflections), generator=generator,
                         device=s_loc.device, dtype=s_loc.dtype)
@@ -423,7 +462,7 @@ class VariationalMergingModel(nn.Module):
         return LossTerms(nll=nll, kl_F=kl_F, kl_scale=kl_scale, loss=loss,
                          n_obs=batch.n_reflections, nll_half=nll_half, kl_F_half=kl_F_half,
                          chosen_ops=chosen, rejected=rejected, flat_rows=(flat0, flat_half),
-                         scale_loc=s_loc.detach())
+                         scale_loc=self._falloff_locations(network_loc, log_p))
 
     @torch.no_grad()
     def merged(self, table: int = 0, weight: torch.Tensor | None = None) -> MergedTable:

@@ -30,11 +30,20 @@ class Column(IntEnum):
     S1_X = 7
     S1_Y = 8
     S1_Z = 9
+    #: relative bandwidth of the pulse as the source reports it (``beam_bandwidth``; 0 when
+    #: unknown).  Read by the geometric partiality (:mod:`streamvi.merging.model.partiality`),
+    #: not by the scale network: it is past :data:`N_NETWORK_METADATA`
+    BANDWIDTH = 10
 
 
 #: The direction of the scattered beam, three columns.
 S1 = slice(Column.S1_X, Column.S1_Z + 1)
 #: Names of the columns, in order (as the wire format and the documentation spell them).
 METADATA_COLUMNS: tuple[str, ...] = ("inv_d2", "fs", "ss", "photon_energy_keV", "ewald_offset",
-                                     "profile_radius", "ewald_ratio", "s1_x", "s1_y", "s1_z")
+                                     "profile_radius", "ewald_ratio", "s1_x", "s1_y", "s1_z",
+                                     "bandwidth")
 N_METADATA = len(METADATA_COLUMNS)
+#: The columns the scale network and its standardiser see: the first ones, up to the
+#: direction of the scattered beam (a checkpoint's network keeps its input width when
+#: columns for other readers are added after them).
+N_NETWORK_METADATA = int(Column.S1_Z) + 1

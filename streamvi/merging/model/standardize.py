@@ -126,7 +126,9 @@ class Standardizer(nn.Module):
                  image_index: torch.Tensor | None, n_images: int | None
                  ) -> tuple[torch.Tensor, ...]:
         """A batch's (reflections, metadata mean, metadata M2, ΣI, ΣI², per-crystal rows)."""
-        x = metadata.to(self.meta_mean.device, torch.float64).reshape(-1, self.n_metadata)
+        # columns past ``n_metadata`` (read by other parts of the model) are not standardised
+        x = metadata[..., :self.n_metadata].to(self.meta_mean.device,
+                                                torch.float64).reshape(-1, self.n_metadata)
         i = iobs.to(self.i_sum.device, torch.float64).reshape(-1)
         n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.count.device)
         mean = x.mean(dim=0)
@@ -229,10 +231,11 @@ class Standardizer(nn.Module):
         return float(self.intensity_scale_tensor())
 
     def standardize_metadata(self, metadata: torch.Tensor) -> torch.Tensor:
-        """``(metadata - mean) / std`` in the dtype of ``metadata``."""
+        """``(metadata - mean) / std`` in the dtype of ``metadata``, of its first
+        ``n_metadata`` columns (the rest are for other readers)."""
         mean = self.meta_mean.to(metadata.device, metadata.dtype)
         std = self.metadata_std().to(metadata.device, metadata.dtype)
-        return (metadata - mean) / std
+        return (metadata[..., :self.n_metadata] - mean) / std
 
     def standardize_intensity(self, x: torch.Tensor) -> torch.Tensor:
         """Intensity (or its uncertainty) divided by :meth:`intensity_scale`."""
