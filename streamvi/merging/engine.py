@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from streamvi.merging.model.metadata import N_NETWORK_METADATA
-from streamvi.merging.model.metadata import Column
+from streamvi.merging.model.metadata import N_NETWORK_METADATA, Column
 from streamvi.merging.model.merging import SETTING_HYSTERESIS
 from streamvi.merging.model.coupling import normalised_amplitudes
 from streamvi.merging.reference import (ReferenceData, ReferenceSetting, SettingChoice,

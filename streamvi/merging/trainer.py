@@ -103,7 +103,8 @@ class TrainerConfig:
     #: (standardised), ``b_i`` from the image vector (docs/model.md, change 13)
     image_b_term: bool = False
     #: multiply each observation's learnt scale by a peak-normalised partiality from its
-    #: reported geometry (Ewald offset, profile radius, bandwidth; two learnt factors):
+    #: reported geometry (Ewald offset, profile radius, bandwidth; two learnt factors and a
+    #: learnt mosaic spread):
     #: :class:`streamvi.merging.model.partiality.GeometricPartiality`, docs/model.md change 18
     geometric_partiality: bool = False
     #: surrogate of the acentric rows: ``folded_normal`` or ``rice`` (docs/model.md,

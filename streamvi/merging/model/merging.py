@@ -170,6 +170,8 @@ class VariationalMergingModel(nn.Module):
         #: the partiality from the reported geometry under the learnt scale, or None: the
         #: network learns all of it (:meth:`set_partiality`)
         self.partiality: GeometricPartiality | None = None
+        #: ``log P`` of the last :meth:`scale_distribution` (None without a partiality)
+        self._last_log_p: torch.Tensor | None = None
 
     def set_coupling(self, coupling: DoubleWilsonCoupling | None) -> None:
         """Put the amplitudes of every condition but ``coupling.reference`` under the
@@ -186,7 +188,7 @@ class VariationalMergingModel(nn.Module):
     def set_partiality(self, partiality: GeometricPartiality | None) -> None:
         """Multiply every observation's scale by ``partiality``'s P from its geometry (the
         network's log-scale is added to ``log P``); None: the network's scale alone.  A
-        submodule when set, so its two parameters travel in the ``state_dict``."""
+        submodule when set, so its three parameters travel in the ``state_dict``."""
         self.partiality = partiality
 
     def set_scale_forward(self, fn: ScaleForward | None) -> None:
@@ -226,16 +228,13 @@ class VariationalMergingModel(nn.Module):
         else:
             loc, scale = fn(metadata, iobs, sigiobs, batch.image_index, batch.n_images,
                             **kwargs)
+        log_p = None
         if self.partiality is not None and not at_bragg:
-            loc = loc + self.partiality(raw).to(loc.dtype)
+            log_p = self.partiality(raw).to(loc.dtype)
+            loc = loc + log_p
+        # the step reads it again (the network's part of ``loc``) without a second pass
+        self._last_log_p = log_p
         return iobs, sigiobs, loc, scale
-
-    @torch.no_grad()
-    def _log_partiality(self, batch: Batch) -> torch.Tensor | None:
-        """``log P`` of :attr:`partiality` per observation (detached), None without one."""
-        if self.partiality is None:
-            return None
-        return self.partiality(self.corrected_metadata(batch)).detach()
 
     @staticmethod
     def _falloff_locations(network_loc: torch.Tensor, log_p: torch.Tensor | None
@@ -437,7 +436,7 @@ class VariationalMergingModel(nn.Module):
                                           s_scale.detach())
             obs_keep = (~rejected)[batch.image_index].to(iobs.dtype)
         # the network's part of the scale: the whole of it without a geometric partiality
-        log_p = self._log_partiality(batch)
+        log_p = None if self._last_log_p is None else self._last_log_p.detach()
         network_loc = s_loc.detach() if log_p is None else s_loc.detach() - log_p
 
         z = torch.randn((self.mc_samples, batch.n_reflections), generator=generator,

@@ -18,7 +18,7 @@ amplitudes' (CrystFEL's ``partial_sim``: B of −15 to −19 Å², docs/model.md
 peak-normalised (``P = 1`` on the Bragg condition at every resolution), with one learnt
 factor ``a`` on the reported profile radius and one ``c`` on the reported bandwidth (sources
 differ in what they call either: a σ or a radius; a FWHM or a σ of the spectrum), and a
-learnt mosaic spread ``η`` (0 at the start), which no stream reports and which widens
+learnt mosaic spread ``η`` (next to 0 at the start), which no stream reports and which widens
 high-order reflections in proportion to ``|q|``.  The
 image-scale network adds its own log-scale on top and learns what the profile's shape, the
 crystal and the beam leave.  Where the geometry is unknown (no profile radius, or no
