@@ -112,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
     rows = gemmi.read_mtz_file(str(opts.output)).nreflections
     print(f"wrote {opts.output} ({rows} reflections) in {seconds:.1f} s on {engine.device}")
+    advice = falloff_advice(snapshot.falloff_b, data.crystals, tcfg.geometric_partiality)
+    if advice:
+        log.warning(advice)
     if opts.json:
         from streamvi.jsonsafe import jsonable
 
@@ -228,6 +231,30 @@ def _write_conditions(opts: Config, engine: Any, seconds: float, reference: Any)
 
         print(json.dumps(jsonable(report), allow_nan=False))
     return 0
+
+
+#: |B| (Å²) of the scales' trend given to the amplitudes (change 10) beyond which ``merge``
+#: points to the geometric partiality: the project's simulator and real streams stay within
+#: a few Å², CrystFEL's partial_sim reaches −15 to −19 (docs/model.md, change 18)
+FALLOFF_ADVICE_B = 10.0
+
+
+def falloff_advice(falloff_b: float | None, crystals: Sequence[Any],
+                   geometric_partiality: bool) -> str | None:
+    """A line for the crew when the fall-off convention moved a large B onto the amplitudes
+    and the crystals report what the geometric partiality reads (orientation, profile radius,
+    bandwidth); None otherwise."""
+    if geometric_partiality or falloff_b is None or abs(falloff_b) <= FALLOFF_ADVICE_B:
+        return None
+    if not any(c.has_orientation() and c.profile_radius and c.beam_bandwidth
+               for c in crystals):
+        return None
+    return (f"the scales' resolution trend gave the amplitudes B {falloff_b:+.1f} A^2 (MTZ "
+            "history): a trend this large usually comes from the partialities, e.g. a stream "
+            "that integrates every reflection it predicts, many of them pure background at "
+            "low resolution (CrystFEL's partial_sim: B -15 to -19 A^2, overall CC 0.74 "
+            "against 0.985); these crystals report orientations, profile radii and a "
+            "bandwidth: rerun with --geometric-partiality (docs/model.md, change 18)")
 
 
 def setting_line(engine, name: str) -> str:
