@@ -58,19 +58,22 @@ def test_annealing_ends_at_the_final_learning_rate(beamtime):
 
 
 def test_merge_points_to_the_geometric_partiality_when_the_fall_off_is_large(beamtime):
-    """`streamvi merge` warns when change 10 gave the amplitudes |B| > 10 Å² and the
+    """`streamvi merge` warns when change 10 gave the amplitudes B < −8 Å² and enough
     crystals report what the geometric partiality reads; not otherwise."""
     import dataclasses
 
-    from streamvi.cli.merge import FALLOFF_ADVICE_B, falloff_advice
+    from streamvi.cli.merge import FALLOFF_ADVICE_B, FALLOFF_ADVICE_CRYSTALS, falloff_advice
 
     crystals = beamtime[0]
     assert all(c.has_orientation() and c.profile_radius and c.beam_bandwidth for c in crystals)
     line = falloff_advice(-18.4, crystals, geometric_partiality=False)
     assert "B -18.4 A^2" in line
     assert "--geometric-partiality" in line
-    assert falloff_advice(-18.95, crystals, geometric_partiality=True) is None
-    assert falloff_advice(FALLOFF_ADVICE_B - 0.1, crystals, geometric_partiality=False) is None
+    assert falloff_advice(-18.4, crystals, geometric_partiality=True) is None
+    assert falloff_advice(FALLOFF_ADVICE_B + 0.1, crystals, geometric_partiality=False) is None
+    assert falloff_advice(18.4, crystals, geometric_partiality=False) is None
+    few = crystals[:FALLOFF_ADVICE_CRYSTALS - 1]
+    assert falloff_advice(-18.4, few, geometric_partiality=False) is None
     assert falloff_advice(None, crystals, geometric_partiality=False) is None
     no_band = [dataclasses.replace(c, beam_bandwidth=None) for c in crystals]
-    assert falloff_advice(-18.95, no_band, geometric_partiality=False) is None
+    assert falloff_advice(-18.4, no_band, geometric_partiality=False) is None
