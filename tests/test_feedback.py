@@ -102,3 +102,31 @@ def test_decision_lines_say_what_to_do():
     fb["done"] = True
     assert "time to move on" in "\n".join(decision_lines(fb))
     assert "no targets set" in decision_lines({"targets": []})[0]
+
+
+def test_offline_data_figures_pair_the_store_sums_with_the_store_counts(trained_engine):
+    """`streamvi merge`'s training-free CC½ (attach_store_estimate) reads the store's sums,
+    which hold every stored image: images the merge now leaves out as misfits must not
+    change it (their counts left out, their sums kept, gave other figures)."""
+    import torch
+
+    from streamvi.quality.feedback import attach_store_estimate
+
+    engine = trained_engine
+    store = engine.store
+    was = store.image_rejected.copy()
+    before = engine.snapshot()
+    attach_store_estimate(before, engine)
+    left_out = np.arange(0, store.n_images, 5)
+    store.set_rejected(torch.from_numpy(left_out), torch.ones(left_out.size, dtype=torch.bool))
+    try:
+        after = engine.snapshot()
+        assert (after.obs_count[0] < before.obs_count[0]).any()     # the merge took fewer
+        attach_store_estimate(after, engine)
+        for name in ("cc_half_data", "cc_anom_data"):
+            now = np.array(getattr(after.stats, name), float)
+            then = np.array(getattr(before.stats, name), float)
+            assert np.isfinite(now).any()
+            np.testing.assert_array_equal(now, then)
+    finally:
+        store.set_rejected(torch.arange(store.n_images), torch.from_numpy(was))

@@ -89,10 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if conditions is not None:
         return _write_conditions(opts, engine, seconds, reference)
     # the training-free half-set figures beside the model's (docs/metrics.md)
-    from streamvi.quality.feedback import attach_data_estimate, store_sums
+    from streamvi.quality.feedback import attach_store_estimate
 
-    sum_i_half, wilson = store_sums(engine)
-    attach_data_estimate(snapshot.stats, snapshot.space, snapshot.obs_count, sum_i_half, wilson)
+    attach_store_estimate(snapshot, engine)
     write_snapshot_mtz(snapshot, opts.output,
                        info=MtzInfo.from_runs(dict(store.runs), store.mean_wavelength()))
     if store.rejected_counts or store.duplicate_counts:

@@ -91,6 +91,16 @@ def store_sums(engine: Any) -> tuple[np.ndarray, np.ndarray | None]:
     return sums, wilson
 
 
+def attach_store_estimate(snapshot: Any, engine: Any) -> None:
+    """Add the training-free half-set figures to ``snapshot.stats``: the engine's store sums
+    (:func:`store_sums`) with the counts they were made from (``snapshot.store_counts``:
+    every stored image, misfit verdicts included), so the figures move with the data only.
+    For an engine the caller holds (an offline merge); the service reads the sums under its
+    lock and passes them to :meth:`LiveFeedback.observe`."""
+    sums, wilson = store_sums(engine)
+    attach_data_estimate(snapshot.stats, snapshot.space, snapshot.store_counts, sums, wilson)
+
+
 @dataclass
 class Feedback:
     """What one snapshot tells the shift crew (JSON-able through :meth:`to_dict`).
@@ -215,7 +225,7 @@ class LiveFeedback:
         sp = snapshot.space
         # the store's counts, with its sums: figures free of the training, misfit verdicts
         # included
-        counts = getattr(snapshot, "store_counts", snapshot.obs_count)
+        counts = snapshot.store_counts
         attach_data_estimate(table, sp, counts, sum_i_half, wilson_sigma)
         provisional = self._provisional(table)
         resolution = self._publish_resolution(table.resolution_fit("data"))
