@@ -49,6 +49,12 @@ class MergeSnapshot:
     #: were made from, for figures that pair counts with them and must not move while only
     #: the optimiser does (the training-free CC½, the forecasts); None: ``obs_count``
     stored_obs_count: np.ndarray | None = None
+    #: ``(2, n_rows)`` for a condition coupled to a reference: the share of a change in the
+    #: data that ΔF against the reference keeps under the coupled prior (row 0) and under
+    #: independent Wilson priors (row 1), each row's Gaussian approximation
+    #: (:func:`~streamvi.merging.model.coupling.difference_gains`); the difference file
+    #: undoes the coupled prior's shrinkage with them.  None: no such coupling
+    delta_gain: np.ndarray | None = None
 
     @property
     def store_counts(self) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from streamvi.merging.model.coupling import R_MAX, DoubleWilsonCoupling
+from streamvi.merging.model.coupling import R_MAX, DoubleWilsonCoupling, difference_gains
 from streamvi.merging.model.prior import WilsonPrior
 
 
@@ -78,3 +78,44 @@ def test_bad_layouts_are_refused():
         DoubleWilsonCoupling(torch.zeros(4, dtype=torch.long), 1, 2, 2)
     with pytest.raises(ValueError, match="row_shell must lie in 0..2"):
         DoubleWilsonCoupling(torch.tensor([0, 3]), 3, 2, 0)
+
+
+@pytest.mark.parametrize("centric", [False, True])
+def test_difference_gains_are_those_of_the_gaussian_posterior(centric):
+    """From the mean-field σ alone (1/√Λᵢᵢ of a Gaussian posterior with known data
+    precisions), the gains of ΔF match a direct solve of that posterior's linear system:
+    coupled (Wilson on the reference, the conditional on the condition) and independent."""
+    rng = np.random.default_rng(5)
+    n = 200
+    var = rng.uniform(0.5, 3.0, n)
+    r = rng.uniform(0.5, 0.99, n)
+    p_ref, p = rng.uniform(0.5, 50.0, n), rng.uniform(0.5, 50.0, n)    # data precisions
+    tau2 = var * (1 - r * r) * (1.0 if centric else 0.5)
+    w = (1.0 if centric else 2.0) / var
+    expected_c, expected_i, sd_ref, sd = (np.empty(n) for _ in range(4))
+    for j in range(n):
+        data = np.diag([p_ref[j], p[j]])
+        coupled = data + np.array([[w[j] + r[j] ** 2 / tau2[j], -r[j] / tau2[j]],
+                                   [-r[j] / tau2[j], 1.0 / tau2[j]]])
+        independent = data + np.diag([w[j], w[j]])
+        change = data @ np.array([-0.5, 0.5])
+        moved = np.linalg.solve(coupled, change)
+        expected_c[j] = moved[1] - moved[0]
+        moved = np.linalg.solve(independent, change)
+        expected_i[j] = moved[1] - moved[0]
+        sd_ref[j], sd[j] = 1.0 / np.sqrt(np.diag(coupled))
+    g_c, g_i = difference_gains(sd_ref, sd, var, np.full(n, centric), r)
+    np.testing.assert_allclose(g_c, expected_c, rtol=1e-9)
+    np.testing.assert_allclose(g_i, expected_i, rtol=1e-9)
+    assert np.all((g_c > 0) & (g_c < g_i) & (g_i <= 1))   # the coupling shrinks ΔF more
+
+
+def test_difference_gains_without_correlation_are_the_independent_ones():
+    """At r = 0 the conditional is the Wilson prior itself: both gains agree; rows with
+    no σ give NaN."""
+    var = np.array([1.0, 2.0, 1.0])
+    sd_ref, sd = np.array([0.2, 0.3, 0.0]), np.array([0.25, 0.1, 0.2])
+    g_c, g_i = difference_gains(sd_ref, sd, var, np.array([False, True, False]),
+                                np.zeros(3))
+    np.testing.assert_allclose(g_c[:2], g_i[:2], rtol=1e-12)
+    assert np.isnan(g_c[2]) and np.isnan(g_i[2])

@@ -10,8 +10,8 @@ import pytest
 import reciprocalspaceship as rs
 
 from streamvi.publish.mtz import difference_dataset, write_difference_mtz
-from streamvi.quality.difference import (calibrate_sigma, difference_coefficients,
-                                         difference_figures)
+from streamvi.quality.difference import (calibrate_sigma, correct_gain,
+                                         difference_coefficients, difference_figures)
 from streamvi.symmetry import ReciprocalSpace
 
 
@@ -185,3 +185,39 @@ def test_the_true_difference_maps_peaks_sit_on_the_moved_atoms(tmp_path):
         np.testing.assert_array_equal(model.phases(delta.cell, delta.spacegroup, hkl[:n], 2.5),
                                       every[:n])
     assert model._factors[1] is factors
+
+
+def test_gain_correction_gives_the_change_its_size_and_keeps_the_contrast():
+    """A merge that shrinks ΔF by a gain falling with resolution (the coupled prior's
+    kind): with the gains per reflection, each shell's ΔF regains the size of the true
+    change (least-squares slope 1 within the noise), while ΔF / σ(ΔF) and the q-weight
+    stay as they were (one factor per shell)."""
+    rng = np.random.default_rng(11)
+    n = 20000
+    d = 1.0 / np.cbrt(rng.uniform(1 / 40.0 ** 3, 1 / 2.0 ** 3, n))
+    g_true = 0.6 - 0.4 * (1.0 / d ** 2 - 1 / 40.0 ** 2) / (0.25 - 1 / 40.0 ** 2)  # 0.6 → 0.2
+    true = rng.normal(0.0, 3.0, n)
+    noise = rng.normal(0.0, 1.0, n)
+    df = g_true * (true + noise)
+    f_dark = np.full(n, 100.0)
+    s = np.full(n, 1.0)
+    # the gains as a merge reports them: right on average, scattered per reflection
+    g_c = g_true * rng.uniform(0.8, 1.2, n)
+    g_i = np.full(n, 1.0)
+    plain = difference_coefficients(f_dark + df, g_true * s, f_dark, 0 * s, d)
+    fixed = difference_coefficients(f_dark + df, g_true * s, f_dark, 0 * s, d,
+                                    gains=(g_c, g_i))
+    assert fixed.gain is not None and fixed.gain.shell_factor.shape == (10,)
+    np.testing.assert_allclose(fixed.DF / fixed.SIGDF, plain.DF / plain.SIGDF)
+    np.testing.assert_allclose(fixed.W, plain.W)
+    edges = np.concatenate([[np.inf], fixed.gain.d_min])
+    for j in range(10):
+        m = (d <= edges[j]) & (d > edges[j + 1]) if j < 9 else (d <= edges[j])
+        slope_plain = np.sum(plain.DF[m] * true[m]) / np.sum(true[m] ** 2)
+        slope = np.sum(fixed.DF[m] * true[m]) / np.sum(true[m] ** 2)
+        assert slope_plain < 0.65
+        assert abs(slope - 1.0) < 0.06, (j, slope)
+    # unknown gains leave a reflection as it was
+    g_c[:10] = np.nan
+    again = correct_gain(g_c, g_i, d)
+    np.testing.assert_array_equal(again.factor[:10], 1.0)

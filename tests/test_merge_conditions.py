@@ -12,6 +12,7 @@ import reciprocalspaceship as rs
 from streamvi.cli.main import main
 from streamvi.errors import ConfigError
 from streamvi.quality.difference import calibrate_sigma
+from streamvi.symmetry import shell_edges, shell_index
 
 FAST = ["--steps", "30", "--quiet", "--d-model", "8", "--mc-samples", "2", "--device", "cpu"]
 FIELD = ["--condition-field", "header/int//sim/pump_code"]
@@ -44,11 +45,16 @@ def test_a_header_field_names_the_conditions_and_both_mtzs_are_written(pumped, t
     delta = rs.read_mtz(str(tmp_path / "m-light-minus-dark.mtz"))
     common = dark.index.intersection(light.index)
     assert len(delta) == len(common)
+    # ΔF: light − dark times the coupled prior's gain correction of its shell (≥ 1)
+    res = delta.compute_dHKL()["dHKL"].to_numpy()
+    factors = np.array(report["differences"]["light-minus-dark"]["df_gain_factor"])
+    assert factors.shape == (10,) and np.all(factors >= 1.0)
+    gain = factors[shell_index(res, shell_edges(res.max(), res.min(), 10))]
     np.testing.assert_allclose(delta["DF"].to_numpy(),
-                               (light.loc[delta.index, "F"] - dark.loc[delta.index, "F"]
-                                ).to_numpy(), atol=1e-4)
+                               gain * (light.loc[delta.index, "F"] - dark.loc[delta.index, "F"]
+                                       ).to_numpy(), rtol=1e-4, atol=1e-4)
     # SIGDF: the mean-field σ scaled to the half-datasets' scatter of ΔF, recomputed here
-    # from the two condition files
+    # from the two condition files, times that correction
     lt, dk = light.loc[delta.index], dark.loc[delta.index]
     mean_field = np.hypot(lt["SIGF"], dk["SIGF"]).to_numpy()
     cal = calibrate_sigma((lt["F"] - dk["F"]).to_numpy(), mean_field,
@@ -56,10 +62,13 @@ def test_a_header_field_names_the_conditions_and_both_mtzs_are_written(pumped, t
                           (lt["F_half2"] - dk["F_half2"]).to_numpy(),
                           delta.compute_dHKL()["dHKL"].to_numpy())
     assert cal.calibrated
-    np.testing.assert_allclose(delta["SIGDF"].to_numpy(), mean_field * cal.factor, rtol=1e-4)
+    np.testing.assert_allclose(delta["SIGDF"].to_numpy(), mean_field * cal.factor * gain,
+                               rtol=1e-4)
     history = [h.strip() for h in
                gemmi.read_mtz_file(str(tmp_path / "m-light-minus-dark.mtz")).history]
     assert any(h.startswith("SIGDF: mean-field sigma x half-set scatter") for h in history)
+    at = history.index("DF, SIGDF x by shell for the coupled prior's shrinkage, low to high:")
+    assert [float(x) for x in history[at + 1].split()] == pytest.approx(factors, abs=0.006)
     # the light condition is merged under the coupled prior given the dark one (default)
     light_history = [h.strip() for h in gemmi.read_mtz_file(str(tmp_path / "m-light.mtz")).history]
     assert any(h.startswith("prior given dark, r by shell: ") for h in light_history)
@@ -100,6 +109,13 @@ def test_no_coupled_prior_merges_the_conditions_independently(pumped, tmp_path):
                  *args]) == 0
     light = gemmi.read_mtz_file(str(tmp_path / "i-light.mtz"))
     assert not any("r by shell" in h for h in light.history)
+    # without the coupled prior ΔF is the plain difference: nothing to undo
+    delta = gemmi.read_mtz_file(str(tmp_path / "i-light-minus-dark.mtz"))
+    assert not any("coupled prior's shrinkage" in h for h in delta.history)
+    ds = rs.read_mtz(str(tmp_path / "i-light-minus-dark.mtz"))
+    plain = rs.read_mtz(str(tmp_path / "i-light.mtz")).loc[ds.index, "F"] \
+        - rs.read_mtz(str(tmp_path / "i-dark.mtz")).loc[ds.index, "F"]
+    np.testing.assert_allclose(ds["DF"].to_numpy(), plain.to_numpy(), atol=1e-4)
     coupled, independent = (rs.read_mtz(str(tmp_path / f"{x}-light.mtz")) for x in "ci")
     assert coupled.index.equals(independent.index)
     assert not np.allclose(coupled["F"].to_numpy(), independent["F"].to_numpy())

@@ -2,6 +2,8 @@
 choice, its row statistics, and the reindexing of the output into a reference's setting."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import reciprocalspaceship as rs
@@ -99,10 +101,15 @@ def test_reindex_snapshot_moves_every_table_and_the_counts():
     space = ReciprocalSpace("P 43", P43_CELL, 3.0)
     snap = _snapshot_like(space, np.arange(space.n_unique, dtype=np.float64))
     perm = space.reindex_rows(space.twin_ops[1])
+    gains = np.stack([np.arange(space.n_unique) + 0.5, np.arange(space.n_unique) + 0.25])
+    snap = replace(snap, delta_gain=gains)
     moved = reindex_snapshot(snap, perm, ["note"])
     for name in ("all", "half1", "half2"):
         for col in ("F", "SIGF", "I", "SIGI"):
             assert np.array_equal(moved.tables[name][col][perm], snap.tables[name][col])
+    assert np.array_equal(moved.obs_count[:, perm], snap.obs_count)
+    # a condition's ΔF gains travel with their rows
+    assert np.array_equal(moved.delta_gain[:, perm], gains)
     assert moved.history == ["note"]
 
 

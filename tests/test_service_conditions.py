@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamvi.config import load_config
 from streamvi.errors import ConfigError
 from streamvi.producers.send import send_messages
+from streamvi.symmetry import shell_edges, shell_index
 from streamvi.service.service import Service, service_conditions
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 from conftest import subscriber
@@ -163,10 +164,22 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert len(fig["sigdf_d_min"]) == 10 and fig["sigdf_d_min"][-1] == pytest.approx(
         delta.compute_dHKL()["dHKL"].min(), rel=1e-4)
     assert all(np.isfinite(fig["sigdf_factor"])) and min(fig["sigdf_factor"]) > 0
+    # ΔF is light − dark times the coupled prior's gain correction of its resolution shell
+    # (≥ 1: the prior shrinks), the factors the status JSON and the file's history give
     common = delta.index
+    res = delta.compute_dHKL()["dHKL"].to_numpy(np.float64)
+    factors = np.array(fig["df_gain_factor"], dtype=np.float64)
+    assert len(factors) == 10 and np.all(factors >= 1.0)
+    assert fig["df_gain_d_min"][-1] == pytest.approx(res.min(), rel=1e-4)
+    shell = shell_index(res, shell_edges(res.max(), res.min(), 10))
     np.testing.assert_allclose(delta["DF"].to_numpy(),
-                               (light.loc[common, "F"] - dark.loc[common, "F"]).to_numpy(),
-                               atol=1e-4)
+                               factors[shell] * (light.loc[common, "F"]
+                                                 - dark.loc[common, "F"]).to_numpy(),
+                               rtol=1e-4, atol=1e-4)
+    delta_history = [h.strip() for h in gemmi.read_mtz_file(
+        str(tmp_path / "latest-light-minus-dark.mtz")).history]
+    at = delta_history.index("DF, SIGDF x by shell for the coupled prior's shrinkage, low to high:")
+    assert [float(x) for x in delta_history[at + 1].split()] == pytest.approx(factors, abs=0.006)
     history = {c: [h.strip() for h in gemmi.read_mtz_file(str(tmp_path / f"latest-{c}.mtz")
                                                           ).history] for c in ("dark", "light")}
     assert "condition light of dark, light" in history["light"]

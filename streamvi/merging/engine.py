@@ -19,7 +19,7 @@ import torch
 
 from streamvi.merging.model.metadata import N_NETWORK_METADATA, Column
 from streamvi.merging.model.merging import SETTING_HYSTERESIS
-from streamvi.merging.model.coupling import normalised_amplitudes
+from streamvi.merging.model.coupling import difference_gains, normalised_amplitudes
 from streamvi.merging.reference import (ReferenceData, ReferenceSetting, SettingChoice,
                                         align_snapshot)
 from streamvi.merging.schedule import ImageScheduler
@@ -784,7 +784,8 @@ class MergeEngine:
             snapshot_id=self._snapshot_id, time=time.time(), space=sp, tables=tables,
             obs_count=obs, n_images=n_images,
             n_reflections=n_reflections, step=self.trainer.step,
-            stats=stats, falloff_b=falloff_b, stored_obs_count=stored, history=history + (
+            stats=stats, falloff_b=falloff_b, stored_obs_count=stored,
+            delta_gain=self._delta_gain(c), history=history + (
                 [] if falloff_b is None else
                 # MTZ history lines hold 80 characters
                 [f"scales' resolution trend moved to F: B {falloff_b:+.2f} A^2 "
@@ -798,6 +799,24 @@ class MergeEngine:
                          ", ".join(f"{c:.3f}" for c in choice.cc), choice.n_common)
             self.setting_choice = choice
         return snap
+
+    def _delta_gain(self, condition: int) -> np.ndarray | None:
+        """``(2, n_rows)`` gains of ΔF of ``condition`` against the coupled prior's reference
+        (:attr:`MergeSnapshot.delta_gain`), from the published posterior's σ; None for the
+        reference itself or without a coupling between conditions."""
+        model = self.trainer.model
+        coupling = model.coupling
+        if (coupling is None or coupling.n_conditions < 2
+                or condition == coupling.reference):
+            return None
+        post, average = model.posterior, self.trainer.posterior_average
+        _, sd_ref = post.moments(3 * coupling.reference, average)
+        _, sd = post.moments(3 * condition, average)
+        r = coupling.correlation().detach()[condition, coupling.row_shell]
+        gains = difference_gains(sd_ref.cpu().numpy(), sd.cpu().numpy(),
+                                 model.prior.variance.double().cpu().numpy(),
+                                 model.prior.centric.cpu().numpy(), r.double().cpu().numpy())
+        return np.stack(gains)
 
     def _merged_obs_count(self, condition: int) -> np.ndarray:
         """``(3, n_rows)`` observations the merge takes, per row of one condition: the

@@ -278,8 +278,12 @@ def reindex_snapshot(snapshot, perm: np.ndarray, notes: list[str]):
     if stored is not None:
         stored = np.empty_like(stored)
         stored[:, perm] = snapshot.stored_obs_count
+    gain = snapshot.delta_gain
+    if gain is not None:
+        gain = np.empty_like(gain)
+        gain[:, perm] = snapshot.delta_gain
     return replace(snapshot, tables=tables, obs_count=obs, stored_obs_count=stored,
-                   history=list(snapshot.history) + list(notes))
+                   delta_gain=gain, history=list(snapshot.history) + list(notes))
 
 
 def align_snapshot(snapshot, reference: ReferenceSetting):

@@ -147,18 +147,38 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
     def col(ds, name):
         return ds[name].to_numpy(np.float64)
 
+    gains = None
+    if getattr(light, "delta_gain", None) is not None:
+        gains = tuple(_per_reflection(light, g).reindex(both).to_numpy(np.float64)
+                      for g in light.delta_gain)
     diff = difference_coefficients(
         col(a, "F"), col(a, "SIGF"), col(b, "F"), col(b, "SIGF"), d,
         alpha=DEFAULT_ALPHA if alpha is None else alpha,
         half_differences=(col(a, "F_half1") - col(b, "F_half1"),
-                          col(a, "F_half2") - col(b, "F_half2")))
+                          col(a, "F_half2") - col(b, "F_half2")),
+        gains=gains)
     out = rs.DataSet({"DF": diff.DF, "SIGDF": diff.SIGDF, "W": diff.W, "WDF": diff.WDF,
                       "F_DARK": col(b, "F"), "SIGF_DARK": col(b, "SIGF")},
                      index=both, cell=a.cell, spacegroup=a.spacegroup, merged=True)
     out = out.astype({"DF": "SFAmplitude", "SIGDF": "Stddev", "W": "Weight",
                       "WDF": "SFAmplitude", "F_DARK": "SFAmplitude", "SIGF_DARK": "Stddev"})
     out.attrs["sigma_calibration"] = diff.calibration
+    out.attrs["gain_correction"] = diff.gain
     return out
+
+
+def _per_reflection(snapshot, values: np.ndarray):
+    """``values`` per row of ``snapshot``'s space as a series indexed by ``H, K, L`` like
+    :func:`~streamvi.snapshot.snapshot_to_dataset` (anomalous: the mean of the two Bijvoet
+    mates' rows, which share their ``hkl``)."""
+    import pandas as pd
+
+    hkl = snapshot.space.hkl
+    index = pd.MultiIndex.from_arrays([hkl[:, 0], hkl[:, 1], hkl[:, 2]], names=["H", "K", "L"])
+    series = pd.Series(np.asarray(values, np.float64), index=index)
+    if snapshot.space.anomalous:
+        series = series.groupby(level=["H", "K", "L"]).mean()
+    return series
 
 
 def _calibration_history(calibration) -> list[str]:
@@ -169,6 +189,15 @@ def _calibration_history(calibration) -> list[str]:
         return ["SIGDF: mean-field sqrt(s2_light + s2_dark), too few half-set pairs"]
     return ["SIGDF: mean-field sigma x half-set scatter factor by shell, low to high:",
             " ".join(f"{x:.2f}" for x in calibration.factors)[:80]]
+
+
+def _gain_history(gain) -> list[str]:
+    """MTZ history lines (80 characters at most) saying how DF was scaled for the coupled
+    prior's shrinkage."""
+    if gain is None:
+        return []
+    return ["DF, SIGDF x by shell for the coupled prior's shrinkage, low to high:",
+            " ".join("-" if not np.isfinite(x) else f"{x:.2f}" for x in gain.shell_factor)[:80]]
 
 
 def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[str, str],
@@ -187,4 +216,5 @@ def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[s
     if dataset is None:
         dataset = difference_dataset(light, dark, alpha=alpha)
     hist += _calibration_history(dataset.attrs.get("sigma_calibration"))
+    hist += _gain_history(dataset.attrs.get("gain_correction"))
     return write_mtz(dataset, path, history=hist, info=info)

@@ -144,6 +144,58 @@ def calibrate_sigma(df: np.ndarray, sigdf: np.ndarray, df_half1: np.ndarray,
     return cal
 
 
+class GainCorrection(NamedTuple):
+    """Factors that undo the coupled prior's shrinkage of ΔF, per resolution shell."""
+
+    #: per reflection, the factor its ΔF and σ(ΔF) were multiplied by (1 where none)
+    factor: np.ndarray
+    #: per shell (low to high resolution), ``Σ g_independent / Σ g_coupled`` (NaN: empty)
+    shell_factor: np.ndarray
+    #: high-resolution limit of each shell, Å
+    d_min: np.ndarray
+
+
+def correct_gain(g_coupled: np.ndarray, g_independent: np.ndarray, d: np.ndarray, *,
+                 n_shells: int = DEFAULT_SHELLS) -> GainCorrection:
+    """Per resolution shell, the factor that gives a coupled merge's ΔF the size that two
+    independent merges' ΔF has.
+
+    The coupled prior shrinks ΔF (it is a shrinkage estimate: the noise falls more than
+    the signal, so peaks rise in σ while the change itself comes out at a fraction of its
+    size).  ``g_coupled`` and ``g_independent`` are each reflection's share of a change in
+    the data that ΔF keeps under the coupled prior and under independent Wilson priors
+    (:func:`streamvi.merging.model.coupling.difference_gains`); the factor of a shell is
+    ``Σ g_independent / Σ g_coupled`` over its reflections.  One factor per shell keeps the
+    shell's map contrast (ΔF / σ(ΔF), the q-weight) as it is and gives back the change's
+    size, on average over the shell: a reflection's own gain is not used, since dividing by
+    it would give back each reflection's noise as well.
+
+    Parameters
+    ----------
+    g_coupled, g_independent
+        Gains per reflection (NaN where unknown: factor 1).
+    d
+        Resolution per reflection, Å.
+    n_shells
+        Shells of equal reciprocal volume between the data's extremes.
+    """
+    gc, gi, d = (np.asarray(a, np.float64) for a in (g_coupled, g_independent, d))
+    ok = np.isfinite(gc) & np.isfinite(gi) & (gc > 0) & np.isfinite(d) & (d > 0)
+    n_shells = max(1, int(n_shells))
+    factor = np.ones(gc.shape)
+    if not ok.any():
+        return GainCorrection(factor, np.full(n_shells, np.nan), np.full(n_shells, np.nan))
+    edges = shell_edges(float(d[ok].max()), float(d[ok].min()), n_shells)
+    shell = np.clip(shell_index(d, edges), 0, n_shells - 1)
+    sum_c = np.bincount(shell[ok], gc[ok], minlength=n_shells)[:n_shells]
+    sum_i = np.bincount(shell[ok], gi[ok], minlength=n_shells)[:n_shells]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shell_factor = np.where(sum_c > 0, sum_i / sum_c, np.nan)
+    factor = np.where(ok, shell_factor[shell], 1.0)
+    factor = np.where(np.isfinite(factor), factor, 1.0)
+    return GainCorrection(factor, shell_factor, np.asarray(edges[1:]))
+
+
 class Differences(NamedTuple):
     """ΔF per reflection and its weighting (float64 arrays of equal length)."""
 
@@ -155,13 +207,16 @@ class Differences(NamedTuple):
     WDF: np.ndarray
     #: how SIGDF was scaled from the mean-field σ (None: not asked for, the mean-field σ)
     calibration: SigmaCalibration | None = None
+    #: how ΔF and SIGDF were scaled for the coupled prior's shrinkage (None: not asked for)
+    gain: GainCorrection | None = None
 
 
 def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark: np.ndarray,
                             sigf_dark: np.ndarray, d: np.ndarray, *,
                             alpha: float = DEFAULT_ALPHA,
                             n_shells: int = DEFAULT_SHELLS,
-                            half_differences: tuple[np.ndarray, np.ndarray] | None = None
+                            half_differences: tuple[np.ndarray, np.ndarray] | None = None,
+                            gains: tuple[np.ndarray, np.ndarray] | None = None
                             ) -> Differences:
     """ΔF, σ(ΔF) and the q-weighted coefficients (see the module docstring).
 
@@ -180,6 +235,11 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
     half_differences
         The two half-datasets' ΔF per reflection (NaN where a half has none): σ(ΔF) is then
         calibrated on their scatter (:func:`calibrate_sigma`).  None: the mean-field σ.
+    gains
+        ``(g_coupled, g_independent)`` per reflection: ΔF and σ(ΔF) (after the
+        calibration, which measures the published ΔF's scatter) are multiplied per shell by
+        :func:`correct_gain`'s factor, the size two independent merges would give the
+        change.  None: as merged.
 
     Returns
     -------
@@ -195,6 +255,11 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
     if half_differences is not None:
         calibration = calibrate_sigma(df, np.sqrt(var), *half_differences, d)
         var = var * np.square(calibration.factor)
+    gain = None
+    if gains is not None:
+        gain = correct_gain(*gains, d, n_shells=n_shells)
+        df = df * gain.factor
+        var = var * np.square(gain.factor)
     ok = np.isfinite(df) & np.isfinite(var) & np.isfinite(d) & (d > 0)
     df = np.where(ok, df, np.nan)
     var = np.where(ok, var, np.nan)
@@ -212,7 +277,8 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
             denom = (1.0 + var / mean_var[shell]
                      + alpha * np.square(df) / mean_df2[shell])
         w = np.where(ok & np.isfinite(denom) & (denom > 0), 1.0 / denom, np.nan)
-    return Differences(DF=df, SIGDF=np.sqrt(var), W=w, WDF=w * df, calibration=calibration)
+    return Differences(DF=df, SIGDF=np.sqrt(var), W=w, WDF=w * df, calibration=calibration,
+                       gain=gain)
 
 
 def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
@@ -229,6 +295,9 @@ def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
     ``sigdf_factor``: that calibration's factor per shell, shells ending at ``sigdf_d_min``
     (Å; the difference table's own binning); both empty, and ``sigdf_calibrated`` False,
     while too few reflections are in both halves: σ(ΔF) is then the mean-field one.
+    ``df_gain_factor``: the factor per shell (shells ending at ``df_gain_d_min``) by which
+    ΔF and σ(ΔF) were scaled for the coupled prior's shrinkage (:func:`correct_gain`;
+    None for an empty shell); both empty without a coupled prior.
 
     Parameters
     ----------
@@ -255,6 +324,7 @@ def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
         z = np.abs(df) / dataset["SIGDF"].to_numpy(np.float64)
     calibration = dataset.attrs.get("sigma_calibration")
     calibrated = calibration is not None and calibration.calibrated
+    gain = dataset.attrs.get("gain_correction")
     return {"delta_cc_half": [float(c) for c in cc],
             "delta_cc_half_overall": float(pearson(x[sel], y[sel])) if sel.sum() >= 3
             else float("nan"),
@@ -263,7 +333,10 @@ def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
             "significant": int(np.sum(np.isfinite(z) & (z > significant_z))),
             "sigdf_calibrated": calibrated,
             "sigdf_factor": [float(v) for v in calibration.factors] if calibrated else [],
-            "sigdf_d_min": [float(v) for v in calibration.d_min] if calibrated else []}
+            "sigdf_d_min": [float(v) for v in calibration.d_min] if calibrated else [],
+            "df_gain_factor": [] if gain is None else
+            [float(v) if np.isfinite(v) else None for v in gain.shell_factor],
+            "df_gain_d_min": [] if gain is None else [float(v) for v in gain.d_min]}
 
 
 def difference_peaks(cell, space_group, hkl: np.ndarray, coefficients: np.ndarray, model, *,

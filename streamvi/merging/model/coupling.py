@@ -128,6 +128,66 @@ class DoubleWilsonCoupling(nn.Module):
         return torch.where(centric, centric_lp, acentric)
 
 
+def difference_gains(sd_ref: np.ndarray, sd: np.ndarray, variance: np.ndarray,
+                     centric: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How much of a change in the data each row's ΔF = F − F_ref keeps: under the coupled
+    prior, and under independent Wilson priors (the gains of a Gaussian approximation).
+
+    The coupled prior is a shrinkage estimate of ΔF: it pulls the condition's amplitude
+    towards ``r·F_ref`` and the reference's towards the condition's.  In a Gaussian
+    approximation of the pair's posterior (precision ``Λ = D + Π``: the data's precisions
+    ``D = diag(p_ref, p)``, the prior's ``Π``) a change ``δ`` of the data's difference moves
+    the posterior means' difference by ``g·δ``, ``g = [Λ⁻¹ D (−½, ½)ᵀ]`` differenced.  The
+    mean-field surrogate's σ are ``1/√Λᵢᵢ``, so the data's precisions follow from them:
+
+    - coupled: ``Π = [[w + r²/τ², −r/τ²], [−r/τ², 1/τ²]]`` (the reference's Wilson term
+      ``w`` and the conditional of :class:`DoubleWilsonCoupling`, ``τ² = εΣ(1 − r²)/2``
+      acentric, ``εΣ(1 − r²)`` centric), ``p_ref = 1/σ_ref² − w − r²/τ²``, ``p = 1/σ² − 1/τ²``;
+    - independent: ``Π = diag(w, w)``: ``g = ½ (p_ref/(p_ref + w) + p/(p + w))``, what two
+      merges with their own Wilson priors keep.
+
+    ``w`` is the Wilson prior's curvature in the Gaussian approximation, ``2/εΣ`` acentric,
+    ``1/εΣ`` centric.  A data precision the approximation puts below 5 % of the row's
+    posterior precision is taken as that 5 % (rows the prior alone holds).
+
+    Parameters
+    ----------
+    sd_ref, sd
+        ``(n,)`` posterior σ of the amplitude, reference and condition, in the units of
+        ``variance`` (amplitude = √intensity).  The gains of a Gaussian approximation do
+        not depend on the means.
+    variance, centric
+        ``(n,)`` the Wilson ``εΣ`` and the centric flag of each row.
+    r
+        ``(n,)`` the coupling's correlation for each row (its condition and shell).
+
+    Returns
+    -------
+    (g_coupled, g_independent)
+        ``(n,)`` float64 each, in (0, 1]; NaN where an input is not finite or σ ≤ 0.
+    """
+    sd_ref, sd, var, r = (np.asarray(a, np.float64) for a in (sd_ref, sd, variance, r))
+    centric = np.asarray(centric, bool)
+    ok = (np.isfinite(sd_ref) & np.isfinite(sd) & np.isfinite(var) & np.isfinite(r)
+          & (sd_ref > 0) & (sd > 0) & (var > 0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        one_minus = np.maximum(1.0 - r * r, 1e-9)
+        tau2 = np.where(centric, var * one_minus, 0.5 * var * one_minus)
+        w = np.where(centric, 1.0 / var, 2.0 / var)
+        lam_ref, lam = 1.0 / np.square(sd_ref), 1.0 / np.square(sd)
+        p_ref = np.maximum(lam_ref - w - r * r / tau2, 0.05 * lam_ref)
+        p = np.maximum(lam - 1.0 / tau2, 0.05 * lam)
+        l11, l22, l12 = p_ref + w + r * r / tau2, p + 1.0 / tau2, -r / tau2
+        det = l11 * l22 - l12 * l12
+        v_ref, v = -0.5 * p_ref, 0.5 * p
+        moved_ref = (l22 * v_ref - l12 * v) / det
+        moved = (l11 * v - l12 * v_ref) / det
+        coupled = moved - moved_ref
+        independent = 0.5 * (p_ref / (p_ref + w) + p / (p + w))
+    nan = np.full(ok.shape, np.nan)
+    return np.where(ok, coupled, nan), np.where(ok, independent, nan)
+
+
 def normalised_amplitudes(f_rows: np.ndarray, epsilon: np.ndarray, row_shell: np.ndarray,
                           n_shells: int) -> np.ndarray:
     """``E = F / √(ε ⟨F²/ε⟩_shell)`` per row: a fixed prior's amplitudes, free of its scale and
