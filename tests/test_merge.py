@@ -62,7 +62,9 @@ def test_merge_points_to_the_geometric_partiality_when_the_fall_off_is_large(bea
     crystals report what the geometric partiality reads; not otherwise."""
     import dataclasses
 
-    from streamvi.cli.merge import FALLOFF_ADVICE_B, FALLOFF_ADVICE_CRYSTALS, falloff_advice
+    from streamvi.cli.merge import falloff_advice
+    from streamvi.merging.offline import (PARTIALITY_CHECK_B as FALLOFF_ADVICE_B,
+                                          PARTIALITY_CHECK_CRYSTALS as FALLOFF_ADVICE_CRYSTALS)
 
     crystals = beamtime[0]
     assert all(c.has_orientation() and c.profile_radius and c.beam_bandwidth for c in crystals)

@@ -144,7 +144,7 @@ def test_fall_off_record_reads_the_networks_part_near_the_bragg_condition():
     assert torch.allclose(bragg, model.scale_distribution(batch, at_bragg=True)[2], atol=1e-6)
 
 
-def test_pure_background_observations_do_not_give_the_amplitudes_a_fall_off():
+def test_pure_background_observations_do_not_give_the_amplitudes_a_fall_off(monkeypatch):
     """A CrystFEL-like stream: every reflection within 2.5 profile widths predicted and
     integrated, so half the lowest-resolution observations are pure background and a tenth
     of the highest (flat true intensities, xsphere partiality, 1 % band).  Without the
@@ -153,6 +153,7 @@ def test_pure_background_observations_do_not_give_the_amplitudes_a_fall_off():
     intensities and correlates with them."""
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
+    from streamvi.merging import offline
     from streamvi.merging.offline import merge_crystals
     from streamvi.merging.trainer import TrainerConfig
     from streamvi.publish.mtz import snapshot_to_dataset
@@ -168,13 +169,29 @@ def test_pure_background_observations_do_not_give_the_amplitudes_a_fall_off():
     truth = simulate_structure(cfg)
     crystals = list(simulate_images(cfg, truth))
     space = ReciprocalSpace(cfg.space_group, cfg.cell, cfg.dmin, anomalous=False)
-    fits = {}
+    fits, snaps = {}, {}
     for geometric in (False, True):
         snap, _ = merge_crystals(crystals, space, steps=800,
                                  trainer_config=TrainerConfig(device="cpu",
                                                               geometric_partiality=geometric))
         fits[geometric] = fitted_b_correlation(snapshot_to_dataset(snap), truth.to_dataset())
+        snaps[geometric] = snap
     assert fits[False]["b"] < -6.0                  # the failure this change is for
     assert abs(fits[True]["b"]) < 6.0
     assert fits[True]["cc_F_unfitted"] > 0.9
     assert fits[True]["cc_F_unfitted"] > fits[False]["cc_F"] + 0.1
+    # `merge`'s partiality check (change 19) acts on the B the record gave the amplitudes;
+    # on these 300 stills it is only −3 Å² (the record carries a part of the wrong trend:
+    # against the truth the amplitudes are off by −14 Å²), above the −8 Å² that CrystFEL's
+    # partial_sim streams pass (−9.0, −12.2), so the check keeps the first merge; with the
+    # bar at −2 Å² it merges again with the geometric partiality: the same merge as asked
+    # for, and the history says why
+    assert -8.0 < snaps[False].falloff_b < -2.0
+    assert not offline.partiality_trend_suspect(snaps[False].falloff_b, crystals)
+    monkeypatch.setattr(offline, "PARTIALITY_CHECK_B", -2.0)
+    snap, engine = merge_crystals(crystals, space, steps=800, partiality_check=True,
+                                  trainer_config=TrainerConfig(device="cpu"))
+    assert engine.trainer.config.geometric_partiality
+    assert f"geometric partiality on: without it the scales' trend gave B " \
+           f"{snaps[False].falloff_b:+.1f} A^2" in snap.history
+    np.testing.assert_array_equal(snap.tables["all"]["F"], snaps[True].tables["all"]["F"])

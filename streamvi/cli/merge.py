@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         reference=reference, conditions=conditions,
         coupled_reference=(conditions[0] if conditions is not None and len(conditions) > 1
                            and opts.coupled_prior else None),
-        prior=prior)
+        prior=prior, partiality_check=opts.partiality_check)
     seconds = time.perf_counter() - t0
     store = engine.store
     if conditions is not None:
@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     rows = gemmi.read_mtz_file(str(opts.output)).nreflections
     print(f"wrote {opts.output} ({rows} reflections) in {seconds:.1f} s on {engine.device}")
-    advice = falloff_advice(snapshot.falloff_b, data.crystals, tcfg.geometric_partiality)
+    advice = falloff_advice(snapshot.falloff_b, data.crystals,
+                            engine.trainer.config.geometric_partiality)
     if advice:
         log.warning(advice)
     if opts.json:
@@ -239,26 +240,15 @@ def _write_conditions(opts: Config, engine: Any, seconds: float, reference: Any)
     return 0
 
 
-#: B (Å²) of the scales' trend given to the amplitudes (change 10) below which ``merge``
-#: points to the geometric partiality.  Pure-background observations at low resolution push
-#: it negative: CrystFEL's partial_sim streams −12.2 (5,000 crystals) and −9.0 (1,000), the
-#: quality matrix's overpredicted case −10.0; every other case of the matrix lies above
-#: −5 (the real 5-HT2B stream −4.9) but the 3-crystal HEWL stream (−8.6), hence
-#: :data:`FALLOFF_ADVICE_CRYSTALS` (docs/model.md, change 18)
-FALLOFF_ADVICE_B = -8.0
-#: fewer crystals than this: the trend is too uncertain to advise on
-FALLOFF_ADVICE_CRYSTALS = 100
-
-
 def falloff_advice(falloff_b: float | None, crystals: Sequence[Any],
                    geometric_partiality: bool) -> str | None:
     """A line for the crew when the fall-off convention moved a large negative B onto the
-    amplitudes of a merge of enough crystals that report what the geometric partiality reads
-    (orientation, profile radius, bandwidth); None otherwise."""
-    if geometric_partiality or falloff_b is None or falloff_b >= FALLOFF_ADVICE_B:
-        return None
-    if len(crystals) < FALLOFF_ADVICE_CRYSTALS or not any(
-            c.has_orientation() and c.profile_radius and c.beam_bandwidth for c in crystals):
+    amplitudes of a merge without the geometric partiality, of enough crystals that report
+    what it reads (:func:`streamvi.merging.offline.partiality_trend_suspect`: what
+    ``--partiality-check`` acts on; this speaks where it was turned off); None otherwise."""
+    from streamvi.merging.offline import partiality_trend_suspect
+
+    if geometric_partiality or not partiality_trend_suspect(falloff_b, crystals):
         return None
     return (f"the scales' resolution trend gave the amplitudes B {falloff_b:+.1f} A^2 (MTZ "
             "history): a trend this large usually comes from the partialities, e.g. a stream "

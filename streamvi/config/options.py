@@ -325,6 +325,14 @@ OPTIONS: tuple[Option, ...] = (
            "observations near their Bragg condition (docs/model.md, change 18). A checkpoint "
            "resumes only with the setting it was written with", "model", commands=TRAINING,
            target="trainer.geometric_partiality"),
+    Option("partiality_check", bool, True, "when the geometric partiality is off: after the "
+           "merge, if the scales' resolution trend gave the amplitudes B < -8 A^2 on 100 "
+           "crystals or more that report orientations, profile radii and a bandwidth (the mark "
+           "of a stream that integrates reflections its partialities do not reach, CrystFEL's "
+           "partial_sim: overall CC 0.74 against 0.985), merge again with it and publish that "
+           "merge, saying so in the MTZ history (docs/model.md, change 19). Costs a second merge "
+           "only where it fires; on the quality matrix only the overpredicted case does",
+           "model", commands=("merge",)),
     Option("sync_free_steps", str, "auto", "`auto` (on with CUDA, off on the CPU), `on` or "
            "`off`: training steps in which the host never waits for the GPU (dense masked "
            "posterior update, skips and losses kept on the device; docs/performance.md). `off` "

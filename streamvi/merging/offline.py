@@ -217,6 +217,29 @@ DEFAULT_EPOCHS = 10.0
 DEFAULT_MIN_STEPS = 1500
 
 
+#: B (Å²) of the scales' trend given to the amplitudes (change 10) below which a merge with
+#: ``partiality_check`` is run again with the geometric partiality.  Pure-background
+#: observations at low resolution push it negative: CrystFEL's partial_sim streams −12.2
+#: (5,000 crystals) and −9.0 (1,000), the quality matrix's overpredicted case −10.0; every
+#: other case of the matrix ends above −5 (the real 5-HT2B stream −4.9) but the 3-crystal
+#: HEWL stream (−8.6), hence :data:`PARTIALITY_CHECK_CRYSTALS` (docs/model.md, changes 18–19)
+PARTIALITY_CHECK_B = -8.0
+#: fewer crystals than this: the trend is too uncertain to act on
+PARTIALITY_CHECK_CRYSTALS = 100
+
+
+def partiality_trend_suspect(falloff_b: float | None,
+                             crystals: Sequence[CrystalMessage]) -> bool:
+    """Whether change 10 moved a trend onto the amplitudes that the partialities of these
+    crystals most likely made: B below :data:`PARTIALITY_CHECK_B` on at least
+    :data:`PARTIALITY_CHECK_CRYSTALS` crystals, some of which report what the geometric
+    partiality reads (orientation, profile radius, bandwidth)."""
+    if falloff_b is None or not falloff_b < PARTIALITY_CHECK_B:
+        return False
+    return len(crystals) >= PARTIALITY_CHECK_CRYSTALS and any(
+        c.has_orientation() and c.profile_radius and c.beam_bandwidth for c in crystals)
+
+
 def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *,
                    trainer_config: TrainerConfig | None = None,
                    engine_config: EngineConfig | None = None, epochs: float | None = None,
@@ -229,7 +252,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                    assign_settings: bool = True,
                    conditions: Sequence[str] | None = None,
                    coupled_reference: str | None = None,
-                   prior: ReferenceData | None = None
+                   prior: ReferenceData | None = None,
+                   partiality_check: bool = False
                    ) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
 
@@ -249,10 +273,48 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     ``prior`` data set (``--prior-mtz``), the reference condition (the only one, without
     conditions) is merged under the double-Wilson prior given its amplitudes.
 
+    With ``partiality_check`` and the geometric partiality off, a merge whose scales' trend
+    :func:`partiality_trend_suspect` finds suspect is run again, from the start, with the
+    geometric partiality on, and that merge is returned (its MTZ history says why).
+
     Returns
     -------
     (MergeSnapshot, MergeEngine)
     """
+    tcfg = trainer_config or TrainerConfig()
+    if not partiality_check or tcfg.geometric_partiality:
+        return _merge_once(crystals, space, tcfg, engine_config, epochs, steps, progress,
+                           history, anneal, reference, refresh_epochs, assign_settings,
+                           conditions, coupled_reference, prior)
+    crystals = list(crystals)
+    snapshot, engine = _merge_once(crystals, space, tcfg, engine_config, epochs, steps,
+                                   progress, history, anneal, reference, refresh_epochs,
+                                   assign_settings, conditions, coupled_reference, prior)
+    if not partiality_trend_suspect(snapshot.falloff_b, crystals):
+        return snapshot, engine
+    log.warning("the scales' resolution trend gave the amplitudes B %+.1f A^2 on %d crystals "
+                "that report orientations, profile radii and a bandwidth: the mark of "
+                "observations the partialities do not reach (pure background at low "
+                "resolution); merging again with the geometric partiality (docs/model.md, "
+                "change 19; --no-partiality-check keeps the first merge)",
+                snapshot.falloff_b, len(crystals))
+    note = (f"geometric partiality on: without it the scales' trend gave B "
+            f"{snapshot.falloff_b:+.1f} A^2")[:80]
+    return _merge_once(crystals, space, replace(tcfg, geometric_partiality=True),
+                       engine_config, epochs, steps, progress, list(history or []) + [note],
+                       anneal, reference, refresh_epochs, assign_settings, conditions,
+                       coupled_reference, prior)
+
+
+def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
+                trainer_config: TrainerConfig, engine_config: EngineConfig | None,
+                epochs: float | None, steps: int | None,
+                progress: Callable[[int, int], Callable[[StepReport], None]] | None,
+                history: list[str] | None, anneal: float, reference: ReferenceData | None,
+                refresh_epochs: Sequence[float], assign_settings: bool,
+                conditions: Sequence[str] | None, coupled_reference: str | None,
+                prior: ReferenceData | None) -> tuple[MergeSnapshot, MergeEngine]:
+    """One merge of :func:`merge_crystals` (its parameters, the same meaning)."""
     # every crystal is stored before the first step: the Wilson plot may use them all at once
     # (and the rows are refreshed at ``refresh_epochs``, not by the service's policy)
     engine = MergeEngine(space, trainer_config,
