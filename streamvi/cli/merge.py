@@ -255,7 +255,8 @@ def falloff_advice(falloff_b: float | None, crystals: Sequence[Any],
             "that integrates every reflection it predicts, many of them pure background at "
             "low resolution (CrystFEL's partial_sim: overall CC 0.74 against 0.985 with the "
             "option); these crystals report orientations, profile radii and a "
-            "bandwidth: rerun with --geometric-partiality (docs/model.md, change 18)")
+            "bandwidth: rerun with --geometric-partiality, or without --no-partiality-check "
+            "(docs/model.md, changes 18-19)")
 
 
 def setting_line(engine, name: str) -> str:
