@@ -58,24 +58,49 @@ def test_annealing_ends_at_the_final_learning_rate(beamtime):
 
 
 def test_merge_points_to_the_geometric_partiality_when_the_fall_off_is_large(beamtime):
-    """`streamvi merge` warns when change 10 gave the amplitudes B < −8 Å² and enough
-    crystals report what the geometric partiality reads; not otherwise."""
+    """The crew is told (and `merge`'s partiality check acts) when change 10 gave the
+    amplitudes B < −8 Å² on 100 crystals or more that report what the geometric partiality
+    reads; not otherwise."""
     import dataclasses
 
-    from streamvi.cli.merge import falloff_advice
-    from streamvi.merging.offline import (PARTIALITY_CHECK_B as FALLOFF_ADVICE_B,
-                                          PARTIALITY_CHECK_CRYSTALS as FALLOFF_ADVICE_CRYSTALS)
+    from streamvi.merging.offline import (PARTIALITY_CHECK_B, PARTIALITY_CHECK_CRYSTALS,
+                                          partiality_advice, reports_partiality_geometry)
 
     crystals = beamtime[0]
-    assert all(c.has_orientation() and c.profile_radius and c.beam_bandwidth for c in crystals)
-    line = falloff_advice(-18.4, crystals, geometric_partiality=False)
+    assert all(reports_partiality_geometry(c) for c in crystals)
+    n = len(crystals)
+    assert n >= PARTIALITY_CHECK_CRYSTALS
+    line = partiality_advice(-18.4, n, geometric_partiality=False)
     assert "B -18.4 A^2" in line
     assert "--geometric-partiality" in line
-    assert falloff_advice(-18.4, crystals, geometric_partiality=True) is None
-    assert falloff_advice(FALLOFF_ADVICE_B + 0.1, crystals, geometric_partiality=False) is None
-    assert falloff_advice(18.4, crystals, geometric_partiality=False) is None
-    few = crystals[:FALLOFF_ADVICE_CRYSTALS - 1]
-    assert falloff_advice(-18.4, few, geometric_partiality=False) is None
-    assert falloff_advice(None, crystals, geometric_partiality=False) is None
-    no_band = [dataclasses.replace(c, beam_bandwidth=None) for c in crystals]
-    assert falloff_advice(-18.4, no_band, geometric_partiality=False) is None
+    assert partiality_advice(-18.4, n, geometric_partiality=True) is None
+    assert partiality_advice(PARTIALITY_CHECK_B + 0.1, n, geometric_partiality=False) is None
+    assert partiality_advice(18.4, n, geometric_partiality=False) is None
+    assert partiality_advice(-18.4, PARTIALITY_CHECK_CRYSTALS - 1,
+                             geometric_partiality=False) is None
+    assert partiality_advice(None, n, geometric_partiality=False) is None
+    for missing in ({"beam_bandwidth": None}, {"profile_radius": None},
+                    {"astar": None, "bstar": None, "cstar": None}):
+        assert not reports_partiality_geometry(dataclasses.replace(crystals[0], **missing))
+
+
+def test_the_live_status_tells_the_crew_to_restart_with_the_geometric_partiality():
+    """`serve` cannot merge again: its status carries the advice (and the page shows it)
+    while the last snapshot's fall-off B shows the partialities' trend."""
+    from types import SimpleNamespace
+
+    from streamvi.merging.offline import PARTIALITY_CHECK_CRYSTALS
+    from streamvi.service.status import partiality_advice_of
+
+    def service(b, n, geometric=False):
+        engine = SimpleNamespace(store=SimpleNamespace(n_geometry_images=n),
+                                 trainer=SimpleNamespace(
+                                     config=SimpleNamespace(geometric_partiality=geometric)))
+        return SimpleNamespace(engine=engine, latest=SimpleNamespace(falloff_b=b))
+
+    n = PARTIALITY_CHECK_CRYSTALS
+    assert "--geometric-partiality" in partiality_advice_of(service(-12.2, n))
+    assert partiality_advice_of(service(-12.2, n, geometric=True)) is None
+    assert partiality_advice_of(service(-4.9, n)) is None
+    assert partiality_advice_of(service(-12.2, n - 1)) is None
+    assert partiality_advice_of(SimpleNamespace(engine=None, latest=None)) is None

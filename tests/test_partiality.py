@@ -187,7 +187,7 @@ def test_pure_background_observations_do_not_give_the_amplitudes_a_fall_off(monk
     # bar at −2 Å² it merges again with the geometric partiality: the same merge as asked
     # for, and the history says why
     assert -8.0 < snaps[False].falloff_b < -2.0
-    assert not offline.partiality_trend_suspect(snaps[False].falloff_b, crystals)
+    assert not offline.partiality_trend_suspect(snaps[False].falloff_b, len(crystals))
     monkeypatch.setattr(offline, "PARTIALITY_CHECK_B", -2.0)
     snap, engine = merge_crystals(crystals, space, steps=800, partiality_check=True,
                                   trainer_config=TrainerConfig(device="cpu"))

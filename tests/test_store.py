@@ -409,3 +409,17 @@ def test_batches_carry_conditions_and_per_condition_kl_weights(space):
     assert one.batch(np.array([0])).condition is None
     with pytest.raises(ValueError, match="distinct"):
         ReflectionStore(space, conditions=("dark", "dark"))
+
+
+def test_crystals_that_report_the_partialitys_geometry_are_counted(space):
+    """What `serve`'s partiality advice reads: crystals with an orientation, a profile
+    radius and a bandwidth; a duplicate is not counted twice."""
+    rng = np.random.default_rng(4)
+    store = ReflectionStore(space)
+    plain = make_crystal(rng, image="a")                            # no orientation
+    oriented = make_crystal(rng, image="b", with_orientation=True)  # no bandwidth
+    full = make_crystal(rng, image="c", with_orientation=True)
+    full.beam_bandwidth = 0.002
+    for m in (plain, oriented, full, full):
+        store.add(m)
+    assert store.n_images == 3 and store.n_geometry_images == 1

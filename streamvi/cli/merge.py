@@ -111,8 +111,12 @@ def run(args: argparse.Namespace) -> int:
 
     rows = gemmi.read_mtz_file(str(opts.output)).nreflections
     print(f"wrote {opts.output} ({rows} reflections) in {seconds:.1f} s on {engine.device}")
-    advice = falloff_advice(snapshot.falloff_b, data.crystals,
-                            engine.trainer.config.geometric_partiality)
+    from streamvi.merging.offline import partiality_advice, reports_partiality_geometry
+
+    # where the partiality check was turned off (it acts where this would speak)
+    advice = partiality_advice(snapshot.falloff_b,
+                               sum(reports_partiality_geometry(c) for c in data.crystals),
+                               engine.trainer.config.geometric_partiality)
     if advice:
         log.warning(advice)
     if opts.json:
@@ -238,25 +242,6 @@ def _write_conditions(opts: Config, engine: Any, seconds: float, reference: Any)
 
         print(json.dumps(jsonable(report), allow_nan=False))
     return 0
-
-
-def falloff_advice(falloff_b: float | None, crystals: Sequence[Any],
-                   geometric_partiality: bool) -> str | None:
-    """A line for the crew when the fall-off convention moved a large negative B onto the
-    amplitudes of a merge without the geometric partiality, of enough crystals that report
-    what it reads (:func:`streamvi.merging.offline.partiality_trend_suspect`: what
-    ``--partiality-check`` acts on; this speaks where it was turned off); None otherwise."""
-    from streamvi.merging.offline import partiality_trend_suspect
-
-    if geometric_partiality or not partiality_trend_suspect(falloff_b, crystals):
-        return None
-    return (f"the scales' resolution trend gave the amplitudes B {falloff_b:+.1f} A^2 (MTZ "
-            "history): a trend this large usually comes from the partialities, e.g. a stream "
-            "that integrates every reflection it predicts, many of them pure background at "
-            "low resolution (CrystFEL's partial_sim: overall CC 0.74 against 0.985 with the "
-            "option); these crystals report orientations, profile radii and a "
-            "bandwidth: rerun with --geometric-partiality, or without --no-partiality-check "
-            "(docs/model.md, changes 18-19)")
 
 
 def setting_line(engine, name: str) -> str:

@@ -228,16 +228,34 @@ PARTIALITY_CHECK_B = -8.0
 PARTIALITY_CHECK_CRYSTALS = 100
 
 
-def partiality_trend_suspect(falloff_b: float | None,
-                             crystals: Sequence[CrystalMessage]) -> bool:
-    """Whether change 10 moved a trend onto the amplitudes that the partialities of these
-    crystals most likely made: B below :data:`PARTIALITY_CHECK_B` on at least
-    :data:`PARTIALITY_CHECK_CRYSTALS` crystals, some of which report what the geometric
-    partiality reads (orientation, profile radius, bandwidth)."""
-    if falloff_b is None or not falloff_b < PARTIALITY_CHECK_B:
-        return False
-    return len(crystals) >= PARTIALITY_CHECK_CRYSTALS and any(
-        c.has_orientation() and c.profile_radius and c.beam_bandwidth for c in crystals)
+def reports_partiality_geometry(crystal: CrystalMessage) -> bool:
+    """Whether a crystal reports what the geometric partiality reads: an orientation, a
+    profile radius and the pulse's bandwidth."""
+    return bool(crystal.has_orientation() and crystal.profile_radius
+                and crystal.beam_bandwidth)
+
+
+def partiality_trend_suspect(falloff_b: float | None, n_reporting: int) -> bool:
+    """Whether change 10 moved a trend onto the amplitudes that the partialities most likely
+    made: B below :data:`PARTIALITY_CHECK_B` on at least :data:`PARTIALITY_CHECK_CRYSTALS`
+    crystals that report what the geometric partiality reads
+    (:func:`reports_partiality_geometry`; ``n_reporting`` of them)."""
+    return (falloff_b is not None and falloff_b < PARTIALITY_CHECK_B
+            and n_reporting >= PARTIALITY_CHECK_CRYSTALS)
+
+
+def partiality_advice(falloff_b: float | None, n_reporting: int,
+                      geometric_partiality: bool) -> str | None:
+    """A line for the crew where a merge without the geometric partiality shows the
+    partialities' trend (:func:`partiality_trend_suspect`); None otherwise."""
+    if geometric_partiality or not partiality_trend_suspect(falloff_b, n_reporting):
+        return None
+    return (f"the scales' resolution trend gave the amplitudes B {falloff_b:+.1f} A^2 (MTZ "
+            "history): a trend this large usually comes from the partialities, e.g. a stream "
+            "that integrates every reflection it predicts, many of them pure background at "
+            "low resolution (CrystFEL's partial_sim: overall CC 0.74 against 0.985 with the "
+            "option); these crystals report orientations, profile radii and a bandwidth: "
+            "merge with --geometric-partiality (docs/model.md, changes 18-19)")
 
 
 def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *,
@@ -287,17 +305,18 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                            history, anneal, reference, refresh_epochs, assign_settings,
                            conditions, coupled_reference, prior)
     crystals = list(crystals)
+    n_reporting = sum(reports_partiality_geometry(c) for c in crystals)
     snapshot, engine = _merge_once(crystals, space, tcfg, engine_config, epochs, steps,
                                    progress, history, anneal, reference, refresh_epochs,
                                    assign_settings, conditions, coupled_reference, prior)
-    if not partiality_trend_suspect(snapshot.falloff_b, crystals):
+    if not partiality_trend_suspect(snapshot.falloff_b, n_reporting):
         return snapshot, engine
     log.warning("the scales' resolution trend gave the amplitudes B %+.1f A^2 on %d crystals "
                 "that report orientations, profile radii and a bandwidth: the mark of "
                 "observations the partialities do not reach (pure background at low "
                 "resolution); merging again with the geometric partiality (docs/model.md, "
                 "change 19; --no-partiality-check keeps the first merge)",
-                snapshot.falloff_b, len(crystals))
+                snapshot.falloff_b, n_reporting)
     note = (f"geometric partiality on: without it the scales' trend gave B "
             f"{snapshot.falloff_b:+.1f} A^2")[:80]
     return _merge_once(crystals, space, replace(tcfg, geometric_partiality=True),

@@ -267,6 +267,9 @@ class ReflectionStore:
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
+        #: stored crystals that report an orientation, a profile radius and a bandwidth (what
+        #: the geometric partiality reads; :func:`streamvi.merging.offline.partiality_advice`)
+        self.n_geometry_images = 0
         #: :func:`content_key` of every stored crystal → its image id
         self.content_keys: dict[int, int] = {}
         #: tolerances of the cell check (None: no check; :func:`~streamvi.symmetry.cell_mismatch`)
@@ -592,6 +595,8 @@ class ReflectionStore:
             self.content_keys[contents[c.k]] = int(i)
             results[c.k] = AddResult(int(i), c.iobs.shape[0], c.n_outside)
             self._remember(msg, levels[c.k])
+            self.n_geometry_images += bool(msg.has_orientation() and msg.profile_radius
+                                           and msg.beam_bandwidth)
         rows = ids[0]
         half_of = np.repeat(halves.astype(np.int64), lengths)
         # rows of table 0 and of each crystal's half, as flat indices into obs_count

@@ -153,8 +153,10 @@ def service_status(service: "Service") -> dict[str, Any]:
         "images_rejected": 0 if st is None else st.n_rejected,
         # per twin law, in space groups with an indexing ambiguity (as of the last snapshot)
         "images_by_setting": {} if st is None else st.setting_counts(),
-        # the relative B the last snapshot gave the amplitudes (docs/model.md)
+        # the relative B the last snapshot gave the amplitudes (docs/model.md), and what to
+        # do where it shows the partialities' trend (a live merge does not start again)
         "falloff_b": None if service.latest is None else service.latest.falloff_b,
+        "partiality_advice": partiality_advice_of(service),
         "visits_median": float(np.median(visits)) if visits.size else 0.0,
         "lag_p50_s": float(np.percentile(lags, 50)) if lags.size else None,
         "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,
@@ -173,6 +175,19 @@ def service_status(service: "Service") -> dict[str, Any]:
         "prior": (None if engine is None or engine.prior_name is None else
                   {"name": engine.prior_name, "r_shells": engine.prior_correlation()}),
     }
+
+
+def partiality_advice_of(service: "Service") -> str | None:
+    """:func:`streamvi.merging.offline.partiality_advice` for the live merge: restart with
+    ``--geometric-partiality`` where the last snapshot's fall-off B shows the partialities'
+    trend (``merge`` would merge again; ``serve`` cannot), else None."""
+    from streamvi.merging.offline import partiality_advice
+
+    engine = service.engine
+    if engine is None or service.latest is None:
+        return None
+    return partiality_advice(service.latest.falloff_b, engine.store.n_geometry_images,
+                             engine.trainer.config.geometric_partiality)
 
 
 def images_per_second(engine: Any, window_s: float = 30.0) -> float:

@@ -88,7 +88,9 @@ function renderTiles(d) {
           (m.cell_source && m.cell_source !== "config" ? ` (${m.cell_source})` : "") : "") +
           ` · dmin ${fmt(m.dmin, 2)} Å` + (m.anomalous ? " · anomalous" : "") +
           (isNum(s.falloff_b) ? ` · fall-off given to F: B ${s.falloff_b >= 0 ? "+" : ""}` +
-           `${fmt(s.falloff_b, 2)} Å²` : ""));
+           `${fmt(s.falloff_b, 2)} Å²` : "") +
+          (s.partiality_advice ? " · restart with --geometric-partiality (hover)" : ""));
+  $("merge").title = s.partiality_advice || "";
   setText("foot-status", `streamvi ${d.version} · up ${fmtDuration(s.uptime_s)} · device ` +
           `${s.device || "–"} · ${fmtInt(s.mtz_written)} MTZ written` +
           (s.mtz_errors ? ` (${s.mtz_errors} failed)` : ""));
