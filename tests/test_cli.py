@@ -2,6 +2,7 @@
 import json
 import re
 
+import gemmi
 import numpy as np
 import reciprocalspaceship as rs
 from conftest import PAL_STREAM
@@ -26,7 +27,16 @@ def test_simulate_inspect_merge(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert report["stats"]["overall"]["completeness"] > 0.9
+    # 60 crystals: too few for the partiality check to act on, whatever the trend
+    assert report["geometric_partiality"] is False
     ds = rs.read_mtz(str(out))
+    history = [h.strip() for h in gemmi.read_mtz_file(str(out)).history]
+    b_line = [h for h in history if h.startswith("scales' resolution trend moved to F: B ")]
+    if report["falloff_b"] is None:
+        assert not b_line
+    else:
+        assert b_line == [f"scales' resolution trend moved to F: B {report['falloff_b']:+.2f} "
+                          "A^2 (docs/model.md)"]
     assert {"F", "SIGF", "F(+)", "F(-)", "N", "F_half1"} <= set(ds.columns)
     assert ds.spacegroup.hm == "P 43 21 2"
     assert compare_to_truth(ds, rs.read_mtz(str(truth)))["cc_F"] > 0.3

@@ -124,7 +124,13 @@ def run(args: argparse.Namespace) -> int:
 
         # valid JSON: a figure that is not defined is null, never NaN
         print(json.dumps(jsonable({"stats": snapshot.stats.to_dict(), "seconds": seconds,
-                                   "mtz": str(opts.output), "mtz_reflections": rows}),
+                                   "mtz": str(opts.output), "mtz_reflections": rows,
+                                   # the relative B given to the amplitudes (change 10), and
+                                   # whether the merge ran with the geometric partiality
+                                   # (asked for, or turned on by the partiality check)
+                                   "falloff_b": snapshot.falloff_b,
+                                   "geometric_partiality":
+                                       engine.trainer.config.geometric_partiality}),
                          allow_nan=False))
     return 0
 
