@@ -1,6 +1,6 @@
 """The geometric partiality under the learnt scale (docs/model.md, change 18): its values
 against the geometry recomputed here from a message's basis, wavelength, profile radius and
-bandwidth; what it does without a geometry; that its two factors are learnt; and the fall-off
+bandwidth (the sphere seen through the spectrum integrated numerically); what it does without a geometry; that its two factors are learnt; and the fall-off
 record it gives the engine."""
 from __future__ import annotations
 
@@ -24,17 +24,31 @@ def shot():
     return Simulator(SimulationConfig(n_images=1, seed=4, dmin=2.0, bandwidth=0.01)).image(0)[0]
 
 
+def _sphere_through_spectrum(e: float, r: float, spread: float) -> float:
+    """∫ (1 − t²/r²) N(t; e, spread²) dt over the sphere, by the trapezoid rule."""
+    t = np.linspace(-r, r, 4001)
+    profile = 1.0 - (t / r) ** 2
+    if spread <= 0:
+        return max(1.0 - (e / r) ** 2, 0.0)
+    weight = np.exp(-0.5 * ((t - e) / spread) ** 2) / (spread * np.sqrt(2.0 * np.pi))
+    return float(np.trapezoid(profile * weight, t))
+
+
 def _expected_log_p(msg, a: float = 1.0, c: float = 1.0, eta_mrad: float = 0.01
                     ) -> np.ndarray:
-    """−½ e² / ((aR + η|q|)² + (c · bandwidth · |q|² λ / 2)²), from the message alone."""
+    """log P of a sphere of radius aR + η|q| seen through a Gaussian spectrum of σ
+    c · bandwidth · |q|² λ / 2 in the offset, over its value on the Bragg condition, from
+    the message alone (floored at 1e-4)."""
     basis = np.array([msg.astar, msg.bstar, msg.cstar], dtype=np.float64)
     q = msg.hkl().astype(np.float64) @ basis
     k = 1.0 / msg.wavelength_A
     offset = np.linalg.norm(q + np.array([0.0, 0.0, k]), axis=1) - k
     q2 = np.einsum("ij,ij->i", q, q)
-    band = msg.beam_bandwidth * q2 * msg.wavelength_A / 2.0
+    spread = c * msg.beam_bandwidth * q2 * msg.wavelength_A / 2.0
     radius = a * msg.profile_radius + 1e-3 * eta_mrad * np.sqrt(q2)
-    return -0.5 * offset ** 2 / (radius ** 2 + (c * band) ** 2)
+    p = np.array([_sphere_through_spectrum(e, r, s) / _sphere_through_spectrum(0.0, r, s)
+                  for e, r, s in zip(offset, radius, spread)])
+    return np.log(np.clip(p, 1e-4, 1.0))
 
 
 def test_partiality_follows_the_geometry_and_is_one_on_the_bragg_condition(shot):
@@ -44,14 +58,24 @@ def test_partiality_follows_the_geometry_and_is_one_on_the_bragg_condition(shot)
     model = GeometricPartiality()
     log_p = model(torch.from_numpy(meta)).detach().numpy()
     expected = _expected_log_p(shot)
-    np.testing.assert_allclose(log_p, expected, rtol=2e-3, atol=1e-6)
-    # the band widens the reflections, high-order ones far more (it grows as |q|²)
-    no_band = torch.from_numpy(meta.copy())
-    no_band[:, Column.BANDWIDTH] = 0.0
-    gain = log_p - model(no_band).detach().numpy()
-    assert np.all(gain >= -1e-6)
-    high = meta[:, Column.INV_D2] > np.median(meta[:, Column.INV_D2])
-    assert gain[high].mean() > 3.0 * gain[~high].mean() > 0.0
+    assert (expected > np.log(1e-4)).sum() > 0.3 * len(shot)     # not all at the floor
+    np.testing.assert_allclose(log_p, expected, rtol=2e-3, atol=2e-4)
+    # the band widens the reflections (the partiality integrated over the offset grows),
+    # high-order ones far more (its spread grows as |q|²)
+    widening = []
+    for inv_d2 in (0.05, 0.15, 0.3):
+        grid = torch.zeros((801, meta.shape[1]))
+        grid[:, Column.PROFILE_RADIUS] = 1e-3
+        grid[:, Column.PHOTON_ENERGY_KEV] = 9.5
+        grid[:, Column.INV_D2] = inv_d2
+        grid[:, Column.EWALD_OFFSET] = torch.linspace(-4e-3, 4e-3, 801)
+        grid[:, Column.BANDWIDTH] = 0.01
+        with torch.no_grad():
+            with_band = model(grid).exp().sum()
+            grid[:, Column.BANDWIDTH] = 0.0
+            widening.append(float(with_band / model(grid).exp().sum()))
+    assert 1.0 < widening[0] < widening[1] < widening[2]
+    assert widening[2] > 1.2
     on_bragg = torch.from_numpy(meta.copy())
     on_bragg[:, Column.EWALD_OFFSET] = 0.0
     assert torch.equal(model(on_bragg), torch.zeros(len(shot)))
@@ -61,7 +85,7 @@ def test_partiality_follows_the_geometry_and_is_one_on_the_bragg_condition(shot)
         model.mosaic_mrad.fill_(-0.5)               # its sign does not matter
     assert model.factors == pytest.approx((0.7, 2.5, math.degrees(0.5e-3)))
     np.testing.assert_allclose(model(torch.from_numpy(meta)).detach().numpy(),
-                               _expected_log_p(shot, 0.7, 2.5, 0.5), rtol=2e-3, atol=1e-6)
+                               _expected_log_p(shot, 0.7, 2.5, 0.5), rtol=2e-3, atol=2e-4)
 
 
 def test_without_a_geometry_the_network_keeps_the_whole_scale(shot):
@@ -72,7 +96,7 @@ def test_without_a_geometry_the_network_keeps_the_whole_scale(shot):
     assert torch.equal(model(no_radius), torch.zeros(len(shot)))
     # metadata without the bandwidth column: the profile radius alone
     narrow = model(meta[:, :N_NETWORK_METADATA]).detach().numpy()
-    np.testing.assert_allclose(narrow, _expected_log_p(shot, c=0.0), rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(narrow, _expected_log_p(shot, c=0.0), rtol=2e-3, atol=2e-4)
 
 
 def test_the_factors_and_the_mosaic_spread_are_learnt_from_the_data():
