@@ -317,10 +317,10 @@ OPTIONS: tuple[Option, ...] = (
            "only with the setting it was written with", "model", commands=TRAINING,
            target="trainer.image_b_term"),
     Option("geometric_partiality", bool, False, "multiply each observation's learnt scale "
-           "by a partiality from its reported geometry: a Gaussian in the Ewald offset, "
-           "peak 1 on the Bragg condition, its width the profile radius and the pulse's "
-           "bandwidth projected at the reflection's resolution, each with one learnt factor, "
-           "and a learnt mosaic spread; "
+           "by a partiality from its reported geometry: CrystFEL's xsphere, a spherical "
+           "reflection of the profile radius seen through the pulse's Gaussian spectrum (the "
+           "bandwidth projected at the reflection's resolution), peak 1 on the Bragg "
+           "condition, each with one learnt factor, and a learnt mosaic spread; "
            "the scales' fall-off convention then reads the network's part over the "
            "observations near their Bragg condition (docs/model.md, change 18). A checkpoint "
            "resumes only with the setting it was written with", "model", commands=TRAINING,
