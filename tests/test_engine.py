@@ -628,5 +628,21 @@ def test_rows_only_misfit_images_reached_are_not_published(stills):
     # snapshot carries its counts for the figures made from the store's sums
     np.testing.assert_array_equal(engine.store.obs_count[0], reached)
     np.testing.assert_array_equal(snap.store_counts[0], reached)
+    # ⟨I/σ⟩ per row of what the merge took, as N: the inverse-variance average over the
+    # other images' observations, recomputed here from the messages
+    sw = np.zeros(space.n_unique)
+    swi = np.zeros(space.n_unique)
+    for i, (c, rows) in enumerate(zip(crystals, per_image)):
+        if i in left_out:
+            continue
+        keep = rows >= 0
+        w = 1.0 / np.square(np.asarray(c.sigI, np.float64)[keep])
+        np.add.at(sw, rows[keep], w)
+        np.add.at(swi, rows[keep], w * np.asarray(c.I, np.float64)[keep])
+    expected = np.where(taken > 0, swi / np.sqrt(np.where(sw > 0, sw, 1.0)), 0.0)
+    got = engine.store.condition_i_over_sigma(0, engine._left_out())
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+    assert not np.allclose(engine.store.condition_i_over_sigma(0), expected)
     engine.store.set_rejected(torch.from_numpy(left_out), torch.zeros(3, dtype=torch.bool))
     np.testing.assert_array_equal(engine.snapshot().obs_count[0], reached)
+    assert engine._left_out() is None

@@ -394,10 +394,10 @@ class DistributedEngine(MergeEngine):
         per_step = self.config.batch_images * self.world_size
         return max(1, int(np.ceil(self.global_images / per_step)))
 
-    def _merged_obs_count(self, condition: int) -> np.ndarray:
-        # the counts are the last sync's sums over ranks, the misfit verdicts each rank's
-        # own: taking this rank's away from everyone's would count ranks differently
-        return self.store.condition_obs_count[condition].copy()
+    def _left_out(self) -> None:
+        # the counts and sums are the last sync's over ranks, the misfit verdicts each
+        # rank's own: taking this rank's away from everyone's would count ranks differently
+        return None
 
     def snapshot(self, history: list[str] | None = None) -> MergeSnapshot:
         # the counts of the last sync: every rank's images, not this rank's

@@ -24,7 +24,7 @@ from streamvi.merging.reference import (ReferenceData, ReferenceSetting, Setting
                                         align_snapshot)
 from streamvi.merging.schedule import ImageScheduler
 from streamvi.quality.stats import shell_statistics
-from streamvi.merging.store import AddResult, ReflectionStore
+from streamvi.merging.store import AddResult, ReflectionStore, RejectedStatistics
 from streamvi.snapshot import MergeSnapshot
 from streamvi.symmetry import ReciprocalSpace
 from streamvi.merging.trainer import StepReport, Trainer, TrainerConfig
@@ -246,7 +246,7 @@ class MergeEngine:
         self._wilson_raw: np.ndarray | None = None
         #: (verdicts version, images) and the rejected images' counts then
         #: (:meth:`_merged_obs_count`)
-        self._rejected_counts: tuple[tuple[int, int], np.ndarray] | None = None
+        self._rejected_counts: tuple[tuple[int, int], RejectedStatistics] | None = None
         self.last_report: StepReport | None = None
         #: images stored at the last refresh of the rows (None: not counting yet), and the
         #: step at which the store last grew
@@ -755,7 +755,8 @@ class MergeEngine:
             i_half=(tables["half1"]["I"], tables["half2"]["I"]),
             f_half=(tables["half1"]["F"], tables["half2"]["F"]),
             anomalous=sp.anomalous, n_shells=self.config.n_shells,
-            i_over_sigma=self.store.condition_i_over_sigma(c),
+            # ⟨I/σ⟩ of what the merge took, as N: the misfit images' observations left out
+            i_over_sigma=self.store.condition_i_over_sigma(c, self._left_out()),
             expected_i=expected_i)
         self._snapshot_id += 1
         n_images, n_reflections = self.store.n_images, self.store.n_reflections
@@ -825,13 +826,21 @@ class MergeEngine:
         measurement: with no observation counted it is left out of the published tables
         (the misindexed images' mislabelled reflections made such rows)."""
         obs = self.store.condition_obs_count[condition].copy()
-        if self.store.n_rejected:
-            # one count for every condition's snapshot of a publish
-            key = (self.store.verdicts_version, self.store.n_images)
-            if self._rejected_counts is None or self._rejected_counts[0] != key:
-                self._rejected_counts = (key, self.store.rejected_obs_count())
-            obs -= self._rejected_counts[1][condition]
+        left_out = self._left_out()
+        if left_out is not None:
+            obs -= left_out.obs_count[condition]
         return obs
+
+    def _left_out(self) -> RejectedStatistics | None:
+        """The row statistics of the images now left out as misfits
+        (:meth:`~streamvi.merging.store.ReflectionStore.rejected_statistics`), read once for
+        every condition's snapshot of a publish; None while no image is left out."""
+        if not self.store.n_rejected:
+            return None
+        key = (self.store.verdicts_version, self.store.n_images)
+        if self._rejected_counts is None or self._rejected_counts[0] != key:
+            self._rejected_counts = (key, self.store.rejected_statistics())
+        return self._rejected_counts[1]
 
     def _condition_index(self, condition: str | None) -> int:
         """Table-set index of ``condition`` (0 with one condition)."""

@@ -182,6 +182,17 @@ class _Columns:
         return start
 
 
+class RejectedStatistics(NamedTuple):
+    """The row statistics of the images a merge leaves out as misfits
+    (:meth:`ReflectionStore.rejected_statistics`)."""
+
+    #: ``(n_conditions, 3, n_rows)`` observations: all images, half 1, half 2
+    obs_count: np.ndarray
+    #: ``(n_conditions, n_rows)`` Σ 1/σ² and Σ I/σ² of their observations
+    sum_w: np.ndarray
+    sum_wi: np.ndarray
+
+
 class ReflectionStore:
     """All accepted reflections, mapped to rows of a :class:`ReciprocalSpace`.
 
@@ -248,7 +259,7 @@ class ReflectionStore:
         #: kept on the training device so recording it costs the step no device→host copy
         self._rejected_t = torch.zeros(n0, dtype=torch.bool, device=self.device)
         #: bumped whenever a misfit verdict or an image's indexing setting is recorded: what
-        #: :meth:`rejected_obs_count` reads may have changed
+        #: :meth:`rejected_statistics` reads may have changed
         self.verdicts_version = 0
         #: the reindexing operator the trainer last chose per image (merohedral groups),
         #: on the training device like the verdicts; ``image_op`` is what the row statistics
@@ -659,15 +670,26 @@ class ReflectionStore:
         return np.bincount(self.image_condition[: self.n_images].astype(np.int64),
                            minlength=self.n_conditions)
 
-    def condition_i_over_sigma(self, condition: int) -> np.ndarray:
+    def condition_i_over_sigma(self, condition: int,
+                               leave_out: "RejectedStatistics | None" = None) -> np.ndarray:
         """Per row I/σ(I) of the inverse-variance average of one condition's observations
-        (0 if unseen); :meth:`merged_i_over_sigma` with one condition."""
+        (0 if unseen); :meth:`merged_i_over_sigma` with one condition.  ``leave_out``: the
+        sums of observations to take away first (the misfit images',
+        :meth:`rejected_statistics`)."""
         if self._cond_w is None:
-            return self.merged_i_over_sigma()
-        sw, swi = self._cond_w[condition], self._cond_wi[condition]
+            sw, swi = self.sum_w, self.sum_wi
+        else:
+            sw, swi = self._cond_w[condition], self._cond_wi[condition]
+        seen = sw > 0
+        if leave_out is not None:
+            sw = sw - leave_out.sum_w[condition]
+            swi = swi - leave_out.sum_wi[condition]
+            # by the counts: a row all of whose observations went keeps a rounding residue
+            seen = (self.condition_obs_count[condition][0]
+                    - leave_out.obs_count[condition][0]) > 0
         with np.errstate(invalid="ignore", divide="ignore"):
             out = swi / np.sqrt(sw)
-        return np.where(sw > 0, out, 0.0)
+        return np.where(seen, out, 0.0)
 
     def _remember(self, msg: CrystalMessage, level: float) -> None:
         """Keep what the intensity reference (``level``: median |I|) and the MTZ header need
@@ -914,22 +936,32 @@ class ReflectionStore:
                 idx = _ranges(self.image_start[ids], lengths)
                 yield tier, ids, lengths, torch.from_numpy(idx).to(tier.device)
 
-    def rejected_obs_count(self) -> np.ndarray:
-        """``(n_conditions, 3, n_rows)`` observations of the images now left out as misfits
-        (all images, half 1, half 2; rows of each image's current indexing setting, as
-        :meth:`apply_settings` counted them): what :attr:`condition_obs_count` holds that
-        the likelihood does not.  Reads the rejected images' rows from the device."""
-        out = np.zeros((self.n_conditions, 3, self.space.n_unique), np.int64)
+    def rejected_statistics(self) -> "RejectedStatistics":
+        """What :attr:`condition_obs_count` and the inverse-variance sums behind
+        :meth:`condition_i_over_sigma` hold of the images now left out as misfits, which
+        the likelihood does not take: per condition and row, their observations (all images,
+        half 1, half 2) and Σ1/σ², ΣI/σ² (rows of each image's current indexing setting, as
+        :meth:`apply_settings` counted them).  Reads the rejected images' rows from the
+        device."""
+        n_c, n_u = self.n_conditions, self.space.n_unique
+        out = RejectedStatistics(np.zeros((n_c, 3, n_u), np.int64), np.zeros((n_c, n_u)),
+                                 np.zeros((n_c, n_u)))
         for tier, ids, lengths, idx_t in self._tier_parts(np.nonzero(self.image_rejected)[0]):
             asu = tier.asu_id.index_select(1, idx_t).cpu().numpy()
+            iobs = tier.iobs.index_select(0, idx_t).cpu().numpy().astype(np.float64)
+            sig = tier.sigiobs.index_select(0, idx_t).cpu().numpy().astype(np.float64)
             ops = self.image_op[ids] if self.n_ops > 1 else np.zeros(ids.size, np.int64)
             rows = asu[np.repeat(ops, lengths), np.arange(idx_t.shape[0])]
             half = np.repeat(self.image_half[ids].astype(np.int64), lengths)
-            first = np.repeat(3 * self.image_condition[ids].astype(np.int64), lengths)
-            n_u = self.space.n_unique
+            cond = np.repeat(self.image_condition[ids].astype(np.int64), lengths)
+            first = 3 * cond
             # bincount: a few ns per observation, where np.add.at takes tens
             flat = np.concatenate([first * n_u + rows, (first + 1 + half) * n_u + rows])
-            out += np.bincount(flat, minlength=out.size).reshape(out.shape)
+            out.obs_count.reshape(-1)[:] += np.bincount(flat, minlength=out.obs_count.size)
+            w = 1.0 / np.square(sig)
+            where = cond * n_u + rows
+            out.sum_w.reshape(-1)[:] += np.bincount(where, w, minlength=out.sum_w.size)
+            out.sum_wi.reshape(-1)[:] += np.bincount(where, w * iobs, minlength=out.sum_wi.size)
         return out
 
     def set_geometry(self, image_ids: torch.Tensor, state: torch.Tensor) -> None:
