@@ -59,3 +59,10 @@ def reflection_metadata(msg: CrystalMessage) -> np.ndarray:
     if msg.beam_bandwidth and math.isfinite(msg.beam_bandwidth) and msg.beam_bandwidth > 0:
         out[:, Column.BANDWIDTH] = msg.beam_bandwidth
     return out
+
+
+def reports_partiality_geometry(msg: CrystalMessage) -> bool:
+    """Whether a crystal reports what the geometric partiality reads
+    (:class:`~streamvi.merging.model.partiality.GeometricPartiality`): an orientation, a
+    profile radius and the pulse's bandwidth."""
+    return bool(msg.has_orientation() and msg.profile_radius and msg.beam_bandwidth)

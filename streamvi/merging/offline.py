@@ -15,6 +15,7 @@ import gemmi
 import numpy as np
 
 from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
+from streamvi.merging.features import reports_partiality_geometry
 from streamvi.errors import ConfigError
 from streamvi.merging.reference import ReferenceData, ReferenceSetting
 from streamvi.sources import Rejected, load_plugin
@@ -226,13 +227,6 @@ DEFAULT_MIN_STEPS = 1500
 PARTIALITY_CHECK_B = -8.0
 #: fewer crystals than this: the trend is too uncertain to act on
 PARTIALITY_CHECK_CRYSTALS = 100
-
-
-def reports_partiality_geometry(crystal: CrystalMessage) -> bool:
-    """Whether a crystal reports what the geometric partiality reads: an orientation, a
-    profile radius and the pulse's bandwidth."""
-    return bool(crystal.has_orientation() and crystal.profile_radius
-                and crystal.beam_bandwidth)
 
 
 def partiality_trend_suspect(falloff_b: float | None, n_reporting: int) -> bool:

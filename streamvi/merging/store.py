@@ -38,7 +38,8 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from streamvi.merging.features import N_METADATA, reflection_metadata
+from streamvi.merging.features import (N_METADATA, reflection_metadata,
+                                       reports_partiality_geometry)
 from streamvi.merging.model.geometry import N_GEOMETRY, STATE_WIDTH, lattice_axes
 from streamvi.merging.model.batch import Batch
 from streamvi.symmetry import (CELL_ANGLE_TOLERANCE_DEG, CELL_LENGTH_TOLERANCE,
@@ -278,8 +279,9 @@ class ReflectionStore:
         self.n_images = 0
         self.n_reflections = 0
         self.keys: dict[tuple[str, str, int], int] = {}
-        #: stored crystals that report an orientation, a profile radius and a bandwidth (what
-        #: the geometric partiality reads; :func:`streamvi.merging.offline.partiality_advice`)
+        #: stored crystals that report what the geometric partiality reads
+        #: (:func:`~streamvi.merging.features.reports_partiality_geometry`; read by
+        #: :func:`streamvi.merging.offline.partiality_advice`)
         self.n_geometry_images = 0
         #: :func:`content_key` of every stored crystal → its image id
         self.content_keys: dict[int, int] = {}
@@ -606,8 +608,7 @@ class ReflectionStore:
             self.content_keys[contents[c.k]] = int(i)
             results[c.k] = AddResult(int(i), c.iobs.shape[0], c.n_outside)
             self._remember(msg, levels[c.k])
-            self.n_geometry_images += bool(msg.has_orientation() and msg.profile_radius
-                                           and msg.beam_bandwidth)
+            self.n_geometry_images += reports_partiality_geometry(msg)
         rows = ids[0]
         half_of = np.repeat(halves.astype(np.int64), lengths)
         # rows of table 0 and of each crystal's half, as flat indices into obs_count

@@ -32,8 +32,8 @@ observations this partiality puts within 10 % of full (``P ≥ 0.9``): the image
 of partiality, measured close to the Bragg condition.  What the record still carries is the
 network's correction near the peak, which depends on how far the learnt profile is from the
 real one (the network and the factors share the shape between them; on the project's
-simulator the reported geometry's own errors lower the peak at high resolution: docs/model.md,
-change 19).
+simulator it falls with resolution by about the amount the reported geometry's errors would
+lower the peak: docs/model.md, change 19).
 """
 from __future__ import annotations
 
