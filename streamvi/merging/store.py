@@ -268,8 +268,8 @@ class ReflectionStore:
         self._image_op_t = torch.zeros(n0 if self.n_ops > 1 else 0, dtype=torch.int64,
                                        device=self.device)
         self.image_op = np.zeros(n0 if self.n_ops > 1 else 0, np.int64)
-        #: each image's geometry refinement state (parameters, Adam moments, update count;
-        #: :mod:`streamvi.merging.model.geometry`), on the training device
+        #: each image's geometry refinement state (parameters, last gradient and curvature,
+        #: update count; :mod:`streamvi.merging.model.geometry`), on the training device
         self._geometry_t = torch.zeros((n0, STATE_WIDTH), dtype=torch.float32,
                                        device=self.device)
         #: each image's reciprocal basis and its inverse

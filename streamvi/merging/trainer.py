@@ -16,7 +16,8 @@ import torch
 
 from streamvi.merging.model.batch import Batch
 from streamvi.merging.model.coupling import DoubleWilsonCoupling
-from streamvi.merging.model.geometry import N_GEOMETRY, adam_update
+from streamvi.merging.model.geometry import (N_GEOMETRY, newton_step, observation_fisher,
+                                             scoring_update, trust_factors)
 from streamvi.merging.model.likelihood import NormalLikelihood, StudentTLikelihood
 from streamvi.merging.model.merging import VariationalMergingModel
 from streamvi.merging.model.metadata import N_METADATA, N_NETWORK_METADATA, Column
@@ -89,8 +90,8 @@ class TrainerConfig:
     #: every visit, through the scale network's learnt partiality (docs/model.md, "Each
     #: image's orientation and cell are refined";
     #: :mod:`streamvi.merging.model.geometry`).  Priors: σ ``geometry_rotation_deg`` per rotation
-    #: component and ``geometry_dilation`` (relative); ``geometry_lr`` is the per-image Adam
-    #: step in units of those σ.
+    #: component and ``geometry_dilation`` (relative); ``geometry_lr`` is the fraction of
+    #: each visit's Fisher-scoring step taken (1: the whole Newton step).
     refine_geometry: bool = True
     #: express each posterior row in units of its Wilson r.m.s. amplitude √(εΣ) once Σ is
     #: known (docs/model.md): Adam's steps are then the same fraction of every
@@ -112,7 +113,7 @@ class TrainerConfig:
     surrogate: str = "folded_normal"
     geometry_rotation_deg: float = 0.05
     geometry_dilation: float = 0.002
-    geometry_lr: float = 0.15
+    geometry_lr: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.posterior_average_decay < 1.0:
@@ -438,7 +439,7 @@ class Trainer:
             report = self._finish_sync_free(batch, terms, start)
             if geometry is not None:
                 report.geometry = self._geometry_step(geometry_state, geometry.grad,
-                                                      report.taken)
+                                                      report.taken, batch)
             return report
         self._coalesce_sparse_gradients()
         self._reduce_gradients()
@@ -456,20 +457,31 @@ class Trainer:
         self._update_average()
         report = self._stepped(batch, terms, start, taken=True)
         if geometry is not None:
-            report.geometry = self._geometry_step(geometry_state, geometry.grad, None)
+            report.geometry = self._geometry_step(geometry_state, geometry.grad, None, batch)
         return report
 
     def _geometry_step(self, state: torch.Tensor, grad: torch.Tensor | None,
-                       taken: torch.Tensor | bool | None) -> torch.Tensor:
-        """The batch's per-image geometry state after one Adam step (``taken`` False, or
-        a device flag that is False: unchanged)."""
+                       taken: torch.Tensor | bool | None, batch: Batch) -> torch.Tensor:
+        """The batch's per-image geometry state after one Fisher-scoring step (``taken``
+        False, or a device flag that is False: unchanged)."""
         if grad is None:                # nothing in the objective depended on it
             grad = torch.zeros_like(state[:, :N_GEOMETRY])
         keep = taken if isinstance(taken, torch.Tensor) else None
+        # the objective is per observation of the batch; the image's log posterior is a sum
+        n = float(batch.n_reflections)
+        shares, jacobian = self.model._geometry_observations, self.model._geometry_jacobian
+        self.model._geometry_observations = self.model._geometry_jacobian = None
+        if shares is None or shares.grad is None:
+            fisher = torch.zeros_like(grad)
+        else:
+            fisher = observation_fisher(n * shares.grad, batch.image_index, batch.n_images)
         # the factor set_lr_factor gave the posterior's rate (saved with its optimiser)
-        factor = self.posterior_optimizer.param_groups[0]["lr"] / self.config.posterior_lr
-        return adam_update(state, grad, lr=self.config.geometry_lr * factor,
-                           betas=self.config.betas, eps=self.config.eps, keep=keep)
+        lr = self.config.geometry_lr * self.posterior_optimizer.param_groups[0]["lr"] \
+            / self.config.posterior_lr
+        if jacobian is not None:
+            lr = lr * trust_factors(lr * newton_step(n * grad, fisher), jacobian,
+                                    batch.metadata[:, Column.PROFILE_RADIUS], batch.image_index)
+        return scoring_update(state, n * grad, fisher, lr=lr, keep=keep)
 
     def _stepped(self, batch: Batch, terms: Any, start: float,
                  taken: torch.Tensor | bool) -> StepReport:

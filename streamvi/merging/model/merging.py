@@ -28,7 +28,8 @@ from torch import nn
 
 from streamvi.merging.model.batch import Batch
 from streamvi.merging.model.coupling import DoubleWilsonCoupling
-from streamvi.merging.model.geometry import N_GEOMETRY, corrected_metadata, prior_nll
+from streamvi.merging.model.geometry import (N_GEOMETRY, corrected_metadata, offset_jacobian,
+                                             prior_nll)
 from streamvi.merging.model.metadata import Column
 from streamvi.merging.model.partiality import NEAR_BRAGG_LOG_P, GeometricPartiality
 from streamvi.merging.model.posterior import FoldedNormalPosterior
@@ -160,6 +161,11 @@ class VariationalMergingModel(nn.Module):
         #: ``torch.unique``) and a dense gradient for the posterior: nothing in the step
         #: waits on the device (:class:`~streamvi.merging.trainer.Trainer`, ``sync_free``)
         self.sync_free = False
+        #: the per-observation copies of the refined geometry parameters of the last
+        #: :meth:`scale_distribution` (their gradients: each observation's share), or None
+        self._geometry_observations: torch.Tensor | None = None
+        #: their offsets' change per prior σ of each parameter, ``(n, N_GEOMETRY)`` Å⁻¹
+        self._geometry_jacobian: torch.Tensor | None = None
         #: prior σ of the per-image geometry corrections, ``(rotation rad, dilation)``;
         #: None: a batch's ``geometry`` is ignored (:mod:`streamvi.merging.model.geometry`)
         self.geometry_sigma: tuple[float, float] | None = None
@@ -255,9 +261,25 @@ class VariationalMergingModel(nn.Module):
         if batch.geometry is None or batch.axes is None or self.geometry_sigma is None:
             return batch.metadata
         rotation, dilation = self.geometry_sigma
-        return corrected_metadata(batch.metadata, batch.image_index,
-                                  batch.geometry[:, :N_GEOMETRY], batch.axes,
-                                  rotation_sigma=rotation, dilation_sigma=dilation)
+        params = batch.geometry[:, :N_GEOMETRY]
+        if not params.requires_grad:
+            return corrected_metadata(batch.metadata, batch.image_index, params, batch.axes,
+                                      rotation_sigma=rotation, dilation_sigma=dilation)
+        # refined: each observation gets its own copy of its image's parameters, whose
+        # gradient is that observation's share (the trainer's Fisher-scoring step reads
+        # their squares: :func:`~streamvi.merging.model.geometry.observation_fisher`)
+        per_observation = params.index_select(0, batch.image_index)
+        per_observation.retain_grad()
+        self._geometry_observations = per_observation
+        jacobian = offset_jacobian(batch.metadata,
+                                   batch.axes.index_select(0, batch.image_index))
+        sigma = torch.tensor([rotation] * 3 + [dilation] * 3, dtype=params.dtype,
+                             device=params.device)
+        # what the step's trust region reads: the offsets' change per prior σ
+        self._geometry_jacobian = jacobian * sigma
+        return corrected_metadata(batch.metadata, torch.arange(
+            batch.n_reflections, device=params.device), per_observation, batch.axes,
+            rotation_sigma=rotation, dilation_sigma=dilation, jacobian=jacobian)
 
     @staticmethod
     def full_table(batch: Batch) -> int | torch.Tensor:
