@@ -216,7 +216,7 @@ def case_sim_config(case: Case, quick: bool):
 
 
 RUN_KEYS = {"merge": {"epochs": None, "steps": None, "anneal": None, "refresh_epochs": None,
-                      "partiality_check": None},
+                      "partiality_check": None, "row_refresh": None},
             "service": {"visits": 8, "rate": 200.0, "steps_per_s": 35.0,
                         "publish_interval": 2.0, "max_catch_up_s": 120.0}}
 
@@ -286,7 +286,8 @@ def merge_configs(device: str, overrides: dict[str, Any]):
     args = merge_config(["in.stream", "-o", "out.mtz", "--anomalous", "--device", device])
     tcfg, ecfg = model_configs(args)
     run = {"epochs": args.epochs, "steps": args.steps, "anneal": ANNEAL_FRACTION,
-           "refresh_epochs": None, "partiality_check": args.partiality_check}
+           "refresh_epochs": None, "partiality_check": args.partiality_check,
+           "row_refresh": args.row_refresh}
     run.update({k: v for k, v in overrides.items() if k in RUN_KEYS["merge"]})
     return _apply(tcfg, overrides), _apply(ecfg, overrides), run
 
@@ -465,7 +466,7 @@ def run_merge(data: CaseData, device: str, overrides: dict[str, Any]):
     from streamvi.publish.mtz import snapshot_to_dataset
 
     tcfg, ecfg, run = merge_configs(device, overrides)
-    kw = {k: run[k] for k in ("anneal", "refresh_epochs", "partiality_check")
+    kw = {k: run[k] for k in ("anneal", "refresh_epochs", "partiality_check", "row_refresh")
           if run.get(k) is not None}
     snap, engine = merge_crystals(data.crystals, data.space, trainer_config=tcfg,
                                   engine_config=ecfg, epochs=run["epochs"], steps=run["steps"],

@@ -104,3 +104,59 @@ def test_the_live_status_tells_the_crew_to_restart_with_the_geometric_partiality
     assert partiality_advice_of(service(-4.9, n)) is None
     assert partiality_advice_of(service(-12.2, n - 1)) is None
     assert partiality_advice_of(SimpleNamespace(engine=None, latest=None)) is None
+
+
+def _amplitudes_against_truth(snap, truth):
+    """Merged and true F of every row the merge has, and its observation count."""
+    from streamvi.publish.mtz import snapshot_to_dataset
+
+    joined = snapshot_to_dataset(snap).join(truth.to_dataset()[["FMODEL"]], how="inner")
+    joined = joined[np.isfinite(joined["F"]) & np.isfinite(joined["FMODEL"])]
+    return (joined["F"].to_numpy(float), joined["FMODEL"].to_numpy(float),
+            joined["N"].to_numpy(int))
+
+
+def test_rows_seen_once_or_twice_reach_their_data_with_the_row_refresh():
+    """100 strong stills at 3 Å, 1,000 steps: a row seen once or twice is updated a handful
+    of times and cannot travel from its start to where its data put it; the refreshes
+    restart the rows with at most five observations still far from their data, given the
+    scales (measured: CC(F) of the rows seen once or twice 0.85 without, 0.93 with; overall
+    0.9755 and 0.9827), and no multiplicity class loses."""
+    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+
+    sim = SimulationConfig(n_images=100, seed=5, dmin=3.0, misindexed_fraction=0.0,
+                           outlier_fraction=0.0, top_shell_photons=3000.0)
+    truth = simulate_structure(sim)
+    crystals = list(simulate_images(sim, truth))
+    space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=False)
+    cc = {}
+    for refresh in (False, True):
+        snap, _ = merge_crystals(crystals, space, steps=1000, row_refresh=refresh,
+                                 trainer_config=TrainerConfig(device="cpu", mc_samples=4))
+        f, f_true, n = _amplitudes_against_truth(snap, truth)
+        cc[refresh] = [float(np.corrcoef(f[m], f_true[m])[0, 1])
+                       for m in (n <= 2, (n > 2) & (n < 6), n >= 6, n > 0)]
+        restarts = [h for h in snap.history if h.startswith("rows restarted")]
+        assert bool(restarts) == refresh
+    assert restarts[0].endswith("at step 800") and "at step 500" in restarts[0]
+    assert cc[True][0] > cc[False][0] + 0.04
+    assert all(after > before - 0.002 for before, after in zip(cc[False][1:], cc[True][1:]))
+    assert cc[True][3] > cc[False][3] + 0.003
+
+
+def test_short_merges_are_not_refreshed(beamtime, monkeypatch):
+    """The restart reads the current scales: no refresh before ROW_REFRESH_FIRST_STEP (300;
+    lowered here to keep the test short)."""
+    from streamvi.merging import offline
+
+    assert offline.ROW_REFRESH_FIRST_STEP == 300 and offline.ROW_REFRESH_FRACTIONS == (0.5, 0.8)
+    monkeypatch.setattr(offline, "ROW_REFRESH_FIRST_STEP", 40)
+    crystals, space = beamtime
+    lines = {}
+    for steps in (45, 60):
+        snap, _ = merge_crystals(crystals[:40], space, steps=steps, row_refresh=True,
+                                 trainer_config=TrainerConfig(device="cpu", mc_samples=2))
+        lines[steps] = [h for h in snap.history if h.startswith("rows restarted")]
+    assert lines[45] == []                          # steps 22 and 36: both before step 40
+    assert len(lines[60]) == 1 and "at step 30" not in lines[60][0]
+    assert lines[60][0].endswith("at step 48")

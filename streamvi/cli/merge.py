@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         reference=reference, conditions=conditions,
         coupled_reference=(conditions[0] if conditions is not None and len(conditions) > 1
                            and opts.coupled_prior else None),
-        prior=prior, partiality_check=opts.partiality_check)
+        prior=prior, partiality_check=opts.partiality_check, row_refresh=opts.row_refresh)
     seconds = time.perf_counter() - t0
     store = engine.store
     if conditions is not None:

@@ -333,6 +333,14 @@ OPTIONS: tuple[Option, ...] = (
            "merge, saying so in the MTZ history (docs/model.md, change 19). Costs a second merge "
            "only where it fires; on the quality matrix only the overpredicted case does",
            "model", commands=("merge",)),
+    Option("row_refresh", bool, True, "at half and four fifths of `merge`'s steps (from step "
+           "300 on), restart the reflections seen at most 5 times whose merge is still more "
+           "than 3 sigma from their data given the current scales (French-Wilson amplitudes "
+           "under the Wilson prior): such a row is updated only when one of its few images is "
+           "in the batch, too rarely to travel from its start (CrystFEL partial_sim, 5,000 "
+           "crystals: top shell 0.944 without, 0.982 with). One condition without "
+           "--prior-mtz/--prior-model only (docs/model.md, change 22)", "model",
+           commands=("merge",)),
     Option("sync_free_steps", str, "auto", "`auto` (on with CUDA, off on the CPU), `on` or "
            "`off`: training steps in which the host never waits for the GPU (dense masked "
            "posterior update, skips and losses kept on the device; docs/performance.md). `off` "

@@ -596,7 +596,8 @@ class MergeEngine:
 
     @torch.no_grad()
     def refresh_rows(self, *, min_observations: int = REFRESH_MIN_OBSERVATIONS,
-                     min_z: float = REFRESH_MIN_Z) -> int:
+                     min_z: float = REFRESH_MIN_Z,
+                     max_observations: int | None = None) -> int:
         """Restart every observed row at its merge given the current image scales.
 
         The alternation of scaling programs: every row's intensity is re-estimated by
@@ -611,7 +612,9 @@ class MergeEngine:
         values: their estimate rests on the network's scales for a handful of reflections,
         often unlike any it learnt from (the lowest orders, near the beam stop).  And only
         pairs whose merge lies more than ``min_z`` standard errors from their estimate are
-        restarted: the refresh is for rows still travelling.  Restarting every row moved the
+        restarted: the refresh is for rows still travelling.  With ``max_observations``
+        only pairs with at most that many observations are (the rows updated too rarely to
+        travel by themselves).  Restarting every row moved the
         merge's weakest shells as well (the scale network re-balances after a restart, and
         rows the data barely pin down cannot follow): in the 1.5 Å case of the quality
         matrix the top shell fell from 0.736 to 0.677.
@@ -637,6 +640,8 @@ class MergeEngine:
             n_pair = torch.zeros(n_pairs, dtype=torch.float64, device=v.device).index_add_(
                 0, pair, count[t * n_rows:(t + 1) * n_rows])[pair]
             seen = torch.isfinite(v) & (n_pair >= min_observations)
+            if max_observations is not None:
+                seen &= n_pair <= max_observations
             if not bool(seen.any()):
                 continue
             w = torch.where(seen, 1.0 / v, torch.zeros_like(v))

@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Sequence
 import gemmi
 import numpy as np
 
-from streamvi.merging.engine import EngineConfig, MergeEngine, MergeSnapshot
+from streamvi.merging.engine import (REFRESH_MIN_OBSERVATIONS, EngineConfig, MergeEngine,
+                                     MergeSnapshot)
 from streamvi.merging.features import reports_partiality_geometry
 from streamvi.errors import ConfigError
 from streamvi.merging.reference import ReferenceData, ReferenceSetting
@@ -216,6 +217,20 @@ DEFAULT_EPOCHS = 10.0
 #: fewest steps when neither is given: small data sets need more passes than 10 epochs give
 #: them (docs/model.md has the measurements)
 DEFAULT_MIN_STEPS = 1500
+#: ``row_refresh``: the rows still far from their data restart at their merge given the
+#: current scales at these fractions of a merge's steps (docs/model.md, change 22).  A row
+#: moves by about one learning rate per update and is updated only when one of its images is
+#: in the batch: a reflection seen once or twice has ten updates in a ten-epoch merge, too few
+#: to travel from its start to where its data put it
+ROW_REFRESH_FRACTIONS = (0.5, 0.8)
+#: ... and every row with at least this many observations (the mates together) may restart
+ROW_REFRESH_MIN_OBSERVATIONS = 1
+#: ... and at most this many: rows seen more often have updates enough to get there
+ROW_REFRESH_MAX_OBSERVATIONS = 5
+#: ... but not before this step: the restart reads the current scales, which need to have
+#: learnt (120 strong stills merged in 150 steps lost 0.05 in CC(F) with refreshes at steps
+#: 75 and 120; in 600 steps every multiplicity class gained)
+ROW_REFRESH_FIRST_STEP = 300
 
 
 #: B (Å²) of the scales' trend given to the amplitudes (change 10) below which a merge with
@@ -265,7 +280,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                    conditions: Sequence[str] | None = None,
                    coupled_reference: str | None = None,
                    prior: ReferenceData | None = None,
-                   partiality_check: bool = False
+                   partiality_check: bool = False,
+                   row_refresh: bool = False
                    ) -> tuple[MergeSnapshot, MergeEngine]:
     """Store every crystal, train for ``steps`` (or ``epochs`` × images / batch) and snapshot.
 
@@ -278,7 +294,12 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     groups every image is first put in one setting by consensus of the data
     (``assign_settings``, :meth:`MergeEngine.assign_settings`).  The rows are restarted at
     their merge given the current scales after ``refresh_epochs`` passes
-    (:meth:`MergeEngine.refresh_rows`).  With ``conditions`` (pump–probe), every crystal's
+    (:meth:`MergeEngine.refresh_rows`); with ``row_refresh`` also at
+    :data:`ROW_REFRESH_FRACTIONS` of the steps (from step :data:`ROW_REFRESH_FIRST_STEP`
+    on), every row with at least one observation
+    (:data:`ROW_REFRESH_MIN_OBSERVATIONS`) whose merge is still far from its data (one
+    condition and no ``prior`` only: the restart's estimate knows the Wilson prior alone).
+    With ``conditions`` (pump–probe), every crystal's
     ``condition`` must be one of them; the snapshot returned is the first condition's
     (:meth:`MergeEngine.condition_snapshots` gives them all), and with ``coupled_reference``
     every other condition is merged under the double-Wilson prior given that one.  With a
@@ -297,12 +318,13 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     if not partiality_check or tcfg.geometric_partiality:
         return _merge_once(crystals, space, tcfg, engine_config, epochs, steps, progress,
                            history, anneal, reference, refresh_epochs, assign_settings,
-                           conditions, coupled_reference, prior)
+                           conditions, coupled_reference, prior, row_refresh)
     crystals = list(crystals)
     n_reporting = sum(reports_partiality_geometry(c) for c in crystals)
     snapshot, engine = _merge_once(crystals, space, tcfg, engine_config, epochs, steps,
                                    progress, history, anneal, reference, refresh_epochs,
-                                   assign_settings, conditions, coupled_reference, prior)
+                                   assign_settings, conditions, coupled_reference, prior,
+                                   row_refresh)
     if not partiality_trend_suspect(snapshot.falloff_b, n_reporting):
         return snapshot, engine
     log.warning("the scales' resolution trend gave the amplitudes B %+.1f A^2 on %d crystals "
@@ -316,7 +338,7 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     return _merge_once(crystals, space, replace(tcfg, geometric_partiality=True),
                        engine_config, epochs, steps, progress, list(history or []) + [note],
                        anneal, reference, refresh_epochs, assign_settings, conditions,
-                       coupled_reference, prior)
+                       coupled_reference, prior, row_refresh)
 
 
 def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
@@ -326,7 +348,8 @@ def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
                 history: list[str] | None, anneal: float, reference: ReferenceData | None,
                 refresh_epochs: Sequence[float], assign_settings: bool,
                 conditions: Sequence[str] | None, coupled_reference: str | None,
-                prior: ReferenceData | None) -> tuple[MergeSnapshot, MergeEngine]:
+                prior: ReferenceData | None, row_refresh: bool = False
+                ) -> tuple[MergeSnapshot, MergeEngine]:
     """One merge of :func:`merge_crystals` (its parameters, the same meaning)."""
     # every crystal is stored before the first step: the Wilson plot may use them all at once
     # (and the rows are refreshed at ``refresh_epochs``, not by the service's policy)
@@ -359,10 +382,20 @@ def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
         steps = int(math.ceil(epochs * engine.steps_per_epoch()))
     cb = progress(steps, engine.config.batch_images) if progress else None
     start_decay = int(round(steps * (1.0 - anneal)))
-    refresh_at = sorted({int(round(e * engine.steps_per_epoch())) for e in refresh_epochs})
+    # the step of each refresh and the fewest observations a row restarted there needs
+    refresh_at = {int(round(e * engine.steps_per_epoch())): (REFRESH_MIN_OBSERVATIONS, None)
+                  for e in refresh_epochs}
+    if row_refresh and engine.store.n_conditions <= 1 and prior is None:
+        refresh_at.update({int(round(f * steps)): (ROW_REFRESH_MIN_OBSERVATIONS,
+                                                   ROW_REFRESH_MAX_OBSERVATIONS)
+                           for f in ROW_REFRESH_FRACTIONS
+                           if int(round(f * steps)) >= ROW_REFRESH_FIRST_STEP})
+    restarted = []
     for i in range(steps):
         if i in refresh_at:
-            engine.refresh_rows()
+            least, most = refresh_at[i]
+            restarted.append((i, engine.refresh_rows(min_observations=least,
+                                                     max_observations=most)))
         if i >= start_decay:
             engine.trainer.set_lr_factor(
                 1.0 - (1.0 - FINAL_LR_FACTOR) * (i + 1 - start_decay) / (steps - start_decay))
@@ -373,5 +406,8 @@ def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
         hist.append(f"indexing settings by consensus, confidence {confidence:.3f}")
     if n_outside:
         hist.append(f"{n_outside} reflections outside the table (beyond dmin) not merged")
+    if restarted:
+        hist.append(("rows restarted at their data: " + ", ".join(
+            f"{n} at step {i}" for i, n in restarted))[:80])
     first = None if conditions is None else conditions[0]
     return engine.snapshot(history=hist, condition=first), engine
