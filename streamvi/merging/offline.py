@@ -228,8 +228,8 @@ ROW_REFRESH_MIN_OBSERVATIONS = 1
 #: ... and at most this many: rows seen more often have updates enough to get there
 ROW_REFRESH_MAX_OBSERVATIONS = 5
 #: ... but not before this step: the restart reads the current scales, which need to have
-#: learnt (120 strong stills merged in 150 steps lost 0.05 in CC(F) with refreshes at steps
-#: 75 and 120; in 600 steps every multiplicity class gained)
+#: learnt (120 strong stills at 2.5 Å merged in 150 steps, every row restarted at steps 75
+#: and 120: CC(F) −0.05; docs/model.md change 22)
 ROW_REFRESH_FIRST_STEP = 300
 
 
@@ -296,9 +296,10 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     their merge given the current scales after ``refresh_epochs`` passes
     (:meth:`MergeEngine.refresh_rows`); with ``row_refresh`` also at
     :data:`ROW_REFRESH_FRACTIONS` of the steps (from step :data:`ROW_REFRESH_FIRST_STEP`
-    on), every row with at least one observation
-    (:data:`ROW_REFRESH_MIN_OBSERVATIONS`) whose merge is still far from its data (one
-    condition and no ``prior`` only: the restart's estimate knows the Wilson prior alone).
+    on), every row with :data:`ROW_REFRESH_MIN_OBSERVATIONS` to
+    :data:`ROW_REFRESH_MAX_OBSERVATIONS` observations whose merge is still far from its data
+    (one condition and no ``prior`` only: the restart's estimate knows the Wilson prior
+    alone).
     With ``conditions`` (pump–probe), every crystal's
     ``condition`` must be one of them; the snapshot returned is the first condition's
     (:meth:`MergeEngine.condition_snapshots` gives them all), and with ``coupled_reference``
@@ -382,7 +383,8 @@ def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
         steps = int(math.ceil(epochs * engine.steps_per_epoch()))
     cb = progress(steps, engine.config.batch_images) if progress else None
     start_decay = int(round(steps * (1.0 - anneal)))
-    # the step of each refresh and the fewest observations a row restarted there needs
+    # the step of each refresh, and the fewest and most observations (None: no bound) of the
+    # rows it may restart
     refresh_at = {int(round(e * engine.steps_per_epoch())): (REFRESH_MIN_OBSERVATIONS, None)
                   for e in refresh_epochs}
     if row_refresh and engine.store.n_conditions <= 1 and prior is None:
