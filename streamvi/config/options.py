@@ -329,7 +329,7 @@ OPTIONS: tuple[Option, ...] = (
            "merge, if the scales' resolution trend gave the amplitudes B < -8 A^2 on 100 "
            "crystals or more that report orientations, profile radii and a bandwidth (the mark "
            "of a stream that integrates reflections its partialities do not reach, CrystFEL's "
-           "partial_sim: overall CC 0.74 against 0.988), merge again with it and publish that "
+           "partial_sim: overall CC 0.74 against 0.998), merge again with it and publish that "
            "merge, saying so in the MTZ history (docs/model.md, change 19). Costs a second merge "
            "only where it fires; on the quality matrix only the overpredicted case does",
            "model", commands=("merge",)),

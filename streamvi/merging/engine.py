@@ -244,8 +244,8 @@ class MergeEngine:
         #: Wilson Σ set from the data: 0 not yet, 1 provisional, 2 final (standardiser frozen)
         self.sigma_stage = 0
         self._wilson_raw: np.ndarray | None = None
-        #: (verdicts version, images) and the rejected images' counts then
-        #: (:meth:`_merged_obs_count`)
+        #: (verdicts version, images) and the rejected images' row statistics then
+        #: (:meth:`_left_out`)
         self._rejected_counts: tuple[tuple[int, int], RejectedStatistics] | None = None
         self.last_report: StepReport | None = None
         #: images stored at the last refresh of the rows (None: not counting yet), and the

@@ -262,8 +262,8 @@ def partiality_advice(falloff_b: float | None, n_reporting: int,
     return (f"the scales' resolution trend gave the amplitudes B {falloff_b:+.1f} A^2 (MTZ "
             "history): a trend this large usually comes from the partialities, e.g. a stream "
             "that integrates every reflection it predicts, many of them pure background at "
-            "low resolution (CrystFEL's partial_sim: overall CC 0.74 against 0.988 with the "
-            "option); these crystals report orientations, profile radii and a bandwidth: "
+            "low resolution (CrystFEL's partial_sim: overall CC 0.74 against 0.998 with the "
+            "option and `merge`'s defaults); these crystals report orientations, profile radii and a bandwidth: "
             "merge with --geometric-partiality (docs/model.md, changes 18-19)")
 
 
