@@ -9,6 +9,11 @@ saying so and exits 0), makes or takes a stream whose true intensities are known
   xsphere partiality model; ``-w`` with the lattice's point group where the space group has
   an indexing ambiguity) and ``partialator --model=unity --iterations=3``,
 - with ``streamvi merge`` (the CLI, its defaults; ``--space-group`` and ``--cell`` given),
+- with ``streamvi serve`` fed by ``streamvi send --rate R`` over loopback ZeroMQ (its
+  defaults; ``--space-group``, ``--cell``, ``--dmin`` and ``--cpu-threads`` given), its
+  ``latest.mtz`` judged ``--serve-after`` seconds after the stream's end (one line each,
+  ``after_stream_s``; ``partiality_switch_after_stream_s`` when the service's partiality
+  check switched it to the geometric partiality, docs/model.md change 23),
 
 and prints one JSON line per merger: CC(F, truth) overall (``cc_F``), CC after one fitted
 relative B (``cc_F_fitted_B``, with ``fitted_B``), CC in 10 resolution shells of equal size
@@ -80,7 +85,7 @@ import reciprocalspaceship as rs  # noqa: E402
 CRYSTFEL_PROGRAMS = ("partial_sim", "process_hkl", "partialator")
 #: Every merger, in the order they run.
 MERGERS = ("process_hkl", "process_hkl_scale", "partialator_xsphere", "partialator_unity",
-           "streamvi_merge")
+           "streamvi_merge", "streamvi_serve")
 #: hc in keV·Å: λ(Å) = HC_KEV_A / E(keV).
 HC_KEV_A = 12.398419843320026
 #: CrystFEL's lattice point groups → their rotation subgroups (partialator -w when anomalous).
@@ -696,7 +701,8 @@ def take_files(args: argparse.Namespace) -> Case:
 
 def merge_all(case: Case, bin_dir: Path, work: Path, *, mergers: list[str], threads: int,
               anomalous: list[str], resume: bool = False) -> list[dict]:
-    """Run each merger on ``case``; one dict of figures per merger.
+    """Run each merger on ``case`` (but ``streamvi_serve``: :func:`serve_all`); one dict of
+    figures per merger, each with its private ``_pairs`` for :func:`common_figures`.
 
     ``anomalous`` names the mergers that also merge with Bijvoet mates apart (CCanom);
     with ``resume`` a merge already in ``work`` (with its recorded seconds) is reused.
@@ -721,6 +727,8 @@ def merge_all(case: Case, bin_dir: Path, work: Path, *, mergers: list[str], thre
 
     results = []
     for name in mergers:
+        if name == "streamvi_serve":
+            continue                 # serve_all: one line per time after the stream
         sub = work / name
         sub.mkdir(exist_ok=True)
         if name in cf:
@@ -763,7 +771,81 @@ def merge_all(case: Case, bin_dir: Path, work: Path, *, mergers: list[str], thre
         results.append(fig)
         print(json.dumps({"progress": name, "seconds": round(fig["seconds"], 1),
                           "cc_F": round(fig["cc_F"], 4)}), file=sys.stderr, flush=True)
-    common_figures(results, case.truth)
+    return results
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _log_time(line: str) -> float | None:
+    """Unix time of a streamvi log line (``2026-12-07 14:21:57,866 LEVEL …``), or None."""
+    try:
+        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + \
+            float("0." + line[20:23])
+    except ValueError:
+        return None
+
+
+def serve_all(case: Case, work: Path, *, rate: float, after: list[float], threads: int,
+              anomalous: bool = False) -> list[dict]:
+    """``streamvi serve`` fed the stream by ``streamvi send --rate``; one dict of figures per
+    time in ``after`` (s after the last crystal was sent), judged on ``latest.mtz`` then."""
+    sg, cell = case.truth.sg, case.truth.cell
+    sub = work / "streamvi_serve"
+    shutil.rmtree(sub, ignore_errors=True)
+    sub.mkdir()
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    serve = [sys.executable, "-m", "streamvi", "serve", "--listen", url,
+             "--space-group", sg.hm, "--cell", " ".join(f"{x:g}" for x in cell.parameters),
+             "--dmin", f"{case.truth.dmin:g}", "--out-dir", str(sub / "out"),
+             "--metrics-port", "-1", "--publish-endpoint", "", "--cpu-threads", str(threads)]
+    if anomalous:
+        serve.append("--anomalous")
+    send = [sys.executable, "-m", "streamvi", "send", str(case.stream), "--to", url,
+            "--rate", f"{rate:g}"]
+    log_path = sub / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, cwd=sub)
+        try:
+            deadline = time.monotonic() + 120
+            while '"listening"' not in log_path.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamvi serve did not start: see {log_path}")
+                time.sleep(0.2)
+            t0 = time.time()
+            subprocess.run(send, check=True, cwd=sub, stdout=subprocess.DEVNULL)
+            t_end = time.time()
+            results = []
+            for wait in sorted(after):
+                time.sleep(max(0.0, t_end + wait - time.time()))
+                snap = sub / f"latest_{wait:g}s.mtz"
+                shutil.copyfile(sub / "out" / "latest.mtz", snap)
+                fig = judge(merged_from_mtz(snap), case.truth, case.ambiguity_ops)
+                fig.update(after_stream_s=wait, send_seconds=round(t_end - t0, 1),
+                           rate=rate, seconds=round(time.time() - t0, 1),
+                           command=shlex.join(["streamvi"] + serve[3:]) + " & "
+                           + shlex.join(["streamvi"] + send[3:]))
+                results.append(fig)
+                print(json.dumps({"progress": "streamvi_serve", "after_stream_s": wait,
+                                  "cc_F": round(fig["cc_F"], 4)}), file=sys.stderr, flush=True)
+        finally:
+            proc.send_signal(2)           # SIGINT: checkpoint and stop
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    switched = [_log_time(line) for line in log_path.read_text().splitlines()
+                if "Merging again, from the spool" in line]
+    for fig in results:
+        fig["merger"] = "streamvi_serve"
+        fig["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+        if switched and switched[0] is not None:
+            fig["partiality_switch_after_stream_s"] = round(switched[0] - t_end, 1)
     return results
 
 
@@ -818,7 +900,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-anomalous", dest="anomalous", action="store_false", default=None,
                     help="streamvi_sim: skip the anomalous merges")
     ap.add_argument("--anomalous-mergers", nargs="+", choices=MERGERS,
-                    default=["process_hkl", "partialator_xsphere", "streamvi_merge"],
+                    default=["process_hkl", "partialator_xsphere", "streamvi_merge",
+                             "streamvi_serve"],
                     help="with an anomalous truth: the mergers that also keep Bijvoet mates "
                          "apart (CrystFEL: a second run in the acentric point group)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -828,6 +911,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true",
                     help="with --workdir: reuse the simulation and every merge already there "
                          "(and its recorded seconds) instead of running it again")
+    ap.add_argument("--serve-rate", type=float, default=500.0,
+                    help="streamvi_serve: crystals per second sent (default 500)")
+    ap.add_argument("--serve-after", type=float, nargs="+", default=[60.0, 180.0],
+                    help="streamvi_serve: seconds after the stream's end at which latest.mtz "
+                         "is judged (default 60 180)")
     args = ap.parse_args(argv)
 
     bin_dir = find_crystfel(args.crystfel_bin)
@@ -862,6 +950,11 @@ def main(argv: list[str] | None = None) -> None:
         results = merge_all(case, bin_dir, work, mergers=args.mergers, threads=args.threads,
                             anomalous=args.anomalous_mergers if anomalous else [],
                             resume=args.resume and bool(args.workdir))
+        if "streamvi_serve" in args.mergers:
+            results += serve_all(case, work, rate=args.serve_rate, after=args.serve_after,
+                                 threads=args.threads, anomalous=anomalous and (
+                                     "streamvi_serve" in args.anomalous_mergers))
+        common_figures(results, case.truth)
     finally:
         if tmp is not None:
             tmp.cleanup()

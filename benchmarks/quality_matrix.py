@@ -14,6 +14,10 @@ stream from ``../shared/data``.  Each case is merged by each *method*:
   each step first stores the images that arrived since the last; the first step sees one
   still), a snapshot every ``publish_interval`` (2 s) of steps, then training on until every
   image has had ``visits`` (8) visits or ``max_catch_up_s`` (120 s) of steps have passed;
+  with ``partiality_check`` (the service's default), a switch of the service's partiality
+  check (:mod:`streamvi.service.partiality`) starts a fresh engine with the geometric
+  partiality on every image in so far, as the service replays its spool
+  (``partiality_switch_step`` in the settings);
 - ``mean``, ``ivar``: unweighted and inverse-variance averages
   (:func:`streamvi.quality.evaluate.average_merge`);
 - ``pcorr``: the upper bound, an inverse-variance average of every observation divided by
@@ -37,9 +41,10 @@ streams have no truth: CC½ and completeness only.
 
 ``--set KEY=VALUE`` (repeatable) overrides a field of :class:`~streamvi.merging.trainer.TrainerConfig`
 or :class:`~streamvi.merging.engine.EngineConfig` for both streamvi methods, or with a ``merge.`` /
-``service.`` prefix for one of them; ``merge.epochs``, ``merge.steps``, ``merge.anneal``, ``merge.refresh_epochs`` and
+``service.`` prefix for one of them; ``merge.epochs``, ``merge.steps``, ``merge.anneal``,
+``merge.refresh_epochs``, ``merge.partiality_check``, ``merge.row_refresh`` and
 ``service.visits``, ``service.rate``, ``service.steps_per_s``, ``service.publish_interval``,
-``service.max_catch_up_s`` set the runs themselves.  Values are JSON (``0.5``, ``true``,
+``service.max_catch_up_s``, ``service.partiality_check`` set the runs themselves.  Values are JSON (``0.5``, ``true``,
 ``[0.9, 0.99]``) or bare strings.  ``--table`` with two files prints variant − baseline and
 flags every case worse than the rule of issue 16: 0.002 in overall CC, 0.01 in the top shell,
 0.02 in CCanom.
@@ -218,7 +223,8 @@ def case_sim_config(case: Case, quick: bool):
 RUN_KEYS = {"merge": {"epochs": None, "steps": None, "anneal": None, "refresh_epochs": None,
                       "partiality_check": None, "row_refresh": None},
             "service": {"visits": 8, "rate": 200.0, "steps_per_s": 35.0,
-                        "publish_interval": 2.0, "max_catch_up_s": 120.0}}
+                        "publish_interval": 2.0, "max_catch_up_s": 120.0,
+                        "partiality_check": None}}
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -313,6 +319,8 @@ def service_configs(space, device: str, seed: int, overrides: dict[str, Any]):
         service = Service(cfg)
         tcfg, ecfg = service.trainer_config, service.engine_config
         service.spool.close()
+    if run["partiality_check"] is None:
+        run["partiality_check"] = cfg.partiality_check
     return _apply(tcfg, overrides), _apply(ecfg, overrides), run
 
 
@@ -483,11 +491,23 @@ def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
     from streamvi.publish.mtz import snapshot_to_dataset
     from streamvi.merging.reference import ReferenceSetting
 
+    from streamvi.service.partiality import PartialityWatch
+
     tcfg, ecfg, run = service_configs(data.space, device, 0, overrides)
-    engine = MergeEngine(data.space, tcfg, ecfg)
     ref = _reference(data)
-    if ref is not None:
-        engine.reference = ReferenceSetting(data.space, ref)
+
+    def new_engine(trainer_config):
+        engine = MergeEngine(data.space, trainer_config, ecfg)
+        if ref is not None:
+            engine.reference = ReferenceSetting(data.space, ref)
+        return engine
+
+    engine = new_engine(tcfg)
+    # the service's partiality check: at a switch it merges again from its spool, i.e. a
+    # fresh engine with the geometric partiality given every crystal in so far
+    watch = (PartialityWatch() if run["partiality_check"] and not tcfg.geometric_partiality
+             else None)
+    run["partiality_switch_step"] = None
     n = len(data.crystals)
     per_step = run["rate"] / run["steps_per_s"]
     publish_every = max(1, int(round(run["publish_interval"] * run["steps_per_s"])))
@@ -510,7 +530,14 @@ def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
         engine.step()
         step += 1
         if step % publish_every == 0:
-            engine.snapshot()          # as the service publishes (it also counts settings)
+            snap = engine.snapshot()   # as the service publishes (it also counts settings)
+            switch = None if watch is None else watch.observe(
+                snap.falloff_b, engine.store.n_geometry_images, engine.trainer.step)
+            if switch is not None:
+                watch, run["partiality_switch_step"] = None, step
+                engine = new_engine(dataclasses.replace(tcfg, geometric_partiality=True))
+                engine.add_many(data.crystals[:added],
+                                [i / run["rate"] for i in range(added)])
     snap = engine.snapshot()
     run.update(steps=step, steps_while_streaming=stream_steps,
                min_visits=int(engine.store.visits[: engine.n_images].min()))

@@ -85,25 +85,30 @@ def test_merge_points_to_the_geometric_partiality_when_the_fall_off_is_large(bea
 
 
 def test_the_live_status_tells_the_crew_to_restart_with_the_geometric_partiality():
-    """`serve` cannot merge again: its status carries the advice (and the page shows it)
-    while the last snapshot's fall-off B shows the partialities' trend."""
+    """With its partiality check off, `serve` does not merge again by itself: its status
+    carries the advice (and the page shows it) while the last snapshot's fall-off B shows
+    the partialities' trend; with the check on, the service switches (no advice)."""
     from types import SimpleNamespace
 
     from streamvi.merging.offline import PARTIALITY_CHECK_CRYSTALS
+    from streamvi.service.partiality import PartialityWatch
     from streamvi.service.status import partiality_advice_of
 
-    def service(b, n, geometric=False):
+    def service(b, n, geometric=False, check=False):
         engine = SimpleNamespace(store=SimpleNamespace(n_geometry_images=n),
                                  trainer=SimpleNamespace(
                                      config=SimpleNamespace(geometric_partiality=geometric)))
-        return SimpleNamespace(engine=engine, latest=SimpleNamespace(falloff_b=b))
+        return SimpleNamespace(engine=engine, latest=SimpleNamespace(falloff_b=b),
+                               partiality_watch=PartialityWatch() if check else None)
 
     n = PARTIALITY_CHECK_CRYSTALS
     assert "--geometric-partiality" in partiality_advice_of(service(-12.2, n))
     assert partiality_advice_of(service(-12.2, n, geometric=True)) is None
     assert partiality_advice_of(service(-4.9, n)) is None
     assert partiality_advice_of(service(-12.2, n - 1)) is None
-    assert partiality_advice_of(SimpleNamespace(engine=None, latest=None)) is None
+    assert partiality_advice_of(service(-12.2, n, check=True)) is None
+    assert partiality_advice_of(SimpleNamespace(engine=None, latest=None,
+                                                partiality_watch=None)) is None
 
 
 def _amplitudes_against_truth(snap, truth):

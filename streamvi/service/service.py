@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from streamvi.quality.difference import difference_figures, difference_peaks
 from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
                                         remove_stale_temp_files)
+from streamvi.service.partiality import PartialitySwitch, PartialityWatch
 from streamvi.service.status import images_per_second, service_snapshot, service_status
 from streamvi.snapshot import ServiceSnapshot
 from streamvi.sources import plugin_module
@@ -154,6 +156,12 @@ class Service:
         # the model's and the engine's settings, derived from the declared options
         self.trainer_config = TrainerConfig(**config.settings("trainer"))
         self.engine_config = EngineConfig(**config.settings("engine"))
+        #: the live partiality check (option partiality_check): reads every snapshot's trend
+        #: while the geometric partiality is off (:mod:`streamvi.service.partiality`)
+        self.partiality_watch = (PartialityWatch() if config.partiality_check
+                                 and not self.trainer_config.geometric_partiality else None)
+        #: the switch it made, if it did (kept in the checkpoint), else None
+        self.partiality_switch: PartialitySwitch | None = None
         self.engine: MergeEngine | None = None
         self.counters = IngestCounters()
         self.checkpoints = Checkpoints(self.out_dir / CHECKPOINT_NAME)
@@ -215,6 +223,10 @@ class Service:
         self._conditions_seen: set[str] = set()
         #: crystals waiting for the merge to start (see the module docstring)
         self._pending: list[tuple[Any, CrystalMessage, float]] = []
+        #: spool sequence numbers below this were replayed into the store: the same
+        #: crystals still on the ingest queue after a restart of the merge are not stored
+        #: twice (:meth:`_switch_partiality`)
+        self._replayed_below = 0
         self._pending_since = 0.0
         self._pending_replay = False
         #: where the merge's cell came from (``config``, ``checkpoint``, a consensus)
@@ -437,6 +449,8 @@ class Service:
                   replay: bool = False) -> None:
         """Store ``(seq, crystal, arrival time)`` items from the ingest queue, all at once;
         before the merge has started they wait for it (:meth:`_maybe_start`)."""
+        if not replay and self._replayed_below:
+            items = [it for it in items if it[0] is None or it[0] >= self._replayed_below]
         if not items:
             return
         if self.engine is None:
@@ -593,6 +607,7 @@ class Service:
                 if publishing.due(now, force=self._publish_request.is_set()):
                     self._publish_request.clear()
                     self.publish_now()
+                    self._check_partiality()
                 if checkpointing.due(now):
                     self.checkpoint()
                 if self._loop_errors:
@@ -660,6 +675,8 @@ class Service:
             if self.engine is None or self.engine.n_images == 0:
                 return None
             history = [f"streamvi serve, {self.crystals_merged} crystals"]
+            if self.partiality_switch is not None:
+                history.append(self.partiality_switch.history_line())
             snaps = None
             if self.conditions:
                 # the reference condition's merge is the one the feedback, the metrics and
@@ -793,7 +810,9 @@ class Service:
             state = {"engine": self.engine.state_dict(), "counters": self.counters.state_dict(),
                      "crystals_merged": self.crystals_merged,
                      "spool_records": self.spool.n_records, "time": time.time(),
-                     "space": self.engine.space.to_dict()}
+                     "space": self.engine.space.to_dict(),
+                     "partiality_switch": (None if self.partiality_switch is None
+                                           else self.partiality_switch.to_dict())}
         return self.checkpoints.save(state)
 
     def _recover(self) -> None:
@@ -810,6 +829,11 @@ class Service:
             self.counters.load_state_dict(state["counters"])
             if self.cell is None:
                 self._checkpoint_cell = [float(x) for x in state["space"]["cell"]]
+            if state.get("partiality_switch") and self.partiality_watch is not None:
+                # the merge was switched before the restart: build it switched, so that
+                # the checkpoint, written with the geometric partiality, loads
+                self._apply_partiality_switch(
+                    PartialitySwitch.from_dict(state["partiality_switch"]))
         t0 = time.perf_counter()
         n = self._replay(count=True)
         if n:
@@ -852,7 +876,9 @@ class Service:
         """Feed every spooled crystal to the store (counting the uncounted ones if
         ``count``); returns how many."""
         n = 0
-        records = replay_spool(self.spool, counters=self.counters if count else None,
+        stop = self.spool.n_records
+        records = replay_spool(self.spool, stop=stop,
+                               counters=self.counters if count else None,
                                max_message_bytes=self.config.max_message_bytes)
         while chunk := [(seq, msg, time.time())
                         for seq, msg, _arrival in itertools.islice(records, 256)]:
@@ -860,6 +886,7 @@ class Service:
             n += len(chunk)
         self._maybe_start(force=True)
         self._pending_replay = False
+        self._replayed_below = max(self._replayed_below, stop)
         self._recount()
         return n
 
@@ -885,6 +912,44 @@ class Service:
         self.crystals_rejected = {}
         self.reflections_outside = 0
         self._replay(count=False)
+
+    # ------------------------------------------------------------------ partiality check
+
+    def _check_partiality(self) -> None:
+        """After a publish: hand the snapshot's trend to the partiality check, and switch
+        the merge to the geometric partiality when it says so."""
+        watch, snap, engine = self.partiality_watch, self.latest, self.engine
+        if watch is None or snap is None or engine is None:
+            return
+        switch = watch.observe(snap.falloff_b, engine.store.n_geometry_images,
+                               engine.trainer.step)
+        if switch is not None:
+            self._switch_partiality(switch)
+
+    def _apply_partiality_switch(self, switch: PartialitySwitch) -> None:
+        self.partiality_switch = switch
+        self.partiality_watch = None
+        self.trainer_config = replace(self.trainer_config, geometric_partiality=True)
+
+    def _switch_partiality(self, switch: PartialitySwitch) -> None:
+        """Start the merge again, from the spool, with the geometric partiality (``merge``
+        merges again; the service replays what it has, a few seconds, and trains on)."""
+        log.warning("the scales' resolution trend has given the amplitudes B %+.1f A^2 for "
+                    "%d snapshots in a row, on %d crystals that report orientations, profile "
+                    "radii and a bandwidth: the mark of observations the partialities do not "
+                    "reach (pure background at low resolution). Merging again, from the "
+                    "spool, with the geometric partiality (docs/model.md, change 23; "
+                    "partiality_check = false keeps the merge as it was)", switch.falloff_b,
+                    self.partiality_watch.snapshots if self.partiality_watch else 1,
+                    switch.crystals)
+        t0 = time.perf_counter()
+        with self.lock:
+            self._apply_partiality_switch(switch)
+            self.spool.flush()
+            self._restart_from_spool()
+        log.info("merge restarted with the geometric partiality: %d crystals replayed in "
+                 "%.1f s", self.crystals_merged, time.perf_counter() - t0)
+        self.checkpoint()      # a restart from now on resumes the switched merge
 
     # ------------------------------------------------------------------ helpers for callers
 

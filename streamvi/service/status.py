@@ -154,9 +154,12 @@ def service_status(service: "Service") -> dict[str, Any]:
         # per twin law, in space groups with an indexing ambiguity (as of the last snapshot)
         "images_by_setting": {} if st is None else st.setting_counts(),
         # the relative B the last snapshot gave the amplitudes (docs/model.md), and what to
-        # do where it shows the partialities' trend (a live merge does not start again)
+        # do where it shows the partialities' trend with the partiality check off; with it
+        # on, the switch to the geometric partiality it made (streamvi.service.partiality)
         "falloff_b": None if service.latest is None else service.latest.falloff_b,
         "partiality_advice": partiality_advice_of(service),
+        "partiality_switch": (None if service.partiality_switch is None
+                              else service.partiality_switch.to_dict()),
         "visits_median": float(np.median(visits)) if visits.size else 0.0,
         "lag_p50_s": float(np.percentile(lags, 50)) if lags.size else None,
         "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,
@@ -180,11 +183,12 @@ def service_status(service: "Service") -> dict[str, Any]:
 def partiality_advice_of(service: "Service") -> str | None:
     """:func:`streamvi.merging.offline.partiality_advice` for the live merge: restart with
     ``--geometric-partiality`` where the last snapshot's fall-off B shows the partialities'
-    trend (``merge`` would merge again; ``serve`` cannot), else None."""
+    trend and the partiality check is off (with it on the service switches by itself), else
+    None."""
     from streamvi.merging.offline import partiality_advice
 
     engine = service.engine
-    if engine is None or service.latest is None:
+    if engine is None or service.latest is None or service.partiality_watch is not None:
         return None
     return partiality_advice(service.latest.falloff_b, engine.store.n_geometry_images,
                              engine.trainer.config.geometric_partiality)

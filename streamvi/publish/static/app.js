@@ -89,8 +89,12 @@ function renderTiles(d) {
           ` · dmin ${fmt(m.dmin, 2)} Å` + (m.anomalous ? " · anomalous" : "") +
           (isNum(s.falloff_b) ? ` · fall-off given to F: B ${s.falloff_b >= 0 ? "+" : ""}` +
            `${fmt(s.falloff_b, 2)} Å²` : "") +
-          (s.partiality_advice ? " · restart with --geometric-partiality (hover)" : ""));
-  $("merge").title = s.partiality_advice || "";
+          (s.partiality_advice ? " · restart with --geometric-partiality (hover)" : "") +
+          (s.partiality_switch ? " · geometric partiality switched on (hover)" : ""));
+  $("merge").title = s.partiality_advice || (s.partiality_switch ?
+    `the scales' trend gave the amplitudes B ${fmt(s.partiality_switch.falloff_b, 1)} Å² on ` +
+    `${fmtInt(s.partiality_switch.crystals)} crystals that report their geometry: the merge ` +
+    "started again with the geometric partiality (docs/model.md, change 23)" : "");
   setText("foot-status", `streamvi ${d.version} · up ${fmtDuration(s.uptime_s)} · device ` +
           `${s.device || "–"} · ${fmtInt(s.mtz_written)} MTZ written` +
           (s.mtz_errors ? ` (${s.mtz_errors} failed)` : ""));
