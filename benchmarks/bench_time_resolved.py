@@ -7,8 +7,8 @@ interleaved 1:1, the light state with ``--light-change`` (default: 5 atoms moved
 - ``coupled``: (a) offline: one streamvi merge with conditions, the light amplitudes under the
   double-Wilson prior given the dark ones (``streamvi merge``'s default with conditions);
 - ``online``: (a) live: ``serve --conditions dark,light`` (coupled prior), the crystals sent
-  over loopback ZeroMQ at 200 images/s, trained until every image had 8 visits, its
-  ``latest-light-minus-dark.mtz`` judged;
+  over loopback ZeroMQ at 200 images/s, trained until every image had 8 visits
+  (``--online-visits``), its ``latest-light-minus-dark.mtz`` judged;
 - ``joint``: (b) one streamvi merge with conditions ``dark, light`` (one shared scale model,
   independent Wilson priors per condition, ``--no-coupled-prior``;
   :meth:`MergeEngine.condition_snapshots`);
@@ -32,7 +32,8 @@ shrunk true change) over SIGDF: 1 where SIGDF is the real error; ``significant_f
 the share of |DF|/SIGDF > 3 (0.27 % for pure unit-normal noise).
 
     python benchmarks/bench_time_resolved.py [--images N] [--dmin D] [--light-change SPEC]
-        [--steps S] [--methods coupled,online,joint,inverse_variance,separate,truth] [--out results.jsonl]
+        [--steps S] [--methods coupled,online,joint,inverse_variance,separate,truth]
+        [--online-visits V] [--out results.jsonl]
 """
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ METHODS = ("coupled", "online", "joint", "inverse_variance", "separate", "truth"
 
 
 def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | None,
-        epochs: float | None, methods: tuple[str, ...] = METHODS) -> list[dict]:
+        epochs: float | None, methods: tuple[str, ...] = METHODS,
+        online_visits: int = 8) -> list[dict]:
     import torch
 
     from streamvi.cli.merge import merge_config, model_configs
@@ -232,7 +234,7 @@ def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | 
                       **fig})
     if "online" in methods:         # (a) live: serve --conditions dark,light over loopback
         lines.append({"method": "online", **_online(crystals, sim, truth_delta, light_sites,
-                                                     dark_sites)})
+                                                     dark_sites, visits=online_visits)})
     if "joint" in methods:          # (b) one joint merge with conditions
         _, engine, seconds = merge(crystals, ("dark", "light"))
         snaps = engine.condition_snapshots()
@@ -271,6 +273,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=None)
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--online-visits", type=int, default=8,
+                    help="online: train until every image had this many visits (default 8, "
+                         "as streamvi demo)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args()
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -279,7 +284,8 @@ def main() -> None:
         ap.error(f"--methods: {', '.join(sorted(unknown))} unknown; choose from "
                  f"{', '.join(METHODS)}")
     lines = run(images=args.images, dmin=args.dmin, light_change=args.light_change,
-                seed=args.seed, steps=args.steps, epochs=args.epochs, methods=methods)
+                seed=args.seed, steps=args.steps, epochs=args.epochs, methods=methods,
+                online_visits=args.online_visits)
     for line in lines:
         text = json.dumps(line)
         print(text, flush=True)

@@ -17,7 +17,8 @@ stream from ``../shared/data``.  Each case is merged by each *method*:
   with ``partiality_check`` (the service's default), a switch of the service's partiality
   check (:mod:`streamvi.service.partiality`) starts a fresh engine with the geometric
   partiality on every image in so far, as the service replays its spool
-  (``partiality_switch_step`` in the settings);
+  (``partiality_switch_step`` in the settings; ``falloff_b_min``, the most negative B the
+  snapshots' record gave the amplitudes, is what the check read);
 - ``mean``, ``ivar``: unweighted and inverse-variance averages
   (:func:`streamvi.quality.evaluate.average_merge`);
 - ``pcorr``: the upper bound, an inverse-variance average of every observation divided by
@@ -531,6 +532,9 @@ def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
         step += 1
         if step % publish_every == 0:
             snap = engine.snapshot()   # as the service publishes (it also counts settings)
+            if snap.falloff_b is not None:   # the record's most negative B, for the check
+                run["falloff_b_min"] = min(run.get("falloff_b_min", math.inf),
+                                           round(float(snap.falloff_b), 2))
             switch = None if watch is None else watch.observe(
                 snap.falloff_b, engine.store.n_geometry_images, engine.trainer.step)
             if switch is not None:
