@@ -808,6 +808,11 @@ def serve_all(case: Case, work: Path, *, rate: float, after: list[float], thread
         serve.append("--anomalous")
     send = [sys.executable, "-m", "streamvi", "send", str(case.stream), "--to", url,
             "--rate", f"{rate:g}"]
+    # options given as STREAMVI_<NAME> variables reach the service too: say which
+    settings_from_environment = {k: v for k, v in sorted(os.environ.items())
+                                 if k.startswith("STREAMVI_") and k not in (
+                                     "STREAMVI_COMMIT", "STREAMVI_CRYSTFEL_BIN",
+                                     "STREAMVI_SHARED_DATA")}
     log_path = sub / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, cwd=sub)
@@ -828,6 +833,7 @@ def serve_all(case: Case, work: Path, *, rate: float, after: list[float], thread
                 fig = judge(merged_from_mtz(snap), case.truth, case.ambiguity_ops)
                 fig.update(after_stream_s=wait, send_seconds=round(t_end - t0, 1),
                            rate=rate, seconds=round(time.time() - t0, 1),
+                           environment=settings_from_environment,
                            command=shlex.join(["streamvi"] + serve[3:]) + " & "
                            + shlex.join(["streamvi"] + send[3:]))
                 results.append(fig)
