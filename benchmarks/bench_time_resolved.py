@@ -44,7 +44,7 @@ import sys as _sys
 import time
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
-from _machine import machine_name  # noqa: E402 - shared with the other benchmarks
+from _machine import machine_name, streamvi_commit  # noqa: E402 - shared with the others
 
 import numpy as np  # noqa: E402
 
@@ -211,6 +211,7 @@ def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | 
     common = {"images": images, "dmin": dmin, "light_change": light_change, "seed": seed,
               "rms_dF_over_F": rel, "simulate_seconds": simulate_s, "device": "cpu",
               "threads": torch.get_num_threads(), "machine": machine_name(),
+              "streamvi_commit": streamvi_commit(),
               "d_model": tcfg.d_model, "mc_samples": tcfg.mc_samples}
     dark = [c for c in crystals if c.condition == "dark"]
     light = [c for c in crystals if c.condition == "light"]

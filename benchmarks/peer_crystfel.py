@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import machine_name  # noqa: E402 - shared with the other benchmarks
+from _machine import machine_name, streamvi_commit  # noqa: E402 - shared with the others
 
 import gemmi  # noqa: E402
 import numpy as np  # noqa: E402
@@ -855,24 +855,6 @@ def serve_all(case: Case, work: Path, *, rate: float, after: list[float], thread
     return results
 
 
-def _commit() -> str:
-    """The commit of the streamvi being measured (the package imported, not this script).
-
-    ``$STREAMVI_COMMIT`` where that package is not in a git checkout (e.g. a ``git archive``
-    snapshot put first on ``PYTHONPATH`` so a merge runs on a fixed commit).
-    """
-    import streamvi
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(streamvi.__file__).parent, check=False)
-    except OSError:
-        out = None
-    if out is not None and out.returncode == 0:
-        return out.stdout.strip()
-    return os.environ.get("STREAMVI_COMMIT", "")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--crystfel-bin", default=None,
@@ -933,7 +915,7 @@ def main(argv: list[str] | None = None) -> None:
                           "machine": machine_name()}), flush=True)
         return
     version = crystfel_version(bin_dir)
-    commit = _commit()          # before the runs: a checkout may move while they go
+    commit = streamvi_commit()          # before the runs: a checkout may move while they go
     load = os.getloadavg()[0]
     tmp = None
     if args.workdir:
