@@ -5,6 +5,7 @@ import threading
 import gemmi
 import pytest
 
+from streamvi.cli.main import main
 from streamvi.config import load_config
 from streamvi.merging import offline
 from streamvi.merging.offline import PARTIALITY_CHECK_B, PARTIALITY_CHECK_CRYSTALS
@@ -59,7 +60,7 @@ def config(tmp_path, **kw):
 
 
 def test_the_service_merges_again_with_the_geometric_partiality_losing_nothing(
-        tmp_path, overpredicted, monkeypatch):
+        tmp_path, overpredicted, monkeypatch, capsys):
     """With the bar moved so that these few crystals' trend passes it, the service switches
     while crystals keep arriving: every crystal is merged exactly once (the spool replayed,
     what was still queued not stored twice), the snapshots say why, and a restart resumes
@@ -67,7 +68,7 @@ def test_the_service_merges_again_with_the_geometric_partiality_losing_nothing(
     monkeypatch.setattr(offline, "PARTIALITY_CHECK_B", 100.0)      # any trend is suspect
     monkeypatch.setattr(offline, "PARTIALITY_CHECK_CRYSTALS", 20)
     first, rest = overpredicted[:40], overpredicted[40:]
-    svc = Service(config(tmp_path)).start()
+    svc = Service(config(tmp_path, metrics_port=0, metrics_host="127.0.0.1")).start()
     try:
         url = svc.ingestor.bound_endpoints[0]
         send_messages(first, url)
@@ -87,6 +88,9 @@ def test_the_service_merges_again_with_the_geometric_partiality_losing_nothing(
         status = svc.status()
         assert status["partiality_switch"]["falloff_b"] == svc.partiality_switch.falloff_b
         assert status["partiality_advice"] is None
+        assert main(["status", svc.metrics_server.url]) == 0       # the crew's terminal
+        assert (f"geometric partiality switched on: the scales' trend gave the amplitudes B "
+                f"{svc.partiality_switch.falloff_b:+.1f} A^2") in capsys.readouterr().out
         svc.request_publish()
         assert svc.wait_until(lambda s: s.latest is not None and s.latest.history
                               and svc.partiality_switch.history_line() in s.latest.history, 30)
@@ -131,10 +135,12 @@ def test_crystals_spooled_and_still_queued_at_the_switch_are_stored_once(tmp_pat
         svc.stop()
 
 
-def test_with_the_check_off_the_service_keeps_its_merge(tmp_path, overpredicted, monkeypatch):
+def test_with_the_check_off_the_service_keeps_its_merge(tmp_path, overpredicted, monkeypatch,
+                                                        capsys):
     monkeypatch.setattr(offline, "PARTIALITY_CHECK_B", 100.0)
     monkeypatch.setattr(offline, "PARTIALITY_CHECK_CRYSTALS", 20)
-    svc = Service(config(tmp_path, partiality_check=False)).start()
+    svc = Service(config(tmp_path, partiality_check=False, metrics_port=0,
+                         metrics_host="127.0.0.1")).start()
     try:
         send_messages(overpredicted[:40], svc.ingestor.bound_endpoints[0])
         assert svc.wait_until(lambda s: s.crystals_merged == 40 and s.latest is not None
@@ -142,5 +148,7 @@ def test_with_the_check_off_the_service_keeps_its_merge(tmp_path, overpredicted,
         assert svc.partiality_switch is None
         assert not svc.engine.trainer.config.geometric_partiality
         assert "--geometric-partiality" in svc.status()["partiality_advice"]
+        assert main(["status", svc.metrics_server.url]) == 0
+        assert "advice: " in capsys.readouterr().out
     finally:
         svc.stop()

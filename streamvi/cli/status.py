@@ -46,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
           f"{status.get('crystals_merged', 0)} crystals merged, "
           f"{status.get('images_per_s') or 0.0:.1f} images/s; {merge.get('space_group', '?')} "
           f"to {merge.get('dmin', '?')} Å")
+    switch = status.get("partiality_switch")
+    if switch:
+        print(f"geometric partiality switched on: the scales' trend gave the amplitudes B "
+              f"{switch['falloff_b']:+.1f} A^2 on {switch['crystals']} crystals that report "
+              "their geometry, so the merge started again with it (docs/model.md, change 23)")
+    elif status.get("partiality_advice"):
+        print(f"advice: {status['partiality_advice']}")
     if feedback is None:
         print("no snapshot yet: nothing to judge" if not snap else
               "this service publishes no feedback")
