@@ -8,8 +8,8 @@ and it merges again with the geometric partiality.  The service cannot wait for 
 reads the trend at every snapshot and, once it has stayed suspect for
 :data:`SWITCH_SNAPSHOTS` snapshots in a row, restarts its merge with the geometric
 partiality from the spool (:meth:`streamvi.service.service.Service._switch_partiality`).
-The trend of a fresh model starts near 0 and drifts as the scales learn, so one snapshot past
-the bar is enough on such streams; the run of snapshots keeps one noisy read from acting.
+The trend of a fresh model starts near 0 and drifts as the scales learn: on such streams it
+passes the bar and stays past it, and the run of snapshots keeps one noisy read from acting.
 """
 from __future__ import annotations
 
