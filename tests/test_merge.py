@@ -165,3 +165,9 @@ def test_short_merges_are_not_refreshed(beamtime, monkeypatch):
     assert lines[45] == []                          # steps 22 and 36: both before step 40
     assert len(lines[60]) == 1 and "at step 30" not in lines[60][0]
     assert lines[60][0].endswith("at step 48")
+    # an every-row refresh asked for the same step (epoch 9.6 of 5 steps) runs as well
+    snap, _ = merge_crystals(crystals[:40], space, steps=60, row_refresh=True,
+                             refresh_epochs=(9.6,),
+                             trainer_config=TrainerConfig(device="cpu", mc_samples=2))
+    line = [h for h in snap.history if h.startswith("rows restarted")][0]
+    assert line.count("at step 48") == 2, line

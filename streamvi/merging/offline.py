@@ -263,8 +263,9 @@ def partiality_advice(falloff_b: float | None, n_reporting: int,
             "history): a trend this large usually comes from the partialities, e.g. a stream "
             "that integrates every reflection it predicts, many of them pure background at "
             "low resolution (CrystFEL's partial_sim: overall CC 0.74 against 0.998 with the "
-            "option and `merge`'s defaults); these crystals report orientations, profile radii and a bandwidth: "
-            "merge with --geometric-partiality (docs/model.md, changes 18-19)")
+            "option and `merge`'s defaults); these crystals report orientations, profile "
+            "radii and a bandwidth: merge with --geometric-partiality (docs/model.md, changes "
+            "18-19)")
 
 
 def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *,
@@ -383,19 +384,20 @@ def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
         steps = int(math.ceil(epochs * engine.steps_per_epoch()))
     cb = progress(steps, engine.config.batch_images) if progress else None
     start_decay = int(round(steps * (1.0 - anneal)))
-    # the step of each refresh, and the fewest and most observations (None: no bound) of the
-    # rows it may restart
-    refresh_at = {int(round(e * engine.steps_per_epoch())): (REFRESH_MIN_OBSERVATIONS, None)
-                  for e in refresh_epochs}
+    # the refreshes of each step, each with the fewest and most observations (None: no
+    # bound) of the rows it may restart (both kinds may fall on one step)
+    refresh_at: dict[int, list[tuple[int, int | None]]] = {}
+    for e in refresh_epochs:
+        refresh_at.setdefault(int(round(e * engine.steps_per_epoch())), []).append(
+            (REFRESH_MIN_OBSERVATIONS, None))
     if row_refresh and engine.store.n_conditions <= 1 and prior is None:
-        refresh_at.update({int(round(f * steps)): (ROW_REFRESH_MIN_OBSERVATIONS,
-                                                   ROW_REFRESH_MAX_OBSERVATIONS)
-                           for f in ROW_REFRESH_FRACTIONS
-                           if int(round(f * steps)) >= ROW_REFRESH_FIRST_STEP})
+        for f in ROW_REFRESH_FRACTIONS:
+            if int(round(f * steps)) >= ROW_REFRESH_FIRST_STEP:
+                refresh_at.setdefault(int(round(f * steps)), []).append(
+                    (ROW_REFRESH_MIN_OBSERVATIONS, ROW_REFRESH_MAX_OBSERVATIONS))
     restarted = []
     for i in range(steps):
-        if i in refresh_at:
-            least, most = refresh_at[i]
+        for least, most in refresh_at.get(i, ()):
             restarted.append((i, engine.refresh_rows(min_observations=least,
                                                      max_observations=most)))
         if i >= start_decay:

@@ -22,7 +22,8 @@ in closed form (:func:`sphere_profile`), peak-normalised (``P = 1`` on the Bragg
 at every resolution) and floored at :data:`P_FLOOR`.  ``a`` and ``c`` are learnt factors on
 the reported profile radius and bandwidth (sources differ in what they call either; with
 CrystFEL's conventions both are 1: a CrystFEL ``partial_sim`` stream's merge learns 1.00 and
-1.01, 1.13 before change 21 stopped the refinement moving its exact orientations), ``η`` a learnt mosaic spread (next to 0 at the start), which no stream reports.  The
+1.01, 1.13 before change 21 stopped the refinement moving its exact orientations), ``η`` a
+learnt mosaic spread (next to 0 at the start), which no stream reports.  The
 image-scale network adds its own log-scale on top and learns what the profile's shape, the
 crystal and the beam leave.  Where the geometry is unknown (no profile radius, or no
 orientation: ``e = 0``) ``log P`` is 0 and the network does all of it, as before.
