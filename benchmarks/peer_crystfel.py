@@ -774,32 +774,18 @@ def merge_all(case: Case, bin_dir: Path, work: Path, *, mergers: list[str], thre
     return results
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _log_time(line: str) -> float | None:
-    """Unix time of a streamvi log line (``2026-12-07 14:21:57,866 LEVEL …``), or None."""
-    try:
-        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + \
-            float("0." + line[20:23])
-    except ValueError:
-        return None
-
-
 def serve_all(case: Case, work: Path, *, rate: float, after: list[float], threads: int,
               anomalous: bool = False) -> list[dict]:
     """``streamvi serve`` fed the stream by ``streamvi send --rate``; one dict of figures per
     time in ``after`` (s after the last crystal was sent), judged on ``latest.mtz`` then."""
+    from streamvi.merging.distributed import free_port
+    from streamvi.service.lifecycle import CHECKPOINT_NAME, Checkpoints
+
     sg, cell = case.truth.sg, case.truth.cell
     sub = work / "streamvi_serve"
     shutil.rmtree(sub, ignore_errors=True)
     sub.mkdir()
-    url = f"tcp://127.0.0.1:{_free_port()}"
+    url = f"tcp://127.0.0.1:{free_port()}"
     serve = [sys.executable, "-m", "streamvi", "serve", "--listen", url,
              "--space-group", sg.hm, "--cell", " ".join(f"{x:g}" for x in cell.parameters),
              "--dmin", f"{case.truth.dmin:g}", "--out-dir", str(sub / "out"),
@@ -845,13 +831,14 @@ def serve_all(case: Case, work: Path, *, rate: float, after: list[float], thread
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    switched = [_log_time(line) for line in log_path.read_text().splitlines()
-                if "Merging again, from the spool" in line]
+    # the checkpoint written at the stop says whether and when the partiality check switched
+    state = Checkpoints(sub / "out" / CHECKPOINT_NAME).load(set_aside=False) or {}
+    switch = state.get("partiality_switch")
     for fig in results:
         fig["merger"] = "streamvi_serve"
         fig["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
-        if switched and switched[0] is not None:
-            fig["partiality_switch_after_stream_s"] = round(switched[0] - t_end, 1)
+        if switch:
+            fig["partiality_switch_after_stream_s"] = round(switch["time"] - t_end, 1)
     return results
 
 
