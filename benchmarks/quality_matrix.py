@@ -46,9 +46,9 @@ or :class:`~streamvi.merging.engine.EngineConfig` for both streamvi methods, or 
 ``merge.refresh_epochs``, ``merge.partiality_check``, ``merge.row_refresh`` and
 ``service.visits``, ``service.rate``, ``service.steps_per_s``, ``service.publish_interval``,
 ``service.max_catch_up_s``, ``service.partiality_check`` set the runs themselves.  Values
-are JSON (``0.5``, ``true``, ``[0.9, 0.99]``) or bare strings.  ``--table`` with two files prints variant − baseline and
-flags every case worse than the rule of issue 16: 0.002 in overall CC, 0.01 in the top shell,
-0.02 in CCanom.
+are JSON (``0.5``, ``true``, ``[0.9, 0.99]``) or bare strings.  ``--table`` with two files
+prints variant − baseline and flags every case worse than the rule of issue 16: 0.002 in
+overall CC, 0.01 in the top shell, 0.02 in CCanom.
 
 Simulated crystals are cached per case (``--cache-dir``, keyed by the case's settings and the
 simulator's source), so a second run only merges.  Timings (``seconds``) depend on the
