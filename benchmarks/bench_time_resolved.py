@@ -157,9 +157,7 @@ def _scaled(light_f: np.ndarray, dark_f: np.ndarray) -> float:
 
 
 def _delta_from(light, dark, *, rescale: bool):
-    """A ``DF SIGDF W WDF`` data set of two ``F SIGF`` data sets (light optionally rescaled);
-    where both carry half-dataset amplitudes (``F_half1``, ``F_half2``: streamvi merges), σ(ΔF)
-    is calibrated and W signal-weighted on them, as in streamvi's own difference files."""
+    """A ``DF SIGDF W WDF`` data set of two ``F SIGF`` data sets (light optionally rescaled)."""
     import reciprocalspaceship as rs
 
     from streamvi.quality.difference import difference_coefficients
@@ -168,15 +166,10 @@ def _delta_from(light, dark, *, rescale: bool):
     l, dk = light.loc[common], dark.loc[common]
     k = _scaled(l["F"].to_numpy(np.float64), dk["F"].to_numpy(np.float64)) if rescale else 1.0
     res = l.compute_dHKL()["dHKL"].to_numpy(np.float64)
-    halves = None
-    if {"F_half1", "F_half2"} <= set(l.columns) & set(dk.columns):
-        halves = tuple(k * l[c].to_numpy(np.float64) - dk[c].to_numpy(np.float64)
-                       for c in ("F_half1", "F_half2"))
     diff = difference_coefficients(k * l["F"].to_numpy(np.float64),
                                    k * l["SIGF"].to_numpy(np.float64),
                                    dk["F"].to_numpy(np.float64),
-                                   dk["SIGF"].to_numpy(np.float64), res,
-                                   half_differences=halves)
+                                   dk["SIGF"].to_numpy(np.float64), res)
     ds = rs.DataSet({"DF": diff.DF, "SIGDF": diff.SIGDF, "W": diff.W, "WDF": diff.WDF,
                      "F_DARK": dk["F"].to_numpy(np.float64)},
                     index=common, cell=light.cell, spacegroup=light.spacegroup, merged=True)

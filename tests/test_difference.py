@@ -11,8 +11,7 @@ import reciprocalspaceship as rs
 
 from streamvi.publish.mtz import difference_dataset, write_difference_mtz
 from streamvi.quality.difference import (calibrate_sigma, correct_gain,
-                                         difference_coefficients, difference_figures,
-                                         signal_weights)
+                                         difference_coefficients, difference_figures)
 from streamvi.symmetry import ReciprocalSpace
 
 
@@ -222,59 +221,3 @@ def test_gain_correction_gives_the_change_its_size_and_keeps_the_contrast():
     g_c[:10] = np.nan
     again = correct_gain(g_c, g_i, d)
     np.testing.assert_array_equal(again.factor[:10], 1.0)
-
-
-def test_signal_weights_are_each_shells_wiener_factor():
-    """ΔF = signal + noise with the noise growing with resolution: each shell's weight, read
-    off the two halves alone, is the share of its ΔF variance that is signal (the
-    least-squares factor from ΔF to the true change), and the weighted coefficients follow
-    the true change better over all shells than the q-weight alone."""
-    rng = np.random.default_rng(5)
-    n = 40000
-    d = 1.0 / np.cbrt(rng.uniform(1 / 40.0 ** 3, 1 / 2.0 ** 3, n))
-    noise_sd = 0.3 + 12.0 * (1.0 / d ** 2)          # 0.3 at low resolution, 3.3 at 2 Å
-    true = rng.normal(0.0, 1.0, n)
-    n1, n2 = (rng.normal(0.0, np.sqrt(2.0) * noise_sd) for _ in range(2))
-    h1, h2 = true + n1, true + n2
-    df = true + 0.5 * (n1 + n2)
-    f_dark, s = np.full(n, 100.0), noise_sd / np.sqrt(2.0)
-    weights = signal_weights(h1, h2, d)
-    assert weights.weighted and weights.pairs.sum() == n
-    edges = np.concatenate([[np.inf], weights.d_min])
-    for j in range(10):
-        m = (d <= edges[j]) & (d > edges[j + 1]) if j < 9 else (d <= edges[j])
-        share = 1.0 / (1.0 + np.mean(noise_sd[m] ** 2))           # S / (S + N), S = 1
-        best = np.sum(df[m] * true[m]) / np.sum(df[m] ** 2)       # least squares ΔF → true
-        assert abs(weights.shell_weight[j] - share) < 0.04, (j, weights.shell_weight[j], share)
-        assert abs(weights.shell_weight[j] - best) < 0.04, (j, weights.shell_weight[j], best)
-    assert weights.shell_weight[0] > 0.6 and weights.shell_weight[-1] < 0.15
-    plain = difference_coefficients(f_dark + df, s, f_dark, 0 * s, d)
-    weighted = difference_coefficients(f_dark + df, s, f_dark, 0 * s, d,
-                                       half_differences=(h1, h2))
-    assert plain.signal is None and weighted.signal is not None
-    np.testing.assert_allclose(weighted.W, plain.W * weights.factor)
-    np.testing.assert_allclose(weighted.DF, plain.DF)
-    cc_plain = np.corrcoef(plain.WDF, true)[0, 1]
-    cc_weighted = np.corrcoef(weighted.WDF, true)[0, 1]
-    assert cc_weighted > cc_plain + 0.05, (cc_plain, cc_weighted)
-    off = difference_coefficients(f_dark + df, s, f_dark, 0 * s, d, half_differences=(h1, h2),
-                                  signal_weighting=False)
-    np.testing.assert_allclose(off.W, plain.W)
-
-
-def test_signal_weights_without_signal_or_pairs():
-    """Halves that share no signal weigh 0; too few pairs weigh nothing (factor 1)."""
-    rng = np.random.default_rng(6)
-    n = 5000
-    d = 1.0 / np.cbrt(rng.uniform(1 / 40.0 ** 3, 1 / 2.0 ** 3, n))
-    noise = signal_weights(rng.normal(size=n), rng.normal(size=n), d)
-    assert noise.weighted and np.all(noise.weights <= 0.1)
-    np.testing.assert_array_equal(noise.shell_weight == 0.0, noise.cc_half <= 0.0)
-    assert np.any(noise.cc_half <= 0.0)                       # CC½ ≤ 0: weight 0
-    cc = noise.cc_half[noise.cc_half > 0]
-    np.testing.assert_allclose(noise.shell_weight[noise.cc_half > 0], 2 * cc / (1 + cc))
-    h1 = np.full(n, np.nan)
-    h1[:10] = 1.0
-    few = signal_weights(h1, rng.normal(size=n), d)
-    assert not few.weighted
-    np.testing.assert_array_equal(few.factor, 1.0)

@@ -11,7 +11,7 @@ import reciprocalspaceship as rs
 
 from streamvi.cli.main import main
 from streamvi.errors import ConfigError
-from streamvi.quality.difference import calibrate_sigma, signal_weights
+from streamvi.quality.difference import calibrate_sigma
 from streamvi.symmetry import shell_edges, shell_index
 
 FAST = ["--steps", "30", "--quiet", "--d-model", "8", "--mc-samples", "2", "--device", "cpu"]
@@ -69,17 +69,6 @@ def test_a_header_field_names_the_conditions_and_both_mtzs_are_written(pumped, t
     assert any(h.startswith("SIGDF: mean-field sigma x half-set scatter") for h in history)
     at = history.index("DF, SIGDF x by shell for the coupled prior's shrinkage, low to high:")
     assert [float(x) for x in history[at + 1].split()] == pytest.approx(factors, abs=0.006)
-    # W carries each shell's signal share of ΔF, recomputed here from the halves of the two
-    # condition files: in the history, in --json, and as the ratio of W in two shells
-    signal = signal_weights((lt["F_half1"] - dk["F_half1"]).to_numpy(),
-                            (lt["F_half2"] - dk["F_half2"]).to_numpy(), res)
-    assert signal.weighted
-    at = next(i for i, h in enumerate(history) if h.startswith("W x shell's signal share"))
-    assert [float(x) for x in history[at + 1].split()] == pytest.approx(signal.weights,
-                                                                        abs=0.006)
-    assert report["differences"]["light-minus-dark"]["signal_weight"] == pytest.approx(
-        signal.weights.tolist(), abs=1e-4)
-    assert np.all(delta["W"].to_numpy() <= signal.factor + 1e-6)
     # the light condition is merged under the coupled prior given the dark one (default)
     light_history = [h.strip() for h in gemmi.read_mtz_file(str(tmp_path / "m-light.mtz")).history]
     assert any(h.startswith("prior given dark, r by shell: ") for h in light_history)

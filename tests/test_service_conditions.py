@@ -164,13 +164,6 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert len(fig["sigdf_d_min"]) == 10 and fig["sigdf_d_min"][-1] == pytest.approx(
         delta.compute_dHKL()["dHKL"].min(), rel=1e-4)
     assert all(np.isfinite(fig["sigdf_factor"])) and min(fig["sigdf_factor"]) > 0
-    # W carries each shell's signal share (status JSON) and never exceeds it
-    weights = np.array(fig["signal_weight"], dtype=np.float64)
-    assert len(weights) == 10 and len(fig["signal_weight_d_min"]) == 10
-    assert np.all((weights >= 0) & (weights <= 1))
-    w_shell = shell_index(delta.compute_dHKL()["dHKL"].to_numpy(np.float64),
-                          np.concatenate([[np.inf], fig["signal_weight_d_min"]]))
-    assert np.all(delta["W"].to_numpy() <= weights[np.clip(w_shell, 0, 9)] + 1e-6)
     # ΔF is light − dark times the coupled prior's gain correction of its resolution shell
     # (≥ 1: the prior shrinks), the factors the status JSON and the file's history give
     common = delta.index

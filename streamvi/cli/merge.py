@@ -230,22 +230,16 @@ def _write_conditions(opts: Config, engine: Any, seconds: float, reference: Any)
         n_sig = int((np.abs(z[ok]) > 3).sum())
         rms = float(np.sqrt(np.nanmean(np.square(ds["DF"].to_numpy(np.float64)))))
         gain = ds.attrs.get("gain_correction")
-        signal = ds.attrs.get("signal_weight")
         print(f"wrote {path}: {name} - {ref}, {int(ok.sum())} reflections, r.m.s. DF "
               f"{rms:.4g}, {n_sig} with |DF|/SIGDF > 3")
         if gain is not None:
             print("  DF x by shell for the coupled prior's shrinkage (low to high "
                   "resolution): " + " ".join(f"{x:.2f}" for x in gain.shell_factor))
-        if signal is not None and signal.weighted:
-            print("  W x by shell for the share of DF that is signal (low to high "
-                  "resolution): " + " ".join(f"{x:.2f}" for x in signal.weights))
         report["differences"][f"{name}-minus-{ref}"] = {
             "mtz": str(path), "reflections": int(ok.sum()), "rms_df": rms,
             "significant": n_sig,
             "df_gain_factor": None if gain is None else gain.shell_factor.tolist(),
-            "df_gain_d_min": None if gain is None else gain.d_min.tolist(),
-            "signal_weight": None if signal is None or not signal.weighted
-            else signal.weights.tolist()}
+            "df_gain_d_min": None if gain is None else gain.d_min.tolist()}
     if reference is not None:
         print(setting_line(engine, reference.name))
     print(f"merged {len(conditions)} conditions in {seconds:.1f} s on {engine.device}")

@@ -133,11 +133,9 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
     σ_dark²)`` scaled per resolution shell to the scatter of ΔF that the two half-datasets
     show, :func:`streamvi.quality.difference.calibrate_sigma`; the mean-field value where
     too few reflections are in both halves), the q-weight ``W`` and ``WDF = W·DF``
-    (:mod:`streamvi.quality.difference`; times each shell's signal share, from the
-    half-datasets' ΔF), and ``F_DARK`` ``SIGF_DARK`` (the reference condition's amplitudes,
-    for maps with its phases).  In anomalous mode the Bijvoet means are differenced.  The
-    calibration is in ``attrs["sigma_calibration"]``, the gain correction in
-    ``attrs["gain_correction"]``, the signal weights in ``attrs["signal_weight"]``.
+    (:mod:`streamvi.quality.difference`), and ``F_DARK`` ``SIGF_DARK`` (the reference
+    condition's amplitudes, for maps with its phases).  In anomalous mode the Bijvoet means
+    are differenced.  The calibration is in ``attrs["sigma_calibration"]``.
     """
     from streamvi.quality.difference import DEFAULT_ALPHA, difference_coefficients
 
@@ -166,7 +164,6 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
                       "WDF": "SFAmplitude", "F_DARK": "SFAmplitude", "SIGF_DARK": "Stddev"})
     out.attrs["sigma_calibration"] = diff.calibration
     out.attrs["gain_correction"] = diff.gain
-    out.attrs["signal_weight"] = diff.signal
     return out
 
 
@@ -203,16 +200,6 @@ def _gain_history(gain) -> list[str]:
             " ".join("-" if not np.isfinite(x) else f"{x:.2f}" for x in gain.shell_factor)[:80]]
 
 
-def _signal_history(signal) -> list[str]:
-    """MTZ history lines (80 characters at most) giving W's signal weight per shell."""
-    if signal is None:
-        return []
-    if not signal.weighted:
-        return ["W: q-weight alone, too few half-set pairs for the shells' signal share"]
-    return ["W x shell's signal share CC*^2 = 2 CC1/2 / (1 + CC1/2) of DF, low to high:",
-            " ".join(f"{x:.2f}" for x in signal.weights)[:80]]
-
-
 def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[str, str],
                          info: MtzInfo | None = None, alpha: float | None = None,
                          dataset: rs.DataSet | None = None) -> Path:
@@ -230,5 +217,4 @@ def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[s
         dataset = difference_dataset(light, dark, alpha=alpha)
     hist += _calibration_history(dataset.attrs.get("sigma_calibration"))
     hist += _gain_history(dataset.attrs.get("gain_correction"))
-    hist += _signal_history(dataset.attrs.get("signal_weight"))
     return write_mtz(dataset, path, history=hist, info=info)

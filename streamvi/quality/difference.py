@@ -18,17 +18,7 @@ Weighted coefficients follow the q-weighting of Ursby & Bourgeois (1997, Acta Cr
 with the means taken per resolution shell (equal reciprocal volume,
 :func:`streamvi.symmetry.shell_edges`) and ``α`` :data:`DEFAULT_ALPHA`.  The σ term damps
 noisy differences; the α term damps the rare huge ones (outliers, often of weak or
-misestimated reflections).
-
-Taken per shell, those means make the q-weight blind to how much of a shell is signal: a
-shell of pure noise gets the same average weight as the shell that carries the change, and
-as training brings the weak high-resolution differences to their size, noise included, the
-map's heights in σ fall.  When the two half-datasets' ΔF are known, each shell's weight is
-therefore multiplied by the share of its ΔF variance that is signal,
-``CC*² = 2·CC½ / (1 + CC½)`` (CC½: the correlation of the halves' ΔF in the shell;
-Karplus & Diederichs 2012, Science 336, 1030–1033), the Wiener factor of a shell whose ΔF is
-signal plus independent noise (:func:`signal_weights`; 0 where the halves do not agree).
-Maps are made with ``WDF`` and the reference condition's phases.
+misestimated reflections).  Maps are made with ``WDF`` and the reference condition's phases.
 """
 from __future__ import annotations
 
@@ -154,94 +144,6 @@ def calibrate_sigma(df: np.ndarray, sigdf: np.ndarray, df_half1: np.ndarray,
     return cal
 
 
-class SignalWeight(NamedTuple):
-    """Per resolution shell, the share of ΔF's variance that is signal (from its halves)."""
-
-    #: per reflection, its shell's weight (1 where none could be measured)
-    factor: np.ndarray
-    #: per shell (low to high resolution), CC*² = 2·CC½ / (1 + CC½) in [0, 1] (NaN: the
-    #: shell had too few pairs and took the pooled weight)
-    shell_weight: np.ndarray
-    #: per shell, the correlation of the two halves' ΔF (NaN: too few pairs)
-    cc_half: np.ndarray
-    #: pairs per shell
-    pairs: np.ndarray
-    #: the weight of all shells pooled (NaN: too few pairs, no weighting)
-    pooled: float
-    #: high-resolution limit of each shell, Å
-    d_min: np.ndarray
-
-    @property
-    def weighted(self) -> bool:
-        return bool(np.isfinite(self.pooled))
-
-    @property
-    def weights(self) -> np.ndarray:
-        """Per shell, the weight its reflections take (its own, or the pooled one)."""
-        return np.where(np.isfinite(self.shell_weight), self.shell_weight, self.pooled)
-
-
-def _signal_share(h1: np.ndarray, h2: np.ndarray) -> tuple[float, float]:
-    """(CC½, CC*²) of one set of pairs; CC*² clipped to [0, 1] (NaN when undefined)."""
-    from streamvi.quality.stats import pearson
-
-    cc = float(pearson(h1, h2))
-    if not np.isfinite(cc):
-        return cc, float("nan")
-    return cc, float(np.clip(2.0 * cc / (1.0 + cc), 0.0, 1.0)) if cc > 0 else 0.0
-
-
-def signal_weights(df_half1: np.ndarray, df_half2: np.ndarray, d: np.ndarray, *,
-                   n_shells: int = DEFAULT_SHELLS, min_pairs_shell: int = MIN_PAIRS_SHELL,
-                   min_pairs: int = MIN_PAIRS) -> SignalWeight:
-    """Per resolution shell, the Wiener factor ``CC*² = 2·CC½ / (1 + CC½)`` of ΔF.
-
-    With ΔF in a shell the sum of a signal of variance ``S`` and independent noise of
-    variance ``N``, each half-dataset's ΔF carries the same signal and twice the noise, so
-    ``CC½ = S / (S + 2N)`` and the full data's ``S / (S + N) = 2·CC½ / (1 + CC½)``: the
-    factor by which the least-squares estimate of the true ΔF shrinks the shell's ΔF, and
-    the square of its correlation with the truth.  A shrinkage of ΔF common to the shell
-    (a prior's, the gain correction's) changes neither.  ``CC½ ≤ 0``: weight 0.
-
-    Parameters
-    ----------
-    df_half1, df_half2
-        The two half-datasets' ΔF per reflection (NaN where a half has none).
-    d
-        Resolution per reflection, Å.
-    n_shells
-        Shells of equal reciprocal volume between the extremes of the reflections with
-        both halves.
-    min_pairs_shell, min_pairs
-        Pairs a shell needs for its own weight, and all shells pooled for any.
-
-    Returns
-    -------
-    SignalWeight
-    """
-    h1, h2, d = (np.asarray(a, np.float64) for a in (df_half1, df_half2, d))
-    n_shells = max(1, int(n_shells))
-    pair = np.isfinite(h1) & np.isfinite(h2) & np.isfinite(d) & (d > 0)
-    factor = np.ones(h1.shape)
-    nan = np.full(n_shells, np.nan)
-    if pair.sum() < max(min_pairs, 3):
-        return SignalWeight(factor, nan, nan.copy(), np.zeros(n_shells, np.int64),
-                            float("nan"), nan.copy())
-    edges = shell_edges(float(d[pair].max()), float(d[pair].min()), n_shells)
-    shell = np.clip(shell_index(d, edges), 0, n_shells - 1)
-    pairs = np.bincount(shell[pair], minlength=n_shells)[:n_shells].astype(np.int64)
-    _, pooled = _signal_share(h1[pair], h2[pair])
-    shell_weight, cc_half = nan.copy(), nan.copy()
-    for j in range(n_shells):
-        m = pair & (shell == j)
-        if m.sum() >= min_pairs_shell:
-            cc_half[j], shell_weight[j] = _signal_share(h1[m], h2[m])
-    out = SignalWeight(factor, shell_weight, cc_half, pairs, pooled, np.asarray(edges[1:]))
-    if out.weighted:
-        out = out._replace(factor=np.where(np.isfinite(d) & (d > 0), out.weights[shell], 1.0))
-    return out
-
-
 class GainCorrection(NamedTuple):
     """Factors that undo the coupled prior's shrinkage of ΔF, per resolution shell."""
 
@@ -307,8 +209,6 @@ class Differences(NamedTuple):
     calibration: SigmaCalibration | None = None
     #: how ΔF and SIGDF were scaled for the coupled prior's shrinkage (None: not asked for)
     gain: GainCorrection | None = None
-    #: the shells' signal weights in W (None: no half-datasets, the q-weight alone)
-    signal: SignalWeight | None = None
 
 
 def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark: np.ndarray,
@@ -316,8 +216,8 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
                             alpha: float = DEFAULT_ALPHA,
                             n_shells: int = DEFAULT_SHELLS,
                             half_differences: tuple[np.ndarray, np.ndarray] | None = None,
-                            gains: tuple[np.ndarray, np.ndarray] | None = None,
-                            signal_weighting: bool = True) -> Differences:
+                            gains: tuple[np.ndarray, np.ndarray] | None = None
+                            ) -> Differences:
     """ΔF, σ(ΔF) and the q-weighted coefficients (see the module docstring).
 
     Parameters
@@ -334,17 +234,12 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
         about 20 per shell are kept).
     half_differences
         The two half-datasets' ΔF per reflection (NaN where a half has none): σ(ΔF) is then
-        calibrated on their scatter (:func:`calibrate_sigma`) and each shell's q-weight
-        multiplied by its signal share (:func:`signal_weights`; ``signal_weighting``).
-        None: the mean-field σ and the q-weight alone.
+        calibrated on their scatter (:func:`calibrate_sigma`).  None: the mean-field σ.
     gains
         ``(g_coupled, g_independent)`` per reflection: ΔF and σ(ΔF) (after the
         calibration, which measures the published ΔF's scatter) are multiplied per shell by
         :func:`correct_gain`'s factor, the size two independent merges would give the
         change.  None: as merged.
-    signal_weighting
-        With ``half_differences``: multiply W by each shell's signal share (the module
-        docstring).  False: the q-weight alone.
 
     Returns
     -------
@@ -382,12 +277,8 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
             denom = (1.0 + var / mean_var[shell]
                      + alpha * np.square(df) / mean_df2[shell])
         w = np.where(ok & np.isfinite(denom) & (denom > 0), 1.0 / denom, np.nan)
-    signal = None
-    if half_differences is not None and signal_weighting:
-        signal = signal_weights(*half_differences, d, n_shells=n_shells)
-        w = w * signal.factor
     return Differences(DF=df, SIGDF=np.sqrt(var), W=w, WDF=w * df, calibration=calibration,
-                       gain=gain, signal=signal)
+                       gain=gain)
 
 
 def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
@@ -406,10 +297,7 @@ def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
     while too few reflections are in both halves: σ(ΔF) is then the mean-field one.
     ``df_gain_factor``: the factor per shell (shells ending at ``df_gain_d_min``) by which
     ΔF and σ(ΔF) were scaled for the coupled prior's shrinkage (:func:`correct_gain`;
-    None for an empty shell); both empty without a coupled prior.  ``signal_weight``: the
-    factor per shell (shells ending at ``signal_weight_d_min``) by which the q-weight was
-    multiplied, the shell's signal share of ΔF (:func:`signal_weights`); both empty while
-    too few reflections are in both halves.
+    None for an empty shell); both empty without a coupled prior.
 
     Parameters
     ----------
@@ -437,8 +325,6 @@ def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
     calibration = dataset.attrs.get("sigma_calibration")
     calibrated = calibration is not None and calibration.calibrated
     gain = dataset.attrs.get("gain_correction")
-    signal = dataset.attrs.get("signal_weight")
-    weighted = signal is not None and signal.weighted
     return {"delta_cc_half": [float(c) for c in cc],
             "delta_cc_half_overall": float(pearson(x[sel], y[sel])) if sel.sum() >= 3
             else float("nan"),
@@ -450,9 +336,7 @@ def difference_figures(light, dark, *, dataset, n_shells: int = DEFAULT_SHELLS,
             "sigdf_d_min": [float(v) for v in calibration.d_min] if calibrated else [],
             "df_gain_factor": [] if gain is None else
             [float(v) if np.isfinite(v) else None for v in gain.shell_factor],
-            "df_gain_d_min": [] if gain is None else [float(v) for v in gain.d_min],
-            "signal_weight": [float(v) for v in signal.weights] if weighted else [],
-            "signal_weight_d_min": [float(v) for v in signal.d_min] if weighted else []}
+            "df_gain_d_min": [] if gain is None else [float(v) for v in gain.d_min]}
 
 
 def difference_peaks(cell, space_group, hkl: np.ndarray, coefficients: np.ndarray, model, *,
