@@ -38,12 +38,13 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from streamvi.merging.beyond import BeyondDmin
 from streamvi.merging.features import (N_METADATA, reflection_metadata,
                                        reports_partiality_geometry)
 from streamvi.merging.model.geometry import N_GEOMETRY, STATE_WIDTH, lattice_axes
 from streamvi.merging.model.batch import Batch
 from streamvi.symmetry import (CELL_ANGLE_TOLERANCE_DEG, CELL_LENGTH_TOLERANCE,
-                               ReciprocalSpace, cell_mismatch)
+                               ReciprocalSpace, cell_mismatch, dhkl)
 from streamvi.wire import CrystalMessage
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,8 @@ class ReflectionStore:
         #: crystals refused, by reason, and duplicates, by kind (for offline reports)
         self.rejected_counts: dict[str, int] = {}
         self.duplicate_counts: dict[str, int] = {}
+        #: the reflections of arriving crystals beyond the table's dmin (counted, left out)
+        self.beyond_dmin = BeyondDmin(space.dmin)
         self._wavelength_sum = 0.0
         #: observations per posterior row, all and per half: under the identity operator
         #: when an image arrives, then under the operator last chosen for it
@@ -390,6 +393,9 @@ class ReflectionStore:
             hkl = [msgs[k].hkl() for k in fresh]
             bounds = np.cumsum([0] + [h.shape[0] for h in hkl])
             all_ids = self.space.lookup_ops(np.concatenate(hkl))        # (n_ops, n)
+            self.beyond_dmin.add(dhkl(np.concatenate(hkl), self.space.cell),
+                                 np.concatenate([msgs[k].I for k in fresh]),
+                                 np.concatenate([msgs[k].sigI for k in fresh]))
             self._append_crystals(msgs, arrival_times, now, fresh, all_ids, bounds, results,
                                   contents, levels)
         retry = []
