@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
               "their geometry, so the merge started again with it (docs/model.md, change 23)")
     elif status.get("partiality_advice"):
         print(f"advice: {status['partiality_advice']}")
+    if status.get("dmin_advice"):
+        print(f"advice: {status['dmin_advice']}")
     if feedback is None:
         print("no snapshot yet: nothing to judge" if not snap else
               "this service publishes no feedback")

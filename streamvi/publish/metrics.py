@@ -242,6 +242,16 @@ class ServiceCollector(Collector):
             "streamvi_reflections_outside",
             "Reflections of stored crystals outside the table (beyond dmin, absences)",
             value=status["reflections_outside"])
+        beyond = status.get("beyond_dmin") or {}
+        yield GaugeMetricFamily(
+            "streamvi_reflections_beyond_dmin",
+            "Reflections of the arriving crystals beyond the table's dmin (left out)",
+            value=beyond.get("reflections", 0))
+        yield GaugeMetricFamily(
+            "streamvi_dmin_advice_angstrom",
+            "The dmin (A) the service advises a restart with to merge the data beyond its "
+            "table; 0 while there is no such advice",
+            value=(beyond.get("suggested_dmin") or 0.0) if status.get("dmin_advice") else 0.0)
         yield CounterMetricFamily("streamvi_training_steps", "Optimiser steps taken",
                                   value=status["steps"])
         yield CounterMetricFamily(

@@ -118,6 +118,15 @@ class Checkpoints:
             return None
         return state
 
+    def retire(self, tag: str, reason: str) -> Path:
+        """Move a readable checkpoint that this run does not continue to
+        ``<stem>.<tag><suffix>`` (``checkpoint.dmin-2.00.pt``), saying why; returns where."""
+        kept = self.path.with_name(f"{self.path.stem}.{tag}{self.path.suffix}")
+        os.replace(self.path, kept)
+        log.warning("checkpoint %s %s: moved to %s; training restarts from the spooled data",
+                    self.path, reason, kept)
+        return kept
+
     def set_aside(self, exc: Exception) -> None:
         """Move an unusable checkpoint to ``checkpoint.corrupt`` and say so."""
         bad = self.path.with_suffix(".corrupt")

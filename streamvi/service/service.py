@@ -58,7 +58,8 @@ from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
                                         remove_stale_temp_files)
 from streamvi.service.partiality import PartialitySwitch, PartialityWatch
-from streamvi.service.status import images_per_second, service_snapshot, service_status
+from streamvi.service.status import (dmin_advice_of, images_per_second, service_snapshot,
+                                     service_status)
 from streamvi.snapshot import ServiceSnapshot
 from streamvi.sources import plugin_module
 from streamvi.symmetry import (ReciprocalSpace, consensus_cell, format_cell, parse_cell,
@@ -162,6 +163,8 @@ class Service:
                                  and not self.trainer_config.geometric_partiality else None)
         #: the switch it made, if it did (kept in the checkpoint), else None
         self.partiality_switch: PartialitySwitch | None = None
+        #: the dmin the last advice to extend the table suggested (logged once per value)
+        self._dmin_advised: float | None = None
         self.engine: MergeEngine | None = None
         self.counters = IngestCounters()
         self.checkpoints = Checkpoints(self.out_dir / CHECKPOINT_NAME)
@@ -608,6 +611,7 @@ class Service:
                     self._publish_request.clear()
                     self.publish_now()
                     self._check_partiality()
+                    self._check_dmin()
                 if checkpointing.due(now):
                     self.checkpoint()
                 if self._loop_errors:
@@ -820,11 +824,14 @@ class Service:
 
         A checkpoint that cannot be read, or is not shaped as this version writes them, is
         moved to ``checkpoint.corrupt`` and training starts afresh from the spool
-        (docs/operations.md).  One made for another space group, dmin or cell is refused.
+        (docs/operations.md).  One made for another space group or cell is refused; one made
+        for another ``dmin`` (the same merge, its table extended or cut) is moved to
+        ``checkpoint.dmin-<old>.pt`` and the spool replayed into the new table.
         """
         state = self._load_checkpoint()
+        other_dmin = None
         if state is not None:
-            self._check_checkpoint_space(state["space"])
+            other_dmin = self._check_checkpoint_space(state["space"])
             # counters first: replay then counts only what arrived after the checkpoint
             self.counters.load_state_dict(state["counters"])
             if self.cell is None:
@@ -838,7 +845,16 @@ class Service:
         n = self._replay(count=True)
         if n:
             log.info("replayed %d spooled crystals in %.1f s", n, time.perf_counter() - t0)
-        if state is None or self.engine is None:
+        if state is None:
+            return
+        if other_dmin is not None:
+            # the spool went into a table of the new dmin: the model of the old one stays
+            # on disk beside it, and training starts afresh on everything the spool holds
+            self.checkpoints.retire(f"dmin-{other_dmin:.2f}",
+                                    f"was made for dmin {other_dmin:.2f} Å, this run asks "
+                                    f"for {self.config.dmin:.2f} Å")
+            return
+        if self.engine is None:
             return
         if state["space"] != self.engine.space.to_dict():
             raise ConfigError(f"{self.checkpoint_path} was made for {state['space']} but the "
@@ -860,13 +876,18 @@ class Service:
         return self.checkpoints.load(
             check=lambda state: IngestCounters().load_state_dict(state["counters"]))
 
-    def _check_checkpoint_space(self, space: dict) -> None:
-        """Refuse a checkpoint made for another merge before anything is replayed."""
+    def _check_checkpoint_space(self, space: dict) -> float | None:
+        """Refuse a checkpoint made for another merge before anything is replayed; one made
+        for the same merge with another ``dmin`` is not refused: returns that dmin (the
+        spool is then replayed into the new table and the checkpoint moved aside), else
+        None."""
         want = {"space_group": self.space_group.xhm(), "dmin": float(self.config.dmin),
                 "anomalous": bool(self.config.anomalous)}
         if self.cell is not None:
             want["cell"] = [float(x) for x in self.cell.parameters]
         got = {k: space.get(k) for k in want}
+        if got != want and {**got, "dmin": want["dmin"]} == want:
+            return float(got["dmin"])
         if got != want:
             raise ConfigError(f"{self.checkpoint_path} was made for {got} but the configuration "
                               f"says {want}; use the same space group/cell/dmin or another "
@@ -925,6 +946,17 @@ class Service:
                                engine.trainer.step)
         if switch is not None:
             self._switch_partiality(switch)
+
+    def _check_dmin(self) -> None:
+        """After a publish: say once (and again when the suggested limit moves by 0.05 Å or
+        more) where the table's dmin leaves data out (:func:`dmin_advice_of`)."""
+        advice = dmin_advice_of(self)
+        if advice is None or self.engine is None:
+            return
+        new = self.engine.store.beyond_dmin.suggested_dmin()
+        if self._dmin_advised is None or abs(new - self._dmin_advised) >= 0.05:
+            self._dmin_advised = new
+            log.warning("%s", advice)
 
     def _apply_partiality_switch(self, switch: PartialitySwitch) -> None:
         self.partiality_switch = switch

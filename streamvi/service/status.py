@@ -160,6 +160,10 @@ def service_status(service: "Service") -> dict[str, Any]:
         "partiality_advice": partiality_advice_of(service),
         "partiality_switch": (None if service.partiality_switch is None
                               else service.partiality_switch.to_dict()),
+        # the arriving reflections beyond the table's dmin (streamvi.merging.beyond), and
+        # the restart to merge them where the CC½ fit holds to the table's edge
+        "beyond_dmin": None if st is None else st.beyond_dmin.to_dict(),
+        "dmin_advice": dmin_advice_of(service),
         "visits_median": float(np.median(visits)) if visits.size else 0.0,
         "lag_p50_s": float(np.percentile(lags, 50)) if lags.size else None,
         "lag_p95_s": float(np.percentile(lags, 95)) if lags.size else None,
@@ -178,6 +182,35 @@ def service_status(service: "Service") -> dict[str, Any]:
         "prior": (None if engine is None or engine.prior_name is None else
                   {"name": engine.prior_name, "r_shells": engine.prior_correlation()}),
     }
+
+
+def dmin_advice_of(service: "Service") -> str | None:
+    """What to do where the table's ``dmin`` leaves data out: restart with the suggested
+    limit (:meth:`~streamvi.merging.beyond.BeyondDmin.suggested_dmin`) where enough of the
+    arriving reflections lie beyond the table and the last snapshot's data CC½ fit does not
+    place the resolution inside the table (``beyond dmin``, or a fit whose 95 % interval
+    reaches the table's edge); None otherwise (a fit that ends inside the table says the
+    reflections beyond it are noise)."""
+    engine, feedback = service.engine, service.latest_feedback
+    if engine is None or feedback is None or feedback.resolution is None:
+        return None
+    record = engine.store.beyond_dmin
+    fit = feedback.resolution
+    if fit.beyond_dmin:
+        why = "CC½ holds to the table's edge"
+    elif fit.state == "fit" and fit.low is not None and fit.low <= record.dmin * 1.01:
+        why = (f"the CC½ fit's 95 % interval ({fit.low:.2f}–{fit.high:.2f} Å) reaches the "
+               "table's edge")
+    else:
+        return None
+    new = record.suggested_dmin()
+    if new is None:
+        return None
+    return (f"{record.fraction:.0%} of the arriving reflections ({record.n_beyond}) lie beyond "
+            f"the table's dmin {record.dmin:.2f} Å, out to {record.d_min_seen:.2f} Å, and "
+            f"{why}: restart on the same out_dir with dmin {new:.2f} (--dmin {new:.2f}, "
+            "STREAMVI_DMIN) to merge them; the spool is replayed into the larger table "
+            "(docs/operations.md)")
 
 
 def partiality_advice_of(service: "Service") -> str | None:

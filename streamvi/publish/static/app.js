@@ -90,8 +90,11 @@ function renderTiles(d) {
           (isNum(s.falloff_b) ? ` · fall-off given to F: B ${s.falloff_b >= 0 ? "+" : ""}` +
            `${fmt(s.falloff_b, 2)} Å²` : "") +
           (s.partiality_advice ? " · restart with --geometric-partiality (hover)" : "") +
-          (s.partiality_switch ? " · geometric partiality switched on (hover)" : ""));
-  $("merge").title = s.partiality_advice || (s.partiality_switch ?
+          (s.partiality_switch ? " · geometric partiality switched on (hover)" : "") +
+          (s.dmin_advice ? ` · data beyond dmin: restart with dmin ` +
+           `${fmt(s.beyond_dmin.suggested_dmin, 2)} Å (hover)` : ""));
+  $("merge").title = [s.dmin_advice, s.partiality_advice].filter(Boolean).join("\n") ||
+    (s.partiality_switch ?
     `the scales' trend gave the amplitudes B ${fmt(s.partiality_switch.falloff_b, 1)} Å² on ` +
     `${fmtInt(s.partiality_switch.crystals)} crystals that report their geometry: the merge ` +
     "started again with the geometric partiality (docs/model.md, change 23)" : "");

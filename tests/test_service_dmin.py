@@ -1,0 +1,90 @@
+"""A table too small for the data: ``serve`` counts what arrives beyond its dmin, says how
+to extend it, and a restart on the same out_dir with the larger table merges everything
+the spool holds (over real loopback sockets, real MTZ files)."""
+import logging
+
+import gemmi
+import numpy as np
+import pytest
+import reciprocalspaceship as rs
+
+from streamvi.cli.main import main
+from streamvi.config import load_config
+from streamvi.errors import ConfigError
+from streamvi.producers.send import send_messages
+from streamvi.service.service import Service
+from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+from test_metrics import sample, scrape
+
+SIM = SimulationConfig(n_images=80, seed=4, dmin=2.6)
+SMALL, LARGE = 3.4, 2.6
+
+
+@pytest.fixture(scope="module")
+def crystals():
+    return list(simulate_images(SIM, simulate_structure(SIM)))
+
+
+def config(tmp_path, **kw):
+    base = {"listen": ["tcp://127.0.0.1:*"], "publish_endpoint": "", "metrics_port": 0,
+            "metrics_host": "127.0.0.1", "out_dir": str(tmp_path),
+            "space_group": SIM.space_group, "cell": " ".join(map(str, SIM.cell)),
+            "dmin": SMALL, "device": "cpu", "publish_interval": 0.3,
+            "checkpoint_interval": 3600.0, "spool_fsync": "never", "d_model": 16,
+            "n_layers": 1, "mc_samples": 2, "batch_images": 8}
+    base.update(kw)
+    return load_config(env={}, overrides=base)
+
+
+def test_a_table_too_small_is_reported_and_extended_on_restart(tmp_path, crystals, capsys,
+                                                               caplog):
+    cell = gemmi.UnitCell(*SIM.cell)
+    d = np.concatenate([cell.calculate_d_array(c.hkl().astype(np.int32)) for c in crystals])
+    svc = Service(config(tmp_path)).start()
+    try:
+        send_messages(crystals, svc.ingestor.bound_endpoints[0])
+        assert svc.wait_until(lambda s: s.crystals_merged == len(crystals), 60), svc.status()
+        svc.request_publish()
+        with caplog.at_level(logging.WARNING, logger="streamvi"):
+            assert svc.wait_until(lambda s: s.status()["dmin_advice"] is not None, 90), (
+                svc.status()["beyond_dmin"], svc.latest_feedback.resolution)
+            svc.request_publish()
+            assert svc.wait_until(lambda s: "restart on the same out_dir" in caplog.text, 30)
+        status = svc.status()
+        record = status["beyond_dmin"]
+        assert record["reflections"] == int(np.sum(d < SMALL))
+        assert record["fraction"] == pytest.approx(np.mean(d < SMALL))
+        assert record["d_min_seen"] == pytest.approx(d.min(), rel=1e-5)
+        suggested = record["suggested_dmin"]
+        assert LARGE - 0.05 <= suggested < SMALL and np.mean(d >= suggested) >= 0.99
+        assert f"dmin {suggested:.2f}" in status["dmin_advice"]
+        samples = scrape(svc)                                       # Prometheus
+        assert sample(samples, "streamvi_reflections_beyond_dmin") == record["reflections"]
+        assert sample(samples, "streamvi_dmin_advice_angstrom") == pytest.approx(suggested)
+        assert main(["status", svc.metrics_server.url]) == 0        # the crew's terminal
+        assert f"advice: {status['dmin_advice']}" in capsys.readouterr().out
+    finally:
+        svc.stop()
+    before = rs.read_mtz(str(tmp_path / "latest.mtz"))
+    assert before.compute_dHKL()["dHKL"].min() >= SMALL - 1e-3
+    # the restart asked for: the same out_dir, the larger table
+    again = Service(config(tmp_path, dmin=suggested)).start()
+    try:
+        assert not again.recovered_from_checkpoint
+        assert (tmp_path / f"checkpoint.dmin-{SMALL:.2f}.pt").exists()
+        assert again.crystals_merged == len(crystals)
+        assert again.counters.snapshot()["crystals_received"] == len(crystals)
+        assert again.engine.space.dmin == suggested
+        assert again.engine.store.beyond_dmin.n_beyond == int(np.sum(d < suggested))
+        assert again.status()["dmin_advice"] is None
+        assert sample(scrape(again), "streamvi_dmin_advice_angstrom") == 0.0
+        again.request_publish()
+        assert again.wait_until(lambda s: s.latest is not None and s.latest.step > 0, 60)
+    finally:
+        again.stop()
+    after = rs.read_mtz(str(tmp_path / "latest.mtz"))
+    assert after.compute_dHKL()["dHKL"].min() < SMALL - 0.3
+    assert len(after) > 1.5 * len(before)
+    # another crystal form is still refused
+    with pytest.raises(ConfigError, match="another out_dir"):
+        Service(config(tmp_path, dmin=suggested, space_group="P 41 21 2")).start()
