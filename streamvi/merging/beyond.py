@@ -56,7 +56,8 @@ class BeyondDmin:
         #: the highest resolution seen, Å (inf before any beyond dmin)
         self.d_min_seen = math.inf
 
-    def add(self, d: np.ndarray, intensity: np.ndarray, sigma: np.ndarray) -> int:
+    def add(self, d: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, *,
+            in_table: int = 0) -> int:
         """Count one crystal's reflections (or several crystals'); returns how many lie
         beyond dmin.
 
@@ -67,10 +68,13 @@ class BeyondDmin:
         intensity, sigma
             Its I and σ(I); a σ ≤ 0 or not finite leaves it out of the mean I/σ (it is
             still counted).
+        in_table
+            Reflections more, not in ``d``, known to lie inside dmin (the store passes
+            ``d`` of the reflections without a row only, and counts the others here).
         """
         d = np.asarray(d, np.float64)
         beyond = np.isfinite(d) & (d > 0) & (d < self.dmin)
-        self.inside += int(np.sum(np.isfinite(d) & (d >= self.dmin)))
+        self.inside += int(in_table) + int(np.sum(np.isfinite(d) & (d >= self.dmin)))
         n = int(beyond.sum())
         if not n:
             return 0

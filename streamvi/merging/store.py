@@ -393,9 +393,12 @@ class ReflectionStore:
             hkl = [msgs[k].hkl() for k in fresh]
             bounds = np.cumsum([0] + [h.shape[0] for h in hkl])
             all_ids = self.space.lookup_ops(np.concatenate(hkl))        # (n_ops, n)
-            self.beyond_dmin.add(dhkl(np.concatenate(hkl), self.space.cell),
-                                 np.concatenate([msgs[k].I for k in fresh]),
-                                 np.concatenate([msgs[k].sigI for k in fresh]))
+            # only a reflection without a row can lie beyond dmin: d of those alone
+            out = all_ids[0] < 0
+            self.beyond_dmin.add(dhkl(np.concatenate(hkl)[out], self.space.cell),
+                                 np.concatenate([msgs[k].I for k in fresh])[out],
+                                 np.concatenate([msgs[k].sigI for k in fresh])[out],
+                                 in_table=int(out.size - out.sum()))
             self._append_crystals(msgs, arrival_times, now, fresh, all_ids, bounds, results,
                                   contents, levels)
         retry = []
