@@ -109,3 +109,15 @@ def test_stale_temporary_files_are_found_and_removed(tmp_path):
     assert len(stale_temp_files(tmp_path)) == 3
     remove_stale_temp_files(tmp_path)
     assert os.listdir(tmp_path) == ["keep.txt"]
+
+
+def test_a_retired_checkpoint_never_overwrites_an_earlier_one(tmp_path, caplog):
+    """dmin 2.0 → 1.8 → 2.0 → 1.8 on one out_dir: each model of the old table is kept."""
+    ckpt = Checkpoints(tmp_path / "checkpoint.pt")
+    kept = []
+    for content in (b"first model", b"second model"):
+        (tmp_path / "checkpoint.pt").write_bytes(content)
+        kept.append(ckpt.retire("dmin-2.00", "was made for dmin 2.00 Å"))
+    assert [p.name for p in kept] == ["checkpoint.dmin-2.00.pt", "checkpoint.dmin-2.00.1.pt"]
+    assert [p.read_bytes() for p in kept] == [b"first model", b"second model"]
+    assert not ckpt.exists() and "was made for dmin 2.00" in caplog.text

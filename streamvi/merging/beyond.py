@@ -79,8 +79,8 @@ class BeyondDmin:
         if not n:
             return 0
         s = 1.0 / np.square(d[beyond])
-        shell = np.clip(((s - self._s_lo) / (self._s_hi - self._s_lo) * N_SHELLS).astype(np.int64),
-                        0, N_SHELLS - 1)
+        width = (self._s_hi - self._s_lo) / N_SHELLS
+        shell = np.clip(((s - self._s_lo) / width).astype(np.int64), 0, N_SHELLS - 1)
         self.count += np.bincount(shell, minlength=N_SHELLS)
         i = np.asarray(intensity, np.float64)[beyond]
         sig = np.asarray(sigma, np.float64)[beyond]

@@ -120,8 +120,14 @@ class Checkpoints:
 
     def retire(self, tag: str, reason: str) -> Path:
         """Move a readable checkpoint that this run does not continue to
-        ``<stem>.<tag><suffix>`` (``checkpoint.dmin-2.00.pt``), saying why; returns where."""
+        ``<stem>.<tag><suffix>`` (``checkpoint.dmin-2.00.pt``; ``….<tag>.1<suffix>`` and on
+        where that exists: a trained model is never overwritten), saying why; returns
+        where."""
         kept = self.path.with_name(f"{self.path.stem}.{tag}{self.path.suffix}")
+        n = 0
+        while kept.exists():
+            n += 1
+            kept = self.path.with_name(f"{self.path.stem}.{tag}.{n}{self.path.suffix}")
         os.replace(self.path, kept)
         log.warning("checkpoint %s %s: moved to %s; training restarts from the spooled data",
                     self.path, reason, kept)
