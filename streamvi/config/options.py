@@ -132,7 +132,9 @@ OPTIONS: tuple[Option, ...] = (
            "the intensity scale of a whole run. Real crystals spread over one to two decades. "
            "0: off", "merge", check=_outlier_problem),
     Option("dmin", float, 2.0, "resolution limit; reflections beyond it are counted and left "
-           "out", "merge", unit="Å", commands=("serve", "merge", "simulate"),
+           "out (serve says when they carry data worth a larger table; restarted on the same "
+           "out_dir with another dmin it replays its spool into the new table: "
+           "docs/operations.md)", "merge", unit="Å", commands=("serve", "merge", "simulate"),
            defaults={"merge": None, "simulate": 1.8},
            helps={"merge": "resolution limit; unset: the highest resolution observed",
                   "simulate": "resolution limit of the simulated reflections"},
