@@ -105,7 +105,9 @@ def test_every_flag_shows_its_type_and_default(command):
 def test_serve_help_names_type_and_default_of_each_flag():
     text = _help("serve")
     assert "--dmin DMIN resolution limit; reflections beyond it are counted and left out " \
-           "(float, Å; default 2.0)" in text
+           "(serve says when they carry data worth a larger table; restarted on the same " \
+           "out_dir with another dmin it replays its spool into the new table: " \
+           "docs/operations.md) (float, Å; default 2.0)" in text
     assert "(int; default 16)" in text and "(bool; default on)" in text
 
 
