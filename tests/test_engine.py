@@ -454,6 +454,20 @@ def test_two_conditions_share_the_scales_and_keep_their_own_tables(pump_probe):
         assert f"condition {name} of dark, light" in snap.history
     # one resolution-trend correction, the shared scales', for both conditions
     np.testing.assert_allclose(ratios[0], ratios[1], rtol=1e-6)
+    # Σ I per row and half of each condition's own images, recounted here from the crystals
+    # (the training-free half-set figures of a condition's snapshot divide these by its
+    # counts); together they are the pooled sums
+    store = engine.store
+    for c, name in enumerate(store.conditions):
+        want = np.zeros((2, space.n_unique))
+        for i, msg in enumerate(crystals):
+            if msg.condition == name:
+                rows = space.lookup(msg.hkl())
+                keep = rows >= 0
+                np.add.at(want[store.image_half[i]], rows[keep], msg.I[keep].astype(np.float64))
+        np.testing.assert_allclose(store.condition_sum_i_half(c), want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(store.condition_sum_i_half(0) + store.condition_sum_i_half(1),
+                               store.sum_i_half, rtol=1e-9, atol=1e-9)
     dark, light = (s.obs_count[0] > 0 for s in snaps.values())
     only_dark = np.nonzero(dark & ~light)[0]
     assert only_dark.size > 0

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamvi.config import load_config
 from streamvi.errors import ConfigError
 from streamvi.producers.send import send_messages
+from streamvi.quality.stats import halfset_statistics
 from streamvi.symmetry import shell_edges, shell_index
 from streamvi.service.service import Service, service_conditions
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
@@ -116,6 +117,24 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert all(m["n_images"] == 30 for m in merged)
     status = service.status()
     assert status["condition_images"] == {"dark": 30, "light": 30}
+    # the reference's training-free CC½ is of the dark images alone: half-set averages of
+    # their intensities, recounted here from the crystals sent (the light ones' would
+    # have been divided by the dark counts)
+    store, sp, ref = service.engine.store, service.engine.space, service.latest
+    sums = np.zeros((2, sp.n_unique))
+    for msg in pump_probe:
+        if msg.condition == "dark":
+            rows = sp.lookup(msg.hkl())
+            keep = rows >= 0
+            np.add.at(sums[store.image_half[store.keys[msg.key]]], rows[keep],
+                      msg.I[keep].astype(np.float64))
+    half, _ = halfset_statistics(hkl=sp.hkl, d=sp.d, centric=sp.centric, friedel=sp.friedel,
+                                 obs_count=ref.store_counts, sum_i_half=sums,
+                                 expected_i=store.wilson_sigma() * sp.epsilon,
+                                 anomalous=False, n_shells=len(ref.stats.d_min),
+                                 min_pairs=ref.stats.min_pairs)
+    np.testing.assert_allclose(np.asarray(ref.stats.cc_half_data, float), half.cc,
+                               rtol=1e-6, atol=1e-9)
     fig = status["differences"]["light-minus-dark"]
     assert list(status["coupling"]) == ["light"] and len(status["coupling"]["light"]) == 10
     # the dashboard's pump-probe panels have samples here, with the labels they show

@@ -317,10 +317,12 @@ class ReflectionStore:
         #: Σ I per row and half dataset: the half-set averages behind the training-free
         #: CC½ (:func:`streamvi.quality.stats.halfset_statistics`), which move only with the data
         self.sum_i_half = np.zeros((2, space.n_unique), np.float64)
-        #: with several conditions, ``obs_count``, ``sum_w`` and ``sum_wi`` per condition
-        #: (``(C, 3, n)``, ``(C, n)``; :attr:`condition_obs_count`), and the counts mirrored
-        #: on the device as ``(3C, n)`` (the rows of the posterior's tables)
+        #: with several conditions, ``obs_count``, ``sum_w``, ``sum_wi`` and ``sum_i_half``
+        #: per condition (``(C, 3, n)``, ``(C, n)``, ``(C, 2, n)``;
+        #: :attr:`condition_obs_count`, :meth:`condition_sum_i_half`), and the counts
+        #: mirrored on the device as ``(3C, n)`` (the rows of the posterior's tables)
         self._cond_obs = self._cond_obs_t = self._cond_w = self._cond_wi = None
+        self._cond_i_half = None
         if self.n_conditions > 1:
             shape = (self.n_conditions, space.n_unique)
             self._cond_obs = np.zeros((self.n_conditions, 3, space.n_unique), np.int64)
@@ -328,6 +330,7 @@ class ReflectionStore:
                                            dtype=torch.float32, device=self.device)
             self._cond_w = np.zeros(shape, np.float64)
             self._cond_wi = np.zeros(shape, np.float64)
+            self._cond_i_half = np.zeros((self.n_conditions, 2, space.n_unique), np.float64)
 
     # ------------------------------------------------------------------ adding
 
@@ -651,6 +654,8 @@ class ReflectionStore:
         np.add.at(self._cond_w.reshape(-1), cond * n_u + rows, sign * w)
         np.add.at(self._cond_wi.reshape(-1), cond * n_u + rows,
                   sign * w * np.asarray(iobs, np.float64))
+        np.add.at(self._cond_i_half.reshape(-1), (2 * cond + half) * n_u + rows,
+                  sign * np.asarray(iobs, np.float64))
 
     def _bind_conditions(self, names: Iterable[str]) -> None:
         """Give every name not known yet the next spare table set, in order (the screen
@@ -674,6 +679,14 @@ class ReflectionStore:
         """``(n_conditions, 3, n_rows)`` observations per row of each condition (all
         images, half 1, half 2); ``obs_count[None]`` with one condition."""
         return self.obs_count[None] if self._cond_obs is None else self._cond_obs
+
+    def condition_sum_i_half(self, condition: int) -> np.ndarray:
+        """``(2, n_rows)`` Σ I per row and half of one condition's images (the pooled
+        :attr:`sum_i_half` with one condition): with :attr:`condition_obs_count`, the
+        condition's training-free half-set averages."""
+        if self._cond_i_half is None:
+            return self.sum_i_half
+        return self._cond_i_half[condition]
 
     def condition_images(self) -> np.ndarray:
         """``(n_conditions,)`` images stored per condition."""

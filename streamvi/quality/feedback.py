@@ -70,12 +70,19 @@ def attach_data_estimate(table: ShellTable, space: Any, obs_count: np.ndarray,
                                      sum_i_half=sum_i_half, expected_i=expected)
 
 
-def store_sums(engine: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def store_sums(engine: Any, condition: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
     """The store's half-set sums and Σ(d) per row, in the setting of the engine's last
     snapshot (a merge put in a reference's setting has its rows moved; the store keeps the
-    merge's own).  Read them together with the snapshot (under the same lock)."""
+    merge's own).  Read them together with the snapshot (under the same lock).
+
+    ``condition``: the index of a condition of a pump–probe merge, whose snapshot counts
+    that condition's observations only: its own sums (Σ(d), a normaliser, stays that of
+    every image).  None: every image's."""
     store = engine.store
-    sums, wilson = store.sum_i_half.copy(), store.wilson_sigma()
+    sums = (store.sum_i_half if condition is None
+            else store.condition_sum_i_half(condition)).copy()
+    wilson = store.wilson_sigma()
     choice, reference = getattr(engine, "setting_choice", None), getattr(engine, "reference",
                                                                          None)
     if (reference is not None and choice is not None and choice.op_index != 0

@@ -689,8 +689,11 @@ class Service:
                 snap = snaps[self.conditions[0]]
             else:
                 snap = self.engine.snapshot(history=history)
-            # the half-set sums as they were when the snapshot's counts were taken
-            sum_i_half, wilson = store_sums(self.engine)
+            # the half-set sums as they were when the snapshot's counts were taken (with
+            # conditions, the reference condition's own, as its counts are)
+            sum_i_half, wilson = store_sums(self.engine, condition=(
+                self.engine.store.conditions.index(self.conditions[0]) if snaps is not None
+                else None))
         feedback = self._observe(snap, sum_i_half, wilson)
         self.mtz.write(snap)
         if snaps is not None:
