@@ -17,12 +17,14 @@ import reciprocalspaceship as rs
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamvi.cli.main import main
 from streamvi.config import load_config
 from streamvi.errors import ConfigError
 from streamvi.producers.send import send_messages
 from streamvi.quality.stats import halfset_statistics
 from streamvi.symmetry import shell_edges, shell_index
 from streamvi.service.service import Service, service_conditions
+from streamvi.service.status import images_per_second
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 from conftest import subscriber
 from test_grafana import DASHBOARD, METRIC_NAME, PUMP_PROBE_METRICS, queries
@@ -61,7 +63,7 @@ def config(tmp_path, **kw):
 
 
 def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_probe,
-                                                                dark_model, caplog):
+                                                                dark_model, caplog, capsys):
     pump_probe, stray = pump_probe
     # a non-anomalous merge with a model: it phases the difference maps
     # one publish, publish_now's: what /metrics serves and the snapshots compared with it
@@ -84,6 +86,10 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
         published = dict(service.latest_conditions)
         dom = chromium(service.metrics_server.url, tmp_path / "page", "--dump-dom"
                        ).stdout.decode()
+        capsys.readouterr()
+        assert main(["status", service.metrics_server.url]) == 0      # the crew's terminal
+        assert ("conditions: dark 30 images, light 30 images; the targets and the resolution "
+                "below are dark's (the reference)") in capsys.readouterr().out
     finally:
         service.stop()
     # the status page's difference panel: shown, ten shells and the overall line
@@ -135,6 +141,9 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
                                  min_pairs=ref.stats.min_pairs)
     np.testing.assert_allclose(np.asarray(ref.stats.cc_half_data, float), half.cc,
                                rtol=1e-6, atol=1e-9)
+    # and its forecasts run at the rate of the dark images alone: half of all, here
+    assert images_per_second(service.engine, 1e6, condition=0) == pytest.approx(
+        0.5 * images_per_second(service.engine, 1e6), rel=1e-3)
     fig = status["differences"]["light-minus-dark"]
     assert list(status["coupling"]) == ["light"] and len(status["coupling"]["light"]) == 10
     # the dashboard's pump-probe panels have samples here, with the labels they show

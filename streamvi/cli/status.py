@@ -46,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
           f"{status.get('crystals_merged', 0)} crystals merged, "
           f"{status.get('images_per_s') or 0.0:.1f} images/s; {merge.get('space_group', '?')} "
           f"to {merge.get('dmin', '?')} Å")
+    by_condition = status.get("condition_images") or {}
+    if by_condition:
+        names = list(by_condition)
+        print("conditions: " + ", ".join(f"{k} {v} images" for k, v in by_condition.items())
+              + f"; the targets and the resolution below are {names[0]}'s (the reference), "
+              "its images at its own rate")
     switch = status.get("partiality_switch")
     if switch:
         print(f"geometric partiality switched on: the scales' trend gave the amplitudes B "

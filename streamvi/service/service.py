@@ -691,10 +691,12 @@ class Service:
                 snap = self.engine.snapshot(history=history)
             # the half-set sums as they were when the snapshot's counts were taken (with
             # conditions, the reference condition's own, as its counts are)
-            sum_i_half, wilson = store_sums(self.engine, condition=(
-                self.engine.store.conditions.index(self.conditions[0]) if snaps is not None
-                else None))
-        feedback = self._observe(snap, sum_i_half, wilson)
+            ref = (self.engine.store.conditions.index(self.conditions[0]) if snaps is not None
+                   else None)
+            sum_i_half, wilson = store_sums(self.engine, condition=ref)
+        # with conditions the forecasts are of the reference's images, at their own rate
+        feedback = self._observe(snap, sum_i_half, wilson,
+                                 self.images_per_second(condition=ref))
         self.mtz.write(snap)
         if snaps is not None:
             self._write_conditions(snaps)
@@ -746,12 +748,13 @@ class Service:
         self.latest_differences = figures
 
     def _observe(self, snap: MergeSnapshot, sum_i_half: np.ndarray,
-                 wilson: np.ndarray | None) -> Feedback | None:
-        """The snapshot's live feedback (training-free figures, forecasts, peaks); a failure
-        is logged and must not stop the MTZ files."""
+                 wilson: np.ndarray | None, rate: float) -> Feedback | None:
+        """The snapshot's live feedback (training-free figures, forecasts, peaks; ``rate``:
+        the snapshot's images per second); a failure is logged and must not stop the MTZ
+        files."""
         try:
             return self.feedback.observe(snap, sum_i_half=sum_i_half, wilson_sigma=wilson,
-                                         rate=self.images_per_second())
+                                         rate=rate)
         except Exception:  # noqa: BLE001 - publishing goes on without it
             log.exception("live feedback of snapshot %d failed", snap.snapshot_id)
             return None
@@ -765,9 +768,10 @@ class Service:
                 "loss": None if self.last_step_report is None else self.last_step_report.loss,
                 "images_per_s": self.images_per_second()}
 
-    def images_per_second(self, window_s: float = 30.0) -> float:
-        """Arrival rate of crystals over the last ``window_s`` seconds."""
-        return images_per_second(self.engine, window_s)
+    def images_per_second(self, window_s: float = 30.0, condition: int | None = None) -> float:
+        """Arrival rate of crystals over the last ``window_s`` seconds (of one condition's,
+        by its table set's index)."""
+        return images_per_second(self.engine, window_s, condition)
 
     def status(self) -> dict[str, Any]:
         """Current figures for the stats topic, status page and terminal (JSON-able)."""

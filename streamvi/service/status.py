@@ -227,14 +227,20 @@ def partiality_advice_of(service: "Service") -> str | None:
                              engine.trainer.config.geometric_partiality)
 
 
-def images_per_second(engine: Any, window_s: float = 30.0) -> float:
-    """Arrival rate of crystals over the last ``window_s`` seconds."""
+def images_per_second(engine: Any, window_s: float = 30.0,
+                      condition: int | None = None) -> float:
+    """Arrival rate of crystals over the last ``window_s`` seconds; ``condition``: of that
+    condition's crystals only (the index of its table set; pump–probe)."""
     if engine is None or engine.n_images == 0:
         return 0.0
     st = engine.store
-    t = st.arrival_time[: st.n_images]
+    n = st.n_images
+    t = st.arrival_time[:n]
     now = time.time()
-    recent = int((t > now - window_s).sum())
+    recent_mask = t > now - window_s
+    if condition is not None:
+        recent_mask &= st.image_condition[:n] == condition
+    recent = int(recent_mask.sum())
     span = min(window_s, max(now - float(t.min()), 1e-3))
     return recent / span
 
