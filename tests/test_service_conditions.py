@@ -71,7 +71,7 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     # misfit verdicts between publishes)
     service = Service(config(tmp_path, metrics_port=0, model=str(dark_model),
                              publish_endpoint="tcp://127.0.0.1:*",
-                             publish_interval=1000.0)).start()
+                             publish_interval=1000.0, target_multiplicity=500.0)).start()
     try:
         # the reference (dark, listed second) comes first in the tables
         assert service.conditions == ("dark", "light")
@@ -88,8 +88,13 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
                        ).stdout.decode()
         capsys.readouterr()
         assert main(["status", service.metrics_server.url]) == 0      # the crew's terminal
+        out = capsys.readouterr().out
+        status_feedback = service.latest_feedback.to_dict()
         assert ("conditions: dark 30 images, light 30 images; the targets and the resolution "
-                "below are dark's (the reference)") in capsys.readouterr().out
+                "below are dark's (the reference)") in out
+        assert "condition light (its own images, at its rate):\n" in out
+        light_lines = out.split("condition light (its own images, at its rate):\n")[1]
+        assert "\n        multiplicity ≥ 500" in light_lines
     finally:
         service.stop()
     # the status page's difference panel: shown, ten shells and the overall line
@@ -141,6 +146,16 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
                                  min_pairs=ref.stats.min_pairs)
     np.testing.assert_allclose(np.asarray(ref.stats.cc_half_data, float), half.cc,
                                rtol=1e-6, atol=1e-9)
+    # the light condition's own feedback: its images, its observations per reflection
+    light_fb = status["condition_feedback"]["light"]
+    assert list(status["condition_feedback"]) == ["light"] and light_fb["n_images"] == 30
+    (target,) = [t for t in light_fb["targets"] if t["target"]["label"] == "multiplicity"]
+    assert [t["target"]["label"] for t in light_fb["targets"]] == [
+        t["target"]["label"] for t in status_feedback["targets"]]
+    counts = published["light"].store_counts[0]
+    assert target["target"]["label"] == "multiplicity" and not target["reached"]
+    assert target["current"] == pytest.approx(counts.sum() / (counts > 0).sum(), rel=0.1)
+    assert target["images_needed"] > 0 and light_fb["rate"] > 0
     # and its forecasts run at the rate of the dark images alone: half of all, here
     assert images_per_second(service.engine, 1e6, condition=0) == pytest.approx(
         0.5 * images_per_second(service.engine, 1e6), rel=1e-3)

@@ -67,4 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for line in decision_lines(feedback):
         print(line)
+    for name, other in (status.get("condition_feedback") or {}).items():
+        print(f"condition {name} (its own images, at its rate):")
+        for line in decision_lines(other):
+            print("  " + line)
     return 0

@@ -201,6 +201,10 @@ class Service:
         self.latest: MergeSnapshot | None = None
         #: with conditions, the latest snapshot of each, by name (reference first)
         self.latest_conditions: dict[str, MergeSnapshot] = {}
+        #: pump–probe: the targets' feedback of every condition but the reference (whose is
+        #: :attr:`latest_feedback`), each with its own history (no anomalous peaks)
+        self.condition_feedback: dict[str, LiveFeedback] = {}
+        self.latest_condition_feedback: dict[str, Feedback] = {}
         #: (time, figures) of every snapshot, for the status page's plots over time
         self.history: deque[dict[str, Any]] = deque(maxlen=2000)
         self.lock = threading.RLock()
@@ -691,12 +695,20 @@ class Service:
                 snap = self.engine.snapshot(history=history)
             # the half-set sums as they were when the snapshot's counts were taken (with
             # conditions, the reference condition's own, as its counts are)
-            ref = (self.engine.store.conditions.index(self.conditions[0]) if snaps is not None
-                   else None)
+            store = self.engine.store
+            ref = store.conditions.index(self.conditions[0]) if snaps is not None else None
             sum_i_half, wilson = store_sums(self.engine, condition=ref)
+            # every other condition's own sums, for its own feedback
+            others = {name: store_sums(self.engine, condition=store.conditions.index(name))[0]
+                      for name in (snaps or {}) if name != self.conditions[0]}
         # with conditions the forecasts are of the reference's images, at their own rate
         feedback = self._observe(snap, sum_i_half, wilson,
                                  self.images_per_second(condition=ref))
+        for name, sums in others.items():
+            fb = self._observe(snaps[name], sums, wilson, self.images_per_second(
+                condition=store.conditions.index(name)), live=self._condition_feedback(name))
+            if fb is not None:
+                self.latest_condition_feedback[name] = fb
         self.mtz.write(snap)
         if snaps is not None:
             self._write_conditions(snaps)
@@ -715,6 +727,13 @@ class Service:
                 if name != ref:
                     self.publisher.publish_merged(other, condition=name)
         return snap
+
+    def _condition_feedback(self, name: str) -> LiveFeedback:
+        """The live feedback of condition ``name`` (made at its first snapshot: a condition
+        may appear mid-run), with the reference's targets."""
+        if name not in self.condition_feedback:
+            self.condition_feedback[name] = LiveFeedback(self.feedback.targets, None)
+        return self.condition_feedback[name]
 
     def _write_conditions(self, snaps: dict[str, MergeSnapshot]) -> None:
         """``latest-<condition>.mtz`` per condition and the differences against the
@@ -748,13 +767,14 @@ class Service:
         self.latest_differences = figures
 
     def _observe(self, snap: MergeSnapshot, sum_i_half: np.ndarray,
-                 wilson: np.ndarray | None, rate: float) -> Feedback | None:
+                 wilson: np.ndarray | None, rate: float,
+                 live: LiveFeedback | None = None) -> Feedback | None:
         """The snapshot's live feedback (training-free figures, forecasts, peaks; ``rate``:
-        the snapshot's images per second); a failure is logged and must not stop the MTZ
-        files."""
+        the snapshot's images per second; ``live``: whose, default :attr:`feedback`); a
+        failure is logged and must not stop the MTZ files."""
         try:
-            return self.feedback.observe(snap, sum_i_half=sum_i_half, wilson_sigma=wilson,
-                                         rate=rate)
+            return (live or self.feedback).observe(snap, sum_i_half=sum_i_half,
+                                                   wilson_sigma=wilson, rate=rate)
         except Exception:  # noqa: BLE001 - publishing goes on without it
             log.exception("live feedback of snapshot %d failed", snap.snapshot_id)
             return None
