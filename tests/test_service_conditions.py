@@ -95,6 +95,9 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
         assert "condition light (its own images, at its rate):\n" in out
         light_lines = out.split("condition light (its own images, at its rate):\n")[1]
         assert "\n        multiplicity ≥ 500" in light_lines
+        assert main(["status", service.metrics_server.url, "--json"]) == 0
+        as_json = json.loads(capsys.readouterr().out)
+        assert as_json["condition_feedback"]["light"]["n_images"] == 30
     finally:
         service.stop()
     # the status page's difference panel: shown, ten shells and the overall line

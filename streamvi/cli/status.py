@@ -36,10 +36,13 @@ def run(args: argparse.Namespace) -> int:
                             "this its status page address (metrics_host:metrics_port)?") \
             from None
     feedback = payload.get("feedback")
+    status = payload.get("status") or {}
     if opts.json:
+        others = status.get("condition_feedback") or {}
+        if feedback is not None and others:     # pump-probe: every other condition's too
+            feedback = {**feedback, "condition_feedback": others}
         print(json.dumps(feedback, allow_nan=False))
         return 0
-    status = payload.get("status") or {}
     snap = payload.get("snapshot") or {}
     merge = payload.get("merge") or {}
     print(f"streamvi {payload.get('version', '?')} at {opts.url}: {status.get('state', '?')}, "
