@@ -107,6 +107,11 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
     assert body.count("<tr") == 11 and "light-minus-dark" in body
     assert re.search(r"light-minus-dark: overall.*?significant", dom, re.S)
     assert "dark 30 · light 30" in dom
+    # the verdict under the targets: the reference's, then the light condition's own
+    verdict = re.search(r'id="verdict"[^>]*>([^<]*)<', dom).group(1)
+    assert re.fullmatch(r"dark: \d of \d targets open · about [\d,]+ more images · snapshot "
+                        r"\d+ at 30 images · light: \d of \d targets open · about [\d,]+ more "
+                        r"images at 30 images", verdict), verdict
     assert re.search(r'id="diff-peaks">light-minus-dark: \+\d+\.\d σ at A/', dom)
     assert 'streamvi_condition_images{condition="light"} 30.0' in metrics
     # the per-shell families carry every condition's merge, labelled

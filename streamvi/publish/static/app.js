@@ -166,16 +166,24 @@ function renderTargets(d) {
   if (rows.length) body.replaceChildren(...rows);
   else body.replaceChildren(Object.assign(document.createElement("tr"), { className: "empty",
     innerHTML: '<td colspan="6">no targets set (target_cc_half, target_completeness, …)</td>' }));
+  // pump-probe: the table is the reference condition's; every other condition's verdict
+  // follows in the line below it, of its own images
+  const others = Object.entries((d.status || {}).condition_feedback || {});
+  const names = Object.keys((d.status || {}).condition_images || {});
+  const prefix = others.length && names.length ? `${names[0]}: ` : "";
+  const more = others.map(([name, o]) => `${name}: ${targetsVerdict(o)} at ` +
+                                         `${fmtInt(o.n_images)} images`);
+  setText("verdict", [`${prefix}${targetsVerdict(fb)} · snapshot ${fmtInt(fb.snapshot)} at ` +
+                      `${fmtInt(fb.n_images)} images`, ...more].join(" · "));
+}
+
+function targetsVerdict(fb) {
   const open = (fb.targets || []).filter(t => !t.reached);
-  let verdict;
-  if (!(fb.targets || []).length) verdict = "no targets";
-  else if (fb.done) verdict = "all targets reached: time to move on";
-  else {
-    const need = open.map(t => t.images_needed).filter(isNum);
-    verdict = `${open.length} of ${fb.targets.length} targets open` +
-      (need.length ? ` · about ${fmtInt(Math.max(...need))} more images` : "");
-  }
-  setText("verdict", `${verdict} · snapshot ${fmtInt(fb.snapshot)} at ${fmtInt(fb.n_images)} images`);
+  if (!(fb.targets || []).length) return "no targets";
+  if (fb.done) return "all targets reached: time to move on";
+  const need = open.map(t => t.images_needed).filter(isNum);
+  return `${open.length} of ${fb.targets.length} targets open` +
+    (need.length ? ` · about ${fmtInt(Math.max(...need))} more images` : "");
 }
 
 function ccWithInterval(x, lo, hi, n, minPairs) {
