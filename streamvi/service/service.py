@@ -917,8 +917,9 @@ class Service:
             return float(got["dmin"])
         if got != want:
             raise ConfigError(f"{self.checkpoint_path} was made for {got} but the configuration "
-                              f"says {want}; use the same space group/cell/dmin or another "
-                              "out_dir")
+                              f"says {want}; use the same space group, cell and anomalous "
+                              "mode (another dmin is taken: the spool is replayed into its "
+                              "table), or another out_dir")
 
     def _replay(self, *, count: bool) -> int:
         """Feed every spooled crystal to the store (counting the uncounted ones if
