@@ -143,6 +143,9 @@ class ServiceSnapshot:
     conditions
         With pump–probe conditions, the latest snapshot of every condition by name,
         reference first (``merge`` is the reference's); empty without conditions.
+    condition_feedback
+        With conditions, the live feedback of every condition but the reference (whose is
+        ``feedback``), by name.
     """
 
     time: float
@@ -160,6 +163,7 @@ class ServiceSnapshot:
     spool_bytes: int = 0
     version: str = ""
     conditions: Mapping[str, MergeSnapshot] = field(default_factory=dict)
+    condition_feedback: Mapping[str, "Feedback"] = field(default_factory=dict)
 
     @property
     def failure(self) -> str | None:

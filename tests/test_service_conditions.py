@@ -123,6 +123,16 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
         assert float(cc.group(1)) == pytest.approx(snap.stats.overall["completeness"])
         assert len(re.findall(r'streamvi_cc_half\{condition="%s",shell="\d+"\}' % name,
                               metrics)) == 10
+    # the evidence and the targets per condition too, each of its own images
+    for name in ("dark", "light"):
+        for family in ("streamvi_cc_half_data", "streamvi_cc_half_pairs"):
+            assert re.search(r'%s\{condition="%s",shell="overall"\} \S+' % (family, name),
+                             metrics), (family, name)
+        assert re.search(r'streamvi_target_goal\{condition="%s",target="multiplicity"\} 500\.0'
+                         % name, metrics), name
+    light_needed = float(re.search(r'streamvi_forecast_images\{condition="light",'
+                                   r'target="multiplicity"\} (\S+)', metrics).group(1))
+    assert light_needed > 0
     assert 'streamvi_delta_cc_half{pair="light-minus-dark",shell="overall"}' in metrics
     assert 'streamvi_delta_significant{pair="light-minus-dark"}' in metrics
     r = [float(x) for x in re.findall(

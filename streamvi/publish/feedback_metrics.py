@@ -51,12 +51,20 @@ EVIDENCE_GAUGES = (
 
 def feedback_families(state: ServiceSnapshot) -> Iterator[Metric]:
     """Every family of this module, filled from the state's posterior snapshot and its
-    feedback (both may be None)."""
+    feedback (both may be None).  With pump–probe conditions the per-shell evidence and
+    the targets carry a ``condition`` label, one series per condition (each of its own
+    images); the resolution estimate and the anomalous peaks stay the reference's."""
     table = None if state.merge is None else state.merge.stats
     fb = state.feedback
-    yield from _evidence(table)
+    if state.conditions:
+        tables = {name: snap.stats for name, snap in state.conditions.items()}
+        reference = next(iter(state.conditions))
+        feedbacks = {reference: fb, **state.condition_feedback}
+    else:
+        tables, feedbacks = {None: table}, {None: fb}
+    yield from _evidence(tables)
     yield from _resolution(fb)
-    yield from _targets(fb)
+    yield from _targets(feedbacks)
     yield from _peaks(fb)
 
 
@@ -65,13 +73,18 @@ def _add(fam: GaugeMetricFamily, labels: list[str], value: Any) -> None:
         fam.add_metric(labels, float(value))
 
 
-def _evidence(table: Any) -> Iterator[Metric]:
-    n = 0 if table is None else len(table.d_min)
-    labels = [str(i + 1) for i in range(n)] + ["overall"]
+def _evidence(tables: dict[str | None, Any]) -> Iterator[Metric]:
+    """The evidence gauges of each table (key: its condition, None without conditions)."""
+    by_condition = None not in tables
     for name, attr, doc in EVIDENCE_GAUGES:
-        fam = GaugeMetricFamily(name, doc, labels=["shell"])
-        values = [] if table is None else list(getattr(table, attr, []) or [])
-        if values:
+        fam = GaugeMetricFamily(name, doc, labels=["shell", "condition"] if by_condition
+                                else ["shell"])
+        for condition, table in tables.items():
+            extra = [] if condition is None else [condition]
+            values = [] if table is None else list(getattr(table, attr, []) or [])
+            if not values:
+                continue
+            labels = [str(i + 1) for i in range(len(table.d_min))] + ["overall"]
             values = values + [table.overall.get(attr)]
             base = attr.rsplit("_", 1)[0] if attr.endswith(("_pairs", "_low", "_high")) else attr
             counts = list(getattr(table, f"{base}_pairs", []) or []) + [
@@ -80,7 +93,7 @@ def _evidence(table: Any) -> Iterator[Metric]:
                 # a figure on too few pairs is left out, never exported as a number
                 if not attr.endswith("_pairs") and (pairs or 0) < table.min_pairs:
                     continue
-                _add(fam, [label], value)
+                _add(fam, [label, *extra], value)
         yield fam
 
 
@@ -113,41 +126,59 @@ def _resolution(fb: Any) -> Iterator[Metric]:
     yield from (low, high, beyond, model, provisional)
 
 
-def _targets(fb: Any) -> Iterator[Metric]:
-    images = GaugeMetricFamily("streamvi_forecast_images",
-                               "Images still needed to reach the target (0 once reached; no "
-                               "sample while no forecast can be made)", labels=["target"])
-    images_low = GaugeMetricFamily("streamvi_forecast_images_low",
-                                   "Lower end of the 95 % interval of the images still needed",
-                                   labels=["target"])
-    images_high = GaugeMetricFamily("streamvi_forecast_images_high",
-                                    "Upper end of the 95 % interval of the images still needed "
-                                    "(no sample: unbounded)", labels=["target"])
-    seconds = GaugeMetricFamily("streamvi_forecast_seconds",
-                                "Seconds still needed to reach the target at the current "
-                                "indexed rate (0 once reached; no sample while no images "
-                                "arrive)", labels=["target"])
-    reached = GaugeMetricFamily("streamvi_target_reached",
-                                "1 once the target is reached, else 0", labels=["target"])
-    current = GaugeMetricFamily("streamvi_target_value",
-                                "The figure a target is judged on, now", labels=["target"])
-    goal = GaugeMetricFamily("streamvi_target_goal", "The level a target asks for",
-                             labels=["target"])
-    for fc in [] if fb is None else fb.forecasts:
-        label = [fc.target.kind]
-        reached.add_metric(label, float(fc.reached))
-        _add(current, label, fc.current)
-        _add(goal, label, fc.target.value)
-        if fc.reached:
-            images.add_metric(label, 0.0)
-            seconds.add_metric(label, 0.0)
-            continue
-        _add(images, label, fc.images_needed)
-        for fam, total in ((images_low, fc.images_low), (images_high, fc.images_high)):
-            if total is not None:
-                _add(fam, label, max(total - fc.n_images, 0.0))
-        _add(seconds, label, fc.seconds)
-    yield from (images, images_low, images_high, seconds, reached, current, goal)
+def _targets(feedbacks: dict[str | None, Any]) -> Iterator[Metric]:
+    """The target families of each feedback (key: its condition, None without
+    conditions)."""
+    by_condition = None not in feedbacks
+    label_names = ["target", "condition"] if by_condition else ["target"]
+    families = _target_families(label_names)
+    for condition, fb in feedbacks.items():
+        extra = [] if condition is None else [condition]
+        for fc in [] if fb is None else fb.forecasts:
+            _add_forecast(families, [fc.target.kind, *extra], fc)
+    yield from families
+
+
+def _target_families(label_names: list[str]) -> tuple[GaugeMetricFamily, ...]:
+    """``(images, images_low, images_high, seconds, reached, current, goal)``, empty."""
+    labels = label_names
+    return (
+        GaugeMetricFamily("streamvi_forecast_images",
+                          "Images still needed to reach the target (0 once reached; no "
+                          "sample while no forecast can be made)", labels=labels),
+        GaugeMetricFamily("streamvi_forecast_images_low",
+                          "Lower end of the 95 % interval of the images still needed",
+                          labels=labels),
+        GaugeMetricFamily("streamvi_forecast_images_high",
+                          "Upper end of the 95 % interval of the images still needed "
+                          "(no sample: unbounded)", labels=labels),
+        GaugeMetricFamily("streamvi_forecast_seconds",
+                          "Seconds still needed to reach the target at the current "
+                          "indexed rate (0 once reached; no sample while no images "
+                          "arrive)", labels=labels),
+        GaugeMetricFamily("streamvi_target_reached",
+                          "1 once the target is reached, else 0", labels=labels),
+        GaugeMetricFamily("streamvi_target_value",
+                          "The figure a target is judged on, now", labels=labels),
+        GaugeMetricFamily("streamvi_target_goal", "The level a target asks for",
+                          labels=labels))
+
+
+def _add_forecast(families: tuple[GaugeMetricFamily, ...], label: list[str], fc: Any) -> None:
+    """One forecast's samples in :func:`_target_families`' families."""
+    images, images_low, images_high, seconds, reached, current, goal = families
+    reached.add_metric(label, float(fc.reached))
+    _add(current, label, fc.current)
+    _add(goal, label, fc.target.value)
+    if fc.reached:
+        images.add_metric(label, 0.0)
+        seconds.add_metric(label, 0.0)
+        return
+    _add(images, label, fc.images_needed)
+    for fam, total in ((images_low, fc.images_low), (images_high, fc.images_high)):
+        if total is not None:
+            _add(fam, label, max(total - fc.n_images, 0.0))
+    _add(seconds, label, fc.seconds)
 
 
 def _peaks(fb: Any) -> Iterator[Metric]:

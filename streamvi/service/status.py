@@ -63,7 +63,8 @@ def service_snapshot(service: "Service", *, store: bool = False) -> ServiceSnaps
         store=store_figures(service) if store else None,
         memory=memory_by_kind(service.engine) if store else {},
         spool_bytes=int(service.spool.bytes_total), version=streamvi.__version__,
-        conditions=dict(service.latest_conditions))
+        conditions=dict(service.latest_conditions),
+        condition_feedback=dict(service.latest_condition_feedback))
 
 
 @contextmanager
