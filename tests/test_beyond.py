@@ -1,5 +1,7 @@
 """The record of reflections beyond a table's dmin (streamvi/merging/beyond.py), against
 counts made here with gemmi on the same reflections."""
+import re
+
 import gemmi
 import numpy as np
 import pytest
@@ -70,3 +72,31 @@ def test_the_store_records_every_arriving_reflection_beyond_its_table():
     # what the store left out is what lies beyond, plus the absences
     assert sum(r.n_outside for r in results) >= store.beyond_dmin.n_beyond
     assert store.beyond_dmin.d_min_seen == pytest.approx(d.min(), rel=1e-5)
+
+
+def test_merge_says_what_its_dmin_left_out(tmp_path, capsys):
+    """``streamvi merge --dmin`` below the data's reach: the MTZ history and the terminal
+    give the reflections beyond it, counted as gemmi counts them in the stream it read."""
+    from streamvi.cli.main import main
+    from streamvi.sources import open_file
+    from streamvi.wire import CrystalMessage
+
+    stream, out = tmp_path / "s.stream", tmp_path / "m.mtz"
+    assert main(["simulate", "--images", "24", "--seed", "3", "--dmin", "2.8",
+                 "-o", str(stream)]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(stream), "-o", str(out), "--space-group", "P 43 21 2",
+                 "--dmin", "3.4", "--steps", "10", "--device", "cpu", "--mc-samples", "2",
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    crystals = [c for c in open_file(stream) if isinstance(c, CrystalMessage)]
+    mtz = gemmi.read_mtz_file(str(out))
+    d = np.concatenate([mtz.cell.calculate_d_array(c.hkl().astype(np.int32))
+                        for c in crystals])
+    n = int(np.sum(d < 3.4))
+    assert n > 0
+    assert f"{n} reflections beyond dmin 3.4 A (to {d.min():.2f} A) not merged" in [
+        h.strip() for h in mtz.history]
+    assert re.search(rf"^{n} reflections \([\d.]+%\) beyond --dmin 3.4 Å, out to "
+                     rf"{d.min():.2f} Å, not merged \(mean I/σ\(I\) per observation: 3\.40–",
+                     text, re.M), text[-800:]

@@ -100,6 +100,14 @@ def run(args: argparse.Namespace) -> int:
             + [f"{n} duplicates by {kind}" for kind, n in
                sorted(store.duplicate_counts.items())]), file=sys.stderr)
     print(snapshot.stats.format())
+    beyond = store.beyond_dmin
+    if beyond.n_beyond:
+        # --dmin cut the data (unset, the table reaches the highest resolution observed)
+        shells = ", ".join(f"{sh['d_max']:.2f}–{sh['d_min']:.2f} Å {sh['mean_i_over_sigma']:.2f}"
+                           for sh in beyond.shells() if sh["mean_i_over_sigma"] is not None)
+        print(f"{beyond.n_beyond} reflections ({beyond.fraction:.1%}) beyond --dmin "
+              f"{beyond.dmin:g} Å, out to {beyond.d_min_seen:.2f} Å, not merged (mean I/σ(I) "
+              f"per observation: {shells}); leave --dmin unset to merge to the data's limit")
     settings = engine.store.setting_counts()
     if settings:
         print("images per indexing setting (the twin law that puts each in the merge's): "

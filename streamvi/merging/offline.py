@@ -408,8 +408,13 @@ def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
     hist = list(history or [])
     if confidence is not None:
         hist.append(f"indexing settings by consensus, confidence {confidence:.3f}")
-    if n_outside:
-        hist.append(f"{n_outside} reflections outside the table (beyond dmin) not merged")
+    beyond = engine.store.beyond_dmin
+    if beyond.n_beyond:         # MTZ history lines hold 80 characters
+        hist.append(f"{beyond.n_beyond} reflections beyond dmin {beyond.dmin:g} A (to "
+                    f"{beyond.d_min_seen:.2f} A) not merged"[:80])
+    if n_outside > beyond.n_beyond:
+        hist.append(f"{n_outside - beyond.n_beyond} more outside the table (systematic "
+                    "absences) not merged"[:80])
     if restarted:
         hist.append(("rows restarted at their data: " + ", ".join(
             f"{n} at step {i}" for i, n in restarted))[:80])
