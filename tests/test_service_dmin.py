@@ -40,15 +40,20 @@ def test_a_table_too_small_is_reported_and_extended_on_restart(tmp_path, crystal
                                                                caplog):
     cell = gemmi.UnitCell(*SIM.cell)
     d = np.concatenate([cell.calculate_d_array(c.hkl().astype(np.int32)) for c in crystals])
-    svc = Service(config(tmp_path)).start()
+    # snapshots only when asked, once every crystal is in: the published resolution
+    # estimate is then the fit of these data, not one kept from a partial set
+    svc = Service(config(tmp_path, publish_interval=1000.0)).start()
+
+    def asked(s):
+        s.request_publish()
+        return s.status()["dmin_advice"] is not None
+
     try:
         send_messages(crystals, svc.ingestor.bound_endpoints[0])
         assert svc.wait_until(lambda s: s.crystals_merged == len(crystals), 60), svc.status()
-        svc.request_publish()
         with caplog.at_level(logging.WARNING, logger="streamvi"):
-            assert svc.wait_until(lambda s: s.status()["dmin_advice"] is not None, 90), (
-                svc.status()["beyond_dmin"], svc.latest_feedback.resolution)
-            svc.request_publish()
+            assert svc.wait_until(asked, 90, poll=0.5), (
+                svc.status()["beyond_dmin"], svc.latest_feedback)
             assert svc.wait_until(lambda s: "restart on the same out_dir" in caplog.text, 30)
         status = svc.status()
         record = status["beyond_dmin"]
