@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                            for sh in beyond.shells() if sh["mean_i_over_sigma"] is not None)
         print(f"{beyond.n_beyond} reflections ({beyond.fraction:.1%}) beyond --dmin "
               f"{beyond.dmin:g} Å, out to {beyond.d_min_seen:.2f} Å, not merged (mean I/σ(I) "
-              f"per observation: {shells}); leave --dmin unset to merge to the data's limit")
+              f"per observation: {shells}); unset, --dmin is the data's own limit")
     settings = engine.store.setting_counts()
     if settings:
         print("images per indexing setting (the twin law that puts each in the merge's): "
