@@ -2,6 +2,7 @@
 to extend it, and a restart on the same out_dir with the larger table merges everything
 the spool holds (over real loopback sockets, real MTZ files)."""
 import logging
+import re
 
 import gemmi
 import numpy as np
@@ -14,6 +15,7 @@ from streamvi.errors import ConfigError
 from streamvi.producers.send import send_messages
 from streamvi.service.service import Service
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+from test_http import chromium
 from test_metrics import sample, scrape
 
 SIM = SimulationConfig(n_images=80, seed=4, dmin=2.6)
@@ -68,6 +70,10 @@ def test_a_table_too_small_is_reported_and_extended_on_restart(tmp_path, crystal
         assert sample(samples, "streamvi_dmin_advice_angstrom") == pytest.approx(suggested)
         assert main(["status", svc.metrics_server.url]) == 0        # the crew's terminal
         assert f"advice: {status['dmin_advice']}" in capsys.readouterr().out
+        dom = chromium(svc.metrics_server.url, tmp_path / "page", "--dump-dom").stdout.decode()
+        merge_line = re.search(r'<div id="merge" class="merge"[^>]*>([^<]*)<', dom)
+        assert merge_line and (f"data beyond dmin: restart with dmin {suggested:.2f} Å (hover)"
+                               in merge_line.group(1)), dom[:2000]
     finally:
         svc.stop()
     before = rs.read_mtz(str(tmp_path / "latest.mtz"))
