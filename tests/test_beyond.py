@@ -45,7 +45,7 @@ def test_counts_shells_and_the_reach_of_what_arrives():
     assert rec2.shells()[-1]["mean_i_over_sigma"] == pytest.approx(5.0)
 
 
-def test_no_suggestion_while_few_reflections_lie_beyond(monkeypatch):
+def test_no_suggestion_while_few_reflections_lie_beyond():
     rec = BeyondDmin(2.0)
     rec.add(np.r_[np.full(10000, 3.0), np.full(150, 1.9)], np.ones(10150), np.ones(10150))
     assert rec.fraction < beyond.MIN_FRACTION and rec.suggested_dmin() is None

@@ -123,8 +123,7 @@ class BeyondDmin:
         (:data:`MIN_FRACTION`, :data:`MIN_REFLECTIONS`)."""
         if self.n_beyond < MIN_REFLECTIONS or self.fraction < MIN_FRACTION:
             return None
-        reach = self.reach()
-        return reach if reach is not None and reach < self.dmin else None
+        return self.reach()      # defined: MIN_FRACTION is above 1 − REACH_QUANTILE
 
     def shells(self) -> list[dict]:
         """Mean I/σ(I) per observation in :data:`N_REPORT_SHELLS` shells beyond dmin

@@ -130,8 +130,7 @@ def _targets(feedbacks: dict[str | None, Any]) -> Iterator[Metric]:
     """The target families of each feedback (key: its condition, None without
     conditions)."""
     by_condition = None not in feedbacks
-    label_names = ["target", "condition"] if by_condition else ["target"]
-    families = _target_families(label_names)
+    families = _target_families(["target", "condition"] if by_condition else ["target"])
     for condition, fb in feedbacks.items():
         extra = [] if condition is None else [condition]
         for fc in [] if fb is None else fb.forecasts:
@@ -139,9 +138,8 @@ def _targets(feedbacks: dict[str | None, Any]) -> Iterator[Metric]:
     yield from families
 
 
-def _target_families(label_names: list[str]) -> tuple[GaugeMetricFamily, ...]:
+def _target_families(labels: list[str]) -> tuple[GaugeMetricFamily, ...]:
     """``(images, images_low, images_high, seconds, reached, current, goal)``, empty."""
-    labels = label_names
     return (
         GaugeMetricFamily("streamvi_forecast_images",
                           "Images still needed to reach the target (0 once reached; no "

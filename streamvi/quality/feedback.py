@@ -28,7 +28,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -70,27 +70,27 @@ def attach_data_estimate(table: ShellTable, space: Any, obs_count: np.ndarray,
                                      sum_i_half=sum_i_half, expected_i=expected)
 
 
-def store_sums(engine: Any, condition: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray | None]:
+def store_sums(engine: Any, conditions: Sequence[int | None] = (None,)
+               ) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The store's half-set sums and Σ(d) per row, in the setting of the engine's last
     snapshot (a merge put in a reference's setting has its rows moved; the store keeps the
     merge's own).  Read them together with the snapshot (under the same lock).
 
-    ``condition``: the index of a condition of a pump–probe merge, whose snapshot counts
-    that condition's observations only: its own sums (Σ(d), a normaliser, stays that of
-    every image).  None: every image's."""
+    ``conditions``: whose sums, one array each: None every image's; an index, that
+    condition's of a pump–probe merge, whose snapshot counts its observations only.  Σ(d),
+    a normaliser, is every image's."""
     store = engine.store
-    sums = (store.sum_i_half if condition is None
-            else store.condition_sum_i_half(condition)).copy()
+    sums = [(store.sum_i_half if c is None else store.condition_sum_i_half(c)).copy()
+            for c in conditions]
     wilson = store.wilson_sigma()
     choice, reference = getattr(engine, "setting_choice", None), getattr(engine, "reference",
                                                                          None)
     if (reference is not None and choice is not None and choice.op_index != 0
             and np.isfinite(choice.cc[choice.op_index])):
         perm = reference.permutation(choice.op_index)     # as reference.reindex_snapshot
-        moved = np.empty_like(sums)
-        moved[:, perm] = sums
-        sums = moved
+        for k, each in enumerate(sums):
+            sums[k] = np.empty_like(each)
+            sums[k][:, perm] = each
         if wilson is not None:
             w = np.empty_like(wilson)
             w[perm] = wilson
@@ -104,7 +104,7 @@ def attach_store_estimate(snapshot: Any, engine: Any) -> None:
     every stored image, misfit verdicts included), so the figures move with the data only.
     For an engine the caller holds (an offline merge); the service reads the sums under its
     lock and passes them to :meth:`LiveFeedback.observe`."""
-    sums, wilson = store_sums(engine)
+    (sums,), wilson = store_sums(engine)
     attach_data_estimate(snapshot.stats, snapshot.space, snapshot.store_counts, sums, wilson)
 
 

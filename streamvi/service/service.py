@@ -693,20 +693,21 @@ class Service:
                 snap = snaps[self.conditions[0]]
             else:
                 snap = self.engine.snapshot(history=history)
-            # the half-set sums as they were when the snapshot's counts were taken (with
-            # conditions, the reference condition's own, as its counts are)
+            # the half-set sums as they were when the snapshots' counts were taken: with
+            # conditions each condition's own, as its counts are (the reference first)
             store = self.engine.store
-            ref = store.conditions.index(self.conditions[0]) if snaps is not None else None
-            sum_i_half, wilson = store_sums(self.engine, condition=ref)
-            # every other condition's own sums, for its own feedback
-            others = {name: store_sums(self.engine, condition=store.conditions.index(name))[0]
-                      for name in (snaps or {}) if name != self.conditions[0]}
-        # with conditions the forecasts are of the reference's images, at their own rate
-        feedback = self._observe(snap, sum_i_half, wilson,
-                                 self.images_per_second(condition=ref))
-        for name, sums in others.items():
-            fb = self._observe(snaps[name], sums, wilson, self.images_per_second(
-                condition=store.conditions.index(name)), live=self._condition_feedback(name))
+            names: list[str | None] = [None]
+            if snaps is not None:
+                names = [self.conditions[0]] + [n for n in snaps if n != self.conditions[0]]
+            index = {n: None if n is None else store.conditions.index(n) for n in names}
+            sums, wilson = store_sums(self.engine, [index[n] for n in names])
+        # with conditions the forecasts are of each condition's images, at their own rate
+        feedback = self._observe(snap, sums[0], wilson,
+                                 self.images_per_second(condition=index[names[0]]))
+        for name, own in zip(names[1:], sums[1:]):
+            fb = self._observe(snaps[name], own, wilson,
+                               self.images_per_second(condition=index[name]),
+                               live=self._condition_feedback(name))
             if fb is not None:
                 self.latest_condition_feedback[name] = fb
         self.mtz.write(snap)
