@@ -113,8 +113,7 @@ def judge(delta, truth_delta, light_sites: np.ndarray, dark_sites: np.ndarray) -
 
 
 def _online(crystals, sim, truth_delta, light_sites, dark_sites, *, rate: float = 200.0,
-            visits: int = 8, timeout_s: float = 900.0,
-            condition_surrogate: str | None = None) -> dict:
+            visits: int = 8, timeout_s: float = 900.0) -> dict:
     """(a) online: a ``serve --conditions dark,light`` service in this process (its
     defaults: d_model 16, constant learning rates, averaged posterior), the crystals sent to
     it over loopback ZeroMQ at ``rate`` images/s, trained until every image had ``visits``
@@ -132,9 +131,7 @@ def _online(crystals, sim, truth_delta, light_sites, dark_sites, *, rate: float 
             "listen": ["tcp://127.0.0.1:*"], "publish_endpoint": "", "metrics_port": -1,
             "out_dir": out, "space_group": sim.space_group, "cell": " ".join(map(str, sim.cell)),
             "dmin": sim.dmin, "anomalous": False, "device": "cpu", "conditions": "dark,light",
-            "publish_interval": 30.0, "checkpoint_interval": 1e6,
-            **({} if condition_surrogate is None
-               else {"condition_surrogate": condition_surrogate})})
+            "publish_interval": 30.0, "checkpoint_interval": 1e6})
         t = time.perf_counter()
         service = Service(cfg).start()
         try:
@@ -185,8 +182,7 @@ METHODS = ("coupled", "online", "joint", "inverse_variance", "separate", "truth"
 
 def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | None,
         epochs: float | None, methods: tuple[str, ...] = METHODS,
-        online_visits: int = 8, condition_surrogate: str | None = None,
-        trainer_settings: dict | None = None) -> list[dict]:
+        online_visits: int = 8, trainer_settings: dict | None = None) -> list[dict]:
     import torch
 
     from streamvi.cli.merge import merge_config, model_configs
@@ -213,8 +209,6 @@ def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | 
                         / np.mean(truth_delta["FDARK"].to_numpy() ** 2)))
     space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=False)
     tcfg, ecfg = model_configs(merge_config(["x.stream", "-o", "x.mtz", "--device", "cpu"]))
-    if condition_surrogate is not None:
-        tcfg = dataclasses.replace(tcfg, condition_surrogate=condition_surrogate)
     if trainer_settings:
         tcfg = dataclasses.replace(tcfg, **{
             k: type(getattr(tcfg, k))(v) if not isinstance(getattr(tcfg, k), bool)
@@ -224,7 +218,6 @@ def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | 
               "threads": torch.get_num_threads(), "machine": machine_name(),
               "streamvi_commit": streamvi_commit(),
               "d_model": tcfg.d_model, "mc_samples": tcfg.mc_samples,
-              "condition_surrogate": tcfg.condition_surrogate,
               **({"trainer_settings": trainer_settings} if trainer_settings else {})}
     dark = [c for c in crystals if c.condition == "dark"]
     light = [c for c in crystals if c.condition == "light"]
@@ -248,8 +241,7 @@ def run(*, images: int, dmin: float, light_change: str, seed: int, steps: int | 
                       **fig})
     if "online" in methods:         # (a) live: serve --conditions dark,light over loopback
         lines.append({"method": "online", **_online(crystals, sim, truth_delta, light_sites,
-                                                     dark_sites, visits=online_visits,
-                                                     condition_surrogate=condition_surrogate)})
+                                                     dark_sites, visits=online_visits)})
     if "joint" in methods:          # (b) one joint merge with conditions
         _, engine, seconds = merge(crystals, ("dark", "light"))
         snaps = engine.condition_snapshots()
@@ -291,8 +283,6 @@ def main() -> None:
     ap.add_argument("--online-visits", type=int, default=8,
                     help="online: train until every image had this many visits (default 8, "
                          "as streamvi demo)")
-    ap.add_argument("--condition-surrogate", choices=("mean_field", "joint"), default=None,
-                    help="the coupled merges' (coupled, online) surrogate; unset: the default")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="the offline merges' TrainerConfig field (repeatable), e.g. "
                          "error_model=true; the online service keeps its defaults")
@@ -306,7 +296,6 @@ def main() -> None:
     lines = run(images=args.images, dmin=args.dmin, light_change=args.light_change,
                 seed=args.seed, steps=args.steps, epochs=args.epochs, methods=methods,
                 online_visits=args.online_visits,
-                condition_surrogate=args.condition_surrogate,
                 trainer_settings=dict(kv.split("=", 1) for kv in args.set))
     for line in lines:
         text = json.dumps(line)

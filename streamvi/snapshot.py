@@ -55,10 +55,6 @@ class MergeSnapshot:
     #: (:func:`~streamvi.merging.model.coupling.difference_gains`); the difference file
     #: undoes the coupled prior's shrinkage with them.  None: no such coupling
     delta_gain: np.ndarray | None = None
-    #: ``(n_rows,)`` for a condition drawn around the reference's draw (the joint surrogate,
-    #: ``condition_surrogate = "joint"``): σ(ΔF) against the reference from the joint
-    #: posterior, in the units of ``F``.  None: the tables are independent in q (mean field)
-    delta_sigma: np.ndarray | None = None
 
     @property
     def store_counts(self) -> np.ndarray:

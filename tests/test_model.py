@@ -653,33 +653,3 @@ def test_conditions_route_each_image_to_its_own_tables():
     posterior.weight.grad = None
     model(batch, torch.Generator().manual_seed(0)).loss.backward()
     assert int(posterior.weight.grad.coalesce().indices().max()) < 3 * n_rows
-
-
-def test_difference_tables_draw_around_their_base_and_their_moments_match_the_draws():
-    """A difference table (the joint surrogate of a pump–probe merge) is drawn as
-    ``|F_base + (μ − μ_b) + s·z|``: its closed-form marginal moments (the base taken as
-    normal) and ``E[F²]`` at flat rows against 400,000 joint draws, where the base is far
-    from 0; ΔF and σ(ΔF) of the joint surrogate."""
-    torch.manual_seed(3)
-    loc = torch.tensor([2.0, 5.0, 1.5, 4.0])
-    scale = torch.tensor([0.3, 0.2, 0.1, 0.5])
-    post = FoldedNormalPosterior(4, 2, init_loc=loc, init_scale=scale)
-    post.use_rice(torch.tensor([True, False, True, False]))
-    with pytest.raises(ValueError, match="must hold amplitudes"):
-        post.use_differences([1, 0])
-    post.use_differences([-1, 0])
-    assert post.is_difference(1) and not post.is_difference(0)
-    m = torch.tensor([0.4, -0.6, -0.2, 0.0])
-    post.reset_table_rows(1, torch.arange(4), loc + m, torch.tensor([0.25, 0.1, 0.3, 0.2]))
-    _moments_match_draws(post, 1)
-    with torch.no_grad():
-        F = post.rsample(1, torch.arange(4), 400_000).double()
-    np.testing.assert_allclose(post.second_moment_at(torch.arange(4, 8)).double().numpy(),
-                               (F ** 2).mean(0).numpy(), rtol=1e-2)
-    # ΔF and σ(ΔF): m and the difference's own scale (no fold acts this far from 0; Rice
-    # rows' means also carry the imaginary part's s²/2ν)
-    d_mean, d_sd = post.difference_moments(1)
-    np.testing.assert_allclose(d_mean.numpy()[[1, 3]], m.numpy()[[1, 3]], atol=2e-3)
-    np.testing.assert_allclose(d_sd.numpy(), [0.25, 0.1, 0.3, 0.2], rtol=1e-5)
-    with pytest.raises(ValueError, match="holds amplitudes"):
-        post.difference_moments(0)

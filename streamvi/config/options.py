@@ -221,13 +221,6 @@ OPTIONS: tuple[Option, ...] = (
            "precision where they agree and stay free where they differ; "
            "`--no-coupled-prior`: independent Wilson priors (docs/time-resolved.md)", "merge",
            commands=TRAINING),
-    Option("condition_surrogate", str, "mean_field", "pump–probe, under the coupled prior: "
-           "`joint` draws each condition's amplitude as the reference's draw plus a difference "
-           "of its own (q(F_ref) q(F | F_ref)), so ΔF and σ(ΔF) come from the joint posterior; "
-           "`mean_field` keeps every condition's table independent in q, σ(ΔF) calibrated on "
-           "the half-datasets (docs/time-resolved.md). A checkpoint resumes only with the "
-           "setting it was written with", "merge", commands=TRAINING,
-           choices=("mean_field", "joint"), target="trainer.condition_surrogate"),
     # ------------------------------------------------------------------ model and training
     Option("device", str, "auto", "`auto` (CUDA when available, else CPU), `cpu`, `cuda` or "
            "`cuda:N`. `cuda` (or a `cuda:N` this machine does not have) fails at start-up, in "

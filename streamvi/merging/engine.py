@@ -744,7 +744,6 @@ class MergeEngine:
         expected_i = self.trainer.model.prior.variance.double().cpu().numpy()
         correction = self.falloff_correction() if self.config.recentre_falloff else None
         falloff_b = None
-        delta_sigma = self._delta_sigma(c)
         if correction is not None:
             beta, x_ref = correction
             factor = np.exp(beta * (1.0 / np.square(sp.d.astype(np.float64)) - x_ref))
@@ -752,8 +751,6 @@ class MergeEngine:
             for table in tables.values():
                 for col, f in (("F", root), ("SIGF", root), ("I", factor), ("SIGI", factor)):
                     table[col] = (table[col] * f).astype(table[col].dtype, copy=False)
-            if delta_sigma is not None:
-                delta_sigma = delta_sigma * root
             expected_i = expected_i * factor
             # I ∝ exp(−B/2 · 1/d²): the B the amplitudes gained
             falloff_b = -2.0 * beta
@@ -794,7 +791,7 @@ class MergeEngine:
             obs_count=obs, n_images=n_images,
             n_reflections=n_reflections, step=self.trainer.step,
             stats=stats, falloff_b=falloff_b, stored_obs_count=stored,
-            delta_gain=self._delta_gain(c), delta_sigma=delta_sigma, history=history + (
+            delta_gain=self._delta_gain(c), history=history + (
                 [] if falloff_b is None else
                 # MTZ history lines hold 80 characters
                 [f"scales' resolution trend moved to F: B {falloff_b:+.2f} A^2 "
@@ -820,27 +817,12 @@ class MergeEngine:
             return None
         post, average = model.posterior, self.trainer.posterior_average
         _, sd_ref = post.moments(3 * coupling.reference, average)
-        joint = post.is_difference(3 * condition)
-        # the joint surrogate's σ of the condition is the difference's, given the reference
-        sd = (post.difference_moments(3 * condition, average) if joint
-              else post.moments(3 * condition, average))[1]
+        _, sd = post.moments(3 * condition, average)
         r = coupling.correlation().detach()[condition, coupling.row_shell]
         gains = difference_gains(sd_ref.cpu().numpy(), sd.cpu().numpy(),
                                  model.prior.variance.double().cpu().numpy(),
-                                 model.prior.centric.cpu().numpy(), r.double().cpu().numpy(),
-                                 joint=joint)
+                                 model.prior.centric.cpu().numpy(), r.double().cpu().numpy())
         return np.stack(gains)
-
-    def _delta_sigma(self, condition: int) -> np.ndarray | None:
-        """σ(ΔF) of ``condition`` against the reference from the joint surrogate, in the
-        merged amplitudes' units before the resolution-trend correction
-        (:attr:`MergeSnapshot.delta_sigma`); None under the mean field."""
-        model = self.trainer.model
-        if not model.posterior.is_difference(3 * condition):
-            return None
-        _, s = model.posterior.difference_moments(3 * condition, self.trainer.posterior_average)
-        root_c = float(np.sqrt(model.standardizer.intensity_scale()))
-        return (s * root_c).cpu().numpy()
 
     def _merged_obs_count(self, condition: int) -> np.ndarray:
         """``(3, n_rows)`` observations the merge takes, per row of one condition: the

@@ -282,13 +282,8 @@ def reindex_snapshot(snapshot, perm: np.ndarray, notes: list[str]):
     if gain is not None:
         gain = np.empty_like(gain)
         gain[:, perm] = snapshot.delta_gain
-    sigma = snapshot.delta_sigma
-    if sigma is not None:
-        sigma = np.empty_like(sigma)
-        sigma[perm] = snapshot.delta_sigma
     return replace(snapshot, tables=tables, obs_count=obs, stored_obs_count=stored,
-                   delta_gain=gain, delta_sigma=sigma,
-                   history=list(snapshot.history) + list(notes))
+                   delta_gain=gain, history=list(snapshot.history) + list(notes))
 
 
 def align_snapshot(snapshot, reference: ReferenceSetting):

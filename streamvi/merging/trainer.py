@@ -31,10 +31,6 @@ from streamvi.merging.optim import RowSparseAdam
 LIKELIHOODS = ("student_t", "normal")
 #: surrogate posteriors of the acentric rows (centric rows keep the folded normal)
 SURROGATES = ("folded_normal", "rice")
-#: how a pump–probe merge's surrogate relates the conditions (docs/time-resolved.md):
-#: ``mean_field`` (independent tables) or ``joint`` (each condition drawn around the
-#: reference's draw: :meth:`FoldedNormalPosterior.use_differences`)
-CONDITION_SURROGATES = ("mean_field", "joint")
 
 
 @dataclass
@@ -115,10 +111,6 @@ class TrainerConfig:
     #: surrogate of the acentric rows: ``folded_normal`` or ``rice`` (docs/model.md,
     #: change 14; centric rows keep the folded normal)
     surrogate: str = "folded_normal"
-    #: with conditions under the coupled prior: ``mean_field`` or ``joint`` (each
-    #: condition's amplitude drawn as the reference's draw plus a difference of its own,
-    #: whose σ is σ(ΔF); docs/time-resolved.md)
-    condition_surrogate: str = "mean_field"
     geometry_rotation_deg: float = 0.05
     geometry_dilation: float = 0.002
     geometry_lr: float = 1.0
@@ -134,9 +126,6 @@ class TrainerConfig:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
-        if self.condition_surrogate not in CONDITION_SURROGATES:
-            raise ValueError(f"condition_surrogate must be one of {CONDITION_SURROGATES}, got "
-                             f"{self.condition_surrogate!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.refine_geometry and not (self.geometry_rotation_deg > 0
                                          and self.geometry_dilation > 0
@@ -361,11 +350,6 @@ class Trainer:
             self.scale_optimizer.add_param_group({"params": list(coupling.parameters()),
                                                   "lr": config.posterior_lr,
                                                   "base_lr": config.posterior_lr})
-            if coupled and config.condition_surrogate == "joint":
-                ref = int(reference_condition)
-                self.model.posterior.use_differences(
-                    [-1 if t // 3 == ref else 3 * ref + t % 3
-                     for t in range(3 * self.n_conditions)])
         self.posterior_optimizer = RowSparseAdam(
             list(self.model.posterior.parameters()), lr=config.posterior_lr, betas=config.betas,
             eps=config.eps)
@@ -722,17 +706,12 @@ class Trainer:
                              "was written with, or in a fresh out_dir")
         # checkpoints from before pooled_merge_ratio existed were written without it
         for name in ("d_model", "n_layers", "likelihood", "pooled_merge_ratio", "error_model",
-                     "image_b_term", "geometric_partiality", "surrogate",
-                     "condition_surrogate"):
+                     "image_b_term", "geometric_partiality", "surrogate"):
             value = (saved.get(name, False)
                      if name in ("pooled_merge_ratio", "error_model", "image_b_term",
                                  "geometric_partiality")
                      else saved.get(name, "folded_normal") if name == "surrogate"
-                     else saved.get(name, "mean_field") if name == "condition_surrogate"
                      else saved[name])
-            if name == "condition_surrogate" and not (self.n_conditions > 1
-                                                      and self.model.coupling is not None):
-                continue        # only a coupled merge of conditions uses it
             if value != getattr(self.config, name):
                 raise ValueError(f"checkpoint has {name}={value!r}, trainer has "
                                  f"{getattr(self.config, name)!r}: set {name} to {value!r} to "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -147,22 +147,16 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
     def col(ds, name):
         return ds[name].to_numpy(np.float64)
 
-    gains = sigdf = None
+    gains = None
     if getattr(light, "delta_gain", None) is not None:
         gains = tuple(_per_reflection(light, g).reindex(both).to_numpy(np.float64)
                       for g in light.delta_gain)
-    if getattr(light, "delta_sigma", None) is not None:
-        # σ(ΔF) of the joint surrogate, through the light table's own path (the Bijvoet
-        # means' σ over the mates observed)
-        joint = replace(light, tables={**light.tables, "all": {**light.tables["all"],
-                                                                "SIGF": light.delta_sigma}})
-        sigdf = col(snapshot_to_dataset(joint).loc[both], "SIGF")
     diff = difference_coefficients(
         col(a, "F"), col(a, "SIGF"), col(b, "F"), col(b, "SIGF"), d,
         alpha=DEFAULT_ALPHA if alpha is None else alpha,
         half_differences=(col(a, "F_half1") - col(b, "F_half1"),
                           col(a, "F_half2") - col(b, "F_half2")),
-        gains=gains, sigdf=sigdf)
+        gains=gains)
     out = rs.DataSet({"DF": diff.DF, "SIGDF": diff.SIGDF, "W": diff.W, "WDF": diff.WDF,
                       "F_DARK": col(b, "F"), "SIGF_DARK": col(b, "SIGF")},
                      index=both, cell=a.cell, spacegroup=a.spacegroup, merged=True)
@@ -170,9 +164,7 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
                       "WDF": "SFAmplitude", "F_DARK": "SFAmplitude", "SIGF_DARK": "Stddev"})
     out.attrs["sigma_calibration"] = diff.calibration
     out.attrs["gain_correction"] = diff.gain
-    out.attrs["sigma_joint"] = sigdf is not None
     return out
-
 
 
 def _per_reflection(snapshot, values: np.ndarray):
@@ -189,17 +181,13 @@ def _per_reflection(snapshot, values: np.ndarray):
     return series
 
 
-def _calibration_history(calibration, joint: bool = False) -> list[str]:
-    """MTZ history lines (80 characters at most) saying how SIGDF was scaled (``joint``:
-    from the joint surrogate's σ(ΔF), else the mean-field one)."""
+def _calibration_history(calibration) -> list[str]:
+    """MTZ history lines (80 characters at most) saying how SIGDF was scaled."""
     if calibration is None:
         return []
     if not calibration.calibrated:
-        return ["SIGDF: sigma of the joint posterior, too few half-set pairs to check it"
-                if joint else
-                "SIGDF: mean-field sqrt(s2_light + s2_dark), too few half-set pairs"]
-    return ["SIGDF: " + ("joint posterior" if joint else "mean-field")
-            + " sigma x half-set scatter factor by shell, low to high:",
+        return ["SIGDF: mean-field sqrt(s2_light + s2_dark), too few half-set pairs"]
+    return ["SIGDF: mean-field sigma x half-set scatter factor by shell, low to high:",
             " ".join(f"{x:.2f}" for x in calibration.factors)[:80]]
 
 
@@ -227,7 +215,6 @@ def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[s
             "(Ursby & Bourgeois 1997; Ren et al. 2001)"]
     if dataset is None:
         dataset = difference_dataset(light, dark, alpha=alpha)
-    hist += _calibration_history(dataset.attrs.get("sigma_calibration"),
-                                 bool(dataset.attrs.get("sigma_joint")))
+    hist += _calibration_history(dataset.attrs.get("sigma_calibration"))
     hist += _gain_history(dataset.attrs.get("gain_correction"))
     return write_mtz(dataset, path, history=hist, info=info)

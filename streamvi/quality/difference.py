@@ -216,8 +216,7 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
                             alpha: float = DEFAULT_ALPHA,
                             n_shells: int = DEFAULT_SHELLS,
                             half_differences: tuple[np.ndarray, np.ndarray] | None = None,
-                            gains: tuple[np.ndarray, np.ndarray] | None = None,
-                            sigdf: np.ndarray | None = None
+                            gains: tuple[np.ndarray, np.ndarray] | None = None
                             ) -> Differences:
     """ΔF, σ(ΔF) and the q-weighted coefficients (see the module docstring).
 
@@ -241,10 +240,6 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
         calibration, which measures the published ΔF's scatter) are multiplied per shell by
         :func:`correct_gain`'s factor, the size two independent merges would give the
         change.  None: as merged.
-    sigdf
-        σ(ΔF) per reflection from a joint posterior of the two amplitudes (the joint
-        surrogate's), used instead of the mean-field ``√(σ_light² + σ_dark²)`` (and then
-        calibrated as that would be).
 
     Returns
     -------
@@ -255,8 +250,7 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
     f_light, sigf_light, f_dark, sigf_dark, d = (np.asarray(a, np.float64) for a in (
         f_light, sigf_light, f_dark, sigf_dark, d))
     df = f_light - f_dark
-    var = (np.square(sigf_light) + np.square(sigf_dark) if sigdf is None
-           else np.square(np.asarray(sigdf, np.float64)))
+    var = np.square(sigf_light) + np.square(sigf_dark)
     calibration = None
     if half_differences is not None:
         calibration = calibrate_sigma(df, np.sqrt(var), *half_differences, d)

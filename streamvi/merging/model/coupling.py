@@ -129,8 +129,7 @@ class DoubleWilsonCoupling(nn.Module):
 
 
 def difference_gains(sd_ref: np.ndarray, sd: np.ndarray, variance: np.ndarray,
-                     centric: np.ndarray, r: np.ndarray, *, joint: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     centric: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """How much of a change in the data each row's ΔF = F − F_ref keeps: under the coupled
     prior, and under independent Wilson priors (the gains of a Gaussian approximation).
 
@@ -147,13 +146,6 @@ def difference_gains(sd_ref: np.ndarray, sd: np.ndarray, variance: np.ndarray,
     - independent: ``Π = diag(w, w)``: ``g = ½ (p_ref/(p_ref + w) + p/(p + w))``, what two
       merges with their own Wilson priors keep.
 
-    With ``joint`` the surrogate is the joint one (``q(F_ref) q(F | F_ref)``, ``F`` drawn as
-    ``F_ref + m + s·z``): ``sd`` is then ``s``, the σ of the difference given the reference,
-    and ``sd_ref`` the reference's σ ``a``.  At the optimum of such a surrogate for a
-    Gaussian posterior of precision ``Λ``, ``1/s² = Λ₂₂`` and ``1/a² = Λ₁₁ + 2Λ₁₂ + Λ₂₂``
-    (the precision along the common direction), so ``p = 1/s² − 1/τ²`` and
-    ``p_ref = 1/a² − 2Λ₁₂ − Λ₂₂ − w − r²/τ²``.
-
     ``w`` is the Wilson prior's curvature in the Gaussian approximation, ``2/εΣ`` acentric,
     ``1/εΣ`` centric.  A data precision the approximation puts below 5 % of the row's
     posterior precision is taken as that 5 % (rows the prior alone holds).
@@ -161,9 +153,8 @@ def difference_gains(sd_ref: np.ndarray, sd: np.ndarray, variance: np.ndarray,
     Parameters
     ----------
     sd_ref, sd
-        ``(n,)`` posterior σ of the amplitude, reference and condition (``joint``: of the
-        difference given the reference), in the units of ``variance`` (amplitude =
-        √intensity).  The gains of a Gaussian approximation do
+        ``(n,)`` posterior σ of the amplitude, reference and condition, in the units of
+        ``variance`` (amplitude = √intensity).  The gains of a Gaussian approximation do
         not depend on the means.
     variance, centric
         ``(n,)`` the Wilson ``εΣ`` and the centric flag of each row.
@@ -184,11 +175,6 @@ def difference_gains(sd_ref: np.ndarray, sd: np.ndarray, variance: np.ndarray,
         tau2 = np.where(centric, var * one_minus, 0.5 * var * one_minus)
         w = np.where(centric, 1.0 / var, 2.0 / var)
         lam_ref, lam = 1.0 / np.square(sd_ref), 1.0 / np.square(sd)
-        if joint:      # lam = Λ₂₂; Λ₁₁ from the common direction's precision lam_ref
-            lam_ref = lam_ref + 2.0 * r / tau2 - lam
-            # Λ₁₁ = p_ref + w + r²/τ² cannot lie below the prior's part; the floor leaves
-            # p_ref at 5 % of Λ₁₁, as below
-            lam_ref = np.maximum(lam_ref, (w + r * r / tau2) / 0.95)
         p_ref = np.maximum(lam_ref - w - r * r / tau2, 0.05 * lam_ref)
         p = np.maximum(lam - 1.0 / tau2, 0.05 * lam)
         l11, l22, l12 = p_ref + w + r * r / tau2, p + 1.0 / tau2, -r / tau2

@@ -297,16 +297,18 @@ class VariationalMergingModel(nn.Module):
         rows = batch.asu_id[0]
         if batch.image_op is not None and batch.n_ops > 1:
             rows = batch.asu_id.gather(0, batch.image_op[batch.image_index].unsqueeze(0))[0]
-        flat = self.posterior.flat_index(self.full_table(batch), rows)
-        return torch.asinh(iobs / self.posterior.second_moment_at(flat).clamp_min(1e-6))
+        loc, scale = self.posterior.loc_scale(self.posterior.flat_index(self.full_table(batch),
+                                                                        rows))
+        return torch.asinh(iobs / self.posterior.second_moment(loc, scale, rows).clamp_min(1e-6))
 
     def _expected_scale_and_intensity(self, row_ids: torch.Tensor, scale_loc: torch.Tensor,
                                       scale_scale: torch.Tensor, table: int | torch.Tensor = 0
                                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """``E[scale]`` per reflection and ``E_q[F²]`` of rows ``row_ids`` (in ``table``:
         0, or per reflection its condition's full table)."""
+        loc, scale = self.posterior.loc_scale(self.posterior.flat_index(table, row_ids))
         return (torch.exp(scale_loc + 0.5 * scale_scale ** 2),
-                self.posterior.second_moment_at(self.posterior.flat_index(table, row_ids)))
+                self.posterior.second_moment(loc, scale, row_ids))
 
     def _image_log_likelihood(self, batch: Batch, ipred: torch.Tensor, iobs: torch.Tensor,
                               sigiobs: torch.Tensor) -> torch.Tensor:
@@ -381,14 +383,6 @@ class VariationalMergingModel(nn.Module):
             first = None
             loc, scale = post.loc_scale(unique_flat)
         rows = torch.remainder(unique_flat, post.n_rows)
-        F_base = None
-        if post.base is not None:
-            # the joint surrogate: a difference table's row is drawn around its base's draw
-            # (the reference condition's), which the coupled prior then conditions on
-            is_diff, base_flat = post.difference_rows(unique_flat)
-            loc_b, scale_b = post.loc_scale(base_flat, dense_grad=self.sync_free)
-            F_base = post.sample_with(loc_b, scale_b, self.mc_samples, generator, rows=rows)
-            loc = post.around(is_diff, F_base, loc_b, loc)        # (mc, u)
         F = post.sample_with(loc, scale, self.mc_samples, generator, rows=rows)  # (mc, u)
         F_obs = torch.index_select(F, 1, inverse)  # backward is index_add_, cheaper than index_put_
         ipred = scale_sample * F_obs * F_obs
@@ -402,8 +396,7 @@ class VariationalMergingModel(nn.Module):
         log_p = self.prior.log_prob(F, rows)
         ref_flat = None
         if self.coupling is not None:
-            log_p, ref_flat = self._coupled_log_prior(F, log_p, unique_flat, rows, generator,
-                                                      F_base)
+            log_p, ref_flat = self._coupled_log_prior(F, log_p, unique_flat, rows, generator)
         kl_rows = (log_q - log_p).mean(dim=0)
         if obs_weight is not None:
             # each observation carries 1/multiplicity of its row's KL: summed over a pass
@@ -419,15 +412,13 @@ class VariationalMergingModel(nn.Module):
 
     def _coupled_log_prior(self, F: torch.Tensor, log_wilson: torch.Tensor,
                            unique_flat: torch.Tensor, rows: torch.Tensor,
-                           generator: torch.Generator | None,
-                           F_ref: torch.Tensor | None = None
+                           generator: torch.Generator | None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prior term of rows ``unique_flat`` under :attr:`coupling`: the conditional
         given a draw of the reference condition's amplitude of the same reflection (same
         table kind: all images or the same half) where the row belongs to another condition,
-        the Wilson ``log_wilson`` where it belongs to the reference.  ``F_ref``: that draw,
-        already taken (the joint surrogate's base draw); None: drawn here.  Returns the
-        log-prior and the reference's rows it looked up."""
+        the Wilson ``log_wilson`` where it belongs to the reference.  Returns the log-prior
+        and the reference's rows it looked up."""
         post, coupling = self.posterior, self.coupling
         table = torch.div(unique_flat, post.n_rows, rounding_mode="floor")
         condition = torch.div(table, 3, rounding_mode="floor")
@@ -435,9 +426,8 @@ class VariationalMergingModel(nn.Module):
         log_p, ref_flat = log_wilson, None
         if coupling.n_conditions > 1:
             ref_flat = (3 * coupling.reference + torch.remainder(table, 3)) * post.n_rows + rows
-            if F_ref is None:
-                loc_r, scale_r = post.loc_scale(ref_flat, dense_grad=self.sync_free)
-                F_ref = post.sample_with(loc_r, scale_r, self.mc_samples, generator, rows=rows)
+            loc_r, scale_r = post.loc_scale(ref_flat, dense_grad=self.sync_free)
+            F_ref = post.sample_with(loc_r, scale_r, self.mc_samples, generator, rows=rows)
             conditional = coupling.log_prob(F, F_ref, condition, rows, variance, centric)
             log_p = torch.where(condition != coupling.reference, conditional, log_p)
         if coupling.fixed is not None:

@@ -11,16 +11,6 @@ moves a parameter by about one learning rate per update whatever its gradient, s
 units every row travelled at the same speed: a strong low-resolution amplitude, tens of times
 the r.m.s. amplitude of a high-resolution one, needed thousands of updates to leave its Wilson
 start and was still shrunk when a merge ended (issue #16; docs/model.md).
-
-**Difference tables** (:meth:`FoldedNormalPosterior.use_differences`, a pump–probe merge's
-joint surrogate): a table may be drawn around its *base* table's draw (the reference
-condition's table of the same kind) instead of independently.  A row with location ``μ``
-and scale ``s`` whose base row has location ``μ_b`` is drawn as ``|F_base + (μ − μ_b) +
-s·z|`` (Rice rows: ``|F_base + (μ − μ_b) + s·(z₁ + i z₂)|``), ``F_base`` the base row's
-draw in the same step, so that ``q(F_base, F) = q(F_base) q(F | F_base)``: the two
-amplitudes are correlated in q, and ``s`` is the posterior σ of their difference.  The
-location keeps its meaning (the row's own amplitude, travelling from its start as an
-independent row's would); only the scale's changes.
 """
 from __future__ import annotations
 
@@ -82,40 +72,6 @@ class FoldedNormalPosterior(nn.Module):
         #: ``(n_rows,)`` bool where the row's surrogate is a Rice distribution instead of a
         #: folded normal (:meth:`use_rice`), or None: folded normals everywhere
         self.rice: torch.Tensor | None = None
-        #: ``(n_tables,)`` long: the base table of each difference table, −1 for the others
-        #: (:meth:`use_differences`), or None: every table holds amplitudes (mean field)
-        self.base: torch.Tensor | None = None
-
-    def use_differences(self, base: list[int] | torch.Tensor) -> None:
-        """Make the tables ``t`` with ``base[t] >= 0`` difference tables of ``base[t]`` (see
-        the module docstring); ``base[t] = -1`` keeps table ``t`` an amplitude table.  A
-        base must itself hold amplitudes.  The parameters keep their values: a row's
-        location stays its own, its scale becomes the σ of its difference from the base.
-        Not a module buffer: checkpoints keep their keys (the trainer's configuration says
-        which tables are drawn so)."""
-        base = torch.as_tensor(base, dtype=torch.long, device=self.weight.device).reshape(-1)
-        if base.shape[0] != self.n_tables:
-            raise ValueError(f"base has {base.shape[0]} entries, expected n_tables="
-                             f"{self.n_tables}")
-        if bool(torch.any((base >= self.n_tables) | (base < -1))):
-            raise ValueError(f"base tables must lie in -1..{self.n_tables - 1}")
-        for t, b in enumerate(base.tolist()):
-            if b >= 0 and (b == t or int(base[b]) >= 0):
-                raise ValueError(f"table {t}'s base {b} must hold amplitudes, not differences")
-        self.base = base.clone()
-
-    def is_difference(self, table: int) -> bool:
-        """Whether ``table`` is a difference table (:meth:`use_differences`)."""
-        return self.base is not None and int(self.base[table]) >= 0
-
-    def difference_rows(self, flat_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(is_difference, base_flat)`` of rows ``flat_ids`` of :attr:`weight`: whether each
-        lies in a difference table, and the same row of its base table (itself otherwise)."""
-        table = torch.div(flat_ids, self.n_rows, rounding_mode="floor")
-        base = self.base.index_select(0, table.reshape(-1)).reshape(table.shape)
-        is_diff = base >= 0
-        return is_diff, torch.where(is_diff, base * self.n_rows
-                                    + torch.remainder(flat_ids, self.n_rows), flat_ids)
 
     def use_rice(self, rows: torch.Tensor) -> None:
         """Make the surrogate of the rows where ``rows`` (``(n_rows,)`` bool, e.g. the
@@ -206,15 +162,15 @@ class FoldedNormalPosterior(nn.Module):
                     generator: torch.Generator | None = None,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
         """Reparameterised ``(mc, n)`` draws of ``|loc + scale * z|`` (Rice rows among
-        ``rows``: ``|loc + scale * (z₁ + i z₂)|``).  ``loc`` is ``(n,)``, or ``(mc, n)``
-        where each draw has its own (a difference table's: around its base's draw)."""
-        shape = torch.broadcast_shapes((mc,) + tuple(scale.shape), tuple(loc.shape))
-        z = torch.randn(shape, generator=generator, device=loc.device, dtype=loc.dtype)
+        ``rows``: ``|loc + scale * (z₁ + i z₂)|``)."""
+        z = torch.randn((mc,) + tuple(loc.shape), generator=generator, device=loc.device,
+                        dtype=loc.dtype)
         folded = torch.abs(loc + scale * z)
         rice = self._rice_of(rows, loc)
         if rice is None:
             return folded
-        z2 = torch.randn(shape, generator=generator, device=loc.device, dtype=loc.dtype)
+        z2 = torch.randn((mc,) + tuple(loc.shape), generator=generator, device=loc.device,
+                         dtype=loc.dtype)
         return torch.where(rice, torch.hypot(loc + scale * z, scale * z2), folded)
 
     def log_prob_with(self, F: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
@@ -231,10 +187,8 @@ class FoldedNormalPosterior(nn.Module):
     def rice_log_prob(F: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Rice log-density ``F/σ² · exp(−(F² + ν²)/2σ²) · I₀(Fν/σ²)``, ``ν = loc``,
         ``σ = scale``, written with ``I₀(x) = eˣ i0e(x)`` as ``F/σ² · exp(−(F − ν)²/2σ²) ·
-        i0e(Fν/σ²)``: no large terms that cancel for sharp posteriors.  The density depends
-        on ``|ν|`` only (a difference table's location may be negative)."""
+        i0e(Fν/σ²)``: no large terms that cancel for sharp posteriors."""
         s2 = scale * scale
-        loc = loc.abs()
         Fc = F.clamp_min(1e-30)
         return (torch.log(Fc) - torch.log(s2) - (Fc - loc) ** 2 / (2.0 * s2)
                 + torch.log(torch.special.i0e(Fc * loc / s2)))
@@ -257,29 +211,13 @@ class FoldedNormalPosterior(nn.Module):
 
     def rsample(self, table: int | torch.Tensor, row_ids: torch.Tensor, mc: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(mc, n)`` reparameterised amplitude samples of ``row_ids`` in ``table`` (a
-        difference table's: around a draw of its base, i.e. of its marginal)."""
-        flat = self.flat_index(table, row_ids)
-        loc, scale = self.loc_scale(flat)
-        if self.base is not None:
-            is_diff, base_flat = self.difference_rows(flat)
-            loc_b, scale_b = self.loc_scale(base_flat)
-            F_base = self.sample_with(loc_b, scale_b, mc, generator, row_ids)
-            loc = self.around(is_diff, F_base, loc_b, loc)
+        """``(mc, n)`` reparameterised amplitude samples of ``row_ids`` in ``table``."""
+        loc, scale = self.loc_scale(self.flat_index(table, row_ids))
         return self.sample_with(loc, scale, mc, generator, row_ids)
-
-    @staticmethod
-    def around(is_diff: torch.Tensor, F_base: torch.Tensor, loc_base: torch.Tensor,
-               loc: torch.Tensor) -> torch.Tensor:
-        """The location each draw takes: ``F_base + (loc − loc_base)`` where ``is_diff``
-        (a difference table's row, around its base's draw ``F_base``), else ``loc``."""
-        return torch.where(is_diff, F_base + (loc - loc_base), loc)
 
     def log_prob(self, F: torch.Tensor, table: int | torch.Tensor,
                  row_ids: torch.Tensor) -> torch.Tensor:
-        """Log-density of amplitudes ``F`` (``(..., n)``) of ``row_ids`` in ``table`` (an
-        amplitude table's; a difference table's density is conditional on its base's draw:
-        :meth:`log_prob_with` with that draw plus ``m``)."""
+        """Log-density of amplitudes ``F`` (``(..., n)``) of ``row_ids`` in ``table``."""
         loc, scale = self.loc_scale(self.flat_index(table, row_ids))
         return self.log_prob_with(F, loc, scale, row_ids)
 
@@ -293,27 +231,8 @@ class FoldedNormalPosterior(nn.Module):
         return loc * loc + torch.where(rice, 2.0 * s2, s2)
 
     @torch.no_grad()
-    def second_moment_at(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        """``E[F²]`` of rows ``flat_ids`` of :attr:`weight` (:meth:`second_moment`; a
-        difference table's row: ``E[(X + μ − μ_b)²] + k s²`` with ``X`` its base's draw
-        taken as ``N(μ_b, k σ_b²)`` before the fold, i.e. ``μ² + k (σ_b² + s²)``, ``k`` 2
-        for Rice rows, else 1)."""
-        loc, scale = self.loc_scale(flat_ids)
-        rows = torch.remainder(flat_ids, self.n_rows)
-        if self.base is None:
-            return self.second_moment(loc, scale, rows)
-        is_diff, base_flat = self.difference_rows(flat_ids)
-        loc_b, scale_b = self.loc_scale(base_flat)
-        rice = self._rice_of(rows, loc)
-        k = 1.0 if rice is None else torch.where(rice, 2.0, 1.0)
-        own = loc * loc + k * scale * scale
-        diff = loc * loc + k * (scale_b * scale_b + scale * scale)
-        return torch.where(is_diff, diff, own)
-
-    @torch.no_grad()
     def _table_params(self, table: int, weight: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A table's own ``(loc, scale)`` per row, absolute units, float64."""
         if not 0 <= table < self.n_tables:
             raise ValueError(f"table {table} out of range 0..{self.n_tables - 1}")
         w = self.weight if weight is None else weight
@@ -322,49 +241,12 @@ class FoldedNormalPosterior(nn.Module):
         return unit * F_nn.softplus(raw[:, 0]), unit * (F_nn.softplus(raw[:, 1]) + _SCALE_FLOOR)
 
     @torch.no_grad()
-    def _marginal_params(self, table: int, weight: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ν, σ)`` per row of the folded-normal (Rice) distribution that stands for the
-        table's marginal: its own parameters for an amplitude table.  A difference table's
-        rows are ``|F_base + m + s·z|``, ``m = μ − μ_b`` (the two locations); with the base's
-        amplitude taken as normal (its mean ``E_b`` and variance ``v_b``) the argument is
-        normal, ``ν = E_b + m``, ``σ² = v_b + s²``: exact where ``F_base`` is normal.  Rice
-        rows, ``|F_base + m + s·(z₁ + i z₂)|``, have a real part of variance ``v_b + s²`` and
-        an imaginary one of ``s²``: they take the Rice distribution with ``σ² = v_b + s²``
-        (the spread far from 0) and ``ν² = (E_b + m)² − v_b`` (the exact ``E[F²]``), ``ν =
-        0`` where that is negative."""
-        mu, sigma = self._table_params(table, weight)
-        if not self.is_difference(table):
-            return mu, sigma
-        base = int(self.base[table])
-        mean_b, sd_b = self.moments(base, weight)
-        var_b = sd_b * sd_b
-        nu = mean_b + mu - self._table_params(base, weight)[0]
-        if self.rice is not None:
-            rice = self.rice.to(mu.device)
-            nu = torch.where(rice, torch.sqrt((nu * nu - var_b).clamp_min(0.0)), nu)
-        return nu, torch.sqrt(var_b + sigma * sigma)
-
-    @torch.no_grad()
-    def difference_moments(self, table: int, weight: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of ``F − F_base`` per row of a difference table, from
-        the joint surrogate: the difference of the two marginals' means, and ``s`` (exact
-        where neither amplitude is near 0, where the fold does not act)."""
-        if not self.is_difference(table):
-            raise ValueError(f"table {table} holds amplitudes, not differences")
-        _, s = self._table_params(table, weight)
-        mean = self.moments(table, weight)[0] - self.moments(int(self.base[table]), weight)[0]
-        return mean, s
-
-    @torch.no_grad()
     def moments(self, table: int = 0, weight: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of the amplitude of every row (float64, closed form).
 
-        ``weight`` replaces :attr:`weight` (e.g. an average of it over steps).  A difference
-        table's: of its marginal (:meth:`_marginal_params`)."""
-        mu, sigma = self._marginal_params(table, weight)
+        ``weight`` replaces :attr:`weight` (e.g. an average of it over steps)."""
+        mu, sigma = self._table_params(table, weight)
         mean = (sigma * math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * (mu / sigma) ** 2)
                 + mu * torch.erf(mu / (sigma * math.sqrt(2.0))))
         second = mu * mu + sigma * sigma
@@ -387,10 +269,9 @@ class FoldedNormalPosterior(nn.Module):
         """Mean and standard deviation of ``F²`` of every row (float64, closed form).
 
         ``F² = X²`` with ``X ~ N(mu, sigma²)``: ``E = mu² + sigma²``,
-        ``Var = 4 mu² sigma² + 2 sigma⁴``.  A difference table's: of its marginal
-        (:meth:`_marginal_params`).
+        ``Var = 4 mu² sigma² + 2 sigma⁴``.
         """
-        mu, sigma = self._marginal_params(table, weight)
+        mu, sigma = self._table_params(table, weight)
         s2 = sigma * sigma
         if self.rice is None:
             return mu * mu + s2, torch.sqrt(4.0 * mu * mu * s2 + 2.0 * s2 * s2)
