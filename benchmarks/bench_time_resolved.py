@@ -33,7 +33,10 @@ the share of |DF|/SIGDF > 3 (0.27 % for pure unit-normal noise).
 
     python benchmarks/bench_time_resolved.py [--images N] [--dmin D] [--light-change SPEC]
         [--steps S] [--methods coupled,online,joint,inverse_variance,separate,truth]
-        [--online-visits V] [--out results.jsonl]
+        [--online-visits V] [--set FIELD=VALUE] [--out results.jsonl]
+
+``--set`` changes a field of the offline merges' ``TrainerConfig`` (e.g. ``error_model=true``;
+repeatable), recorded as ``trainer_settings`` in every line.
 """
 from __future__ import annotations
 
