@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from streamvi.errors import ConfigError
-from streamvi.quality.forecast import (CompletenessLaw, PairLaw, Target, cc_forecast,
-                               mean_inverse_count, parse_target, targets_from_config)
+from streamvi.quality.forecast import (CompletenessLaw, ForecastInputs, PairLaw, Target,
+                                      cc_forecast, data_reach, forecast_targets,
+                                      mean_inverse_count, parse_target, targets_from_config)
 from streamvi.quality.stats import fisher_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +163,54 @@ def test_replayed_forecasts_land_within_30_percent_from_a_quarter_of_the_run(sma
     summary = bench.summary(rec, lines)
     assert set(summary["max_abs_error_from_25pct"]) == {"cc_half", "completeness",
                                                        "multiplicity"}
+
+
+# ---------------------------------------------------------------------- the data's reach
+
+
+def _lysozyme_space(dmin: float):
+    from streamvi.symmetry import ReciprocalSpace
+
+    return ReciprocalSpace("P 43 21 2", (79.1, 79.1, 37.9, 90, 90, 90), dmin, anomalous=False)
+
+
+def test_data_reach_is_where_the_observations_end_before_the_table():
+    """Spots integrated to 2.6 Å in a 1.9 Å table: the reach is the d that 99 % of the
+    observations reach (numpy's count over the rows), and nothing is said where the data
+    fill the table or are too few."""
+    sp = _lysozyme_space(1.9)
+    rng = np.random.default_rng(3)
+    d = sp.d.astype(np.float64)
+    counts = np.where(d >= 2.6, rng.poisson(3.0, d.size), 0)
+    counts[np.nonzero(d < 2.6)[0][:30]] = 1          # a few stray spots beyond
+    reach = data_reach(counts, d)
+    total = counts.sum()
+    assert reach is not None and 2.55 <= reach <= 2.61
+    assert counts[d < reach].sum() <= 0.01 * total < counts[d < reach + 0.02].sum()
+    assert data_reach(rng.poisson(3.0, d.size), d) is None        # the data fill the table
+    few = np.where(d >= 2.6, 1, 0)
+    few[np.nonzero(few)[0][500:]] = 0
+    assert data_reach(few, d) is None                              # under 1,000 observations
+
+
+def test_targets_asked_of_the_table_are_judged_where_the_data_end():
+    """Completeness and multiplicity over the rows the data reach, recounted here: every
+    such unique reflection seen, so the target is reached (to dmin it would need hundreds
+    of thousands of images); and the forecast's line says to where it is judged."""
+    sp = _lysozyme_space(1.9)
+    d = sp.d.astype(np.float64)
+    counts = np.where(d >= 2.6, 2, 0)
+    obs = np.stack([counts, counts // 2, counts - counts // 2])
+    inputs = dict(n_images=300, rate=50.0, obs_count=obs, hkl=sp.hkl, d=sp.d,
+                  centric=sp.centric, epsilon=sp.epsilon, friedel=sp.friedel, table=None)
+    targets = [Target("completeness", 0.99), Target("multiplicity", 2.0)]
+    to_dmin = forecast_targets(targets, ForecastInputs(**inputs))
+    assert to_dmin[0].current == pytest.approx(np.mean(d >= 2.6))
+    assert not to_dmin[0].reached and to_dmin[0].reach is None
+    reach = data_reach(counts, d)
+    fc = forecast_targets(targets, ForecastInputs(**inputs, d_reach=reach))
+    assert fc[0].reached and fc[0].current == pytest.approx(1.0)
+    assert fc[1].current == pytest.approx(2.0) and fc[1].reached
+    assert fc[0].reach == reach and fc[0].to_dict()["reach"] == reach
+    assert fc[0].describe().startswith(f"completeness ≥ 99 % to {reach:.2f} Å, where the data "
+                                       "end: reached")

@@ -99,3 +99,32 @@ def test_a_table_too_small_is_reported_and_extended_on_restart(tmp_path, crystal
     # another crystal form is still refused
     with pytest.raises(ConfigError, match="another out_dir"):
         Service(config(tmp_path, dmin=suggested, space_group="P 41 21 2")).start()
+
+
+def test_a_table_larger_than_the_data_judges_its_targets_where_the_data_end(tmp_path, crystals,
+                                                                            capsys):
+    """Spots to 2.6 Å into a 2.0 Å table: the rows beyond 2.6 Å are never recorded, so the
+    completeness target is judged to where 99 % of the observations reach (not promised
+    after hundreds of thousands of images), and the crew's terminal says so."""
+    cell = gemmi.UnitCell(*SIM.cell)
+    d = np.concatenate([cell.calculate_d_array(c.hkl().astype(np.int32)) for c in crystals])
+    svc = Service(config(tmp_path, dmin=2.0, publish_interval=1000.0)).start()
+    try:
+        send_messages(crystals, svc.ingestor.bound_endpoints[0])
+        assert svc.wait_until(lambda s: s.crystals_merged == len(crystals), 60), svc.status()
+        svc.publish_now()
+        targets = {t["target"]["kind"]: t for t in svc.latest_feedback.to_dict()["targets"]}
+        completeness = targets["completeness"]
+        reach = completeness["reach"]
+        # 99 % of the observations lie at d ≥ reach (rounded down to 0.01 Å)
+        assert np.mean(d >= reach) >= 0.99 > np.mean(d >= reach + 0.02)
+        assert completeness["text"].startswith(f"completeness ≥ 99 % to {reach:.2f} Å, where "
+                                               "the data end")
+        assert targets["cc_half"]["reach"] == reach
+        assert targets["cc_half"]["shell"]["d_min"] <= reach <= targets["cc_half"]["shell"][
+            "d_max"]
+        capsys.readouterr()
+        assert main(["status", svc.metrics_server.url]) == 0
+        assert f"to {reach:.2f} Å, where the data end" in capsys.readouterr().out
+    finally:
+        svc.stop()

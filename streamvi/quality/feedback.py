@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from streamvi.quality.anomalous import PeakReport, PhasingModel, snapshot_peaks
-from streamvi.quality.forecast import Forecast, ForecastInputs, Target, forecast_targets
+from streamvi.quality.forecast import (Forecast, ForecastInputs, Target, data_reach,
+                                      forecast_targets)
 from streamvi.jsonsafe import jsonable
 from streamvi.quality.stats import ResolutionFit, ShellTable, attach_halfset_statistics
 
@@ -240,7 +241,8 @@ class LiveFeedback:
         inputs = ForecastInputs(n_images=int(snapshot.n_images), rate=float(rate),
                                 obs_count=counts, hkl=sp.hkl, d=sp.d,
                                 centric=sp.centric, epsilon=sp.epsilon, friedel=sp.friedel,
-                                table=table, model_provisional=provisional["cc_anom"])
+                                table=table, model_provisional=provisional["cc_anom"],
+                                d_reach=data_reach(counts[0], sp.d))
         forecasts = forecast_targets(self.targets, inputs)
         peaks = None
         if self.model is not None:

@@ -20,6 +20,14 @@ solves for the N' at which it reaches its target, with an interval:
   (Fisher z) lies above it, and the forecast is for that moment; its own interval follows
   from the ends of CC's interval now.
 
+**Where the data end before the table does** (:func:`data_reach`): a ``serve`` table sized
+beyond what the indexer integrates (``dmin`` 1.8 Å, spots integrated to 2.6 Å) holds rows no
+image will ever record.  Judged to ``dmin``, completeness then stays far from its target and
+its law promises it after hundreds of thousands of images (an unseen class is rare to it,
+not impossible), and a CC target at dmin never gets a pair.  Once the observations show such
+a gap, the targets asked of the whole table (completeness, multiplicity, CC at dmin) are
+judged to the data's reach instead, and each forecast says so (``reach``).
+
 Seconds follow at the current indexed rate.  Every law uses only counts and the current
 figure, so a forecast moves only when the data do (the model's CCanom excepted: its figure
 moves with training, and its forecast is marked provisional when the figure is).
@@ -45,6 +53,14 @@ RATE_BINS = 40
 MIN_CLASS_SIZE = 30
 #: Forecasts beyond this many times the images so far are reported as out of reach.
 MAX_FACTOR = 1.0e4
+#: The data's reach: the resolution this share of the observations reaches.
+REACH_QUANTILE = 0.99
+#: ... taken in place of dmin only when the table's rows beyond it are at least this share
+#: of its rows (observations fill the reciprocal volume evenly or more so towards high
+#: resolution, so a data set that reaches dmin has about 1 % of its rows beyond the reach)
+REACH_EMPTY_SHARE = 0.05
+#: ... and once this many observations are in.
+REACH_MIN_OBSERVATIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -201,6 +217,9 @@ class Forecast:
         The shell judged (CC targets): index from 0, and its d range, Å.
     provisional
         The figure moves with training (the model's): the forecast may move without data.
+    reach
+        Å: the data end before the table's dmin (:func:`data_reach`) and the target, asked
+        of the whole table, is judged to here; None: judged to dmin.
     """
 
     target: Target
@@ -218,6 +237,7 @@ class Forecast:
     seconds_high: float | None = None
     shell: dict | None = None
     provisional: bool = False
+    reach: float | None = None
 
     @property
     def reached(self) -> bool:
@@ -240,6 +260,10 @@ class Forecast:
     def describe(self) -> str:
         """One line for a terminal."""
         head = self.target.describe()
+        if self.reach is not None:       # asked of the whole table: judged where data are
+            head += (f" to {self.reach:.2f} Å, where the data end"
+                     if self.target.kind in ("completeness", "multiplicity")
+                     else f", at {self.reach:.2f} Å where the data end")
         now = "" if self.current is None else f" (now {_fmt(self.current, self.target)})"
         if self.state == "reached":
             return f"{head}: reached{now}"
@@ -512,6 +536,8 @@ class ForecastInputs:
         The snapshot's :class:`~streamvi.quality.stats.ShellTable`, data estimate attached.
     model_provisional
         Whether the model's figures are provisional now (they moved with training).
+    d_reach
+        Å, where the data end before the table's dmin (:func:`data_reach`), or None.
     """
 
     n_images: int
@@ -524,6 +550,7 @@ class ForecastInputs:
     friedel: np.ndarray
     table: ShellTable
     model_provisional: bool = False
+    d_reach: float | None = None
     _hkl_index: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -535,6 +562,38 @@ class ForecastInputs:
         return self._hkl_index
 
 
+def data_reach(obs_count: np.ndarray, d: np.ndarray) -> float | None:
+    """Where the data end inside the table, when they end well before its dmin.
+
+    Parameters
+    ----------
+    obs_count
+        ``(n_rows,)`` observations per row (all images).
+    d
+        ``(n_rows,)`` resolution of each row, Å.
+
+    Returns
+    -------
+    float or None
+        The resolution, Å (rounded down to 0.01 Å), that :data:`REACH_QUANTILE` of the
+        observations reach, where the rows beyond it are at least :data:`REACH_EMPTY_SHARE`
+        of the table's; None otherwise (the data fill the table), or before
+        :data:`REACH_MIN_OBSERVATIONS` observations.
+    """
+    obs = np.asarray(obs_count, np.float64)
+    d = np.asarray(d, np.float64)
+    total = float(obs.sum())
+    if total < REACH_MIN_OBSERVATIONS or d.size == 0:
+        return None
+    order = np.argsort(d, kind="stable")              # highest resolution first
+    # rows order[:k] hold at most 1 − REACH_QUANTILE of the observations
+    k = int(np.searchsorted(np.cumsum(obs[order]), (1.0 - REACH_QUANTILE) * total,
+                            side="right"))
+    if k < REACH_EMPTY_SHARE * d.size or k >= d.size:
+        return None
+    return math.floor(float(d[order[k]]) * 100.0) / 100.0
+
+
 def forecast_targets(targets: list[Target], inputs: ForecastInputs) -> list[Forecast]:
     """One :class:`Forecast` per target (see the module docstring for the laws)."""
     out = []
@@ -543,18 +602,26 @@ def forecast_targets(targets: list[Target], inputs: ForecastInputs) -> list[Fore
         if target.kind in ("completeness", "multiplicity"):
             if law is None:
                 law = _completeness_law(inputs)
-            out.append(_count_forecast(target, law, inputs))
+            fc = _count_forecast(target, law, inputs)
+            fc.reach = inputs.d_reach
         else:
-            out.append(_correlation_forecast(target, inputs))
+            fc = _correlation_forecast(target, inputs)
+            if (target.at_dmin or target.d is None) and inputs.d_reach is not None:
+                fc.reach = inputs.d_reach
+        out.append(fc)
     return out
 
 
 def _completeness_law(inputs: ForecastInputs) -> CompletenessLaw:
-    idx = inputs.hkl_index
+    """The law of the table's unique reflections (Friedel mates as one), of those the
+    data reach where :attr:`ForecastInputs.d_reach` is set."""
+    rows = (np.arange(inputs.d.shape[0]) if inputs.d_reach is None
+            else np.nonzero(inputs.d >= inputs.d_reach)[0])
+    idx = np.unique(inputs.hkl_index[rows], return_inverse=True)[1].reshape(-1)
     n_hkl = int(idx.max()) + 1
     first = np.zeros(n_hkl, np.int64)
-    first[idx[::-1]] = np.arange(idx.shape[0])[::-1]
-    counts = np.bincount(idx, inputs.obs_count[0], n_hkl)
+    first[idx[::-1]] = rows[np.arange(idx.shape[0])[::-1]]
+    counts = np.bincount(idx, inputs.obs_count[0][rows], n_hkl)
     return CompletenessLaw.from_counts(counts, inputs.d[first], inputs.centric[first],
                                        inputs.epsilon[first], inputs.n_images)
 
@@ -580,8 +647,10 @@ def _count_forecast(target: Target, law: CompletenessLaw, inputs: ForecastInputs
     return fc
 
 
-def _target_shell(target: Target, table: ShellTable) -> int:
-    if target.at_dmin or target.d is None:
+def _target_shell(target: Target, table: ShellTable, d_reach: float | None = None) -> int:
+    if (target.at_dmin or target.d is None) and d_reach is not None:
+        target = Target(target.kind, target.value, d=d_reach)   # the shell the data end in
+    elif target.at_dmin or target.d is None:
         return len(table.d_min) - 1
     for i, (hi, lo) in enumerate(zip(table.d_max, table.d_min)):
         if lo <= target.d <= hi:
@@ -594,7 +663,7 @@ def _correlation_forecast(target: Target, inputs: ForecastInputs) -> Forecast:
     fc = Forecast(target=target, state="no_figure", n_images=inputs.n_images, rate=inputs.rate)
     if not table.d_min:
         return fc
-    shell = _target_shell(target, table)
+    shell = _target_shell(target, table, inputs.d_reach)
     fc.shell = {"index": shell, "d_max": table.d_max[shell], "d_min": table.d_min[shell]}
     name = target.kind + ("_data" if target.source == "data" else "")
     values = getattr(table, name, None) or []
