@@ -227,6 +227,8 @@ def test_fan_out_to_two_ranks(simulated, tmp_path):
     import reciprocalspaceship as rs
 
     payloads, space = simulated
+    # a table to 3.2 Å for spots to 3.0 Å: what arrives beyond it is counted per rank
+    space = {**space, "dmin": 3.2}
     messages = [decode_crystal(p) for p in payloads]
     sent_keys = {f"{m.run}/{m.image}/{m.crystal}" for m in messages}
     with FanOut("tcp://127.0.0.1:*") as fan:
@@ -250,6 +252,15 @@ def test_fan_out_to_two_ranks(simulated, tmp_path):
     assert not keys[0] & keys[1]
     assert [r["crystals_received"] for r in res] == [len(k) for k in keys]
     assert abs(len(keys[0]) - len(keys[1])) <= 2, [len(k) for k in keys]
+    # each rank's record of what arrived beyond the table: gemmi's count over its crystals
+    table = ReciprocalSpace.from_dict(space)
+    beyond = {f"{m.run}/{m.image}/{m.crystal}": int(np.sum(
+        table.cell.calculate_d_array(m.hkl().astype(np.int32)) < table.dmin)) for m in messages}
+    assert [r["beyond_dmin"]["reflections"] for r in res] == [
+        sum(beyond[k] for k in kk) for kk in keys]
+    assert all(r["beyond_dmin"]["reflections"] > 0
+               and 2.95 <= r["beyond_dmin"]["suggested_dmin"] < 3.2 for r in res)
+    assert all(r["beyond_dmin"]["dmin"] == pytest.approx(table.dmin) for r in res)
     # trained together, in lock-step, every image visited twice
     assert res[0]["steps"] == res[1]["steps"] > 0
     assert all(r["visits_min"] >= 2 and r["global_images"] == len(payloads) for r in res)

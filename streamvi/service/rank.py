@@ -56,6 +56,9 @@ class RankResult:
     snapshots: int
     keys: list[str] = field(default_factory=list)
     mtz: str | None = None
+    #: this rank's record of the reflections that arrived beyond the table's dmin
+    #: (:meth:`~streamvi.merging.beyond.BeyondDmin.to_dict`)
+    beyond_dmin: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,7 +228,16 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
         visits_median=float(np.median(visits)) if visits.size else 0.0,
         snapshots=snapshots,
         keys=[f"{k[0]}/{k[1]}/{k[2]}" for k in st.keys] if keep_keys else [],
-        mtz=str(mtz.latest) if mtz is not None and snapshots else None)
+        mtz=str(mtz.latest) if mtz is not None and snapshots else None,
+        beyond_dmin=st.beyond_dmin.to_dict())
+    suggested = st.beyond_dmin.suggested_dmin()
+    if suggested is not None:
+        # the checkpoint's table is fixed: a larger one is a new merge (another out_dir)
+        log.warning("rank %d: %d reflections (%.1f %%) arrived beyond the table's dmin "
+                    "%.2f Å, out to %.2f Å, and were not merged; to merge them, run the job "
+                    "again with dmin %.2f in another out_dir", rank,
+                    st.beyond_dmin.n_beyond, 100.0 * st.beyond_dmin.fraction,
+                    st.beyond_dmin.dmin, st.beyond_dmin.d_min_seen, suggested)
     return result
 
 
