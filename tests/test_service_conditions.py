@@ -84,6 +84,8 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
         with urllib.request.urlopen(service.metrics_server.url + "metrics", timeout=10) as r:
             metrics = r.read().decode()
         published = dict(service.latest_conditions)
+        with urllib.request.urlopen(service.metrics_server.url + "api/status", timeout=10) as r:
+            api = json.loads(r.read())
         dom = chromium(service.metrics_server.url, tmp_path / "page", "--dump-dom"
                        ).stdout.decode()
         capsys.readouterr()
@@ -113,6 +115,15 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
                         r"\d+ at 30 images · light: \d of \d targets open · about [\d,]+ more "
                         r"images at 30 images", verdict), verdict
     assert re.search(r'id="diff-peaks">light-minus-dark: \+\d+\.\d σ at A/', dom)
+    # the CC½ of ΔF against the pair's images: one point per publish with differences, the
+    # latest the status's own figure
+    points = [h["differences"]["light-minus-dark"] for h in api["history"]
+              if "differences" in h]
+    assert points and points[-1]["images"] == 60
+    assert points[-1]["cc_half"] == pytest.approx(
+        api["status"]["differences"]["light-minus-dark"]["delta_cc_half_overall"])
+    canvas = re.search(r'<canvas id="plot-delta"[^>]*data-points="(\d+)"', dom)
+    assert canvas is not None and int(canvas.group(1)) == len(points), dom[:500]
     assert 'streamvi_condition_images{condition="light"} 30.0' in metrics
     # the per-shell families carry every condition's merge, labelled
     for name in ("dark", "light"):

@@ -782,12 +782,22 @@ class Service:
 
     def _figures(self, snap: MergeSnapshot) -> dict[str, Any]:
         st = snap.stats
-        return {"time": snap.time, "n_images": snap.n_images, "step": snap.step,
-                "cc_half": st.overall.get("cc_half"), "completeness": st.overall.get("completeness"),
-                "cc_half_shells": list(st.cc_half), "completeness_shells": list(st.completeness),
-                "d_min_shells": list(st.d_min), "resolution_cc_half": st.resolution_cc_half,
-                "loss": None if self.last_step_report is None else self.last_step_report.loss,
-                "images_per_s": self.images_per_second()}
+        out = {"time": snap.time, "n_images": snap.n_images, "step": snap.step,
+               "cc_half": st.overall.get("cc_half"), "completeness": st.overall.get("completeness"),
+               "cc_half_shells": list(st.cc_half), "completeness_shells": list(st.completeness),
+               "d_min_shells": list(st.d_min), "resolution_cc_half": st.resolution_cc_half,
+               "loss": None if self.last_step_report is None else self.last_step_report.loss,
+               "images_per_s": self.images_per_second()}
+        if self.latest_differences:
+            # per pair, against the images of its two conditions: is a signal emerging
+            store = self.engine.store
+            count = dict(zip(store.conditions, store.condition_images().tolist()))
+            ref = self.conditions[0]
+            out["differences"] = {
+                pair: {"images": count.get(pair[:-len(f"-minus-{ref}")], 0) + count.get(ref, 0),
+                       "cc_half": f["delta_cc_half_overall"], "significant": f["significant"]}
+                for pair, f in self.latest_differences.items()}
+        return out
 
     def images_per_second(self, window_s: float = 30.0, condition: int | None = None) -> float:
         """Arrival rate of crystals over the last ``window_s`` seconds (of one condition's,

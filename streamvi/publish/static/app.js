@@ -564,6 +564,15 @@ function renderDifferences(d) {
     if (named.length) where.push(`${pair}: ${named.join(" · ")}`);
   }
   setText("diff-peaks", where.join("\n"));
+  const hist = d.history || [];
+  const series = pairs.map(([pair], i) => ({
+    points: hist.filter(h => (h.differences || {})[pair])
+      .map(h => [h.differences[pair].images, h.differences[pair].cc_half]),
+    colour: shellColour(i, Math.max(pairs.length, 2)), width: 2, dot: true }));
+  drawPlot($("plot-delta"), series, { aspect: 0.39, xKind: "images",
+                                      hlines: [{ y: 0, colour: "#c3cad2" }] });
+  legend("legend-delta", pairs.map(([pair], i) =>
+    [pair, shellColour(i, Math.max(pairs.length, 2))]));
 }
 
 async function tick() {
