@@ -343,7 +343,9 @@ function drawPlot(canvas, series, opts) {
   const ys = niceStep(y1 - y0, 5);
   g.textAlign = "right";
   g.textBaseline = "middle";
-  for (let v = Math.ceil(y0 / ys) * ys; v <= y1 + 1e-9; v += ys) {
+  // ticks as whole multiples of the step: summed steps drift (0 became −1.39e-17)
+  for (let k = Math.ceil(y0 / ys); k * ys <= y1 + 1e-9; k++) {
+    const v = k * ys;
     const y = Math.round(Y(v)) + 0.5;
     g.beginPath(); g.moveTo(m.l, y); g.lineTo(m.l + pw, y); g.stroke();
     g.fillText(opts.yFormat ? opts.yFormat(v, ys) : String(+v.toPrecision(3)), m.l - 6, y);
@@ -352,7 +354,8 @@ function drawPlot(canvas, series, opts) {
   const xs = images ? niceStep(span, 6) : timeStep(span, 5);
   g.textAlign = "center";
   g.textBaseline = "top";
-  for (let t = Math.ceil(x0 / xs) * xs; t <= x1 + 1e-9; t += xs) {
+  for (let k = Math.ceil(x0 / xs); k * xs <= x1 + 1e-9; k++) {
+    const t = k * xs;
     const x = Math.round(X(t)) + 0.5;
     g.beginPath(); g.moveTo(x, m.t); g.lineTo(x, m.t + ph); g.stroke();
     g.fillText(images ? fmtInt(t) : timeLabel(t, span), x, m.t + ph + 6);
