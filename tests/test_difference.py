@@ -210,6 +210,9 @@ def test_gain_correction_gives_the_change_its_size_and_keeps_the_contrast():
     assert fixed.gain is not None and fixed.gain.shell_factor.shape == (10,)
     np.testing.assert_allclose(fixed.DF / fixed.SIGDF, plain.DF / plain.SIGDF)
     np.testing.assert_allclose(fixed.W, plain.W)
+    # the map's coefficients keep the merge's ΔF: W times the difference as merged
+    np.testing.assert_allclose(fixed.WDF, plain.W * df)
+    np.testing.assert_allclose(fixed.WDF, plain.WDF)
     edges = np.concatenate([[np.inf], fixed.gain.d_min])
     for j in range(10):
         m = (d <= edges[j]) & (d > edges[j + 1]) if j < 9 else (d <= edges[j])

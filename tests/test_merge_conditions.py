@@ -64,11 +64,16 @@ def test_a_header_field_names_the_conditions_and_both_mtzs_are_written(pumped, t
     assert cal.calibrated
     np.testing.assert_allclose(delta["SIGDF"].to_numpy(), mean_field * cal.factor * gain,
                                rtol=1e-4)
+    # WDF: the q-weight times ΔF as merged (the coupled prior's shrinkage kept for maps)
+    np.testing.assert_allclose(delta["WDF"].to_numpy(),
+                               delta["W"].to_numpy() * (lt["F"] - dk["F"]).to_numpy(),
+                               rtol=1e-4, atol=1e-5)
     history = [h.strip() for h in
                gemmi.read_mtz_file(str(tmp_path / "m-light-minus-dark.mtz")).history]
     assert any(h.startswith("SIGDF: mean-field sigma x half-set scatter") for h in history)
     at = history.index("DF, SIGDF x by shell for the coupled prior's shrinkage, low to high:")
     assert [float(x) for x in history[at + 1].split()] == pytest.approx(factors, abs=0.006)
+    assert "WDF: W times DF as merged (before that factor; the map's coefficient)" in history
     # the light condition is merged under the coupled prior given the dark one (default)
     light_history = [h.strip() for h in gemmi.read_mtz_file(str(tmp_path / "m-light.mtz")).history]
     assert any(h.startswith("prior given dark, r by shell: ") for h in light_history)

@@ -132,8 +132,9 @@ def difference_dataset(light, dark, *, alpha: float | None = None) -> rs.DataSet
     Reflections observed in both: ``DF``, ``SIGDF`` (the mean-field ``√(σ_light² +
     σ_dark²)`` scaled per resolution shell to the scatter of ΔF that the two half-datasets
     show, :func:`streamvi.quality.difference.calibrate_sigma`; the mean-field value where
-    too few reflections are in both halves), the q-weight ``W`` and ``WDF = W·DF``
-    (:mod:`streamvi.quality.difference`), and ``F_DARK`` ``SIGF_DARK`` (the reference
+    too few reflections are in both halves), the q-weight ``W`` and ``WDF = W·DF`` (under
+    the coupled prior ``DF`` given back its size per shell, ``WDF`` of the ΔF as merged:
+    :mod:`streamvi.quality.difference`), and ``F_DARK`` ``SIGF_DARK`` (the reference
     condition's amplitudes, for maps with its phases).  In anomalous mode the Bijvoet means
     are differenced.  The calibration is in ``attrs["sigma_calibration"]``.
     """
@@ -217,4 +218,6 @@ def write_difference_mtz(light, dark, path: str | os.PathLike, *, names: tuple[s
         dataset = difference_dataset(light, dark, alpha=alpha)
     hist += _calibration_history(dataset.attrs.get("sigma_calibration"))
     hist += _gain_history(dataset.attrs.get("gain_correction"))
+    if dataset.attrs.get("gain_correction") is not None:
+        hist.append("WDF: W times DF as merged (before that factor; the map's coefficient)")
     return write_mtz(dataset, path, history=hist, info=info)

@@ -19,6 +19,15 @@ with the means taken per resolution shell (equal reciprocal volume,
 :func:`streamvi.symmetry.shell_edges`) and ``α`` :data:`DEFAULT_ALPHA`.  The σ term damps
 noisy differences; the α term damps the rare huge ones (outliers, often of weak or
 misestimated reflections).  Maps are made with ``WDF`` and the reference condition's phases.
+
+Under the coupled prior ``DF`` is given back its size per shell (:func:`correct_gain`), for
+work that reads |ΔF| (occupancies, extrapolated maps); ``WDF`` weights the posterior mean
+ΔF as merged, the shrinkage kept.  The shrinkage is strongest where the data are noisiest
+(the high-resolution shells), so undoing it amplifies their noise in a map: on the
+issue-size pump–probe set the size-corrected coefficients gave peaks 0.03–0.26 σ lower at
+11 of 12 moved-atom sites and an overall CC(WDF, ΔF_true) 0.004–0.019 lower than the
+posterior mean's (docs/time-resolved.md).  ``W`` is the same for both (its means are per
+shell, the correction one factor per shell).
 """
 from __future__ import annotations
 
@@ -203,7 +212,7 @@ class Differences(NamedTuple):
     SIGDF: np.ndarray
     #: the q-weight w (dimensionless, in (0, 1])
     W: np.ndarray
-    #: w · ΔF
+    #: w · ΔF, ΔF before the gain correction (the posterior mean: see the module docstring)
     WDF: np.ndarray
     #: how SIGDF was scaled from the mean-field σ (None: not asked for, the mean-field σ)
     calibration: SigmaCalibration | None = None
@@ -256,6 +265,7 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
         calibration = calibrate_sigma(df, np.sqrt(var), *half_differences, d)
         var = var * np.square(calibration.factor)
     gain = None
+    merged_df = df          # the map coefficients keep the merge's shrinkage
     if gains is not None:
         gain = correct_gain(*gains, d, n_shells=n_shells)
         df = df * gain.factor
@@ -277,7 +287,8 @@ def difference_coefficients(f_light: np.ndarray, sigf_light: np.ndarray, f_dark:
             denom = (1.0 + var / mean_var[shell]
                      + alpha * np.square(df) / mean_df2[shell])
         w = np.where(ok & np.isfinite(denom) & (denom > 0), 1.0 / denom, np.nan)
-    return Differences(DF=df, SIGDF=np.sqrt(var), W=w, WDF=w * df, calibration=calibration,
+    return Differences(DF=df, SIGDF=np.sqrt(var), W=w, WDF=w * np.where(ok, merged_df, np.nan),
+                       calibration=calibration,
                        gain=gain)
 
 
