@@ -752,6 +752,7 @@ class Service:
                 ds = difference_dataset(snap, snaps[ref])
                 fig = difference_figures(snap, snaps[ref], n_shells=self.config.n_shells,
                                          dataset=ds)
+                fig["images"] = int(snap.n_images + snaps[ref].n_images)   # the pair's
                 if self.difference_model is not None:
                     fig["peaks"] = difference_peaks(
                         ds.cell, ds.spacegroup, ds.get_hkls(), ds["WDF"].to_numpy(np.float64),
@@ -790,12 +791,9 @@ class Service:
                "images_per_s": self.images_per_second()}
         if self.latest_differences:
             # per pair, against the images of its two conditions: is a signal emerging
-            store = self.engine.store
-            count = dict(zip(store.conditions, store.condition_images().tolist()))
-            ref = self.conditions[0]
             out["differences"] = {
-                pair: {"images": count.get(pair[:-len(f"-minus-{ref}")], 0) + count.get(ref, 0),
-                       "cc_half": f["delta_cc_half_overall"], "significant": f["significant"]}
+                pair: {"images": f["images"], "cc_half": f["delta_cc_half_overall"],
+                       "significant": f["significant"]}
                 for pair, f in self.latest_differences.items()}
         return out
 
