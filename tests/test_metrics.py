@@ -451,15 +451,24 @@ def test_images_by_setting_follows_the_trainers_choices_at_each_snapshot(tmp_pat
         total = sum(sample(s, "streamvi_images_by_setting", operator=op)
                     for op in ("h,k,l", "-h,k,-l"))
         assert total == n
-        with svc.lock:
-            # the next visits may choose again; pin three images in the other setting
-            store = svc.engine.store
-            store.set_ops(torch.tensor([0, 1, 2]), torch.tensor([1, 1, 1]))
-            store.set_ops(torch.tensor([3, 4]), torch.tensor([0, 0]))
-            expected = int((store._image_op_t[:n] == 1).sum())
-            store.apply_settings()
-        assert sample(scrape(svc), "streamvi_images_by_setting", operator="-h,k,-l") == expected
-        assert svc.status()["images_by_setting"]["-h,k,-l"] == expected
+        # pin three images in the other setting; the trainer's next visits may choose again,
+        # and a snapshot between the pin and the scrape (one every 0.5 s) counts those
+        # choices instead: then pin and scrape again (the store's applied settings say)
+        for _ in range(10):
+            with svc.lock:
+                store = svc.engine.store
+                store.set_ops(torch.tensor([0, 1, 2]), torch.tensor([1, 1, 1]))
+                store.set_ops(torch.tensor([3, 4]), torch.tensor([0, 0]))
+                expected = int((store._image_op_t[:n] == 1).sum())
+                store.apply_settings()
+            scraped = sample(scrape(svc), "streamvi_images_by_setting", operator="-h,k,-l")
+            reported = svc.status()["images_by_setting"]["-h,k,-l"]
+            with svc.lock:       # the settings counted are still the pinned ones
+                if int((store.image_op[:n] == 1).sum()) == expected:
+                    break
+        else:
+            pytest.fail("a snapshot changed the settings between every pin and its scrape")
+        assert scraped == reported == expected
     with running_service(tmp_path / "plain") as svc:
         feed.send_and_settle(svc)
         assert not any(name == "streamvi_images_by_setting" for name, _ in scrape(svc))
