@@ -126,5 +126,8 @@ def test_a_table_larger_than_the_data_judges_its_targets_where_the_data_end(tmp_
         capsys.readouterr()
         assert main(["status", svc.metrics_server.url]) == 0
         assert f"to {reach:.2f} Å, where the data end" in capsys.readouterr().out
+        dom = chromium(svc.metrics_server.url, tmp_path / "page", "--dump-dom").stdout.decode()
+        row = re.search(r'<tr[^>]*data-target="completeness"[^>]*><td[^>]*>([^<]*)<', dom)
+        assert row and row.group(1) == f"completeness ≥ 99 % to {reach:.2f} Å, where the data end"
     finally:
         svc.stop()

@@ -158,7 +158,10 @@ function renderTargets(d) {
     const at = t.reached ? "–" : (isNum(t.images) ? fmtInt(t.images) +
       (isNum(t.images_low) ? ` (${fmtInt(t.images_low)}–${isNum(t.images_high) ? fmtInt(t.images_high) : "∞"})` : "") : "–");
     const state = (STATE_WORDS[t.state] || t.state) + (t.provisional ? " (provisional)" : "");
-    tr.append(cell(t.target.text), cell(now), cell(state, t.reached ? "good" : ""),
+    // a target asked of the whole table, judged where the data end before its dmin
+    const where = !isNum(t.reach) ? "" : (["completeness", "multiplicity"].includes(t.target.kind)
+      ? ` to ${fmt(t.reach, 2)} Å, where the data end` : `, at ${fmt(t.reach, 2)} Å where the data end`);
+    tr.append(cell(t.target.text + where), cell(now), cell(state, t.reached ? "good" : ""),
               cell(at), cell(t.reached ? "0" : fmtInt(t.images_needed)),
               cell(t.reached ? "done" : fmtDuration(t.seconds)));
     return tr;
