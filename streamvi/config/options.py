@@ -393,8 +393,9 @@ OPTIONS: tuple[Option, ...] = (
            "averages of unscaled stills carry too little of the anomalous signal "
            "(docs/metrics.md); append `:data` for the half-set averages. Empty: no target",
            "targets"),
-    Option("target_completeness", float, 0.99, "overall completeness to reach, ratio 0–1; 0: "
-           "no target", "targets", unit="ratio"),
+    Option("target_completeness", float, 0.99, "overall completeness to reach, ratio 0–1 (of "
+           "the table to dmin, or to where the data end when they end well before it: "
+           "docs/metrics.md); 0: no target", "targets", unit="ratio"),
     Option("target_multiplicity", float, 0.0, "overall multiplicity (observations per "
            "observed unique reflection) to reach; 0: no target", "targets"),
     Option("model", str, "", "PDB or mmCIF file of a known or partial structure in the "
