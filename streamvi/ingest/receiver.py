@@ -80,16 +80,16 @@ class _BoundedQueue:
     def put(self, item: QueueItem, nbytes: int, stop: threading.Event,
             idle: Callable[[], None] | None = None) -> bool:
         """Wait for room (calling ``idle`` now and then), then enqueue; False if ``stop``
-        was set first."""
+        was set first.  Stopped while waiting, the item is queued all the same, past the
+        bound: it was counted and spooled already, and the consumer's last drain takes it
+        (a stop during overload left one crystal received but not merged)."""
         while True:
             with self._cond:
-                if not self._full(nbytes):
+                if not self._full(nbytes) or stop.is_set():
                     self._items.append((item, nbytes))
                     self._bytes += nbytes
                     self._cond.notify_all()
-                    return True
-                if stop.is_set():
-                    return False
+                    return not stop.is_set()
                 self._cond.wait(0.1)
                 still_full = self._full(nbytes)
             if idle is not None and still_full:
