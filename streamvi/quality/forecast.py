@@ -257,17 +257,23 @@ class Forecast:
         out = asdict(self)
         out["target"] = asdict(self.target) | {"label": self.target.kind,
                                                "text": self.target.describe()}
+        out["heading"] = self.heading()
         out["reached"] = self.reached
         out["images_needed"] = self.images_needed
         return jsonable(out)
 
-    def describe(self) -> str:
-        """One line for a terminal."""
+    def heading(self) -> str:
+        """The target as judged: its text, and where the data end when it is judged there."""
         head = self.target.describe()
         if self.reach is not None:       # asked of the whole table: judged where data are
             head += (f" to {self.reach:.2f} Å, where the data end"
                      if self.target.kind in ("completeness", "multiplicity")
                      else f", at {self.reach:.2f} Å where the data end")
+        return head
+
+    def describe(self) -> str:
+        """One line for a terminal."""
+        head = self.heading()
         now = "" if self.current is None else f" (now {_fmt(self.current, self.target)})"
         if self.state == "reached":
             return f"{head}: reached{now}"

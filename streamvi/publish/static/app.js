@@ -158,10 +158,8 @@ function renderTargets(d) {
     const at = t.reached ? "–" : (isNum(t.images) ? fmtInt(t.images) +
       (isNum(t.images_low) ? ` (${fmtInt(t.images_low)}–${isNum(t.images_high) ? fmtInt(t.images_high) : "∞"})` : "") : "–");
     const state = (STATE_WORDS[t.state] || t.state) + (t.provisional ? " (provisional)" : "");
-    // a target asked of the whole table, judged where the data end before its dmin
-    const where = !isNum(t.reach) ? "" : (["completeness", "multiplicity"].includes(t.target.kind)
-      ? ` to ${fmt(t.reach, 2)} Å, where the data end` : `, at ${fmt(t.reach, 2)} Å where the data end`);
-    tr.append(cell(t.target.text + where), cell(now), cell(state, t.reached ? "good" : ""),
+    // the target as judged (where the data end, when they end before the table's dmin)
+    tr.append(cell(t.heading || t.target.text), cell(now), cell(state, t.reached ? "good" : ""),
               cell(at), cell(t.reached ? "0" : fmtInt(t.images_needed)),
               cell(t.reached ? "done" : fmtDuration(t.seconds)));
     return tr;
