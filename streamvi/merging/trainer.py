@@ -100,6 +100,9 @@ class TrainerConfig:
     #: learn an error model σ' = √((a σ)² + (b Ipred)²) in the likelihood (docs/model.md;
     #: :class:`streamvi.merging.model.likelihood.ErrorModel`)
     error_model: bool = False
+    #: integrate each observation's learnt scale out of the likelihood (mean and variance
+    #: of its log-normal) rather than sampling it (docs/model.md, change 24)
+    marginal_scale: bool = False
     #: a per-image relative B in the scale model's output, ``log scale += b_i · 1/d²``
     #: (standardised), ``b_i`` from the image vector (docs/model.md, change 13)
     image_b_term: bool = False
@@ -322,6 +325,7 @@ class Trainer:
             prior, posterior, scale_model, likelihood, mc_samples=config.mc_samples,
             kl_weight=config.kl_weight, standardizer=Standardizer(n_metadata),
             scale_kl_weight=config.scale_kl_weight)
+        self.model.marginal_scale = bool(config.marginal_scale)
         if config.geometric_partiality:
             self.model.set_partiality(GeometricPartiality())
         self.model.to(self.device)

@@ -178,6 +178,10 @@ class VariationalMergingModel(nn.Module):
         self.partiality: GeometricPartiality | None = None
         #: ``log P`` of the last :meth:`scale_distribution` (None without a partiality)
         self._last_log_p: torch.Tensor | None = None
+        #: integrate each observation's scale out of its likelihood (its log-normal's mean
+        #: and variance) instead of sampling it: the scale's spread then widens the
+        #: observation's error, rather than shrinking the amplitude (docs/model.md)
+        self.marginal_scale = False
 
     def set_coupling(self, coupling: DoubleWilsonCoupling | None) -> None:
         """Put the amplitudes of every condition but ``coupling.reference`` under the
@@ -365,7 +369,7 @@ class VariationalMergingModel(nn.Module):
         return torch.argmax(per_image, dim=0)
 
     def _table_terms(self, table: int | torch.Tensor, row_ids: torch.Tensor,
-                     scale_sample: torch.Tensor, iobs: torch.Tensor, sigiobs: torch.Tensor,
+                     scale_sample: torch.Tensor | tuple[torch.Tensor, torch.Tensor], iobs: torch.Tensor, sigiobs: torch.Tensor,
                      generator: torch.Generator | None,
                      obs_weight: torch.Tensor | None = None,
                      obs_keep: torch.Tensor | None = None
@@ -385,8 +389,14 @@ class VariationalMergingModel(nn.Module):
         rows = torch.remainder(unique_flat, post.n_rows)
         F = post.sample_with(loc, scale, self.mc_samples, generator, rows=rows)  # (mc, u)
         F_obs = torch.index_select(F, 1, inverse)  # backward is index_add_, cheaper than index_put_
-        ipred = scale_sample * F_obs * F_obs
-        ll = self.likelihood.log_prob(ipred, iobs, sigiobs)
+        if isinstance(scale_sample, tuple):     # marginal_scale: (E[s], Var[s]/E[s]²)
+            mean_scale, rel_var = scale_sample
+            ipred = mean_scale * F_obs * F_obs
+            ll = self.likelihood.log_prob(
+                ipred, iobs, torch.sqrt(sigiobs * sigiobs + rel_var * ipred * ipred))
+        else:
+            ipred = scale_sample * F_obs * F_obs
+            ll = self.likelihood.log_prob(ipred, iobs, sigiobs)
         if obs_keep is None:
             nll = -ll.mean()
         else:
@@ -461,16 +471,24 @@ class VariationalMergingModel(nn.Module):
         log_p = None if self._last_log_p is None else self._last_log_p.detach()
         network_loc = s_loc.detach() if log_p is None else s_loc.detach() - log_p
 
-        z = torch.randn((self.mc_samples, batch.n_reflections), generator=generator,
-                        device=s_loc.device, dtype=s_loc.dtype)
-        scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
+        if self.marginal_scale:
+            # E[s] and Var[s]/E[s]² of the log-normal: the prediction E[s]·F², its spread
+            # added to σ(I)² in :meth:`_table_terms`
+            scale_sample = (torch.exp(s_loc + 0.5 * s_scale * s_scale),
+                            torch.expm1(s_scale * s_scale))
+        else:
+            z = torch.randn((self.mc_samples, batch.n_reflections), generator=generator,
+                            device=s_loc.device, dtype=s_loc.dtype)
+            scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
 
         w = batch.obs_weight
         full = self.full_table(batch)
         nll, kl_F, flat0 = self._table_terms(full, row_ids, scale_sample, iobs, sigiobs,
                                              generator, None if w is None else w[0], obs_keep)
         half_table = 1 + batch.half[batch.image_index] + full
-        nll_half, kl_F_half, flat_half = self._table_terms(half_table, row_ids, scale_sample.detach(),
+        detached = (tuple(t.detach() for t in scale_sample) if self.marginal_scale
+                    else scale_sample.detach())
+        nll_half, kl_F_half, flat_half = self._table_terms(half_table, row_ids, detached,
                                                 iobs, sigiobs, generator,
                                                 None if w is None else w[1], obs_keep)
         kl_scale = self.scale_model.kl(s_loc, s_scale).mean()
