@@ -653,3 +653,86 @@ def test_conditions_route_each_image_to_its_own_tables():
     posterior.weight.grad = None
     model(batch, torch.Generator().manual_seed(0)).loss.backward()
     assert int(posterior.weight.grad.coalesce().indices().max()) < 3 * n_rows
+
+
+# --- the scale integrated out (marginal_scale) -------------------------------------------
+
+def test_marginal_scale_likelihood_is_student_t_with_the_scale_spread_in_sigma():
+    """Each observation: t(I; E[s]·F², √(σ² + Var[s]·(E[s]F²)²)), E[s] and Var[s] of the
+    log-normal, against scipy on the same draws of F."""
+    n_rows, mc = 30, 5
+    model = make_model(n_rows, mc=mc, seed=1)
+    model.marginal_scale = True
+    batch = make_batch([12, 9, 15], n_rows, seed=4)
+    iobs, sig = batch.iobs, batch.sigiobs
+    rows = batch.asu_id[0]
+    s_loc = torch.linspace(-0.5, 0.5, iobs.shape[0])
+    s_scale = torch.linspace(0.05, 0.9, iobs.shape[0])
+    mean_s = torch.exp(s_loc + 0.5 * s_scale ** 2)
+    rel_var = torch.expm1(s_scale ** 2)
+    nll, _, _ = model._table_terms(0, rows, (mean_s, rel_var), iobs, sig,
+                                   torch.Generator().manual_seed(7))
+    # the same draws of F: _table_terms draws them first, one per unique row
+    post = model.posterior
+    unique, inverse = torch.unique(post.flat_index(0, rows), return_inverse=True)
+    loc, scale = post.loc_scale(unique)
+    F = post.sample_with(loc, scale, mc, torch.Generator().manual_seed(7), rows=unique)
+    f2 = (F[:, inverse] ** 2).detach().numpy().astype(np.float64)
+    m, v = mean_s.numpy().astype(np.float64), rel_var.numpy().astype(np.float64)
+    ipred = m * f2
+    width = np.sqrt(sig.numpy() ** 2 + v * (m * m) * f2 * f2)
+    ref = -stats.t(df=32.0, loc=ipred, scale=width).logpdf(iobs.numpy()).mean()
+    np.testing.assert_allclose(float(nll.detach()), ref, rtol=1e-5)
+
+
+def _fit_one_strong_row(marginal: bool, seed: int = 3, steps: int = 600) -> tuple[float, float]:
+    """Posterior amplitude of one strong reflection (F = 10, E = 2) whose 40 observations,
+    four in five weak partials, carry σ(I) from counting (σ² = 1 + I) and a learnt scale of
+    spread σ_s 0.8 on the partials, 0.05 on the near-full ones; only the posterior is
+    fitted (the scales held at E[s] = the true scale)."""
+    torch.manual_seed(0)
+    prior = WilsonPrior(torch.tensor([False]), torch.tensor([1.0]), 25.0)  # E = 2
+    post = FoldedNormalPosterior(1, 3, init_loc=prior.mean())
+    model = VariationalMergingModel(prior, post, ImageScaleModel(N_META, 8, 1),
+                                    StudentTLikelihood(32.0), mc_samples=8)
+    model.marginal_scale = marginal
+    g = torch.Generator().manual_seed(seed)
+    partial = torch.rand(40, generator=g) < 0.8
+    s_true = torch.where(partial, 0.05 + 0.1 * torch.rand(40, generator=g),
+                         0.8 + 0.2 * torch.rand(40, generator=g))
+    s_scale = torch.where(partial, torch.tensor(0.8), torch.tensor(0.05))
+    s_loc = torch.log(s_true) - 0.5 * s_scale ** 2          # E[s] is the true scale
+    sig = torch.sqrt(1.0 + s_true * 100.0)                  # background and counting
+    iobs = s_true * 100.0 + sig * torch.randn(40, generator=g)
+    rows = torch.zeros(40, dtype=torch.int64)
+    opt = torch.optim.Adam([post.weight], lr=0.05)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        opt.zero_grad()
+        if marginal:
+            scale = (torch.exp(s_loc + 0.5 * s_scale ** 2), torch.expm1(s_scale ** 2))
+        else:
+            z = torch.randn((8, 40), generator=gen)
+            scale = torch.exp(s_loc + s_scale * z)
+        nll, kl, _ = model._table_terms(0, rows, scale, iobs, sig, gen)
+        (40 * nll + kl).backward()
+        post.weight.grad = post.weight.grad.to_dense() if post.weight.grad.is_sparse else post.weight.grad
+        opt.step()
+    with torch.no_grad():
+        loc, scale = post.loc_scale(torch.tensor([0]))
+        f = float(post.second_moment(loc, scale, torch.tensor([0]))[0]) ** 0.5
+    # the data's own estimate: I / s averaged with the weights the marginal likelihood
+    # gives each observation at the truth
+    w = s_true ** 2 / (sig ** 2 + torch.expm1(s_scale ** 2) * (s_true * 100.0) ** 2)
+    data = float((w * iobs / s_true).sum() / w.sum()) ** 0.5
+    return f, data
+
+
+def test_a_spread_scale_shrinks_a_strong_amplitude_more_when_sampled():
+    """Sampling the scale adds Var[s]·(E[s]F²)²/σ² per observation to the objective: a pull
+    on F towards 0 that grows with F⁴.  Integrated out, the spread lowers those
+    observations' weight instead (what is left is the likelihood's own variance term)."""
+    sampled, data = _fit_one_strong_row(False)
+    marginal, _ = _fit_one_strong_row(True)
+    assert abs(marginal / data - 1.0) < 0.05, (marginal, data)
+    assert sampled < 0.975 * marginal, (sampled, marginal)
