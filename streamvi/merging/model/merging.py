@@ -369,7 +369,8 @@ class VariationalMergingModel(nn.Module):
         return torch.argmax(per_image, dim=0)
 
     def _table_terms(self, table: int | torch.Tensor, row_ids: torch.Tensor,
-                     scale_sample: torch.Tensor | tuple[torch.Tensor, torch.Tensor], iobs: torch.Tensor, sigiobs: torch.Tensor,
+                     scale_sample: torch.Tensor | tuple[torch.Tensor | None, torch.Tensor, torch.Tensor],
+                     iobs: torch.Tensor, sigiobs: torch.Tensor,
                      generator: torch.Generator | None,
                      obs_weight: torch.Tensor | None = None,
                      obs_keep: torch.Tensor | None = None
@@ -389,11 +390,22 @@ class VariationalMergingModel(nn.Module):
         rows = torch.remainder(unique_flat, post.n_rows)
         F = post.sample_with(loc, scale, self.mc_samples, generator, rows=rows)  # (mc, u)
         F_obs = torch.index_select(F, 1, inverse)  # backward is index_add_, cheaper than index_put_
-        if isinstance(scale_sample, tuple):     # marginal_scale: (E[s], Var[s]/E[s]²)
-            mean_scale, rel_var = scale_sample
+        if isinstance(scale_sample, tuple):
+            # marginal_scale: (draws of s or None, E[s], Var[s]/E[s]²), all but the draws
+            # without a gradient.  The amplitudes learn from the scale integrated out, its
+            # spread taken at the prediction as it stands, so that it weighs the observation
+            # and does not pull on F (sampled, it adds Var[s]·(E[s]F²)²/σ², a pull towards 0
+            # that grows with F⁴; in the variance with a gradient, the log-determinant pulls
+            # the same way); the scales learn from the draws with F held, as without the
+            # option, so that their spread keeps its meaning
+            draws, mean_scale, rel_var = scale_sample
             ipred = mean_scale * F_obs * F_obs
-            ll = self.likelihood.log_prob(
-                ipred, iobs, torch.sqrt(sigiobs * sigiobs + rel_var * ipred * ipred))
+            spread = rel_var * torch.square(ipred.detach())
+            ll = self.likelihood.log_prob(ipred, iobs, torch.sqrt(sigiobs * sigiobs + spread))
+            if draws is not None:
+                f2 = torch.square(F_obs.detach())
+                ll_scale = self.likelihood.log_prob(draws * f2, iobs, sigiobs)
+                ll = ll + (ll_scale - ll_scale.detach())     # its gradient, not its value
         else:
             ipred = scale_sample * F_obs * F_obs
             ll = self.likelihood.log_prob(ipred, iobs, sigiobs)
@@ -471,24 +483,23 @@ class VariationalMergingModel(nn.Module):
         log_p = None if self._last_log_p is None else self._last_log_p.detach()
         network_loc = s_loc.detach() if log_p is None else s_loc.detach() - log_p
 
+        z = torch.randn((self.mc_samples, batch.n_reflections), generator=generator,
+                        device=s_loc.device, dtype=s_loc.dtype)
+        scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
+        half_scale = scale_sample.detach()
         if self.marginal_scale:
-            # E[s] and Var[s]/E[s]² of the log-normal: the prediction E[s]·F², its spread
-            # added to σ(I)² in :meth:`_table_terms`
-            scale_sample = (torch.exp(s_loc + 0.5 * s_scale * s_scale),
-                            torch.expm1(s_scale * s_scale))
-        else:
-            z = torch.randn((self.mc_samples, batch.n_reflections), generator=generator,
-                            device=s_loc.device, dtype=s_loc.dtype)
-            scale_sample = torch.exp(s_loc + s_scale * z)  # (mc, n)
+            # E[s] and Var[s]/E[s]² of the log-normal for the amplitudes' likelihood
+            # (:meth:`_table_terms`); the draws train the scales
+            moments = (torch.exp(s_loc + 0.5 * s_scale * s_scale).detach(),
+                       torch.expm1(s_scale * s_scale).detach())
+            scale_sample, half_scale = (scale_sample,) + moments, (None,) + moments
 
         w = batch.obs_weight
         full = self.full_table(batch)
         nll, kl_F, flat0 = self._table_terms(full, row_ids, scale_sample, iobs, sigiobs,
                                              generator, None if w is None else w[0], obs_keep)
         half_table = 1 + batch.half[batch.image_index] + full
-        detached = (tuple(t.detach() for t in scale_sample) if self.marginal_scale
-                    else scale_sample.detach())
-        nll_half, kl_F_half, flat_half = self._table_terms(half_table, row_ids, detached,
+        nll_half, kl_F_half, flat_half = self._table_terms(half_table, row_ids, half_scale,
                                                 iobs, sigiobs, generator,
                                                 None if w is None else w[1], obs_keep)
         kl_scale = self.scale_model.kl(s_loc, s_scale).mean()
