@@ -424,30 +424,3 @@ def test_crystals_that_report_the_partialitys_geometry_are_counted(space):
         store.add(m)
     assert store.n_images == 3 and store.n_geometry_images == 1
 
-
-def test_wilson_sigma_follows_a_steep_rise_of_the_lowest_orders():
-    """A mean intensity eight times higher beyond 12 Å than at 5 Å (the lowest orders of a
-    protein against solvent): equal-observation bins alone put 5 Å to 40 Å in one bin and
-    judge those orders against a Σ several times too small; the split bins follow them."""
-    sp = ReciprocalSpace("P 43 21 2", (79.1, 79.1, 37.9, 90, 90, 90), 2.0)
-    rng = np.random.default_rng(3)
-    store = ReflectionStore(sp)
-    hkl = sp.hkl.astype(np.int32)
-    d = sp.d.astype(np.float64)
-    mean = 1000.0 * np.exp(-10.0 / d ** 2) * np.where(d > 12.0, 8.0, 1.0) * sp.epsilon
-    for j in range(6):
-        m = make_crystal(rng, n=hkl.shape[0], image=f"i{j}")
-        m.h, m.k, m.l = hkl[:, 0].copy(), hkl[:, 1].copy(), hkl[:, 2].copy()
-        m.I = (mean * rng.exponential(1.0, hkl.shape[0])).astype(np.float32)
-        store.add(m)
-    low, mid = d > 15.0, (d > 4.5) & (d < 6.0)
-    want = 8.0 * np.exp(-10.0 / d[low] ** 2).mean() / np.exp(-10.0 / d[mid] ** 2).mean()
-    split = store.wilson_sigma()
-    assert 0.6 * want < split[low].mean() / split[mid].mean() < 1.4 * want
-    unsplit = store.wilson_sigma(max_d_ratio=np.inf)
-    assert unsplit[low].mean() / unsplit[mid].mean() < 0.4 * want
-    # the high-resolution half keeps its fall-off either way
-    hi, edge = (d > 2.0) & (d < 2.1), (d > 3.0) & (d < 3.2)
-    want_hi = np.exp(-10.0 / d[hi] ** 2).mean() / np.exp(-10.0 / d[edge] ** 2).mean()
-    got_hi = split[hi].mean() / split[edge].mean()
-    assert 0.8 * want_hi < got_hi < 1.25 * want_hi

@@ -68,11 +68,6 @@ INTENSITY_REFERENCE_SIZE = 1024
 #: Distinct run names remembered for the MTZ's crystal and dataset names.
 MAX_RUNS_KEPT = 64
 
-#: :meth:`ReflectionStore.wilson_sigma`: a Wilson bin spanning more than this ratio in d is
-#: split (equal rows) while both halves keep :data:`WILSON_MIN_ROWS` rows
-WILSON_MAX_D_RATIO = 1.25
-WILSON_MIN_ROWS = 20
-
 
 def content_key(msg: CrystalMessage) -> int:
     """A 128-bit hash of a crystal's content: h, k, l, I, sigI and cell.
@@ -832,21 +827,12 @@ class ReflectionStore:
         (data-parallel ranks merge their counts into it)."""
         self._obs_count_t.copy_(torch.from_numpy(self.obs_count.astype(np.float32)))
 
-    def wilson_sigma(self, *, n_bins: int = 20, floor: float = 1e-3,
-                     max_d_ratio: float = WILSON_MAX_D_RATIO,
-                     min_rows: int = WILSON_MIN_ROWS) -> np.ndarray | None:
+    def wilson_sigma(self, *, n_bins: int = 20, floor: float = 1e-3) -> np.ndarray | None:
         """Mean observed intensity per unit ε as a smooth function of resolution, per row.
 
-        Binned in 1/d² with equal numbers of observations per bin, and each bin that spans
-        more than ``max_d_ratio`` in d split in two (equal numbers of rows) while both
-        halves keep ``min_rows`` rows; interpolated linearly in 1/d² between the bins'
-        centres.  Equal observations alone put everything from about 5 Å to the lowest
-        order in one bin, whose mean intensity can be several times below that of its
-        lowest orders (solvent contrast, the molecular transform): their E would then be
-        judged against too small a Σ, and the prior, which the scales can meet by taking a
-        low-resolution rise of their own, would shrink the strongest low-order
-        reflections.  Bins whose mean is not positive (weak high-resolution data) are
-        clamped to ``floor`` × the largest bin mean.  None when nothing is stored yet.
+        Binned in 1/d² with equal numbers of observations per bin and interpolated linearly;
+        bins whose mean is not positive (weak high-resolution data) are clamped to
+        ``floor`` × the largest bin mean.  None when nothing is stored yet.
 
         Returns
         -------
@@ -864,19 +850,10 @@ class ReflectionStore:
         cs = cnt[seen][order]
         ys = (self.sum_i[seen] / sp.epsilon[seen])[order]
         edges = np.searchsorted(np.cumsum(cs), np.linspace(0, cs.sum(), n_bins + 1)[1:-1])
-        groups: list[np.ndarray] = []
-        pending = [g for g in np.split(np.arange(xs.shape[0]), edges) if g.size]
-        while pending:
-            g = pending.pop(0)
-            wide = xs[g[-1]] > xs[g[0]] * max_d_ratio ** 2     # d ratio² = 1/d² ratio
-            if wide and g.size >= 2 * min_rows:
-                half = g.size // 2
-                pending[:0] = [g[:half], g[half:]]
-            else:
-                groups.append(g)
+        groups = np.split(np.arange(xs.shape[0]), edges)
         centres, means = [], []
         for g in groups:
-            if cs[g].sum() == 0:
+            if g.size == 0 or cs[g].sum() == 0:
                 continue
             centres.append(float(np.average(xs[g], weights=cs[g])))
             means.append(float(ys[g].sum() / cs[g].sum()))
