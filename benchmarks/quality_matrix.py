@@ -29,7 +29,9 @@ One JSON line per (case, method): CC(F, truth) overall and per shell (10 shells 
 reciprocal volume, low → high), lowest and top shell, CC after one fitted B, CCanom overall
 and per shell, the anomalous difference map's height at the iodide sites (mean/min σ), the
 strong-reflection ratios (F_merged / F_true after a scale per shell, for the 1 % strongest
-reflections by E: worst low, worst high, median, and the worst's hkl), completeness, CC½ (the
+reflections by E: worst low, worst high, median, and the worst's hkl; ``strong_lowest``: the
+same for the 5 % strongest of the lowest shell alone, one scale over that shell, E within
+it: the low orders a map leans on), completeness, CC½ (the
 streamvi methods' half tables; the averages' odd/even images), seconds, the machine, the git
 commit (``dirty``: tracked files differ from it), ``--label`` and every setting used.  The real
 streams have no truth: CC½ and completeness only.
@@ -86,6 +88,9 @@ METHODS = ("merge", "service", "mean", "ivar", "pcorr")
 STREAMVI_METHODS = ("merge", "service")
 N_SHELLS = 10
 STRONG_FRACTION = 0.01
+#: ``strong_lowest``: the strongest of the lowest shell alone (the hidden set's halved
+#: reflections were low orders seen hundreds of times), this share of that shell
+LOWEST_STRONG_FRACTION = 0.05
 #: issue 16, rule 3: a default changes only if no case is worse than this
 WORSE = {"cc_F": 0.002, "cc_F_top_shell": 0.01, "cc_anom": 0.02}
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "streamvi-quality-matrix"
@@ -594,6 +599,16 @@ def judge(merged, data: CaseData) -> dict[str, Any]:
                    "worst_hkl": strong["hkl"][worst_i], "worst_E": strong["E"][worst_i],
                    "worst_d": strong["d"][worst_i]},
         "n_common": cmp["n_common"]})
+    # the lowest shell alone: one scale over it, E within it
+    edge = cmp["d_min_shells"][0]
+    d_m = merged.compute_dHKL()["dHKL"].to_numpy()
+    low = strong_reflection_ratios(merged[d_m >= edge], data.truth_ds,
+                                   fraction=LOWEST_STRONG_FRACTION, n_shells=1)
+    low_i = int(np.argmax(np.abs(np.asarray(low["ratio"]) - 1.0)))
+    out["strong_lowest"] = {"n": low["n"], "min": low["min"], "max": low["max"],
+                            "median": low["median"], "worst": low["worst"],
+                            "worst_hkl": low["hkl"][low_i], "worst_E": low["E"][low_i],
+                            "worst_d": low["d"][low_i], "d_min": edge}
     if data.iodide is not None and len(data.iodide):
         peaks = anomalous_peak_heights(merged, data.truth_ds, data.iodide)
         heights = np.asarray(peaks["site_sigma"])

@@ -123,6 +123,9 @@ def test_quality_matrix_quick_end_to_end(tmp_path):
         strong = x["strong"]
         assert strong["n"] >= 1 and strong["min"] <= strong["median"] <= strong["max"]
         assert strong["worst"] in (strong["min"], strong["max"])
+        low = x["strong_lowest"]
+        assert low["n"] >= 1 and low["worst"] in (low["min"], low["max"])
+        assert low["d_min"] == x["d_min_shells"][0] <= low["worst_d"]
     # every merge kept as an MTZ, which reads back with the figures' amplitudes
     import reciprocalspaceship as rs
 
