@@ -313,10 +313,11 @@ OPTIONS: tuple[Option, ...] = (
            "σ'² = (aσ)² + (b·I_pred)², inside the likelihood (docs/model.md, change 12). Off "
            "by default: neutral on the quality matrix", "model", commands=TRAINING,
            target="trainer.error_model"),
-    Option("marginal_scale", bool, False, "integrate each observation's learnt scale out of "
-           "its likelihood (the log-normal's mean and variance) instead of sampling it: the "
-           "scale's uncertainty then widens that observation's error, rather than pulling its "
-           "reflection's amplitude down in proportion to F⁴ (docs/model.md, change 24)",
+    Option("marginal_scale", bool, False, "let the amplitudes learn from each observation's "
+           "learnt scale integrated out (the log-normal's mean; its variance at the current "
+           "prediction added to σ(I)²) instead of from its draws, which pull strong amplitudes "
+           "down in proportion to F⁴; the scale network still learns from the draws "
+           "(docs/model.md, change 24). Off by default: neutral on the quality matrix",
            "model", commands=TRAINING, target="trainer.marginal_scale"),
     Option("image_b_term", bool, False, "give the image-scale network an explicit relative B "
            "per image: each reflection's log-scale gains b_i · 1/d² (standardised), b_i read "

@@ -100,8 +100,8 @@ class TrainerConfig:
     #: learn an error model σ' = √((a σ)² + (b Ipred)²) in the likelihood (docs/model.md;
     #: :class:`streamvi.merging.model.likelihood.ErrorModel`)
     error_model: bool = False
-    #: integrate each observation's learnt scale out of the likelihood (mean and variance
-    #: of its log-normal) rather than sampling it (docs/model.md, change 24)
+    #: the amplitudes learn from each observation's scale integrated out (mean and variance
+    #: of its log-normal) rather than from its draws (docs/model.md, change 24)
     marginal_scale: bool = False
     #: a per-image relative B in the scale model's output, ``log scale += b_i · 1/d²``
     #: (standardised), ``b_i`` from the image vector (docs/model.md, change 13)

@@ -73,6 +73,11 @@ class LossTerms:
     scale_loc: torch.Tensor | None = None
 
 
+#: :attr:`VariationalMergingModel.marginal_scale`'s form of the scale in
+#: :meth:`VariationalMergingModel._table_terms`: ``(draws or None, E[s], Var[s]/E[s]²)``
+_ScaleMoments = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
+
+
 def _first_occurrence(flat: torch.Tensor, n_flat: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.unique(flat, return_inverse=True)`` with shapes that do not depend on the data.
 
@@ -178,9 +183,10 @@ class VariationalMergingModel(nn.Module):
         self.partiality: GeometricPartiality | None = None
         #: ``log P`` of the last :meth:`scale_distribution` (None without a partiality)
         self._last_log_p: torch.Tensor | None = None
-        #: integrate each observation's scale out of its likelihood (its log-normal's mean
-        #: and variance) instead of sampling it: the scale's spread then widens the
-        #: observation's error, rather than shrinking the amplitude (docs/model.md)
+        #: the amplitudes learn from each observation's scale integrated out (its
+        #: log-normal's mean, and its variance at the current prediction added to σ(I)²)
+        #: instead of from its draws, which pull strong amplitudes down; the scale network
+        #: still learns from the draws (docs/model.md, change 24)
         self.marginal_scale = False
 
     def set_coupling(self, coupling: DoubleWilsonCoupling | None) -> None:
@@ -369,8 +375,7 @@ class VariationalMergingModel(nn.Module):
         return torch.argmax(per_image, dim=0)
 
     def _table_terms(self, table: int | torch.Tensor, row_ids: torch.Tensor,
-                     scale_sample: torch.Tensor | tuple[torch.Tensor | None, torch.Tensor, torch.Tensor],
-                     iobs: torch.Tensor, sigiobs: torch.Tensor,
+                     scale_sample: torch.Tensor | _ScaleMoments, iobs: torch.Tensor, sigiobs: torch.Tensor,
                      generator: torch.Generator | None,
                      obs_weight: torch.Tensor | None = None,
                      obs_keep: torch.Tensor | None = None
