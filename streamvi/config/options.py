@@ -293,6 +293,12 @@ OPTIONS: tuple[Option, ...] = (
            "sample of the stored images at each snapshot: the images' scales free of "
            "partiality, whatever trend the partialities have (docs/model.md, change 15)",
            "model", commands=TRAINING, target="engine.falloff_at_bragg"),
+    Option("falloff_binned", bool, False, "publish the scales' resolution trend that moves to "
+           "the amplitudes with its own shape (the record's geometric mean per bin, bins equal "
+           "in 1/d, interpolated) instead of its slope in 1/d² (one B): the trend is steepest "
+           "below 5 Å, where one B left the lowest orders low (docs/model.md, change 25). "
+           "The reported B stays the slope's",
+           "model", commands=TRAINING, target="engine.falloff_binned"),
     Option("data_start", bool, False, "start every observed reflection, when the Wilson prior "
            "is first set from the data, at its own raw mean intensity over the Wilson plot "
            "(with its Bijvoet mate; two observations' worth of the Wilson mean mixed in, and "

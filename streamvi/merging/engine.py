@@ -99,6 +99,12 @@ class EngineConfig:
         Take the record instead, at each snapshot, from the scale network read with every
         reflection on its Bragg condition (:meth:`_falloff_at_bragg`): the images' scales
         free of partiality, whatever trend the partialities have (docs/model.md, change 15).
+    falloff_binned
+        Publish the record's own shape instead of its slope in 1/d²: each row's intensity
+        times ``exp(y(1/d²) − ȳ)``, ``y`` the record's mean log location interpolated between
+        its bins, which are then equal steps in 1/d (fine at low resolution, where the
+        scales' trend is steepest); the B reported stays the slope's (docs/model.md,
+        change 25).
     data_start
         Start every observed row, when the Wilson Σ is first set, at its own data rather
         than at the Wilson mean (:meth:`_data_start`: the raw mean intensity of it and its
@@ -126,6 +132,7 @@ class EngineConfig:
     recentre_falloff: bool = True
     falloff_near_full: bool = False
     falloff_at_bragg: bool = False
+    falloff_binned: bool = False
     refresh_growth: float = 0.0
     refresh_idle_steps: int = 0
     data_start: bool = False
@@ -350,7 +357,7 @@ class MergeEngine:
         """Add the step's scale locations to the per-resolution record (no host wait)."""
         loc = report.scale_loc
         inv_d2 = batch.metadata[:, Column.INV_D2].to(loc.device)
-        bins = (inv_d2 * (FALLOFF_BINS / self._inv_d2_max)).long().clamp_(0, FALLOFF_BINS - 1)
+        bins = self._falloff_position(inv_d2.clamp_min(0.0)).long().clamp_(0, FALLOFF_BINS - 1)
         weight = torch.isfinite(loc)
         if self.config.falloff_near_full:
             # (without an orientation the ratio is 0: every observation counts)
@@ -362,6 +369,50 @@ class MergeEngine:
         self._falloff.mul_(FALLOFF_DECAY)
         self._falloff[0].index_add_(0, bins, torch.nan_to_num(loc) * weight)
         self._falloff[1].index_add_(0, bins, weight)
+
+    def _falloff_position(self, inv_d2):
+        """Fractional bin of the fall-off record for ``1/d²`` (Å⁻², numpy or torch): equal
+        steps in 1/d² (the default) or, with ``falloff_binned``, in 1/d."""
+        if self.config.falloff_binned:
+            return (inv_d2 / self._inv_d2_max) ** 0.5 * FALLOFF_BINS
+        return inv_d2 * (FALLOFF_BINS / self._inv_d2_max)
+
+    def _falloff_record(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(1/d², mean log scale location, count)`` of the record's bins with
+        :data:`FALLOFF_MIN_COUNT` observations; None while fewer than
+        :data:`FALLOFF_MIN_BINS` have."""
+        if self.config.falloff_at_bragg:
+            sums, counts = self._falloff_at_bragg()
+        else:
+            sums, counts = self._falloff.double().cpu().numpy()
+        ok = counts >= FALLOFF_MIN_COUNT
+        if ok.sum() < FALLOFF_MIN_BINS:
+            return None
+        edges = (np.arange(FALLOFF_BINS) + 0.5) / FALLOFF_BINS
+        centres = self._inv_d2_max * (edges ** 2 if self.config.falloff_binned else edges)
+        return centres[ok], sums[ok] / counts[ok], counts[ok]
+
+    def falloff_factor(self) -> tuple[np.ndarray, float] | None:
+        """Per row, the factor the amplitudes' intensities are published with, and the B
+        (Å²) of the record's slope (:meth:`falloff_correction`); None as there."""
+        record = self._falloff_record()
+        if record is None:
+            return None
+        beta, x_ref = self._falloff_slope(*record)
+        x_rows = 1.0 / np.square(self.space.d.astype(np.float64))
+        if self.config.falloff_binned:
+            x, y, w = record
+            factor = np.exp(np.interp(x_rows, x, y) - np.average(y, weights=w))
+        else:
+            factor = np.exp(beta * (x_rows - x_ref))
+        return factor, -2.0 * beta
+
+    @staticmethod
+    def _falloff_slope(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+        x_ref = float(np.average(x, weights=w))
+        beta = float(np.sum(w * (x - x_ref) * (y - np.average(y, weights=w)))
+                     / np.sum(w * (x - x_ref) ** 2))
+        return beta, x_ref
 
     def falloff_correction(self) -> tuple[float, float] | None:
         """``(β, s²_ref)`` with which to move the scales' resolution trend onto the amplitudes.
@@ -379,19 +430,8 @@ class MergeEngine:
         ``s²_ref`` the observations' mean 1/d², so their overall level stays.  None while
         fewer than :data:`FALLOFF_MIN_BINS` bins have :data:`FALLOFF_MIN_COUNT` observations.
         """
-        if self.config.falloff_at_bragg:
-            sums, counts = self._falloff_at_bragg()
-        else:
-            sums, counts = self._falloff.double().cpu().numpy()
-        ok = counts >= FALLOFF_MIN_COUNT
-        if ok.sum() < FALLOFF_MIN_BINS:
-            return None
-        centres = (np.arange(FALLOFF_BINS) + 0.5) * (self._inv_d2_max / FALLOFF_BINS)
-        x, y, w = centres[ok], sums[ok] / counts[ok], counts[ok]
-        x_ref = float(np.average(x, weights=w))
-        beta = float(np.sum(w * (x - x_ref) * (y - np.average(y, weights=w)))
-                     / np.sum(w * (x - x_ref) ** 2))
-        return beta, x_ref
+        record = self._falloff_record()
+        return None if record is None else self._falloff_slope(*record)
 
     @torch.no_grad()
     def _falloff_at_bragg(self, max_images: int = FALLOFF_BRAGG_IMAGES
@@ -416,7 +456,7 @@ class MergeEngine:
                 b = self.store.batch(ids[lo:lo + 64])
                 loc = model.scale_distribution(b, at_bragg=True)[2].double().cpu().numpy()
                 inv_d2 = b.metadata[:, Column.INV_D2].double().cpu().numpy()
-                bins = np.clip((inv_d2 * (FALLOFF_BINS / self._inv_d2_max)).astype(np.int64),
+                bins = np.clip(self._falloff_position(np.maximum(inv_d2, 0.0)).astype(np.int64),
                                0, FALLOFF_BINS - 1)
                 ok = np.isfinite(loc)
                 sums += np.bincount(bins[ok], loc[ok], FALLOFF_BINS)
@@ -742,18 +782,17 @@ class MergeEngine:
         obs = self._merged_obs_count(c)
         sp = self.space
         expected_i = self.trainer.model.prior.variance.double().cpu().numpy()
-        correction = self.falloff_correction() if self.config.recentre_falloff else None
+        correction = self.falloff_factor() if self.config.recentre_falloff else None
         falloff_b = None
         if correction is not None:
-            beta, x_ref = correction
-            factor = np.exp(beta * (1.0 / np.square(sp.d.astype(np.float64)) - x_ref))
+            factor, b_record = correction
             root = np.sqrt(factor)
             for table in tables.values():
                 for col, f in (("F", root), ("SIGF", root), ("I", factor), ("SIGI", factor)):
                     table[col] = (table[col] * f).astype(table[col].dtype, copy=False)
             expected_i = expected_i * factor
-            # I ∝ exp(−B/2 · 1/d²): the B the amplitudes gained
-            falloff_b = -2.0 * beta
+            # I ∝ exp(−B/2 · 1/d²): the B the amplitudes gained (the slope's, when binned)
+            falloff_b = b_record
         stats = shell_statistics(
             hkl=sp.hkl, d=sp.d, centric=sp.centric, friedel=sp.friedel, obs_count=obs,
             i_full=tables["all"]["I"], sigi_full=tables["all"]["SIGI"],
