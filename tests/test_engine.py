@@ -205,6 +205,46 @@ def test_falloff_correction_moves_the_scales_trend_onto_the_amplitudes(stills):
     assert len(line) <= 80                       # what an MTZ history line holds
 
 
+
+def test_falloff_binned_publishes_the_records_own_shape(stills):
+    """With ``falloff_binned`` the record's bins are equal steps in 1/d and the published
+    table is the uncorrected one times exp(y(1/d²) − ȳ), y the record interpolated between
+    its bins' centres; the B reported is still the slope's."""
+    from streamvi.merging.engine import FALLOFF_BINS
+
+    crystals, space = stills
+    engines = []
+    for binned, recentre in ((True, True), (False, False)):
+        engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2),
+                             EngineConfig(batch_images=4, recentre_falloff=recentre,
+                                          falloff_binned=binned))
+        engine.add_many(crystals)
+        engine.train(3)
+        engines.append(engine)
+    on, off = engines
+    x_max = 1.0 / space.dmin ** 2
+    # a reflection at d is recorded in bin ⌊(d_min/d)·bins⌋: equal steps in 1/d
+    d = np.array([40.0, 8.0, 3.0, space.dmin * 1.0001])
+    np.testing.assert_array_equal(on._falloff_position(1.0 / d ** 2).astype(int),
+                                  np.floor(space.dmin / d * FALLOFF_BINS).astype(int))
+    x = ((np.arange(FALLOFF_BINS) + 0.5) / FALLOFF_BINS) ** 2 * x_max
+    counts = np.where(np.arange(FALLOFF_BINS) % 3 == 0, 40.0, 100.0 + 10 * np.arange(20))
+    y = 0.3 - 2.0 * np.sqrt(x)                 # steepest at low resolution: not a line
+    on._falloff[0] = torch.as_tensor(counts * y, dtype=torch.float32)
+    on._falloff[1] = torch.as_tensor(counts, dtype=torch.float32)
+    used = counts >= 50
+    x_rows = 1.0 / space.d.astype(np.float64) ** 2
+    y_mean = np.average(y[used], weights=counts[used])
+    factor = np.exp(np.interp(x_rows, x[used], y[used]) - y_mean)
+    a, b = on.snapshot(), off.snapshot()
+    for name in ("all", "half1", "half2"):
+        np.testing.assert_allclose(a.tables[name]["I"], b.tables[name]["I"] * factor,
+                                   rtol=2e-4)
+    x_ref = np.average(x[used], weights=counts[used])
+    slope = (np.sum(counts[used] * (x[used] - x_ref) * (y[used] - y_mean))
+             / np.sum(counts[used] * (x[used] - x_ref) ** 2))
+    assert a.falloff_b == pytest.approx(-2 * slope, rel=1e-4)
+
 def _observations(engine: MergeEngine) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every stored observation's row, half, standardised I and σ(I), from the store."""
     b = engine.store.batch(np.arange(engine.n_images))
