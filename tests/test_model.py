@@ -716,7 +716,8 @@ def _fit_one_strong_row(marginal: bool, seed: int = 3, steps: int = 600) -> tupl
             scale = torch.exp(s_loc + s_scale * z)
         nll, kl, _ = model._table_terms(0, rows, scale, iobs, sig, gen)
         (40 * nll + kl).backward()
-        post.weight.grad = post.weight.grad.to_dense() if post.weight.grad.is_sparse else post.weight.grad
+        if post.weight.grad.is_sparse:          # RowSparseAdam's gradient, for torch's Adam
+            post.weight.grad = post.weight.grad.to_dense()
         opt.step()
     with torch.no_grad():
         loc, scale = post.loc_scale(torch.tensor([0]))

@@ -375,7 +375,8 @@ class VariationalMergingModel(nn.Module):
         return torch.argmax(per_image, dim=0)
 
     def _table_terms(self, table: int | torch.Tensor, row_ids: torch.Tensor,
-                     scale_sample: torch.Tensor | _ScaleMoments, iobs: torch.Tensor, sigiobs: torch.Tensor,
+                     scale_sample: torch.Tensor | _ScaleMoments, iobs: torch.Tensor,
+                     sigiobs: torch.Tensor,
                      generator: torch.Generator | None,
                      obs_weight: torch.Tensor | None = None,
                      obs_keep: torch.Tensor | None = None
