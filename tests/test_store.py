@@ -423,4 +423,3 @@ def test_crystals_that_report_the_partialitys_geometry_are_counted(space):
     for m in (plain, oriented, full, full):
         store.add(m)
     assert store.n_images == 3 and store.n_geometry_images == 1
-

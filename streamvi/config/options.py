@@ -323,7 +323,8 @@ OPTIONS: tuple[Option, ...] = (
            "learnt scale integrated out (the log-normal's mean; its variance at the current "
            "prediction added to σ(I)²) instead of from its draws, which pull strong amplitudes "
            "down in proportion to F⁴; the scale network still learns from the draws "
-           "(docs/model.md, change 24). Off by default: neutral on the quality matrix",
+           "(docs/model.md, change 24). Off by default: neutral on the ten quality-matrix cases "
+           "it was run on",
            "model", commands=TRAINING, target="trainer.marginal_scale"),
     Option("image_b_term", bool, False, "give the image-scale network an explicit relative B "
            "per image: each reflection's log-scale gains b_i · 1/d² (standardised), b_i read "
