@@ -41,6 +41,7 @@ import torch
 from streamvi.merging.beyond import BeyondDmin
 from streamvi.merging.features import (N_METADATA, reflection_metadata,
                                        reports_partiality_geometry)
+from streamvi.merging.reach import ReachTally
 from streamvi.merging.model.geometry import N_GEOMETRY, STATE_WIDTH, lattice_axes
 from streamvi.merging.model.batch import Batch
 from streamvi.symmetry import (CELL_ANGLE_TOLERANCE_DEG, CELL_LENGTH_TOLERANCE,
@@ -284,6 +285,9 @@ class ReflectionStore:
         #: (:func:`~streamvi.merging.features.reports_partiality_geometry`; read by
         #: :func:`streamvi.merging.offline.partiality_advice`)
         self.n_geometry_images = 0
+        #: I/σ of their observations beyond the reported geometry's reach and near full
+        #: (:mod:`streamvi.merging.reach`): the partiality check's verdict before training
+        self.reach = ReachTally(1.0 / float(space.dmin) ** 2)
         #: :func:`content_key` of every stored crystal → its image id
         self.content_keys: dict[int, int] = {}
         #: tolerances of the cell check (None: no check; :func:`~streamvi.symmetry.cell_mismatch`)
@@ -580,6 +584,10 @@ class ReflectionStore:
         iobs = np.concatenate([c.iobs for c in kept])
         sigiobs = np.concatenate([c.sigiobs for c in kept])
         metadata = np.concatenate([c.metadata for c in kept])
+        geometry = np.array([reports_partiality_geometry(msgs[c.k]) for c in kept])
+        if geometry.any():
+            mine = np.repeat(geometry, lengths)
+            self.reach.add(metadata[mine], iobs[mine], sigiobs[mine], int(geometry.sum()))
         # the tier of each crystal, as if they came one at a time: the device's first, then
         # the host's, so each tier takes one contiguous run of the crystals
         tiers = np.array(self._plan_tiers(lengths.tolist()), np.int8)
