@@ -514,6 +514,16 @@ def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
     watch = (PartialityWatch() if run["partiality_check"] and not tcfg.geometric_partiality
              else None)
     run["partiality_switch_step"] = None
+
+    def switched(switch):
+        """The merge started again with the geometric partiality (the spool's replay)."""
+        nonlocal watch
+        watch = None
+        run["partiality_switch_step"], run["partiality_switch_reason"] = step, switch.reason
+        fresh = new_engine(dataclasses.replace(tcfg, geometric_partiality=True))
+        fresh.add_many(data.crystals[:added], [i / run["rate"] for i in range(added)])
+        return fresh
+
     n = len(data.crystals)
     per_step = run["rate"] / run["steps_per_s"]
     publish_every = max(1, int(round(run["publish_interval"] * run["steps_per_s"])))
@@ -527,6 +537,11 @@ def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
             engine.add_many(data.crystals[added:due],
                             [i / run["rate"] for i in range(added, due)])
             added = due
+            # as the service: the data's own verdict as soon as crystals are stored
+            switch = None if watch is None else watch.observe_reach(
+                engine.store.reach.evidence(), None, engine.trainer.step)
+            if switch is not None:
+                engine = switched(switch)
         if added == n:
             if stream_steps is None:
                 stream_steps = step
@@ -543,10 +558,7 @@ def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
             switch = None if watch is None else watch.observe(
                 snap.falloff_b, engine.store.n_geometry_images, engine.trainer.step)
             if switch is not None:
-                watch, run["partiality_switch_step"] = None, step
-                engine = new_engine(dataclasses.replace(tcfg, geometric_partiality=True))
-                engine.add_many(data.crystals[:added],
-                                [i / run["rate"] for i in range(added)])
+                engine = switched(switch)
     snap = engine.snapshot()
     run.update(steps=step, steps_while_streaming=stream_steps,
                min_visits=int(engine.store.visits[: engine.n_images].min()))

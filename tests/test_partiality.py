@@ -177,8 +177,9 @@ def test_pure_background_observations_do_not_give_the_amplitudes_a_fall_off(monk
     intensities and correlates with them."""
     from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
 
-    from streamvi.merging import offline
+    from streamvi.merging import offline, reach
     from streamvi.merging.offline import merge_crystals
+    from streamvi.merging.store import ReflectionStore
     from streamvi.merging.trainer import TrainerConfig
     from streamvi.publish.mtz import snapshot_to_dataset
     from streamvi.quality.evaluate import fitted_b_correlation
@@ -204,12 +205,27 @@ def test_pure_background_observations_do_not_give_the_amplitudes_a_fall_off(monk
     assert abs(fits[True]["b"]) < 6.0
     assert fits[True]["cc_F_unfitted"] > 0.9
     assert fits[True]["cc_F_unfitted"] > fits[False]["cc_F"] + 0.1
-    # `merge`'s partiality check (change 19) acts on the B the record gave the amplitudes;
+    # `merge`'s partiality check first reads the data (change 26): the observations beyond
+    # the reported geometry's reach carry no signal, so it merges with the geometric
+    # partiality from the start: the same merge as asked for, and the history says why
+    store = ReflectionStore(space)
+    store.add_many(crystals)
+    evidence = store.reach.evidence()
+    assert reach.reach_suspect(evidence)
+    snap, engine = merge_crystals(crystals, space, steps=800, partiality_check=True,
+                                  trainer_config=TrainerConfig(device="cpu"))
+    assert engine.trainer.config.geometric_partiality
+    assert engine.trainer.step == 800                         # one merge, not two
+    assert evidence.history_line() in snap.history
+    np.testing.assert_array_equal(snap.tables["all"]["F"], snaps[True].tables["all"]["F"])
+    # Without that verdict it acts on the B the record gave the amplitudes (change 19);
     # on these 300 stills it is only −3 Å² (the record carries a part of the wrong trend:
     # against the truth the amplitudes are off by −14 Å²), above the −8 Å² that CrystFEL's
     # partial_sim streams pass (−9.0, −12.2), so the check keeps the first merge; with the
     # bar at −2 Å² it merges again with the geometric partiality: the same merge as asked
     # for, and the history says why
+    monkeypatch.setattr(reach, "REACH_MIN_CRYSTALS", len(crystals) + 1)
+    assert not reach.reach_suspect(evidence)
     assert -8.0 < snaps[False].falloff_b < -2.0
     assert not offline.partiality_trend_suspect(snaps[False].falloff_b, len(crystals))
     monkeypatch.setattr(offline, "PARTIALITY_CHECK_B", -2.0)

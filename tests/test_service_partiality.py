@@ -1,5 +1,6 @@
 """The live partiality check (docs/model.md, change 23): ``serve`` restarts its merge with
 the geometric partiality, from its spool, over real loopback sockets."""
+import dataclasses
 import threading
 
 import gemmi
@@ -10,6 +11,8 @@ from streamvi.config import load_config
 from streamvi.merging import offline
 from streamvi.merging.offline import PARTIALITY_CHECK_B, PARTIALITY_CHECK_CRYSTALS
 from streamvi.producers.send import send_messages
+from streamvi.merging import reach
+from streamvi.merging.reach import ReachEvidence
 from streamvi.service.partiality import SWITCH_SNAPSHOTS, PartialitySwitch, PartialityWatch
 from streamvi.service.service import Service
 from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
@@ -42,6 +45,26 @@ def test_the_watch_switches_after_a_run_of_suspect_snapshots_only():
     assert watch.observe(None, n, step=1) is None
     with pytest.raises(ValueError, match="snapshots = 0"):
         PartialityWatch(snapshots=0)
+
+
+def test_the_watch_switches_at_once_on_the_data_s_own_verdict():
+    """The observations beyond the reported geometry's reach carry no signal
+    (streamvi/merging/reach.py): the switch is made at the first snapshot that sees it,
+    with no trend needed; a verdict short of it does nothing; the switch round-trips
+    through the checkpoint's dict, and an old dict without a reason reads as the trend's."""
+    watch = PartialityWatch()
+    empty = ReachEvidence(crystals=reach.REACH_MIN_CRYSTALS, observations=40_000,
+                          beyond=reach.REACH_MIN_BEYOND, signal_ratio=-0.001,
+                          ratio_error=0.002)
+    assert watch.observe_reach(dataclasses.replace(empty, signal_ratio=0.05), None, 10) is None
+    switch = watch.observe_reach(empty, None, step=12)
+    assert (switch.reason, switch.step, switch.crystals, switch.falloff_b) == (
+        "reach", 12, reach.REACH_MIN_CRYSTALS, None)
+    assert switch.share_beyond == pytest.approx(reach.REACH_MIN_BEYOND / 40_000)
+    assert switch.history_line() == empty.history_line()
+    assert PartialitySwitch.from_dict(switch.to_dict()) == switch
+    old = {"falloff_b": -9.5, "crystals": 120, "step": 300, "time": 1.0}
+    assert PartialitySwitch.from_dict(old) == PartialitySwitch(-9.5, 120, 300, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +175,42 @@ def test_with_the_check_off_the_service_keeps_its_merge(tmp_path, overpredicted,
         assert "advice: " in capsys.readouterr().out
     finally:
         svc.stop()
+
+
+# the same kind with more photons: at 100 crystals the observations beyond reach are many
+# and their emptiness is sure (mean I/σ −0.009 ± 0.006 of the near-full ones')
+BRIGHT = dataclasses.replace(SIM, n_images=130, top_shell_photons=100.0)
+
+
+def test_the_service_switches_on_the_data_s_own_verdict_after_a_hundred_crystals(
+        tmp_path, monkeypatch, capsys):
+    """No trend needed (the bar is put out of reach): once 100 crystals are in, the first
+    snapshot reads the data's verdict and the service merges again with the geometric
+    partiality; every crystal is merged once, the crew's terminal and the MTZ say why."""
+    monkeypatch.setattr(offline, "PARTIALITY_CHECK_B", -1e9)
+    crystals = list(simulate_images(BRIGHT, simulate_structure(BRIGHT)))
+    svc = Service(config(tmp_path, metrics_port=0, metrics_host="127.0.0.1")).start()
+    try:
+        url = svc.ingestor.bound_endpoints[0]
+        send_messages(crystals[:60], url)
+        assert svc.wait_until(lambda s: s.crystals_merged == 60 and s.latest is not None, 60)
+        assert svc.partiality_switch is None            # 60 crystals: no verdict yet
+        send_messages(crystals[60:], url)
+        assert svc.wait_until(lambda s: s.partiality_switch is not None, 60), svc.status()
+        assert svc.wait_until(lambda s: s.crystals_merged == len(crystals)
+                              and s.ingestor.queue_depth == 0, 60), svc.status()
+        switch = svc.partiality_switch
+        assert switch.reason == "reach" and switch.crystals >= reach.REACH_MIN_CRYSTALS
+        assert switch.signal_ratio < reach.REACH_SIGNAL_RATIO
+        assert svc.engine.trainer.config.geometric_partiality
+        assert svc.engine.store.n_images == len(crystals)
+        assert svc.counters.snapshot()["duplicates"] == 0
+        assert svc.status()["partiality_switch"]["reason"] == "reach"
+        assert main(["status", svc.metrics_server.url]) == 0
+        assert "lie beyond its reach and carry no signal" in capsys.readouterr().out
+        svc.request_publish()
+        assert svc.wait_until(lambda s: s.latest is not None and s.latest.history
+                              and switch.history_line() in s.latest.history, 30)
+    finally:
+        svc.stop()
+    assert switch.history_line() in gemmi.read_mtz_file(str(tmp_path / "latest.mtz")).history

@@ -56,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
               + f"; the targets and the resolution below are {names[0]}'s (the reference), "
               "its images at its own rate")
     switch = status.get("partiality_switch")
-    if switch:
+    if switch and switch.get("reason") == "reach":
+        print(f"geometric partiality switched on: {switch['share_beyond']:.1%} of the "
+              f"observations of {switch['crystals']} crystals that report their geometry lie "
+              f"beyond its reach and carry no signal (mean I/sigma {switch['signal_ratio']:+.3f}"
+              " of near-full ones), so the merge started again with it (docs/model.md, "
+              "change 26)")
+    elif switch:
         print(f"geometric partiality switched on: the scales' trend gave the amplitudes B "
               f"{switch['falloff_b']:+.1f} A^2 on {switch['crystals']} crystals that report "
               "their geometry, so the merge started again with it (docs/model.md, change 23)")

@@ -340,14 +340,16 @@ OPTIONS: tuple[Option, ...] = (
            "observations near their Bragg condition (docs/model.md, change 18). A checkpoint "
            "resumes only with the setting it was written with", "model", commands=TRAINING,
            target="trainer.geometric_partiality"),
-    Option("partiality_check", bool, True, "when the geometric partiality is off: if the "
-           "scales' resolution trend gives the amplitudes B < -8 A^2 on 100 crystals or more "
-           "that report orientations, profile radii and a bandwidth (the mark of a stream that "
-           "integrates reflections its partialities do not reach, CrystFEL's partial_sim: "
-           "overall CC 0.74 against 0.998), merge again with it, saying so in the MTZ history: "
-           "`merge` after its merge (docs/model.md, change 19), `serve` once three snapshots in "
-           "a row show it, from its spool (change 23). Costs a second merge only where it "
-           "fires; on the quality matrix only the overpredicted case does",
+    Option("partiality_check", bool, True, "when the geometric partiality is off, take it "
+           "where a stream integrates reflections its partialities do not reach (CrystFEL's "
+           "partial_sim: overall CC 0.74 against 0.998), saying so in the MTZ history: from "
+           "the start where, on 100 crystals or more that report orientations, profile radii "
+           "and a bandwidth, the observations that geometry puts beyond reach carry no signal "
+           "(docs/model.md, change 26: `merge` before training, `serve` as the crystals "
+           "arrive); else where the scales' resolution trend gives the amplitudes B < -8 A^2, "
+           "`merge` after its merge (change 19), `serve` once three snapshots in a row show "
+           "it, from its spool (change 23). On the quality matrix only the overpredicted case "
+           "switches",
            "model", commands=TRAINING),
     Option("row_refresh", bool, True, "at half and four fifths of `merge`'s steps (from step "
            "300 on), restart the reflections seen at most 5 times whose merge is still more "

@@ -17,6 +17,7 @@ import numpy as np
 from streamvi.merging.engine import (REFRESH_MIN_OBSERVATIONS, EngineConfig, MergeEngine,
                                      MergeSnapshot)
 from streamvi.merging.features import reports_partiality_geometry
+from streamvi.merging.reach import reach_suspect
 from streamvi.errors import ConfigError
 from streamvi.merging.reference import ReferenceData, ReferenceSetting
 from streamvi.sources import Rejected, load_plugin
@@ -308,7 +309,10 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     ``prior`` data set (``--prior-mtz``), the reference condition (the only one, without
     conditions) is merged under the double-Wilson prior given its amplitudes.
 
-    With ``partiality_check`` and the geometric partiality off, a merge whose scales' trend
+    With ``partiality_check`` and the geometric partiality off, the merge takes the
+    geometric partiality from the start where the observations beyond the reported
+    geometry's reach carry no signal (:func:`streamvi.merging.reach.reach_suspect`, read
+    from the stored data before training), and otherwise a merge whose scales' trend
     :func:`partiality_trend_suspect` finds suspect is run again, from the start, with the
     geometric partiality on, and that merge is returned (its MTZ history says why).
 
@@ -323,10 +327,25 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
                            conditions, coupled_reference, prior, row_refresh)
     crystals = list(crystals)
     n_reporting = sum(reports_partiality_geometry(c) for c in crystals)
-    snapshot, engine = _merge_once(crystals, space, tcfg, engine_config, epochs, steps,
-                                   progress, history, anneal, reference, refresh_epochs,
-                                   assign_settings, conditions, coupled_reference, prior,
-                                   row_refresh)
+    engine, n_outside = _stored_engine(crystals, space, tcfg, engine_config, reference,
+                                       conditions, coupled_reference, prior)
+    evidence = engine.store.reach.evidence()
+    if reach_suspect(evidence):
+        # the data say it before any training: no first merge to set aside
+        log.warning("%.1f%% of the observations of %d crystals that report orientations, "
+                    "profile radii and a bandwidth lie beyond the reach of that geometry and "
+                    "carry no signal (mean I/sigma %+.3f of near-full observations'): "
+                    "merging with the geometric partiality (docs/model.md, change 26; "
+                    "--no-partiality-check merges without it)", 100 * evidence.share_beyond,
+                    evidence.crystals, evidence.signal_ratio)
+        del engine
+        return _merge_once(crystals, space, replace(tcfg, geometric_partiality=True),
+                           engine_config, epochs, steps, progress,
+                           list(history or []) + [evidence.history_line()], anneal,
+                           reference, refresh_epochs, assign_settings, conditions,
+                           coupled_reference, prior, row_refresh)
+    snapshot, engine = _train(engine, n_outside, epochs, steps, progress, history, anneal,
+                              refresh_epochs, assign_settings, conditions, prior, row_refresh)
     if not partiality_trend_suspect(snapshot.falloff_b, n_reporting):
         return snapshot, engine
     log.warning("the scales' resolution trend gave the amplitudes B %+.1f A^2 on %d crystals "
@@ -353,6 +372,19 @@ def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
                 prior: ReferenceData | None, row_refresh: bool = False
                 ) -> tuple[MergeSnapshot, MergeEngine]:
     """One merge of :func:`merge_crystals` (its parameters, the same meaning)."""
+    engine, n_outside = _stored_engine(crystals, space, trainer_config, engine_config,
+                                       reference, conditions, coupled_reference, prior)
+    return _train(engine, n_outside, epochs, steps, progress, history, anneal,
+                  refresh_epochs, assign_settings, conditions, prior, row_refresh)
+
+
+def _stored_engine(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
+                   trainer_config: TrainerConfig, engine_config: EngineConfig | None,
+                   reference: ReferenceData | None, conditions: Sequence[str] | None,
+                   coupled_reference: str | None, prior: ReferenceData | None
+                   ) -> tuple[MergeEngine, int]:
+    """A merge's engine with every crystal stored, untrained, and the count of reflections
+    outside the table (:func:`merge_crystals`' parameters, the same meaning)."""
     # every crystal is stored before the first step: the Wilson plot may use them all at once
     # (and the rows are refreshed at ``refresh_epochs``, not by the service's policy)
     engine = MergeEngine(space, trainer_config,
@@ -374,6 +406,16 @@ def _merge_once(crystals: Iterable[CrystalMessage], space: ReciprocalSpace,
                               "--condition-field and --condition-map)")
         raise ConfigError("no crystal had reflections inside the table (check --dmin, "
                           "--space-group and --cell)")
+    return engine, n_outside
+
+
+def _train(engine: MergeEngine, n_outside: int, epochs: float | None, steps: int | None,
+           progress: Callable[[int, int], Callable[[StepReport], None]] | None,
+           history: list[str] | None, anneal: float, refresh_epochs: Sequence[float],
+           assign_settings: bool, conditions: Sequence[str] | None,
+           prior: ReferenceData | None, row_refresh: bool
+           ) -> tuple[MergeSnapshot, MergeEngine]:
+    """Train a :func:`_stored_engine` and snapshot it (:func:`merge_crystals`' parameters)."""
     # offline there is no arrival order to favour: every step draws from the passes (epochs)
     engine.scheduler.cursor = engine.n_images
     confidence = engine.assign_settings() if assign_settings else None

@@ -10,6 +10,9 @@ reads the trend at every snapshot and, once it has stayed suspect for
 partiality from the spool (:meth:`streamvi.service.service.Service._switch_partiality`).
 The trend of a fresh model starts near 0 and drifts as the scales learn: on such streams it
 passes the bar and stays past it, and the run of snapshots keeps one noisy read from acting.
+Before that, the data alone may say it (:mod:`streamvi.merging.reach`): once the observations
+beyond the reported geometry's reach are many and carry no signal, the switch is made at the
+next snapshot, after the first hundred crystals rather than after the trend has grown.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from streamvi.merging.offline import partiality_trend_suspect
+from streamvi.merging.reach import ReachEvidence, reach_suspect
 
 #: consecutive snapshots whose trend is suspect before the service switches
 SWITCH_SNAPSHOTS = 3
@@ -28,16 +32,27 @@ class PartialitySwitch:
     """What the check saw when it switched the live merge to the geometric partiality."""
 
     #: B (Å²) the scales' trend gave the amplitudes at the last snapshot before the switch
-    falloff_b: float
+    #: (None before the first record)
+    falloff_b: float | None
     #: crystals that reported orientations, profile radii and a bandwidth by then
     crystals: int
     #: training step of the merge that was set aside
     step: int
     #: when (Unix s)
     time: float
+    #: what decided it: ``"trend"`` (the scales' trend) or ``"reach"`` (the observations
+    #: beyond the reported geometry's reach carry no signal)
+    reason: str = "trend"
+    #: with ``"reach"``: share of the observations beyond reach, and their mean I/σ over
+    #: the near-full observations' (:class:`~streamvi.merging.reach.ReachEvidence`)
+    share_beyond: float | None = None
+    signal_ratio: float | None = None
 
     def history_line(self) -> str:
         """The MTZ history line of every snapshot after the switch (≤ 80 characters)."""
+        if self.reason == "reach":
+            return (f"geometric partiality on: {self.share_beyond:.1%} of observations beyond "
+                    f"reach, I/sig {self.signal_ratio:+.3f} of full")[:80]
         return (f"geometric partiality on: without it the scales' trend gave B "
                 f"{self.falloff_b:+.1f} A^2")[:80]
 
@@ -46,7 +61,10 @@ class PartialitySwitch:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PartialitySwitch":
-        return cls(float(d["falloff_b"]), int(d["crystals"]), int(d["step"]), float(d["time"]))
+        def opt(key):
+            return None if d.get(key) is None else float(d[key])
+        return cls(opt("falloff_b"), int(d["crystals"]), int(d["step"]), float(d["time"]),
+                   str(d.get("reason", "trend")), opt("share_beyond"), opt("signal_ratio"))
 
 
 class PartialityWatch:
@@ -63,6 +81,17 @@ class PartialityWatch:
             raise ValueError(f"snapshots = {snapshots}: give 1 or more")
         self.snapshots = snapshots
         self._run = 0
+
+    def observe_reach(self, evidence: ReachEvidence, falloff_b: float | None, step: int
+                      ) -> PartialitySwitch | None:
+        """The data's own verdict (:func:`~streamvi.merging.reach.reach_suspect`) at training
+        step ``step``: the switch to make now, or None.  It needs no run of snapshots: the
+        tally only grows, and the verdict already asks for three standard errors."""
+        if not reach_suspect(evidence):
+            return None
+        return PartialitySwitch(None if falloff_b is None else float(falloff_b),
+                                evidence.crystals, int(step), time.time(), "reach",
+                                evidence.share_beyond, evidence.signal_ratio)
 
     def observe(self, falloff_b: float | None, n_reporting: int, step: int
                 ) -> PartialitySwitch | None:

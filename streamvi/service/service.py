@@ -603,6 +603,8 @@ class Service:
                 with self.lock:
                     self._add_many(items)
                     self._maybe_start()
+                if items:
+                    self._check_reach()
                 if self.engine is not None and self.engine.n_images > 0:
                     with self.lock:
                         report = self.engine.step()
@@ -984,6 +986,19 @@ class Service:
         if switch is not None:
             self._switch_partiality(switch)
 
+    def _check_reach(self) -> None:
+        """After crystals are stored: the data's own verdict (no snapshot or training needed,
+        :mod:`streamvi.merging.reach`), and the switch when it says so."""
+        watch, engine = self.partiality_watch, self.engine
+        if watch is None or engine is None:
+            return
+        snap = self.latest
+        switch = watch.observe_reach(engine.store.reach.evidence(),
+                                     None if snap is None else snap.falloff_b,
+                                     engine.trainer.step)
+        if switch is not None:
+            self._switch_partiality(switch)
+
     def _check_dmin(self) -> None:
         """After a publish: say once (and again when the suggested limit moves by 0.05 Å or
         more) where the table's dmin leaves data out (:func:`dmin_advice_of`)."""
@@ -1003,14 +1018,24 @@ class Service:
     def _switch_partiality(self, switch: PartialitySwitch) -> None:
         """Start the merge again, from the spool, with the geometric partiality (``merge``
         merges again; the service replays what it has, a few seconds, and trains on)."""
-        log.warning("the scales' resolution trend has given the amplitudes B %+.1f A^2 for "
-                    "%d snapshots in a row, on %d crystals that report orientations, profile "
-                    "radii and a bandwidth: the mark of observations the partialities do not "
-                    "reach (pure background at low resolution). Merging again, from the "
-                    "spool, with the geometric partiality (docs/model.md, change 23; "
-                    "partiality_check = false keeps the merge as it was)", switch.falloff_b,
-                    self.partiality_watch.snapshots if self.partiality_watch else 1,
-                    switch.crystals)
+        if switch.reason == "reach":
+            log.warning("%.1f%% of the observations of %d crystals that report orientations, "
+                        "profile radii and a bandwidth lie beyond the reach of that geometry "
+                        "and carry no signal (mean I/sigma %+.3f of near-full observations'). "
+                        "Merging again, from the spool, with the geometric partiality "
+                        "(docs/model.md, change 26; partiality_check = false keeps the merge "
+                        "as it was)", 100 * switch.share_beyond, switch.crystals,
+                        switch.signal_ratio)
+        else:
+            log.warning("the scales' resolution trend has given the amplitudes B %+.1f A^2 "
+                        "for %d snapshots in a row, on %d crystals that report orientations, "
+                        "profile radii and a bandwidth: the mark of observations the "
+                        "partialities do not reach (pure background at low resolution). "
+                        "Merging again, from the spool, with the geometric partiality "
+                        "(docs/model.md, change 23; partiality_check = false keeps the merge "
+                        "as it was)", switch.falloff_b,
+                        self.partiality_watch.snapshots if self.partiality_watch else 1,
+                        switch.crystals)
         t0 = time.perf_counter()
         with self.lock:
             self._apply_partiality_switch(switch)

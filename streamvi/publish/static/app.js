@@ -94,13 +94,23 @@ function renderTiles(d) {
           (s.dmin_advice ? ` · data beyond dmin: restart with dmin ` +
            `${fmt(s.beyond_dmin.suggested_dmin, 2)} Å (hover)` : ""));
   $("merge").title = [s.dmin_advice, s.partiality_advice].filter(Boolean).join("\n") ||
-    (s.partiality_switch ?
-    `the scales' trend gave the amplitudes B ${fmt(s.partiality_switch.falloff_b, 1)} Å² on ` +
-    `${fmtInt(s.partiality_switch.crystals)} crystals that report their geometry: the merge ` +
-    "started again with the geometric partiality (docs/model.md, change 23)" : "");
+    (s.partiality_switch ? partialitySwitchText(s.partiality_switch) : "");
   setText("foot-status", `streamvi ${d.version} · up ${fmtDuration(s.uptime_s)} · device ` +
           `${s.device || "–"} · ${fmtInt(s.mtz_written)} MTZ written` +
           (s.mtz_errors ? ` (${s.mtz_errors} failed)` : ""));
+}
+
+// why the live merge took the geometric partiality (the status JSON's partiality_switch)
+function partialitySwitchText(w) {
+  if (w.reason === "reach") {
+    return `${fmt(100 * w.share_beyond, 1)} % of the observations of ${fmtInt(w.crystals)} ` +
+      "crystals that report their geometry lie beyond its reach and carry no signal (mean " +
+      `I/σ ${fmt(w.signal_ratio, 3)} of near-full ones): the merge started again with the ` +
+      "geometric partiality (docs/model.md, change 26)";
+  }
+  return `the scales' trend gave the amplitudes B ${fmt(w.falloff_b, 1)} Å² on ` +
+    `${fmtInt(w.crystals)} crystals that report their geometry: the merge ` +
+    "started again with the geometric partiality (docs/model.md, change 23)";
 }
 
 function renderResolution(d) {
