@@ -342,6 +342,40 @@ def test_refresh_restarts_rows_at_their_merge_and_keeps_bijvoet_ratios():
     assert both.sum() > 500
 
 
+def test_rarely_seen_rows_are_estimated_from_their_images_alone(stills):
+    """``refresh_rows(max_observations=…)`` reads the network over the images that hold
+    the rows it may restart, not over every image: those images are exactly the ones
+    holding an observation of a pair seen 1–3 times in some table, and the rows' estimates
+    from them alone are the full read's, bit for bit."""
+    crystals, space = stills
+    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
+                         EngineConfig(wilson_min_images=1, reject_misfit_images=False))
+    engine.add_many(crystals)
+    for _ in range(3):
+        engine.step()
+    images, count = engine._rows_few_observations(1, 3)
+    j_full, v_full, c_full = engine.row_estimates()
+    torch.testing.assert_close(count, c_full, rtol=0, atol=0)
+    # by hand: every observation's row, half and image; pairs counted per table
+    b = engine.store.batch(np.arange(engine.n_images))
+    rows, half = b.asu_id[0].numpy(), b.half[b.image_index].numpy()
+    image = b.image_id.numpy()[b.image_index.numpy()]
+    pair = engine._bijvoet_pairs()
+    n = space.n_unique
+    wanted, candidate = set(), np.zeros(3 * n, bool)
+    for t, sel in enumerate([np.ones_like(rows, bool), half == 0, half == 1]):
+        n_pair = np.bincount(pair[rows[sel]], minlength=pair.max() + 1)[pair]
+        few = (n_pair >= 1) & (n_pair <= 3)
+        candidate[t * n:(t + 1) * n] = few
+        wanted |= set(image[sel][few[rows[sel]]].tolist())
+    assert 0 < len(wanted) and images.tolist() == sorted(wanted)
+    j_part, v_part, _ = engine.row_estimates(images=images)
+    mine = torch.from_numpy(candidate)
+    assert int(mine.sum()) > 0
+    torch.testing.assert_close(j_part[mine], j_full[mine], rtol=0, atol=0)
+    torch.testing.assert_close(v_part[mine], v_full[mine], rtol=0, atol=0)
+
+
 def test_refresh_policy_follows_growth_and_idle_steps(stills):
     crystals, space = stills
     engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
