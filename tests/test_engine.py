@@ -403,6 +403,36 @@ def test_refresh_policy_follows_growth_and_idle_steps(stills):
     assert engine.refreshes == 2
 
 
+def test_the_policy_s_refresh_keeps_to_the_rarely_seen_rows_when_bounded(stills):
+    """With ``refresh_max_observations`` the policy's refresh is bounded like ``merge``'s
+    row refresh, and a bounded refresh restarts exactly the pairs seen 1 to that many
+    times (every one of them here: no distance asked)."""
+    crystals, space = stills
+    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
+                         EngineConfig(wilson_min_images=1, refresh_growth=2.0,
+                                      refresh_max_observations=2))
+    engine.add_many(crystals[:3])
+    engine.step()
+    engine.step()
+    engine.add_many(crystals[3:6])
+    calls = []
+    original = engine.refresh_rows
+    engine.refresh_rows = lambda **kw: calls.append(kw) or original(**kw)
+    engine.step()                                   # 6 = 2 × 3: the policy refreshes
+    assert calls == [{"max_observations": 2}] and engine.refreshes == 1
+    post = engine.trainer.model.posterior
+    before = post.moments(0)[0].detach().clone()
+    _, _, count = engine.row_estimates()
+    pair = engine._bijvoet_pairs()
+    n = space.n_unique
+    n_pair = np.bincount(pair, weights=count[:n].numpy(), minlength=pair.max() + 1)[pair]
+    few = (n_pair >= 1) & (n_pair <= 2)
+    assert few.sum() > 10 and (n_pair > 2).sum() > 10
+    original(min_observations=1, max_observations=2, min_z=-np.inf)
+    changed = (post.moments(0)[0] != before).numpy()
+    np.testing.assert_array_equal(changed, few)
+
+
 def test_falloff_record_keeps_only_near_full_observations(stills):
     """With falloff_near_full the scales' record takes the observations within
     FALLOFF_FULL_RATIO profile radii of the Bragg condition, and every observation of a

@@ -119,6 +119,10 @@ class EngineConfig:
         grown ``refresh_growth``-fold since the last time (0: never), and once the store has
         not grown for ``refresh_idle_steps`` steps after it last did (0: never; the beam is
         off).  Counted from the final Σ.  ``streamvi merge`` refreshes at fixed epochs instead.
+    refresh_max_observations
+        With those refreshes, restart only the Bijvoet pairs with at most this many
+        observations (None: every pair with one or more), as ``merge``'s row refresh does
+        (docs/model.md, change 22): the rows updated too rarely to travel by themselves.
     """
 
     batch_images: int = 8
@@ -135,6 +139,7 @@ class EngineConfig:
     falloff_binned: bool = False
     refresh_growth: float = 0.0
     refresh_idle_steps: int = 0
+    refresh_max_observations: int | None = None
     data_start: bool = False
 
 
@@ -331,7 +336,7 @@ class MergeEngine:
         self.store.mark_visited(ids)
         self.last_report = report
         if self._refresh_due():
-            self.refresh_rows()
+            self.refresh_rows(max_observations=self.config.refresh_max_observations)
         return report
 
     def _refresh_due(self) -> bool:
