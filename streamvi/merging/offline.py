@@ -332,12 +332,8 @@ def merge_crystals(crystals: Iterable[CrystalMessage], space: ReciprocalSpace, *
     evidence = engine.store.reach.evidence()
     if reach_suspect(evidence):
         # the data say it before any training: no first merge to set aside
-        log.warning("%.1f%% of the observations of %d crystals that report orientations, "
-                    "profile radii and a bandwidth lie beyond the reach of that geometry and "
-                    "carry no signal (mean I/sigma %+.3f of near-full observations'): "
-                    "merging with the geometric partiality (docs/model.md, change 26; "
-                    "--no-partiality-check merges without it)", 100 * evidence.share_beyond,
-                    evidence.crystals, evidence.signal_ratio)
+        log.warning("%s: merging with the geometric partiality (docs/model.md, change 26; "
+                    "--no-partiality-check merges without it)", evidence.summary())
         del engine
         return _merge_once(crystals, space, replace(tcfg, geometric_partiality=True),
                            engine_config, epochs, steps, progress,

@@ -76,8 +76,25 @@ class ReachEvidence:
 
     def history_line(self) -> str:
         """The MTZ history line of a merge switched by it (≤ 80 characters)."""
-        return (f"geometric partiality on: {self.share_beyond:.1%} of observations beyond "
-                f"reach, I/sig {self.signal_ratio:+.3f} of full")[:80]
+        return reach_history_line(self.share_beyond, self.signal_ratio)
+
+    def summary(self) -> str:
+        """The verdict in words, for the log."""
+        return reach_summary(self.share_beyond, self.crystals, self.signal_ratio)
+
+
+def reach_history_line(share_beyond: float, signal_ratio: float) -> str:
+    """The MTZ history line of a merge the verdict switched (≤ 80 characters)."""
+    return (f"geometric partiality on: {share_beyond:.1%} of observations beyond "
+            f"reach, I/sig {signal_ratio:+.3f} of full")[:80]
+
+
+def reach_summary(share_beyond: float, crystals: int, signal_ratio: float) -> str:
+    """The verdict in words, for the log: what was seen on how many crystals."""
+    return (f"{100 * share_beyond:.1f}% of the observations of {crystals} crystals that "
+            "report orientations, profile radii and a bandwidth lie beyond the reach of that "
+            f"geometry and carry no signal (mean I/sigma {signal_ratio:+.3f} of near-full "
+            "observations')")
 
 
 def reach_suspect(evidence: ReachEvidence) -> bool:

@@ -11,8 +11,9 @@ partiality from the spool (:meth:`streamvi.service.service.Service._switch_parti
 The trend of a fresh model starts near 0 and drifts as the scales learn: on such streams it
 passes the bar and stays past it, and the run of snapshots keeps one noisy read from acting.
 Before that, the data alone may say it (:mod:`streamvi.merging.reach`): once the observations
-beyond the reported geometry's reach are many and carry no signal, the switch is made at the
-next snapshot, after the first hundred crystals rather than after the trend has grown.
+beyond the reported geometry's reach are many and carry no signal, the switch is made as soon
+as the crystals that show it are stored (:meth:`PartialityWatch.observe_reach`, called after
+each ingest batch), after the first hundred crystals rather than after the trend has grown.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from streamvi.merging.offline import partiality_trend_suspect
-from streamvi.merging.reach import ReachEvidence, reach_suspect
+from streamvi.merging.reach import ReachEvidence, reach_history_line, reach_suspect
 
 #: consecutive snapshots whose trend is suspect before the service switches
 SWITCH_SNAPSHOTS = 3
@@ -51,8 +52,7 @@ class PartialitySwitch:
     def history_line(self) -> str:
         """The MTZ history line of every snapshot after the switch (≤ 80 characters)."""
         if self.reason == "reach":
-            return (f"geometric partiality on: {self.share_beyond:.1%} of observations beyond "
-                    f"reach, I/sig {self.signal_ratio:+.3f} of full")[:80]
+            return reach_history_line(self.share_beyond, self.signal_ratio)
         return (f"geometric partiality on: without it the scales' trend gave B "
                 f"{self.falloff_b:+.1f} A^2")[:80]
 

@@ -58,6 +58,7 @@ from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
                                         remove_stale_temp_files)
 from streamvi.service.partiality import PartialitySwitch, PartialityWatch
+from streamvi.merging.reach import reach_summary
 from streamvi.service.status import (dmin_advice_of, images_per_second, service_snapshot,
                                      service_status)
 from streamvi.snapshot import ServiceSnapshot
@@ -1019,13 +1020,10 @@ class Service:
         """Start the merge again, from the spool, with the geometric partiality (``merge``
         merges again; the service replays what it has, a few seconds, and trains on)."""
         if switch.reason == "reach":
-            log.warning("%.1f%% of the observations of %d crystals that report orientations, "
-                        "profile radii and a bandwidth lie beyond the reach of that geometry "
-                        "and carry no signal (mean I/sigma %+.3f of near-full observations'). "
-                        "Merging again, from the spool, with the geometric partiality "
+            log.warning("%s. Merging again, from the spool, with the geometric partiality "
                         "(docs/model.md, change 26; partiality_check = false keeps the merge "
-                        "as it was)", 100 * switch.share_beyond, switch.crystals,
-                        switch.signal_ratio)
+                        "as it was)", reach_summary(switch.share_beyond, switch.crystals,
+                                                    switch.signal_ratio))
         else:
             log.warning("the scales' resolution trend has given the amplitudes B %+.1f A^2 "
                         "for %d snapshots in a row, on %d crystals that report orientations, "
