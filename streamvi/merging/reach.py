@@ -136,7 +136,8 @@ class ReachTally:
         Parameters
         ----------
         metadata
-            ``(n, N_METADATA)`` raw features (:func:`~streamvi.merging.features.reflection_metadata`).
+            ``(n, N_METADATA)`` raw features
+            (:func:`~streamvi.merging.features.reflection_metadata`).
         iobs, sigiobs
             ``(n,)`` intensities and their σ, as measured; observations with a σ that is
             not positive and finite, or an intensity that is not finite, are left out.
