@@ -376,14 +376,21 @@ def test_rarely_seen_rows_are_estimated_from_their_images_alone(stills):
     torch.testing.assert_close(v_part[mine], v_full[mine], rtol=0, atol=0)
 
 
-def test_refresh_policy_follows_growth_and_idle_steps(stills):
+def _refreshing_engine(stills, **config) -> MergeEngine:
+    """An engine whose policy refreshes at each doubling of the store (and ``config``),
+    given three crystals and two steps: its Σ is final and its refresh count at 0."""
     crystals, space = stills
     engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
-                         EngineConfig(wilson_min_images=1, refresh_growth=2.0,
-                                      refresh_idle_steps=3))
+                         EngineConfig(wilson_min_images=1, refresh_growth=2.0, **config))
     engine.add_many(crystals[:3])
     engine.step()
     engine.step()
+    return engine
+
+
+def test_refresh_policy_follows_growth_and_idle_steps(stills):
+    crystals, _ = stills
+    engine = _refreshing_engine(stills, refresh_idle_steps=3)
     assert engine.sigma_stage == 2 and engine.refreshed_images == 3 and engine.refreshes == 0
     engine.add_many(crystals[3:5])                  # 5 < 2 × 3: not yet
     engine.step()
@@ -408,12 +415,7 @@ def test_the_policy_s_refresh_keeps_to_the_rarely_seen_rows_when_bounded(stills)
     row refresh, and a bounded refresh restarts exactly the pairs seen 1 to that many
     times (every one of them here: no distance asked)."""
     crystals, space = stills
-    engine = MergeEngine(space, TrainerConfig(device="cpu", mc_samples=2, warmup_reflections=1),
-                         EngineConfig(wilson_min_images=1, refresh_growth=2.0,
-                                      refresh_max_observations=2))
-    engine.add_many(crystals[:3])
-    engine.step()
-    engine.step()
+    engine = _refreshing_engine(stills, refresh_max_observations=2)
     engine.add_many(crystals[3:6])
     calls = []
     original = engine.refresh_rows
