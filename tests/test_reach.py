@@ -110,3 +110,19 @@ def test_observations_without_a_measurement_are_left_out():
     assert ev.observations == len(msg) - 3 and math.isfinite(ev.signal_ratio)
     with pytest.raises(ValueError, match="1/dmin"):
         ReachTally(0.0)
+
+
+def test_the_tally_stops_reading_at_its_crystal_cap(monkeypatch):
+    """Past :data:`REACH_MAX_CRYSTALS` crystals nothing more is read (the verdict is settled
+    and the ingest of a long stream does not pay for it)."""
+    cfg = SimulationConfig(n_images=3, seed=3, dmin=3.0, **OVERPREDICTED)
+    sim = Simulator(cfg)
+    monkeypatch.setattr(reach, "REACH_MAX_CRYSTALS", 2)
+    tally = ReachTally(1.0 / cfg.dmin ** 2)
+    sizes = []
+    for i in range(3):
+        msg, _ = sim.image(i)
+        tally.add(reflection_metadata(msg), msg.I, msg.sigI, crystals=1)
+        sizes.append(len(msg))
+    ev = tally.evidence()
+    assert ev.crystals == 2 and ev.observations == sizes[0] + sizes[1]
