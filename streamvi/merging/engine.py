@@ -663,24 +663,29 @@ class MergeEngine:
         n_rows, n_tables = post.n_rows, post.n_tables
         pair = torch.from_numpy(self._bijvoet_pairs()).to(self.device)
         n_pairs = int(pair.max()) + 1
-        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-        count = torch.zeros(n_tables * n_rows, dtype=torch.float64, device=self.device)
         ids = np.arange(self.store.n_images)
-        for lo in range(0, ids.size, 512):
-            b = self.store.batch(ids[lo:lo + 512])
-            flats, keep = self._observation_rows(b)
-            image = b.image_id.to(self.device)[b.image_index]
+
+        def batches():
+            # two passes over the store (cheap without the network), so that no per-
+            # observation array of the whole store is held
+            for lo in range(0, ids.size, 512):
+                b = self.store.batch(ids[lo:lo + 512])
+                flats, keep = self._observation_rows(b)
+                image = b.image_id.to(self.device)[b.image_index][keep.to(self.device)]
+                yield [f.to(self.device)[keep.to(self.device)] for f in flats], image
+
+        count = torch.zeros(n_tables * n_rows, dtype=torch.float64, device=self.device)
+        for flats, _ in batches():
             for flat_rows in flats:
-                flat_rows = flat_rows.to(self.device)[keep]
                 count.index_add_(0, flat_rows, torch.ones_like(flat_rows, dtype=torch.float64))
-                seen.append((flat_rows, image[keep]))
         candidate = torch.zeros(n_tables * n_rows, dtype=torch.bool, device=self.device)
         for t in range(n_tables):
             n_pair = torch.zeros(n_pairs, dtype=torch.float64, device=self.device).index_add_(
                 0, pair, count[t * n_rows:(t + 1) * n_rows])[pair]
             candidate[t * n_rows:(t + 1) * n_rows] = (n_pair >= least) & (n_pair <= most)
-        hit = torch.cat([image[candidate[flat_rows]] for flat_rows, image in seen])
-        return torch.unique(hit).cpu().numpy(), count
+        hit = [torch.unique(image[candidate[flat_rows]])
+               for flats, image in batches() for flat_rows in flats]
+        return torch.unique(torch.cat(hit)).cpu().numpy(), count
 
     @torch.no_grad()
     def refresh_rows(self, *, min_observations: int = REFRESH_MIN_OBSERVATIONS,
