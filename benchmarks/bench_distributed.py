@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,19 +105,29 @@ def run_case(world: int, batch_images: int, threads: int, payloads: list[bytes],
             finally:
                 torch.set_num_threads(previous)
             return _summary([json.loads(Path(tmp, "rank0.json").read_text())], steps)
-        ctx = mp.start_processes(_worker, args=(world, free_port(), payloads, space,
-                                                batch_images, steps, warmup, threads, device,
-                                                tmp),
-                                 nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world} rank(s) still running after {timeout_s:g} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+        # The rendezvous port was free a moment before the ranks bind it; on a shared host
+        # another process can take it in between.  Try once more on a fresh port and say why.
+        for attempt in (1, 2):
+            ctx = mp.start_processes(_worker, args=(world, free_port(), payloads, space,
+                                                    batch_images, steps, warmup, threads,
+                                                    device, tmp),
+                                     nprocs=world, join=False, start_method="spawn")
+            deadline = time.monotonic() + timeout_s
+            try:
+                while not ctx.join(timeout=1.0):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{world} rank(s) still running after "
+                                           f"{timeout_s:g} s")
+                break
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+                if attempt == 2:
+                    raise
+                print(f"bench_distributed: {world} ranks failed ({exc}); trying again on a "
+                      "fresh port", file=sys.stderr, flush=True)
+            finally:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     return _summary(ranks, steps)
 

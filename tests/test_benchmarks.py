@@ -46,7 +46,9 @@ def test_run_smoke_prints_every_figure():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke",
                            "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
                           timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a failed benchmark prints a "<bench>_failed" line with its error; show those first
+    failed = [line for line in proc.stdout.splitlines() if '_failed"' in line]
+    assert proc.returncode == 0, "\n".join(failed) + "\n" + proc.stderr[-3000:]
     figures = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     for fig in figures:
         assert {"name", "value", "unit", "device", "machine"} <= fig.keys(), fig
@@ -107,7 +109,9 @@ def test_quality_matrix_quick_end_to_end(tmp_path):
            "--set", "merge.steps=16", "--set", "service.scale_kl_weight=0.05",
            "--mtz-dir", str(tmp_path / "mtz")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a failed benchmark prints a "<bench>_failed" line with its error; show those first
+    failed = [line for line in proc.stdout.splitlines() if '_failed"' in line]
+    assert proc.returncode == 0, "\n".join(failed) + "\n" + proc.stderr[-3000:]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")] == lines
     assert sorted((x["case"], x["method"]) for x in lines) == sorted(
