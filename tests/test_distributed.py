@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 from streamvi.merging.distributed import DistributedEngine, free_port, init_process_group
 from streamvi.producers.fanout import FanOut
+from streamvi.service.partiality import PartialitySwitch
 from streamvi.service.rank import run_rank
 from streamvi.merging.engine import EngineConfig, MergeEngine
 from streamvi.symmetry import ReciprocalSpace
@@ -291,3 +292,85 @@ def test_fan_out_to_two_ranks(simulated, tmp_path):
     assert fresh[0]["steps"] == fresh[1]["steps"] > 0
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["engine"]["trainer"][
         "step"] == fresh[0]["steps"]
+
+
+# ---------------------------------------------------------------------- partiality check
+
+# CrystFEL partial_sim's kind (tests/test_service_partiality.py): every reflection within 2.5
+# profile widths integrated, the intensities xsphere's, zero beyond one radius
+OVERPREDICTED = dict(n_images=130, seed=6, dmin=3.5, partiality_profile="xsphere",
+                     flat_intensities=True, bandwidth=0.01, profile_radius=(0.0003, 0.0006),
+                     mosaicity_deg=0.0, orientation_error_deg=0.0, cell_error=0.0,
+                     b_image_sd=0.0, outlier_fraction=0.0, misindexed_fraction=0.0,
+                     overprediction=2.5, top_shell_photons=100.0)
+
+
+def _checking_rank(rank: int, port: int, endpoint: str, space: dict, out: str, n: int) -> None:
+    result = run_rank(rank, WORLD, endpoints=[endpoint], space=space, out_dir=out,
+                      init_method=f"tcp://127.0.0.1:{port}", backend="gloo",
+                      trainer_config=TrainerConfig(**TRAINER),
+                      engine_config=EngineConfig(batch_images=4), expected_crystals=n,
+                      min_visits=1, max_seconds=90, publish_interval=0.5, threads=1,
+                      keep_keys=True)
+    Path(out, f"result{rank}.json").write_text(json.dumps(result.to_dict()))
+    dist.destroy_process_group()
+
+
+def test_ranks_switch_to_the_geometric_partiality_together(tmp_path):
+    """130 overpredicted crystals dealt over 2 ranks (about 65 each, below the verdict's 100
+    on either alone): the ranks' summed tallies give the verdict, both ranks start again from
+    their spools with the geometric partiality, every crystal is stored once, rank 0's MTZ
+    says why, and a restart resumes the switched merge."""
+    import gemmi
+
+    from streamvi.merging.reach import REACH_MIN_CRYSTALS, REACH_SIGNAL_RATIO
+    from streamvi_sim import SimulationConfig, simulate_images, simulate_structure
+
+    sim = SimulationConfig(**OVERPREDICTED)
+    payloads = [encode_crystal(m) for m in simulate_images(sim, simulate_structure(sim))]
+    space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=False).to_dict()
+    sent = {f"{m.run}/{m.image}/{m.crystal}" for m in map(decode_crystal, payloads)}
+    with FanOut("tcp://127.0.0.1:*") as fan:
+        ctx = mp.start_processes(
+            _checking_rank, args=(free_port(), fan.endpoint, space, str(tmp_path),
+                                  len(payloads)),
+            nprocs=WORLD, join=False, start_method="spawn")
+        try:
+            fan.wait_for_peers(WORLD, timeout_s=60)
+            assert fan.send_all(payloads, rate=400) == len(payloads)
+            deadline = time.monotonic() + 150
+            while not ctx.join(timeout=0.5):
+                assert time.monotonic() < deadline, "ranks did not finish"
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+    res = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
+    switches = [r["partiality_switch"] for r in res]
+    same = [{k: v for k, v in sw.items() if k != "time"} for sw in switches if sw]
+    assert len(same) == WORLD and same[0] == same[1]       # the same verdict, same step
+    assert switches[0]["reason"] == "reach"
+    assert switches[0]["crystals"] >= REACH_MIN_CRYSTALS
+    assert max(r["crystals_received"] for r in res) < REACH_MIN_CRYSTALS   # pooled, not one
+    assert switches[0]["signal_ratio"] < REACH_SIGNAL_RATIO
+    keys = [set(r["keys"]) for r in res]
+    assert keys[0] | keys[1] == sent and not keys[0] & keys[1]
+    assert [r["images_stored"] for r in res] == [len(k) for k in keys]
+    # those still queued at the switch count as received (stored by the replay), so the
+    # ranks see everything sent in and stop (not at max_seconds)
+    assert [r["crystals_received"] for r in res] == [len(k) for k in keys]
+    assert all(r["global_images"] == len(payloads) for r in res)
+    assert res[0]["steps"] == res[1]["steps"] > 0
+    line = PartialitySwitch.from_dict(switches[0]).history_line()
+    assert line in gemmi.read_mtz_file(str(tmp_path / "latest.mtz")).history
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["partiality_switch"] == switches[0]
+
+    # a restart resumes the switched merge from the checkpoint (no second switch)
+    _spawn(_checking_rank, (free_port(), fan.endpoint, space, str(tmp_path), len(payloads)),
+           timeout_s=120)
+    again = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["partiality_switch"] for r in again] == [switches[0]] * WORLD   # rank 0's
+    assert [set(r["keys"]) for r in again] == keys
+    assert again[0]["steps"] == again[1]["steps"] > res[0]["steps"]
+    assert line in gemmi.read_mtz_file(str(tmp_path / "latest.mtz")).history

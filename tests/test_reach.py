@@ -126,3 +126,25 @@ def test_the_tally_stops_reading_at_its_crystal_cap(monkeypatch):
         sizes.append(len(msg))
     ev = tally.evidence()
     assert ev.crystals == 2 and ev.observations == sizes[0] + sizes[1]
+
+
+def test_tallies_of_disjoint_crystals_add_up():
+    """The data-parallel ranks sum their tallies' vectors: the sum of two halves' vectors
+    gives the evidence of one tally over all the crystals (numbers to float precision)."""
+    cfg = SimulationConfig(n_images=60, seed=8, dmin=3.0, **OVERPREDICTED)
+    crystals = list(simulate_images(cfg, simulate_structure(cfg)))
+    space = ReciprocalSpace(cfg.space_group, cfg.cell, cfg.dmin)
+    whole, first, second = (ReflectionStore(space) for _ in range(3))
+    whole.add_many(crystals)
+    first.add_many(crystals[0::2])
+    second.add_many(crystals[1::2])
+    summed = reach.reach_evidence_of(first.reach.state_vector() + second.reach.state_vector())
+    ev = whole.reach.evidence()
+    assert (summed.crystals, summed.observations, summed.beyond) == (
+        ev.crystals, ev.observations, ev.beyond) == (60, ev.observations, ev.beyond)
+    assert ev.beyond > 0
+    assert summed.signal_ratio == pytest.approx(ev.signal_ratio, rel=1e-9, abs=1e-12)
+    assert summed.ratio_error == pytest.approx(ev.ratio_error, rel=1e-9)
+    assert first.reach.evidence().crystals == 30
+    with pytest.raises(ValueError, match="values"):
+        reach.reach_evidence_of(np.zeros(reach.REACH_VECTOR_SIZE - 1))

@@ -173,15 +173,39 @@ class ReachTally:
 
     def evidence(self) -> ReachEvidence:
         """The tally as it stands (:class:`ReachEvidence`)."""
-        n_b, s_b, ss_b = self._beyond
-        n_n, s_n = self._near
-        both = (n_b > 0) & (n_n > 0)
-        if not both.any():
-            ratio = error = float("nan")
-        else:
-            # the near-full signal expected at the beyond-reach observations' resolutions
-            expected = float(np.sum(n_b[both] * s_n[both] / n_n[both]))
-            spread = float(np.sum(ss_b[both] - s_b[both] ** 2 / n_b[both]))
-            ratio = float(np.sum(s_b[both])) / expected if expected > 0 else float("nan")
-            error = math.sqrt(max(spread, 0.0)) / expected if expected > 0 else float("nan")
-        return ReachEvidence(self.crystals, self.observations, int(n_b.sum()), ratio, error)
+        return reach_evidence_of(self.state_vector())
+
+    def state_vector(self) -> np.ndarray:
+        """The tally's counts and sums as one vector of :data:`REACH_VECTOR_SIZE` floats.
+
+        Tallies of disjoint sets of crystals (the ranks of a data-parallel merge) add up:
+        :func:`reach_evidence_of` of their vectors' sum is the evidence of all of them.
+        """
+        return np.concatenate([[float(self.crystals), float(self.observations)],
+                               self._beyond.ravel(), self._near.ravel()])
+
+
+#: length of :meth:`ReachTally.state_vector`: crystals, observations, then per bin the
+#: count, Σz and Σz² beyond reach and the count and Σz near full
+REACH_VECTOR_SIZE = 2 + 5 * REACH_BINS
+
+
+def reach_evidence_of(vector: np.ndarray | list[float]) -> ReachEvidence:
+    """The evidence of a tally's :meth:`~ReachTally.state_vector` (or of several summed)."""
+    v = np.asarray(vector, np.float64)
+    if v.shape != (REACH_VECTOR_SIZE,):
+        raise ValueError(f"a reach tally's vector has {REACH_VECTOR_SIZE} values, not "
+                         f"{v.shape}")
+    n_b, s_b, ss_b = v[2:2 + 3 * REACH_BINS].reshape(3, REACH_BINS)
+    n_n, s_n = v[2 + 3 * REACH_BINS:].reshape(2, REACH_BINS)
+    both = (n_b > 0) & (n_n > 0)
+    if not both.any():
+        ratio = error = float("nan")
+    else:
+        # the near-full signal expected at the beyond-reach observations' resolutions
+        expected = float(np.sum(n_b[both] * s_n[both] / n_n[both]))
+        spread = float(np.sum(ss_b[both] - s_b[both] ** 2 / n_b[both]))
+        ratio = float(np.sum(s_b[both])) / expected if expected > 0 else float("nan")
+        error = math.sqrt(max(spread, 0.0)) / expected if expected > 0 else float("nan")
+    return ReachEvidence(int(round(v[0])), int(round(v[1])), int(round(n_b.sum())), ratio,
+                         error)

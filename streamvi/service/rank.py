@@ -6,6 +6,12 @@ disk, an unusable file set aside), takes crystals from its own ingest, trains in
 with the other ranks (:class:`~streamvi.merging.distributed.DistributedEngine`), and rank 0
 writes the MTZ snapshots and checkpoints on their intervals.  The job file of ``torchrun``
 is read by :mod:`streamvi.cli.rank`.
+
+The ranks make the service's partiality check on the data (change 26 of docs/model.md,
+:mod:`streamvi.merging.reach`): each rank's tally of the observations beyond the reported
+geometry's reach is summed over the ranks at every sync, every rank reads the same verdict,
+and when it fires all of them start again from their spools with the geometric partiality.
+The check on the scales' trend (change 23) needs the service's snapshots and is not made here.
 """
 from __future__ import annotations
 
@@ -28,9 +34,12 @@ from streamvi.ingest.receiver import Ingestor, replay_spool
 from streamvi.ingest.spool import Spool
 from streamvi.merging.distributed import DistributedEngine, default_backend, init_process_group
 from streamvi.merging.engine import EngineConfig
+from streamvi.merging.reach import (REACH_MAX_CRYSTALS, REACH_VECTOR_SIZE, reach_evidence_of,
+                                    reach_summary)
 from streamvi.merging.trainer import TrainerConfig
 from streamvi.publish.mtz_files import MtzSnapshots
 from streamvi.service.lifecycle import CHECKPOINT_NAME, RANK_KEYS, Checkpoints, Every
+from streamvi.service.partiality import PartialitySwitch, PartialityWatch
 from streamvi.symmetry import ReciprocalSpace
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,9 @@ class RankResult:
     #: this rank's record of the reflections that arrived beyond the table's dmin
     #: (:meth:`~streamvi.merging.beyond.BeyondDmin.to_dict`)
     beyond_dmin: dict = field(default_factory=dict)
+    #: the partiality check's switch to the geometric partiality
+    #: (:meth:`~streamvi.service.partiality.PartialitySwitch.to_dict`), None without one
+    partiality_switch: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +86,7 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
              publish_interval: float = 10.0, checkpoint_interval: float = 60.0,
              threads: int | None = None, spool: bool = True, resume: bool = True,
              queue_max_messages: int = 2000, rcvhwm: int = 1000,
-             keep_keys: bool = False) -> RankResult:
+             keep_keys: bool = False, partiality_check: bool = True) -> RankResult:
     """Run one rank of a data-parallel merge until the ranks agree to stop.
 
     Parameters
@@ -110,6 +122,11 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
         checkpoint (model, optimisers) when they exist.
     keep_keys
         Return the ``run/image/crystal`` keys this rank stored (tests).
+    partiality_check
+        Read the ranks' pooled verdict on the observations beyond the reported geometry's
+        reach (:func:`~streamvi.merging.reach.reach_suspect`) as crystals arrive, and start
+        again from the spools with the geometric partiality when it fires (as ``serve``;
+        needs ``spool``).  A checkpoint written after the switch resumes with it.
 
     A SIGTERM to any rank stops all of them at the next step, with a final snapshot and
     checkpoint.
@@ -135,17 +152,35 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     if state is not None and state["space"] != space.to_dict():
         raise ConfigError(f"{checkpoints.path} was made for {state['space']}, not "
                           f"{space.to_dict()}; use another out_dir")
+    switch = None
+    if state is not None and state.get("partiality_switch"):
+        # the checkpoint's model was trained with the geometric partiality: resume with it
+        switch = PartialitySwitch.from_dict(state["partiality_switch"])
+        tcfg = replace(tcfg, geometric_partiality=True)
+    checking = partiality_check and not tcfg.geometric_partiality
+    if checking and the_spool is None:
+        if rank == 0:
+            log.warning("the partiality check starts the merge again from the spools when "
+                        "it switches; with spool off the ranks merge without it")
+        checking = False
+    watch = PartialityWatch() if checking else None
 
-    def replayed(count: bool) -> tuple[DistributedEngine, int]:
-        """A fresh engine (a collective) holding this rank's spooled crystals."""
+    def replayed(count: bool, replay: bool = resume, stop: int | None = None
+                 ) -> tuple[DistributedEngine, int]:
+        """A fresh engine (a collective) holding this rank's spooled crystals (those below
+        record ``stop``; default all)."""
         eng = DistributedEngine(space, tcfg, engine_config)
         n = 0
-        if the_spool is not None and resume:
-            for _seq, msg, arrival in replay_spool(the_spool,
+        if the_spool is not None and replay:
+            for _seq, msg, arrival in replay_spool(the_spool, stop=stop,
                                                    counters=counters if count else None):
                 eng.add(msg, arrival_time=arrival)
                 n += 1
         return eng, n
+
+    def history() -> list[str]:
+        lines = [f"streamvi data-parallel, {world_size} ranks"]
+        return lines + [switch.history_line()] if switch is not None else lines
 
     # received: crystals this rank took in, replayed ones included
     engine, received = replayed(count=True)
@@ -171,22 +206,51 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     checkpointing = Every(checkpoint_interval)
     train_seconds = 0.0
     snapshots = 0
+    replayed_below = 0       # after a switch: spooled records below this are stored already
     try:
         while True:
             have_data = engine.store.n_images > 0
             items = ingestor.get_batch(512, timeout=0 if have_data else 0.02)
-            engine.add_many([it[1] for it in items], [it[2] for it in items])
             received += len(items)
+            arrived = bool(items)
+            if replayed_below:
+                # still queued at the switch, spooled before it: stored by the replay
+                items = [it for it in items if it[0] is None or it[0] >= replayed_below]
+            engine.add_many([it[1] for it in items], [it[2] for it in items])
             now = time.monotonic()
-            if items:
+            if arrived:
                 last_arrival = now
             st = engine.store
             visited = bool((st.visits[:st.n_images] >= min_visits).all()) \
                 and ingestor.queue_depth == 0
             idle = idle_timeout_s is not None and now - last_arrival >= idle_timeout_s
             timed_out = max_seconds is not None and now - t_start >= max_seconds
-            state = engine.sync([received, visited, idle, timed_out, stop_requested.is_set()])
-            g_received, n_visited, n_idle, n_timed_out, n_stop = state.flags
+            flags = [received, visited, idle, timed_out, stop_requested.is_set()]
+            if watch is not None:
+                flags += list(engine.store.reach.state_vector())
+            state = engine.sync(flags)
+            g_received, n_visited, n_idle, n_timed_out, n_stop = state.flags[:5]
+            if watch is not None:
+                # every rank holds the same sums, so all of them decide alike
+                evidence = reach_evidence_of(state.flags[5:5 + REACH_VECTOR_SIZE])
+                switch = watch.observe_reach(evidence, None, engine.trainer.step)
+                if switch is not None:
+                    watch = None
+                    tcfg = replace(tcfg, geometric_partiality=True)
+                    if rank == 0:
+                        log.warning("%s. Merging again, from the spools, with the geometric "
+                                    "partiality (docs/model.md, change 26; "
+                                    "partiality_check = false keeps the merge as it was)",
+                                    reach_summary(switch.share_beyond, switch.crystals,
+                                                  switch.signal_ratio))
+                    the_spool.flush()
+                    replayed_below = the_spool.n_records
+                    engine, _ = replayed(count=False, replay=True, stop=replayed_below)
+                    if rank == 0:
+                        checkpoints.save(_checkpoint_state(engine, switch))
+                    continue
+                if evidence.crystals >= REACH_MAX_CRYSTALS:
+                    watch = None     # the tallies read no more crystals: no verdict to come
             all_visited = n_visited == world_size and state.min_images > 0
             if (n_timed_out or n_stop
                     or (expected_crystals is not None and g_received >= expected_crystals
@@ -200,15 +264,14 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
             else:
                 time.sleep(0.005)     # some rank holds no crystal yet: do not spin
             if rank == 0 and engine.store.n_images and publishing.due(now):
-                mtz.write(engine.snapshot(history=[f"streamvi data-parallel, {world_size} "
-                                                   "ranks"]))
+                mtz.write(engine.snapshot(history=history()))
                 snapshots += 1
             if rank == 0 and checkpointing.due(now):
-                checkpoints.save(_checkpoint_state(engine))
+                checkpoints.save(_checkpoint_state(engine, switch))
         if rank == 0 and engine.global_images:
-            mtz.write(engine.snapshot(history=[f"streamvi data-parallel, {world_size} ranks"]))
+            mtz.write(engine.snapshot(history=history()))
             snapshots += 1
-            checkpoints.save(_checkpoint_state(engine))
+            checkpoints.save(_checkpoint_state(engine, switch))
         dist.barrier()
     finally:
         ingestor.stop()
@@ -229,7 +292,8 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
         snapshots=snapshots,
         keys=[f"{k[0]}/{k[1]}/{k[2]}" for k in st.keys] if keep_keys else [],
         mtz=str(mtz.latest) if mtz is not None and snapshots else None,
-        beyond_dmin=st.beyond_dmin.to_dict())
+        beyond_dmin=st.beyond_dmin.to_dict(),
+        partiality_switch=None if switch is None else switch.to_dict())
     suggested = st.beyond_dmin.suggested_dmin()
     if suggested is not None:
         # the checkpoint's table is fixed: a larger one is a new merge (another out_dir)
@@ -241,6 +305,9 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
     return result
 
 
-def _checkpoint_state(engine: DistributedEngine) -> dict[str, Any]:
-    """What rank 0's checkpoint holds: the model, optimisers and the merge's space."""
-    return {"engine": engine.state_dict(), "space": engine.space.to_dict(), "time": time.time()}
+def _checkpoint_state(engine: DistributedEngine,
+                      switch: PartialitySwitch | None = None) -> dict[str, Any]:
+    """What rank 0's checkpoint holds: the model, optimisers, the merge's space and the
+    partiality check's switch (None without one)."""
+    return {"engine": engine.state_dict(), "space": engine.space.to_dict(), "time": time.time(),
+            "partiality_switch": None if switch is None else switch.to_dict()}
