@@ -13,7 +13,9 @@ stream from ``../shared/data``.  Each case is merged by each *method*:
   arriving at ``rate`` (200/s) against ``steps_per_s`` (35) training steps per second (so
   each step first stores the images that arrived since the last; the first step sees one
   still), a snapshot every ``publish_interval`` (2 s) of steps, then training on until every
-  image has had ``visits`` (8) visits or ``max_catch_up_s`` (120 s) of steps have passed;
+  image has had ``visits`` (8) visits or ``max_catch_up_s`` (120 s) of steps have passed
+  (with ``after_s``, for that long of steps after the stream instead, whatever the visits:
+  ``serve`` trains on until it is stopped, and the issue's bar is three minutes after);
   with ``partiality_check`` (the service's default), a switch of the service's partiality
   check (:mod:`streamvi.service.partiality`) starts a fresh engine with the geometric
   partiality on every image in so far, as the service replays its spool
@@ -47,7 +49,8 @@ or :class:`~streamvi.merging.engine.EngineConfig` for both streamvi methods, or 
 ``service.`` prefix for one of them; ``merge.epochs``, ``merge.steps``, ``merge.anneal``,
 ``merge.refresh_epochs``, ``merge.partiality_check``, ``merge.row_refresh`` and
 ``service.visits``, ``service.rate``, ``service.steps_per_s``, ``service.publish_interval``,
-``service.max_catch_up_s``, ``service.partiality_check`` set the runs themselves.  Values
+``service.max_catch_up_s``, ``service.after_s``, ``service.partiality_check`` set the runs
+themselves.  Values
 are JSON (``0.5``, ``true``, ``[0.9, 0.99]``) or bare strings.  ``--table`` with two files
 prints variant − baseline and flags every case worse than the rule of issue 16: 0.002 in
 overall CC, 0.01 in the top shell, 0.02 in CCanom.
@@ -230,7 +233,7 @@ RUN_KEYS = {"merge": {"epochs": None, "steps": None, "anneal": None, "refresh_ep
                       "partiality_check": None, "row_refresh": None},
             "service": {"visits": 8, "rate": 200.0, "steps_per_s": 35.0,
                         "publish_interval": 2.0, "max_catch_up_s": 120.0,
-                        "partiality_check": None}}
+                        "after_s": None, "partiality_check": None}}
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -546,7 +549,10 @@ def run_service(data: CaseData, device: str, overrides: dict[str, Any]):
             if stream_steps is None:
                 stream_steps = step
             visits = engine.store.visits[: engine.n_images]
-            if (visits >= run["visits"]).all() or step - stream_steps >= max_steps_after:
+            if run["after_s"] is not None:
+                if step - stream_steps >= int(run["after_s"] * run["steps_per_s"]):
+                    break
+            elif (visits >= run["visits"]).all() or step - stream_steps >= max_steps_after:
                 break
         engine.step()
         step += 1
