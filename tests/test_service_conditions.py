@@ -286,6 +286,71 @@ def test_conditions_arrive_interleaved_and_each_gets_its_files(tmp_path, pump_pr
             "conditions") in caplog.text
 
 
+def test_each_condition_reads_its_own_anomalous_map_and_resolution(tmp_path, pump_probe,
+                                                                   dark_model, capsys):
+    """Anomalous mode with the dark model: every condition's anomalous difference map is
+    read at the model's heavy atoms (the light condition's from its own table, not the
+    dark's), and the peaks and the resolution estimate reach /metrics with a
+    ``condition`` label, the status JSON and ``streamvi status`` per condition."""
+    from streamvi.quality.anomalous import snapshot_peaks
+
+    pump_probe, _ = pump_probe
+    service = Service(config(tmp_path, metrics_port=0, model=str(dark_model), anomalous=True,
+                             publish_interval=1000.0, target_multiplicity=500.0)).start()
+    try:
+        send_messages(pump_probe, service.ingestor.bound_endpoints[0])
+        assert service.wait_until(
+            lambda s: s.crystals_merged == len(pump_probe) and s.engine.trainer.step >= 40,
+            timeout=120)
+        service.publish_now()
+        with urllib.request.urlopen(service.metrics_server.url + "metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        published = dict(service.latest_conditions)
+        status = service.status()
+        reference = service.latest_feedback
+        capsys.readouterr()
+        assert main(["status", service.metrics_server.url]) == 0
+        out = capsys.readouterr().out
+    finally:
+        service.stop()
+    model = service.feedback.model
+    assert model is not None
+    light = status["condition_feedback"]["light"]["peaks"]
+    dark = reference.peaks.to_dict()
+    assert light is not None and set(light["atoms"]) == set(model.labels)
+    # each condition's heights are its own table's map, the same code offline
+    for name, peaks in (("light", light), ("dark", dark)):
+        again = snapshot_peaks(published[name], model).to_dict()
+        assert peaks["atoms"] == pytest.approx(again["atoms"], abs=1e-9), name
+        for atom, sigma in peaks["atoms"].items():
+            line = re.search(r'streamvi_anomalous_peak_sigma\{atom="%s",condition="%s"\} (\S+)'
+                             % (re.escape(atom), name), metrics)
+            assert line is not None and float(line.group(1)) == pytest.approx(sigma), atom
+    assert light["atoms"] != pytest.approx(dark["atoms"], abs=1e-6)    # two maps, not one
+    # the resolution estimate of each condition, labelled
+    for name, fb in (("dark", reference.to_dict()), ("light", status["condition_feedback"]
+                                                      ["light"])):
+        for key, family in (("low", "low"), ("high", "high")):
+            value = (fb["resolution"] or {}).get(key)
+            line = re.search(r'streamvi_resolution_cc_half_%s_angstrom\{condition="%s"\} (\S+)'
+                             % (family, name), metrics)
+            assert (line is None) == (value is None), (name, key)
+            assert value is None or float(line.group(1)) == pytest.approx(value), (name, key)
+        # the fit's verdict, each condition's own (30 images each at 3 Å: dark has no
+        # trend, light falls below its first shell, in this set)
+        beyond = re.search(r'streamvi_resolution_beyond_dmin\{condition="%s"\} (\S+)' % name,
+                           metrics)
+        assert float(beyond.group(1)) == float(fb["resolution"]["state"] == "beyond_dmin")
+        assert re.search(r'streamvi_model_figures_provisional\{condition="%s",figure="cc_half"'
+                         r'\} [01]\.0' % name, metrics), name
+    states = {reference.resolution.state,
+              status["condition_feedback"]["light"]["resolution"]["state"]}
+    assert len(states) == 2, states      # two estimates, not the reference's twice
+    # the crew's terminal: the light condition's peaks under its own heading
+    light_lines = out.split("condition light (its own images, at its rate):\n")[1]
+    assert "  anomalous peaks at the model's heavy atoms: " in light_lines
+
+
 @pytest.fixture(scope="module")
 def later():
     """Five more images of SIM: two of a condition that appears mid-run (``pump``), one of

@@ -51,9 +51,9 @@ EVIDENCE_GAUGES = (
 
 def feedback_families(state: ServiceSnapshot) -> Iterator[Metric]:
     """Every family of this module, filled from the state's posterior snapshot and its
-    feedback (both may be None).  With pump–probe conditions the per-shell evidence and
-    the targets carry a ``condition`` label, one series per condition (each of its own
-    images); the resolution estimate and the anomalous peaks stay the reference's."""
+    feedback (both may be None).  With pump–probe conditions the per-shell evidence, the
+    targets, the resolution estimate and the anomalous peaks carry a ``condition`` label,
+    one series per condition (each of its own images and map)."""
     table = None if state.merge is None else state.merge.stats
     fb = state.feedback
     if state.conditions:
@@ -63,9 +63,9 @@ def feedback_families(state: ServiceSnapshot) -> Iterator[Metric]:
     else:
         tables, feedbacks = {None: table}, {None: fb}
     yield from _evidence(tables)
-    yield from _resolution(fb)
+    yield from _resolution(feedbacks)
     yield from _targets(feedbacks)
-    yield from _peaks(fb)
+    yield from _peaks(feedbacks)
 
 
 def _add(fam: GaugeMetricFamily, labels: list[str], value: Any) -> None:
@@ -97,32 +97,39 @@ def _evidence(tables: dict[str | None, Any]) -> Iterator[Metric]:
         yield fam
 
 
-def _resolution(fb: Any) -> Iterator[Metric]:
+def _resolution(feedbacks: dict[str | None, Any]) -> Iterator[Metric]:
+    """The resolution families of each feedback (key: its condition, None without
+    conditions)."""
+    by = ["condition"] if None not in feedbacks else []
     low = GaugeMetricFamily("streamvi_resolution_cc_half_low_angstrom",
                             "Lower end (Å) of the 95 % interval of the published resolution "
-                            "estimate")
+                            "estimate", labels=by)
     high = GaugeMetricFamily("streamvi_resolution_cc_half_high_angstrom",
                              "Upper end (Å) of the 95 % interval of the published resolution "
-                             "estimate")
+                             "estimate", labels=by)
     beyond = GaugeMetricFamily("streamvi_resolution_beyond_dmin",
                                "1 when CC1/2 (training-free) stays above 0.3 to dmin: the data "
-                               "may extend beyond the table, else 0")
+                               "may extend beyond the table, else 0", labels=by)
     model = GaugeMetricFamily("streamvi_resolution_cc_half_model_angstrom",
                               "Resolution where the fit of the model's CC1/2 falls to 0.3, Å "
-                              "(provisional while streamvi_model_figures_provisional is 1)")
+                              "(provisional while streamvi_model_figures_provisional is 1)",
+                              labels=by)
     provisional = GaugeMetricFamily("streamvi_model_figures_provisional",
                                     "1 while the model's figure moved more between snapshots "
                                     "than the data explain (training at work), else 0",
-                                    labels=["figure"])
-    if fb is not None:
+                                    labels=["figure", *by])
+    for condition, fb in feedbacks.items():
+        if fb is None:
+            continue
+        extra = [] if condition is None else [condition]
         if fb.resolution is not None:
-            _add(low, [], fb.resolution.low)
-            _add(high, [], fb.resolution.high)
-            beyond.add_metric([], float(fb.resolution.beyond_dmin))
+            _add(low, extra, fb.resolution.low)
+            _add(high, extra, fb.resolution.high)
+            beyond.add_metric(extra, float(fb.resolution.beyond_dmin))
         if fb.resolution_model is not None:
-            _add(model, [], fb.resolution_model.d)
+            _add(model, extra, fb.resolution_model.d)
         for figure, flag in fb.provisional.items():
-            provisional.add_metric([figure], float(flag))
+            provisional.add_metric([figure, *extra], float(flag))
     yield from (low, high, beyond, model, provisional)
 
 
@@ -179,17 +186,24 @@ def _add_forecast(families: tuple[GaugeMetricFamily, ...], label: list[str], fc:
     _add(seconds, label, fc.seconds)
 
 
-def _peaks(fb: Any) -> Iterator[Metric]:
+def _peaks(feedbacks: dict[str | None, Any]) -> Iterator[Metric]:
+    """The anomalous peaks of each feedback's map (key: its condition, None without
+    conditions)."""
+    by = ["condition"] if None not in feedbacks else []
     atoms = GaugeMetricFamily("streamvi_anomalous_peak_sigma",
                               "Height of the anomalous difference map at each heavy atom of the "
-                              "model (--model), in sigma of the map", labels=["atom"])
+                              "model (--model), in sigma of the map", labels=["atom", *by])
     new = GaugeMetricFamily("streamvi_anomalous_new_peak_sigma",
                             "The strongest peaks of the anomalous difference map away from the "
-                            "model's heavy atoms, in sigma (rank 1 = highest)", labels=["rank"])
-    peaks = None if fb is None else fb.peaks
-    if peaks is not None:
+                            "model's heavy atoms, in sigma (rank 1 = highest)",
+                            labels=["rank", *by])
+    for condition, fb in feedbacks.items():
+        peaks = None if fb is None else fb.peaks
+        if peaks is None:
+            continue
+        extra = [] if condition is None else [condition]
         for label, sigma in peaks.atoms.items():
-            _add(atoms, [label], sigma)
+            _add(atoms, [label, *extra], sigma)
         for rank, peak in enumerate(peaks.new_peaks, start=1):
-            _add(new, [str(rank)], peak.sigma)
+            _add(new, [str(rank), *extra], peak.sigma)
     yield from (atoms, new)

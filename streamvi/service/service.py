@@ -734,9 +734,11 @@ class Service:
 
     def _condition_feedback(self, name: str) -> LiveFeedback:
         """The live feedback of condition ``name`` (made at its first snapshot: a condition
-        may appear mid-run), with the reference's targets."""
+        may appear mid-run), with the reference's targets and model (the anomalous peaks of
+        its own map)."""
         if name not in self.condition_feedback:
-            self.condition_feedback[name] = LiveFeedback(self.feedback.targets, None)
+            self.condition_feedback[name] = LiveFeedback(self.feedback.targets,
+                                                         self.feedback.model)
         return self.condition_feedback[name]
 
     def _write_conditions(self, snaps: dict[str, MergeSnapshot]) -> None:
