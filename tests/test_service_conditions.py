@@ -296,13 +296,27 @@ def test_each_condition_reads_its_own_anomalous_map_and_resolution(tmp_path, pum
 
     pump_probe, _ = pump_probe
     service = Service(config(tmp_path, metrics_port=0, model=str(dark_model), anomalous=True,
-                             publish_interval=1000.0, target_multiplicity=500.0)).start()
+                             publish_endpoint="tcp://127.0.0.1:*", publish_interval=1000.0,
+                             target_multiplicity=500.0)).start()
     try:
         send_messages(pump_probe, service.ingestor.bound_endpoints[0])
         assert service.wait_until(
             lambda s: s.crystals_merged == len(pump_probe) and s.engine.trainer.step >= 40,
             timeout=120)
-        service.publish_now()
+        # the PUB stats topic, read by a real SUB socket (which misses what was sent before
+        # it joined: publish until one arrives); its last publish is the one read below
+        sub = subscriber(service.publisher.endpoint, b"stats", timeout_ms=2000)
+        try:
+            stats = None
+            for _ in range(20):
+                service.publish_now()
+                try:
+                    stats = msgpack.unpackb(sub.recv_multipart()[1])
+                    break
+                except zmq.Again:
+                    continue
+        finally:
+            sub.close()
         with urllib.request.urlopen(service.metrics_server.url + "metrics", timeout=10) as r:
             metrics = r.read().decode()
         published = dict(service.latest_conditions)
@@ -327,6 +341,10 @@ def test_each_condition_reads_its_own_anomalous_map_and_resolution(tmp_path, pum
                              % (re.escape(atom), name), metrics)
             assert line is not None and float(line.group(1)) == pytest.approx(sigma), atom
     assert light["atoms"] != pytest.approx(dark["atoms"], abs=1e-6)    # two maps, not one
+    assert stats is not None
+    assert stats["service"]["condition_feedback"]["light"]["peaks"]["atoms"] == \
+        pytest.approx(light["atoms"])
+    assert stats["feedback"]["peaks"]["atoms"] == pytest.approx(dark["atoms"])
     # the resolution estimate of each condition, labelled
     for name, fb in (("dark", reference.to_dict()), ("light", status["condition_feedback"]
                                                       ["light"])):

@@ -177,8 +177,8 @@ def service_status(service: "Service") -> dict[str, Any]:
                              dict(zip(service.conditions,
                                       (int(n) for n in st.condition_images())))),
         "differences": dict(service.latest_differences),
-        # every other condition's own targets, forecasts (at its images' rate) and
-        # resolution, as the reference's feedback has them (its anomalous peaks aside)
+        # every other condition's own targets, forecasts (at its images' rate), resolution
+        # and anomalous peaks, as the reference's feedback has them
         "condition_feedback": {name: fb.to_dict() for name, fb in
                                dict(service.latest_condition_feedback).items()},
         # the learnt correlations per resolution shell of the coupled prior: of each
