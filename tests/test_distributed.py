@@ -54,17 +54,27 @@ def simulated():
 
 
 def _spawn(fn, args: tuple, timeout_s: float) -> None:
-    """Run ``fn(rank, *args)`` in WORLD fresh processes; fail on error or timeout."""
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"ranks still running after {timeout_s:g} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    """Run ``fn(rank, *args)`` in WORLD fresh processes; fail on error or timeout.
+
+    ``args[0]`` is the rendezvous port, free a moment before the ranks bind it: if another
+    process took it in between (EADDRINUSE, before any rank did any work), once more on a
+    fresh port; any other error fails at once."""
+    for attempt in (1, 2):
+        ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=0.5):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ranks still running after {timeout_s:g} s")
+            return
+        except mp.ProcessRaisedException as exc:
+            if attempt == 2 or "EADDRINUSE" not in str(exc):
+                raise
+            args = (free_port(), *args[1:])
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
 
 
 # ---------------------------------------------------------------------- same data, 2 vs 1
