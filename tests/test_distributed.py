@@ -223,15 +223,40 @@ def test_ranks_keep_the_same_rows_when_new_ones_arrive_with_data_start(simulated
 # ---------------------------------------------------------------------- ZeroMQ fan-out
 
 
-def _serve_rank(rank: int, port: int, endpoint: str, space: dict, out: str, n: int) -> None:
+def _serve_rank(rank: int, port: int, endpoint: str, space: dict, out: str, n: int,
+                min_visits: int = 2) -> None:
     result = run_rank(rank, WORLD, endpoints=[endpoint], space=space, out_dir=out,
                       init_method=f"tcp://127.0.0.1:{port}", backend="gloo",
                       trainer_config=TrainerConfig(**TRAINER),
                       engine_config=EngineConfig(batch_images=4), expected_crystals=n,
-                      min_visits=2, max_seconds=90, publish_interval=0.5, threads=1,
+                      min_visits=min_visits, max_seconds=90, publish_interval=0.5, threads=1,
                       keep_keys=True)
     Path(out, f"result{rank}.json").write_text(json.dumps(result.to_dict()))
     dist.destroy_process_group()
+
+
+def _fan_out(payloads: list[bytes], space: dict, out, *, min_visits: int,
+             timeout_s: float = 150) -> str:
+    """Deal ``payloads`` over a producer's PUSH fan-out to WORLD ranks of
+    :func:`_serve_rank` (they stop once all were received and visited ``min_visits``
+    times); returns the fan-out's endpoint (closed by then: a restart's ranks wait for
+    nothing)."""
+    with FanOut("tcp://127.0.0.1:*") as fan:
+        ctx = mp.start_processes(
+            _serve_rank, args=(free_port(), fan.endpoint, space, str(out), len(payloads),
+                               min_visits),
+            nprocs=WORLD, join=False, start_method="spawn")
+        try:
+            fan.wait_for_peers(WORLD, timeout_s=60)
+            assert fan.send_all(payloads, rate=400) == len(payloads)
+            deadline = time.monotonic() + timeout_s
+            while not ctx.join(timeout=0.5):
+                assert time.monotonic() < deadline, "ranks did not finish"
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+    return fan.endpoint
 
 
 def test_fan_out_to_two_ranks(simulated, tmp_path):
@@ -242,20 +267,7 @@ def test_fan_out_to_two_ranks(simulated, tmp_path):
     space = {**space, "dmin": 3.2}
     messages = [decode_crystal(p) for p in payloads]
     sent_keys = {f"{m.run}/{m.image}/{m.crystal}" for m in messages}
-    with FanOut("tcp://127.0.0.1:*") as fan:
-        ctx = mp.start_processes(
-            _serve_rank, args=(free_port(), fan.endpoint, space, str(tmp_path), len(payloads)),
-            nprocs=WORLD, join=False, start_method="spawn")
-        try:
-            fan.wait_for_peers(WORLD, timeout_s=60)
-            assert fan.send_all(payloads, rate=400) == len(payloads)
-            deadline = time.monotonic() + 120
-            while not ctx.join(timeout=0.5):
-                assert time.monotonic() < deadline, "ranks did not finish"
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+    endpoint = _fan_out(payloads, space, tmp_path, min_visits=2)
     res = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
     keys = [set(r["keys"]) for r in res]
     # nothing lost, nothing twice, and round robin gave each rank half
@@ -284,7 +296,7 @@ def test_fan_out_to_two_ranks(simulated, tmp_path):
     # a restart resumes: each rank replays its own spool, all load rank 0's checkpoint
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert saved["engine"]["trainer"]["step"] == res[0]["steps"]
-    _spawn(_serve_rank, (free_port(), fan.endpoint, space, str(tmp_path), len(payloads)),
+    _spawn(_serve_rank, (free_port(), endpoint, space, str(tmp_path), len(payloads)),
            timeout_s=120)
     again = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
     assert [set(r["keys"]) for r in again] == keys
@@ -294,7 +306,7 @@ def test_fan_out_to_two_ranks(simulated, tmp_path):
     # the ranks share the service's checkpoint handling: an unreadable checkpoint is set
     # aside by rank 0 and every rank starts afresh from its spool (not a crash)
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    _spawn(_serve_rank, (free_port(), fan.endpoint, space, str(tmp_path), len(payloads)),
+    _spawn(_serve_rank, (free_port(), endpoint, space, str(tmp_path), len(payloads)),
            timeout_s=120)
     fresh = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
     assert (tmp_path / "checkpoint.corrupt").read_bytes() == b"not a checkpoint"
@@ -315,17 +327,6 @@ OVERPREDICTED = dict(n_images=130, seed=6, dmin=3.5, partiality_profile="xsphere
                      overprediction=2.5, top_shell_photons=100.0)
 
 
-def _checking_rank(rank: int, port: int, endpoint: str, space: dict, out: str, n: int) -> None:
-    result = run_rank(rank, WORLD, endpoints=[endpoint], space=space, out_dir=out,
-                      init_method=f"tcp://127.0.0.1:{port}", backend="gloo",
-                      trainer_config=TrainerConfig(**TRAINER),
-                      engine_config=EngineConfig(batch_images=4), expected_crystals=n,
-                      min_visits=1, max_seconds=90, publish_interval=0.5, threads=1,
-                      keep_keys=True)
-    Path(out, f"result{rank}.json").write_text(json.dumps(result.to_dict()))
-    dist.destroy_process_group()
-
-
 def test_ranks_switch_to_the_geometric_partiality_together(tmp_path):
     """130 overpredicted crystals dealt over 2 ranks (about 65 each, below the verdict's 100
     on either alone): the ranks' summed tallies give the verdict, both ranks start again from
@@ -340,21 +341,7 @@ def test_ranks_switch_to_the_geometric_partiality_together(tmp_path):
     payloads = [encode_crystal(m) for m in simulate_images(sim, simulate_structure(sim))]
     space = ReciprocalSpace(sim.space_group, sim.cell, sim.dmin, anomalous=False).to_dict()
     sent = {f"{m.run}/{m.image}/{m.crystal}" for m in map(decode_crystal, payloads)}
-    with FanOut("tcp://127.0.0.1:*") as fan:
-        ctx = mp.start_processes(
-            _checking_rank, args=(free_port(), fan.endpoint, space, str(tmp_path),
-                                  len(payloads)),
-            nprocs=WORLD, join=False, start_method="spawn")
-        try:
-            fan.wait_for_peers(WORLD, timeout_s=60)
-            assert fan.send_all(payloads, rate=400) == len(payloads)
-            deadline = time.monotonic() + 150
-            while not ctx.join(timeout=0.5):
-                assert time.monotonic() < deadline, "ranks did not finish"
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+    endpoint = _fan_out(payloads, space, tmp_path, min_visits=1)
     res = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
     switches = [r["partiality_switch"] for r in res]
     same = [{k: v for k, v in sw.items() if k != "time"} for sw in switches if sw]
@@ -377,7 +364,7 @@ def test_ranks_switch_to_the_geometric_partiality_together(tmp_path):
     assert saved["partiality_switch"] == switches[0]
 
     # a restart resumes the switched merge from the checkpoint (no second switch)
-    _spawn(_checking_rank, (free_port(), fan.endpoint, space, str(tmp_path), len(payloads)),
+    _spawn(_serve_rank, (free_port(), endpoint, space, str(tmp_path), len(payloads), 1),
            timeout_s=120)
     again = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
     assert [r["partiality_switch"] for r in again] == [switches[0]] * WORLD   # rank 0's
