@@ -105,8 +105,9 @@ def run_case(world: int, batch_images: int, threads: int, payloads: list[bytes],
             finally:
                 torch.set_num_threads(previous)
             return _summary([json.loads(Path(tmp, "rank0.json").read_text())], steps)
-        # The rendezvous port was free a moment before the ranks bind it; on a shared host
-        # another process can take it in between.  Try once more on a fresh port and say why.
+        # A rank failed once in CI and never here: most likely the rendezvous port, free a
+        # moment before the ranks bind it, taken in between on a shared host.  Whatever the
+        # failure, try once more on a fresh port and say why (a second failure is raised).
         for attempt in (1, 2):
             ctx = mp.start_processes(_worker, args=(world, free_port(), payloads, space,
                                                     batch_images, steps, warmup, threads,

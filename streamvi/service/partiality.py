@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from streamvi.merging.offline import partiality_trend_suspect
-from streamvi.merging.reach import ReachEvidence, reach_history_line, reach_suspect
+from streamvi.merging.reach import (ReachEvidence, reach_history_line, reach_summary,
+                                    reach_suspect)
 
 #: consecutive snapshots whose trend is suspect before the service switches
 SWITCH_SNAPSHOTS = 3
@@ -55,6 +56,13 @@ class PartialitySwitch:
             return reach_history_line(self.share_beyond, self.signal_ratio)
         return (f"geometric partiality on: without it the scales' trend gave B "
                 f"{self.falloff_b:+.1f} A^2")[:80]
+
+    def reach_warning(self, where: str = "the spool") -> str:
+        """The log line of a switch by the data's verdict (``reason == "reach"``): what was
+        seen, and that the merge starts again from ``where``."""
+        return (f"{reach_summary(self.share_beyond, self.crystals, self.signal_ratio)}. "
+                f"Merging again, from {where}, with the geometric partiality (docs/model.md, "
+                "change 26; partiality_check = false keeps the merge as it was)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,8 +34,7 @@ from streamvi.ingest.receiver import Ingestor, replay_spool
 from streamvi.ingest.spool import Spool
 from streamvi.merging.distributed import DistributedEngine, default_backend, init_process_group
 from streamvi.merging.engine import EngineConfig
-from streamvi.merging.reach import (REACH_MAX_CRYSTALS, REACH_VECTOR_SIZE, reach_evidence_of,
-                                    reach_summary)
+from streamvi.merging.reach import REACH_MAX_CRYSTALS, REACH_VECTOR_SIZE, reach_evidence_of
 from streamvi.merging.trainer import TrainerConfig
 from streamvi.publish.mtz_files import MtzSnapshots
 from streamvi.service.lifecycle import CHECKPOINT_NAME, RANK_KEYS, Checkpoints, Every
@@ -238,11 +237,7 @@ def run_rank(rank: int, world_size: int, *, endpoints: Sequence[str],
                     watch = None
                     tcfg = replace(tcfg, geometric_partiality=True)
                     if rank == 0:
-                        log.warning("%s. Merging again, from the spools, with the geometric "
-                                    "partiality (docs/model.md, change 26; "
-                                    "partiality_check = false keeps the merge as it was)",
-                                    reach_summary(switch.share_beyond, switch.crystals,
-                                                  switch.signal_ratio))
+                        log.warning("%s", switch.reach_warning("the ranks' spools"))
                     the_spool.flush()
                     replayed_below = the_spool.n_records
                     engine, _ = replayed(count=False, replay=True, stop=replayed_below)

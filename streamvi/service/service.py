@@ -58,7 +58,6 @@ from streamvi.quality.feedback import Feedback, LiveFeedback, store_sums
 from streamvi.service.lifecycle import (CHECKPOINT_NAME, Checkpoints, Every,
                                         remove_stale_temp_files)
 from streamvi.service.partiality import PartialitySwitch, PartialityWatch
-from streamvi.merging.reach import reach_summary
 from streamvi.service.status import (dmin_advice_of, images_per_second, service_snapshot,
                                      service_status)
 from streamvi.snapshot import ServiceSnapshot
@@ -1022,10 +1021,7 @@ class Service:
         """Start the merge again, from the spool, with the geometric partiality (``merge``
         merges again; the service replays what it has, a few seconds, and trains on)."""
         if switch.reason == "reach":
-            log.warning("%s. Merging again, from the spool, with the geometric partiality "
-                        "(docs/model.md, change 26; partiality_check = false keeps the merge "
-                        "as it was)", reach_summary(switch.share_beyond, switch.crystals,
-                                                    switch.signal_ratio))
+            log.warning("%s", switch.reach_warning())
         else:
             log.warning("the scales' resolution trend has given the amplitudes B %+.1f A^2 "
                         "for %d snapshots in a row, on %d crystals that report orientations, "
